@@ -1,0 +1,171 @@
+// Package clickhouse holds sluice's ClickHouse DDL as ordered migrations and applies
+// them: each file in migrations/ once, recorded in the schema_migrations table.
+package clickhouse
+
+import (
+	"context"
+	"crypto/sha256"
+	"embed"
+	"encoding/hex"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
+
+//go:embed migrations/*.sql
+var files embed.FS
+
+// Migration is one DDL file.
+type Migration struct {
+	Version    uint32
+	Name       string
+	Statements []string
+	Checksum   string
+}
+
+// Migrations returns the embedded migrations in order.
+func Migrations() ([]Migration, error) {
+	sub, err := fs.Sub(files, "migrations")
+	if err != nil {
+		return nil, err
+	}
+	return Load(sub)
+}
+
+// Load reads NNNN_name.sql files from fsys, in version order.
+func Load(fsys fs.FS) ([]Migration, error) {
+	names, err := fs.Glob(fsys, "*.sql")
+	if err != nil {
+		return nil, err
+	}
+	sort.Strings(names)
+	out := make([]Migration, 0, len(names))
+	seen := map[uint32]string{}
+	for _, name := range names {
+		num, _, ok := strings.Cut(path.Base(name), "_")
+		v, err := strconv.ParseUint(num, 10, 32)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("migration %s: name must start with a number and '_' (0001_name.sql)", name)
+		}
+		if prev, dup := seen[uint32(v)]; dup {
+			return nil, fmt.Errorf("migration %s: version %d already used by %s", name, v, prev)
+		}
+		seen[uint32(v)] = name
+		b, err := fs.ReadFile(fsys, name)
+		if err != nil {
+			return nil, err
+		}
+		sum := sha256.Sum256(b)
+		m := Migration{Version: uint32(v), Name: name, Statements: SplitStatements(string(b)), Checksum: hex.EncodeToString(sum[:])}
+		if len(m.Statements) == 0 {
+			return nil, fmt.Errorf("migration %s: no statements", name)
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// SplitStatements splits SQL text on semicolons that end a line, dropping comment
+// lines. The DDL files keep to that shape.
+func SplitStatements(sql string) []string {
+	var (
+		out []string
+		cur strings.Builder
+	)
+	for line := range strings.SplitSeq(sql, "\n") {
+		trimmed := strings.TrimSpace(line)
+		if trimmed == "" || strings.HasPrefix(trimmed, "--") {
+			continue
+		}
+		cur.WriteString(line)
+		cur.WriteByte('\n')
+		if strings.HasSuffix(trimmed, ";") {
+			stmt := strings.TrimSuffix(strings.TrimSpace(cur.String()), ";")
+			out = append(out, stmt)
+			cur.Reset()
+		}
+	}
+	if rest := strings.TrimSpace(cur.String()); rest != "" {
+		out = append(out, rest)
+	}
+	return out
+}
+
+const createMigrationsTable = `CREATE TABLE IF NOT EXISTS schema_migrations
+(
+    version    UInt32,
+    name       String,
+    checksum   String,
+    applied_at DateTime DEFAULT now()
+)
+ENGINE = MergeTree()
+ORDER BY version`
+
+// Migrate applies every embedded migration that schema_migrations does not list, in
+// order, on conn (whose default database is the target). It is meant to run from one
+// process at a time (the sink, or `sluice migrate`); the DDL uses IF NOT EXISTS so a
+// race re-applies harmlessly.
+func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
+	ms, err := Migrations()
+	if err != nil {
+		return err
+	}
+	return Apply(ctx, conn, ms, log)
+}
+
+// Apply applies the migrations ms that are not yet recorded.
+func Apply(ctx context.Context, conn driver.Conn, ms []Migration, log *slog.Logger) error {
+	if err := conn.Exec(ctx, createMigrationsTable); err != nil {
+		return fmt.Errorf("migrate: create schema_migrations: %w", err)
+	}
+	applied, err := Applied(ctx, conn)
+	if err != nil {
+		return err
+	}
+	for _, m := range ms {
+		if sum, ok := applied[m.Version]; ok {
+			if sum != m.Checksum {
+				log.Warn("applied migration differs from the file; not re-applying", "migration", m.Name)
+			}
+			continue
+		}
+		for i, stmt := range m.Statements {
+			if err := conn.Exec(ctx, stmt); err != nil {
+				return fmt.Errorf("migrate %s: statement %d: %w", m.Name, i+1, err)
+			}
+		}
+		if err := conn.Exec(ctx, "INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)",
+			m.Version, m.Name, m.Checksum); err != nil {
+			return fmt.Errorf("migrate %s: record: %w", m.Name, err)
+		}
+		log.Info("applied migration", "migration", m.Name)
+	}
+	return nil
+}
+
+// Applied returns the recorded migrations' checksums by version.
+func Applied(ctx context.Context, conn driver.Conn) (map[uint32]string, error) {
+	rows, err := conn.Query(ctx, "SELECT version, checksum FROM schema_migrations")
+	if err != nil {
+		return nil, fmt.Errorf("migrate: read schema_migrations: %w", err)
+	}
+	defer rows.Close()
+	out := map[uint32]string{}
+	for rows.Next() {
+		var (
+			v   uint32
+			sum string
+		)
+		if err := rows.Scan(&v, &sum); err != nil {
+			return nil, fmt.Errorf("migrate: read schema_migrations: %w", err)
+		}
+		out[v] = sum
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,387 @@
+package events
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// InvalidError reports an event that cannot be accepted. Reason is meant for people:
+// it names the attribute or the part of the payload at fault.
+type InvalidError struct {
+	Reason string
+}
+
+func (e *InvalidError) Error() string { return "invalid event: " + e.Reason }
+
+func invalid(format string, args ...any) error {
+	return &InvalidError{Reason: fmt.Sprintf(format, args...)}
+}
+
+// IsInvalid reports whether err is (or wraps) an *InvalidError.
+func IsInvalid(err error) bool {
+	var ie *InvalidError
+	return errors.As(err, &ie)
+}
+
+// The range of ClickHouse's DateTime, where event times are stored.
+var (
+	MinTime = time.Unix(0, 0).UTC()
+	MaxTime = time.Unix(1<<32-1, 0).UTC()
+)
+
+// SubjectPrefix is the first token of the subjects producers publish to.
+const SubjectPrefix = "events"
+
+// Message is what arrived on NATS: the subject, the headers and the payload.
+type Message struct {
+	Subject string
+	Header  map[string][]string
+	Data    []byte
+	// Received is when the raw stream stored the message.
+	Received time.Time
+}
+
+// Decoder turns NATS messages into validated events.
+// It is safe for concurrent use.
+type Decoder struct {
+	types *TypeSchemas
+}
+
+// NewDecoder returns a decoder that validates the data of each event whose type has
+// a schema in types. A nil types validates the envelope only.
+func NewDecoder(types *TypeSchemas) *Decoder { return &Decoder{types: types} }
+
+// Decode parses m in CloudEvents structured mode (a JSON object) or binary mode
+// (ce-* headers, the payload is the data), fills the lenient defaults and validates
+// the result. Errors for bad input are *InvalidError.
+func (d *Decoder) Decode(m Message) (*Event, error) {
+	ce := ceHeaders(m.Header)
+	ct := headerValue(m.Header, "Content-Type")
+	var (
+		e   *Event
+		err error
+	)
+	if len(ce) > 0 && !isStructuredContentType(ct) {
+		e, err = decodeBinary(ce, ct, m.Data)
+	} else {
+		e, err = decodeStructured(m.Data)
+		if err == nil {
+			err = checkHeadersAgree(ce, e)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := d.complete(e, m); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+func (d *Decoder) complete(e *Event, m Message) error {
+	received := m.Received.UTC()
+	if received.IsZero() {
+		received = time.Now().UTC()
+	}
+	e.ReceivedAt = received
+	e.NATSSubject = m.Subject
+	if e.SpecVersion == "" {
+		e.SpecVersion = SpecVersion
+	}
+	if e.SpecVersion != SpecVersion {
+		return invalid("specversion %q is not supported (want %q)", e.SpecVersion, SpecVersion)
+	}
+	if e.Source == "" || e.Type == "" {
+		src, typ := fromSubject(m.Subject)
+		if e.Source == "" {
+			e.Source = src
+		}
+		if e.Type == "" {
+			e.Type = typ
+		}
+	}
+	if e.Source == "" {
+		return invalid("source is missing and subject %q does not name one (publish to %s.<source>.<type>)", m.Subject, SubjectPrefix)
+	}
+	if e.Type == "" {
+		return invalid("type is missing and subject %q does not name one (publish to %s.<source>.<type>)", m.Subject, SubjectPrefix)
+	}
+	if e.Time.IsZero() {
+		e.Time = received
+	}
+	if e.Time.Before(MinTime) || e.Time.After(MaxTime) {
+		return invalid("time %s is outside the range sluice stores (%s to %s)",
+			e.Time.Format(time.RFC3339Nano), MinTime.Format(time.RFC3339), MaxTime.Format(time.RFC3339))
+	}
+	if d.types != nil && len(e.Data) > 0 {
+		if err := d.types.Validate(e.Type, e.Data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fromSubject derives source and type from events.<source>.<type...>.
+func fromSubject(subject string) (source, typ string) {
+	rest, ok := strings.CutPrefix(subject, SubjectPrefix+".")
+	if !ok || rest == "" {
+		return "", ""
+	}
+	source, typ, found := strings.Cut(rest, ".")
+	if !found {
+		return rest, rest
+	}
+	return source, typ
+}
+
+var knownAttrs = map[string]bool{
+	"id": true, "source": true, "type": true, "specversion": true, "time": true,
+	"subject": true, "datacontenttype": true, "dataschema": true, "data": true, "data_base64": true,
+}
+
+func decodeStructured(payload []byte) (*Event, error) {
+	if len(bytes.TrimSpace(payload)) == 0 {
+		return nil, invalid("payload is empty (want a CloudEvents JSON object, or ce-* headers for binary mode)")
+	}
+	if !utf8.Valid(payload) {
+		return nil, invalid("payload is not valid UTF-8 at byte %d", invalidUTF8Offset(payload))
+	}
+	attrs, err := decodeObject(payload)
+	if err != nil {
+		return nil, err
+	}
+	e := &Event{}
+	for name, raw := range attrs {
+		if knownAttrs[name] {
+			continue
+		}
+		if e.Extensions == nil {
+			e.Extensions = make(map[string]json.RawMessage)
+		}
+		e.Extensions[name] = raw
+	}
+	strs := []struct {
+		name string
+		dst  *string
+	}{
+		{"id", &e.ID}, {"source", &e.Source}, {"type", &e.Type}, {"specversion", &e.SpecVersion},
+		{"subject", &e.Subject}, {"datacontenttype", &e.DataContentType}, {"dataschema", &e.DataSchema},
+		{"data_base64", &e.DataBase64},
+	}
+	for _, s := range strs {
+		if err := stringAttr(attrs, s.name, s.dst); err != nil {
+			return nil, err
+		}
+	}
+	if raw, ok := attrs["id"]; ok && e.ID == "" && !isNull(raw) {
+		return nil, invalid("attribute \"id\" is empty (omit it to let sluice key the event by its content)")
+	}
+	var ts string
+	if err := stringAttr(attrs, "time", &ts); err != nil {
+		return nil, err
+	}
+	if ts != "" {
+		t, err := parseTime(ts)
+		if err != nil {
+			return nil, err
+		}
+		e.Time = t
+	}
+	if raw, ok := attrs["data"]; ok && !isNull(raw) {
+		if e.DataBase64 != "" {
+			return nil, invalid("both \"data\" and \"data_base64\" are set; CloudEvents allows one")
+		}
+		e.Data = raw
+	}
+	if e.DataBase64 != "" {
+		if _, err := base64.StdEncoding.DecodeString(e.DataBase64); err != nil {
+			return nil, invalid("attribute \"data_base64\" is not valid base64: %v", err)
+		}
+	}
+	return e, nil
+}
+
+// decodeObject decodes a JSON object into its members, rejecting trailing data.
+func decodeObject(payload []byte) (map[string]json.RawMessage, error) {
+	trimmed := bytes.TrimSpace(payload)
+	if trimmed[0] != '{' {
+		return nil, invalid("payload is %s, not a JSON object", jsonKind(trimmed))
+	}
+	dec := json.NewDecoder(bytes.NewReader(trimmed))
+	var attrs map[string]json.RawMessage
+	if err := dec.Decode(&attrs); err != nil {
+		return nil, invalid("payload is not valid JSON: %v", err)
+	}
+	if dec.More() {
+		return nil, invalid("payload has data after the JSON object at byte %d", dec.InputOffset())
+	}
+	return attrs, nil
+}
+
+func stringAttr(attrs map[string]json.RawMessage, name string, dst *string) error {
+	raw, ok := attrs[name]
+	if !ok || isNull(raw) {
+		return nil
+	}
+	if err := json.Unmarshal(raw, dst); err != nil {
+		return invalid("attribute %q must be a string, got %s", name, jsonKind(raw))
+	}
+	return nil
+}
+
+func parseTime(s string) (time.Time, error) {
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, invalid("attribute \"time\" %q is not an RFC 3339 timestamp", s)
+	}
+	return t.UTC(), nil
+}
+
+func isNull(raw json.RawMessage) bool { return bytes.Equal(bytes.TrimSpace(raw), []byte("null")) }
+
+func jsonKind(raw []byte) string {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 {
+		return "nothing"
+	}
+	switch raw[0] {
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case '"':
+		return "a string"
+	case 't', 'f':
+		return "a boolean"
+	case 'n':
+		return "null"
+	default:
+		if raw[0] == '-' || (raw[0] >= '0' && raw[0] <= '9') {
+			return "a number"
+		}
+		return "not JSON"
+	}
+}
+
+func invalidUTF8Offset(b []byte) int {
+	for i := 0; i < len(b); {
+		r, size := utf8.DecodeRune(b[i:])
+		if r == utf8.RuneError && size == 1 {
+			return i
+		}
+		i += size
+	}
+	return -1
+}
+
+// ceHeaders returns the CloudEvents binary-mode headers, keyed by lower-case
+// attribute name.
+func ceHeaders(h map[string][]string) map[string]string {
+	var out map[string]string
+	for k, v := range h {
+		if len(k) > 3 && strings.EqualFold(k[:3], "ce-") && len(v) > 0 {
+			if out == nil {
+				out = make(map[string]string)
+			}
+			out[strings.ToLower(k[3:])] = v[0]
+		}
+	}
+	return out
+}
+
+func headerValue(h map[string][]string, name string) string {
+	for k, v := range h {
+		if strings.EqualFold(k, name) && len(v) > 0 {
+			return v[0]
+		}
+	}
+	return ""
+}
+
+func isStructuredContentType(ct string) bool {
+	mt, _, _ := mime.ParseMediaType(ct)
+	return mt == "application/cloudevents+json"
+}
+
+func isJSONContentType(ct string) bool {
+	if ct == "" {
+		return true
+	}
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false
+	}
+	return mt == "application/json" || mt == "text/json" || strings.HasSuffix(mt, "+json")
+}
+
+func decodeBinary(ce map[string]string, ct string, payload []byte) (*Event, error) {
+	e := &Event{
+		ID:              ce["id"],
+		Source:          ce["source"],
+		Type:            ce["type"],
+		SpecVersion:     ce["specversion"],
+		Subject:         ce["subject"],
+		DataSchema:      ce["dataschema"],
+		DataContentType: ct,
+	}
+	if e.DataContentType == "" {
+		e.DataContentType = ce["datacontenttype"]
+	}
+	if v, ok := ce["id"]; ok && v == "" {
+		return nil, invalid("header ce-id is empty")
+	}
+	if ts := ce["time"]; ts != "" {
+		t, err := parseTime(ts)
+		if err != nil {
+			return nil, err
+		}
+		e.Time = t
+	}
+	for name, v := range ce {
+		if knownAttrs[name] || name == "datacontenttype" {
+			continue
+		}
+		raw, _ := json.Marshal(v)
+		if e.Extensions == nil {
+			e.Extensions = make(map[string]json.RawMessage)
+		}
+		e.Extensions[name] = raw
+	}
+	if len(payload) == 0 {
+		return e, nil
+	}
+	if isJSONContentType(e.DataContentType) {
+		if !utf8.Valid(payload) {
+			return nil, invalid("binary-mode data is not valid UTF-8 at byte %d", invalidUTF8Offset(payload))
+		}
+		if !json.Valid(payload) {
+			var v any
+			err := json.Unmarshal(payload, &v)
+			return nil, invalid("binary-mode data is not valid JSON (content type %q): %v", e.DataContentType, err)
+		}
+		e.Data = json.RawMessage(bytes.TrimSpace(payload))
+		return e, nil
+	}
+	e.DataBase64 = base64.StdEncoding.EncodeToString(payload)
+	return e, nil
+}
+
+// checkHeadersAgree rejects a structured event whose ce-* headers say otherwise.
+func checkHeadersAgree(ce map[string]string, e *Event) error {
+	body := map[string]string{
+		"id": e.ID, "source": e.Source, "type": e.Type, "specversion": e.SpecVersion, "subject": e.Subject,
+	}
+	for name, got := range body {
+		if h, ok := ce[name]; ok && h != got {
+			return invalid("header ce-%s %q contradicts the body's %q %q", name, h, name, got)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,141 @@
+package events
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+)
+
+func TestDecode(t *testing.T) {
+	types, err := LoadTypeSchemas()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := NewDecoder(types)
+	recv := time.Date(2026, 11, 21, 10, 0, 0, 123e6, time.UTC)
+	tests := []struct {
+		name       string
+		subject    string
+		header     map[string][]string
+		data       string
+		want       Event // only the fields set here are compared
+		wantReason string
+	}{
+		{name: "structured full", subject: "events.web.click",
+			data: `{"specversion":"1.0","id":"a1","source":"shop","type":"order.created","time":"2026-01-02T03:04:05.678Z","subject":"o1","data":{"order_id":"o1","amount":3}}`,
+			want: Event{ID: "a1", Source: "shop", Type: "order.created", SpecVersion: "1.0", Subject: "o1", Time: time.Date(2026, 1, 2, 3, 4, 5, 678e6, time.UTC)}},
+		{name: "lenient defaults from subject", subject: "events.web.page.view", data: `{"id":"x"}`,
+			want: Event{ID: "x", Source: "web", Type: "page.view", SpecVersion: "1.0", Time: recv}},
+		{name: "no id is accepted", subject: "events.web.click", data: `{"data":{"a":1}}`,
+			want: Event{Source: "web", Type: "click", SpecVersion: "1.0", Time: recv}},
+		{name: "extensions kept", subject: "events.a.b", data: `{"id":"1","traceparent":"00-x"}`,
+			want: Event{ID: "1", Source: "a", Type: "b"}},
+		{name: "binary mode", subject: "events.web.click",
+			header: map[string][]string{"ce-id": {"b1"}, "ce-source": {"crm"}, "ce-type": {"user.signup"}, "ce-specversion": {"1.0"}, "Content-Type": {"application/json"}},
+			data:   `{"user":"u1"}`,
+			want:   Event{ID: "b1", Source: "crm", Type: "user.signup", SpecVersion: "1.0", DataContentType: "application/json", Time: recv}},
+		{name: "binary mode non-JSON data", subject: "events.iot.blob",
+			header: map[string][]string{"Ce-Id": {"b2"}, "Content-Type": {"application/octet-stream"}},
+			data:   "\x00\x01\xff",
+			want:   Event{ID: "b2", Source: "iot", Type: "blob", DataBase64: "AAH/"}},
+		{name: "empty payload", subject: "events.a.b", data: "", wantReason: "payload is empty"},
+		{name: "truncated JSON", subject: "events.a.b", data: `{"id":"1",`, wantReason: "not valid JSON"},
+		{name: "not an object", subject: "events.a.b", data: `[1,2]`, wantReason: "an array, not a JSON object"},
+		{name: "trailing data", subject: "events.a.b", data: `{"id":"1"} {}`, wantReason: "data after the JSON object"},
+		{name: "invalid UTF-8", subject: "events.a.b", data: "{\"id\":\"\xff\"}", wantReason: "not valid UTF-8 at byte 7"},
+		{name: "id wrong type", subject: "events.a.b", data: `{"id":5}`, wantReason: `attribute "id" must be a string, got a number`},
+		{name: "source wrong type", subject: "events.a.b", data: `{"id":"1","source":{}}`, wantReason: `attribute "source" must be a string, got an object`},
+		{name: "empty id", subject: "events.a.b", data: `{"id":""}`, wantReason: `"id" is empty`},
+		{name: "bad specversion", subject: "events.a.b", data: `{"id":"1","specversion":"0.3"}`, wantReason: `specversion "0.3" is not supported`},
+		{name: "bad time", subject: "events.a.b", data: `{"id":"1","time":"yesterday"}`, wantReason: `"time" "yesterday" is not an RFC 3339 timestamp`},
+		{name: "time before 1970", subject: "events.a.b", data: `{"id":"1","time":"1969-12-31T23:59:59Z"}`, wantReason: "outside the range"},
+		{name: "time after 2106", subject: "events.a.b", data: `{"id":"1","time":"2106-02-08T00:00:00Z"}`, wantReason: "outside the range"},
+		{name: "no source anywhere", subject: "other", data: `{"id":"1"}`, wantReason: "source is missing"},
+		{name: "schema violation", subject: "events.shop.x", data: `{"id":"1","type":"order.created","data":{"order_id":"o","amount":"lots"}}`, wantReason: `schema of type "order.created": at /amount`},
+		{name: "both data forms", subject: "events.a.b", data: `{"id":"1","data":1,"data_base64":"AA=="}`, wantReason: "both"},
+		{name: "header contradicts body", subject: "events.a.b",
+			header: map[string][]string{"Content-Type": {"application/cloudevents+json"}, "ce-id": {"2"}},
+			data:   `{"id":"1"}`, wantReason: `header ce-id "2" contradicts`},
+		{name: "binary invalid JSON data", subject: "events.a.b", header: map[string][]string{"ce-id": {"1"}}, data: `{`, wantReason: "binary-mode data is not valid JSON"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e, err := d.Decode(Message{Subject: tt.subject, Header: tt.header, Data: []byte(tt.data), Received: recv})
+			if tt.wantReason != "" {
+				var ie *InvalidError
+				if !errors.As(err, &ie) {
+					t.Fatalf("err = %v, want *InvalidError", err)
+				}
+				if !strings.Contains(ie.Reason, tt.wantReason) {
+					t.Fatalf("reason = %q, want it to contain %q", ie.Reason, tt.wantReason)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Decode: %v", err)
+			}
+			check := func(field, got, want string) {
+				if want != "" && got != want {
+					t.Errorf("%s = %q, want %q", field, got, want)
+				}
+			}
+			check("id", e.ID, tt.want.ID)
+			check("source", e.Source, tt.want.Source)
+			check("type", e.Type, tt.want.Type)
+			check("specversion", e.SpecVersion, tt.want.SpecVersion)
+			check("subject", e.Subject, tt.want.Subject)
+			check("datacontenttype", e.DataContentType, tt.want.DataContentType)
+			check("data_base64", e.DataBase64, tt.want.DataBase64)
+			if !tt.want.Time.IsZero() && !e.Time.Equal(tt.want.Time) {
+				t.Errorf("time = %v, want %v", e.Time, tt.want.Time)
+			}
+			if e.ReceivedAt != recv || e.NATSSubject != tt.subject {
+				t.Errorf("received/subject = %v %q", e.ReceivedAt, e.NATSSubject)
+			}
+		})
+	}
+}
+
+// The inter-stage form must match the envelope schema, and round-trip.
+func TestMarshalMatchesEnvelopeSchema(t *testing.T) {
+	d := NewDecoder(nil)
+	e, err := d.Decode(Message{Subject: "events.web.click", Data: []byte(`{"id":"1","traceparent":"x","data":{"k":[1,2]}}`), Received: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Key = "k1"
+	b, err := e.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := jsonschema.NewCompiler()
+	doc, err := jsonschema.UnmarshalJSON(bytes.NewReader(EnvelopeSchema()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.AddResource("envelope.json", doc); err != nil {
+		t.Fatal(err)
+	}
+	sch, err := c.Compile("envelope.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sch.Validate(inst); err != nil {
+		t.Fatalf("%s does not match the envelope schema: %v", b, err)
+	}
+	back, err := Unmarshal(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back.Key != "k1" || back.ID != "1" || string(back.Data) != `{"k":[1,2]}` || !back.Time.Equal(e.Time) {
+		t.Fatalf("round trip = %+v", back)
+	}
+}

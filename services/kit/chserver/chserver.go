@@ -1,0 +1,198 @@
+// Package chserver runs a local clickhouse-server with its data under a directory,
+// for `sluice up` on a laptop and for tests.
+package chserver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// ErrNotInstalled means no ClickHouse server binary is on PATH.
+var ErrNotInstalled = errors.New("clickhouse-server is not installed: install it with `sudo apt-get install -y clickhouse-server clickhouse-client` (Debian/Ubuntu), or run `docker compose up -d clickhouse`, and point CLICKHOUSE_ADDR at it")
+
+// Server is a running clickhouse-server process.
+type Server struct {
+	// Addr is the native-protocol address, 127.0.0.1:<port>.
+	Addr string
+	Dir  string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+// Binary returns the command that runs a server: clickhouse-server (Debian's
+// package), or `clickhouse server` (the single binary of current releases).
+func Binary() ([]string, error) {
+	if p, err := exec.LookPath("clickhouse-server"); err == nil {
+		return []string{p}, nil
+	}
+	if p, err := exec.LookPath("clickhouse"); err == nil {
+		return []string{p, "server"}, nil
+	}
+	return nil, ErrNotInstalled
+}
+
+// Start runs a server storing under dir, listening on 127.0.0.1:port (0 picks a
+// free port), and waits until it answers. The process is stopped by Stop, or when
+// ctx is cancelled.
+func Start(ctx context.Context, dir string, port int) (*Server, error) {
+	bin, err := Binary()
+	if err != nil {
+		return nil, err
+	}
+	dir, err = filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, sub := range []string{"data", "tmp", "user_files", "format_schemas", "log"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+			return nil, fmt.Errorf("clickhouse data dir: %w", err)
+		}
+	}
+	if port == 0 {
+		if port, err = freePort(); err != nil {
+			return nil, err
+		}
+	}
+	cfgPath := filepath.Join(dir, "config.xml")
+	if err := os.WriteFile(cfgPath, []byte(configXML(dir, port)), 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "users.xml"), []byte(usersXML), 0o644); err != nil {
+		return nil, err
+	}
+	logFile, err := os.OpenFile(filepath.Join(dir, "log", "stdout.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	args := append(bin[1:], "--config-file="+cfgPath)
+	cmd := exec.Command(bin[0], args...)
+	cmd.Dir = dir
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logFile.Close()
+		return nil, fmt.Errorf("start %s: %w", strings.Join(bin, " "), err)
+	}
+	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), Dir: dir, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		s.err = cmd.Wait()
+		logFile.Close()
+		close(s.done)
+	}()
+	if err := s.waitReady(ctx, 60*time.Second); err != nil {
+		_ = s.Stop()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		select {
+		case <-s.done:
+			return fmt.Errorf("clickhouse-server exited during start-up (%v); see %s", s.err, filepath.Join(s.Dir, "log"))
+		case <-ctx.Done():
+			return ctx.Err()
+		default:
+		}
+		if Answers(s.Addr) {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("clickhouse-server did not answer on %s within %s; see %s", s.Addr, limit, filepath.Join(s.Dir, "log"))
+}
+
+// Answers reports whether something accepts TCP connections at addr.
+func Answers(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, 300*time.Millisecond)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// Kill stops the server at once (SIGKILL), as a crash would.
+func (s *Server) Kill() error {
+	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+	<-s.done
+	return nil
+}
+
+// Stop stops the server (SIGTERM, then SIGKILL after 20 s) and waits for it.
+func (s *Server) Stop() error {
+	select {
+	case <-s.done:
+		return nil
+	default:
+	}
+	_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(20 * time.Second):
+		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+		<-s.done
+	}
+	return nil
+}
+
+// Done is closed when the process has exited.
+func (s *Server) Done() <-chan struct{} { return s.done }
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+func configXML(dir string, port int) string {
+	return fmt.Sprintf(`<?xml version="1.0"?>
+<!-- written by sluice; a local server for development and tests -->
+<yandex>
+  <logger><level>warning</level><log>%[1]s/log/server.log</log><errorlog>%[1]s/log/error.log</errorlog><size>20M</size><count>2</count></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>%[2]d</tcp_port>
+  <path>%[1]s/data/</path>
+  <tmp_path>%[1]s/tmp/</tmp_path>
+  <user_files_path>%[1]s/user_files/</user_files_path>
+  <format_schema_path>%[1]s/format_schemas/</format_schema_path>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <timezone>UTC</timezone>
+  <mlock_executable>false</mlock_executable>
+  <users_config>users.xml</users_config>
+</yandex>
+`, dir, port)
+}
+
+const usersXML = `<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+  <users>
+    <default>
+      <password></password>
+      <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </default>
+  </users>
+  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+`

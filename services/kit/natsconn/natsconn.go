@@ -1,0 +1,59 @@
+// Package natsconn connects to NATS with the shared settings.
+package natsconn
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/sluicehq/sluice/services/kit/settings"
+)
+
+// Connect dials NATS with s and reconnects forever; name identifies the client in
+// the server's monitoring.
+func Connect(s settings.NATS, name string, log *slog.Logger) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(500 * time.Millisecond),
+		nats.RetryOnFailedConnect(false),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.Warn("nats disconnected", "err", err)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			subject := ""
+			if sub != nil {
+				subject = sub.Subject
+			}
+			log.Warn("nats async error", "subject", subject, "err", err)
+		}),
+	}
+	if s.Creds != "" {
+		opts = append(opts, nats.UserCredentials(s.Creds))
+	}
+	if s.User != "" || s.Password != "" {
+		opts = append(opts, nats.UserInfo(s.User, s.Password))
+	}
+	if s.Token != "" {
+		opts = append(opts, nats.Token(s.Token))
+	}
+	if s.TLSCA != "" {
+		opts = append(opts, nats.RootCAs(s.TLSCA))
+	}
+	if s.TLSCert != "" || s.TLSKey != "" {
+		if s.TLSCert == "" || s.TLSKey == "" {
+			return nil, fmt.Errorf("nats: --nats-tls-cert and --nats-tls-key go together")
+		}
+		opts = append(opts, nats.ClientCert(s.TLSCert, s.TLSKey))
+	}
+	nc, err := nats.Connect(s.URL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect to NATS at %s: %w", s.URL, err)
+	}
+	return nc, nil
+}

@@ -1,0 +1,55 @@
+// Package natstest starts an embedded JetStream server for tests.
+package natstest
+
+import (
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natsserver"
+)
+
+// Server is a running embedded JetStream server on a free loopback port.
+type Server struct {
+	*server.Server
+	// URL is the client URL, for processes and for Connect.
+	URL string
+}
+
+// Run starts a JetStream server with a temporary store; it stops when t ends.
+func Run(t testing.TB) *Server {
+	t.Helper()
+	return RunIn(t, t.TempDir())
+}
+
+// RunIn starts a JetStream server storing in dir, so a test can restart it on the
+// same store.
+func RunIn(t testing.TB, dir string) *Server {
+	t.Helper()
+	srv, err := natsserver.Start(natsserver.Config{Host: "127.0.0.1", Port: -1, StoreDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+	})
+	return &Server{Server: srv, URL: srv.ClientURL()}
+}
+
+// Connect returns a connection closed when t ends.
+func (s *Server) Connect(t testing.TB) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(s.URL, nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}

@@ -1,0 +1,110 @@
+// Package settings binds the configuration every sluice command shares to flags
+// whose defaults come from the environment, so each setting has one flag name and
+// one variable name everywhere (--nats-url and NATS_URL, and so on).
+package settings
+
+import (
+	"flag"
+	"fmt"
+	"time"
+)
+
+// Lookup reads an environment variable; os.LookupEnv in mains, a map in tests.
+type Lookup func(string) (string, bool)
+
+// NATS is how to reach the NATS server.
+type NATS struct {
+	URL      string
+	Creds    string
+	User     string
+	Password string
+	Token    string
+	TLSCA    string
+	TLSCert  string
+	TLSKey   string
+}
+
+// ClickHouse is how to reach ClickHouse over its native protocol.
+type ClickHouse struct {
+	Addr     string
+	Database string
+	User     string
+	Password string
+}
+
+// Service holds what every service takes besides its connections.
+type Service struct {
+	DataDir     string
+	ConfigPath  string
+	MetricsAddr string
+	LogLevel    string
+	LogFormat   string
+	// ShutdownTimeout bounds the drain on SIGINT/SIGTERM.
+	ShutdownTimeout time.Duration
+}
+
+// Defaults.
+const (
+	DefaultNATSURL        = "nats://127.0.0.1:4222"
+	DefaultClickHouseAddr = "127.0.0.1:9000"
+	DefaultDatabase       = "sluice"
+	DefaultDataDir        = "./data"
+)
+
+type binder struct {
+	fs  *flag.FlagSet
+	env Lookup
+}
+
+func (b binder) str(p *string, name, envName, def, usage string) {
+	if v, ok := b.env(envName); ok {
+		def = v
+	}
+	b.fs.StringVar(p, name, def, fmt.Sprintf("%s (env %s)", usage, envName))
+}
+
+func (b binder) dur(p *time.Duration, name, envName string, def time.Duration, usage string) error {
+	if v, ok := b.env(envName); ok {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", envName, v, err)
+		}
+		def = d
+	}
+	b.fs.DurationVar(p, name, def, fmt.Sprintf("%s (env %s)", usage, envName))
+	return nil
+}
+
+// BindNATS registers the NATS connection flags on fs.
+func BindNATS(fs *flag.FlagSet, env Lookup, n *NATS) {
+	b := binder{fs, env}
+	b.str(&n.URL, "nats-url", "NATS_URL", DefaultNATSURL, "NATS server URL(s), comma-separated")
+	b.str(&n.Creds, "nats-creds", "NATS_CREDS", "", "NATS credentials file")
+	b.str(&n.User, "nats-user", "NATS_USER", "", "NATS user")
+	b.str(&n.Password, "nats-password", "NATS_PASSWORD", "", "NATS password")
+	b.str(&n.Token, "nats-token", "NATS_TOKEN", "", "NATS token")
+	b.str(&n.TLSCA, "nats-tls-ca", "NATS_TLS_CA", "", "CA certificate file to verify the NATS server")
+	b.str(&n.TLSCert, "nats-tls-cert", "NATS_TLS_CERT", "", "client certificate file for NATS TLS")
+	b.str(&n.TLSKey, "nats-tls-key", "NATS_TLS_KEY", "", "client key file for NATS TLS")
+}
+
+// BindClickHouse registers the ClickHouse connection flags on fs.
+func BindClickHouse(fs *flag.FlagSet, env Lookup, c *ClickHouse) {
+	b := binder{fs, env}
+	b.str(&c.Addr, "clickhouse-addr", "CLICKHOUSE_ADDR", DefaultClickHouseAddr, "ClickHouse native protocol address host:port")
+	b.str(&c.Database, "clickhouse-database", "CLICKHOUSE_DATABASE", DefaultDatabase, "ClickHouse database")
+	b.str(&c.User, "clickhouse-user", "CLICKHOUSE_USER", "default", "ClickHouse user")
+	b.str(&c.Password, "clickhouse-password", "CLICKHOUSE_PASSWORD", "", "ClickHouse password")
+}
+
+// BindService registers the common service flags on fs. metricsAddr is the
+// service's default for METRICS_ADDR.
+func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) error {
+	b := binder{fs, env}
+	b.str(&s.DataDir, "data-dir", "SLUICE_DATA_DIR", DefaultDataDir, "directory for local state")
+	b.str(&s.ConfigPath, "config", "SLUICE_CONFIG", "", "YAML file with enrichment, rules and receivers")
+	b.str(&s.MetricsAddr, "metrics-addr", "METRICS_ADDR", metricsAddr, "address serving /metrics, /healthz and /readyz (empty: off)")
+	b.str(&s.LogLevel, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
+	b.str(&s.LogFormat, "log-format", "LOG_FORMAT", "text", "text or json")
+	return b.dur(&s.ShutdownTimeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT", 10*time.Second, "how long a drain may take on SIGINT/SIGTERM")
+}

@@ -1,0 +1,316 @@
+// Package stage binds a message handler to a durable JetStream pull consumer: it
+// publishes what the handler returns and acks the input only after every publish is
+// acknowledged by JetStream, naks with a backoff on failure, and dead-letters bad
+// input. It is the one place that maps a handler's result to Ack or Nak.
+package stage
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+)
+
+// Handler processes one input and returns the messages to publish before the input
+// is acked: none (drop), one or more outputs, or a dead letter (see DeadLetter).
+// An error means a transient failure: the input is redelivered after a backoff.
+// Bad input is never an error; it is a dead letter.
+type Handler func(msg jetstream.Msg) ([]*nats.Msg, error)
+
+// Config names the consumer a stage reads and bounds its work in flight.
+type Config struct {
+	// Name of the stage, in logs, metrics and dead letters.
+	Name string
+	// Stream and Consumer (durable) to read.
+	Stream, Consumer string
+	// MaxInFlight bounds the inputs whose outputs await a publish ack.
+	MaxInFlight int
+	// PullBatch is how many messages a pull asks for at once.
+	PullBatch int
+	// PublishTimeout is how long a publish may wait for its ack.
+	PublishTimeout time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 4096
+	}
+	if c.PullBatch <= 0 {
+		c.PullBatch = 1000
+	}
+	if c.PublishTimeout <= 0 {
+		c.PublishTimeout = 10 * time.Second
+	}
+}
+
+// Metrics counts what stages do, labelled by stage.
+type Metrics struct {
+	Messages *prometheus.CounterVec
+}
+
+// NewMetrics returns the stage metrics registered with reg (nil: not exported).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	return &Metrics{
+		Messages: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_stage_messages_total",
+			Help: "Messages handled by a stage, by outcome: in, acked, nacked (redelivered later), published, duplicate (publish dropped by the stream's Nats-Msg-Id window), dead_letter.",
+		}, []string{"stage", "outcome"})),
+	}
+}
+
+// Runner runs a Handler on a consumer.
+type Runner struct {
+	cfg     Config
+	js      jetstream.JetStream
+	handle  Handler
+	log     *slog.Logger
+	metrics *Metrics
+}
+
+// New returns a runner reading cfg.Consumer on cfg.Stream through nc.
+func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.Registerer) (*Runner, error) {
+	cfg.defaults()
+	if cfg.Name == "" || cfg.Stream == "" || cfg.Consumer == "" {
+		return nil, errors.New("stage: Name, Stream and Consumer are required")
+	}
+	js, err := jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(cfg.MaxInFlight),
+		jetstream.WithPublishAsyncTimeout(cfg.PublishTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: %w", cfg.Name, err)
+	}
+	return &Runner{
+		cfg:     cfg,
+		js:      js,
+		handle:  h,
+		log:     log.With("stage", cfg.Name, "stream", cfg.Stream, "consumer", cfg.Consumer),
+		metrics: NewMetrics(reg),
+	}, nil
+}
+
+type inflight struct {
+	msg     jetstream.Msg
+	futures []jetstream.PubAckFuture
+}
+
+// Run consumes until ctx is done, then stops pulling, finishes what it holds (acks
+// what was published, leaves the rest unacked for redelivery) and returns.
+// ready is called once the consumer is bound.
+func (r *Runner) Run(ctx context.Context, ready func()) error {
+	cons, err := r.js.Consumer(ctx, r.cfg.Stream, r.cfg.Consumer)
+	if err != nil {
+		return fmt.Errorf("stage %s: consumer %s on %s: %w", r.cfg.Name, r.cfg.Consumer, r.cfg.Stream, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(r.cfg.PullBatch))
+	if err != nil {
+		return fmt.Errorf("stage %s: pull: %w", r.cfg.Name, err)
+	}
+	if ready != nil {
+		ready()
+	}
+	pending := make(chan inflight, r.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	wg.Go(func() { r.ackLoop(pending) })
+	stopped := make(chan struct{})
+	wg.Go(func() {
+		select {
+		case <-ctx.Done():
+			it.Drain()
+		case <-stopped:
+		}
+	})
+	in := r.metrics.Messages.WithLabelValues(r.cfg.Name, "in")
+	for {
+		msg, err := it.Next()
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			break
+		}
+		if err != nil {
+			r.log.Warn("pull", "err", err)
+			continue
+		}
+		in.Inc()
+		outs, err := r.handle(msg)
+		if err != nil {
+			r.nak(msg, err)
+			continue
+		}
+		p := inflight{msg: msg, futures: make([]jetstream.PubAckFuture, 0, len(outs))}
+		for _, out := range outs {
+			f, err := r.js.PublishMsgAsync(out)
+			if err != nil {
+				r.log.Warn("publish", "subject", out.Subject, "err", err)
+				p.futures = append(p.futures, failed{err})
+				continue
+			}
+			p.futures = append(p.futures, f)
+		}
+		pending <- p
+	}
+	close(stopped)
+	close(pending)
+	wg.Wait()
+	return nil
+}
+
+func (r *Runner) ackLoop(pending <-chan inflight) {
+	acked := r.metrics.Messages.WithLabelValues(r.cfg.Name, "acked")
+	published := r.metrics.Messages.WithLabelValues(r.cfg.Name, "published")
+	dup := r.metrics.Messages.WithLabelValues(r.cfg.Name, "duplicate")
+	dead := r.metrics.Messages.WithLabelValues(r.cfg.Name, "dead_letter")
+	for p := range pending {
+		var failure error
+		for _, f := range p.futures {
+			select {
+			case ack := <-f.Ok():
+				switch {
+				case strings.HasPrefix(f.Msg().Subject, DLQPrefix):
+					dead.Inc()
+				case ack.Duplicate:
+					dup.Inc()
+				default:
+					published.Inc()
+				}
+			case err := <-f.Err():
+				failure = err
+			}
+		}
+		if failure != nil {
+			r.nak(p.msg, fmt.Errorf("publish: %w", failure))
+			continue
+		}
+		if err := p.msg.Ack(); err != nil {
+			r.log.Warn("ack", "err", err)
+			continue
+		}
+		acked.Inc()
+	}
+}
+
+func (r *Runner) nak(msg jetstream.Msg, err error) {
+	r.metrics.Messages.WithLabelValues(r.cfg.Name, "nacked").Inc()
+	delivered := uint64(1)
+	if md, mdErr := msg.Metadata(); mdErr == nil {
+		delivered = md.NumDelivered
+	}
+	r.log.Warn("will retry", "delivered", delivered, "err", err)
+	if nerr := msg.NakWithDelay(Backoff(delivered)); nerr != nil {
+		r.log.Warn("nak", "err", nerr)
+	}
+}
+
+// Backoff is the redelivery delay after the given number of deliveries: 250 ms
+// doubling to at most 30 s.
+func Backoff(delivered uint64) time.Duration {
+	d := 250 * time.Millisecond
+	for i := uint64(1); i < delivered && d < 30*time.Second; i++ {
+		d *= 2
+	}
+	return min(d, 30*time.Second)
+}
+
+// failed is a PubAckFuture for a publish that failed before it was sent.
+type failed struct{ err error }
+
+func (f failed) Ok() <-chan *jetstream.PubAck { return nil }
+func (f failed) Err() <-chan error {
+	c := make(chan error, 1)
+	c <- f.err
+	return c
+}
+func (f failed) Msg() *nats.Msg { return &nats.Msg{} }
+
+// Dead-letter headers and subject.
+const (
+	DLQPrefix        = "dlq."
+	HeaderReason     = "Sluice-Reason"
+	HeaderStage      = "Sluice-Stage"
+	HeaderSubject    = "Sluice-Subject"
+	HeaderStream     = "Sluice-Stream"
+	HeaderStreamSeq  = "Sluice-Stream-Seq"
+	HeaderReceivedAt = "Sluice-Received"
+)
+
+// DeadLetter returns the DLQ message for msg: the original payload and headers plus
+// the reason, the stage and where the input came from, published to dlq.<stage>
+// with a Nats-Msg-Id derived from the input's stream position, so a retry is not a
+// second dead letter. maxPayload (the server's limit) truncates a payload that would
+// not fit, and says so in the reason.
+func DeadLetter(stage string, msg jetstream.Msg, reason string, maxPayload int64) *nats.Msg {
+	out := nats.NewMsg(DLQPrefix + stage)
+	for k, v := range msg.Headers() {
+		if strings.HasPrefix(k, "Nats-") {
+			continue
+		}
+		out.Header[k] = v
+	}
+	data := msg.Data()
+	id := "dlq:" + stage + ":" + msg.Subject()
+	if md, err := msg.Metadata(); err == nil {
+		out.Header.Set(HeaderStream, md.Stream)
+		out.Header.Set(HeaderStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
+		out.Header.Set(HeaderReceivedAt, md.Timestamp.UTC().Format(time.RFC3339Nano))
+		id = "dlq:" + md.Stream + ":" + strconv.FormatUint(md.Sequence.Stream, 10)
+	}
+	out.Header.Set(HeaderStage, stage)
+	out.Header.Set(HeaderSubject, msg.Subject())
+	out.Header.Set(nats.MsgIdHdr, id)
+	headerBytes := 0
+	for k, vs := range out.Header {
+		for _, v := range vs {
+			headerBytes += len(k) + len(v) + 4
+		}
+	}
+	// Leave room for the reason (capped below) and the header framing.
+	room := maxPayload - int64(headerBytes) - 1024 - 64
+	if maxPayload > 0 && int64(len(data)) > room {
+		reason += fmt.Sprintf(" (payload truncated from %d bytes to fit the server's max_payload)", len(data))
+		data = data[:max(room, 0)]
+	}
+	out.Header.Set(HeaderReason, headerSafe(reason, 1024))
+	out.Data = data
+	return out
+}
+
+// headerSafe makes s one header line of at most n bytes.
+func headerSafe(s string, n int) string {
+	s = strings.Map(func(r rune) rune {
+		if r == '\r' || r == '\n' {
+			return ' '
+		}
+		return r
+	}, s)
+	if len(s) > n {
+		s = s[:n]
+	}
+	return s
+}
+
+// SeqOf returns the input's stream sequence, or 0 when it has no metadata.
+func SeqOf(msg jetstream.Msg) uint64 {
+	md, err := msg.Metadata()
+	if err != nil {
+		return 0
+	}
+	return md.Sequence.Stream
+}
+
+// ReceivedOf returns when the input's stream stored it, or now.
+func ReceivedOf(msg jetstream.Msg) time.Time {
+	md, err := msg.Metadata()
+	if err != nil {
+		return time.Now()
+	}
+	return md.Timestamp
+}
+
