@@ -140,13 +140,27 @@ func Apply(ctx context.Context, conn driver.Conn, ms []Migration, log *slog.Logg
 				return fmt.Errorf("migrate %s: statement %d: %w", m.Name, i+1, err)
 			}
 		}
-		if err := conn.Exec(ctx, "INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)",
-			m.Version, m.Name, m.Checksum); err != nil {
+		if err := record(ctx, conn, m); err != nil {
 			return fmt.Errorf("migrate %s: record: %w", m.Name, err)
 		}
 		log.Info("applied migration", "migration", m.Name)
 	}
 	return nil
+}
+
+// record inserts m into schema_migrations. A batch, not INSERT ... VALUES with
+// parameters, because ClickHouse 18.16 waits for a data block after such an INSERT
+// over the native protocol.
+func record(ctx context.Context, conn driver.Conn, m Migration) error {
+	b, err := conn.PrepareBatch(ctx, "INSERT INTO schema_migrations (version, name, checksum)")
+	if err != nil {
+		return err
+	}
+	if err := b.Append(m.Version, m.Name, m.Checksum); err != nil {
+		_ = b.Abort()
+		return err
+	}
+	return b.Send()
 }
 
 // Applied returns the recorded migrations' checksums by version.

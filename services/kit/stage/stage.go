@@ -197,14 +197,32 @@ func (r *Runner) ackLoop(pending <-chan inflight) {
 	}
 }
 
+// RetryAfterError asks for a redelivery after a given delay (a server's
+// Retry-After) instead of the backoff.
+type RetryAfterError struct {
+	After time.Duration
+	Err   error
+}
+
+func (e *RetryAfterError) Error() string {
+	return fmt.Sprintf("%v (retry after %s)", e.Err, e.After)
+}
+
+func (e *RetryAfterError) Unwrap() error { return e.Err }
+
 func (r *Runner) nak(msg jetstream.Msg, err error) {
 	r.metrics.Messages.WithLabelValues(r.cfg.Name, "nacked").Inc()
 	delivered := uint64(1)
 	if md, mdErr := msg.Metadata(); mdErr == nil {
 		delivered = md.NumDelivered
 	}
-	r.log.Warn("will retry", "delivered", delivered, "err", err)
-	if nerr := msg.NakWithDelay(Backoff(delivered)); nerr != nil {
+	delay := Backoff(delivered)
+	var ra *RetryAfterError
+	if errors.As(err, &ra) && ra.After > 0 {
+		delay = ra.After
+	}
+	r.log.Warn("will retry", "delivered", delivered, "retry_in", delay, "err", err)
+	if nerr := msg.NakWithDelay(delay); nerr != nil {
 		r.log.Warn("nak", "err", nerr)
 	}
 }

@@ -1,0 +1,84 @@
+// Package alerts defines the alert message the alert stage publishes to the ALERTS
+// stream (subject alerts.<rule>.<severity>) and the notify stage and the sink read.
+package alerts
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Status of an alert.
+const (
+	Firing   = "firing"
+	Resolved = "resolved"
+)
+
+// Alert is one state change of an alert.
+type Alert struct {
+	// Fingerprint identifies the alert: the rule and its group labels.
+	Fingerprint string            `json:"fingerprint"`
+	Rule        string            `json:"rule"`
+	Status      string            `json:"status"`
+	Severity    string            `json:"severity"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+	StartsAt    time.Time         `json:"startsAt"`
+	EndsAt      time.Time         `json:"endsAt,omitzero"`
+	// EventKey is the key of the event that caused this change.
+	EventKey string `json:"eventKey,omitempty"`
+	// Replay marks an alert produced while re-reading old input.
+	Replay bool `json:"replay,omitempty"`
+}
+
+// Fingerprint hashes a rule name and its group labels.
+func Fingerprint(rule string, labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	h := sha256.New()
+	h.Write([]byte(rule))
+	for _, k := range keys {
+		h.Write([]byte{0})
+		h.Write([]byte(k))
+		h.Write([]byte{1})
+		h.Write([]byte(labels[k]))
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
+}
+
+// Subject is where a is published: alerts.<rule>.<severity>, with characters NATS
+// subjects cannot hold replaced by '_'.
+func (a *Alert) Subject() string {
+	return "alerts." + token(a.Rule) + "." + token(a.Severity)
+}
+
+func token(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return strings.Map(func(r rune) rune {
+		if r == '.' || r == '*' || r == '>' || r <= ' ' {
+			return '_'
+		}
+		return r
+	}, s)
+}
+
+// Decode parses an alert message.
+func Decode(b []byte) (*Alert, error) {
+	var a Alert
+	if err := json.Unmarshal(b, &a); err != nil {
+		return nil, fmt.Errorf("alert is not valid JSON: %w", err)
+	}
+	if a.Fingerprint == "" || a.Rule == "" {
+		return nil, fmt.Errorf("alert lacks fingerprint or rule")
+	}
+	return &a, nil
+}

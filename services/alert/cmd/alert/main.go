@@ -1,0 +1,40 @@
+// Command alert runs the alert stage against an external NATS server.
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/service"
+)
+
+func main() {
+	os.Exit(service.Main(service.Spec{
+		Name:        "alert",
+		Summary:     "evaluates the rules of SLUICE_CONFIG on enriched events, publishes alerts to ALERTS",
+		MetricsAddr: "127.0.0.1:9303",
+		Run: func(ctx context.Context, env service.Env) error {
+			f, err := configfile.Load(env.Service.ConfigPath)
+			if err != nil {
+				return err
+			}
+			rules, err := alert.LoadRules(f)
+			if err != nil {
+				var re *alert.RuleError
+				if !errors.As(err, &re) {
+					return err
+				}
+				env.Log.Error("rules that did not load are left out; the rest run", "err", err)
+			}
+			cfg := alert.DefaultConfig()
+			cfg.Rules = rules
+			return alert.Run(ctx, cfg, alert.Deps{
+				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
+				Ready: func() { env.Ready.Set("consumer", nil) },
+			})
+		},
+	}, os.Args[1:], os.LookupEnv, os.Stderr))
+}

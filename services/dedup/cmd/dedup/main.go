@@ -1,0 +1,24 @@
+// Command dedup runs the dedup stage against an external NATS server.
+package main
+
+import (
+	"context"
+	"os"
+
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/kit/service"
+)
+
+func main() {
+	os.Exit(service.Main(service.Spec{
+		Name:        "dedup",
+		Summary:     "validates raw events, drops repeats inside the dedup window, publishes to UNIQUE",
+		MetricsAddr: "127.0.0.1:9301",
+		Run: func(ctx context.Context, env service.Env) error {
+			return dedup.Run(ctx, dedup.DefaultConfig(), dedup.Deps{
+				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
+				Ready: func() { env.Ready.Set("consumer", nil) },
+			})
+		},
+	}, os.Args[1:], os.LookupEnv, os.Stderr))
+}

@@ -1,0 +1,24 @@
+// Command enrich runs the enrich stage against an external NATS server.
+package main
+
+import (
+	"context"
+	"os"
+
+	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/service"
+)
+
+func main() {
+	os.Exit(service.Main(service.Spec{
+		Name:        "enrich",
+		Summary:     "validates raw events, drops repeats inside the enrich window, publishes to UNIQUE",
+		MetricsAddr: "127.0.0.1:9302",
+		Run: func(ctx context.Context, env service.Env) error {
+			return enrich.Run(ctx, enrich.DefaultConfig(), enrich.Deps{
+				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
+				Ready: func() { env.Ready.Set("consumer", nil) },
+			})
+		},
+	}, os.Args[1:], os.LookupEnv, os.Stderr))
+}

@@ -1,0 +1,205 @@
+package sink
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/stage"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// Table maps the messages of one stream to the rows of one ClickHouse table.
+type Table struct {
+	Name     string
+	Stream   string
+	Consumer string
+	// Columns are named in every INSERT, in Row's order, with their ClickHouse types
+	// (checked against the table at start).
+	Columns []Column
+	// Row converts a message. An error means the message can never be a row: it is
+	// dead-lettered (or, for dead_letters itself, stored with what can be read).
+	Row func(msg jetstream.Msg, seq uint64) ([]any, error)
+}
+
+// Column is a column the sink writes.
+type Column struct{ Name, Type string }
+
+func (t *Table) insertSQL() string {
+	names := make([]string, len(t.Columns))
+	for i, c := range t.Columns {
+		names[i] = c.Name
+	}
+	return "INSERT INTO " + t.Name + " (" + strings.Join(names, ", ") + ")"
+}
+
+// Tables are the tables the sink fills.
+func Tables() []*Table { return []*Table{eventsTable(), deadLettersTable(), alertsTable()} }
+
+func splitMillis(t time.Time) (time.Time, uint16) {
+	t = t.UTC()
+	return t.Truncate(time.Second), uint16(t.Nanosecond() / int(time.Millisecond))
+}
+
+func eventsTable() *Table {
+	return &Table{
+		Name: "events", Stream: streams.Enriched, Consumer: "sink",
+		Columns: []Column{
+			{"key", "String"}, {"id", "String"}, {"source", "String"}, {"type", "String"}, {"subject", "String"},
+			{"specversion", "String"}, {"datacontenttype", "String"}, {"dataschema", "String"},
+			{"event_time", "DateTime"}, {"event_time_ms", "UInt16"}, {"received_at", "DateTime"}, {"received_at_ms", "UInt16"},
+			{"data", "String"}, {"extensions", "String"}, {"nats_subject", "String"},
+			{"geo_country", "String"}, {"geo_asn", "UInt32"}, {"geo_as_org", "String"},
+			{"ua_browser", "String"}, {"ua_os", "String"}, {"ua_device", "String"}, {"enrichment", "String"},
+			{"stream_seq", "UInt64"},
+		},
+		Row: eventRow,
+	}
+}
+
+// enrichmentColumns are the enrichment fields with columns of their own.
+var enrichmentColumns = []string{"geo_country", "geo_asn", "geo_as_org", "ua_browser", "ua_os", "ua_device"}
+
+func eventRow(msg jetstream.Msg, seq uint64) ([]any, error) {
+	e, err := events.Unmarshal(msg.Data())
+	if err != nil {
+		return nil, err
+	}
+	if e.Time.Before(events.MinTime) || e.Time.After(events.MaxTime) {
+		return nil, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
+	}
+	data := string(e.Data)
+	if e.DataBase64 != "" {
+		b, _ := json.Marshal(e.DataBase64)
+		data = string(b)
+	}
+	ext := ""
+	if len(e.Extensions) > 0 {
+		b, _ := json.Marshal(e.Extensions)
+		ext = string(b)
+	}
+	str := func(k string) string {
+		s, _ := e.Enrichment[k].(string)
+		return s
+	}
+	var asn uint32
+	if f, ok := e.Enrichment["geo_asn"].(float64); ok && f >= 0 && f <= 1<<32-1 {
+		asn = uint32(f)
+	}
+	rest := ""
+	if len(e.Enrichment) > 0 {
+		others := make(map[string]any, len(e.Enrichment))
+		for k, v := range e.Enrichment {
+			others[k] = v
+		}
+		for _, k := range enrichmentColumns {
+			delete(others, k)
+		}
+		if len(others) > 0 {
+			b, _ := json.Marshal(others)
+			rest = string(b)
+		}
+	}
+	et, etMs := splitMillis(e.Time)
+	rt, rtMs := splitMillis(e.ReceivedAt)
+	return []any{
+		e.Key, e.ID, e.Source, e.Type, e.Subject,
+		e.SpecVersion, e.DataContentType, e.DataSchema,
+		et, etMs, rt, rtMs,
+		data, ext, e.NATSSubject,
+		str("geo_country"), asn, str("geo_as_org"),
+		str("ua_browser"), str("ua_os"), str("ua_device"), rest,
+		seq,
+	}, nil
+}
+
+func deadLettersTable() *Table {
+	return &Table{
+		Name: "dead_letters", Stream: streams.DLQ, Consumer: "sink",
+		Columns: []Column{
+			{"stage", "String"}, {"reason", "String"}, {"nats_subject", "String"}, {"headers", "String"},
+			{"payload", "String"}, {"received_at", "DateTime"}, {"received_at_ms", "UInt16"},
+			{"source_stream", "String"}, {"source_seq", "UInt64"}, {"stream_seq", "UInt64"},
+		},
+		Row: deadLetterRow,
+	}
+}
+
+// deadLetterRow never fails: a dead letter is stored with whatever it carries.
+func deadLetterRow(msg jetstream.Msg, seq uint64) ([]any, error) {
+	h := msg.Headers()
+	others := map[string][]string{}
+	for k, v := range h {
+		if !strings.HasPrefix(k, "Sluice-") {
+			others[k] = v
+		}
+	}
+	headers := ""
+	if len(others) > 0 {
+		b, _ := json.Marshal(others)
+		headers = string(b)
+	}
+	received := stage.ReceivedOf(msg)
+	if t, err := time.Parse(time.RFC3339Nano, h.Get(stage.HeaderReceivedAt)); err == nil {
+		received = t
+	}
+	rt, rtMs := splitMillis(received)
+	srcSeq, _ := strconv.ParseUint(h.Get(stage.HeaderStreamSeq), 10, 64)
+	subject := h.Get(stage.HeaderSubject)
+	if subject == "" {
+		subject = msg.Subject()
+	}
+	stageName := h.Get(stage.HeaderStage)
+	if stageName == "" {
+		stageName = strings.TrimPrefix(msg.Subject(), stage.DLQPrefix)
+	}
+	reason := h.Get(stage.HeaderReason)
+	if reason == "" {
+		reason = "no reason given (published to the DLQ without a " + stage.HeaderReason + " header)"
+	}
+	return []any{
+		stageName, reason, subject, headers,
+		string(msg.Data()), rt, rtMs,
+		h.Get(stage.HeaderStream), srcSeq, seq,
+	}, nil
+}
+
+func alertsTable() *Table {
+	return &Table{
+		Name: "alerts", Stream: streams.Alerts, Consumer: "sink",
+		Columns: []Column{
+			{"fingerprint", "String"}, {"rule", "String"}, {"status", "String"}, {"severity", "String"},
+			{"labels", "String"}, {"annotations", "String"}, {"starts_at", "DateTime"}, {"starts_at_ms", "UInt16"},
+			{"event_key", "String"}, {"replay", "UInt8"}, {"stream_seq", "UInt64"},
+		},
+		Row: alertRow,
+	}
+}
+
+func alertRow(msg jetstream.Msg, seq uint64) ([]any, error) {
+	a, err := alerts.Decode(msg.Data())
+	if err != nil {
+		return nil, err
+	}
+	labels, _ := json.Marshal(a.Labels)
+	ann, _ := json.Marshal(a.Annotations)
+	st, stMs := splitMillis(a.StartsAt)
+	if st.Before(events.MinTime) || st.After(events.MaxTime) {
+		return nil, fmt.Errorf("alert startsAt %s is outside DateTime's range", a.StartsAt)
+	}
+	var replay uint8
+	if a.Replay {
+		replay = 1
+	}
+	return []any{
+		a.Fingerprint, a.Rule, a.Status, a.Severity,
+		string(labels), string(ann), st, stMs,
+		a.EventKey, replay, seq,
+	}, nil
+}

@@ -1,0 +1,241 @@
+// Package cli is the sluice command: `sluice up` and the tools around it.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/natsconn"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/services/sluice/platform"
+)
+
+const usage = `sluice: an event platform on NATS JetStream.
+
+Usage:
+  sluice up                 run NATS (embedded), every stage and, if needed, a local ClickHouse
+  sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
+  sluice streams apply      create or update the streams and consumers on NATS_URL
+  sluice rules check FILE   validate the rules of a config file offline
+  sluice webhook listen     a local webhook receiver that checks signatures and prints alerts
+
+Run "sluice <command> -h" for a command's flags. Every flag can also be set by the
+environment variable named in its help.
+`
+
+// IO is where a command reads and writes.
+type IO struct {
+	Env    settings.Lookup
+	Stdout io.Writer
+	Stderr io.Writer
+}
+
+// Main runs the command line args (without the program name) and returns the exit code.
+func Main(args []string, io IO) int {
+	if len(args) == 0 {
+		fmt.Fprint(io.Stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch cmd, rest := args[0], args[1:]; {
+	case cmd == "up":
+		err = up(ctx, rest, io)
+	case cmd == "migrate":
+		err = migrate(ctx, rest, io)
+	case cmd == "streams" && len(rest) > 0 && rest[0] == "apply":
+		err = streamsApply(ctx, rest[1:], io)
+	case cmd == "rules" && len(rest) > 0 && rest[0] == "check":
+		err = rulesCheck(rest[1:], io)
+	case cmd == "webhook" && len(rest) > 0 && rest[0] == "listen":
+		err = webhookListen(ctx, rest[1:], io)
+	case cmd == "help" || cmd == "-h" || cmd == "--help":
+		fmt.Fprint(io.Stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(io.Stderr, "sluice: unknown command %q\n\n%s", strings.Join(args, " "), usage)
+		return 2
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	default:
+		fmt.Fprintln(io.Stderr, "sluice:", err)
+		return 1
+	}
+}
+
+var errUsage = errors.New("usage")
+
+func parse(fs *flag.FlagSet, args []string, io IO, positional int) error {
+	fs.SetOutput(io.Stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	if fs.NArg() != positional {
+		fmt.Fprintf(io.Stderr, "sluice %s: want %d argument(s), got %q\n", fs.Name(), positional, fs.Args())
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+func up(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("up", flag.ContinueOnError)
+	cfg := platform.UpConfig{Env: io.Env}
+	listen := settings.DefaultNATSURL
+	if v, ok := io.Env("NATS_LISTEN"); ok {
+		listen = v
+	}
+	fs.StringVar(&cfg.NATSListen, "nats-listen", strings.TrimPrefix(listen, "nats://"), "where the embedded NATS server listens (env NATS_LISTEN)")
+	settings.BindClickHouse(fs, io.Env, &cfg.ClickHouse)
+	if err := settings.BindService(fs, io.Env, &cfg.Service, "127.0.0.1:9300"); err != nil {
+		return err
+	}
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	cfg.DataDir = cfg.Service.DataDir
+	log, err := telemetry.NewLogger(io.Stderr, cfg.Service.LogLevel, cfg.Service.LogFormat)
+	if err != nil {
+		return err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return platform.Up(ctx, cfg, log, reg)
+}
+
+func migrate(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
+	var ch settings.ClickHouse
+	settings.BindClickHouse(fs, io.Env, &ch)
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	log, _ := telemetry.NewLogger(io.Stderr, "info", "text")
+	conn, err := chconn.Open(ctx, ch)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := chmigrate.Migrate(ctx, conn, log); err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "database %s on %s is up to date\n", ch.Database, ch.Addr)
+	return nil
+}
+
+func streamsApply(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("streams apply", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
+	nc, err := natsconn.Connect(n, "sluice-cli", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s\n", n.URL)
+	return nil
+}
+
+func rulesCheck(args []string, io IO) error {
+	fs := flag.NewFlagSet("rules check", flag.ContinueOnError)
+	if err := parse(fs, args, io, 1); err != nil {
+		return err
+	}
+	f, err := configfile.Load(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	rules, err := alert.LoadRules(f)
+	for _, r := range rules {
+		fmt.Fprintf(io.Stdout, "ok  %s (%s, severity %s)\n", r.Name, r.Kind, r.Severity)
+	}
+	if err != nil {
+		return fmt.Errorf("%s:\n%w", fs.Arg(0), err)
+	}
+	return nil
+}
+
+func webhookListen(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("webhook listen", flag.ContinueOnError)
+	addr := fs.String("addr", "127.0.0.1:8080", "address to listen on")
+	secretEnv := fs.String("secret-env", "WEBHOOK_SECRET", "environment variable holding the signing secret to verify with")
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	raw, ok := io.Env(*secretEnv)
+	if !ok {
+		return fmt.Errorf("environment variable %s is not set; export the same secret the receiver in your config uses", *secretEnv)
+	}
+	secret, err := notify.ParseSecret(raw)
+	if err != nil {
+		return fmt.Errorf("%s: %w", *secretEnv, err)
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := readAll(r)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		verdict := "signature ok"
+		if err := notify.Verify(secret, r.Header, body, time.Now(), 5*time.Minute); err != nil {
+			verdict = "REJECTED: " + err.Error()
+			http.Error(w, verdict, http.StatusUnauthorized)
+		}
+		fmt.Fprintf(io.Stdout, "%s %s webhook-id=%s %s\n%s\n", time.Now().Format(time.TimeOnly), r.URL.Path, r.Header.Get(notify.HeaderID), verdict, body)
+	})
+	srv := &http.Server{Addr: *addr, Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe() }()
+	fmt.Fprintf(io.Stderr, "listening on http://%s/ (Ctrl-C to stop)\n", *addr)
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdownCtx)
+		<-errc
+		return nil
+	}
+}
+
+func readAll(r *http.Request) ([]byte, error) {
+	defer r.Body.Close()
+	return io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
+}

@@ -1,0 +1,112 @@
+// Package platform runs every sluice stage in one process, and `sluice up`: an
+// embedded NATS server, a ClickHouse to write to, and the stages.
+package platform
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/services/sink"
+)
+
+// Stages is what every stage shares when they run in one process.
+type Stages struct {
+	NATS       *nats.Conn
+	ClickHouse driver.Conn
+	// Config is the parsed SLUICE_CONFIG (rules, receivers, enrichment).
+	Config *configfile.File
+	// Env reads secrets named by the config.
+	Env        func(string) (string, bool)
+	Log        *slog.Logger
+	Registerer prometheus.Registerer
+	Ready      *telemetry.Readiness
+	// Sink overrides the sink's batching (zero: sink.DefaultConfig()).
+	Sink sink.Config
+}
+
+// RunStages runs dedup, enrich, alert, notify and the sink until ctx is done or one
+// of them fails; then it stops the others and returns the first error.
+func RunStages(ctx context.Context, s Stages) error {
+	rules, err := alert.LoadRules(s.Config)
+	if err != nil {
+		var re *alert.RuleError
+		if !errors.As(err, &re) {
+			return err
+		}
+		s.Log.Error("rules that did not load are left out; the rest run", "err", err)
+	}
+	receivers, err := notify.LoadReceivers(s.Config, s.Env)
+	if err != nil {
+		return err
+	}
+	sinkCfg := s.Sink
+	if sinkCfg == (sink.Config{}) {
+		sinkCfg = sink.DefaultConfig()
+	}
+	ready := func(name string) func() { return func() { s.Ready.Set("stage "+name, nil) } }
+	for _, name := range []string{dedup.Name, enrich.Name, alert.Name, notify.Name} {
+		s.Ready.Set("stage "+name, errors.New("not consuming yet"))
+	}
+	alertCfg := alert.DefaultConfig()
+	alertCfg.Rules = rules
+	notifyCfg := notify.DefaultConfig()
+	notifyCfg.Receivers = receivers
+	runs := []struct {
+		name string
+		run  func(context.Context) error
+	}{
+		{dedup.Name, func(ctx context.Context) error {
+			return dedup.Run(ctx, dedup.DefaultConfig(), dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
+		}},
+		{enrich.Name, func(ctx context.Context) error {
+			return enrich.Run(ctx, enrich.DefaultConfig(), enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name)})
+		}},
+		{alert.Name, func(ctx context.Context) error {
+			return alert.Run(ctx, alertCfg, alert.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(alert.Name)})
+		}},
+		{notify.Name, func(ctx context.Context) error {
+			return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name)})
+		}},
+		{sink.Name, func(ctx context.Context) error {
+			return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+		}},
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	for _, r := range runs {
+		wg.Go(func() {
+			err := r.run(ctx)
+			if err == nil && ctx.Err() == nil {
+				err = fmt.Errorf("stage %s stopped on its own", r.name)
+			}
+			if err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = fmt.Errorf("stage %s: %w", r.name, err)
+				}
+				mu.Unlock()
+				cancel()
+			}
+		})
+	}
+	wg.Wait()
+	return firstErr
+}

@@ -1,0 +1,161 @@
+// Package e2e runs the whole pipeline against an embedded JetStream server and a
+// real clickhouse-server, and checks what landed against what was published.
+package e2e
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+type pipeline struct {
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	ch   driver.Conn
+	stop func()
+}
+
+// startPipeline runs every stage in this process against a fresh JetStream server
+// and a fresh ClickHouse database, with cfg as SLUICE_CONFIG.
+func startPipeline(t *testing.T, cfg string, env map[string]string) *pipeline {
+	t.Helper()
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	file, err := configfile.Parse("test.yaml", []byte(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stageConn, err := nats.Connect(ns.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	var wg sync.WaitGroup
+	errc := make(chan error, 1)
+	wg.Go(func() {
+		errc <- platform.RunStages(runCtx, platform.Stages{
+			NATS: stageConn, ClickHouse: conn, Config: file,
+			Env:    func(k string) (string, bool) { v, ok := env[k]; return v, ok },
+			Log:    log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{},
+		})
+	})
+	p := &pipeline{nc: nc, js: js, ch: conn}
+	var once sync.Once
+	p.stop = func() {
+		once.Do(func() {
+			cancel()
+			wg.Wait()
+			stageConn.Close()
+			if err := <-errc; err != nil {
+				t.Errorf("stages: %v", err)
+			}
+		})
+	}
+	t.Cleanup(p.stop)
+	return p
+}
+
+// idle reports nil when no consumer has work pending or unacked.
+func (p *pipeline) idle(ctx context.Context) error {
+	for _, sc := range [][2]string{{"EVENTS", "dedup"}, {"UNIQUE", "enrich"}, {"ENRICHED", "sink"}, {"ENRICHED", "alert"}, {"ALERTS", "notify"}, {"ALERTS", "sink"}, {"DLQ", "sink"}} {
+		c, err := p.js.Consumer(ctx, sc[0], sc[1])
+		if err != nil {
+			return err
+		}
+		info, err := c.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumPending != 0 || info.NumAckPending != 0 {
+			return fmt.Errorf("consumer %s/%s: %d pending, %d unacked", sc[0], sc[1], info.NumPending, info.NumAckPending)
+		}
+	}
+	return nil
+}
+
+// TestEndToEnd publishes 10,000 messages as the nats CLI does (structured and binary
+// CloudEvents, with and without Nats-Msg-Id, 5% repeats, 1% invalid) and checks that
+// ClickHouse holds exactly the unique valid events and the DLQ exactly the invalid ones.
+func TestEndToEnd(t *testing.T) {
+	p := startPipeline(t, "", nil)
+	m := oracle.NewManifest(oracle.Spec{Total: 10_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 1})
+	if err := m.PublishAll(p.nc, 200); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	wantEvents, wantDead := uint64(len(m.Events)), uint64(len(m.Invalid))
+	err := oracle.WaitFor(ctx, 2*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, p.ch)
+		if err != nil {
+			return err
+		}
+		if c.Events < wantEvents || c.DeadLetters < wantDead {
+			return fmt.Errorf("events %d/%d, dead letters %d/%d", c.Events, wantEvents, c.DeadLetters, wantDead)
+		}
+		return p.idle(ctx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, p.ch); err != nil {
+		t.Fatal(err)
+	}
+	// Every reason names the problem.
+	rows, err := p.ch.Query(ctx, "SELECT reason FROM dead_letters WHERE stage = 'dedup'")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	n := 0
+	for rows.Next() {
+		var reason string
+		if err := rows.Scan(&reason); err != nil {
+			t.Fatal(err)
+		}
+		if len(reason) < len("invalid event: ")+5 {
+			t.Errorf("reason %q does not say what is wrong", reason)
+		}
+		n++
+	}
+	if n != len(m.Invalid) {
+		t.Errorf("dedup dead letters = %d, want %d", n, len(m.Invalid))
+	}
+	var errs []error
+	for _, c := range []struct{ stream, subject string }{{"UNIQUE", "unique.>"}, {"ENRICHED", "enriched.>"}} {
+		s, err := p.js.Stream(ctx, c.stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.CachedInfo().State.Msgs; got != wantEvents {
+			errs = append(errs, fmt.Errorf("stream %s holds %d messages, want %d", c.stream, got, wantEvents))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		t.Error(err)
+	}
+}
