@@ -60,8 +60,8 @@ func startPipeline(t *testing.T, cfg string, env map[string]string) *pipeline {
 	wg.Go(func() {
 		errc <- platform.RunStages(runCtx, platform.Stages{
 			NATS: stageConn, ClickHouse: conn, Config: file,
-			Env:    func(k string) (string, bool) { v, ok := env[k]; return v, ok },
-			Log:    log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{},
+			Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok },
+			Log: log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{},
 		})
 	})
 	p := &pipeline{nc: nc, js: js, ch: conn}

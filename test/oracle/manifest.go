@@ -19,10 +19,10 @@ type Form int
 
 // The forms of publish the manifest mixes.
 const (
-	Structured       Form = iota // CloudEvents JSON with id
-	StructuredMsgID              // CloudEvents JSON with a Nats-Msg-Id header
-	Binary                       // ce-* headers, data as payload
-	StructuredNoID               // no id: keyed by content
+	Structured      Form = iota // CloudEvents JSON with id
+	StructuredMsgID             // CloudEvents JSON with a Nats-Msg-Id header
+	Binary                      // ce-* headers, data as payload
+	StructuredNoID              // no id: keyed by content
 	numForms
 )
 

@@ -331,4 +331,3 @@ func ReceivedOf(msg jetstream.Msg) time.Time {
 	}
 	return md.Timestamp
 }
-
