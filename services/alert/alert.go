@@ -52,16 +52,16 @@ type Handler struct {
 	log        *slog.Logger
 }
 
-// Env is what filters and annotation templates see of an event.
-func Env(e *events.Event) map[string]any {
-	env := map[string]any{
-		"id": e.ID, "source": e.Source, "type": e.Type, "subject": e.Subject,
-		"time": e.Time, "key": e.Key, "enrichment": e.Enrichment,
+// Env returns what filters see of e.
+func Env(e *events.Event) *EventEnv {
+	env := &EventEnv{
+		ID: e.ID, Source: e.Source, Type: e.Type, Subject: e.Subject,
+		Time: e.Time, Key: e.Key, Enrichment: e.Enrichment,
 	}
 	if len(e.Data) > 0 {
 		var data any
 		if json.Unmarshal(e.Data, &data) == nil {
-			env["data"] = data
+			env.Data = data
 		}
 	}
 	return env

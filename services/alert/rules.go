@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"text/template"
+	"time"
 
 	"github.com/expr-lang/expr"
 	"github.com/expr-lang/expr/vm"
@@ -96,7 +97,7 @@ func compile(c RuleConfig) (*Rule, error) {
 	if c.Severity == "" {
 		c.Severity = "warning"
 	}
-	prog, err := expr.Compile(c.Filter, expr.AsBool(), expr.AllowUndefinedVariables())
+	prog, err := expr.Compile(c.Filter, expr.Env(EventEnv{}), expr.AsBool())
 	if err != nil {
 		return nil, fmt.Errorf("filter: %w", err)
 	}
@@ -111,8 +112,20 @@ func compile(c RuleConfig) (*Rule, error) {
 	return r, nil
 }
 
+// EventEnv is what filters and annotation templates see of an event.
+type EventEnv struct {
+	ID         string         `expr:"id"`
+	Source     string         `expr:"source"`
+	Type       string         `expr:"type"`
+	Subject    string         `expr:"subject"`
+	Time       time.Time      `expr:"time"`
+	Key        string         `expr:"key"`
+	Data       any            `expr:"data"`
+	Enrichment map[string]any `expr:"enrichment"`
+}
+
 // Matches evaluates the filter on env.
-func (r *Rule) Matches(env map[string]any) (bool, error) {
+func (r *Rule) Matches(env *EventEnv) (bool, error) {
 	out, err := expr.Run(r.filter, env)
 	if err != nil {
 		return false, fmt.Errorf("rule %s: filter: %w", r.Name, err)
@@ -121,19 +134,27 @@ func (r *Rule) Matches(env map[string]any) (bool, error) {
 	return b, nil
 }
 
-// Annotate renders the annotations with env as the template's dot.
-func (r *Rule) Annotate(env map[string]any) map[string]string {
+// Annotate renders the annotations with the event's fields as the template's dot:
+// {{ .id }}, {{ .data.amount }} and so on.
+func (r *Rule) Annotate(env *EventEnv) map[string]string {
 	if len(r.annotations) == 0 {
 		return nil
 	}
 	out := make(map[string]string, len(r.annotations))
 	for k, t := range r.annotations {
 		var buf bytes.Buffer
-		if err := t.Execute(&buf, env); err != nil {
+		if err := t.Execute(&buf, env.templateData()); err != nil {
 			out[k] = fmt.Sprintf("<annotation %s failed: %v>", k, err)
 			continue
 		}
 		out[k] = buf.String()
 	}
 	return out
+}
+
+func (e *EventEnv) templateData() map[string]any {
+	return map[string]any{
+		"id": e.ID, "source": e.Source, "type": e.Type, "subject": e.Subject,
+		"time": e.Time, "key": e.Key, "data": e.Data, "enrichment": e.Enrichment,
+	}
 }

@@ -10,6 +10,8 @@ require (
 	go.yaml.in/yaml/v3 v3.0.6
 )
 
+require github.com/ebitengine/purego v0.11.3
+
 require (
 	github.com/ClickHouse/ch-go v0.74.0 // indirect
 	github.com/andybalholm/brotli v1.2.6 // indirect

@@ -1,0 +1,299 @@
+package sink
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/chdb"
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/streams"
+)
+
+var testLog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+// The migrations apply once on ClickHouse 18.16, the tables hold what the sink
+// writes, and a table that drifted is refused with the columns named.
+func TestTablesOnClickHouse18(t *testing.T) {
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	ctx := context.Background()
+	for range 2 {
+		if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ms, _ := chmigrate.Migrations()
+	var recorded uint64
+	if err := conn.QueryRow(ctx, "SELECT count() FROM schema_migrations").Scan(&recorded); err != nil {
+		t.Fatal(err)
+	}
+	if recorded != uint64(len(ms)) {
+		t.Fatalf("schema_migrations has %d rows, want %d (each migration once)", recorded, len(ms))
+	}
+	for _, tbl := range Tables() {
+		if err := CheckColumns(ctx, conn, tbl); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := conn.Exec(ctx, "ALTER TABLE events DROP COLUMN ua_os"); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Exec(ctx, "ALTER TABLE events MODIFY COLUMN geo_asn UInt64"); err != nil {
+		t.Fatal(err)
+	}
+	err := CheckColumns(ctx, conn, eventsTable())
+	if err == nil || !strings.Contains(err.Error(), "column ua_os is missing (want String)") || !strings.Contains(err.Error(), "column geo_asn is UInt64 (want UInt32)") {
+		t.Fatalf("err = %v, want both drifted columns named", err)
+	}
+}
+
+// The same DDL, the sink's column types, its INSERTs and its queries on current
+// ClickHouse (26.5, in-process through chDB).
+func TestTablesOnCurrentClickHouse(t *testing.T) {
+	wd, _ := os.Getwd()
+	lib, err := chdb.Find(wd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := chdb.Open(lib, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	q := func(sql string) string {
+		t.Helper()
+		out, err := s.Query(sql, "TSV")
+		if err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return strings.TrimSpace(out)
+	}
+	version := q("SELECT version()")
+	t.Logf("ClickHouse %s", version)
+	q("CREATE DATABASE IF NOT EXISTS sluice")
+	q("USE sluice")
+	ms, err := chmigrate.Migrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		for _, stmt := range m.Statements {
+			q(stmt)
+		}
+	}
+	for _, tbl := range Tables() {
+		got := map[string]string{}
+		for line := range strings.SplitSeq(q("SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = '"+tbl.Name+"'"), "\n") {
+			name, typ, _ := strings.Cut(line, "\t")
+			got[name] = typ
+		}
+		names := make([]string, len(tbl.Columns))
+		values := make([]string, len(tbl.Columns))
+		for i, c := range tbl.Columns {
+			if got[c.Name] != c.Type {
+				t.Errorf("%s.%s is %q on %s, the sink writes %s", tbl.Name, c.Name, got[c.Name], version, c.Type)
+			}
+			names[i] = c.Name
+			switch c.Type {
+			case "String":
+				values[i] = "'x'"
+			case "DateTime":
+				values[i] = "toDateTime('2026-11-21 10:00:00')"
+			default:
+				values[i] = "7"
+			}
+		}
+		q("INSERT INTO " + tbl.Name + " (" + strings.Join(names, ", ") + ") VALUES (" + strings.Join(values, ", ") + ")")
+		if got := q("SELECT stream_seq FROM " + tbl.Name + " WHERE stream_seq >= 1 AND stream_seq <= 9"); got != "7" {
+			t.Errorf("replay check on %s = %q", tbl.Name, got)
+		}
+	}
+	if got := q("SELECT count(), uniqExact(key) FROM events"); got != "1\t1" {
+		t.Errorf("count, uniqExact = %q", got)
+	}
+}
+
+func enrichedEvent(i int) []byte {
+	e := events.Event{
+		ID: fmt.Sprintf("e%d", i), Source: "test", Type: "t", SpecVersion: "1.0",
+		Time: time.Date(2026, 11, 21, 10, 0, 0, i*int(time.Millisecond), time.UTC), Key: fmt.Sprintf("k%d", i),
+		ReceivedAt: time.Now().UTC(), NATSSubject: "events.test.t", Data: json.RawMessage(`{"i":` + fmt.Sprint(i) + `}`),
+	}
+	b, _ := e.Marshal()
+	return b
+}
+
+// A sink that inserted a batch and died before acking it: JetStream redelivers the
+// batch, the sink recognises the rows already in the table and acks them without a
+// second insert. Every event ends in the table exactly once.
+func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
+		t.Fatal(err)
+	}
+	// A short ack wait so the "dead" sink's batch comes back quickly.
+	topo, _ := streams.Load()
+	cc, _ := topo.Consumer(streams.Enriched, "sink")
+	cc.AckWait = time.Second
+	if _, err := js.CreateOrUpdateConsumer(ctx, streams.Enriched, *cc); err != nil {
+		t.Fatal(err)
+	}
+	const total, crashed = 1000, 400
+	for i := range total {
+		if _, err := js.Publish(ctx, "enriched.test.t", enrichedEvent(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first sink: takes a batch, inserts it, and dies before the acks.
+	cons, err := js.Consumer(ctx, streams.Enriched, "sink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := cons.FetchNoWait(crashed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMetrics(prometheus.NewRegistry())
+	first := &writer{cfg: DefaultConfig(), table: eventsTable(), js: js, ch: conn, m: m, ready: &telemetry.Readiness{}, log: testLog}
+	var rows [][]any
+	for msg := range batch.Messages() {
+		row, err := first.table.Row(msg, seqOf(t, msg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rows = append(rows, row)
+	}
+	if len(rows) != crashed {
+		t.Fatalf("fetched %d, want %d", len(rows), crashed)
+	}
+	if err := first.insert(ctx, rows); err != nil {
+		t.Fatal(err)
+	}
+	// The restarted sink.
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg := prometheus.NewRegistry()
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
+	}()
+	waitFor(t, time.Minute, func() error {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumPending+uint64(info.NumAckPending) != 0 {
+			return fmt.Errorf("%d pending, %d unacked", info.NumPending, info.NumAckPending)
+		}
+		return nil
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var count, unique uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(key) FROM events").Scan(&count, &unique); err != nil {
+		t.Fatal(err)
+	}
+	if count != total || unique != total {
+		t.Fatalf("count()=%d uniqExact(key)=%d, want %d each", count, unique, total)
+	}
+	replays := testutil.ToFloat64(newMetrics(reg).replays.WithLabelValues("events"))
+	if replays != crashed {
+		t.Fatalf("replays recognised = %v, want %d", replays, crashed)
+	}
+}
+
+// A message that cannot be a row goes to the DLQ with the reason, and the rest of
+// its batch lands.
+func TestBadRowGoesToDLQ(t *testing.T) {
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if _, err := js.Publish(ctx, "enriched.test.t", enrichedEvent(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := js.Publish(ctx, "enriched.test.t", []byte(`{"id": 1}`)); err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}})
+	}()
+	waitFor(t, time.Minute, func() error {
+		var events, dead uint64
+		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
+			return err
+		}
+		if events != 10 || dead != 1 {
+			return fmt.Errorf("events %d, dead letters %d", events, dead)
+		}
+		return nil
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var reason, stage string
+	if err := conn.QueryRow(ctx, "SELECT reason, stage FROM dead_letters").Scan(&reason, &stage); err != nil {
+		t.Fatal(err)
+	}
+	if stage != "sink" || !strings.Contains(reason, "cannot be a row of events") {
+		t.Fatalf("dead letter stage %q reason %q", stage, reason)
+	}
+}
+
+func seqOf(t *testing.T, msg jetstream.Msg) uint64 {
+	t.Helper()
+	md, err := msg.Metadata()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return md.Sequence.Stream
+}
+
+func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %v", timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+

@@ -1,0 +1,133 @@
+package streams
+
+import (
+	"context"
+	"encoding/json"
+	"io/fs"
+	"strings"
+	"testing"
+	"testing/fstest"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func runServer(t *testing.T) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	srv, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Start()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
+type apiResponse struct {
+	Error *struct {
+		Code        int    `json:"code"`
+		Description string `json:"description"`
+	} `json:"error"`
+}
+
+// Every file is accepted by the JetStream API as it is on disk, the way
+// `nats stream add --config FILE` and `nats consumer add STREAM --config FILE` send it.
+func TestFilesLoadAsIsThroughTheJetStreamAPI(t *testing.T) {
+	nc, _ := runServer(t)
+	topo, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(topo.Streams) != 5 || len(topo.Consumers) != 7 {
+		t.Fatalf("loaded %d streams and %d consumers", len(topo.Streams), len(topo.Consumers))
+	}
+	request := func(subject string, body []byte) {
+		t.Helper()
+		resp, err := nc.Request(subject, body, 5*time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", subject, err)
+		}
+		var r apiResponse
+		if err := json.Unmarshal(resp.Data, &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.Error != nil {
+			t.Fatalf("%s: %d %s", subject, r.Error.Code, r.Error.Description)
+		}
+	}
+	for _, s := range topo.Streams {
+		raw, err := fs.ReadFile(files, s.File)
+		if err != nil {
+			t.Fatal(err)
+		}
+		request("$JS.API.STREAM.CREATE."+s.Config.Name, raw)
+	}
+	for _, c := range topo.Consumers {
+		raw, err := fs.ReadFile(files, c.File)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := json.Marshal(map[string]any{"stream_name": c.Stream, "config": json.RawMessage(raw)})
+		request("$JS.API.CONSUMER.CREATE."+c.Stream+"."+c.Config.Durable, body)
+	}
+}
+
+func TestApplyIsIdempotentAndUpdates(t *testing.T) {
+	_, js := runServer(t)
+	ctx := context.Background()
+	topo, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := topo.Apply(ctx, js); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg, _ := topo.Stream(Events)
+	cfg.MaxAge = 48 * time.Hour
+	if err := topo.Apply(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	s, err := js.Stream(ctx, Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.CachedInfo().Config.MaxAge != 48*time.Hour {
+		t.Fatalf("max_age = %v after update", s.CachedInfo().Config.MaxAge)
+	}
+	cfg.Storage = jetstream.MemoryStorage
+	err = topo.Apply(ctx, js)
+	if err == nil || !strings.Contains(err.Error(), "streams/EVENTS.stream.json") || !strings.Contains(err.Error(), `field "storage"`) {
+		t.Fatalf("err = %v, want it to name the file and the field", err)
+	}
+	cfg.Storage = jetstream.FileStorage
+	cons, _ := topo.Consumer(Events, "dedup")
+	cons.DeliverPolicy = jetstream.DeliverNewPolicy
+	err = topo.Apply(ctx, js)
+	if err == nil || !strings.Contains(err.Error(), "streams/EVENTS.dedup.consumer.json") {
+		t.Fatalf("err = %v, want the refused consumer update to name its file", err)
+	}
+}
+
+func TestLoadRejectsUnknownFields(t *testing.T) {
+	fsys := fstest.MapFS{"X.stream.json": {Data: []byte(`{"name":"X","subjects":["x"],"max_agee":1}`)}}
+	_, err := LoadFS(fsys)
+	if err == nil || !strings.Contains(err.Error(), "streams/X.stream.json") || !strings.Contains(err.Error(), "max_agee") {
+		t.Fatalf("err = %v", err)
+	}
+}
