@@ -6,7 +6,9 @@ require (
 	github.com/ClickHouse/clickhouse-go/v2 v2.50.0
 	github.com/nats-io/nats.go v1.55.0
 	github.com/prometheus/client_golang v1.25.0
+	github.com/sluicehq/sluice/schemas v0.0.0
 	github.com/sluicehq/sluice/services/kit v0.0.0
+	github.com/sluicehq/sluice/services/notify v0.0.0
 	github.com/sluicehq/sluice/services/sluice v0.0.0-00010101000000-000000000000
 )
 
@@ -36,11 +38,9 @@ require (
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3 // indirect
 	github.com/segmentio/asm v1.2.1 // indirect
 	github.com/shopspring/decimal v1.5.0 // indirect
-	github.com/sluicehq/sluice/schemas v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/alert v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/dedup v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/enrich v0.0.0 // indirect
-	github.com/sluicehq/sluice/services/notify v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/sink v0.0.0 // indirect
 	github.com/sluicehq/sluice/streams v0.0.0 // indirect
 	go.opentelemetry.io/otel v1.47.0 // indirect

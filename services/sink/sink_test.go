@@ -296,4 +296,3 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
-
