@@ -1,0 +1,99 @@
+package alert
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+)
+
+func TestLoadRulesGood(t *testing.T) {
+	f, err := configfile.Load("testdata/rules.good.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := LoadRules(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rules) != 2 || rules[1].Kind != KindMatch || rules[1].Severity != "warning" {
+		t.Fatalf("rules = %+v", rules)
+	}
+}
+
+// Each rule that does not compile is reported by position and name; the rest load.
+func TestLoadRulesBad(t *testing.T) {
+	f, err := configfile.Load("testdata/rules.bad.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := LoadRules(f)
+	if len(rules) != 1 || rules[0].Name != "fine" {
+		t.Fatalf("loaded %d rules, want only the first 'fine'", len(rules))
+	}
+	var re *RuleError
+	if !errors.As(err, &re) {
+		t.Fatalf("err = %v, want *RuleError", err)
+	}
+	for _, want := range []string{
+		`rule 2 ("broken-filter"): filter:`,
+		`rule 3 ("unknown-field"): filter: unknown name tpye`,
+		`rule 4 ("not-bool"): filter:`,
+		`rule 5 ("windowed"): kind "threshold" is not supported`,
+		`rule 6 ("fine"): another rule has this name`,
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%v", want, err)
+		}
+	}
+}
+
+func TestEvaluate(t *testing.T) {
+	rules, err := CompileRules([]RuleConfig{{
+		Name: "big", Filter: `type == "order.created" && data.amount > 1000`, Severity: "critical",
+		Labels: map[string]string{"team": "shop"}, Annotations: map[string]string{"summary": "order {{ .data.order_id }}"},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &Handler{rules: rules, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	ev := func(typ, data string) *events.Event {
+		return &events.Event{ID: "1", Source: "s", Type: typ, Key: "k-" + data, Time: time.Unix(1_800_000_000, 0), Data: json.RawMessage(data)}
+	}
+	tests := []struct {
+		name  string
+		event *events.Event
+		fires bool
+	}{
+		{"matches", ev("order.created", `{"order_id":"o1","amount":5000}`), true},
+		{"below the threshold", ev("order.created", `{"order_id":"o1","amount":10}`), false},
+		{"other type", ev("order.paid", `{"amount":5000}`), false},
+		{"field missing: no match, no error", ev("order.created", `{"order_id":"o1"}`), false},
+		{"wrong type: no match, no error", ev("order.created", `{"amount":"lots"}`), false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := h.Evaluate(tt.event)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (len(got) == 1) != tt.fires {
+				t.Fatalf("fired %d alerts, want fires=%v", len(got), tt.fires)
+			}
+			if !tt.fires {
+				return
+			}
+			a := got[0]
+			if a.Rule != "big" || a.Status != "firing" || a.Labels["team"] != "shop" || a.Labels["alertname"] != "big" ||
+				a.Annotations["summary"] != "order o1" || a.EventKey != tt.event.Key || !a.StartsAt.Equal(tt.event.Time) || a.Subject() != "alerts.big.critical" {
+				t.Fatalf("alert = %+v", a)
+			}
+		})
+	}
+}

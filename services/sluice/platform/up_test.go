@@ -1,0 +1,147 @@
+package platform
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/chserver"
+	"github.com/sluicehq/sluice/services/kit/settings"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func poll(t *testing.T, timeout time.Duration, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %v", timeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// sluice up with nothing answering at CLICKHOUSE_ADDR: it starts clickhouse-server
+// under the data dir, NATS on its listen address, and every stage; an event
+// published over TCP lands in ClickHouse; /readyz and /metrics answer; a cancel stops
+// everything, ClickHouse included.
+func TestUpStartsEverything(t *testing.T) {
+	if _, err := chserver.Binary(); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	natsAddr, chAddr, metricsAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	cfg := UpConfig{
+		DataDir:    dir,
+		NATSListen: natsAddr,
+		ClickHouse: settings.ClickHouse{Addr: chAddr, Database: "sluice", User: "default"},
+		Service:    settings.Service{MetricsAddr: metricsAddr, ShutdownTimeout: 20 * time.Second},
+		Env:        func(string) (string, bool) { return "", false },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	go func() { done <- Up(ctx, cfg, log, prometheus.NewRegistry()) }()
+
+	get := func(path string) (int, string, error) {
+		resp, err := http.Get("http://" + metricsAddr + path)
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), nil
+	}
+	poll(t, time.Minute, func() error {
+		code, body, err := get("/readyz")
+		if err != nil {
+			return err
+		}
+		if code != http.StatusOK {
+			return fmt.Errorf("/readyz %d: %s", code, body)
+		}
+		return nil
+	})
+	nc, err := nats.Connect("nats://" + natsAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	if err := nc.Publish("events.web.click", []byte(`{"id":"up-1","data":{"x":1}}`)); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := chconn.Open(ctx, cfg.ClickHouse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	poll(t, time.Minute, func() error {
+		var n uint64
+		if err := conn.QueryRow(ctx, "SELECT count() FROM events WHERE id = 'up-1' AND source = 'web' AND type = 'click'").Scan(&n); err != nil {
+			return err
+		}
+		if n != 1 {
+			return fmt.Errorf("%d rows", n)
+		}
+		return nil
+	})
+	if _, body, err := get("/metrics"); err != nil || !strings.Contains(body, `sluice_sink_rows_inserted_total{table="events"} 1`) {
+		t.Fatalf("/metrics: %v\n%s", err, body)
+	}
+	conn.Close()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Up: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("Up did not return after cancel")
+	}
+	if chserver.Answers(chAddr) {
+		t.Fatal("the ClickHouse sluice started still answers after sluice stopped")
+	}
+	if _, err := os.Stat(dir + "/nats/jetstream"); err != nil {
+		t.Fatalf("JetStream store not under the data dir: %v", err)
+	}
+}
+
+// Without ClickHouse installed, up says how to get it.
+func TestUpWithoutClickHouseSaysHowToInstall(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	cfg := UpConfig{
+		DataDir:    t.TempDir(),
+		NATSListen: freeAddr(t),
+		ClickHouse: settings.ClickHouse{Addr: freeAddr(t), Database: "sluice"},
+		Env:        func(string) (string, bool) { return "", false },
+	}
+	err := Up(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	if err == nil || !strings.Contains(err.Error(), "apt-get install -y clickhouse-server") || !strings.Contains(err.Error(), "docker compose up -d clickhouse") {
+		t.Fatalf("err = %v", err)
+	}
+}
