@@ -11,18 +11,27 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHDB_VERSION := 26.5.3
 CHDB_LIB := .tools/chdb/node_modules/@chdb/lib-linux-x64-gnu/libchdb.so
 BINARIES := sluice dedup enrich alert notify sink
+# `make up` and `make listen` share a demo signing secret; set your own for real use.
+SLUICE_CONFIG ?= examples/sluice.yaml
+WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
+export SLUICE_CONFIG WEBHOOK_SECRET
 
-.PHONY: up test deps clickhouse chdb build vet modules bench clean help
+.PHONY: up listen test deps clickhouse chdb build vet modules bench clean help
 
 help:
 	@echo "make up     install what is missing, then run NATS + every stage (+ a local ClickHouse if none answers)"
 	@echo "make test   install what is missing, then vet and run every test"
+	@echo "make listen a local webhook receiver on 127.0.0.1:8080 that checks signatures"
 	@echo "make build  build bin/{$(BINARIES)}"
 	@echo "make bench  run the benchmarks (not part of make test)"
 
 ## up: run the whole platform from one command.
 up: clickhouse build
 	./bin/sluice up
+
+## listen: the webhook receiver of examples/sluice.yaml.
+listen: build
+	./bin/sluice webhook listen --addr 127.0.0.1:8080
 
 ## test: the whole suite, as CI runs it.
 test: deps vet modules
