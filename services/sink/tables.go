@@ -66,18 +66,20 @@ func eventsTable() *Table {
 // enrichmentColumns are the enrichment fields with columns of their own.
 var enrichmentColumns = []string{"geo_country", "geo_asn", "geo_as_org", "ua_browser", "ua_os", "ua_device"}
 
-func eventRow(msg jetstream.Msg, seq uint64) ([]any, error) {
-	e, err := events.Unmarshal(msg.Data())
+func eventRow(msg jetstream.Msg, seq uint64) ([]any, error) { return eventRowOf(msg.Data(), seq) }
+
+func eventRowOf(data []byte, seq uint64) ([]any, error) {
+	e, err := events.Unmarshal(data)
 	if err != nil {
 		return nil, err
 	}
 	if e.Time.Before(events.MinTime) || e.Time.After(events.MaxTime) {
 		return nil, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
 	}
-	data := string(e.Data)
+	payload := string(e.Data)
 	if e.DataBase64 != "" {
 		b, _ := json.Marshal(e.DataBase64)
-		data = string(b)
+		payload = string(b)
 	}
 	ext := ""
 	if len(e.Extensions) > 0 {
@@ -112,7 +114,7 @@ func eventRow(msg jetstream.Msg, seq uint64) ([]any, error) {
 		e.Key, e.ID, e.Source, e.Type, e.Subject,
 		e.SpecVersion, e.DataContentType, e.DataSchema,
 		et, etMs, rt, rtMs,
-		data, ext, e.NATSSubject,
+		payload, ext, e.NATSSubject,
 		str("geo_country"), asn, str("geo_as_org"),
 		str("ua_browser"), str("ua_os"), str("ua_device"), rest,
 		seq,

@@ -27,15 +27,26 @@ import (
 )
 
 type pipeline struct {
-	nc   *nats.Conn
-	js   jetstream.JetStream
-	ch   driver.Conn
-	stop func()
+	nc    *nats.Conn
+	js    jetstream.JetStream
+	ch    driver.Conn
+	start func()
+	stop  func()
 }
 
 // startPipeline runs every stage in this process against a fresh JetStream server
 // and a fresh ClickHouse database, with cfg as SLUICE_CONFIG.
-func startPipeline(t *testing.T, cfg string, env map[string]string) *pipeline {
+func startPipeline(t testing.TB, cfg string, env map[string]string) *pipeline {
+	t.Helper()
+	p := newPipeline(t, cfg, env)
+	p.start()
+	return p
+}
+
+// startPipelineStopped prepares the servers and topology; p.start runs the stages.
+func startPipelineStopped(t testing.TB) *pipeline { return newPipeline(t, "", nil) }
+
+func newPipeline(t testing.TB, cfg string, env map[string]string) *pipeline {
 	t.Helper()
 	ns := natstest.Run(t)
 	srv := chtest.Start(t)
@@ -55,22 +66,31 @@ func startPipeline(t *testing.T, cfg string, env map[string]string) *pipeline {
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	var wg sync.WaitGroup
+	var (
+		wg      sync.WaitGroup
+		started bool
+	)
 	errc := make(chan error, 1)
-	wg.Go(func() {
-		errc <- platform.RunStages(runCtx, platform.Stages{
-			NATS: stageConn, ClickHouse: conn, Config: file,
-			Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok },
-			Log: log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{},
-		})
-	})
 	p := &pipeline{nc: nc, js: js, ch: conn}
+	p.start = func() {
+		started = true
+		wg.Go(func() {
+			errc <- platform.RunStages(runCtx, platform.Stages{
+				NATS: stageConn, ClickHouse: conn, Config: file,
+				Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok },
+				Log: log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{},
+			})
+		})
+	}
 	var once sync.Once
 	p.stop = func() {
 		once.Do(func() {
 			cancel()
 			wg.Wait()
 			stageConn.Close()
+			if !started {
+				return
+			}
 			if err := <-errc; err != nil {
 				t.Errorf("stages: %v", err)
 			}

@@ -46,6 +46,8 @@ type Spec struct {
 	MetricsAddr string
 	// ClickHouse adds the CLICKHOUSE_* settings.
 	ClickHouse bool
+	// Config adds --config (SLUICE_CONFIG).
+	Config bool
 	// Run runs the service until ctx is done.
 	Run func(ctx context.Context, env Env) error
 }
@@ -62,6 +64,9 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	settings.BindNATS(fs, lookup, &natsS)
 	if spec.ClickHouse {
 		settings.BindClickHouse(fs, lookup, &chS)
+	}
+	if spec.Config {
+		settings.BindConfig(fs, lookup, &svcS.ConfigPath)
 	}
 	if err := settings.BindService(fs, lookup, &svcS, spec.MetricsAddr); err != nil {
 		fmt.Fprintln(stderr, err)

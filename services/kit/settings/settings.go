@@ -34,7 +34,7 @@ type ClickHouse struct {
 
 // Service holds what every service takes besides its connections.
 type Service struct {
-	DataDir     string
+	// ConfigPath is SLUICE_CONFIG, for the services that read it (see BindConfig).
 	ConfigPath  string
 	MetricsAddr string
 	LogLevel    string
@@ -101,10 +101,18 @@ func BindClickHouse(fs *flag.FlagSet, env Lookup, c *ClickHouse) {
 // service's default for METRICS_ADDR.
 func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) error {
 	b := binder{fs, env}
-	b.str(&s.DataDir, "data-dir", "SLUICE_DATA_DIR", DefaultDataDir, "directory for local state")
-	b.str(&s.ConfigPath, "config", "SLUICE_CONFIG", "", "YAML file with enrichment, rules and receivers")
 	b.str(&s.MetricsAddr, "metrics-addr", "METRICS_ADDR", metricsAddr, "address serving /metrics, /healthz and /readyz (empty: off)")
 	b.str(&s.LogLevel, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 	b.str(&s.LogFormat, "log-format", "LOG_FORMAT", "text", "text or json")
 	return b.dur(&s.ShutdownTimeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT", 10*time.Second, "how long a drain may take on SIGINT/SIGTERM")
+}
+
+// BindConfig registers --config (SLUICE_CONFIG) on fs.
+func BindConfig(fs *flag.FlagSet, env Lookup, path *string) {
+	binder{fs, env}.str(path, "config", "SLUICE_CONFIG", "", "YAML file with enrichment, rules and receivers")
+}
+
+// BindDataDir registers --data-dir (SLUICE_DATA_DIR) on fs.
+func BindDataDir(fs *flag.FlagSet, env Lookup, dir *string) {
+	binder{fs, env}.str(dir, "data-dir", "SLUICE_DATA_DIR", DefaultDataDir, "directory for local state")
 }

@@ -116,13 +116,14 @@ func up(ctx context.Context, args []string, io IO) error {
 	}
 	fs.StringVar(&cfg.NATSListen, "nats-listen", strings.TrimPrefix(listen, "nats://"), "where the embedded NATS server listens (env NATS_LISTEN)")
 	settings.BindClickHouse(fs, io.Env, &cfg.ClickHouse)
+	settings.BindConfig(fs, io.Env, &cfg.Service.ConfigPath)
+	settings.BindDataDir(fs, io.Env, &cfg.DataDir)
 	if err := settings.BindService(fs, io.Env, &cfg.Service, "127.0.0.1:9300"); err != nil {
 		return err
 	}
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
-	cfg.DataDir = cfg.Service.DataDir
 	log, err := telemetry.NewLogger(io.Stderr, cfg.Service.LogLevel, cfg.Service.LogFormat)
 	if err != nil {
 		return err

@@ -16,6 +16,7 @@ func main() {
 		Name:        "alert",
 		Summary:     "evaluates the rules of SLUICE_CONFIG on enriched events, publishes alerts to ALERTS",
 		MetricsAddr: "127.0.0.1:9303",
+		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
 			f, err := configfile.Load(env.Service.ConfigPath)
 			if err != nil {

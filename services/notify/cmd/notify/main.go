@@ -15,6 +15,7 @@ func main() {
 		Name:        "notify",
 		Summary:     "delivers alerts from ALERTS to the webhooks of SLUICE_CONFIG, signed, with durable retries",
 		MetricsAddr: "127.0.0.1:9304",
+		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
 			f, err := configfile.Load(env.Service.ConfigPath)
 			if err != nil {
