@@ -1,0 +1,132 @@
+// Package procs runs each service as its own process, the way production does,
+// against a NATS server and a real clickhouse-server.
+package procs
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+var services = []string{"dedup", "enrich", "alert", "notify", "sink"}
+
+func build(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, s := range services {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, s), "github.com/sluicehq/sluice/services/"+s+"/cmd/"+s)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("build %s: %v\n%s", s, err, out)
+		}
+	}
+	return dir
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// TestServicesAsProcesses starts the five service binaries with configuration from
+// the environment only, publishes events, checks ClickHouse and each /readyz, then
+// sends SIGTERM and expects each to drain and exit 0.
+func TestServicesAsProcesses(t *testing.T) {
+	bin := build(t)
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	chs, conn := chtest.Database(t, srv)
+	cfg := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(cfg, []byte("rules:\n  - name: any\n    filter: type == \"never\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	type proc struct {
+		name    string
+		cmd     *exec.Cmd
+		metrics string
+		out     *strings.Builder
+		done    chan error
+	}
+	var procs []*proc
+	for _, s := range services {
+		p := &proc{name: s, metrics: freeAddr(t), out: &strings.Builder{}, done: make(chan error, 1)}
+		p.cmd = exec.Command(filepath.Join(bin, s))
+		p.cmd.Env = append(os.Environ(),
+			"NATS_URL="+ns.URL, "METRICS_ADDR="+p.metrics, "LOG_LEVEL=warn",
+			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
+			"SLUICE_CONFIG="+cfg,
+		)
+		p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+		if err := p.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { p.done <- p.cmd.Wait() }()
+		t.Cleanup(func() { _ = p.cmd.Process.Kill() })
+		procs = append(procs, p)
+	}
+	ctx := context.Background()
+	for _, p := range procs {
+		err := oracle.WaitFor(ctx, time.Minute, func() error {
+			select {
+			case err := <-p.done:
+				return fmt.Errorf("exited: %v\n%s", err, p.out)
+			default:
+			}
+			return httpOK("http://" + p.metrics + "/readyz")
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", p.name, err)
+		}
+	}
+	nc, _ := ns.Connect(t)
+	m := oracle.NewManifest(oracle.Spec{Total: 1000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 7})
+	if err := m.PublishAll(nc, 100); err != nil {
+		t.Fatal(err)
+	}
+	err := oracle.WaitFor(ctx, time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("%+v", c)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range procs {
+		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range procs {
+		select {
+		case err := <-p.done:
+			if err != nil {
+				t.Errorf("%s exited with %v after SIGTERM:\n%s", p.name, err, p.out)
+			}
+		case <-time.After(30 * time.Second):
+			t.Errorf("%s did not exit within 30s of SIGTERM", p.name)
+		}
+	}
+}
