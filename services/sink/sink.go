@@ -169,6 +169,9 @@ type writer struct {
 	ready      *telemetry.Readiness
 	maxPayload int64
 	log        *slog.Logger
+	// ackWait is the consumer's; a batch still in work is kept from redelivery by
+	// InProgress at a third of it.
+	ackWait time.Duration
 }
 
 func (w *writer) run(ctx context.Context) error {
@@ -176,6 +179,7 @@ func (w *writer) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("sink %s: consumer %s on %s: %w", w.table.Name, w.table.Consumer, w.table.Stream, err)
 	}
+	w.ackWait = cons.CachedInfo().Config.AckWait
 	it, err := cons.Messages(jetstream.PullMaxMessages(w.cfg.PullBatch))
 	if err != nil {
 		return fmt.Errorf("sink %s: pull: %w", w.table.Name, err)
@@ -261,9 +265,14 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 		w.fail(runCtx, batch, "check", err)
 		return
 	}
+	stopHeartbeat := w.heartbeat(batch)
+	defer stopHeartbeat()
 	rows := make([][]any, 0, len(batch))
 	inserted := make([]jetstream.Msg, 0, len(batch))
-	var done []jetstream.Msg
+	var (
+		done     []jetstream.Msg
+		rejected []rejectedMsg
+	)
 	for i, msg := range batch {
 		if present[seqs[i]] {
 			w.m.replays.WithLabelValues(name).Inc()
@@ -272,13 +281,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 		}
 		row, err := w.table.Row(msg, seqs[i])
 		if err != nil {
-			dl := stage.DeadLetter(Name, msg, fmt.Sprintf("cannot be a row of %s: %v", name, err), w.maxPayload)
-			if _, perr := w.js.PublishMsg(ctx, dl); perr != nil {
-				w.fail(runCtx, batch, "dead_letter", perr)
-				return
-			}
-			w.m.dead.WithLabelValues(name).Inc()
-			done = append(done, msg)
+			rejected = append(rejected, rejectedMsg{msg, fmt.Sprintf("cannot be a row of %s: %v", name, err)})
 			continue
 		}
 		rows = append(rows, row)
@@ -286,24 +289,135 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 	}
 	if len(rows) > 0 {
 		start := time.Now()
-		if err := w.insert(ctx, rows); err != nil {
+		refused, err := w.insertIsolating(ctx, rows)
+		if err != nil {
+			// Rows a bisection already inserted are recognised when the batch returns.
 			w.fail(runCtx, batch, errorKind(err), err)
 			return
 		}
 		now := time.Now()
 		w.m.latency.WithLabelValues(name).Observe(now.Sub(start).Seconds())
-		w.m.batch.WithLabelValues(name).Observe(float64(len(rows)))
-		w.m.rows.WithLabelValues(name).Add(float64(len(rows)))
+		w.m.batch.WithLabelValues(name).Observe(float64(len(rows) - len(refused)))
+		w.m.rows.WithLabelValues(name).Add(float64(len(rows) - len(refused)))
 		if md, err := inserted[0].Metadata(); err == nil {
 			w.m.e2e.WithLabelValues(name).Observe(now.Sub(md.Timestamp).Seconds())
 		}
+		for i, rerr := range refused {
+			rejected = append(rejected, rejectedMsg{inserted[i], fmt.Sprintf("ClickHouse refused the row for %s: %v", name, rerr)})
+		}
+	}
+	for _, r := range rejected {
+		dl := stage.DeadLetter(Name, r.msg, r.reason, w.maxPayload)
+		if _, err := w.js.PublishMsg(ctx, dl); err != nil {
+			// Inserted rows are recognised when the batch returns.
+			w.fail(runCtx, batch, "dead_letter", err)
+			return
+		}
+		w.m.dead.WithLabelValues(name).Inc()
+		done = append(done, r.msg)
 	}
 	w.ready.Set("table "+name, nil)
+	stopHeartbeat()
 	for _, msg := range append(inserted, done...) {
 		if err := msg.Ack(); err != nil {
 			w.log.Warn("ack", "err", err)
 		}
 	}
+}
+
+type rejectedMsg struct {
+	msg    jetstream.Msg
+	reason string
+}
+
+// heartbeat keeps batch from redelivery while it is in work (so a second sink
+// replica does not get it while this one inserts), until the returned func is
+// called. The func may be called more than once.
+func (w *writer) heartbeat(batch []jetstream.Msg) func() {
+	if w.ackWait <= 0 {
+		return func() {}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(w.ackWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				for _, msg := range batch {
+					_ = msg.InProgress()
+				}
+			}
+		}
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			close(stop)
+			wg.Wait()
+		})
+	}
+}
+
+// rowError is a row the client could not encode.
+type rowError struct {
+	index int
+	err   error
+}
+
+func (e *rowError) Error() string { return fmt.Sprintf("row %d: %v", e.index, e.err) }
+
+// dataErrorCodes are ClickHouse errors about the data of an insert, not about the
+// server or the table: an insert that fails with one of them is split to find the
+// rows at fault.
+var dataErrorCodes = map[int32]bool{
+	6: true, 27: true, 38: true, 41: true, 53: true, 69: true, 70: true, 72: true,
+	117: true, 131: true, 321: true, 349: true, 395: true,
+}
+
+func isDataError(err error) bool {
+	var ex *clickhouse.Exception
+	if errors.As(err, &ex) {
+		return dataErrorCodes[ex.Code]
+	}
+	var re *rowError
+	return errors.As(err, &re)
+}
+
+// insertIsolating inserts rows. When ClickHouse refuses them for their data, it
+// splits them in halves until it has inserted every row it accepts, and returns the
+// refused rows by index with ClickHouse's error. Any other error is returned as is;
+// some halves may then be inserted already (the replay check finds them).
+func (w *writer) insertIsolating(ctx context.Context, rows [][]any) (map[int]error, error) {
+	err := w.insert(ctx, rows)
+	if err == nil {
+		return nil, nil
+	}
+	if !isDataError(err) {
+		return nil, err
+	}
+	if len(rows) == 1 {
+		return map[int]error{0: err}, nil
+	}
+	w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", len(rows), "err", err)
+	half := len(rows) / 2
+	refused := map[int]error{}
+	for _, part := range []struct {
+		offset int
+		rows   [][]any
+	}{{0, rows[:half]}, {half, rows[half:]}} {
+		r, err := w.insertIsolating(ctx, part.rows)
+		if err != nil {
+			return nil, err
+		}
+		for i, e := range r {
+			refused[part.offset+i] = e
+		}
+	}
+	return refused, nil
 }
 
 func (w *writer) insert(ctx context.Context, rows [][]any) error {
@@ -314,9 +428,9 @@ func (w *writer) insert(ctx context.Context, rows [][]any) error {
 		return fmt.Errorf("prepare insert into %s: %w", w.table.Name, err)
 	}
 	defer b.Abort()
-	for _, row := range rows {
+	for i, row := range rows {
 		if err := b.Append(row...); err != nil {
-			return fmt.Errorf("append to %s: %w", w.table.Name, err)
+			return fmt.Errorf("append to %s: %w", w.table.Name, &rowError{index: i, err: err})
 		}
 	}
 	if err := b.Send(); err != nil {

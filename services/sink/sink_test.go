@@ -3,9 +3,12 @@ package sink
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +20,7 @@ import (
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chdb"
+	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -294,5 +298,156 @@ func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
 			t.Fatalf("after %s: %v", timeout, err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A row ClickHouse refuses (here a materialized column that throws on it) goes to
+// the DLQ with ClickHouse's error, and the rest of its batch lands, once.
+func TestRowRefusedByClickHouseIsIsolated(t *testing.T) {
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Exec(ctx, "ALTER TABLE events ADD COLUMN guard UInt8 MATERIALIZED throwIf(id = 'e500')"); err != nil {
+		t.Fatal(err)
+	}
+	const total = 1000
+	for i := range total {
+		if _, err := js.PublishAsync("enriched.test.t", enrichedEvent(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-js.PublishAsyncComplete()
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	reg := prometheus.NewRegistry()
+	go func() {
+		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
+	}()
+	waitFor(t, time.Minute, func() error {
+		var events, dead uint64
+		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
+			return err
+		}
+		if events != total-1 || dead != 1 {
+			return fmt.Errorf("events %d, dead letters %d", events, dead)
+		}
+		return nil
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var unique uint64
+	if err := conn.QueryRow(ctx, "SELECT uniqExact(key) FROM events").Scan(&unique); err != nil {
+		t.Fatal(err)
+	}
+	if unique != total-1 {
+		t.Fatalf("uniqExact(key) = %d, want %d", unique, total-1)
+	}
+	var reason, payload string
+	if err := conn.QueryRow(ctx, "SELECT reason, payload FROM dead_letters").Scan(&reason, &payload); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(reason, "ClickHouse refused the row for events") || !strings.Contains(reason, "throwIf") || !strings.Contains(payload, `"id":"e500"`) {
+		t.Fatalf("dead letter reason %q payload %.60q", reason, payload)
+	}
+}
+
+// ClickHouse stops mid-stream: the sink stops acking, reports not ready, and when
+// ClickHouse is back it drains the backlog by itself; every event lands once.
+func TestClickHouseOutage(t *testing.T) {
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	publish := func(from, to int) {
+		t.Helper()
+		for i := from; i < to; i++ {
+			if _, err := js.PublishAsync("enriched.test.t", enrichedEvent(i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		<-js.PublishAsyncComplete()
+	}
+	publish(0, 20_000)
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	ready := &telemetry.Readiness{}
+	reg := prometheus.NewRegistry()
+	go func() {
+		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: ready})
+	}()
+	count := func() (uint64, error) {
+		var n uint64
+		err := conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&n)
+		return n, err
+	}
+	waitFor(t, time.Minute, func() error {
+		if n, err := count(); err != nil || n == 0 {
+			return fmt.Errorf("%d rows, %v", n, err)
+		}
+		return nil
+	})
+	dir := srv.Dir
+	_, portText, _ := net.SplitHostPort(srv.Addr)
+	port, _ := strconv.Atoi(portText)
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	publish(20_000, 40_000)
+	waitFor(t, time.Minute, func() error {
+		if ready.Check() == nil {
+			return errors.New("still ready while ClickHouse is down")
+		}
+		return nil
+	})
+	cons, err := js.Consumer(ctx, streams.Enriched, "sink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumAckPending > info.Config.MaxAckPending {
+		t.Fatalf("%d unacked, over MaxAckPending %d", info.NumAckPending, info.Config.MaxAckPending)
+	}
+	srv2, err := chserver.Start(ctx, dir, port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv2.Stop() })
+	waitFor(t, 2*time.Minute, func() error {
+		n, err := count()
+		if err != nil || n < 40_000 {
+			return fmt.Errorf("%d rows, %v (ready: %v)", n, err, ready.Check())
+		}
+		return ready.Check()
+	})
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var n, unique uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(key) FROM events").Scan(&n, &unique); err != nil {
+		t.Fatal(err)
+	}
+	if n != 40_000 || unique != 40_000 {
+		t.Fatalf("count()=%d uniqExact(key)=%d, want 40000", n, unique)
+	}
+	if got := testutil.ToFloat64(newMetrics(reg).errors.WithLabelValues("events", "connection")); got == 0 {
+		t.Fatal("no connection errors counted during the outage")
 	}
 }
