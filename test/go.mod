@@ -10,6 +10,7 @@ require (
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/notify v0.0.0
 	github.com/sluicehq/sluice/services/sluice v0.0.0-00010101000000-000000000000
+	github.com/sluicehq/sluice/streams v0.0.0
 )
 
 require (
@@ -42,7 +43,6 @@ require (
 	github.com/sluicehq/sluice/services/dedup v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/enrich v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/sink v0.0.0 // indirect
-	github.com/sluicehq/sluice/streams v0.0.0 // indirect
 	go.opentelemetry.io/otel v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect
 	go.yaml.in/yaml/v3 v3.0.6 // indirect

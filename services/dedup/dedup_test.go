@@ -59,6 +59,26 @@ func waitIdle(t *testing.T, js jetstream.JetStream) {
 	}
 }
 
+// waitStored waits until EVENTS holds n messages: core publishes are stored
+// asynchronously.
+func waitStored(t *testing.T, js jetstream.JetStream, n uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := js.Stream(context.Background(), streams.Events)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.CachedInfo().State.Msgs >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("EVENTS holds %d messages, want %d", s.CachedInfo().State.Msgs, n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func streamMsgs(t *testing.T, js jetstream.JetStream, name string) uint64 {
 	t.Helper()
 	s, err := js.Stream(context.Background(), name)
@@ -90,6 +110,7 @@ func TestDedupAcrossRestart(t *testing.T) {
 	if err := nc.Publish("events.web.click", []byte(`{"id":7,"source":"web"}`)); err != nil {
 		t.Fatal(err)
 	}
+	waitStored(t, js, 8)
 	stop := run(t, nc)
 	waitIdle(t, js)
 	stop()
@@ -100,6 +121,7 @@ func TestDedupAcrossRestart(t *testing.T) {
 	for i := range 7 {
 		pub(i)
 	}
+	waitStored(t, js, 15)
 	stop = run(t, nc)
 	waitIdle(t, js)
 	stop()

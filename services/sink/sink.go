@@ -15,9 +15,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -44,6 +47,10 @@ type Config struct {
 	PullBatch int
 	// InsertTimeout bounds one insert.
 	InsertTimeout time.Duration
+	// CrashAfterInsert is fault injection for tests: the probability (0 to 1) that
+	// the process kills itself with SIGKILL right after an insert and before its
+	// acks. Always 0 in production.
+	CrashAfterInsert float64
 }
 
 // DefaultConfig gives about two inserts per second per table under high load and
@@ -294,6 +301,11 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 			// Rows a bisection already inserted are recognised when the batch returns.
 			w.fail(runCtx, batch, errorKind(err), err)
 			return
+		}
+		if w.cfg.CrashAfterInsert > 0 && rand.Float64() < w.cfg.CrashAfterInsert {
+			w.log.Error("fault injection: SIGKILL after an insert, before its acks")
+			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // the signal ends the process
 		}
 		now := time.Now()
 		w.m.latency.WithLabelValues(name).Observe(now.Sub(start).Seconds())

@@ -107,8 +107,10 @@ func run(ctx context.Context, spec Spec, natsS settings.NATS, chS settings.Click
 		return err
 	}
 	defer nc.Close()
-	if err := ApplyTopology(ctx, nc); err != nil {
-		return err
+	if svcS.ApplyTopology {
+		if err := ApplyTopology(ctx, nc); err != nil {
+			return err
+		}
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -6,6 +6,7 @@ package settings
 import (
 	"flag"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -41,6 +42,8 @@ type Service struct {
 	LogFormat   string
 	// ShutdownTimeout bounds the drain on SIGINT/SIGTERM.
 	ShutdownTimeout time.Duration
+	// ApplyTopology creates or updates the streams and consumers at start.
+	ApplyTopology bool
 }
 
 // Defaults.
@@ -75,6 +78,18 @@ func (b binder) dur(p *time.Duration, name, envName string, def time.Duration, u
 	return nil
 }
 
+func (b binder) boolean(p *bool, name, envName string, def bool, usage string) error {
+	if v, ok := b.env(envName); ok {
+		parsed, err := strconv.ParseBool(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: want true or false", envName, v)
+		}
+		def = parsed
+	}
+	b.fs.BoolVar(p, name, def, fmt.Sprintf("%s (env %s)", usage, envName))
+	return nil
+}
+
 // BindNATS registers the NATS connection flags on fs.
 func BindNATS(fs *flag.FlagSet, env Lookup, n *NATS) {
 	b := binder{fs, env}
@@ -104,6 +119,9 @@ func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) e
 	b.str(&s.MetricsAddr, "metrics-addr", "METRICS_ADDR", metricsAddr, "address serving /metrics, /healthz and /readyz (empty: off)")
 	b.str(&s.LogLevel, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 	b.str(&s.LogFormat, "log-format", "LOG_FORMAT", "text", "text or json")
+	if err := b.boolean(&s.ApplyTopology, "apply-topology", "SLUICE_APPLY_TOPOLOGY", true, "create or update the streams and consumers of streams/ at start (false: they are managed elsewhere, e.g. with the nats CLI)"); err != nil {
+		return err
+	}
 	return b.dur(&s.ShutdownTimeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT", 10*time.Second, "how long a drain may take on SIGINT/SIGTERM")
 }
 

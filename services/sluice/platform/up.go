@@ -73,8 +73,10 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Reg
 		return fmt.Errorf("connect to the embedded NATS server: %w", err)
 	}
 	defer nc.Close()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
-		return err
+	if cfg.Service.ApplyTopology {
+		if err := service.ApplyTopology(ctx, nc); err != nil {
+			return err
+		}
 	}
 	ready := &telemetry.Readiness{}
 	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {

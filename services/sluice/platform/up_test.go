@@ -59,7 +59,7 @@ func TestUpStartsEverything(t *testing.T) {
 		DataDir:    dir,
 		NATSListen: natsAddr,
 		ClickHouse: settings.ClickHouse{Addr: chAddr, Database: "sluice", User: "default"},
-		Service:    settings.Service{MetricsAddr: metricsAddr, ShutdownTimeout: 20 * time.Second},
+		Service:    settings.Service{MetricsAddr: metricsAddr, ShutdownTimeout: 20 * time.Second, ApplyTopology: true},
 		Env:        func(string) (string, bool) { return "", false },
 	}
 	ctx, cancel := context.WithCancel(context.Background())

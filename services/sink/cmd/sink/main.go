@@ -3,7 +3,9 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -22,7 +24,16 @@ func main() {
 				return err
 			}
 			defer conn.Close()
-			return sink.Run(ctx, sink.DefaultConfig(), sink.Deps{
+			cfg := sink.DefaultConfig()
+			// Fault injection for the crash tests (test/procs); unset in production.
+			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH_AFTER_INSERT"); ok {
+				p, err := strconv.ParseFloat(v, 64)
+				if err != nil || p < 0 || p > 1 {
+					return fmt.Errorf("SLUICE_TEST_CRASH_AFTER_INSERT=%q: want a probability from 0 to 1", v)
+				}
+				cfg.CrashAfterInsert = p
+			}
+			return sink.Run(ctx, cfg, sink.Deps{
 				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
 			})
 		},
