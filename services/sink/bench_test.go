@@ -29,7 +29,7 @@ func BenchmarkInsertEvents(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		rows[i] = row
+		rows[i] = row.Values
 	}
 	b.ResetTimer()
 	for range b.N {

@@ -70,13 +70,15 @@ type Deps struct {
 }
 
 type metrics struct {
-	rows    *prometheus.CounterVec
-	replays *prometheus.CounterVec
-	errors  *prometheus.CounterVec
-	dead    *prometheus.CounterVec
-	batch   *prometheus.HistogramVec
-	latency *prometheus.HistogramVec
-	e2e     *prometheus.HistogramVec
+	rows     *prometheus.CounterVec
+	replays  *prometheus.CounterVec
+	errors   *prometheus.CounterVec
+	dead     *prometheus.CounterVec
+	batch    *prometheus.HistogramVec
+	latency  *prometheus.HistogramVec
+	e2e      *prometheus.HistogramVec
+	fromTime *prometheus.HistogramVec
+	lag      *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -100,7 +102,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "sluice_sink_insert_seconds", Help: "Time an insert took.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
 		}, []string{"table"})),
 		e2e: telemetry.Register(reg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "sluice_sink_stream_to_row_seconds", Help: "From the message's publish to its stream to the insert that holds it.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18),
+			Name: "sluice_sink_publish_to_row_seconds", Help: "From the message's publish to the sink's stream to the end of the insert that holds its row.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18),
+		}, []string{"table"})),
+		fromTime: telemetry.Register(reg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "sluice_sink_event_time_to_row_seconds", Help: "From the row's own time (event time, alert start, dead letter arrival) to the end of its insert.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 24),
+		}, []string{"table"})),
+		lag: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_sink_consumer_lag", Help: "Messages in the stream not yet delivered to the sink's consumer, as of the last batch.",
 		}, []string{"table"})),
 	}
 }
@@ -262,6 +270,9 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 		if err != nil {
 			continue
 		}
+		if i == len(batch)-1 {
+			w.m.lag.WithLabelValues(name).Set(float64(md.NumPending))
+		}
 		seqs[i] = md.Sequence.Stream
 		if md.NumDelivered > 1 {
 			redelivered = append(redelivered, md.Sequence.Stream)
@@ -275,6 +286,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 	stopHeartbeat := w.heartbeat(batch)
 	defer stopHeartbeat()
 	rows := make([][]any, 0, len(batch))
+	times := make([]time.Time, 0, len(batch))
 	inserted := make([]jetstream.Msg, 0, len(batch))
 	var (
 		done     []jetstream.Msg
@@ -291,7 +303,8 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 			rejected = append(rejected, rejectedMsg{msg, fmt.Sprintf("cannot be a row of %s: %v", name, err)})
 			continue
 		}
-		rows = append(rows, row)
+		rows = append(rows, row.Values)
+		times = append(times, row.Time)
 		inserted = append(inserted, msg)
 	}
 	if len(rows) > 0 {
@@ -311,8 +324,15 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 		w.m.latency.WithLabelValues(name).Observe(now.Sub(start).Seconds())
 		w.m.batch.WithLabelValues(name).Observe(float64(len(rows) - len(refused)))
 		w.m.rows.WithLabelValues(name).Add(float64(len(rows) - len(refused)))
-		if md, err := inserted[0].Metadata(); err == nil {
-			w.m.e2e.WithLabelValues(name).Observe(now.Sub(md.Timestamp).Seconds())
+		e2e, fromTime := w.m.e2e.WithLabelValues(name), w.m.fromTime.WithLabelValues(name)
+		for i, msg := range inserted {
+			if _, bad := refused[i]; bad {
+				continue
+			}
+			if md, err := msg.Metadata(); err == nil {
+				e2e.Observe(now.Sub(md.Timestamp).Seconds())
+			}
+			fromTime.Observe(now.Sub(times[i]).Seconds())
 		}
 		for i, rerr := range refused {
 			rejected = append(rejected, rejectedMsg{inserted[i], fmt.Sprintf("ClickHouse refused the row for %s: %v", name, rerr)})

@@ -187,7 +187,7 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rows = append(rows, row)
+		rows = append(rows, row.Values)
 	}
 	if len(rows) != crashed {
 		t.Fatalf("fetched %d, want %d", len(rows), crashed)

@@ -25,7 +25,14 @@ type Table struct {
 	Columns []Column
 	// Row converts a message. An error means the message can never be a row: it is
 	// dead-lettered (or, for dead_letters itself, stored with what can be read).
-	Row func(msg jetstream.Msg, seq uint64) ([]any, error)
+	Row func(msg jetstream.Msg, seq uint64) (Row, error)
+}
+
+// Row is one row's values, in Columns' order, and the time of what it records (the
+// event's time, the alert's start, the dead letter's arrival) for latency metrics.
+type Row struct {
+	Values []any
+	Time   time.Time
 }
 
 // Column is a column the sink writes.
@@ -66,15 +73,15 @@ func eventsTable() *Table {
 // enrichmentColumns are the enrichment fields with columns of their own.
 var enrichmentColumns = []string{"geo_country", "geo_asn", "geo_as_org", "ua_browser", "ua_os", "ua_device"}
 
-func eventRow(msg jetstream.Msg, seq uint64) ([]any, error) { return eventRowOf(msg.Data(), seq) }
+func eventRow(msg jetstream.Msg, seq uint64) (Row, error) { return eventRowOf(msg.Data(), seq) }
 
-func eventRowOf(data []byte, seq uint64) ([]any, error) {
+func eventRowOf(data []byte, seq uint64) (Row, error) {
 	e, err := events.Unmarshal(data)
 	if err != nil {
-		return nil, err
+		return Row{}, err
 	}
 	if e.Time.Before(events.MinTime) || e.Time.After(events.MaxTime) {
-		return nil, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
+		return Row{}, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
 	}
 	payload := string(e.Data)
 	if e.DataBase64 != "" {
@@ -110,7 +117,7 @@ func eventRowOf(data []byte, seq uint64) ([]any, error) {
 	}
 	et, etMs := splitMillis(e.Time)
 	rt, rtMs := splitMillis(e.ReceivedAt)
-	return []any{
+	return Row{Time: e.Time, Values: []any{
 		e.Key, e.ID, e.Source, e.Type, e.Subject,
 		e.SpecVersion, e.DataContentType, e.DataSchema,
 		et, etMs, rt, rtMs,
@@ -118,7 +125,7 @@ func eventRowOf(data []byte, seq uint64) ([]any, error) {
 		str("geo_country"), asn, str("geo_as_org"),
 		str("ua_browser"), str("ua_os"), str("ua_device"), rest,
 		seq,
-	}, nil
+	}}, nil
 }
 
 func deadLettersTable() *Table {
@@ -134,7 +141,7 @@ func deadLettersTable() *Table {
 }
 
 // deadLetterRow never fails: a dead letter is stored with whatever it carries.
-func deadLetterRow(msg jetstream.Msg, seq uint64) ([]any, error) {
+func deadLetterRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	h := msg.Headers()
 	others := map[string][]string{}
 	for k, v := range h {
@@ -165,11 +172,11 @@ func deadLetterRow(msg jetstream.Msg, seq uint64) ([]any, error) {
 	if reason == "" {
 		reason = "no reason given (published to the DLQ without a " + stage.HeaderReason + " header)"
 	}
-	return []any{
+	return Row{Time: received, Values: []any{
 		stageName, reason, subject, headers,
 		string(msg.Data()), rt, rtMs,
 		h.Get(stage.HeaderStream), srcSeq, seq,
-	}, nil
+	}}, nil
 }
 
 func alertsTable() *Table {
@@ -184,24 +191,24 @@ func alertsTable() *Table {
 	}
 }
 
-func alertRow(msg jetstream.Msg, seq uint64) ([]any, error) {
+func alertRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	a, err := alerts.Decode(msg.Data())
 	if err != nil {
-		return nil, err
+		return Row{}, err
 	}
 	labels, _ := json.Marshal(a.Labels)
 	ann, _ := json.Marshal(a.Annotations)
 	st, stMs := splitMillis(a.StartsAt)
 	if st.Before(events.MinTime) || st.After(events.MaxTime) {
-		return nil, fmt.Errorf("alert startsAt %s is outside DateTime's range", a.StartsAt)
+		return Row{}, fmt.Errorf("alert startsAt %s is outside DateTime's range", a.StartsAt)
 	}
 	var replay uint8
 	if a.Replay {
 		replay = 1
 	}
-	return []any{
+	return Row{Time: a.StartsAt, Values: []any{
 		a.Fingerprint, a.Rule, a.Status, a.Severity,
 		string(labels), string(ann), st, stMs,
 		a.EventKey, replay, seq,
-	}, nil
+	}}, nil
 }

@@ -56,6 +56,7 @@ func (c *Config) defaults() {
 // Metrics counts what stages do, labelled by stage.
 type Metrics struct {
 	Messages *prometheus.CounterVec
+	Lag      *prometheus.GaugeVec
 }
 
 // NewMetrics returns the stage metrics registered with reg (nil: not exported).
@@ -65,6 +66,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "sluice_stage_messages_total",
 			Help: "Messages handled by a stage, by outcome: in, acked, nacked (redelivered later), published, duplicate (publish dropped by the stream's Nats-Msg-Id window), dead_letter.",
 		}, []string{"stage", "outcome"})),
+		Lag: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_stage_consumer_lag",
+			Help: "Messages in the stage's input stream not yet delivered to its consumer, as of the last message.",
+		}, []string{"stage"})),
 	}
 }
 
@@ -130,6 +135,7 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 		}
 	})
 	in := r.metrics.Messages.WithLabelValues(r.cfg.Name, "in")
+	lag := r.metrics.Lag.WithLabelValues(r.cfg.Name)
 	for {
 		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
@@ -140,6 +146,9 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 			continue
 		}
 		in.Inc()
+		if md, err := msg.Metadata(); err == nil {
+			lag.Set(float64(md.NumPending))
+		}
 		outs, err := r.handle(msg)
 		if err != nil {
 			r.nak(msg, err)
