@@ -5,6 +5,8 @@ package events
 
 import (
 	"encoding/json"
+
+	gojson "github.com/goccy/go-json"
 	"time"
 )
 
@@ -39,12 +41,12 @@ type Event struct {
 }
 
 // Marshal returns the inter-stage JSON form of e.
-func (e *Event) Marshal() ([]byte, error) { return json.Marshal(e) }
+func (e *Event) Marshal() ([]byte, error) { return gojson.Marshal(e) }
 
 // Unmarshal decodes the inter-stage JSON form produced by Marshal.
 func Unmarshal(b []byte) (*Event, error) {
 	var e Event
-	if err := json.Unmarshal(b, &e); err != nil {
+	if err := gojson.Unmarshal(b, &e); err != nil {
 		return nil, &InvalidError{Reason: "inter-stage event is not valid JSON: " + err.Error()}
 	}
 	return &e, nil

@@ -2,13 +2,19 @@ package sink
 
 import (
 	"context"
+	"fmt"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // BenchmarkInsertEvents inserts batches of 100,000 event rows (the default MaxRows)
@@ -38,4 +44,117 @@ func BenchmarkInsertEvents(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(rowsPerBatch*b.N)/b.Elapsed().Seconds(), "rows/s")
+}
+
+// BenchmarkSinkDrain fills ENRICHED with 300,000 events, then measures the sink
+// alone draining them into ClickHouse (rows/s), and then the publish-to-row latency
+// (p50, p99) while events arrive at half that rate for 10 s. NATS runs embedded in
+// the benchmark's process, ClickHouse as its own server.
+func BenchmarkSinkDrain(b *testing.B) {
+	const total = 300_000
+	for range b.N {
+		b.StopTimer()
+		ns := natstest.Run(b)
+		srv := chtest.Start(b)
+		_, conn := chtest.Database(b, srv)
+		nc, js := ns.Connect(b)
+		ctx := context.Background()
+		if err := service.ApplyTopology(ctx, nc); err != nil {
+			b.Fatal(err)
+		}
+		payloads := make([][]byte, 1000)
+		for i := range payloads {
+			payloads[i] = enrichedEvent(i)
+		}
+		for i := range total {
+			if _, err := js.PublishAsync("enriched.bench.t", payloads[i%len(payloads)]); err != nil {
+				b.Fatal(err)
+			}
+			if i%10_000 == 9_999 {
+				<-js.PublishAsyncComplete()
+			}
+		}
+		<-js.PublishAsyncComplete()
+		cons, err := js.Consumer(ctx, streams.Enriched, "sink")
+		if err != nil {
+			b.Fatal(err)
+		}
+		idle := func() error {
+			info, err := cons.Info(ctx)
+			if err != nil {
+				return err
+			}
+			if info.NumPending != 0 || info.NumAckPending != 0 {
+				return fmt.Errorf("%d pending, %d unacked", info.NumPending, info.NumAckPending)
+			}
+			return nil
+		}
+		reg := prometheus.NewRegistry()
+		runCtx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		b.StartTimer()
+		start := time.Now()
+		go func() {
+			done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
+		}()
+		waitFor(b, 5*time.Minute, idle)
+		drain := time.Since(start)
+		b.StopTimer()
+		rate := float64(total) / drain.Seconds()
+		b.ReportMetric(rate, "rows/s")
+
+		// Latency at half the measured rate, on a fresh histogram.
+		latencyReg := prometheus.NewRegistry()
+		cancel()
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+		runCtx, cancel = context.WithCancel(ctx)
+		go func() {
+			done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: latencyReg, Ready: &telemetry.Readiness{}})
+		}()
+		perTick := int(rate / 2 / 100) // 100 ticks a second
+		tick := time.NewTicker(10 * time.Millisecond)
+		for n := 0; n < 1000; n++ {
+			<-tick.C
+			for i := range perTick {
+				if _, err := js.PublishAsync("enriched.bench.t", payloads[i%len(payloads)]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		tick.Stop()
+		<-js.PublishAsyncComplete()
+		waitFor(b, 5*time.Minute, idle)
+		cancel()
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+		h := newMetrics(latencyReg).e2e.WithLabelValues("events").(prometheus.Histogram)
+		b.ReportMetric(quantile(b, h, 0.50)*1000, "p50-ms")
+		b.ReportMetric(quantile(b, h, 0.99)*1000, "p99-ms")
+		b.ReportMetric(0, "ns/op")
+	}
+}
+
+// quantile estimates q from a histogram's buckets by linear interpolation.
+func quantile(b *testing.B, h prometheus.Histogram, q float64) float64 {
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		b.Fatal(err)
+	}
+	hist := m.GetHistogram()
+	want := q * float64(hist.GetSampleCount())
+	lowerBound, lowerCount := 0.0, 0.0
+	for _, bk := range hist.GetBucket() {
+		c := float64(bk.GetCumulativeCount())
+		if c >= want {
+			if c == lowerCount {
+				return bk.GetUpperBound()
+			}
+			return lowerBound + (bk.GetUpperBound()-lowerBound)*(want-lowerCount)/(c-lowerCount)
+		}
+		lowerBound, lowerCount = bk.GetUpperBound(), c
+	}
+	return lowerBound
 }

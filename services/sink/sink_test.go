@@ -286,7 +286,7 @@ func seqOf(t *testing.T, msg jetstream.Msg) uint64 {
 	return md.Sequence.Stream
 }
 
-func waitFor(t *testing.T, timeout time.Duration, cond func() error) {
+func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
