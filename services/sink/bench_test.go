@@ -39,7 +39,7 @@ func BenchmarkInsertEvents(b *testing.B) {
 	}
 	b.ResetTimer()
 	for range b.N {
-		if err := w.insert(ctx, rows); err != nil {
+		if err := w.insert(ctx, rows, nil); err != nil {
 			b.Fatal(err)
 		}
 	}

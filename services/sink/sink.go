@@ -39,12 +39,12 @@ const Name = "sink"
 
 // Config bounds the batches.
 type Config struct {
-	// MaxRows flushes a batch when it holds this many rows.
+	// MaxRows is the most rows one batch (one pull, one insert) holds; keep it at or
+	// under the consumer's max_ack_pending.
 	MaxRows int
-	// FlushInterval flushes a batch this long after its first message arrived.
+	// FlushInterval is how long a pull waits for MaxRows before the batch is flushed
+	// with what came.
 	FlushInterval time.Duration
-	// PullBatch is how many messages one pull asks for.
-	PullBatch int
 	// InsertTimeout bounds one insert.
 	InsertTimeout time.Duration
 	// CrashAfterInsert is fault injection for tests: the probability (0 to 1) that
@@ -56,7 +56,7 @@ type Config struct {
 // DefaultConfig gives about two inserts per second per table under high load and
 // a flush within 500 ms under low load.
 func DefaultConfig() Config {
-	return Config{MaxRows: 100_000, FlushInterval: 500 * time.Millisecond, PullBatch: 5_000, InsertTimeout: 60 * time.Second}
+	return Config{MaxRows: 100_000, FlushInterval: 500 * time.Millisecond, InsertTimeout: 60 * time.Second}
 }
 
 // Deps are what the sink needs from its host.
@@ -195,73 +195,45 @@ func (w *writer) run(ctx context.Context) error {
 		return fmt.Errorf("sink %s: consumer %s on %s: %w", w.table.Name, w.table.Consumer, w.table.Stream, err)
 	}
 	w.ackWait = cons.CachedInfo().Config.AckWait
-	it, err := cons.Messages(jetstream.PullMaxMessages(w.cfg.PullBatch))
-	if err != nil {
-		return fmt.Errorf("sink %s: pull: %w", w.table.Name, err)
-	}
 	w.ready.Set("table "+w.table.Name, nil)
-	stopped := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		select {
-		case <-ctx.Done():
-			it.Drain()
-		case <-stopped:
-		}
-	})
-	defer func() {
-		close(stopped)
-		wg.Wait()
-	}()
-	// Inserts outlive ctx so a drain can flush what it holds.
+	// Inserts outlive ctx so a stop flushes what was fetched.
 	insertCtx := context.WithoutCancel(ctx)
-	var (
-		batch    []jetstream.Msg
-		deadline time.Time
-	)
-	for {
-		var (
-			msg jetstream.Msg
-			err error
-		)
-		if len(batch) == 0 {
-			msg, err = it.Next()
-		} else if wait := time.Until(deadline); wait > 0 {
-			msg, err = it.Next(jetstream.NextMaxWait(wait))
-		} else {
-			err = nats.ErrTimeout
-		}
-		switch {
-		case errors.Is(err, jetstream.ErrMsgIteratorClosed):
-			if len(batch) > 0 {
-				w.flush(insertCtx, ctx, batch)
-			}
-			return nil
-		case err != nil:
-			if !errors.Is(err, nats.ErrTimeout) {
-				w.log.Warn("pull", "err", err)
-			}
-			if len(batch) > 0 {
-				w.flush(insertCtx, ctx, batch)
-				batch = batch[:0]
-			}
+	for ctx.Err() == nil {
+		// One pull per batch: every message in it was delivered after fetched, which
+		// bounds how long its ack timer has run (see insert).
+		fetched := time.Now()
+		res, err := cons.Fetch(w.cfg.MaxRows, jetstream.FetchMaxWait(w.cfg.FlushInterval))
+		if err != nil {
+			w.log.Warn("pull", "err", err)
+			pause(ctx, w.cfg.FlushInterval)
 			continue
 		}
-		if len(batch) == 0 {
-			deadline = time.Now().Add(w.cfg.FlushInterval)
+		batch := make([]jetstream.Msg, 0, 1024)
+		for msg := range res.Messages() {
+			batch = append(batch, msg)
 		}
-		batch = append(batch, msg)
-		if len(batch) >= w.cfg.MaxRows {
-			w.flush(insertCtx, ctx, batch)
-			batch = batch[:0]
+		if err := res.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) {
+			w.log.Warn("pull", "err", err)
 		}
+		if len(batch) > 0 {
+			w.flush(insertCtx, ctx, batch, fetched)
+		}
+	}
+	return nil
+}
+
+// pause waits d or until ctx is done.
+func pause(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
 	}
 }
 
 // flush inserts batch and acks it, or naks it all. It never returns an error: a
 // failure is retried through redelivery. runCtx only bounds the pause after a
 // failure.
-func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
+func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetched time.Time) {
 	name := w.table.Name
 	seqs := make([]uint64, len(batch))
 	var redelivered []uint64
@@ -309,7 +281,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg) {
 	}
 	if len(rows) > 0 {
 		start := time.Now()
-		refused, err := w.insertIsolating(ctx, rows)
+		refused, err := w.insertIsolating(ctx, rows, &timers{batch: batch, since: fetched})
 		if err != nil {
 			// Rows a bisection already inserted are recognised when the batch returns.
 			w.fail(runCtx, batch, errorKind(err), err)
@@ -423,8 +395,8 @@ func isDataError(err error) bool {
 // splits them in halves until it has inserted every row it accepts, and returns the
 // refused rows by index with ClickHouse's error. Any other error is returned as is;
 // some halves may then be inserted already (the replay check finds them).
-func (w *writer) insertIsolating(ctx context.Context, rows [][]any) (map[int]error, error) {
-	err := w.insert(ctx, rows)
+func (w *writer) insertIsolating(ctx context.Context, rows [][]any, t *timers) (map[int]error, error) {
+	err := w.insert(ctx, rows, t)
 	if err == nil {
 		return nil, nil
 	}
@@ -441,7 +413,7 @@ func (w *writer) insertIsolating(ctx context.Context, rows [][]any) (map[int]err
 		offset int
 		rows   [][]any
 	}{{0, rows[:half]}, {half, rows[half:]}} {
-		r, err := w.insertIsolating(ctx, part.rows)
+		r, err := w.insertIsolating(ctx, part.rows, t)
 		if err != nil {
 			return nil, err
 		}
@@ -452,8 +424,40 @@ func (w *writer) insertIsolating(ctx context.Context, rows [][]any) (map[int]err
 	return refused, nil
 }
 
-func (w *writer) insert(ctx context.Context, rows [][]any) error {
-	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+// timers tracks the ack timers of a batch: JetStream started them no earlier than
+// since.
+type timers struct {
+	batch []jetstream.Msg
+	since time.Time
+}
+
+// insert inserts rows, which come from t.batch, and ends (committed or cancelled)
+// before half the ack wait has passed since the batch's ack timers (re)started. So it
+// ends at least ack_wait/2 before JetStream could hand the messages to another
+// replica, whose replay check then sees the rows. When less than a quarter of the
+// ack wait would be left, it first renews the timers (InProgress) and confirms that
+// the server has the renewals.
+func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
+	timeout := w.cfg.InsertTimeout
+	if w.ackWait > 0 && t != nil {
+		left := time.Until(t.since.Add(w.ackWait / 2))
+		if left < w.ackWait/4 {
+			renewed := time.Now()
+			for _, msg := range t.batch {
+				if err := msg.InProgress(); err != nil {
+					return fmt.Errorf("renew ack timers before inserting into %s: %w", w.table.Name, err)
+				}
+			}
+			// A round trip after the InProgress publishes means the server has them.
+			if err := w.js.Conn().FlushTimeout(5 * time.Second); err != nil {
+				return fmt.Errorf("renew ack timers before inserting into %s: %w", w.table.Name, err)
+			}
+			t.since = renewed
+			left = w.ackWait / 2
+		}
+		timeout = min(timeout, left)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	b, err := w.ch.PrepareBatch(ctx, w.table.insertSQL())
 	if err != nil {
@@ -516,10 +520,7 @@ func (w *writer) fail(ctx context.Context, batch []jetstream.Msg, kind string, e
 	for _, msg := range batch {
 		_ = msg.NakWithDelay(delay)
 	}
-	select {
-	case <-ctx.Done():
-	case <-time.After(delay):
-	}
+	pause(ctx, delay)
 }
 
 func errorKind(err error) string {

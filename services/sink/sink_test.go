@@ -192,7 +192,7 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 	if len(rows) != crashed {
 		t.Fatalf("fetched %d, want %d", len(rows), crashed)
 	}
-	if err := first.insert(ctx, rows); err != nil {
+	if err := first.insert(ctx, rows, nil); err != nil {
 		t.Fatal(err)
 	}
 	// The restarted sink.
