@@ -15,12 +15,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -47,10 +44,8 @@ type Config struct {
 	FlushInterval time.Duration
 	// InsertTimeout bounds one insert.
 	InsertTimeout time.Duration
-	// CrashAfterInsert is fault injection for tests: the probability (0 to 1) that
-	// the process kills itself with SIGKILL right after an insert and before its
-	// acks. Always 0 in production.
-	CrashAfterInsert float64
+	// Crash is fault injection for the crash tests; the zero value in production.
+	Crash Crash
 }
 
 // DefaultConfig gives about two inserts per second per table under high load and
@@ -280,6 +275,8 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 		inserted = append(inserted, msg)
 	}
 	if len(rows) > 0 {
+		w.cfg.Crash.at(CrashBeforeInsert)
+		w.cfg.Crash.at(CrashDuringInsert)
 		start := time.Now()
 		refused, err := w.insertIsolating(ctx, rows, &timers{batch: batch, since: fetched})
 		if err != nil {
@@ -287,11 +284,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 			w.fail(runCtx, batch, errorKind(err), err)
 			return
 		}
-		if w.cfg.CrashAfterInsert > 0 && rand.Float64() < w.cfg.CrashAfterInsert {
-			w.log.Error("fault injection: SIGKILL after an insert, before its acks")
-			_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
-			select {} // the signal ends the process
-		}
+		w.cfg.Crash.at(CrashAfterInsert)
 		now := time.Now()
 		w.m.latency.WithLabelValues(name).Observe(now.Sub(start).Seconds())
 		w.m.batch.WithLabelValues(name).Observe(float64(len(rows) - len(refused)))

@@ -33,8 +33,9 @@ func enriched(i int) []byte {
 }
 
 // TestSinkKill9 runs two sink processes on one consumer and kills one of them with
-// SIGKILL, again and again, while 100,000 events flow, mostly between an insert and
-// its acks; the table ends with each event exactly once.
+// SIGKILL six times while 100,000 events flow: after an insert and before its acks,
+// before an insert, and during one, each twice; the table ends with each event
+// exactly once.
 func TestSinkKill9(t *testing.T) {
 	dir := t.TempDir()
 	cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "sink"), "github.com/sluicehq/sluice/services/sink/cmd/sink")
@@ -61,7 +62,7 @@ func TestSinkKill9(t *testing.T) {
 		out := &strings.Builder{}
 		c := exec.Command(filepath.Join(dir, "sink"))
 		c.Env = append(os.Environ(), "NATS_URL="+ns.URL, "CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
-			"METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_TEST_CRASH_AFTER_INSERT="+crash)
+			"METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_TEST_CRASH="+crash)
 		c.Stdout, c.Stderr = out, out
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
@@ -90,17 +91,18 @@ func TestSinkKill9(t *testing.T) {
 		published <- nil
 	}()
 	rng := rand.New(rand.NewPCG(1, 2))
-	start("0")
-	// The victim kills itself (SIGKILL) after about one insert in three, between the
-	// insert and its acks; if it lives too long, the test kills it.
-	victim, _ := start("0.3")
+	start("after-insert:0")
+	// The victim kills itself (SIGKILL) at one point of the insert cycle in turn; if
+	// it lives too long, the test kills it.
+	points := []string{"after-insert", "before-insert", "during-insert"}
+	victim, _ := start(points[0] + ":0.5")
 	count := func() uint64 {
 		var n uint64
 		_ = conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&n)
 		return n
 	}
-	for kill := range 5 {
-		how := "by itself after an insert"
+	for kill := range 6 {
+		how := "by itself"
 		select {
 		case <-exited[victim]:
 		case <-time.After(time.Duration(1000+rng.IntN(1000)) * time.Millisecond):
@@ -110,8 +112,8 @@ func TestSinkKill9(t *testing.T) {
 			}
 			<-exited[victim]
 		}
-		t.Logf("kill %d (%s) at %d rows", kill+1, how, count())
-		victim, _ = start("0.3")
+		t.Logf("kill %d (%s, %s) at %d rows", kill+1, points[kill%len(points)], how, count())
+		victim, _ = start(points[(kill+1)%len(points)] + ":0.5")
 	}
 	if err := <-published; err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strconv"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -26,12 +25,12 @@ func main() {
 			defer conn.Close()
 			cfg := sink.DefaultConfig()
 			// Fault injection for the crash tests (test/procs); unset in production.
-			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH_AFTER_INSERT"); ok {
-				p, err := strconv.ParseFloat(v, 64)
-				if err != nil || p < 0 || p > 1 {
-					return fmt.Errorf("SLUICE_TEST_CRASH_AFTER_INSERT=%q: want a probability from 0 to 1", v)
+			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH"); ok {
+				crash, err := sink.ParseCrash(v)
+				if err != nil {
+					return fmt.Errorf("SLUICE_TEST_CRASH: %w", err)
 				}
-				cfg.CrashAfterInsert = p
+				cfg.Crash = crash
 			}
 			return sink.Run(ctx, cfg, sink.Deps{
 				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
