@@ -48,6 +48,8 @@ type Spec struct {
 	ClickHouse bool
 	// Config adds --config (SLUICE_CONFIG).
 	Config bool
+	// Flags registers the service's own flags (optional), reading defaults from env.
+	Flags func(fs *flag.FlagSet, env settings.Lookup) error
 	// Run runs the service until ctx is done.
 	Run func(ctx context.Context, env Env) error
 }
@@ -71,6 +73,12 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	if err := settings.BindService(fs, lookup, &svcS, spec.MetricsAddr); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
+	}
+	if spec.Flags != nil {
+		if err := spec.Flags(fs, lookup); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 2
+		}
 	}
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "%s: %s\n\nUsage: %s [flags]\n\nEvery flag can also be set by the environment variable named after it.\n\n", spec.Name, spec.Summary, spec.Name)

@@ -134,3 +134,21 @@ func BindConfig(fs *flag.FlagSet, env Lookup, path *string) {
 func BindDataDir(fs *flag.FlagSet, env Lookup, dir *string) {
 	binder{fs, env}.str(dir, "data-dir", "SLUICE_DATA_DIR", DefaultDataDir, "directory for local state")
 }
+
+// Int registers an int flag whose default comes from envName.
+func Int(fs *flag.FlagSet, env Lookup, p *int, name, envName string, def int, usage string) error {
+	if v, ok := env(envName); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: want a whole number", envName, v)
+		}
+		def = n
+	}
+	fs.IntVar(p, name, def, fmt.Sprintf("%s (env %s)", usage, envName))
+	return nil
+}
+
+// Duration registers a duration flag whose default comes from envName.
+func Duration(fs *flag.FlagSet, env Lookup, p *time.Duration, name, envName string, def time.Duration, usage string) error {
+	return binder{fs, env}.dur(p, name, envName, def, usage)
+}

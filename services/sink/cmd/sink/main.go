@@ -3,27 +3,40 @@ package main
 
 import (
 	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"os"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/sink"
 )
 
 func main() {
+	cfg := sink.DefaultConfig()
 	os.Exit(service.Main(service.Spec{
 		Name:        "sink",
 		Summary:     "inserts events, alerts and dead letters into ClickHouse in batches, acking after each insert",
 		MetricsAddr: "127.0.0.1:9305",
 		ClickHouse:  true,
+		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
+			return errors.Join(
+				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "SINK_BATCH_MAX_ROWS", cfg.MaxRows, "most rows in one insert (keep at or under the consumers' max_ack_pending)"),
+				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "SINK_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
+				settings.Duration(fs, env, &cfg.InsertTimeout, "insert-timeout", "SINK_INSERT_TIMEOUT", cfg.InsertTimeout, "longest an insert may take"),
+			)
+		},
 		Run: func(ctx context.Context, env service.Env) error {
+			if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 {
+				return errors.New("--batch-max-rows, --flush-interval and --insert-timeout must be positive")
+			}
 			conn, err := chconn.Open(ctx, env.ClickHouse)
 			if err != nil {
 				return err
 			}
 			defer conn.Close()
-			cfg := sink.DefaultConfig()
 			// Fault injection for the crash tests (test/procs); unset in production.
 			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH"); ok {
 				crash, err := sink.ParseCrash(v)
