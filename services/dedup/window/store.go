@@ -1,0 +1,160 @@
+package window
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"sync"
+)
+
+// Store is the dedup state shared by the stage's goroutines: a Table behind a lock,
+// bounded by MaxKeys, with the stream sequence of the last key it applied.
+type Store struct {
+	mu      sync.RWMutex
+	t       Table
+	maxKeys int
+	lastSeq uint64
+	evicted uint64 // keys dropped before their expiry because the store was full
+	horizon uint32 // the latest expiry dropped early
+}
+
+// NewStore returns an empty store holding at most maxKeys keys (0: no bound).
+func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys} }
+
+// Seen reports whether k is held and still inside its window at now.
+func (s *Store) Seen(k Key, now uint32) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.t.Get(k) > now
+}
+
+// Add records k until exp, as applied from stream sequence seq. A key whose window
+// has already ended at now is not held. When the store is full, expired keys are
+// removed first; if it is still full, the keys with the earliest expiries (a tenth of
+// the span of expiries held) are dropped early and counted (see Stats).
+func (s *Store) Add(k Key, exp uint32, seq uint64, now uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastSeq = max(s.lastSeq, seq)
+	if exp <= now {
+		return
+	}
+	if s.maxKeys > 0 && s.t.Len() >= s.maxKeys && s.t.Get(k) == 0 {
+		s.t.Expire(now)
+		if s.t.Len() >= s.maxKeys {
+			lo, hi := s.t.ExpiryRange()
+			cut := lo + max(1, (hi-lo)/10)
+			s.evicted += uint64(s.t.RemoveIf(func(e uint32) bool { return e <= cut }))
+			s.horizon = max(s.horizon, cut)
+		}
+	}
+	s.t.Put(k, exp)
+}
+
+// Expire removes the keys whose window ended at or before now.
+func (s *Store) Expire(now uint32) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.t.Expire(now)
+}
+
+// Stats describes the store.
+type Stats struct {
+	Keys  int
+	Bytes int
+	// LastSeq is the stream sequence of the last key applied.
+	LastSeq uint64
+	// EvictedEarly counts keys dropped before their expiry because the store was full;
+	// a repeat of one of them is no longer recognised.
+	EvictedEarly uint64
+	// Horizon is the latest expiry (Unix seconds) of a key dropped early.
+	Horizon uint32
+}
+
+// Stats returns the store's figures.
+func (s *Store) Stats() Stats {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return Stats{Keys: s.t.Len(), Bytes: s.t.Bytes(), LastSeq: s.lastSeq, EvictedEarly: s.evicted, Horizon: s.horizon}
+}
+
+// Snapshot format: magic, last sequence, key count, then per key Hi, Lo, expiry
+// (little-endian), then a CRC-32 (IEEE) of everything before it.
+var magic = [8]byte{'s', 'l', 'd', 'e', 'd', 'u', 'p', '1'}
+
+// ErrCorrupt means a snapshot is truncated or fails its checksum.
+var ErrCorrupt = errors.New("dedup snapshot is corrupt")
+
+// WriteSnapshot writes every key held, and the last sequence applied, to w.
+func (s *Store) WriteSnapshot(w io.Writer) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	crc := crc32.NewIEEE()
+	bw := bufio.NewWriterSize(io.MultiWriter(w, crc), 1<<16)
+	var buf [20]byte
+	bw.Write(magic[:])
+	binary.LittleEndian.PutUint64(buf[:8], s.lastSeq)
+	bw.Write(buf[:8])
+	binary.LittleEndian.PutUint64(buf[:8], uint64(s.t.Len()))
+	bw.Write(buf[:8])
+	s.t.Range(func(k Key, exp uint32) bool {
+		binary.LittleEndian.PutUint64(buf[0:8], k.Hi)
+		binary.LittleEndian.PutUint64(buf[8:16], k.Lo)
+		binary.LittleEndian.PutUint32(buf[16:20], exp)
+		bw.Write(buf[:])
+		return true
+	})
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write dedup snapshot: %w", err)
+	}
+	binary.LittleEndian.PutUint32(buf[:4], crc.Sum32())
+	if _, err := w.Write(buf[:4]); err != nil {
+		return fmt.Errorf("write dedup snapshot: %w", err)
+	}
+	return nil
+}
+
+// ReadSnapshot replaces the store's keys with those of a snapshot, leaving out the
+// ones expired at now, and returns the snapshot's last sequence.
+func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
+	crc := crc32.NewIEEE()
+	br := bufio.NewReaderSize(r, 1<<16)
+	tr := io.TeeReader(br, crc)
+	var head [24]byte
+	if _, err := io.ReadFull(tr, head[:]); err != nil {
+		return 0, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
+	}
+	if [8]byte(head[:8]) != magic {
+		return 0, fmt.Errorf("%w: not a dedup snapshot", ErrCorrupt)
+	}
+	lastSeq := binary.LittleEndian.Uint64(head[8:16])
+	count := binary.LittleEndian.Uint64(head[16:24])
+	var t Table
+	if count > 0 && count < 1<<32 {
+		t.resize(max(minSlots, int(float64(count)/rebuildLoad)+1))
+	}
+	var buf [20]byte
+	for i := uint64(0); i < count; i++ {
+		if _, err := io.ReadFull(tr, buf[:]); err != nil {
+			return 0, fmt.Errorf("%w: key %d of %d: %v", ErrCorrupt, i, count, err)
+		}
+		exp := binary.LittleEndian.Uint32(buf[16:20])
+		if exp > now {
+			t.Put(Key{binary.LittleEndian.Uint64(buf[0:8]), binary.LittleEndian.Uint64(buf[8:16])}, exp)
+		}
+	}
+	want := crc.Sum32()
+	if _, err := io.ReadFull(br, buf[:4]); err != nil {
+		return 0, fmt.Errorf("%w: checksum: %v", ErrCorrupt, err)
+	}
+	if got := binary.LittleEndian.Uint32(buf[:4]); got != want {
+		return 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.t, s.lastSeq = t, lastSeq
+	return lastSeq, nil
+}

@@ -1,0 +1,173 @@
+package window
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"testing"
+)
+
+func randKey(r *rand.Rand) Key { return Key{r.Uint64(), r.Uint64()} }
+
+// The table agrees with a map through random puts, gets and expiries.
+func TestTableMatchesMap(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	var tb Table
+	model := map[Key]uint32{}
+	keys := make([]Key, 0, 5000)
+	for step := range 200_000 {
+		switch op := r.IntN(10); {
+		case op < 6:
+			k := randKey(r)
+			if len(keys) > 0 && r.IntN(3) == 0 {
+				k = keys[r.IntN(len(keys))] // update an existing key
+			} else {
+				keys = append(keys, k)
+			}
+			exp := uint32(1 + r.IntN(1000))
+			tb.Put(k, exp)
+			model[k] = exp
+		case op < 9:
+			var k Key
+			if len(keys) > 0 && r.IntN(2) == 0 {
+				k = keys[r.IntN(len(keys))]
+			} else {
+				k = randKey(r)
+			}
+			if got, want := tb.Get(k), model[k]; got != want {
+				t.Fatalf("step %d: Get = %d, want %d", step, got, want)
+			}
+		default:
+			now := uint32(r.IntN(1000))
+			removed := tb.Expire(now)
+			want := 0
+			for k, e := range model {
+				if e <= now {
+					delete(model, k)
+					want++
+				}
+			}
+			if removed != want {
+				t.Fatalf("step %d: Expire removed %d, want %d", step, removed, want)
+			}
+		}
+		if tb.Len() != len(model) {
+			t.Fatalf("step %d: Len = %d, want %d", step, tb.Len(), len(model))
+		}
+	}
+	for k, e := range model {
+		if got := tb.Get(k); got != e {
+			t.Fatalf("final Get = %d, want %d", got, e)
+		}
+	}
+}
+
+func TestTableBytesPerKey(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	var tb Table
+	for n := 1; n <= 300_000; n++ {
+		tb.Put(randKey(r), 100)
+		if n >= 1000 {
+			if per := float64(tb.Bytes()) / float64(n); per > 32 {
+				t.Fatalf("%d keys: %.1f bytes a key, want at most 32", n, per)
+			}
+		}
+	}
+	// Removing most keys compacts the table.
+	i := 0
+	tb.RemoveIf(func(uint32) bool { i++; return i%10 != 0 })
+	if per := float64(tb.Bytes()) / float64(tb.Len()); per > 32 {
+		t.Fatalf("after removing 90%%: %.1f bytes a key", per)
+	}
+}
+
+func TestStoreWindowAndCap(t *testing.T) {
+	s := NewStore(1000)
+	k := Key{1, 2}
+	tests := []struct {
+		name string
+		now  uint32
+		want bool
+	}{
+		{"before add", 10, false},
+	}
+	for _, tt := range tests {
+		if got := s.Seen(k, tt.now); got != tt.want {
+			t.Fatalf("%s: Seen = %v", tt.name, got)
+		}
+	}
+	s.Add(k, 100, 1, 10)
+	for _, tt := range []struct {
+		name string
+		now  uint32
+		want bool
+	}{
+		{"inside the window", 50, true},
+		{"last second inside", 99, true},
+		{"at expiry", 100, false},
+		{"after", 150, false},
+	} {
+		if got := s.Seen(k, tt.now); got != tt.want {
+			t.Errorf("%s: Seen = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+	s.Add(Key{9, 9}, 5, 2, 10) // already expired: not held
+	if s.Stats().Keys != 1 || s.Stats().LastSeq != 2 {
+		t.Fatalf("stats = %+v", s.Stats())
+	}
+	// Fill to the cap with expiries 1001..2000: the next key drops the earliest tenth.
+	full := NewStore(1000)
+	for i := range 1000 {
+		full.Add(Key{uint64(i), 7}, uint32(1001+i), uint64(i+1), 1000)
+	}
+	full.Add(Key{5000, 7}, 3000, 1001, 1000)
+	st := full.Stats()
+	if st.Keys > 1000 || st.EvictedEarly == 0 || st.Horizon < 1001 {
+		t.Fatalf("after the cap: %+v", st)
+	}
+	if full.Seen(Key{0, 7}, 1000) {
+		t.Fatal("the earliest-expiring key should have been dropped")
+	}
+	if !full.Seen(Key{999, 7}, 1000) || !full.Seen(Key{5000, 7}, 1000) {
+		t.Fatal("the latest keys should be held")
+	}
+}
+
+func TestSnapshotRoundTrip(t *testing.T) {
+	s := NewStore(0)
+	r := rand.New(rand.NewPCG(5, 6))
+	keys := make([]Key, 10_000)
+	for i := range keys {
+		keys[i] = randKey(r)
+		s.Add(keys[i], uint32(100+i%50), uint64(i+1), 0)
+	}
+	var buf bytes.Buffer
+	if err := s.WriteSnapshot(&buf); err != nil {
+		t.Fatal(err)
+	}
+	raw := buf.Bytes()
+	back := NewStore(0)
+	seq, err := back.ReadSnapshot(bytes.NewReader(raw), 120)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq != 10_000 {
+		t.Fatalf("last seq = %d", seq)
+	}
+	for i, k := range keys {
+		want := 100+i%50 > 120
+		if got := back.Seen(k, 120); got != want {
+			t.Fatalf("key %d: Seen = %v, want %v", i, got, want)
+		}
+	}
+	for _, bad := range [][]byte{raw[:len(raw)-1], append(append([]byte{}, raw[:30]...), raw[31:]...), []byte("nope")} {
+		if _, err := NewStore(0).ReadSnapshot(bytes.NewReader(bad), 0); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("corrupt snapshot: err = %v", err)
+		}
+	}
+	flipped := append([]byte{}, raw...)
+	flipped[40] ^= 1
+	if _, err := NewStore(0).ReadSnapshot(bytes.NewReader(flipped), 0); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("flipped bit: err = %v", err)
+	}
+}
