@@ -1,26 +1,36 @@
 // Package dedup is the dedup stage: it validates each raw event, derives its key and
-// publishes the first occurrence to the UNIQUE stream with Nats-Msg-Id set to the key.
+// publishes the first occurrence inside the key's window to the UNIQUE stream, with
+// Nats-Msg-Id set to the key and Sluice-Expires to the end of its window. Invalid
+// input goes to the DLQ with the reason.
 //
-// The UNIQUE stream's duplicate window (24 h in streams/UNIQUE.stream.json) is the
-// dedup window: JetStream drops a publish whose Nats-Msg-Id it has stored inside the
-// window, keeps that index in the stream (rebuilt from the file store after a server
-// restart), and the same index serves every replica of this stage. A crash between
-// the publish and the ack makes JetStream redeliver the input; the republish is then
-// recognised as a duplicate. Invalid input goes to the DLQ with the reason.
+// Two mechanisms drop repeats, and docs/dedup.md says why both:
+//   - the window store (package window): every key published to UNIQUE inside its
+//     window (24 h by default, per subject pattern, by receive or event time), at
+//     22-32 bytes a key, rebuilt after a crash from a snapshot and a replay of UNIQUE,
+//     and kept in step across replicas by tailing UNIQUE;
+//   - UNIQUE's own Nats-Msg-Id duplicate window (10 min), which catches what the store
+//     has not seen yet: a retry after a failed ack, or two replicas taking the same key
+//     within the time one's publish takes to reach the other's tail.
 package dedup
 
 import (
 	"context"
 	"fmt"
 	"log/slog"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/kit/stage"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -32,12 +42,16 @@ const OutputPrefix = "unique."
 
 // Config configures the stage.
 type Config struct {
-	Stage stage.Config
+	Stage  stage.Config
+	Window WindowConfig
+	// DataDir holds the state snapshot (dedup/snapshot); empty keeps none, and a
+	// restart replays UNIQUE from its start.
+	DataDir string
 }
 
-// DefaultConfig reads the dedup consumer of EVENTS.
+// DefaultConfig reads the dedup consumer of EVENTS with the default window.
 func DefaultConfig() Config {
-	return Config{Stage: stage.Config{Name: Name, Stream: streams.Events, Consumer: "dedup"}}
+	return Config{Stage: stage.Config{Name: Name, Stream: streams.Events, Consumer: "dedup"}, Window: DefaultWindowConfig()}
 }
 
 // Deps are what the stage needs from its host.
@@ -49,23 +63,31 @@ type Deps struct {
 	Ready func()
 }
 
-// Handler validates and keys events. It is the stage's pure core plus the mapping
-// to NATS messages.
+// Handler validates and keys events, and drops the keys its store holds.
 type Handler struct {
 	decoder    *events.Decoder
 	maxPayload int64
+	window     WindowConfig
+	store      *window.Store
+	clock      func(uint32)
+	dropped    prometheus.Counter
 }
 
-// NewHandler returns a handler validating with the embedded per-type schemas.
-func NewHandler(maxPayload int64) (*Handler, error) {
+// NewHandler returns a handler validating with the embedded per-type schemas and
+// dropping what store holds. clock, if not nil, is told the stream time of each event.
+func NewHandler(maxPayload int64, w WindowConfig, store *window.Store, clock func(uint32), dropped prometheus.Counter) (*Handler, error) {
 	types, err := events.LoadTypeSchemas()
 	if err != nil {
 		return nil, fmt.Errorf("dedup: %w", err)
 	}
-	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload}, nil
+	if dropped == nil {
+		dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
+	}
+	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload, window: w, store: store, clock: clock, dropped: dropped}, nil
 }
 
-// Handle returns the UNIQUE message for a valid event, or a dead letter.
+// Handle returns the UNIQUE message for a valid event seen for the first time in its
+// window, nothing for a repeat, or a dead letter.
 func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
 	m := events.Message{
 		Subject:  msg.Subject(),
@@ -78,25 +100,119 @@ func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
 		return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil
 	}
 	e.Key = Key(e, m)
+	now := unixSeconds(e.ReceivedAt)
+	if h.clock != nil {
+		h.clock(now)
+	}
+	k, _ := ParseKey(e.Key)
+	if h.store != nil && h.store.Seen(k, now) {
+		h.dropped.Inc()
+		return nil, nil
+	}
+	base := e.ReceivedAt
+	if h.window.Time == EventTime {
+		base = e.Time
+	}
+	expires := unixSeconds(base.Add(h.window.WindowFor(m.Subject)))
 	body, err := e.Marshal()
 	if err != nil {
 		return []*nats.Msg{stage.DeadLetter(Name, msg, "cannot encode event: "+err.Error(), h.maxPayload)}, nil
 	}
 	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(msg.Subject(), events.SubjectPrefix+"."))
 	out.Header.Set(nats.MsgIdHdr, e.Key)
+	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(expires), 10))
 	out.Data = body
 	return []*nats.Msg{out}, nil
 }
 
-// Run runs the stage until ctx is done.
+// Run rebuilds the window state, then runs the stage until ctx is done.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
-	h, err := NewHandler(deps.NATS.MaxPayload())
+	if err := cfg.Window.Validate(); err != nil {
+		return err
+	}
+	js, err := jetstream.New(deps.NATS)
 	if err != nil {
 		return err
 	}
-	r, err := stage.New(deps.NATS, cfg.Stage, h.Handle, deps.Logger, deps.Registerer)
+	unique, err := js.Stream(ctx, streams.Unique)
+	if err != nil {
+		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
+	}
+	if maxAge := unique.CachedInfo().Config.MaxAge; maxAge > 0 && cfg.Window.Longest() > maxAge {
+		return fmt.Errorf("dedup: the longest window (%s) exceeds the max_age of stream %s (%s), from which the state is rebuilt; shorten the window or raise max_age in streams/UNIQUE.stream.json",
+			cfg.Window.Longest(), streams.Unique, maxAge)
+	}
+	log := deps.Logger.With("stage", Name)
+	store := window.NewStore(cfg.Window.MaxKeys)
+	st := &state{store: store, js: js, interval: cfg.Window.SnapshotInterval, log: log}
+	if cfg.DataDir != "" {
+		st.path = filepath.Join(cfg.DataDir, "dedup", "snapshot")
+	}
+	st.advance(unixSeconds(time.Now()))
+	st.load(st.clock.Load())
+	registerStateMetrics(deps.Registerer, st)
+	dropped := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_dedup_duplicates_total",
+		Help: "Repeats dropped, by reason: window (the key is held in the stage's window store) or stream (UNIQUE's Nats-Msg-Id window refused the publish).",
+	}, []string{"reason"}))
+
+	// The tail and the snapshots outlive ctx until the stage has stopped, so the last
+	// snapshot holds everything the stage published. Deferred in this order, stopBG
+	// runs before wg.Wait.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	bg, stopBG := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBG()
+	caughtUp := make(chan struct{})
+	tailErr := make(chan error, 1)
+	wg.Go(func() { tailErr <- st.tail(bg, caughtUp) })
+	select {
+	case <-caughtUp:
+	case err := <-tailErr:
+		return err
+	case <-ctx.Done():
+		return nil
+	}
+	wg.Go(func() { st.maintain(bg) })
+
+	h, err := NewHandler(deps.NATS.MaxPayload(), cfg.Window, store, st.advance, dropped.WithLabelValues("window"))
+	if err != nil {
+		return err
+	}
+	stageCfg := cfg.Stage
+	stageCfg.OnDuplicate = dropped.WithLabelValues("stream").Inc
+	r, err := stage.New(deps.NATS, stageCfg, h.Handle, deps.Logger, deps.Registerer)
 	if err != nil {
 		return err
 	}
 	return r.Run(ctx, deps.Ready)
+}
+
+func registerStateMetrics(reg prometheus.Registerer, st *state) {
+	if reg == nil {
+		return
+	}
+	stat := func(f func(window.Stats) float64) func() float64 {
+		return func() float64 { return f(st.store.Stats()) }
+	}
+	for _, c := range []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_dedup_keys", Help: "Keys held in the dedup window."},
+			stat(func(s window.Stats) float64 { return float64(s.Keys) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_dedup_state_bytes", Help: "Memory of the dedup window's table."},
+			stat(func(s window.Stats) float64 { return float64(s.Bytes) })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_dedup_evicted_early_total", Help: "Keys dropped before the end of their window because dedup.max_keys was reached; a repeat of one of them is not recognised."},
+			stat(func(s window.Stats) float64 { return float64(s.EvictedEarly) })),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_dedup_snapshot_age_seconds", Help: "Seconds since the dedup state was last written to (or read from) its snapshot; 0 before the first."},
+			func() float64 {
+				at := st.snapshotAt.Load()
+				if at == 0 {
+					return 0
+				}
+				return time.Since(time.Unix(0, at)).Seconds()
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_dedup_applied_seq", Help: "Sequence of the last UNIQUE message applied to the dedup state."},
+			stat(func(s window.Stats) float64 { return float64(s.LastSeq) })),
+	} {
+		telemetry.Register(reg, c)
+	}
 }

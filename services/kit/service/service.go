@@ -48,6 +48,8 @@ type Spec struct {
 	ClickHouse bool
 	// Config adds --config (SLUICE_CONFIG).
 	Config bool
+	// DataDir adds --data-dir (SLUICE_DATA_DIR).
+	DataDir bool
 	// Flags registers the service's own flags (optional), reading defaults from env.
 	Flags func(fs *flag.FlagSet, env settings.Lookup) error
 	// Run runs the service until ctx is done.
@@ -69,6 +71,9 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	}
 	if spec.Config {
 		settings.BindConfig(fs, lookup, &svcS.ConfigPath)
+	}
+	if spec.DataDir {
+		settings.BindDataDir(fs, lookup, &svcS.DataDir)
 	}
 	if err := settings.BindService(fs, lookup, &svcS, spec.MetricsAddr); err != nil {
 		fmt.Fprintln(stderr, err)

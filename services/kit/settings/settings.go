@@ -36,7 +36,9 @@ type ClickHouse struct {
 // Service holds what every service takes besides its connections.
 type Service struct {
 	// ConfigPath is SLUICE_CONFIG, for the services that read it (see BindConfig).
-	ConfigPath  string
+	ConfigPath string
+	// DataDir is SLUICE_DATA_DIR, for the services that keep local state (see BindDataDir).
+	DataDir     string
 	MetricsAddr string
 	LogLevel    string
 	LogFormat   string

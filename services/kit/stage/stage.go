@@ -39,6 +39,9 @@ type Config struct {
 	PullBatch int
 	// PublishTimeout is how long a publish may wait for its ack.
 	PublishTimeout time.Duration
+	// OnDuplicate, if set, is called for each output the stream refused as a
+	// duplicate (its Nats-Msg-Id was inside the stream's duplicate window).
+	OnDuplicate func()
 }
 
 func (c *Config) defaults() {
@@ -187,6 +190,9 @@ func (r *Runner) ackLoop(pending <-chan inflight) {
 					dead.Inc()
 				case ack.Duplicate:
 					dup.Inc()
+					if r.cfg.OnDuplicate != nil {
+						r.cfg.OnDuplicate()
+					}
 				default:
 					published.Inc()
 				}

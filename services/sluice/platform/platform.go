@@ -35,6 +35,8 @@ type Stages struct {
 	Ready      *telemetry.Readiness
 	// Sink overrides the sink's batching (zero: sink.DefaultConfig()).
 	Sink sink.Config
+	// DataDir holds the stages' local state (the dedup snapshot); empty keeps none.
+	DataDir string
 }
 
 // RunStages runs dedup, enrich, alert, notify and the sink until ctx is done or one
@@ -52,6 +54,11 @@ func RunStages(ctx context.Context, s Stages) error {
 	if err != nil {
 		return err
 	}
+	dedupCfg := dedup.DefaultConfig()
+	if dedupCfg.Window, err = dedup.LoadWindowConfig(s.Config); err != nil {
+		return err
+	}
+	dedupCfg.DataDir = s.DataDir
 	sinkCfg := s.Sink
 	if sinkCfg == (sink.Config{}) {
 		sinkCfg = sink.DefaultConfig()
@@ -69,7 +76,7 @@ func RunStages(ctx context.Context, s Stages) error {
 		run  func(context.Context) error
 	}{
 		{dedup.Name, func(ctx context.Context) error {
-			return dedup.Run(ctx, dedup.DefaultConfig(), dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
+			return dedup.Run(ctx, dedupCfg, dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
 		}},
 		{enrich.Name, func(ctx context.Context) error {
 			return enrich.Run(ctx, enrich.DefaultConfig(), enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name)})

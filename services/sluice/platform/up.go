@@ -81,7 +81,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Reg
 	ready := &telemetry.Readiness{}
 	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {
 		return RunStages(ctx, Stages{
-			NATS: nc, ClickHouse: conn, Config: file, Env: cfg.Env,
+			NATS: nc, ClickHouse: conn, Config: file, Env: cfg.Env, DataDir: cfg.DataDir,
 			Log: log, Registerer: reg, Ready: ready,
 		})
 	})

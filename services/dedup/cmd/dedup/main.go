@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/service"
 )
 
@@ -14,8 +15,19 @@ func main() {
 		Name:        "dedup",
 		Summary:     "validates raw events, drops repeats inside the dedup window, publishes to UNIQUE",
 		MetricsAddr: "127.0.0.1:9301",
+		Config:      true,
+		DataDir:     true,
 		Run: func(ctx context.Context, env service.Env) error {
-			return dedup.Run(ctx, dedup.DefaultConfig(), dedup.Deps{
+			f, err := configfile.Load(env.Service.ConfigPath)
+			if err != nil {
+				return err
+			}
+			cfg := dedup.DefaultConfig()
+			if cfg.Window, err = dedup.LoadWindowConfig(f); err != nil {
+				return err
+			}
+			cfg.DataDir = env.Service.DataDir
+			return dedup.Run(ctx, cfg, dedup.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },
 			})

@@ -1,0 +1,103 @@
+package dedup
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/sluicehq/sluice/services/kit/configfile"
+)
+
+// Time bases of the window.
+const (
+	// ReceiveTime holds a key until the time JetStream stored the event's first
+	// occurrence plus the window. Replays decide as live did: it is the stream's time.
+	ReceiveTime = "receive"
+	// EventTime holds a key until the first occurrence's CloudEvents time plus the
+	// window. An event older than its window is passed and not held.
+	EventTime = "event"
+)
+
+// WindowConfig is the dedup section of SLUICE_CONFIG.
+type WindowConfig struct {
+	// Window is how long a key is held, unless a rule of Windows matches the subject.
+	Window time.Duration `yaml:"window"`
+	// Time is receive (default) or event.
+	Time string `yaml:"time"`
+	// MaxKeys caps the keys held (0: no cap). When it is reached, the keys with the
+	// earliest expiries are dropped early and counted.
+	MaxKeys int `yaml:"max_keys"`
+	// SnapshotInterval is how often the state is written to the data dir.
+	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
+	// Windows set other windows by subject pattern; the first match wins.
+	Windows []SubjectWindow `yaml:"windows"`
+}
+
+// SubjectWindow is a window for the events published to subjects matching Subjects
+// (NATS wildcards).
+type SubjectWindow struct {
+	Subjects string        `yaml:"subjects"`
+	Window   time.Duration `yaml:"window"`
+}
+
+// DefaultWindowConfig holds keys 24 h by receive time, without a cap, and snapshots
+// every 30 s.
+func DefaultWindowConfig() WindowConfig {
+	return WindowConfig{Window: 24 * time.Hour, Time: ReceiveTime, SnapshotInterval: 30 * time.Second}
+}
+
+// LoadWindowConfig reads the dedup section of f over the defaults.
+func LoadWindowConfig(f *configfile.File) (WindowConfig, error) {
+	c := DefaultWindowConfig()
+	if err := f.Decode("dedup", &c); err != nil {
+		return c, err
+	}
+	return c, c.Validate()
+}
+
+// Validate reports every problem of c.
+func (c WindowConfig) Validate() error {
+	var errs []error
+	if c.Window <= 0 {
+		errs = append(errs, fmt.Errorf("dedup.window must be positive, got %s", c.Window))
+	}
+	if c.Time != ReceiveTime && c.Time != EventTime {
+		errs = append(errs, fmt.Errorf("dedup.time must be %q or %q, got %q", ReceiveTime, EventTime, c.Time))
+	}
+	if c.MaxKeys < 0 {
+		errs = append(errs, fmt.Errorf("dedup.max_keys must not be negative"))
+	}
+	if c.SnapshotInterval <= 0 {
+		errs = append(errs, fmt.Errorf("dedup.snapshot_interval must be positive, got %s", c.SnapshotInterval))
+	}
+	for i, w := range c.Windows {
+		if !server.IsValidSubject(w.Subjects) {
+			errs = append(errs, fmt.Errorf("dedup.windows[%d].subjects %q is not a subject pattern", i, w.Subjects))
+		}
+		if w.Window <= 0 {
+			errs = append(errs, fmt.Errorf("dedup.windows[%d].window must be positive, got %s", i, w.Window))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// WindowFor returns the window of events published to subject.
+func (c WindowConfig) WindowFor(subject string) time.Duration {
+	for _, w := range c.Windows {
+		if server.SubjectMatchesFilter(subject, w.Subjects) {
+			return w.Window
+		}
+	}
+	return c.Window
+}
+
+// Longest is the longest window configured.
+func (c WindowConfig) Longest() time.Duration {
+	l := c.Window
+	for _, w := range c.Windows {
+		l = max(l, w.Window)
+	}
+	return l
+}
