@@ -33,6 +33,9 @@ type WindowConfig struct {
 	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
 	// Windows set other windows by subject pattern; the first match wins.
 	Windows []SubjectWindow `yaml:"windows"`
+	// MinHold is UNIQUE's duplicate window, read from the stream at start: a key is
+	// held at least this long after it was received, and no window may be shorter.
+	MinHold time.Duration `yaml:"-"`
 }
 
 // SubjectWindow is a window for the events published to subjects matching Subjects
@@ -62,6 +65,8 @@ func (c WindowConfig) Validate() error {
 	var errs []error
 	if c.Window <= 0 {
 		errs = append(errs, fmt.Errorf("dedup.window must be positive, got %s", c.Window))
+	} else if c.Window < c.MinHold {
+		errs = append(errs, fmt.Errorf("dedup.window %s is shorter than the duplicate_window of stream UNIQUE (%s), which drops repeats that long anyway", c.Window, c.MinHold))
 	}
 	if c.Time != ReceiveTime && c.Time != EventTime {
 		errs = append(errs, fmt.Errorf("dedup.time must be %q or %q, got %q", ReceiveTime, EventTime, c.Time))
@@ -78,6 +83,8 @@ func (c WindowConfig) Validate() error {
 		}
 		if w.Window <= 0 {
 			errs = append(errs, fmt.Errorf("dedup.windows[%d].window must be positive, got %s", i, w.Window))
+		} else if w.Window < c.MinHold {
+			errs = append(errs, fmt.Errorf("dedup.windows[%d].window %s is shorter than the duplicate_window of stream UNIQUE (%s)", i, w.Window, c.MinHold))
 		}
 	}
 	return errors.Join(errs...)

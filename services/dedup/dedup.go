@@ -86,43 +86,72 @@ func NewHandler(maxPayload int64, w WindowConfig, store *window.Store, clock fun
 	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload, window: w, store: store, clock: clock, dropped: dropped}, nil
 }
 
-// Handle returns the UNIQUE message for a valid event seen for the first time in its
-// window, nothing for a repeat, or a dead letter.
-func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
-	m := events.Message{
-		Subject:  msg.Subject(),
-		Header:   msg.Headers(),
-		Data:     msg.Data(),
-		Received: stage.ReceivedOf(msg),
-	}
+// Result is what the stage decides for one input.
+type Result struct {
+	// Out is the UNIQUE message to publish; nil for a repeat or invalid input.
+	Out *nats.Msg
+	// Duplicate is set when the window store holds the key.
+	Duplicate bool
+	// Invalid says why the input cannot be accepted.
+	Invalid error
+	Key     window.Key
+	// Expires is when the key leaves its window (Unix seconds).
+	Expires uint32
+}
+
+// Process decides what happens to one input: the stage's pure core.
+//
+// A key is held until its window ends: the time JetStream stored the first
+// occurrence (receive time) or its CloudEvents time (event time), plus the window of
+// its subject, and never before MinHold after it was received (UNIQUE's duplicate
+// window drops republications that long, so the store must agree with it).
+func (h *Handler) Process(m events.Message) Result {
 	e, err := h.decoder.Decode(m)
 	if err != nil {
-		return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil
+		return Result{Invalid: err}
 	}
 	e.Key = Key(e, m)
+	k, _ := ParseKey(e.Key)
 	now := unixSeconds(e.ReceivedAt)
 	if h.clock != nil {
 		h.clock(now)
 	}
-	k, _ := ParseKey(e.Key)
 	if h.store != nil && h.store.Seen(k, now) {
-		h.dropped.Inc()
-		return nil, nil
+		return Result{Duplicate: true, Key: k}
 	}
 	base := e.ReceivedAt
 	if h.window.Time == EventTime {
 		base = e.Time
 	}
-	expires := unixSeconds(base.Add(h.window.WindowFor(m.Subject)))
+	expires := max(unixSeconds(base.Add(h.window.WindowFor(m.Subject))), unixSeconds(e.ReceivedAt.Add(h.window.MinHold)))
 	body, err := e.Marshal()
 	if err != nil {
-		return []*nats.Msg{stage.DeadLetter(Name, msg, "cannot encode event: "+err.Error(), h.maxPayload)}, nil
+		return Result{Invalid: fmt.Errorf("cannot encode event: %w", err)}
 	}
-	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(msg.Subject(), events.SubjectPrefix+"."))
+	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(m.Subject, events.SubjectPrefix+"."))
 	out.Header.Set(nats.MsgIdHdr, e.Key)
 	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(expires), 10))
 	out.Data = body
-	return []*nats.Msg{out}, nil
+	return Result{Out: out, Key: k, Expires: expires}
+}
+
+// Handle returns the UNIQUE message for a valid event seen for the first time in its
+// window, nothing for a repeat, or a dead letter.
+func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
+	r := h.Process(events.Message{
+		Subject:  msg.Subject(),
+		Header:   msg.Headers(),
+		Data:     msg.Data(),
+		Received: stage.ReceivedOf(msg),
+	})
+	switch {
+	case r.Invalid != nil:
+		return []*nats.Msg{stage.DeadLetter(Name, msg, r.Invalid.Error(), h.maxPayload)}, nil
+	case r.Duplicate:
+		h.dropped.Inc()
+		return nil, nil
+	}
+	return []*nats.Msg{r.Out}, nil
 }
 
 // Run rebuilds the window state, then runs the stage until ctx is done.
@@ -137,6 +166,10 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	unique, err := js.Stream(ctx, streams.Unique)
 	if err != nil {
 		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
+	}
+	cfg.Window.MinHold = unique.CachedInfo().Config.Duplicates
+	if err := cfg.Window.Validate(); err != nil {
+		return err
 	}
 	if maxAge := unique.CachedInfo().Config.MaxAge; maxAge > 0 && cfg.Window.Longest() > maxAge {
 		return fmt.Errorf("dedup: the longest window (%s) exceeds the max_age of stream %s (%s), from which the state is rebuilt; shorten the window or raise max_age in streams/UNIQUE.stream.json",
