@@ -70,7 +70,8 @@ func Parse(path string, b []byte) (*File, error) {
 func known(name string) bool { return slices.Contains(Sections, name) }
 
 // Decode decodes section name into v (a pointer), rejecting unknown fields, with
-// line numbers of the whole file in errors. A missing section leaves v as it is.
+// line numbers of the whole file in errors. Fields the section leaves out keep the
+// value v had (its defaults); a missing section leaves v as it is.
 func (f *File) Decode(name string, v any) error {
 	if _, ok := f.sections[name]; !ok {
 		return nil
@@ -95,6 +96,8 @@ func (f *File) Decode(name string, v any) error {
 		})
 	}
 	doc := reflect.New(reflect.StructOf(fields))
+	// Start from v's current value, so fields the file leaves out keep their defaults.
+	doc.Elem().Field(slices.Index(Sections, name)).Set(target.Elem())
 	dec := yaml.NewDecoder(bytes.NewReader(f.raw))
 	dec.KnownFields(true)
 	if err := dec.Decode(doc.Interface()); err != nil {

@@ -53,3 +53,21 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("err = %v, want the unknown field with its line in the file", err)
 	}
 }
+
+func TestDecodeKeepsDefaults(t *testing.T) {
+	type section struct {
+		A string `yaml:"a"`
+		B int    `yaml:"b"`
+	}
+	f, err := Parse("c.yaml", []byte("dedup:\n  b: 7\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := section{A: "default", B: 1}
+	if err := f.Decode("dedup", &v); err != nil {
+		t.Fatal(err)
+	}
+	if v.A != "default" || v.B != 7 {
+		t.Fatalf("decoded %+v, want A kept and B from the file", v)
+	}
+}
