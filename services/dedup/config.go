@@ -33,6 +33,8 @@ type WindowConfig struct {
 	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
 	// Windows set other windows by subject pattern; the first match wins.
 	Windows []SubjectWindow `yaml:"windows"`
+	// Keys key the events of matching subjects by fields; the first match wins.
+	Keys []KeyRule `yaml:"keys"`
 	// MinHold is UNIQUE's duplicate window, read from the stream at start: a key is
 	// held at least this long after it was received, and no window may be shorter.
 	MinHold time.Duration `yaml:"-"`
@@ -87,7 +89,30 @@ func (c WindowConfig) Validate() error {
 			errs = append(errs, fmt.Errorf("dedup.windows[%d].window %s is shorter than the duplicate_window of stream UNIQUE (%s)", i, w.Window, c.MinHold))
 		}
 	}
+	for i, k := range c.Keys {
+		if !server.IsValidSubject(k.Subjects) {
+			errs = append(errs, fmt.Errorf("dedup.keys[%d].subjects %q is not a subject pattern", i, k.Subjects))
+		}
+		if len(k.Fields) == 0 {
+			errs = append(errs, fmt.Errorf("dedup.keys[%d].fields is empty", i))
+		}
+		for _, f := range k.Fields {
+			if err := checkField(f); err != nil {
+				errs = append(errs, fmt.Errorf("dedup.keys[%d]: %w", i, err))
+			}
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// KeyFieldsFor returns the key fields of events published to subject, or nil.
+func (c WindowConfig) KeyFieldsFor(subject string) []string {
+	for _, k := range c.Keys {
+		if server.SubjectMatchesFilter(subject, k.Subjects) {
+			return k.Fields
+		}
+	}
+	return nil
 }
 
 // WindowFor returns the window of events published to subject.

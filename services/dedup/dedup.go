@@ -71,6 +71,7 @@ type Handler struct {
 	store      *window.Store
 	clock      func(uint32)
 	dropped    prometheus.Counter
+	log        *slog.Logger
 }
 
 // NewHandler returns a handler validating with the embedded per-type schemas and
@@ -83,7 +84,8 @@ func NewHandler(maxPayload int64, w WindowConfig, store *window.Store, clock fun
 	if dropped == nil {
 		dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
 	}
-	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload, window: w, store: store, clock: clock, dropped: dropped}, nil
+	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload, window: w, store: store, clock: clock, dropped: dropped,
+		log: slog.New(slog.DiscardHandler)}, nil
 }
 
 // Result is what the stage decides for one input.
@@ -110,7 +112,13 @@ func (h *Handler) Process(m events.Message) Result {
 	if err != nil {
 		return Result{Invalid: err}
 	}
-	e.Key = Key(e, m)
+	if fields := h.window.KeyFieldsFor(m.Subject); fields != nil {
+		if e.Key, err = FieldsKey(e, fields); err != nil {
+			return Result{Invalid: err}
+		}
+	} else {
+		e.Key = Key(e, m)
+	}
 	k, _ := ParseKey(e.Key)
 	now := unixSeconds(e.ReceivedAt)
 	if h.clock != nil {
@@ -149,6 +157,9 @@ func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
 		return []*nats.Msg{stage.DeadLetter(Name, msg, r.Invalid.Error(), h.maxPayload)}, nil
 	case r.Duplicate:
 		h.dropped.Inc()
+		if h.log.Enabled(context.Background(), slog.LevelDebug) {
+			h.log.Debug("dropped a repeat", "subject", msg.Subject(), "seq", stage.SeqOf(msg))
+		}
 		return nil, nil
 	}
 	return []*nats.Msg{r.Out}, nil
@@ -182,7 +193,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		st.path = filepath.Join(cfg.DataDir, "dedup", "snapshot")
 	}
 	st.advance(unixSeconds(time.Now()))
-	st.load(st.clock.Load())
+	info := unique.CachedInfo()
+	store.SetOrigin(uint64(info.Created.UnixNano()))
+	st.load(st.clock.Load(), info.State.LastSeq)
 	registerStateMetrics(deps.Registerer, st)
 	dropped := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_dedup_duplicates_total",
@@ -212,6 +225,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
+	h.log = log
 	stageCfg := cfg.Stage
 	stageCfg.OnDuplicate = dropped.WithLabelValues("stream").Inc
 	r, err := stage.New(deps.NATS, stageCfg, h.Handle, deps.Logger, deps.Registerer)

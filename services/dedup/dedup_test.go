@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -395,5 +396,91 @@ func TestProcessWindows(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Against JetStream: a repeat inside the window is dropped, a repeat after the
+// window has ended passes. UNIQUE's own duplicate window is cut to 100 ms and the
+// dedup window to 1 s, so the test waits about a second for the window to end.
+func TestRepeatInsideAndOutsideWindow(t *testing.T) {
+	nc, js := setup(t)
+	ctx := context.Background()
+	topo, _ := streams.Load()
+	uc, _ := topo.Stream(streams.Unique)
+	uc.Duplicates = 100 * time.Millisecond
+	if _, err := js.UpdateStream(ctx, *uc); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.Window.Window = time.Second
+	reg := prometheus.NewRegistry()
+	stop := runWith(t, nc, cfg, reg)
+	defer stop()
+	pub := func() {
+		t.Helper()
+		if err := nc.Publish("events.web.click", []byte(`{"id":"w1","source":"web"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitUnique := func(n uint64) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for streamMsgs(t, js, streams.Unique) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("UNIQUE holds %d, want %d", streamMsgs(t, js, streams.Unique), n)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	pub()
+	waitUnique(1)
+	first, err := js.Stream(ctx, streams.Unique)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := first.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expires, _ := strconv.ParseInt(m.Header.Get(HeaderExpires), 10, 64)
+	pub() // inside the window
+	waitStored(t, js, 2)
+	waitIdle(t, js)
+	if got := streamMsgs(t, js, streams.Unique); got != 1 {
+		t.Fatalf("a repeat inside the window passed: UNIQUE holds %d", got)
+	}
+	if got := testutil.ToFloat64(dupCounter(reg, "window")); got != 1 {
+		t.Fatalf("window duplicates = %v, want 1", got)
+	}
+	for time.Now().Unix() <= expires { // until the window has ended
+		time.Sleep(20 * time.Millisecond)
+	}
+	pub() // after the window
+	waitUnique(2)
+}
+
+// A snapshot of another UNIQUE stream (deleted and created again) is not loaded:
+// its keys would drop events the new stream never saw.
+func TestSnapshotOfAnotherStreamIsIgnored(t *testing.T) {
+	dataDir := t.TempDir()
+	cfg := DefaultConfig()
+	cfg.DataDir = dataDir
+	{
+		nc, js := setup(t)
+		publishAt(t, nc, "x1", time.Now())
+		waitStored(t, js, 1)
+		stop := runWith(t, nc, cfg, prometheus.NewRegistry())
+		waitIdle(t, js)
+		stop()
+	}
+	// A new server and new streams, the same data dir.
+	nc, js := setup(t)
+	publishAt(t, nc, "x1", time.Now())
+	waitStored(t, js, 1)
+	stop := runWith(t, nc, cfg, prometheus.NewRegistry())
+	waitIdle(t, js)
+	stop()
+	if got := streamMsgs(t, js, streams.Unique); got != 1 {
+		t.Fatalf("UNIQUE of the new stream holds %d, want 1: the old snapshot's key dropped the event", got)
 	}
 }

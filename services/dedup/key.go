@@ -3,8 +3,13 @@ package dedup
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
+	"maps"
 	"slices"
 	"strings"
+	"time"
+
+	json "github.com/goccy/go-json"
 
 	"github.com/sluicehq/sluice/schemas/events"
 )
@@ -14,6 +19,7 @@ import (
 // 1e9 distinct keys collide is about 1.5e-21.
 //
 // In order of precedence:
+//  0. for subjects with a key rule (dedup.keys), the rule's fields ("f", see FieldsKey);
 //  1. the producer's Nats-Msg-Id header ("m");
 //  2. the CloudEvents source and id ("e");
 //  3. for an event without id, its content: the NATS subject, the ce-* headers and
@@ -62,4 +68,69 @@ func headerValue(h map[string][]string, name string) string {
 		}
 	}
 	return ""
+}
+
+// KeyRule keys the events published to subjects matching Subjects by Fields, for
+// producers whose ids are not stable. A field is an envelope attribute (id, source,
+// type, subject, time, datacontenttype, dataschema), data (all of it), or a path
+// into the JSON data: data.device.id.
+type KeyRule struct {
+	Subjects string   `yaml:"subjects"`
+	Fields   []string `yaml:"fields"`
+}
+
+var attrFields = map[string]func(*events.Event) string{
+	"id":              func(e *events.Event) string { return e.ID },
+	"source":          func(e *events.Event) string { return e.Source },
+	"type":            func(e *events.Event) string { return e.Type },
+	"subject":         func(e *events.Event) string { return e.Subject },
+	"time":            func(e *events.Event) string { return e.Time.Format(time.RFC3339Nano) },
+	"datacontenttype": func(e *events.Event) string { return e.DataContentType },
+	"dataschema":      func(e *events.Event) string { return e.DataSchema },
+	"data":            func(e *events.Event) string { return string(e.Data) },
+}
+
+// checkField reports a field name FieldsKey cannot read.
+func checkField(f string) error {
+	if _, ok := attrFields[f]; ok {
+		return nil
+	}
+	if path, ok := strings.CutPrefix(f, "data."); ok && !slices.Contains(strings.Split(path, "."), "") {
+		return nil
+	}
+	return fmt.Errorf("key field %q is not an envelope attribute (%s), data, or data.<path>", f, strings.Join(slices.Sorted(maps.Keys(attrFields)), ", "))
+}
+
+// FieldsKey keys e by the given fields. A data path that the event lacks is an
+// error: the event is dead-lettered rather than keyed by less than asked.
+func FieldsKey(e *events.Event, fields []string) (string, error) {
+	parts := make([]string, 0, len(fields)+1)
+	parts = append(parts, "f")
+	var data any
+	decoded := false
+	for _, f := range fields {
+		if get, ok := attrFields[f]; ok {
+			parts = append(parts, get(e))
+			continue
+		}
+		if !decoded {
+			if len(e.Data) == 0 || json.Unmarshal(e.Data, &data) != nil {
+				return "", fmt.Errorf("key field %s: the event has no JSON data", f)
+			}
+			decoded = true
+		}
+		v := data
+		for step := range strings.SplitSeq(strings.TrimPrefix(f, "data."), ".") {
+			obj, ok := v.(map[string]any)
+			if !ok {
+				return "", fmt.Errorf("key field %s is missing from the event's data", f)
+			}
+			if v, ok = obj[step]; !ok {
+				return "", fmt.Errorf("key field %s is missing from the event's data", f)
+			}
+		}
+		raw, _ := json.Marshal(v)
+		parts = append(parts, string(raw))
+	}
+	return keyOf(parts...), nil
 }

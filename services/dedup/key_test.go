@@ -1,6 +1,9 @@
 package dedup
 
 import (
+	"strings"
+
+	"github.com/sluicehq/sluice/services/dedup/window"
 	"testing"
 	"time"
 
@@ -50,5 +53,90 @@ func TestKey(t *testing.T) {
 	}
 	if k := key("events.a.b", nil, `{"id":"1"}`); len(k) != 32 {
 		t.Errorf("key %q: want 32 hex characters (128 bits)", k)
+	}
+}
+
+func TestFieldsKey(t *testing.T) {
+	d := events.NewDecoder(nil)
+	ev := func(data string) *events.Event {
+		t.Helper()
+		e, err := d.Decode(events.Message{Subject: "events.iot.reading", Data: []byte(data), Received: time.Now()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	fields := []string{"source", "data.device.id", "data.seq"}
+	k1, err := FieldsKey(ev(`{"id":"unstable-1","data":{"device":{"id":"d1"},"seq":7}}`), fields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := FieldsKey(ev(`{"id":"unstable-2","data":{"device":{"id":"d1"},"seq":7,"extra":true}}`), fields)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k1 != k2 {
+		t.Fatal("same fields, other ids: keys differ")
+	}
+	k3, _ := FieldsKey(ev(`{"id":"x","data":{"device":{"id":"d1"},"seq":"7"}}`), fields)
+	if k3 == k1 {
+		t.Fatal(`seq 7 and "7" must key differently`)
+	}
+	for _, tt := range []struct{ name, data, want string }{
+		{"missing path", `{"id":"x","data":{"device":{}}}`, "key field data.device.id is missing"},
+		{"not an object", `{"id":"x","data":{"device":"d1","seq":1}}`, "key field data.device.id is missing"},
+		{"no data", `{"id":"x"}`, "the event has no JSON data"},
+	} {
+		if _, err := FieldsKey(ev(tt.data), fields); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: err = %v, want %q", tt.name, err, tt.want)
+		}
+	}
+	for _, f := range []string{"id", "data", "data.a.b", "time"} {
+		if err := checkField(f); err != nil {
+			t.Errorf("checkField(%q) = %v", f, err)
+		}
+	}
+	for _, f := range []string{"ids", "data.", "data..a", "datax"} {
+		if err := checkField(f); err == nil {
+			t.Errorf("checkField(%q) accepted", f)
+		}
+	}
+}
+
+// A key rule keys by its fields, ahead of ids and Nats-Msg-Id; a missing field
+// dead-letters the event with the reason.
+func TestProcessKeyRule(t *testing.T) {
+	w := DefaultWindowConfig()
+	w.MinHold = 10 * time.Minute
+	w.Keys = []KeyRule{{Subjects: "events.iot.>", Fields: []string{"source", "data.seq"}}}
+	if err := w.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	store := window.NewStore(0)
+	h, err := NewHandler(1<<20, w, store, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	first := h.Process(events.Message{Subject: "events.iot.r", Data: []byte(`{"id":"a","data":{"seq":1}}`), Received: now})
+	if first.Out == nil {
+		t.Fatalf("first: %+v", first)
+	}
+	store.Add(first.Key, first.Expires, 1, unixSeconds(now))
+	again := h.Process(events.Message{Subject: "events.iot.r", Header: map[string][]string{"Nats-Msg-Id": {"other"}}, Data: []byte(`{"id":"b","data":{"seq":1}}`), Received: now})
+	if !again.Duplicate {
+		t.Fatal("same source and seq with another id and Nats-Msg-Id: not recognised")
+	}
+	bad := h.Process(events.Message{Subject: "events.iot.r", Data: []byte(`{"id":"c","data":{}}`), Received: now})
+	if bad.Invalid == nil || !strings.Contains(bad.Invalid.Error(), "key field data.seq is missing") {
+		t.Fatalf("missing field: %+v", bad)
+	}
+	other := h.Process(events.Message{Subject: "events.web.r", Data: []byte(`{"id":"c","data":{}}`), Received: now})
+	if other.Out == nil {
+		t.Fatalf("other subjects keep the default key: %+v", other)
+	}
+	w.Keys = []KeyRule{{Subjects: "events.iot.>", Fields: []string{"data.", "nope"}}}
+	if err := w.Validate(); err == nil || !strings.Contains(err.Error(), `key field "nope"`) {
+		t.Fatalf("Validate = %v", err)
 	}
 }

@@ -65,9 +65,10 @@ func (s *state) advance(t uint32) {
 	}
 }
 
-// load reads the snapshot, if there is one. A corrupt snapshot is logged and
-// ignored: the replay of UNIQUE from its start rebuilds the state.
-func (s *state) load(now uint32) {
+// load reads the snapshot, if there is one. A corrupt snapshot, or one of another
+// UNIQUE stream (deleted and created again since), or one ahead of the stream, is
+// logged and ignored: the replay of UNIQUE from its start rebuilds the state.
+func (s *state) load(now uint32, streamLastSeq uint64) {
 	if s.path == "" {
 		return
 	}
@@ -83,7 +84,12 @@ func (s *state) load(now uint32) {
 	start := time.Now()
 	seq, err := s.store.ReadSnapshot(f, now)
 	if err != nil {
-		s.log.Error("cannot read the dedup snapshot; rebuilding from the UNIQUE stream", "path", s.path, "err", err)
+		s.log.Error("cannot use the dedup snapshot; rebuilding from the UNIQUE stream", "path", s.path, "err", err)
+		return
+	}
+	if seq > streamLastSeq {
+		s.log.Error("the dedup snapshot is ahead of the UNIQUE stream (was it purged?); rebuilding from the stream", "path", s.path, "snapshot_seq", seq, "stream_seq", streamLastSeq)
+		s.store.Reset()
 		return
 	}
 	if info, err := f.Stat(); err == nil {

@@ -69,7 +69,7 @@ func TestServicesAsProcesses(t *testing.T) {
 		p.cmd.Env = append(os.Environ(),
 			"NATS_URL="+ns.URL, "METRICS_ADDR="+p.metrics, "LOG_LEVEL=warn",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
-			"SLUICE_CONFIG="+cfg,
+			"SLUICE_CONFIG="+cfg, "SLUICE_DATA_DIR="+t.TempDir(),
 		)
 		p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 		if err := p.cmd.Start(); err != nil {

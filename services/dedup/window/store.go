@@ -19,10 +19,27 @@ type Store struct {
 	lastSeq uint64
 	evicted uint64 // keys dropped before their expiry because the store was full
 	horizon uint32 // the latest expiry dropped early
+	// origin identifies the stream the keys come from (its creation time); a snapshot
+	// of another stream's keys is not loaded.
+	origin uint64
+}
+
+// SetOrigin records which stream the store's keys and sequences belong to.
+func (s *Store) SetOrigin(origin uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.origin = origin
 }
 
 // NewStore returns an empty store holding at most maxKeys keys (0: no bound).
 func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys} }
+
+// Reset empties the store, keeping its cap and origin.
+func (s *Store) Reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.t, s.lastSeq, s.evicted, s.horizon = Table{}, 0, 0, 0
+}
 
 // Seen reports whether k is held and still inside its window at now.
 func (s *Store) Seen(k Key, now uint32) bool {
@@ -81,12 +98,15 @@ func (s *Store) Stats() Stats {
 	return Stats{Keys: s.t.Len(), Bytes: s.t.Bytes(), LastSeq: s.lastSeq, EvictedEarly: s.evicted, Horizon: s.horizon}
 }
 
-// Snapshot format: magic, last sequence, key count, then per key Hi, Lo, expiry
-// (little-endian), then a CRC-32 (IEEE) of everything before it.
-var magic = [8]byte{'s', 'l', 'd', 'e', 'd', 'u', 'p', '1'}
+// Snapshot format: magic, origin, last sequence, key count, then per key Hi, Lo,
+// expiry (little-endian), then a CRC-32 (IEEE) of everything before it.
+var magic = [8]byte{'s', 'l', 'd', 'e', 'd', 'u', 'p', '2'}
 
 // ErrCorrupt means a snapshot is truncated or fails its checksum.
 var ErrCorrupt = errors.New("dedup snapshot is corrupt")
+
+// ErrOtherOrigin means a snapshot holds the keys of another stream than the store's.
+var ErrOtherOrigin = errors.New("dedup snapshot is of another stream")
 
 // WriteSnapshot writes every key held, and the last sequence applied, to w.
 func (s *Store) WriteSnapshot(w io.Writer) error {
@@ -96,6 +116,8 @@ func (s *Store) WriteSnapshot(w io.Writer) error {
 	bw := bufio.NewWriterSize(io.MultiWriter(w, crc), 1<<16)
 	var buf [20]byte
 	bw.Write(magic[:])
+	binary.LittleEndian.PutUint64(buf[:8], s.origin)
+	bw.Write(buf[:8])
 	binary.LittleEndian.PutUint64(buf[:8], s.lastSeq)
 	bw.Write(buf[:8])
 	binary.LittleEndian.PutUint64(buf[:8], uint64(s.t.Len()))
@@ -118,20 +140,27 @@ func (s *Store) WriteSnapshot(w io.Writer) error {
 }
 
 // ReadSnapshot replaces the store's keys with those of a snapshot, leaving out the
-// ones expired at now, and returns the snapshot's last sequence.
+// ones expired at now, and returns the snapshot's last sequence. A snapshot whose
+// origin is not the store's is refused with ErrOtherOrigin.
 func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
 	crc := crc32.NewIEEE()
 	br := bufio.NewReaderSize(r, 1<<16)
 	tr := io.TeeReader(br, crc)
-	var head [24]byte
+	var head [32]byte
 	if _, err := io.ReadFull(tr, head[:]); err != nil {
 		return 0, fmt.Errorf("%w: header: %v", ErrCorrupt, err)
 	}
 	if [8]byte(head[:8]) != magic {
-		return 0, fmt.Errorf("%w: not a dedup snapshot", ErrCorrupt)
+		return 0, fmt.Errorf("%w: not a dedup snapshot of this version", ErrCorrupt)
 	}
-	lastSeq := binary.LittleEndian.Uint64(head[8:16])
-	count := binary.LittleEndian.Uint64(head[16:24])
+	s.mu.RLock()
+	origin := s.origin
+	s.mu.RUnlock()
+	if got := binary.LittleEndian.Uint64(head[8:16]); got != origin {
+		return 0, fmt.Errorf("%w (origin %d, want %d)", ErrOtherOrigin, got, origin)
+	}
+	lastSeq := binary.LittleEndian.Uint64(head[16:24])
+	count := binary.LittleEndian.Uint64(head[24:32])
 	var t Table
 	if count > 0 && count < 1<<32 {
 		t.resize(max(minSlots, int(float64(count)/rebuildLoad)+1))

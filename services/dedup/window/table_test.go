@@ -165,6 +165,14 @@ func TestSnapshotRoundTrip(t *testing.T) {
 			t.Fatalf("corrupt snapshot: err = %v", err)
 		}
 	}
+	other := NewStore(0)
+	other.SetOrigin(42)
+	if _, err := other.ReadSnapshot(bytes.NewReader(raw), 0); !errors.Is(err, ErrOtherOrigin) {
+		t.Fatalf("snapshot of another stream: err = %v", err)
+	}
+	if other.Stats().Keys != 0 {
+		t.Fatal("a refused snapshot left keys behind")
+	}
 	flipped := append([]byte{}, raw...)
 	flipped[40] ^= 1
 	if _, err := NewStore(0).ReadSnapshot(bytes.NewReader(flipped), 0); !errors.Is(err, ErrCorrupt) {
