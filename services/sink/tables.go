@@ -98,8 +98,15 @@ func eventRowOf(data []byte, seq uint64) (Row, error) {
 		return s
 	}
 	var asn uint32
-	if f, ok := e.Enrichment["geo_asn"].(float64); ok && f >= 0 && f <= 1<<32-1 {
-		asn = uint32(f)
+	switch v := e.Enrichment["geo_asn"].(type) {
+	case float64:
+		if v >= 0 && v <= 1<<32-1 {
+			asn = uint32(v)
+		}
+	case string:
+		if n, err := strconv.ParseUint(strings.TrimPrefix(strings.ToUpper(v), "AS"), 10, 32); err == nil {
+			asn = uint32(n)
+		}
 	}
 	rest := ""
 	if len(e.Enrichment) > 0 {

@@ -59,6 +59,12 @@ func RunStages(ctx context.Context, s Stages) error {
 		return err
 	}
 	dedupCfg.DataDir = s.DataDir
+	enrichCfg := enrich.DefaultConfig()
+	if enrichCfg.Enrich, err = enrich.LoadEnrichConfig(s.Config); err != nil {
+		return err
+	}
+	enrichCfg.ConfigPath = s.Config.Path
+	enrichCfg.Secrets = s.Env
 	sinkCfg := s.Sink
 	if sinkCfg == (sink.Config{}) {
 		sinkCfg = sink.DefaultConfig()
@@ -79,7 +85,7 @@ func RunStages(ctx context.Context, s Stages) error {
 			return dedup.Run(ctx, dedupCfg, dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
 		}},
 		{enrich.Name, func(ctx context.Context) error {
-			return enrich.Run(ctx, enrich.DefaultConfig(), enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name)})
+			return enrich.Run(ctx, enrichCfg, enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name)})
 		}},
 		{alert.Name, func(ctx context.Context) error {
 			return alert.Run(ctx, alertCfg, alert.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(alert.Name)})

@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/service"
 )
 
@@ -14,8 +15,19 @@ func main() {
 		Name:        "enrich",
 		Summary:     "validates raw events, drops repeats inside the enrich window, publishes to UNIQUE",
 		MetricsAddr: "127.0.0.1:9302",
+		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
-			return enrich.Run(ctx, enrich.DefaultConfig(), enrich.Deps{
+			f, err := configfile.Load(env.Service.ConfigPath)
+			if err != nil {
+				return err
+			}
+			cfg := enrich.DefaultConfig()
+			if cfg.Enrich, err = enrich.LoadEnrichConfig(f); err != nil {
+				return err
+			}
+			cfg.ConfigPath = env.Service.ConfigPath
+			cfg.Secrets = os.LookupEnv
+			return enrich.Run(ctx, cfg, enrich.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },
 			})

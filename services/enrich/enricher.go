@@ -1,0 +1,375 @@
+package enrich
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/expr-lang/expr"
+	"github.com/expr-lang/expr/vm"
+	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/ua-parser/uap-go/uaparser"
+
+	"github.com/sluicehq/sluice/schemas/events"
+)
+
+// VersionsField is the enrichment field that records which table versions an event
+// was enriched from, by table name.
+const VersionsField = "table_versions"
+
+// Enricher applies compiled rules to events. It is the stage's pure core: tables
+// answer from memory, and nothing here does I/O.
+type Enricher struct {
+	rules  []*rule
+	tables map[string]Table
+	geo    map[string]*geoHolder
+	ua     *uaparser.Parser
+	// Miss, if set, is called for each lookup whose key a table lacks.
+	Miss func(table string)
+}
+
+type rule struct {
+	types    []string
+	subjects string
+	lookups  []LookupConfig
+	defaults map[string]map[string]any // by table
+	geoip    []GeoIPConfig
+	ua       *UAConfig
+	derived  []derived
+	masks    []mask
+}
+
+type derived struct {
+	name   string
+	prog   *vm.Program
+	bucket time.Duration
+}
+
+type mask struct {
+	path   []string // below data
+	how    string
+	secret []byte
+}
+
+// ExprEnv is what derived expressions see of an event.
+type ExprEnv struct {
+	ID         string         `expr:"id"`
+	Source     string         `expr:"source"`
+	Type       string         `expr:"type"`
+	Subject    string         `expr:"subject"`
+	Time       time.Time      `expr:"time"`
+	Key        string         `expr:"key"`
+	Data       any            `expr:"data"`
+	Enrichment map[string]any `expr:"enrichment"`
+}
+
+// geoHolder lets a reload swap a geo table under running enrichers.
+type geoHolder struct {
+	t       atomic.Pointer[GeoTable]
+	files   []string
+	columns []string
+	stamps  []fileStamp
+}
+
+// reload reads the files again if any changed; a failure keeps the current table.
+func (g *geoHolder) reload() (bool, error) {
+	stamps := make([]fileStamp, len(g.files))
+	for i, f := range g.files {
+		st, err := stampOf(f)
+		if err != nil {
+			return false, fmt.Errorf("geo table: %w", err)
+		}
+		stamps[i] = st
+	}
+	if slices.Equal(stamps, g.stamps) && g.t.Load() != nil {
+		return false, nil
+	}
+	t, err := LoadGeo(g.files, g.columns)
+	if err != nil {
+		return false, err
+	}
+	g.t.Store(t)
+	g.stamps = stamps
+	return true, nil
+}
+
+// NewEnricher compiles cfg's rules over the given tables. secrets reads the HMAC
+// keys named by masks. Every problem is reported, with its path.
+func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoHolder, ua *uaparser.Parser, secrets func(string) (string, bool)) (*Enricher, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	en := &Enricher{tables: tables, geo: geo, ua: ua}
+	defaults := map[string]map[string]any{}
+	for _, t := range cfg.Tables {
+		defaults[t.Name] = t.Default
+	}
+	var errs []error
+	for i, rc := range cfg.Rules {
+		r := &rule{types: rc.Types, subjects: rc.Subjects, lookups: rc.Lookups, defaults: defaults, geoip: rc.GeoIP, ua: rc.UserAgent}
+		for j, d := range rc.Derived {
+			dv := derived{name: d.Name, bucket: d.Bucket}
+			if d.Expr != "" {
+				prog, err := expr.Compile(d.Expr, expr.Env(ExprEnv{}))
+				if err != nil {
+					errs = append(errs, fmt.Errorf("enrich.rules[%d].derived[%d] (%s): %w", i, j, d.Name, err))
+					continue
+				}
+				dv.prog = prog
+			}
+			r.derived = append(r.derived, dv)
+		}
+		for j, m := range rc.Mask {
+			mk := mask{path: strings.Split(strings.TrimPrefix(m.Field, "data."), "."), how: m.How}
+			if m.How == MaskHMAC {
+				v, ok := secrets(m.SecretEnv)
+				if !ok || v == "" {
+					errs = append(errs, fmt.Errorf("enrich.rules[%d].mask[%d].secret_env: environment variable %s is not set", i, j, m.SecretEnv))
+					continue
+				}
+				mk.secret = []byte(v)
+			}
+			r.masks = append(r.masks, mk)
+		}
+		en.rules = append(en.rules, r)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	if ua == nil && slices.ContainsFunc(cfg.Rules, func(r RuleConfig) bool { return r.UserAgent != nil }) {
+		return nil, errors.New("enrich: user_agent rules need a parser")
+	}
+	return en, nil
+}
+
+func (r *rule) matches(e *events.Event) bool {
+	if len(r.types) > 0 && !slices.Contains(r.types, e.Type) {
+		return false
+	}
+	if r.subjects != "" && !server.SubjectMatchesFilter(e.NATSSubject, r.subjects) {
+		return false
+	}
+	return true
+}
+
+// eventData decodes an event's data once, on first use.
+type eventData struct {
+	e       *events.Event
+	v       any
+	decoded bool
+	changed bool
+}
+
+func (d *eventData) get() any {
+	if !d.decoded {
+		d.decoded = true
+		if len(d.e.Data) > 0 {
+			_ = json.Unmarshal(d.e.Data, &d.v)
+		}
+	}
+	return d.v
+}
+
+// field returns the text of an envelope attribute or a data path.
+func (d *eventData) field(path string) (string, bool) {
+	switch path {
+	case "id":
+		return d.e.ID, d.e.ID != ""
+	case "source":
+		return d.e.Source, true
+	case "type":
+		return d.e.Type, true
+	case "subject":
+		return d.e.Subject, d.e.Subject != ""
+	case "key":
+		return d.e.Key, true
+	}
+	v := d.get()
+	for step := range strings.SplitSeq(strings.TrimPrefix(path, "data."), ".") {
+		obj, ok := v.(map[string]any)
+		if !ok {
+			return "", false
+		}
+		if v, ok = obj[step]; !ok {
+			return "", false
+		}
+	}
+	if v == nil {
+		return "", false
+	}
+	return keyString(v), true
+}
+
+// Enrich applies every matching rule to e: lookups, geo, user agent, derived
+// fields, then masks. The enrichment lands in e.Enrichment; masks change e.Data.
+func (en *Enricher) Enrich(e *events.Event) {
+	d := &eventData{e: e}
+	var versions map[string]string
+	setVersion := func(name, v string) {
+		if versions == nil {
+			versions = map[string]string{}
+		}
+		versions[name] = v
+	}
+	out := e.Enrichment
+	set := func(k string, v any) {
+		if out == nil {
+			out = map[string]any{}
+		}
+		out[k] = v
+	}
+	for _, r := range en.rules {
+		if !r.matches(e) {
+			continue
+		}
+		for _, l := range r.lookups {
+			t := en.tables[l.Table]
+			setVersion(l.Table, t.Version())
+			key, ok := d.field(l.From)
+			row, found := map[string]any(nil), false
+			if ok {
+				row, found = t.Get(key)
+			}
+			if !found {
+				if en.Miss != nil {
+					en.Miss(l.Table)
+				}
+				row = r.defaults[l.Table]
+			}
+			for k, v := range row {
+				set(l.To+"_"+k, v)
+			}
+		}
+		for _, g := range r.geoip {
+			t := en.geo[g.Table].t.Load()
+			setVersion(g.Table, t.Version())
+			addr, ok := d.field(g.From)
+			if !ok {
+				continue
+			}
+			if vals, ok := t.Lookup(addr); ok {
+				for i, c := range t.Columns() {
+					set(g.To+"_"+c, vals[i])
+				}
+			} else if en.Miss != nil {
+				en.Miss(g.Table)
+			}
+		}
+		if r.ua != nil {
+			if s, ok := d.field(r.ua.From); ok {
+				c := en.ua.Parse(s)
+				set(r.ua.To+"_browser", joinVersion(c.UserAgent.Family, c.UserAgent.Major))
+				set(r.ua.To+"_os", joinVersion(c.Os.Family, c.Os.Major))
+				set(r.ua.To+"_device", c.Device.Family)
+				set(r.ua.To+"_device_class", deviceClass(c))
+			}
+		}
+		for _, dv := range r.derived {
+			if dv.prog == nil {
+				set(dv.name, e.Time.Truncate(dv.bucket).UTC().Format(time.RFC3339))
+				continue
+			}
+			v, err := expr.Run(dv.prog, &ExprEnv{ID: e.ID, Source: e.Source, Type: e.Type, Subject: e.Subject, Time: e.Time, Key: e.Key, Data: d.get(), Enrichment: out})
+			if err == nil {
+				set(dv.name, v)
+			}
+		}
+		for _, m := range r.masks {
+			if applyMask(d, m) {
+				d.changed = true
+			}
+		}
+	}
+	if versions != nil {
+		set(VersionsField, versions)
+	}
+	e.Enrichment = out
+	if d.changed {
+		if b, err := json.Marshal(d.v); err == nil {
+			e.Data = b
+		}
+	}
+}
+
+func joinVersion(family, major string) string {
+	if major == "" {
+		return family
+	}
+	return family + " " + major
+}
+
+// deviceClass sorts a parse into bot, tablet, mobile, desktop or other.
+func deviceClass(c *uaparser.Client) string {
+	switch {
+	case c.Device.Family == "Spider":
+		return "bot"
+	case strings.Contains(c.Device.Family, "iPad") || strings.Contains(strings.ToLower(c.Device.Family), "tablet"):
+		return "tablet"
+	case c.Os.Family == "iOS" || c.Os.Family == "Android" || c.Device.Family == "iPhone" || (c.Device.Brand != "" && c.Device.Family != "Other"):
+		return "mobile"
+	case slices.Contains([]string{"Windows", "Mac OS X", "Linux", "Ubuntu", "Chrome OS", "Fedora", "FreeBSD"}, c.Os.Family):
+		return "desktop"
+	default:
+		return "other"
+	}
+}
+
+// applyMask masks one data field; it reports whether data changed.
+func applyMask(d *eventData, m mask) bool {
+	obj, ok := d.get().(map[string]any)
+	if !ok {
+		return false
+	}
+	for _, step := range m.path[:len(m.path)-1] {
+		if obj, ok = obj[step].(map[string]any); !ok {
+			return false
+		}
+	}
+	leaf := m.path[len(m.path)-1]
+	v, ok := obj[leaf]
+	if !ok {
+		return false
+	}
+	switch m.how {
+	case MaskRemove:
+		delete(obj, leaf)
+	case MaskHMAC:
+		mac := hmac.New(sha256.New, m.secret)
+		mac.Write([]byte(keyString(v)))
+		obj[leaf] = hex.EncodeToString(mac.Sum(nil))
+	case MaskTruncate:
+		s, _ := v.(string)
+		if t, ok := truncateIP(s); ok {
+			obj[leaf] = t
+		} else {
+			delete(obj, leaf) // not an address: nothing of it may leak
+		}
+	}
+	return true
+}
+
+// truncateIP keeps the /24 of an IPv4 address and the /48 of an IPv6 one.
+func truncateIP(s string) (string, bool) {
+	addr, err := netip.ParseAddr(s)
+	if err != nil {
+		return "", false
+	}
+	addr = addr.Unmap()
+	bits := 48
+	if addr.Is4() {
+		bits = 24
+	}
+	p, err := addr.Prefix(bits)
+	if err != nil {
+		return "", false
+	}
+	return p.Addr().String(), true
+}

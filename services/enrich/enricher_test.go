@@ -1,0 +1,195 @@
+package enrich
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"strings"
+	"testing"
+	"time"
+
+	json "github.com/goccy/go-json"
+	"github.com/ua-parser/uap-go/uaparser"
+
+	"github.com/sluicehq/sluice/schemas/events"
+)
+
+type staticTable map[string]map[string]any
+
+func (s staticTable) Get(k string) (map[string]any, bool) { r, ok := s[k]; return r, ok }
+func (s staticTable) Version() string                       { return "static:1" }
+
+func testEnricher(t *testing.T, cfg EnrichConfig, tables map[string]Table, geo map[string]*geoHolder) *Enricher {
+	t.Helper()
+	ua, err := uaparser.New(uaparser.WithCacheSize(100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	en, err := NewEnricher(cfg, tables, geo, ua, func(k string) (string, bool) {
+		return map[string]string{"MASK_KEY": "s3cret"}[k], k == "MASK_KEY"
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return en
+}
+
+func event(typ, data string) *events.Event {
+	return &events.Event{ID: "1", Source: "web", Type: typ, Key: "k", NATSSubject: "events.web." + typ,
+		Time: time.Date(2026, 11, 21, 10, 37, 12, 0, time.UTC), Data: json.RawMessage(data)}
+}
+
+func TestEnrich(t *testing.T) {
+	geoFile := writeFile(t, "geo.csv", "203.0.113.0/24,ZZ,64500\n2001:db8::/32,YY,64501\n")
+	gh := &geoHolder{files: []string{geoFile}, columns: []string{"country", "asn"}}
+	if _, err := gh.reload(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultEnrichConfig()
+	cfg.Tables = []TableConfig{{Name: "users", KV: "users", Default: map[string]any{"plan": "unknown"}}}
+	cfg.Geo = []GeoConfig{{Name: "geo", Files: []string{geoFile}, Columns: []string{"country", "asn"}}}
+	cfg.Rules = []RuleConfig{{
+		Types:     []string{"page.view"},
+		Lookups:   []LookupConfig{{Table: "users", From: "data.user", To: "user"}},
+		GeoIP:     []GeoIPConfig{{Table: "geo", From: "data.ip", To: "geo"}},
+		UserAgent: &UAConfig{From: "data.ua", To: "ua"},
+		Derived: []DerivedConfig{
+			{Name: "hour", Bucket: time.Hour},
+			{Name: "is_pro", Expr: `enrichment.user_plan == "pro"`},
+		},
+		Mask: []MaskConfig{
+			{Field: "data.ip", How: MaskTruncate},
+			{Field: "data.email", How: MaskHMAC, SecretEnv: "MASK_KEY"},
+			{Field: "data.password", How: MaskRemove},
+		},
+	}}
+	users := staticTable{"u1": {"plan": "pro", "name": "Ada"}}
+	en := testEnricher(t, cfg, map[string]Table{"users": users}, map[string]*geoHolder{"geo": gh})
+	misses := 0
+	en.Miss = func(string) { misses++ }
+
+	chrome := "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
+	e := event("page.view", `{"user":"u1","ip":"203.0.113.77","ua":"`+chrome+`","email":"ada@example.com","password":"hunter2"}`)
+	en.Enrich(e)
+	want := map[string]any{
+		"user_plan": "pro", "user_name": "Ada", "geo_country": "ZZ", "geo_asn": "64500",
+		"ua_browser": "Chrome 126", "ua_os": "Windows 10", "ua_device": "Other", "ua_device_class": "desktop",
+		"hour": "2026-11-21T10:00:00Z", "is_pro": true,
+	}
+	for k, v := range want {
+		if e.Enrichment[k] != v {
+			t.Errorf("enrichment[%s] = %v, want %v", k, e.Enrichment[k], v)
+		}
+	}
+	versions, _ := e.Enrichment[VersionsField].(map[string]string)
+	if versions["users"] != "static:1" || !strings.HasPrefix(versions["geo"], "sha256:") {
+		t.Errorf("versions = %v", e.Enrichment[VersionsField])
+	}
+	var data map[string]any
+	if err := json.Unmarshal(e.Data, &data); err != nil {
+		t.Fatal(err)
+	}
+	mac := hmac.New(sha256.New, []byte("s3cret"))
+	mac.Write([]byte("ada@example.com"))
+	if data["ip"] != "203.0.113.0" || data["email"] != hex.EncodeToString(mac.Sum(nil)) || data["password"] != nil || data["user"] != "u1" {
+		t.Errorf("masked data = %v", data)
+	}
+	if misses != 0 {
+		t.Errorf("misses = %d", misses)
+	}
+
+	// A missing key gives the default and is counted; an unknown address adds nothing.
+	e = event("page.view", `{"user":"nobody","ip":"2001:db8:aa:bb::1"}`)
+	en.Enrich(e)
+	if e.Enrichment["user_plan"] != "unknown" || misses != 1 || e.Enrichment["geo_country"] != "YY" {
+		t.Errorf("miss: %v (misses %d)", e.Enrichment, misses)
+	}
+	var d2 map[string]any
+	_ = json.Unmarshal(e.Data, &d2)
+	if d2["ip"] != "2001:db8:aa::" {
+		t.Errorf("IPv6 truncated to %v, want the /48", d2["ip"])
+	}
+	// Other types are left alone.
+	e = event("order.created", `{"user":"u1","ip":"203.0.113.77"}`)
+	en.Enrich(e)
+	if e.Enrichment != nil || string(e.Data) != `{"user":"u1","ip":"203.0.113.77"}` {
+		t.Errorf("a rule for page.view touched order.created: %v %s", e.Enrichment, e.Data)
+	}
+}
+
+func TestMaskTruncate(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"192.0.2.200", "192.0.2.0"},
+		{"::ffff:192.0.2.200", "192.0.2.0"},
+		{"2001:db8:1:2:3::4", "2001:db8:1::"},
+	}
+	for _, tt := range tests {
+		if got, ok := truncateIP(tt.in); !ok || got != tt.want {
+			t.Errorf("truncateIP(%s) = %s", tt.in, got)
+		}
+	}
+	if _, ok := truncateIP("localhost"); ok {
+		t.Error("truncated a name")
+	}
+}
+
+func TestEnrichConfigErrors(t *testing.T) {
+	cfg := DefaultEnrichConfig()
+	cfg.Tables = []TableConfig{{Name: "t", File: "x.txt"}, {Name: "t", KV: "b", File: "y.csv", Key: "id"}}
+	cfg.Rules = []RuleConfig{{
+		Subjects: "events..x",
+		Lookups:  []LookupConfig{{Table: "nope", From: "dat.user", To: "u"}},
+		Derived:  []DerivedConfig{{Name: "d", Expr: "1 +"}, {Name: "e"}},
+		Mask:     []MaskConfig{{Field: "source", How: "blur"}, {Field: "data.e", How: MaskHMAC}},
+	}}
+	err := cfg.Validate()
+	for _, want := range []string{
+		`enrich.tables[0].key: is required with file`,
+		`enrich.tables[1].name: "t" is used twice`,
+		`enrich.tables[1]: set exactly one of kv and file`,
+		`enrich.rules[0].subjects: "events..x" is not a subject pattern`,
+		`enrich.rules[0].lookups[0].table: no table named "nope"`,
+		`enrich.rules[0].lookups[0].from: "dat.user"`,
+		`enrich.rules[0].derived[1]: set exactly one of expr and bucket`,
+		`enrich.rules[0].mask[0].field: "source": masks apply to data fields`,
+		`enrich.rules[0].mask[0].how: "blur"`,
+		`enrich.rules[0].mask[1].secret_env: is required for hmac`,
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("errors lack %q:\n%v", want, err)
+		}
+	}
+	// An expression that does not compile is reported with its path.
+	cfg = DefaultEnrichConfig()
+	cfg.Rules = []RuleConfig{{Derived: []DerivedConfig{{Name: "d", Expr: "nosuch + 1"}}}}
+	_, err = NewEnricher(cfg, nil, nil, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), "enrich.rules[0].derived[0] (d): unknown name nosuch") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestFileTable(t *testing.T) {
+	ft, err := loadFileTable("testdata/plans.csv", "id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row, ok := ft.Get("u1"); !ok || row["plan"] != "pro" || row["seats"] != "10" {
+		t.Fatalf("u1 = %v", row)
+	}
+	if _, ok := ft.Get("u9"); ok {
+		t.Fatal("u9 found")
+	}
+	p := writeFile(t, "users.jsonl", `{"id":"a","plan":"pro"}`+"\n"+`{"id":7,"plan":"free"}`+"\n")
+	jt, err := loadFileTable(p, "id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row, ok := jt.Get("7"); !ok || row["plan"] != "free" {
+		t.Fatalf("7 = %v", row)
+	}
+	for name, body := range map[string]string{"bad.jsonl": "{oops\n", "nokey.csv": "a,b\n1,2\n"} {
+		if _, err := loadFileTable(writeFile(t, name, body), "id"); err == nil {
+			t.Errorf("%s loaded", name)
+		}
+	}
+}

@@ -1,0 +1,241 @@
+package enrich
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/csv"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Table is a lookup table. Get never blocks on the network: KV tables are kept in
+// memory by a watch.
+type Table interface {
+	Get(key string) (map[string]any, bool)
+	// Version identifies the contents Get answers from.
+	Version() string
+}
+
+// Rows is an immutable snapshot of a table.
+type Rows struct {
+	m       map[string]map[string]any
+	version string
+}
+
+// fileTable is a CSV or JSON-lines file, reloaded when it changes. A reload swaps
+// the whole table at once; a broken file keeps the previous table.
+type fileTable struct {
+	path, key string
+	rows      atomic.Pointer[Rows]
+	stamp     fileStamp
+}
+
+type fileStamp struct {
+	mod  time.Time
+	size int64
+}
+
+func stampOf(path string) (fileStamp, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return fileStamp{}, err
+	}
+	return fileStamp{info.ModTime(), info.Size()}, nil
+}
+
+func loadFileTable(path, key string) (*fileTable, error) {
+	t := &fileTable{path: path, key: key}
+	if _, err := t.reload(); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *fileTable) Get(key string) (map[string]any, bool) {
+	row, ok := t.rows.Load().m[key]
+	return row, ok
+}
+
+func (t *fileTable) Version() string { return t.rows.Load().version }
+
+// reload reads the file if it changed; it reports whether it swapped the table.
+func (t *fileTable) reload() (bool, error) {
+	stamp, err := stampOf(t.path)
+	if err != nil {
+		return false, fmt.Errorf("table %s: %w", t.path, err)
+	}
+	if stamp == t.stamp && t.rows.Load() != nil {
+		return false, nil
+	}
+	rows, err := readRows(t.path, t.key)
+	if err != nil {
+		return false, err
+	}
+	t.rows.Store(rows)
+	t.stamp = stamp
+	return true, nil
+}
+
+// readRows reads a .csv file (header row, one column named key) or a .jsonl file
+// (one JSON object a line, with a key field).
+func readRows(path, key string) (*Rows, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("table %s: %w", path, err)
+	}
+	sum := sha256.Sum256(b)
+	rows := &Rows{m: map[string]map[string]any{}, version: "sha256:" + hex.EncodeToString(sum[:8])}
+	if strings.HasSuffix(path, ".jsonl") {
+		sc := bufio.NewScanner(strings.NewReader(string(b)))
+		sc.Buffer(make([]byte, 1<<16), 1<<24)
+		line := 0
+		for sc.Scan() {
+			line++
+			if strings.TrimSpace(sc.Text()) == "" {
+				continue
+			}
+			var row map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &row); err != nil {
+				return nil, fmt.Errorf("table %s: line %d: not a JSON object: %w", path, line, err)
+			}
+			k, ok := row[key]
+			if !ok {
+				return nil, fmt.Errorf("table %s: line %d: no key field %q", path, line, key)
+			}
+			rows.m[keyString(k)] = row
+		}
+		if err := sc.Err(); err != nil {
+			return nil, fmt.Errorf("table %s: %w", path, err)
+		}
+		return rows, nil
+	}
+	cr := csv.NewReader(strings.NewReader(string(b)))
+	header, err := cr.Read()
+	if err != nil {
+		return nil, fmt.Errorf("table %s: header: %w", path, err)
+	}
+	col := -1
+	for i, h := range header {
+		if h == key {
+			col = i
+		}
+	}
+	if col < 0 {
+		return nil, fmt.Errorf("table %s: no column %q in the header %v", path, key, header)
+	}
+	for line := 2; ; line++ {
+		rec, err := cr.Read()
+		if errors.Is(err, io.EOF) {
+			return rows, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("table %s: %w", path, err)
+		}
+		row := make(map[string]any, len(header))
+		for i, h := range header {
+			row[h] = rec[i]
+		}
+		rows.m[rec[col]] = row
+	}
+}
+
+// keyString renders a lookup key as the tables hold it: strings as they are, other
+// JSON values as JSON.
+func keyString(v any) string {
+	switch x := v.(type) {
+	case string:
+		return x
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64)
+	default:
+		b, _ := json.Marshal(x)
+		return string(b)
+	}
+}
+
+// kvTable mirrors a NATS KV bucket: keys are lookup keys, values JSON objects.
+type kvTable struct {
+	bucket string
+	mu     sync.RWMutex
+	rows   map[string]map[string]any
+	rev    uint64
+}
+
+func (t *kvTable) Get(key string) (map[string]any, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	row, ok := t.rows[key]
+	return row, ok
+}
+
+func (t *kvTable) Version() string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return "kv:" + t.bucket + "@" + strconv.FormatUint(t.rev, 10)
+}
+
+func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.rev = max(t.rev, e.Revision())
+	switch e.Operation() {
+	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
+		delete(t.rows, e.Key())
+		return
+	}
+	var row map[string]any
+	if err := json.Unmarshal(e.Value(), &row); err != nil {
+		log.Error("KV value is not a JSON object; keeping the previous value", "bucket", t.bucket, "key", e.Key(), "revision", e.Revision(), "err", err)
+		return
+	}
+	t.rows[e.Key()] = row
+}
+
+// watchKV opens (creating if needed) bucket and keeps t in step with it until ctx
+// is done. It returns once the bucket's current values are loaded; the watch goes on
+// in a goroutine that done waits for.
+func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, log *slog.Logger) (t *kvTable, done func(), err error) {
+	kv, err := js.KeyValue(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
+	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("KV bucket %s: %w", bucket, err)
+	}
+	w, err := kv.WatchAll(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("watch KV bucket %s: %w", bucket, err)
+	}
+	t = &kvTable{bucket: bucket, rows: map[string]map[string]any{}}
+	for e := range w.Updates() {
+		if e == nil { // the current values are all in
+			break
+		}
+		t.apply(e, log)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for e := range w.Updates() {
+			if e != nil {
+				t.apply(e, log)
+			}
+		}
+	})
+	return t, func() {
+		_ = w.Stop()
+		wg.Wait()
+	}, nil
+}
