@@ -21,7 +21,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/ua-parser/uap-go/uaparser"
 
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
@@ -116,13 +115,17 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	reloads := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_enrich_config_reloads_total", Help: "Reloads of the enrich config, by result (ok, failed: the running config stays).",
 	}, []string{"result"}))
+	fileReloads := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_enrich_file_reloads_total", Help: "Reloads of changed table files, by file and result (ok, failed: the previous table stays).",
+	}, []string{"file", "result"}))
 	miss := func(table string) { misses.WithLabelValues(table).Inc() }
-	ua, err := uaparser.New(uaparser.WithCacheSize(20_000))
+	reloaded := func(file, result string) { fileReloads.WithLabelValues(file, result).Inc() }
+	ua, err := NewUserAgents(20_000)
 	if err != nil {
-		return fmt.Errorf("enrich: user-agent parser: %w", err)
+		return fmt.Errorf("enrich: %w", err)
 	}
 	start := func(ec EnrichConfig) (*runtime, error) {
-		return startRuntime(ctx, ec, js, ua, cfg.Secrets, log, miss)
+		return startRuntime(ctx, ec, js, ua, cfg.Secrets, log, miss, reloaded)
 	}
 	rt, err := start(cfg.Enrich)
 	if err != nil {
@@ -142,13 +145,11 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 			watchConfig(watchCtx, cfg.ConfigPath, cfg.Enrich.ReloadInterval, log, func(ec EnrichConfig) error {
 				next, err := start(ec)
 				if err != nil {
-					reloads.WithLabelValues("failed").Inc()
 					return err
 				}
 				h.current.Swap(next).close()
-				reloads.WithLabelValues("ok").Inc()
 				return nil
-			})
+			}, func(result string) { reloads.WithLabelValues(result).Inc() })
 		})
 	}
 	r, err := stage.New(deps.NATS, cfg.Stage, h.Handle, deps.Logger, deps.Registerer)
@@ -161,7 +162,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 // watchConfig calls apply with the enrich section each time the file at path
 // changes; a file that does not parse or validate is logged and the running config
 // stays.
-func watchConfig(ctx context.Context, path string, every time.Duration, log *slog.Logger, apply func(EnrichConfig) error) {
+func watchConfig(ctx context.Context, path string, every time.Duration, log *slog.Logger, apply func(EnrichConfig) error, counted func(result string)) {
 	last, _ := stampOf(path)
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -186,8 +187,10 @@ func watchConfig(ctx context.Context, path string, every time.Duration, log *slo
 		}
 		if err != nil {
 			log.Error("the changed config did not load; the running enrich config stays", "config", path, "err", err)
+			counted("failed")
 			continue
 		}
+		counted("ok")
 		log.Info("enrich config reloaded", "config", path, "rules", len(ec.Rules))
 	}
 }

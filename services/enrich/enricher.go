@@ -15,6 +15,7 @@ import (
 	"github.com/expr-lang/expr"
 	"github.com/expr-lang/expr/vm"
 	json "github.com/goccy/go-json"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/ua-parser/uap-go/uaparser"
 
@@ -31,7 +32,7 @@ type Enricher struct {
 	rules  []*rule
 	tables map[string]Table
 	geo    map[string]*geoHolder
-	ua     *uaparser.Parser
+	ua     *UserAgents
 	// Miss, if set, is called for each lookup whose key a table lacks.
 	Miss func(table string)
 }
@@ -103,7 +104,7 @@ func (g *geoHolder) reload() (bool, error) {
 
 // NewEnricher compiles cfg's rules over the given tables. secrets reads the HMAC
 // keys named by masks. Every problem is reported, with its path.
-func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoHolder, ua *uaparser.Parser, secrets func(string) (string, bool)) (*Enricher, error) {
+func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoHolder, ua *UserAgents, secrets func(string) (string, bool)) (*Enricher, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -265,11 +266,11 @@ func (en *Enricher) Enrich(e *events.Event) {
 		}
 		if r.ua != nil {
 			if s, ok := d.field(r.ua.From); ok {
-				c := en.ua.Parse(s)
-				set(r.ua.To+"_browser", joinVersion(c.UserAgent.Family, c.UserAgent.Major))
-				set(r.ua.To+"_os", joinVersion(c.Os.Family, c.Os.Major))
-				set(r.ua.To+"_device", c.Device.Family)
-				set(r.ua.To+"_device_class", deviceClass(c))
+				p := en.ua.Parse(s)
+				set(r.ua.To+"_browser", p.Browser)
+				set(r.ua.To+"_os", p.OS)
+				set(r.ua.To+"_device", p.Device)
+				set(r.ua.To+"_device_class", p.Class)
 			}
 		}
 		for _, dv := range r.derived {
@@ -297,6 +298,47 @@ func (en *Enricher) Enrich(e *events.Event) {
 			e.Data = b
 		}
 	}
+}
+
+// UserAgent is what enrichment keeps of a parsed user agent.
+type UserAgent struct {
+	Browser, OS, Device, Class string
+}
+
+// UserAgents parses user agents with uap-go (ua-parser's regexes) and remembers the
+// most recent results, since the same few agents make most traffic.
+type UserAgents struct {
+	parser *uaparser.Parser
+	cache  *lru.Cache[string, UserAgent]
+}
+
+// NewUserAgents returns a parser remembering up to size results.
+func NewUserAgents(size int) (*UserAgents, error) {
+	p, err := uaparser.New()
+	if err != nil {
+		return nil, fmt.Errorf("user-agent parser: %w", err)
+	}
+	c, err := lru.New[string, UserAgent](size)
+	if err != nil {
+		return nil, err
+	}
+	return &UserAgents{parser: p, cache: c}, nil
+}
+
+// Parse returns browser (family and major version), OS, device family and class.
+func (u *UserAgents) Parse(s string) UserAgent {
+	if r, ok := u.cache.Get(s); ok {
+		return r
+	}
+	c := &uaparser.Client{UserAgent: u.parser.ParseUserAgent(s), Os: u.parser.ParseOs(s), Device: u.parser.ParseDevice(s)}
+	r := UserAgent{
+		Browser: joinVersion(c.UserAgent.Family, c.UserAgent.Major),
+		OS:      joinVersion(c.Os.Family, c.Os.Major),
+		Device:  c.Device.Family,
+		Class:   deviceClass(c),
+	}
+	u.cache.Add(s, r)
+	return r
 }
 
 func joinVersion(family, major string) string {

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	json "github.com/goccy/go-json"
-	"github.com/ua-parser/uap-go/uaparser"
 
 	"github.com/sluicehq/sluice/schemas/events"
 )
@@ -17,11 +16,11 @@ import (
 type staticTable map[string]map[string]any
 
 func (s staticTable) Get(k string) (map[string]any, bool) { r, ok := s[k]; return r, ok }
-func (s staticTable) Version() string                       { return "static:1" }
+func (s staticTable) Version() string                     { return "static:1" }
 
 func testEnricher(t *testing.T, cfg EnrichConfig, tables map[string]Table, geo map[string]*geoHolder) *Enricher {
 	t.Helper()
-	ua, err := uaparser.New(uaparser.WithCacheSize(100))
+	ua, err := NewUserAgents(100)
 	if err != nil {
 		t.Fatal(err)
 	}

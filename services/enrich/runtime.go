@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/ua-parser/uap-go/uaparser"
 )
 
 // runtime is an Enricher with the tables it reads: KV watches, and files checked
@@ -26,7 +25,7 @@ type runtime struct {
 
 // startRuntime loads every table of cfg (waiting for KV buckets' current values),
 // compiles the rules, and keeps the tables fresh until close.
-func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream, ua *uaparser.Parser, secrets func(string) (string, bool), log *slog.Logger, miss func(string)) (*runtime, error) {
+func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream, ua *UserAgents, secrets func(string) (string, bool), log *slog.Logger, miss func(string), reloaded func(file, result string)) (*runtime, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -73,13 +72,13 @@ func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream,
 	}
 	en.Miss = miss
 	rt.en = en
-	rt.wg.Go(func() { rt.reloadFiles(ctx, cfg.ReloadInterval, log) })
+	rt.wg.Go(func() { rt.reloadFiles(ctx, cfg.ReloadInterval, log, reloaded) })
 	return rt, nil
 }
 
 // reloadFiles swaps in file tables that changed; a broken file keeps the previous
 // table and logs why.
-func (rt *runtime) reloadFiles(ctx context.Context, every time.Duration, log *slog.Logger) {
+func (rt *runtime) reloadFiles(ctx context.Context, every time.Duration, log *slog.Logger, reloaded func(file, result string)) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -91,15 +90,19 @@ func (rt *runtime) reloadFiles(ctx context.Context, every time.Duration, log *sl
 		for _, f := range rt.files {
 			if swapped, err := f.reload(); err != nil {
 				log.Error("table file did not reload; keeping the previous table", "file", f.path, "err", err)
+				reloaded(f.path, "failed")
 			} else if swapped {
 				log.Info("table file reloaded", "file", f.path, "version", f.Version())
+				reloaded(f.path, "ok")
 			}
 		}
 		for _, g := range rt.geo {
 			if swapped, err := g.reload(); err != nil {
 				log.Error("geo table did not reload; keeping the previous table", "files", g.files, "err", err)
+				reloaded(g.files[0], "failed")
 			} else if swapped {
 				log.Info("geo table reloaded", "files", g.files, "version", g.t.Load().Version())
+				reloaded(g.files[0], "ok")
 			}
 		}
 	}
