@@ -131,3 +131,21 @@ func TestLoadRejectsUnknownFields(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// Five services starting at once all apply the topology; none fails.
+func TestApplyConcurrently(t *testing.T) {
+	_, js := runServer(t)
+	topo, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 5)
+	for range 5 {
+		go func() { errs <- topo.Apply(context.Background(), js) }()
+	}
+	for range 5 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

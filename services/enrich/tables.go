@@ -211,6 +211,9 @@ func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, log *sl
 	kv, err := js.KeyValue(ctx, bucket)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
+		if errors.Is(err, jetstream.ErrBucketExists) { // another replica created it first
+			kv, err = js.KeyValue(ctx, bucket)
+		}
 	}
 	if err != nil {
 		return nil, nil, fmt.Errorf("KV bucket %s: %w", bucket, err)
@@ -238,4 +241,14 @@ func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, log *sl
 		_ = w.Stop()
 		wg.Wait()
 	}, nil
+}
+
+// LoadFile reads a .csv (header row) or .jsonl table file keyed by the key column,
+// for bulk loads into a KV bucket.
+func LoadFile(path, key string) (map[string]map[string]any, error) {
+	rows, err := readRows(path, key)
+	if err != nil {
+		return nil, err
+	}
+	return rows.m, nil
 }

@@ -5,11 +5,12 @@ package procs
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -33,14 +34,18 @@ func build(t *testing.T) string {
 	return dir
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+var metricsAddr = regexp.MustCompile(`msg="serving /metrics, /healthz, /readyz".* addr=(127\.0\.0\.1:[0-9]+)`)
+
+// syncWriter lets a process write its output while the test reads it.
+type syncWriter struct {
+	b  *strings.Builder
+	mu *sync.Mutex
+}
+
+func (w syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.b.Write(p)
 }
 
 // TestServicesAsProcesses starts the five service binaries with configuration from
@@ -59,19 +64,21 @@ func TestServicesAsProcesses(t *testing.T) {
 		name    string
 		cmd     *exec.Cmd
 		metrics string
+		mu      sync.Mutex
 		out     *strings.Builder
 		done    chan error
 	}
 	var procs []*proc
 	for _, s := range services {
-		p := &proc{name: s, metrics: freeAddr(t), out: &strings.Builder{}, done: make(chan error, 1)}
+		p := &proc{name: s, out: &strings.Builder{}, done: make(chan error, 1)}
 		p.cmd = exec.Command(filepath.Join(bin, s))
+		// Port 0: the service picks a free port and logs it.
 		p.cmd.Env = append(os.Environ(),
-			"NATS_URL="+ns.URL, "METRICS_ADDR="+p.metrics, "LOG_LEVEL=warn",
+			"NATS_URL="+ns.URL, "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
 			"SLUICE_CONFIG="+cfg, "SLUICE_DATA_DIR="+t.TempDir(),
 		)
-		p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
+		p.cmd.Stdout, p.cmd.Stderr = syncWriter{p.out, &p.mu}, syncWriter{p.out, &p.mu}
 		if err := p.cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -86,6 +93,15 @@ func TestServicesAsProcesses(t *testing.T) {
 			case err := <-p.done:
 				return fmt.Errorf("exited: %v\n%s", err, p.out)
 			default:
+			}
+			if p.metrics == "" {
+				p.mu.Lock()
+				m := metricsAddr.FindStringSubmatch(p.out.String())
+				p.mu.Unlock()
+				if m == nil {
+					return fmt.Errorf("no metrics address logged yet")
+				}
+				p.metrics = m[1]
 			}
 			return httpOK("http://" + p.metrics + "/readyz")
 		})

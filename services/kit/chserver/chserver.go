@@ -45,6 +45,29 @@ func Binary() ([]string, error) {
 // free port), and waits until it answers. The process is stopped by Stop, or when
 // ctx is cancelled.
 func Start(ctx context.Context, dir string, port int) (*Server, error) {
+	if port != 0 {
+		return start(ctx, dir, port)
+	}
+	// A free port can be taken by another process before the server binds it; try
+	// a few.
+	var err error
+	for range 3 {
+		var p int
+		if p, err = freePort(); err != nil {
+			return nil, err
+		}
+		var s *Server
+		if s, err = start(ctx, dir, p); err == nil {
+			return s, nil
+		}
+		if errors.Is(err, ErrNotInstalled) || ctx.Err() != nil {
+			return nil, err
+		}
+	}
+	return nil, err
+}
+
+func start(ctx context.Context, dir string, port int) (*Server, error) {
 	bin, err := Binary()
 	if err != nil {
 		return nil, err
@@ -56,11 +79,6 @@ func Start(ctx context.Context, dir string, port int) (*Server, error) {
 	for _, sub := range []string{"data", "tmp", "user_files", "format_schemas", "log"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			return nil, fmt.Errorf("clickhouse data dir: %w", err)
-		}
-	}
-	if port == 0 {
-		if port, err = freePort(); err != nil {
-			return nil, err
 		}
 	}
 	cfgPath := filepath.Join(dir, "config.xml")

@@ -3,6 +3,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,11 +15,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natsconn"
@@ -36,6 +39,8 @@ Usage:
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
   sluice streams apply      create or update the streams and consumers on NATS_URL
   sluice rules check FILE   validate the rules of a config file offline
+  sluice kv load BUCKET FILE --key COLUMN
+                            load a CSV (header row) or JSON-lines file into a KV lookup table
   sluice webhook listen     a local webhook receiver that checks signatures and prints alerts
 
 Run "sluice <command> -h" for a command's flags. Every flag can also be set by the
@@ -67,6 +72,8 @@ func Main(args []string, io IO) int {
 		err = streamsApply(ctx, rest[1:], io)
 	case cmd == "rules" && len(rest) > 0 && rest[0] == "check":
 		err = rulesCheck(rest[1:], io)
+	case cmd == "kv" && len(rest) > 0 && rest[0] == "load":
+		err = kvLoad(ctx, rest[1:], io)
 	case cmd == "webhook" && len(rest) > 0 && rest[0] == "listen":
 		err = webhookListen(ctx, rest[1:], io)
 	case cmd == "help" || cmd == "-h" || cmd == "--help":
@@ -189,6 +196,56 @@ func rulesCheck(args []string, io IO) error {
 	if err != nil {
 		return fmt.Errorf("%s:\n%w", fs.Arg(0), err)
 	}
+	return nil
+}
+
+func kvLoad(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("kv load", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	key := fs.String("key", "", "the column (CSV) or field (JSON lines) holding each row's key")
+	// Flags may follow the two arguments.
+	var positional []string
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		positional, args = append(positional, args[0]), args[1:]
+	}
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	positional = append(positional, fs.Args()...)
+	if len(positional) != 2 || *key == "" {
+		fmt.Fprintln(io.Stderr, "usage: sluice kv load BUCKET FILE --key COLUMN")
+		return errUsage
+	}
+	bucket, file := positional[0], positional[1]
+	rows, err := enrich.LoadFile(file, *key)
+	if err != nil {
+		return err
+	}
+	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
+	nc, err := natsconn.Connect(n, "sluice-cli", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return err
+	}
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
+	if err != nil {
+		return fmt.Errorf("KV bucket %s: %w", bucket, err)
+	}
+	for k, row := range rows {
+		b, err := json.Marshal(row)
+		if err != nil {
+			return err
+		}
+		if _, err := kv.Put(ctx, k, b); err != nil {
+			return fmt.Errorf("put %q: %w", k, err)
+		}
+	}
+	fmt.Fprintf(io.Stdout, "loaded %d rows from %s into KV bucket %s\n", len(rows), file, bucket)
 	return nil
 }
 

@@ -1,7 +1,12 @@
 package cli
 
 import (
+	"context"
+	"os"
+	"path/filepath"
+
 	"bytes"
+	"github.com/sluicehq/sluice/services/kit/natstest"
 	"strings"
 	"testing"
 )
@@ -35,5 +40,32 @@ func TestUsage(t *testing.T) {
 	}
 	if code, _, errOut := runCLI("webhook", "listen"); code != 1 || !strings.Contains(errOut, "WEBHOOK_SECRET is not set") {
 		t.Fatalf("webhook without secret: %d %s", code, errOut)
+	}
+}
+
+func TestKVLoad(t *testing.T) {
+	ns := natstest.Run(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "users.csv")
+	if err := os.WriteFile(file, []byte("id,plan\nu1,pro\nu2,free\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out, errOut bytes.Buffer
+	code := Main([]string{"kv", "load", "users", file, "--key", "id", "--nats-url", ns.URL},
+		IO{Env: func(string) (string, bool) { return "", false }, Stdout: &out, Stderr: &errOut})
+	if code != 0 || !strings.Contains(out.String(), "loaded 2 rows") {
+		t.Fatalf("exit %d: %s %s", code, out.String(), errOut.String())
+	}
+	_, js := ns.Connect(t)
+	kv, err := js.KeyValue(context.Background(), "users")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(context.Background(), "u1")
+	if err != nil || string(e.Value()) != `{"id":"u1","plan":"pro"}` {
+		t.Fatalf("u1 = %s, %v", e.Value(), err)
+	}
+	if code, _, errOut := runCLI("kv", "load", "users"); code != 2 || !strings.Contains(errOut, "usage: sluice kv load") {
+		t.Fatalf("missing args: %d %s", code, errOut)
 	}
 }
