@@ -178,3 +178,31 @@ func kvConfig(name string) jetstream.KeyValueConfig { return jetstream.KeyValueC
 
 // kvKey makes a lookup key a valid KV key (no slashes).
 func kvKey(k string) string { return strings.ReplaceAll(k, "/", "_") }
+
+// BenchmarkGeoLookup is one longest-prefix lookup in the real country tables
+// (IPv4 and IPv6, 550k ranges), from the address text.
+func BenchmarkGeoLookup(b *testing.B) {
+	dir := filepath.Join("..", "..", "..", "shared", "data", "ip")
+	g, err := LoadGeo([]string{filepath.Join(dir, "geo-whois-asn-country-ipv4.csv.gz"), filepath.Join(dir, "geo-whois-asn-country-ipv6.csv.gz")}, []string{"country"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	addrs := make([]string, 1024)
+	for i := range addrs {
+		if i%4 == 3 {
+			addrs[i] = fmt.Sprintf("2a0%d:%x::%x", i%10, i*7919%65536, i)
+		} else {
+			addrs[i] = fmt.Sprintf("%d.%d.%d.%d", 1+i*7%223, i*13%256, i*31%256, i%256)
+		}
+	}
+	b.ResetTimer()
+	found := 0
+	for i := range b.N {
+		if _, ok := g.Lookup(addrs[i&1023]); ok {
+			found++
+		}
+	}
+	if found == 0 {
+		b.Fatal("no address found")
+	}
+}
