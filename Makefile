@@ -16,7 +16,8 @@ SLUICE_CONFIG ?= examples/sluice.yaml
 WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 export SLUICE_CONFIG WEBHOOK_SECRET
 
-.PHONY: up listen test deps clickhouse chdb build vet modules bench clean help
+.PHONY: up listen test fuzz deps clickhouse chdb build vet modules bench clean help
+FUZZTIME ?= 10s
 
 help:
 	@echo "make up     install what is missing, then run NATS + every stage (+ a local ClickHouse if none answers)"
@@ -24,6 +25,7 @@ help:
 	@echo "make listen a local webhook receiver on 127.0.0.1:8080 that checks signatures"
 	@echo "make build  build bin/{$(BINARIES)}"
 	@echo "make bench  run the benchmarks (not part of make test)"
+	@echo "make fuzz   run each fuzz target for FUZZTIME (10s; part of make test)"
 
 ## up: run the whole platform from one command.
 up: clickhouse build
@@ -36,6 +38,13 @@ listen: build
 ## test: the whole suite, as CI runs it.
 test: deps vet modules
 	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 20m $(MODULES)
+	$(MAKE) fuzz
+
+## fuzz: each fuzz target for FUZZTIME (the saved corpora run in every make test too).
+fuzz:
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./events/
+	cd services/alert && $(GO) test -run '^$$' -fuzz '^FuzzRule$$' -fuzztime $(FUZZTIME) .
+	cd services/sluice && $(GO) test -run '^$$' -fuzz '^FuzzConfig$$' -fuzztime $(FUZZTIME) ./platform/
 
 deps: clickhouse chdb
 

@@ -36,6 +36,9 @@ var (
 	MaxTime = time.Unix(1<<32-1, 0).UTC()
 )
 
+// MaxAttrLen bounds the string attributes other than data (id, source, type, ...).
+const MaxAttrLen = 4096
+
 // SubjectPrefix is the first token of the subjects producers publish to.
 const SubjectPrefix = "events"
 
@@ -62,6 +65,9 @@ func NewDecoder(types *TypeSchemas) *Decoder { return &Decoder{types: types} }
 // (ce-* headers, the payload is the data), fills the lenient defaults and validates
 // the result. Errors for bad input are *InvalidError.
 func (d *Decoder) Decode(m Message) (*Event, error) {
+	if !utf8.ValidString(m.Subject) {
+		return nil, invalid("subject is not valid UTF-8")
+	}
 	ce := ceHeaders(m.Header)
 	ct := headerValue(m.Header, "Content-Type")
 	var (
@@ -179,6 +185,9 @@ func decodeStructured(payload []byte) (*Event, error) {
 		if err := stringAttr(attrs, s.name, s.dst); err != nil {
 			return nil, err
 		}
+		if s.name != "data_base64" && len(*s.dst) > MaxAttrLen {
+			return nil, invalid("attribute %q is %d bytes long (at most %d)", s.name, len(*s.dst), MaxAttrLen)
+		}
 	}
 	if raw, ok := attrs["id"]; ok && e.ID == "" && !isNull(raw) {
 		return nil, invalid("attribute \"id\" is empty (omit it to let sluice key the event by its content)")
@@ -222,7 +231,73 @@ func decodeObject(payload []byte) (map[string]json.RawMessage, error) {
 	if dec.More() {
 		return nil, invalid("payload has data after the JSON object at byte %d", dec.InputOffset())
 	}
+	if topLevelMembers(trimmed) != len(attrs) {
+		return nil, invalid("attribute %q appears twice", duplicateMember(trimmed))
+	}
 	return attrs, nil
+}
+
+// topLevelMembers counts the members of the JSON object b (valid JSON) by counting
+// the commas at depth 1, outside strings.
+func topLevelMembers(b []byte) int {
+	depth, commas, inString, empty := 0, 0, false, true
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if inString {
+			switch c {
+			case '\\':
+				i++
+			case '"':
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+			if depth == 1 {
+				empty = false
+			}
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case ',':
+			if depth == 1 {
+				commas++
+			}
+		}
+	}
+	if empty {
+		return 0
+	}
+	return commas + 1
+}
+
+// duplicateMember returns the first name that appears twice at the top of the JSON
+// object b.
+func duplicateMember(b []byte) string {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if _, err := dec.Token(); err != nil {
+		return ""
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		name, _ := tok.(string)
+		if seen[name] {
+			return name
+		}
+		seen[name] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return ""
+		}
+	}
+	return ""
 }
 
 func stringAttr(attrs map[string]json.RawMessage, name string, dst *string) error {
@@ -336,6 +411,14 @@ func decodeBinary(ce map[string]string, ct string, payload []byte) (*Event, erro
 	}
 	if v, ok := ce["id"]; ok && v == "" {
 		return nil, invalid("header ce-id is empty")
+	}
+	for name, v := range ce {
+		if !utf8.ValidString(v) {
+			return nil, invalid("header ce-%s is not valid UTF-8", name)
+		}
+		if len(v) > MaxAttrLen {
+			return nil, invalid("header ce-%s is %d bytes long (at most %d)", name, len(v), MaxAttrLen)
+		}
 	}
 	if ts := ce["time"]; ts != "" {
 		t, err := parseTime(ts)

@@ -60,6 +60,12 @@ func TestDecode(t *testing.T) {
 		{name: "header contradicts body", subject: "events.a.b",
 			header: map[string][]string{"Content-Type": {"application/cloudevents+json"}, "ce-id": {"2"}},
 			data:   `{"id":"1"}`, wantReason: `header ce-id "2" contradicts`},
+		{name: "duplicate attribute", subject: "events.a.b", data: `{"id":"1","id":"2"}`, wantReason: `attribute "id" appears twice`},
+		{name: "duplicate after nested commas", subject: "events.a.b", data: `{"data":{"a":[1,2],"b":"x,\"y"},"source":"s","id":"1","source":"t"}`, wantReason: `attribute "source" appears twice`},
+		{name: "NaN", subject: "events.a.b", data: `{"id":"1","data":{"v":NaN}}`, wantReason: "not valid JSON"},
+		{name: "huge id", subject: "events.a.b", data: `{"id":"` + strings.Repeat("x", 5000) + `"}`, wantReason: `attribute "id" is 5000 bytes long`},
+		{name: "deep nesting", subject: "events.a.b", data: `{"id":"1","data":` + strings.Repeat("[", 10001) + strings.Repeat("]", 10001) + `}`, wantReason: "exceeded max depth"},
+		{name: "integer beyond 2^64 as time", subject: "events.a.b", data: `{"id":"1","time":18446744073709551616}`, wantReason: `attribute "time" must be a string, got a number`},
 		{name: "binary invalid JSON data", subject: "events.a.b", header: map[string][]string{"ce-id": {"1"}}, data: `{`, wantReason: "binary-mode data is not valid JSON"},
 	}
 	for _, tt := range tests {
@@ -137,5 +143,15 @@ func TestMarshalMatchesEnvelopeSchema(t *testing.T) {
 	}
 	if back.Key != "k1" || back.ID != "1" || string(back.Data) != `{"k":[1,2]}` || !back.Time.Equal(e.Time) {
 		t.Fatalf("round trip = %+v", back)
+	}
+}
+
+func TestTopLevelMembers(t *testing.T) {
+	for in, want := range map[string]int{
+		`{}`: 0, ` { } `: 0, `{"a":1}`: 1, `{"a":[1,2,{"b":3,"c":4}],"d":"x,y","e":"\\"}`: 3, `{"a":"}{","b":{}}`: 2,
+	} {
+		if got := topLevelMembers([]byte(in)); got != want {
+			t.Errorf("topLevelMembers(%s) = %d, want %d", in, got, want)
+		}
 	}
 }

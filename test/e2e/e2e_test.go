@@ -48,7 +48,11 @@ func startPipelineStopped(t testing.TB) *pipeline { return newPipeline(t, "", ni
 
 func newPipeline(t testing.TB, cfg string, env map[string]string) *pipeline {
 	t.Helper()
-	ns := natstest.Run(t)
+	return newPipelineOn(t, natstest.Run(t), cfg, env)
+}
+
+func newPipelineOn(t testing.TB, ns *natstest.Server, cfg string, env map[string]string) *pipeline {
+	t.Helper()
 	srv := chtest.Start(t)
 	_, conn := chtest.Database(t, srv)
 	nc, js := ns.Connect(t)

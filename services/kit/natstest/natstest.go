@@ -28,7 +28,18 @@ func Run(t testing.TB) *Server {
 // same store.
 func RunIn(t testing.TB, dir string) *Server {
 	t.Helper()
-	srv, err := natsserver.Start(natsserver.Config{Host: "127.0.0.1", Port: -1, StoreDir: dir})
+	return RunWith(t, natsserver.Config{StoreDir: dir})
+}
+
+// RunWith starts a JetStream server with cfg on a free loopback port (a temporary
+// store when cfg.StoreDir is empty).
+func RunWith(t testing.TB, cfg natsserver.Config) *Server {
+	t.Helper()
+	cfg.Host, cfg.Port = "127.0.0.1", -1
+	if cfg.StoreDir == "" {
+		cfg.StoreDir = t.TempDir()
+	}
+	srv, err := natsserver.Start(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
