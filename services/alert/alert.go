@@ -109,6 +109,9 @@ func (h *Handler) Evaluate(e *events.Event) ([]*alerts.Alert, error) {
 
 // Handle returns one ALERTS message per alert the event fires.
 func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
+	if len(h.rules) == 0 {
+		return nil, nil
+	}
 	e, err := events.Unmarshal(msg.Data())
 	if err != nil {
 		return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil

@@ -213,7 +213,6 @@ type handler struct {
 	receivers  []*Receiver
 	maxPayload int64
 	sent       *prometheus.CounterVec
-	ctx        context.Context
 }
 
 // WebhookID is the id a notification keeps across retries: the alert's stream and
@@ -222,24 +221,35 @@ func WebhookID(stream string, seq uint64, receiver string) string {
 	return "msg_" + stream + "_" + strconv.FormatUint(seq, 10) + "_" + receiver
 }
 
-func (h *handler) handle(msg jetstream.Msg) ([]*nats.Msg, error) {
+// handle delivers one alert to every receiver. If any receiver failed in a way a
+// retry may mend, the alert is redelivered later to all of them (with the same
+// webhook-id, so receivers drop what they already have). Otherwise, if a receiver
+// refused it for good, it is dead-lettered with that answer.
+func (h *handler) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg, error) {
 	md, err := msg.Metadata()
 	if err != nil {
 		return nil, err
 	}
-	var errs []error
+	var retry, refused []error
 	for _, r := range h.receivers {
-		err := r.Deliver(h.ctx, WebhookID(md.Stream, md.Sequence.Stream, r.Name), msg.Data())
+		err := r.Deliver(ctx, WebhookID(md.Stream, md.Sequence.Stream, r.Name), msg.Data())
 		h.sent.WithLabelValues(r.Name, outcome(err)).Inc()
 		var perm *permanentError
-		if errors.As(err, &perm) {
-			return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil
-		}
-		if err != nil {
-			errs = append(errs, err)
+		switch {
+		case err == nil:
+		case errors.As(err, &perm):
+			refused = append(refused, err)
+		default:
+			retry = append(retry, err)
 		}
 	}
-	return nil, errors.Join(errs...)
+	if len(retry) > 0 {
+		return nil, errors.Join(retry...)
+	}
+	if len(refused) > 0 {
+		return []*nats.Msg{stage.DeadLetter(Name, msg, errors.Join(refused...).Error(), h.maxPayload)}, nil
+	}
+	return nil, nil
 }
 
 func outcome(err error) string {
@@ -259,13 +269,13 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	h := &handler{
 		receivers:  cfg.Receivers,
 		maxPayload: deps.NATS.MaxPayload(),
-		ctx:        ctx,
 		sent: telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_notify_requests_total", Help: "Webhook requests by receiver and outcome (delivered, retry, rejected).",
 		}, []string{"receiver", "outcome"})),
 	}
 	deps.Logger.Info("receivers loaded", "receivers", len(cfg.Receivers))
-	r, err := stage.New(deps.NATS, cfg.Stage, h.handle, deps.Logger, deps.Registerer)
+	handle := func(msg jetstream.Msg) ([]*nats.Msg, error) { return h.handle(ctx, msg) }
+	r, err := stage.New(deps.NATS, cfg.Stage, handle, deps.Logger, deps.Registerer)
 	if err != nil {
 		return err
 	}
