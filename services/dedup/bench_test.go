@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -80,10 +81,6 @@ func BenchmarkStage(b *testing.B) {
 			}
 		}
 		<-js.PublishAsyncComplete()
-		cons, err := js.Consumer(ctx, streams.Events, "dedup")
-		if err != nil {
-			b.Fatal(err)
-		}
 		runCtx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
 		b.StartTimer()
@@ -91,16 +88,7 @@ func BenchmarkStage(b *testing.B) {
 		go func() {
 			done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, Logger: benchLog, Registerer: prometheus.NewRegistry()})
 		}()
-		for {
-			info, err := cons.Info(ctx)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if info.NumPending == 0 && info.NumAckPending == 0 {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		poll.Until(b, 5*time.Minute, func() error { return natstest.Idle(ctx, js, streams.Events, "dedup") })
 		elapsed := time.Since(start)
 		b.StopTimer()
 		cancel()

@@ -20,6 +20,7 @@ import (
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -50,45 +51,19 @@ func runWith(t *testing.T, nc *nats.Conn, cfg Config, reg *prometheus.Registry) 
 
 func waitIdle(t *testing.T, js jetstream.JetStream) {
 	t.Helper()
-	ctx := context.Background()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		c, err := js.Consumer(ctx, streams.Events, "dedup")
-		if err != nil {
-			t.Fatal(err)
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if info.NumPending == 0 && info.NumAckPending == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("dedup consumer still has %d pending, %d unacked", info.NumPending, info.NumAckPending)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	poll.Until(t, 30*time.Second, func() error { return natstest.Idle(context.Background(), js, streams.Events, "dedup") })
 }
 
 // waitStored waits until EVENTS holds n messages: core publishes are stored
 // asynchronously.
 func waitStored(t *testing.T, js jetstream.JetStream, n uint64) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s, err := js.Stream(context.Background(), streams.Events)
-		if err != nil {
-			t.Fatal(err)
+	poll.Until(t, 10*time.Second, func() error {
+		if got := streamMsgs(t, js, streams.Events); got < n {
+			return fmt.Errorf("EVENTS holds %d messages, want %d", got, n)
 		}
-		if s.CachedInfo().State.Msgs >= n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("EVENTS holds %d messages, want %d", s.CachedInfo().State.Msgs, n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func streamMsgs(t *testing.T, js jetstream.JetStream, name string) uint64 {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -136,10 +137,6 @@ func BenchmarkStage(b *testing.B) {
 			}
 		}
 		<-js.PublishAsyncComplete()
-		cons, err := js.Consumer(ctx, streams.Unique, "enrich")
-		if err != nil {
-			b.Fatal(err)
-		}
 		stageCfg := DefaultConfig()
 		stageCfg.Enrich = cfg
 		stageCfg.Secrets = func(string) (string, bool) { return "k", true }
@@ -153,16 +150,7 @@ func BenchmarkStage(b *testing.B) {
 		// is start-up, not throughput.
 		start := <-ready
 		b.StartTimer()
-		for {
-			info, err := cons.Info(ctx)
-			if err != nil {
-				b.Fatal(err)
-			}
-			if info.NumPending == 0 && info.NumAckPending == 0 {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		poll.Until(b, 5*time.Minute, func() error { return natstest.Idle(ctx, js, streams.Unique, "enrich") })
 		elapsed := time.Since(start)
 		b.StopTimer()
 		cancel()

@@ -2,7 +2,6 @@ package sink
 
 import (
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
@@ -12,6 +11,7 @@ import (
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -75,20 +75,7 @@ func BenchmarkSinkDrain(b *testing.B) {
 			}
 		}
 		<-js.PublishAsyncComplete()
-		cons, err := js.Consumer(ctx, streams.Enriched, "sink")
-		if err != nil {
-			b.Fatal(err)
-		}
-		idle := func() error {
-			info, err := cons.Info(ctx)
-			if err != nil {
-				return err
-			}
-			if info.NumPending != 0 || info.NumAckPending != 0 {
-				return fmt.Errorf("%d pending, %d unacked", info.NumPending, info.NumAckPending)
-			}
-			return nil
-		}
+		idle := func() error { return natstest.Idle(ctx, js, streams.Enriched, "sink") }
 		reg := prometheus.NewRegistry()
 		runCtx, cancel := context.WithCancel(ctx)
 		done := make(chan error, 1)
@@ -97,7 +84,7 @@ func BenchmarkSinkDrain(b *testing.B) {
 		go func() {
 			done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
 		}()
-		waitFor(b, 5*time.Minute, idle)
+		poll.Until(b, 5*time.Minute, idle)
 		drain := time.Since(start)
 		b.StopTimer()
 		rate := float64(total) / drain.Seconds()
@@ -125,7 +112,7 @@ func BenchmarkSinkDrain(b *testing.B) {
 		}
 		tick.Stop()
 		<-js.PublishAsyncComplete()
-		waitFor(b, 5*time.Minute, idle)
+		poll.Until(b, 5*time.Minute, idle)
 		cancel()
 		if err := <-done; err != nil {
 			b.Fatal(err)

@@ -23,6 +23,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -203,16 +204,7 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 	go func() {
 		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
 	}()
-	waitFor(t, time.Minute, func() error {
-		info, err := cons.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.NumPending+uint64(info.NumAckPending) != 0 {
-			return fmt.Errorf("%d pending, %d unacked", info.NumPending, info.NumAckPending)
-		}
-		return nil
-	})
+	poll.Until(t, time.Minute, func() error { return natstest.Idle(ctx, js, streams.Enriched, "sink") })
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -254,7 +246,7 @@ func TestBadRowGoesToDLQ(t *testing.T) {
 	go func() {
 		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}})
 	}()
-	waitFor(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		var events, dead uint64
 		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
 			return err
@@ -284,21 +276,6 @@ func seqOf(t *testing.T, msg jetstream.Msg) uint64 {
 		t.Fatal(err)
 	}
 	return md.Sequence.Stream
-}
-
-func waitFor(t testing.TB, timeout time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %v", timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // A row ClickHouse refuses (here a materialized column that throws on it) goes to
@@ -331,7 +308,7 @@ func TestRowRefusedByClickHouseIsIsolated(t *testing.T) {
 	go func() {
 		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Logger: testLog, Registerer: reg, Ready: &telemetry.Readiness{}})
 	}()
-	waitFor(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		var events, dead uint64
 		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
 			return err
@@ -394,7 +371,7 @@ func TestClickHouseOutage(t *testing.T) {
 		err := conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&n)
 		return n, err
 	}
-	waitFor(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		if n, err := count(); err != nil || n == 0 {
 			return fmt.Errorf("%d rows, %v", n, err)
 		}
@@ -407,7 +384,7 @@ func TestClickHouseOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	publish(20_000, 40_000)
-	waitFor(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		if ready.Check() == nil {
 			return errors.New("still ready while ClickHouse is down")
 		}
@@ -429,7 +406,7 @@ func TestClickHouseOutage(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv2.Stop() })
-	waitFor(t, 2*time.Minute, func() error {
+	poll.Until(t, 2*time.Minute, func() error {
 		n, err := count()
 		if err != nil || n < 40_000 {
 			return fmt.Errorf("%d rows, %v (ready: %v)", n, err, ready.Check())

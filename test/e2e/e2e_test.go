@@ -107,16 +107,8 @@ func newPipelineOn(t testing.TB, ns *natstest.Server, cfg string, env map[string
 // idle reports nil when no consumer has work pending or unacked.
 func (p *pipeline) idle(ctx context.Context) error {
 	for _, sc := range [][2]string{{"EVENTS", "dedup"}, {"UNIQUE", "enrich"}, {"ENRICHED", "sink"}, {"ENRICHED", "alert"}, {"ALERTS", "notify"}, {"ALERTS", "sink"}, {"DLQ", "sink"}} {
-		c, err := p.js.Consumer(ctx, sc[0], sc[1])
-		if err != nil {
+		if err := natstest.Idle(ctx, p.js, sc[0], sc[1]); err != nil {
 			return err
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.NumPending != 0 || info.NumAckPending != 0 {
-			return fmt.Errorf("consumer %s/%s: %d pending, %d unacked", sc[0], sc[1], info.NumPending, info.NumAckPending)
 		}
 	}
 	return nil

@@ -137,18 +137,7 @@ func TestDedupKill9(t *testing.T) {
 		if got := s.CachedInfo().State.Msgs; got < unique+repeats {
 			return fmt.Errorf("EVENTS holds %d", got)
 		}
-		c, err := js.Consumer(ctx, streams.Events, "dedup")
-		if err != nil {
-			return err
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.NumPending != 0 || info.NumAckPending != 0 {
-			return fmt.Errorf("%d pending, %d unacked", info.NumPending, info.NumAckPending)
-		}
-		return nil
+		return natstest.Idle(ctx, js, streams.Events, "dedup")
 	}); err != nil {
 		t.Fatal(err)
 	}

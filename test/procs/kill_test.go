@@ -3,7 +3,6 @@ package procs
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -119,18 +118,7 @@ func TestSinkKill9(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := oracle.WaitFor(ctx, 2*time.Minute, func() error {
-		c, err := js.Consumer(ctx, streams.Enriched, "sink")
-		if err != nil {
-			return err
-		}
-		info, err := c.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.NumPending != 0 || info.NumAckPending != 0 {
-			return fmt.Errorf("%d pending, %d unacked, %d rows", info.NumPending, info.NumAckPending, count())
-		}
-		return nil
+		return natstest.Idle(ctx, js, streams.Enriched, "sink")
 	}); err != nil {
 		t.Fatal(err)
 	}

@@ -2,6 +2,8 @@
 package natstest
 
 import (
+	"context"
+	"fmt"
 	"testing"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -63,4 +65,20 @@ func (s *Server) Connect(t testing.TB) (*nats.Conn, jetstream.JetStream) {
 		t.Fatal(err)
 	}
 	return nc, js
+}
+
+// Idle returns nil when the consumer has nothing pending and nothing unacked.
+func Idle(ctx context.Context, js jetstream.JetStream, stream, consumer string) error {
+	c, err := js.Consumer(ctx, stream, consumer)
+	if err != nil {
+		return err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return err
+	}
+	if info.NumPending != 0 || info.NumAckPending != 0 {
+		return fmt.Errorf("consumer %s on %s: %d pending, %d unacked", consumer, stream, info.NumPending, info.NumAckPending)
+	}
+	return nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/chserver"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
 )
 
@@ -28,21 +29,6 @@ func freeAddr(t *testing.T) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
-}
-
-func poll(t *testing.T, timeout time.Duration, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %v", timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // sluice up with nothing answering at CLICKHOUSE_ADDR: it starts clickhouse-server
@@ -77,7 +63,7 @@ func TestUpStartsEverything(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b), nil
 	}
-	poll(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		code, body, err := get("/readyz")
 		if err != nil {
 			return err
@@ -100,7 +86,7 @@ func TestUpStartsEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	poll(t, time.Minute, func() error {
+	poll.Until(t, time.Minute, func() error {
 		var n uint64
 		if err := conn.QueryRow(ctx, "SELECT count() FROM events WHERE id = 'up-1' AND source = 'web' AND type = 'click'").Scan(&n); err != nil {
 			return err
