@@ -30,7 +30,7 @@ var userAgents = []string{
 // benchSetup is the benchmark's enrichment: three lookups, a country lookup in the
 // real IPv4+IPv6 tables, user-agent parsing, and an HMAC mask.
 func benchSetup(b *testing.B) (EnrichConfig, map[string]Table, map[string]*geoHolder) {
-	dir := filepath.Join("..", "..", "..", "shared", "data", "ip")
+	dir := sharedData(b, "ip")
 	files := []string{filepath.Join(dir, "geo-whois-asn-country-ipv4.csv.gz"), filepath.Join(dir, "geo-whois-asn-country-ipv6.csv.gz")}
 	gh := &geoHolder{files: files, columns: []string{"country"}}
 	if _, err := gh.reload(); err != nil {
@@ -170,7 +170,7 @@ func kvKey(k string) string { return strings.ReplaceAll(k, "/", "_") }
 // BenchmarkGeoLookup is one longest-prefix lookup in the real country tables
 // (IPv4 and IPv6, 550k ranges), from the address text.
 func BenchmarkGeoLookup(b *testing.B) {
-	dir := filepath.Join("..", "..", "..", "shared", "data", "ip")
+	dir := sharedData(b, "ip")
 	g, err := LoadGeo([]string{filepath.Join(dir, "geo-whois-asn-country-ipv4.csv.gz"), filepath.Join(dir, "geo-whois-asn-country-ipv6.csv.gz")}, []string{"country"})
 	if err != nil {
 		b.Fatal(err)

@@ -64,7 +64,7 @@ func TestGeoLongestPrefix(t *testing.T) {
 
 // The real IPv4 and IPv6 country and ASN tables of ../shared/data.
 func TestGeoRealData(t *testing.T) {
-	dir := filepath.Join("..", "..", "..", "shared", "data", "ip")
+	dir := sharedData(t, "ip")
 	start := time.Now()
 	country, err := LoadGeo([]string{filepath.Join(dir, "geo-whois-asn-country-ipv4.csv.gz"), filepath.Join(dir, "geo-whois-asn-country-ipv6.csv.gz")}, []string{"country"})
 	if err != nil {

@@ -19,7 +19,7 @@ func TestUserAgentCorpus(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join("..", "..", "..", "shared", "data", "useragents")
+	dir := sharedData(t, "useragents")
 	type tc struct {
 		UA     string `yaml:"user_agent_string"`
 		Family string `yaml:"family"`
