@@ -71,6 +71,15 @@ type Handler struct {
 // Handle returns the ENRICHED message for an event, or a dead letter when the input
 // is not a sluice event.
 func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
+	if rt := h.current.Load(); rt == nil || len(rt.en.rules) == 0 {
+		// Nothing to add: forward the event as it is, keyed as dedup keyed it.
+		if key := msg.Headers().Get(nats.MsgIdHdr); key != "" {
+			out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(msg.Subject(), InputPrefix))
+			out.Header.Set(nats.MsgIdHdr, key)
+			out.Data = msg.Data()
+			return []*nats.Msg{out}, nil
+		}
+	}
 	body, key, err := h.enrich(msg.Data())
 	if err != nil {
 		return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil
