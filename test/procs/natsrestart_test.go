@@ -1,0 +1,200 @@
+package procs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/natsconn"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// natsProcess is a nats-server process with JetStream on a fixed port and store.
+type natsProcess struct {
+	bin, store string
+	port       int
+	cmd        *exec.Cmd
+	done       chan struct{}
+}
+
+func (n *natsProcess) start(t *testing.T) {
+	t.Helper()
+	n.cmd = exec.Command(n.bin, "-js", "-sd", n.store, "-a", "127.0.0.1", "-p", strconv.Itoa(n.port))
+	if err := n.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	n.done = make(chan struct{})
+	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(n.cmd, n.done)
+	poll.Until(t, 20*time.Second, func() error {
+		nc, err := nats.Connect(n.url())
+		if err != nil {
+			return err
+		}
+		defer nc.Close()
+		js, _ := jetstream.New(nc)
+		_, err = js.AccountInfo(context.Background())
+		return err
+	})
+}
+
+func (n *natsProcess) kill() {
+	_ = n.cmd.Process.Signal(syscall.SIGKILL)
+	<-n.done
+}
+
+func (n *natsProcess) url() string { return "nats://127.0.0.1:" + strconv.Itoa(n.port) }
+
+// TestNATSKill9 kills the NATS server (a separate process, file store) with SIGKILL
+// twice while events flow and starts it again on the same store. Publishers retry
+// every publish that was not acknowledged, with the same Nats-Msg-Id. Every
+// acknowledged event ends in ClickHouse exactly once.
+func TestNATSKill9(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "nats-server")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+		t.Fatalf("build nats-server: %v\n%s", err, out)
+	}
+	_, portText, _ := net.SplitHostPort(freeAddr(t))
+	p, _ := strconv.Atoi(portText)
+	srv := &natsProcess{bin: bin, store: filepath.Join(dir, "store"), port: p}
+	srv.start(t)
+	t.Cleanup(srv.kill)
+
+	ch := chtest.Start(t)
+	_, conn := chtest.Database(t, ch)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	nc, err := natsconn.Connect(settings.NATS{URL: srv.url()}, "test", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	stageConn, err := natsconn.Connect(settings.NATS{URL: srv.url()}, "stages", log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stageConn.Close()
+	file, _ := configfile.Parse("none.yaml", nil)
+	runCtx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := platform.RunStages(runCtx, platform.Stages{NATS: stageConn, ClickHouse: conn, Config: file, Env: func(string) (string, bool) { return "", false },
+			Log: log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}, DataDir: filepath.Join(dir, "state")}); err != nil {
+			t.Errorf("stages: %v", err)
+		}
+	})
+	defer func() { cancel(); wg.Wait() }()
+
+	// The producer: a JetStream publish per event, retried with the same
+	// Nats-Msg-Id until acknowledged, as a careful producer would.
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const total = 3000
+	acked := make(chan int, total)
+	producer := make(chan error, 1)
+	go func() {
+		for i := range total {
+			m := nats.NewMsg("events.k9.nats")
+			m.Header.Set(nats.MsgIdHdr, "nk-"+strconv.Itoa(i))
+			m.Data = fmt.Appendf(nil, `{"id":"nk-%d","source":"k9"}`, i)
+			for attempt := 0; ; attempt++ {
+				pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+				_, err := js.PublishMsg(pctx, m)
+				pcancel()
+				if err == nil {
+					acked <- i
+					break
+				}
+				if attempt > 300 {
+					producer <- fmt.Errorf("event %d never acknowledged: %w", i, err)
+					return
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if i%100 == 99 {
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+		producer <- nil
+	}()
+	for restart := range 2 {
+		poll.Until(t, time.Minute, func() error {
+			if len(acked) < (restart+1)*total/3 {
+				return fmt.Errorf("%d acknowledged", len(acked))
+			}
+			return nil
+		})
+		srv.kill()
+		t.Logf("killed nats-server after %d acknowledged publishes", len(acked))
+		srv.start(t)
+	}
+	if err := <-producer; err != nil {
+		t.Fatal(err)
+	}
+	close(acked)
+	want := map[string]bool{}
+	for i := range acked {
+		want["nk-"+strconv.Itoa(i)] = true
+	}
+	if len(want) != total {
+		t.Fatalf("%d acknowledged, want %d", len(want), total)
+	}
+	poll.Until(t, 2*time.Minute, func() error {
+		var n uint64
+		if err := conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&n); err != nil {
+			return err
+		}
+		if n < total {
+			return fmt.Errorf("%d rows", n)
+		}
+		for _, c := range [][2]string{{streams.Events, "dedup"}, {streams.Unique, "enrich"}, {streams.Enriched, "sink"}} {
+			if err := natstest.Idle(ctx, js, c[0], c[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	var n, unique uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(id) FROM events").Scan(&n, &unique); err != nil {
+		t.Fatal(err)
+	}
+	if n != total || unique != total {
+		t.Fatalf("count()=%d uniqExact(id)=%d, want %d each", n, unique, total)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
