@@ -182,6 +182,11 @@ type writer struct {
 	// ackWait is the consumer's; a batch still in work is kept from redelivery by
 	// InProgress at a third of it.
 	ackWait time.Duration
+	// hwm is the highest stream sequence known to be in the table, read when the
+	// writer starts and after each reconnection to NATS (hwmGen), raised by inserts.
+	hwm     uint64
+	hwmGen  uint64
+	hwmRead bool
 }
 
 func (w *writer) run(ctx context.Context) error {
@@ -230,23 +235,7 @@ func pause(ctx context.Context, d time.Duration) {
 // failure.
 func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetched time.Time) {
 	name := w.table.Name
-	seqs := make([]uint64, len(batch))
-	var redelivered []uint64
-	for i, msg := range batch {
-		md, err := msg.Metadata()
-		if err != nil {
-			continue
-		}
-		if i == len(batch)-1 {
-			w.m.lag.WithLabelValues(name).Set(float64(md.NumPending))
-		}
-		seqs[i] = md.Sequence.Stream
-		if md.NumDelivered > 1 {
-			redelivered = append(redelivered, md.Sequence.Stream)
-		}
-	}
-	present, err := w.present(ctx, redelivered)
-	if err != nil {
+	if err := w.refreshHighWater(ctx); err != nil {
 		w.fail(runCtx, batch, "check", err)
 		return
 	}
@@ -258,21 +247,49 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 	var (
 		done     []jetstream.Msg
 		rejected []rejectedMsg
+		suspects []suspect // rows that may be in the table already
 	)
 	for i, msg := range batch {
-		if present[seqs[i]] {
-			w.m.replays.WithLabelValues(name).Inc()
-			done = append(done, msg)
+		md, err := msg.Metadata()
+		if err != nil {
+			rejected = append(rejected, rejectedMsg{msg, "message without JetStream metadata: " + err.Error()})
 			continue
 		}
-		row, err := w.table.Row(msg, seqs[i])
+		if i == len(batch)-1 {
+			w.m.lag.WithLabelValues(name).Set(float64(md.NumPending))
+		}
+		seq := md.Sequence.Stream
+		row, err := w.table.Row(msg, seq)
 		if err != nil {
 			rejected = append(rejected, rejectedMsg{msg, fmt.Sprintf("cannot be a row of %s: %v", name, err)})
 			continue
 		}
+		if md.NumDelivered > 1 || seq <= w.hwm {
+			suspects = append(suspects, suspect{seq: seq, identity: w.table.identity(row.Values), row: len(rows)})
+		}
 		rows = append(rows, row.Values)
 		times = append(times, row.Time)
 		inserted = append(inserted, msg)
+	}
+	if len(suspects) > 0 {
+		present, err := w.present(ctx, suspects)
+		if err != nil {
+			w.fail(runCtx, batch, "check", err)
+			return
+		}
+		if len(present) > 0 {
+			keep := 0
+			for i := range rows {
+				if present[i] {
+					w.m.replays.WithLabelValues(name).Inc()
+					done = append(done, inserted[i])
+					continue
+				}
+				rows[keep], times[keep], inserted[keep] = rows[i], times[i], inserted[i]
+				keep++
+			}
+			rows, times, inserted = rows[:keep], times[:keep], inserted[:keep]
+		}
 	}
 	if len(rows) > 0 {
 		w.cfg.Crash.at(CrashBeforeInsert)
@@ -285,6 +302,11 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 			return
 		}
 		w.cfg.Crash.at(CrashAfterInsert)
+		for _, msg := range inserted {
+			if md, err := msg.Metadata(); err == nil {
+				w.hwm = max(w.hwm, md.Sequence.Stream)
+			}
+		}
 		now := time.Now()
 		w.m.latency.WithLabelValues(name).Observe(now.Sub(start).Seconds())
 		w.m.batch.WithLabelValues(name).Observe(float64(len(rows) - len(refused)))
@@ -468,18 +490,30 @@ func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
 	return nil
 }
 
-// present returns which of seqs already have a row.
-func (w *writer) present(ctx context.Context, seqs []uint64) (map[uint64]bool, error) {
-	if len(seqs) == 0 {
-		return nil, nil
+// suspect is a row that may be in the table already: its message was delivered
+// before, or its sequence is at or below the table's high-water mark.
+type suspect struct {
+	seq      uint64
+	identity string
+	row      int // index in the batch's rows
+}
+
+// present returns which rows (by index) are in the table already: a row with the
+// same stream sequence and, where the table has one, the same identity (the event
+// key, the alert fingerprint), so a sequence JetStream reused after losing the end
+// of a stream is not taken for a replay.
+func (w *writer) present(ctx context.Context, suspects []suspect) (map[int]bool, error) {
+	lo, hi := suspects[0].seq, suspects[0].seq
+	bySeq := make(map[uint64]suspect, len(suspects))
+	for _, s := range suspects {
+		lo, hi = min(lo, s.seq), max(hi, s.seq)
+		bySeq[s.seq] = s
 	}
-	lo, hi := seqs[0], seqs[0]
-	want := make(map[uint64]bool, len(seqs))
-	for _, s := range seqs {
-		lo, hi = min(lo, s), max(hi, s)
-		want[s] = true
+	identity := "''"
+	if w.table.Identity != "" {
+		identity = w.table.Identity
 	}
-	q := "SELECT stream_seq FROM " + w.table.Name + " WHERE stream_seq >= " + strconv.FormatUint(lo, 10) + " AND stream_seq <= " + strconv.FormatUint(hi, 10)
+	q := "SELECT stream_seq, " + identity + " FROM " + w.table.Name + " WHERE stream_seq >= " + strconv.FormatUint(lo, 10) + " AND stream_seq <= " + strconv.FormatUint(hi, 10)
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
 	rows, err := w.ch.Query(ctx, q)
@@ -487,17 +521,40 @@ func (w *writer) present(ctx context.Context, seqs []uint64) (map[uint64]bool, e
 		return nil, fmt.Errorf("replay check on %s: %w", w.table.Name, err)
 	}
 	defer rows.Close()
-	out := map[uint64]bool{}
+	out := map[int]bool{}
 	for rows.Next() {
-		var s uint64
-		if err := rows.Scan(&s); err != nil {
+		var (
+			seq uint64
+			id  string
+		)
+		if err := rows.Scan(&seq, &id); err != nil {
 			return nil, fmt.Errorf("replay check on %s: %w", w.table.Name, err)
 		}
-		if want[s] {
-			out[s] = true
+		if s, ok := bySeq[seq]; ok && s.identity == id {
+			out[s.row] = true
 		}
 	}
 	return out, rows.Err()
+}
+
+// refreshHighWater reads the highest stream sequence in the table when this writer
+// has not read it since it connected to NATS. JetStream keeps a consumer's delivery
+// state in memory between flushes, so after the server crashes it can deliver
+// again, as if for the first time, messages this sink (or another) already inserted;
+// every message at or below the mark is checked.
+func (w *writer) refreshHighWater(ctx context.Context) error {
+	gen := w.js.Conn().Stats().Reconnects
+	if w.hwmRead && gen == w.hwmGen {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+	defer cancel()
+	var hwm uint64
+	if err := w.ch.QueryRow(ctx, "SELECT max(stream_seq) FROM "+w.table.Name).Scan(&hwm); err != nil {
+		return fmt.Errorf("high-water mark of %s: %w", w.table.Name, err)
+	}
+	w.hwm, w.hwmGen, w.hwmRead = max(w.hwm, hwm), gen, true
+	return nil
 }
 
 // fail naks the whole batch with a backoff and pauses this writer as long.

@@ -26,6 +26,20 @@ type Table struct {
 	// Row converts a message. An error means the message can never be a row: it is
 	// dead-lettered (or, for dead_letters itself, stored with what can be read).
 	Row func(msg jetstream.Msg, seq uint64) (Row, error)
+	// Identity, if set, is a String column that identifies what a row records (the
+	// event key); the replay check compares it as well as the stream sequence.
+	Identity string
+}
+
+// identity returns the value of the Identity column in values.
+func (t *Table) identity(values []any) string {
+	for i, c := range t.Columns {
+		if c.Name == t.Identity {
+			s, _ := values[i].(string)
+			return s
+		}
+	}
+	return ""
 }
 
 // Row is one row's values, in Columns' order, and the time of what it records (the
@@ -56,7 +70,7 @@ func splitMillis(t time.Time) (time.Time, uint16) {
 
 func eventsTable() *Table {
 	return &Table{
-		Name: "events", Stream: streams.Enriched, Consumer: "sink",
+		Name: "events", Stream: streams.Enriched, Consumer: "sink", Identity: "key",
 		Columns: []Column{
 			{"key", "String"}, {"id", "String"}, {"source", "String"}, {"type", "String"}, {"subject", "String"},
 			{"specversion", "String"}, {"datacontenttype", "String"}, {"dataschema", "String"},
@@ -137,7 +151,7 @@ func eventRowOf(data []byte, seq uint64) (Row, error) {
 
 func deadLettersTable() *Table {
 	return &Table{
-		Name: "dead_letters", Stream: streams.DLQ, Consumer: "sink",
+		Name: "dead_letters", Stream: streams.DLQ, Consumer: "sink", Identity: "reason",
 		Columns: []Column{
 			{"stage", "String"}, {"reason", "String"}, {"nats_subject", "String"}, {"headers", "String"},
 			{"payload", "String"}, {"received_at", "DateTime"}, {"received_at_ms", "UInt16"},
@@ -188,7 +202,7 @@ func deadLetterRow(msg jetstream.Msg, seq uint64) (Row, error) {
 
 func alertsTable() *Table {
 	return &Table{
-		Name: "alerts", Stream: streams.Alerts, Consumer: "sink",
+		Name: "alerts", Stream: streams.Alerts, Consumer: "sink", Identity: "fingerprint",
 		Columns: []Column{
 			{"fingerprint", "String"}, {"rule", "String"}, {"status", "String"}, {"severity", "String"},
 			{"labels", "String"}, {"annotations", "String"}, {"starts_at", "DateTime"}, {"starts_at_ms", "UInt16"},

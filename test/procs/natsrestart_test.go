@@ -185,6 +185,17 @@ func TestNATSKill9(t *testing.T) {
 		t.Fatal(err)
 	}
 	if n != total || unique != total {
+		rows, err := conn.Query(ctx, "SELECT id, groupArray(stream_seq), groupArray(key) FROM events GROUP BY id HAVING count() > 1 ORDER BY id LIMIT 5")
+		if err == nil {
+			for rows.Next() {
+				var id string
+				var seqs []uint64
+				var keys []string
+				_ = rows.Scan(&id, &seqs, &keys)
+				t.Logf("duplicate %s: stream_seq %v keys %v", id, seqs, keys)
+			}
+			rows.Close()
+		}
 		t.Fatalf("count()=%d uniqExact(id)=%d, want %d each", n, unique, total)
 	}
 }
