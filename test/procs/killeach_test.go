@@ -1,0 +1,175 @@
+package procs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+// TestKillEachService runs the five services as processes while 20,000 events flow
+// (5% repeats, 1% invalid, some firing an alert to a webhook) and kills each service
+// in turn with SIGKILL, twice each, restarting it every time. At the end: every
+// unique valid event is in ClickHouse once, every invalid one in dead_letters, every
+// alert in the alerts table once and at the webhook under one webhook-id with a
+// valid signature.
+func TestKillEachService(t *testing.T) {
+	bin := build(t)
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	chs, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	// Short ack waits, so what a killed service held comes back quickly.
+	topo, _ := streams.Load()
+	for _, c := range topo.Consumers {
+		cfg := c.Config
+		cfg.AckWait = 2 * time.Second
+		if _, err := js.CreateOrUpdateConsumer(ctx, c.Stream, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	secret := "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+	s, _ := notify.ParseSecret(secret)
+	var (
+		mu       sync.Mutex
+		hooks    = map[string]int{}
+		badHooks int
+	)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
+			badHooks++
+			return
+		}
+		hooks[r.Header.Get(notify.HeaderID)]++
+	}))
+	defer hook.Close()
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	cfg := fmt.Sprintf("rules:\n  - name: every-thousandth\n    filter: 'int(data.n) %% 1000 == 0'\n    severity: info\nreceivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true}\n", hook.URL)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"NATS_URL=" + ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + secret,
+		"SLUICE_DATA_DIR=" + filepath.Join(dir, "state")}
+	type running struct {
+		cmd  *exec.Cmd
+		done chan struct{}
+	}
+	startSvc := func(name string) *running {
+		c := exec.Command(filepath.Join(bin, name))
+		c.Env = append(os.Environ(), env...)
+		c.Stdout, c.Stderr = io.Discard, io.Discard
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := &running{cmd: c, done: make(chan struct{})}
+		go func() { _ = c.Wait(); close(r.done) }()
+		t.Cleanup(func() { _ = c.Process.Kill(); <-r.done })
+		return r
+	}
+	procs := map[string]*running{}
+	for _, name := range services {
+		procs[name] = startSvc(name)
+	}
+
+	m := oracle.NewManifest(oracle.Spec{Total: 20_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 11})
+	published := make(chan error, 1)
+	go func() {
+		// About 4,000 publishes a second, so the run outlasts the kills.
+		for i := 0; i < len(m.Publishes); i += 400 {
+			part := &oracle.Manifest{Publishes: m.Publishes[i:min(i+400, len(m.Publishes))]}
+			if err := part.PublishAll(nc, 100); err != nil {
+				published <- err
+				return
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		published <- nil
+	}()
+	rng := rand.New(rand.NewPCG(8, 9))
+	for round := range 2 {
+		for _, name := range services {
+			time.Sleep(time.Duration(150+rng.IntN(250)) * time.Millisecond)
+			p := procs[name]
+			select {
+			case <-p.done:
+				t.Fatalf("%s exited by itself", name)
+			default:
+			}
+			_ = p.cmd.Process.Signal(syscall.SIGKILL)
+			<-p.done
+			procs[name] = startSvc(name)
+			t.Logf("round %d: killed and restarted %s", round+1, name)
+		}
+	}
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	wantAlerts := 0
+	for i, e := range m.Events {
+		_ = e
+		if i%1000 == 0 {
+			wantAlerts++
+		}
+	}
+	err := oracle.WaitFor(ctx, 3*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("%+v", c)
+		}
+		mu.Lock()
+		got := len(hooks)
+		mu.Unlock()
+		if got < wantAlerts {
+			return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
+		}
+		for _, c := range topo.Consumers {
+			if err := natstest.Idle(ctx, js, c.Stream, c.Config.Durable); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	var alertRows, distinct uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || len(hooks) != wantAlerts || badHooks != 0 {
+		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, len(hooks), badHooks, wantAlerts)
+	}
+}
