@@ -54,17 +54,11 @@ type Handler struct {
 
 // Env returns what filters see of e.
 func Env(e *events.Event) *EventEnv {
-	env := &EventEnv{
-		ID: e.ID, Source: e.Source, Type: e.Type, Subject: e.Subject,
-		Time: e.Time, Key: e.Key, Enrichment: e.Enrichment,
-	}
+	var data any
 	if len(e.Data) > 0 {
-		var data any
-		if json.Unmarshal(e.Data, &data) == nil {
-			env.Data = data
-		}
+		_ = json.Unmarshal(e.Data, &data)
 	}
-	return env
+	return events.NewExprEnv(e, data)
 }
 
 // Evaluate returns the alerts e fires.

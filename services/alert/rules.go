@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"text/template"
-	"time"
 
 	"github.com/expr-lang/expr"
 	"github.com/expr-lang/expr/vm"
 
+	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 )
 
@@ -113,16 +113,7 @@ func compile(c RuleConfig) (*Rule, error) {
 }
 
 // EventEnv is what filters and annotation templates see of an event.
-type EventEnv struct {
-	ID         string         `expr:"id"`
-	Source     string         `expr:"source"`
-	Type       string         `expr:"type"`
-	Subject    string         `expr:"subject"`
-	Time       time.Time      `expr:"time"`
-	Key        string         `expr:"key"`
-	Data       any            `expr:"data"`
-	Enrichment map[string]any `expr:"enrichment"`
-}
+type EventEnv = events.ExprEnv
 
 // Matches evaluates the filter on env.
 func (r *Rule) Matches(env *EventEnv) (bool, error) {
@@ -143,7 +134,7 @@ func (r *Rule) Annotate(env *EventEnv) map[string]string {
 	out := make(map[string]string, len(r.annotations))
 	for k, t := range r.annotations {
 		var buf bytes.Buffer
-		if err := t.Execute(&buf, env.templateData()); err != nil {
+		if err := t.Execute(&buf, templateData(env)); err != nil {
 			out[k] = fmt.Sprintf("<annotation %s failed: %v>", k, err)
 			continue
 		}
@@ -152,7 +143,7 @@ func (r *Rule) Annotate(env *EventEnv) map[string]string {
 	return out
 }
 
-func (e *EventEnv) templateData() map[string]any {
+func templateData(e *EventEnv) map[string]any {
 	return map[string]any{
 		"id": e.ID, "source": e.Source, "type": e.Type, "subject": e.Subject,
 		"time": e.Time, "key": e.Key, "data": e.Data, "enrichment": e.Enrichment,

@@ -60,18 +60,6 @@ type mask struct {
 	secret []byte
 }
 
-// ExprEnv is what derived expressions see of an event.
-type ExprEnv struct {
-	ID         string         `expr:"id"`
-	Source     string         `expr:"source"`
-	Type       string         `expr:"type"`
-	Subject    string         `expr:"subject"`
-	Time       time.Time      `expr:"time"`
-	Key        string         `expr:"key"`
-	Data       any            `expr:"data"`
-	Enrichment map[string]any `expr:"enrichment"`
-}
-
 // geoHolder lets a reload swap a geo table under running enrichers.
 type geoHolder struct {
 	t       atomic.Pointer[GeoTable]
@@ -119,7 +107,7 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 		for j, d := range rc.Derived {
 			dv := derived{name: d.Name, bucket: d.Bucket}
 			if d.Expr != "" {
-				prog, err := expr.Compile(d.Expr, expr.Env(ExprEnv{}))
+				prog, err := expr.Compile(d.Expr, expr.Env(events.ExprEnv{}))
 				if err != nil {
 					errs = append(errs, fmt.Errorf("enrich.rules[%d].derived[%d] (%s): %w", i, j, d.Name, err))
 					continue
@@ -278,7 +266,9 @@ func (en *Enricher) Enrich(e *events.Event) {
 				set(dv.name, e.Time.Truncate(dv.bucket).UTC().Format(time.RFC3339))
 				continue
 			}
-			v, err := expr.Run(dv.prog, &ExprEnv{ID: e.ID, Source: e.Source, Type: e.Type, Subject: e.Subject, Time: e.Time, Key: e.Key, Data: d.get(), Enrichment: out})
+			env := events.NewExprEnv(e, d.get())
+			env.Enrichment = out
+			v, err := expr.Run(dv.prog, env)
 			if err == nil {
 				set(dv.name, v)
 			}
