@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -147,14 +149,8 @@ func enrichedEvent(i int) []byte {
 // batch, the sink recognises the rows already in the table and acks them without a
 // second insert. Every event ends in the table exactly once.
 func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
-	ns := natstest.Run(t)
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	_, nc, js, conn := setup(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
-		t.Fatal(err)
-	}
 	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
 		t.Fatal(err)
 	}
@@ -225,14 +221,8 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 // A message that cannot be a row goes to the DLQ with the reason, and the rest of
 // its batch lands.
 func TestBadRowGoesToDLQ(t *testing.T) {
-	ns := natstest.Run(t)
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	_, nc, js, conn := setup(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
-		t.Fatal(err)
-	}
 	for i := range 10 {
 		if _, err := js.Publish(ctx, "enriched.test.t", enrichedEvent(i)); err != nil {
 			t.Fatal(err)
@@ -281,14 +271,8 @@ func seqOf(t *testing.T, msg jetstream.Msg) uint64 {
 // A row ClickHouse refuses (here a materialized column that throws on it) goes to
 // the DLQ with ClickHouse's error, and the rest of its batch lands, once.
 func TestRowRefusedByClickHouseIsIsolated(t *testing.T) {
-	ns := natstest.Run(t)
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	_, nc, js, conn := setup(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
-		t.Fatal(err)
-	}
 	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
 		t.Fatal(err)
 	}
@@ -341,14 +325,8 @@ func TestRowRefusedByClickHouseIsIsolated(t *testing.T) {
 // ClickHouse stops mid-stream: the sink stops acking, reports not ready, and when
 // ClickHouse is back it drains the backlog by itself; every event lands once.
 func TestClickHouseOutage(t *testing.T) {
-	ns := natstest.Run(t)
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	srv, nc, js, conn := setup(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
-		t.Fatal(err)
-	}
 	publish := func(from, to int) {
 		t.Helper()
 		for i := from; i < to; i++ {
@@ -427,4 +405,18 @@ func TestClickHouseOutage(t *testing.T) {
 	if got := testutil.ToFloat64(newMetrics(reg).errors.WithLabelValues("events", "connection")); got == 0 {
 		t.Fatal("no connection errors counted during the outage")
 	}
+}
+
+// setup starts an embedded JetStream server with the topology applied and a
+// clickhouse-server with a fresh database.
+func setup(t *testing.T) (*chserver.Server, *nats.Conn, jetstream.JetStream, driver.Conn) {
+	t.Helper()
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+		t.Fatal(err)
+	}
+	return srv, nc, js, conn
 }
