@@ -81,16 +81,6 @@ func CompileTypeSchemas(fsys fs.FS) (*TypeSchemas, error) {
 	return ts, nil
 }
 
-// Types lists the event types that have a schema.
-func (ts *TypeSchemas) Types() []string {
-	out := make([]string, 0, len(ts.byType))
-	for t := range ts.byType {
-		out = append(out, t)
-	}
-	sort.Strings(out)
-	return out
-}
-
 // Validate checks data against the schema of typ, if there is one.
 func (ts *TypeSchemas) Validate(typ string, data []byte) error {
 	sch, ok := ts.byType[typ]

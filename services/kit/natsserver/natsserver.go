@@ -19,7 +19,7 @@ type Config struct {
 	StoreDir string
 	// MaxPayload is the largest message accepted; 0 keeps the server default (1 MiB).
 	MaxPayload int32
-	// Debug turns on the server's own logging.
+	// Debug turns on the server's own logging (sluice up --log-level debug).
 	Debug bool
 }
 

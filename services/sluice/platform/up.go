@@ -47,7 +47,8 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Reg
 	if err != nil {
 		return fmt.Errorf("--nats-listen %q: port: %w", cfg.NATSListen, err)
 	}
-	srv, err := natsserver.Start(natsserver.Config{Host: host, Port: port, StoreDir: filepath.Join(cfg.DataDir, "nats")})
+	srv, err := natsserver.Start(natsserver.Config{Host: host, Port: port, StoreDir: filepath.Join(cfg.DataDir, "nats"),
+		Debug: cfg.Service.LogLevel == "debug"})
 	if err != nil {
 		return err
 	}
