@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -24,6 +23,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/procstat"
 )
 
 func freePort(t testing.TB) int {
@@ -58,25 +58,6 @@ func start(t testing.TB, name, bin string, env []string, args ...string) *proc {
 	}
 	t.Cleanup(func() { _ = c.Process.Signal(syscall.SIGKILL); _ = c.Wait() })
 	return &proc{name: name, cmd: c}
-}
-
-// usage returns CPU seconds (user+system) and peak RSS (bytes) of a running process.
-func usage(pid int) (cpu float64, peak int64) {
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+2:])
-		ut, _ := strconv.ParseFloat(f[11], 64)
-		st, _ := strconv.ParseFloat(f[12], 64)
-		cpu = (ut + st) / 100 // clock ticks
-	}
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
-		for line := range strings.SplitSeq(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-				peak = kb * 1024
-			}
-		}
-	}
-	return cpu, peak
 }
 
 func event(i int) []byte {
@@ -176,11 +157,11 @@ func BenchmarkProduction(b *testing.B) {
 		b.ReportMetric(rate, "events/s")
 		var sluiceCPU float64
 		for _, p := range procs {
-			cpu, peak := usage(p.cmd.Process.Pid)
+			cpu, peak := procstat.Usage(p.cmd.Process.Pid)
 			sluiceCPU += cpu
 			b.ReportMetric(float64(peak)/(1<<20), p.name+"-MiB")
 		}
-		natsCPU, natsPeak := usage(natsProc.cmd.Process.Pid)
+		natsCPU, natsPeak := procstat.Usage(natsProc.cmd.Process.Pid)
 		b.ReportMetric(sluiceCPU/float64(total)*1000*1000, "sluice-cpu-ms/1k")
 		b.ReportMetric(natsCPU/float64(total)*1000*1000, "nats-cpu-ms/1k")
 		b.ReportMetric(float64(natsPeak)/(1<<20), "nats-MiB")

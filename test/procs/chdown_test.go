@@ -1,0 +1,131 @@
+package procs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/services/kit/chserver"
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
+	"github.com/sluicehq/sluice/test/procstat"
+)
+
+// sinkMemoryCap is what the sink's memory must stay under while ClickHouse is down:
+// its batch (SINK_BATCH_MAX_ROWS, here 20,000) and the consumer's max_ack_pending
+// (100,000 messages of about 600 bytes) bound what it holds.
+const sinkMemoryCap = 256 << 20
+
+// TestClickHouseDown60s stops ClickHouse for 60 s while events flow through the
+// whole pipeline (services as processes): the sink stops acking, its memory stays
+// under the cap, and when ClickHouse is back everything lands once by itself.
+func TestClickHouseDown60s(t *testing.T) {
+	bin := build(t)
+	ns := natstest.Run(t)
+	srv := chtest.Start(t)
+	chs, conn := chtest.Database(t, srv)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"NATS_URL=" + ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_DATA_DIR=" + t.TempDir(),
+		"SINK_BATCH_MAX_ROWS=20000"}
+	var sink *exec.Cmd
+	for _, name := range services {
+		c := exec.Command(filepath.Join(bin, name))
+		c.Env = append(os.Environ(), env...)
+		c.Stdout, c.Stderr = io.Discard, io.Discard
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
+		if name == "sink" {
+			sink = c
+		}
+	}
+	m := oracle.NewManifest(oracle.Spec{Total: 60_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 5})
+	first := &oracle.Manifest{Publishes: m.Publishes[:20_000]}
+	rest := &oracle.Manifest{Publishes: m.Publishes[20_000:]}
+	if err := first.PublishAll(nc, 200); err != nil {
+		t.Fatal(err)
+	}
+	if err := oracle.WaitFor(ctx, time.Minute, func() error {
+		var n uint64
+		if err := conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&n); err != nil || n == 0 {
+			return fmt.Errorf("%d rows, %v", n, err)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	dir := srv.Dir
+	_, portText, _ := net.SplitHostPort(srv.Addr)
+	port, _ := strconv.Atoi(portText)
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	if err := rest.PublishAll(nc, 200); err != nil {
+		t.Fatal(err)
+	}
+	peak := int64(0)
+	for time.Since(down) < 60*time.Second {
+		_, rss := procstat.Usage(sink.Process.Pid)
+		peak = max(peak, rss)
+		time.Sleep(500 * time.Millisecond)
+	}
+	_, hwm := procstat.Usage(sink.Process.Pid)
+	peak = max(peak, hwm)
+	t.Logf("sink peak RSS while ClickHouse was down: %.0f MiB", float64(peak)/(1<<20))
+	if peak > sinkMemoryCap {
+		t.Fatalf("sink peak RSS %d MiB, over the %d MiB cap", peak>>20, sinkMemoryCap>>20)
+	}
+	info, err := js.Consumer(ctx, streams.Enriched, "sink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := info.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ci.NumPending == 0 {
+		t.Fatal("nothing waited for ClickHouse: the sink acked while it was down?")
+	}
+	srv2, err := chserver.Start(ctx, dir, port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv2.Stop() })
+	if err := oracle.WaitFor(ctx, 3*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("%+v", c)
+		}
+		for _, c := range [][2]string{{streams.Enriched, "sink"}, {streams.DLQ, "sink"}} {
+			if err := natstest.Idle(ctx, js, c[0], c[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+}
