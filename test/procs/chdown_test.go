@@ -3,12 +3,9 @@ package procs
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -39,21 +36,23 @@ func TestClickHouseDown60s(t *testing.T) {
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"NATS_URL=" + ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+	env := []string{"NATS_URL=" + ns.URL, "SLUICE_APPLY_TOPOLOGY=false",
 		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_DATA_DIR=" + t.TempDir(),
 		"SINK_BATCH_MAX_ROWS=20000"}
-	var sink *exec.Cmd
+	var all []*svc
 	for _, name := range services {
-		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(os.Environ(), env...)
-		c.Stdout, c.Stderr = io.Discard, io.Discard
-		if err := c.Start(); err != nil {
-			t.Fatal(err)
+		all = append(all, startService(t, bin, name, env))
+	}
+	for _, s := range all {
+		s.waitReady(t)
+	}
+	sink := all[len(all)-1].cmd
+	outputs := func() string {
+		var b strings.Builder
+		for _, s := range all {
+			fmt.Fprintf(&b, "--- %s\n%s", s.name, s.output())
 		}
-		t.Cleanup(func() { _ = c.Process.Kill(); _ = c.Wait() })
-		if name == "sink" {
-			sink = c
-		}
+		return b.String()
 	}
 	m := oracle.NewManifest(oracle.Spec{Total: 60_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 5})
 	first := &oracle.Manifest{Publishes: m.Publishes[:20_000]}
@@ -68,7 +67,7 @@ func TestClickHouseDown60s(t *testing.T) {
 		}
 		return nil
 	}); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\n%s", err, outputs())
 	}
 	dir := srv.Dir
 	_, portText, _ := net.SplitHostPort(srv.Addr)
@@ -123,7 +122,7 @@ func TestClickHouseDown60s(t *testing.T) {
 		}
 		return nil
 	}); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\n%s", err, outputs())
 	}
 	if err := m.Check(ctx, conn); err != nil {
 		t.Fatal(err)
