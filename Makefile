@@ -12,9 +12,11 @@ CHDB_VERSION := 26.5.3
 CHDB_LIB := .tools/chdb/node_modules/@chdb/lib-linux-x64-gnu/libchdb.so
 BINARIES := sluice dedup enrich alert notify sink
 # `make up` and `make listen` share a demo signing secret; set your own for real use.
+# Only those two targets see these (the tests set their own).
 SLUICE_CONFIG ?= examples/sluice.yaml
 WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
-export SLUICE_CONFIG WEBHOOK_SECRET
+up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
+up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
 .PHONY: up listen test fuzz deps clickhouse chdb build vet modules bench clean help
 FUZZTIME ?= 10s

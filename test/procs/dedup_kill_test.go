@@ -57,7 +57,7 @@ func TestDedupKill9(t *testing.T) {
 	start := func(dataDir string) *exec.Cmd {
 		out := &strings.Builder{}
 		c := exec.Command(filepath.Join(dir, "dedup"))
-		c.Env = append(os.Environ(), "NATS_URL="+ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error",
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error",
 			"SLUICE_APPLY_TOPOLOGY=false", "SLUICE_CONFIG="+cfgPath, "SLUICE_DATA_DIR="+dataDir)
 		c.Stdout, c.Stderr = out, out
 		if err := c.Start(); err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"math/rand/v2"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -60,7 +59,7 @@ func TestSinkKill9(t *testing.T) {
 	start := func(crash string) (*exec.Cmd, *strings.Builder) {
 		out := &strings.Builder{}
 		c := exec.Command(filepath.Join(dir, "sink"))
-		c.Env = append(os.Environ(), "NATS_URL="+ns.URL, "CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.URL, "CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
 			"METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_TEST_CRASH="+crash)
 		c.Stdout, c.Stderr = out, out
 		if err := c.Start(); err != nil {

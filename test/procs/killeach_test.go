@@ -81,7 +81,7 @@ func TestKillEachService(t *testing.T) {
 	}
 	startSvc := func(name string) *running {
 		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(os.Environ(), env...)
+		c.Env = append(cleanEnv(), env...)
 		c.Stdout, c.Stderr = io.Discard, io.Discard
 		if err := c.Start(); err != nil {
 			t.Fatal(err)

@@ -81,7 +81,7 @@ func TestServicesAsProcesses(t *testing.T) {
 		// The test applies the topology once: five processes updating the same streams
 		// at once trip a data race inside nats-server (fileStore.UpdateConfig against
 		// ConsumerStore) that -race reports in this process, where the server runs.
-		p.cmd.Env = append(os.Environ(), "SLUICE_APPLY_TOPOLOGY=false",
+		p.cmd.Env = append(cleanEnv(), "SLUICE_APPLY_TOPOLOGY=false",
 			"NATS_URL="+ns.URL, "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
 			"SLUICE_CONFIG="+cfg, "SLUICE_DATA_DIR="+t.TempDir(),

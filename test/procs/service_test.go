@@ -2,7 +2,6 @@ package procs
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -41,7 +40,7 @@ func startService(t *testing.T, bin, name string, env []string) *svc {
 	t.Helper()
 	s := &svc{name: name, done: make(chan struct{})}
 	s.cmd = exec.Command(filepath.Join(bin, name))
-	s.cmd.Env = append(append(os.Environ(), env...), "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
+	s.cmd.Env = append(append(cleanEnv(), env...), "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
 	s.cmd.Stdout, s.cmd.Stderr = s, s
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
