@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -137,6 +138,12 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 		case <-stopped:
 		}
 	})
+	// A handler slower than the ack wait would see its message redelivered while it
+	// works: a watchdog extends the message's ack timer (InProgress) meanwhile.
+	var working atomic.Pointer[work]
+	if ackWait := cons.CachedInfo().Config.AckWait; ackWait > 0 {
+		wg.Go(func() { watchdog(&working, ackWait/3, stopped) })
+	}
 	in := r.metrics.Messages.WithLabelValues(r.cfg.Name, "in")
 	lag := r.metrics.Lag.WithLabelValues(r.cfg.Name)
 	for {
@@ -152,7 +159,9 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 		if md, err := msg.Metadata(); err == nil {
 			lag.Set(float64(md.NumPending))
 		}
+		working.Store(&work{msg: msg, since: time.Now()})
 		outs, err := r.handle(msg)
+		working.Store(nil)
 		if err != nil {
 			r.nak(msg, err)
 			continue
@@ -173,6 +182,29 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 	close(pending)
 	wg.Wait()
 	return nil
+}
+
+// work is the message a handler is working on, and since when.
+type work struct {
+	msg   jetstream.Msg
+	since time.Time
+}
+
+// watchdog sends InProgress for the message in work every period while its
+// handler has been at it longer than period, until stopped is closed.
+func watchdog(working *atomic.Pointer[work], period time.Duration, stopped <-chan struct{}) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-stopped:
+			return
+		case <-t.C:
+			if w := working.Load(); w != nil && time.Since(w.since) >= period {
+				_ = w.msg.InProgress()
+			}
+		}
+	}
 }
 
 func (r *Runner) ackLoop(pending <-chan inflight) {

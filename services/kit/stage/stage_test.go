@@ -1,0 +1,74 @@
+package stage
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+)
+
+// A handler slower than the ack wait on some messages: the runner keeps those
+// messages from redelivery while the handler works, so each is handled once and
+// every output is published once.
+func TestSlowHandlerIsNotRedelivered(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"in.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "OUT", Subjects: []string{"out.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateOrUpdateConsumer(ctx, "IN", jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy, AckWait: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	const total = 40
+	for i := range total {
+		if _, err := js.Publish(ctx, fmt.Sprintf("in.%d", i), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var calls atomic.Int32
+	handle := func(msg jetstream.Msg) ([]*nats.Msg, error) {
+		n := calls.Add(1)
+		if n%10 == 0 {
+			time.Sleep(2500 * time.Millisecond) // 2.5 ack waits
+		}
+		out := nats.NewMsg("out." + msg.Subject())
+		out.Header.Set(nats.MsgIdHdr, msg.Subject())
+		return []*nats.Msg{out}, nil
+	}
+	r, err := New(nc, Config{Name: "slow", Stream: "IN", Consumer: "c", PullBatch: 1}, handle, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx, nil) }()
+	poll.Until(t, time.Minute, func() error { return natstest.Idle(ctx, js, "IN", "c") })
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := calls.Load(); got != total {
+		t.Fatalf("the handler ran %d times for %d messages: slow messages were redelivered", got, total)
+	}
+	s, err := js.Stream(ctx, "OUT")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := s.CachedInfo().State.Msgs; got != total {
+		t.Fatalf("OUT holds %d, want %d", got, total)
+	}
+}
