@@ -114,6 +114,7 @@ func TestMarshalMatchesEnvelopeSchema(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.Key = "k1"
+	e.Data = []byte(`{"q":"a&b<c>"}`)
 	b, err := e.Marshal()
 	if err != nil {
 		t.Fatal(err)
@@ -141,7 +142,7 @@ func TestMarshalMatchesEnvelopeSchema(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if back.Key != "k1" || back.ID != "1" || string(back.Data) != `{"k":[1,2]}` || !back.Time.Equal(e.Time) {
+	if back.Key != "k1" || back.ID != "1" || string(back.Data) != `{"q":"a&b<c>"}` || !back.Time.Equal(e.Time) {
 		t.Fatalf("round trip = %+v", back)
 	}
 }

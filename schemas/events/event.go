@@ -40,8 +40,9 @@ type Event struct {
 	Enrichment map[string]any `json:"sluiceenrichment,omitempty"`
 }
 
-// Marshal returns the inter-stage JSON form of e.
-func (e *Event) Marshal() ([]byte, error) { return gojson.Marshal(e) }
+// Marshal returns the inter-stage JSON form of e. Characters HTML escaping would
+// change (&, <, >) are kept as they are, so data reaches ClickHouse as sent.
+func (e *Event) Marshal() ([]byte, error) { return gojson.MarshalNoEscape(e) }
 
 // Unmarshal decodes the inter-stage JSON form produced by Marshal.
 func Unmarshal(b []byte) (*Event, error) {
