@@ -42,7 +42,9 @@ type Event struct {
 
 // Marshal returns the inter-stage JSON form of e. Characters HTML escaping would
 // change (&, <, >) are kept as they are, so data reaches ClickHouse as sent.
-func (e *Event) Marshal() ([]byte, error) { return gojson.MarshalWithOption(e, gojson.DisableHTMLEscape()) }
+func (e *Event) Marshal() ([]byte, error) {
+	return gojson.MarshalWithOption(e, gojson.DisableHTMLEscape())
+}
 
 // Unmarshal decodes the inter-stage JSON form produced by Marshal.
 func Unmarshal(b []byte) (*Event, error) {
