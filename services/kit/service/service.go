@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natsconn"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -36,6 +37,9 @@ type Env struct {
 	ClickHouse settings.ClickHouse
 	Ready      *telemetry.Readiness
 }
+
+// ConfigFile reads SLUICE_CONFIG (an empty path is an empty config).
+func (e Env) ConfigFile() (*configfile.File, error) { return configfile.Load(e.Service.ConfigPath) }
 
 // Spec describes one service binary.
 type Spec struct {

@@ -6,7 +6,6 @@ import (
 	"os"
 
 	"github.com/sluicehq/sluice/services/dedup"
-	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/service"
 )
 
@@ -18,7 +17,7 @@ func main() {
 		Config:      true,
 		DataDir:     true,
 		Run: func(ctx context.Context, env service.Env) error {
-			f, err := configfile.Load(env.Service.ConfigPath)
+			f, err := env.ConfigFile()
 			if err != nil {
 				return err
 			}

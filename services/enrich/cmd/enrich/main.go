@@ -6,7 +6,6 @@ import (
 	"os"
 
 	"github.com/sluicehq/sluice/services/enrich"
-	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/service"
 )
 
@@ -17,7 +16,7 @@ func main() {
 		MetricsAddr: "127.0.0.1:9302",
 		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
-			f, err := configfile.Load(env.Service.ConfigPath)
+			f, err := env.ConfigFile()
 			if err != nil {
 				return err
 			}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"os"
 
-	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/notify"
 )
@@ -17,7 +16,7 @@ func main() {
 		MetricsAddr: "127.0.0.1:9304",
 		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
-			f, err := configfile.Load(env.Service.ConfigPath)
+			f, err := env.ConfigFile()
 			if err != nil {
 				return err
 			}
