@@ -60,7 +60,8 @@ clickhouse:
 # chDB (current ClickHouse, in-process) to check the DDL and queries on a current engine.
 chdb: $(CHDB_LIB)
 $(CHDB_LIB):
-	@command -v npm >/dev/null || { echo "npm is needed for chDB: apt-get install -y npm"; exit 1; }
+	@command -v npm >/dev/null || { echo "installing npm from Debian's archive (for chDB)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq npm >/dev/null; }
 	mkdir -p .tools/chdb
 	npm install --no-save --no-audit --no-fund --loglevel=error --prefix .tools/chdb @chdb/lib-linux-x64-gnu@$(CHDB_VERSION)
 
