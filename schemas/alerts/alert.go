@@ -29,7 +29,10 @@ type Alert struct {
 	Annotations map[string]string `json:"annotations,omitempty"`
 	StartsAt    time.Time         `json:"startsAt"`
 	EndsAt      time.Time         `json:"endsAt,omitzero"`
-	// EventKey is the key of the event that caused this change.
+	// Value is the windowed value (threshold), change (rate) or seconds of silence
+	// (absence) when the alert changed.
+	Value *float64 `json:"value,omitempty"`
+	// EventKey is the key of the event that caused this change (match rules).
 	EventKey string `json:"eventKey,omitempty"`
 	// Replay marks an alert produced while re-reading old input.
 	Replay bool `json:"replay,omitempty"`

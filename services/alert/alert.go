@@ -1,17 +1,24 @@
 // Package alert is the alert stage: it evaluates the rules of SLUICE_CONFIG on the
-// ENRICHED stream and publishes what fires to ALERTS (alerts.<rule>.<severity>) with
-// a Nats-Msg-Id derived from the rule and the event, so a retry is not a second alert.
+// ENRICHED stream in event time and publishes each alert change (firing, resolved)
+// to ALERTS (alerts.<rule>.<severity>) with a Nats-Msg-Id derived from the change
+// itself, so a retry, a restart or a second replica never makes a second one.
 //
-// This build evaluates match rules (one matching event fires one alert). Rule
-// filters are expr expressions compiled once at start.
+// The stage's state (windows, firing alerts, the latest event time) is a function
+// of the input it read: it is saved as a snapshot, with the ENRICHED sequence it
+// covers, in the JetStream object store bucket sluice_alert, and a restart reads
+// ENRICHED again from there. Changes it recomputes that were published before the
+// restart are recognised by their Nats-Msg-Id among the ALERTS messages published
+// since the snapshot, and not published again.
 package alert
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,22 +26,73 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/stage"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
 )
 
 // Name is the stage's name in logs, metrics and dead letters.
 const Name = "alert"
 
-// Config configures the stage.
-type Config struct {
-	Stage stage.Config
-	Rules []*Rule
+// StateBucket is the object store bucket holding the stage's snapshot.
+const StateBucket = "sluice_alert"
+
+// Settings is the alert section of SLUICE_CONFIG.
+type Settings struct {
+	// IdleAfter: when no input arrived for this long, event time is moved on with
+	// the wall clock, so windows close and absence rules fire when events stop.
+	IdleAfter time.Duration `yaml:"idle_after"`
+	// SnapshotInterval is how often the state is saved.
+	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
+	// ReloadInterval is how often the config file is checked for changed rules.
+	ReloadInterval time.Duration `yaml:"reload_interval"`
 }
 
-// DefaultConfig reads the alert consumer of ENRICHED, with no rules.
+// DefaultSettings are the settings of an absent alert section.
+func DefaultSettings() Settings {
+	return Settings{IdleAfter: 30 * time.Second, SnapshotInterval: 10 * time.Second, ReloadInterval: 2 * time.Second}
+}
+
+// LoadSettings decodes the alert section of f over the defaults.
+func LoadSettings(f *configfile.File) (Settings, error) {
+	s := DefaultSettings()
+	if err := f.Decode("alert", &s); err != nil {
+		return s, err
+	}
+	if s.IdleAfter <= 0 || s.SnapshotInterval <= 0 || s.ReloadInterval <= 0 {
+		return s, fmt.Errorf("config %s: alert: idle_after, snapshot_interval and reload_interval must be positive", f.Path)
+	}
+	return s, nil
+}
+
+// Config configures the stage.
+type Config struct {
+	Settings
+	Rules []*Rule
+	// ConfigPath, if set, is watched: a change reloads the rules.
+	ConfigPath string
+	// Stream is the input stream (ENRICHED).
+	Stream string
+}
+
+// DefaultConfig reads ENRICHED, with no rules.
 func DefaultConfig() Config {
-	return Config{Stage: stage.Config{Name: Name, Stream: streams.Enriched, Consumer: "alert"}}
+	return Config{Settings: DefaultSettings(), Stream: streams.Enriched}
+}
+
+// LoadConfig reads the rules and the alert section of f, and watches f's file for
+// rule changes. Rules that do not compile are left out and reported as a
+// *RuleError next to the config of the rest.
+func LoadConfig(f *configfile.File) (Config, error) {
+	cfg := DefaultConfig()
+	var err error
+	if cfg.Settings, err = LoadSettings(f); err != nil {
+		return cfg, err
+	}
+	cfg.ConfigPath = f.Path
+	cfg.Rules, err = LoadRules(f)
+	return cfg, err
 }
 
 // Deps are what the stage needs from its host.
@@ -45,11 +103,310 @@ type Deps struct {
 	Ready      func()
 }
 
-// Handler evaluates rules on events.
-type Handler struct {
-	rules      []*Rule
-	maxPayload int64
-	log        *slog.Logger
+// snapshot is what the state bucket holds.
+type snapshot struct {
+	// StreamCreated tells a snapshot of a deleted and recreated stream.
+	StreamCreated time.Time `json:"stream_created"`
+	// Seq is the last input sequence the state covers.
+	Seq uint64 `json:"seq"`
+	// ReplayUntil: alerts caused by input up to this sequence are replays (input
+	// that was in the stream before the stage had any state).
+	ReplayUntil uint64    `json:"replay_until"`
+	SavedAt     time.Time `json:"saved_at"`
+	State       *State    `json:"state"`
+}
+
+type metrics struct {
+	alerts   *prometheus.CounterVec
+	late     *prometheus.CounterVec
+	reloads  *prometheus.CounterVec
+	filter   prometheus.Counter
+	skipped  prometheus.Counter
+	lastSeq  prometheus.Gauge
+	maxEvent prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	return &metrics{
+		alerts: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_alert_changes_total", Help: "Alert changes published, by rule and status (firing, resolved).",
+		}, []string{"rule", "status"})),
+		late: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_alert_late_events_total", Help: "Events that arrived after a window holding them was evaluated, by rule.",
+		}, []string{"rule"})),
+		reloads: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_alert_rule_reloads_total", Help: "Reloads of the rules, by result (ok, failed: rules that failed are left out).",
+		}, []string{"result"})),
+		filter: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_alert_expression_errors_total", Help: "Filter, group_by or value expressions that failed on an event (the event does not count for that rule).",
+		})),
+		skipped: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_alert_republish_skipped_total", Help: "Alert changes recomputed after a restart that were already published.",
+		})),
+		lastSeq: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_alert_input_sequence", Help: "The last ENRICHED sequence evaluated.",
+		})),
+		maxEvent: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_alert_event_time_seconds", Help: "The latest event time the rules have seen (unix seconds).",
+		})),
+	}
+}
+
+// stageRun is one run of the stage.
+type stageRun struct {
+	cfg     Config
+	js      jetstream.JetStream
+	store   jetstream.ObjectStore
+	log     *slog.Logger
+	m       *metrics
+	engine  *Engine
+	created time.Time
+	seq     uint64
+	replay  uint64
+	// published holds the Nats-Msg-Ids of alert changes published since the
+	// snapshot this run started from.
+	published map[string]bool
+	pending   []pendingPub
+	maxPaylod int64
+}
+
+type pendingPub struct {
+	msg    *nats.Msg
+	future jetstream.PubAckFuture
+}
+
+// Run runs the stage until ctx is done, then saves its state.
+func Run(ctx context.Context, cfg Config, deps Deps) error {
+	log := deps.Logger.With("stage", Name)
+	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096))
+	if err != nil {
+		return fmt.Errorf("alert: %w", err)
+	}
+	store, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket: StateBucket, Description: "The alert stage's snapshot: windows, firing alerts, input position.", Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)
+	}
+	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPaylod: deps.NATS.MaxPayload()}
+	if err := s.restore(ctx); err != nil {
+		return err
+	}
+	return s.run(ctx, deps.Ready)
+}
+
+// restore loads the snapshot (or starts fresh) and the ids published since it.
+func (s *stageRun) restore(ctx context.Context) error {
+	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	if err != nil {
+		return fmt.Errorf("alert: stream %s: %w", s.cfg.Stream, err)
+	}
+	info := stream.CachedInfo()
+	s.created = info.Created
+	var snap snapshot
+	b, err := s.store.GetBytes(ctx, "state")
+	switch {
+	case errors.Is(err, jetstream.ErrObjectNotFound):
+	case err != nil:
+		return fmt.Errorf("alert: read state: %w", err)
+	default:
+		if err := json.Unmarshal(b, &snap); err != nil {
+			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
+		}
+		if !snap.StreamCreated.Equal(s.created) {
+			s.log.Warn("the state is of an earlier stream of this name; starting over", "stream", s.cfg.Stream)
+			snap = snapshot{}
+		}
+	}
+	if snap.State == nil {
+		// No state: everything already in the stream is a replay.
+		snap = snapshot{StreamCreated: s.created, ReplayUntil: info.State.LastSeq}
+		s.log.Info("no alert state; reading the input from its start, alerts from input already there are marked replay",
+			"replay_until", snap.ReplayUntil)
+	} else {
+		s.log.Info("alert state restored", "seq", snap.Seq, "saved_at", snap.SavedAt, "max_event_time", snap.State.MaxTime)
+	}
+	if snap.Seq < info.State.FirstSeq-1 && info.State.FirstSeq > 0 {
+		s.log.Warn("input after the state's position has aged out of the stream; windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
+	}
+	s.seq, s.replay = snap.Seq, snap.ReplayUntil
+	s.engine = NewEngine(s.cfg.Rules, snap.State)
+	s.published = map[string]bool{}
+	if !snap.SavedAt.IsZero() {
+		if err := s.readPublished(ctx, snap.SavedAt.Add(-5*time.Second)); err != nil {
+			return err
+		}
+	}
+	return s.save(ctx)
+}
+
+// readPublished collects the Nats-Msg-Ids of ALERTS messages published since.
+func (s *stageRun) readPublished(ctx context.Context, since time.Time) error {
+	cons, err := s.js.OrderedConsumer(ctx, streams.Alerts, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &since, HeadersOnly: true,
+	})
+	if err != nil {
+		return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
+	}
+	info, err := cons.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
+	}
+	for n := info.NumPending; n > 0; {
+		batch, err := cons.Fetch(int(min(n, 1000)), jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
+		}
+		got := 0
+		for msg := range batch.Messages() {
+			got++
+			if id := msg.Headers().Get(nats.MsgIdHdr); id != "" {
+				s.published[id] = true
+			}
+			if md, err := msg.Metadata(); err == nil && md.NumPending == 0 {
+				n = 0
+			}
+		}
+		if err := batch.Error(); err != nil {
+			return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
+		}
+		if got == 0 {
+			break
+		}
+		n -= min(n, uint64(got))
+	}
+	s.log.Info("alert changes published since the snapshot", "count", len(s.published))
+	return nil
+}
+
+func (s *stageRun) run(ctx context.Context, ready func()) error {
+	cons, err := s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: s.seq + 1,
+	})
+	if err != nil {
+		return fmt.Errorf("alert: read %s: %w", s.cfg.Stream, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(1000))
+	if err != nil {
+		return fmt.Errorf("alert: read %s: %w", s.cfg.Stream, err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	msgs := make(chan jetstream.Msg, 1000)
+	wg.Go(func() {
+		defer close(msgs)
+		for {
+			msg, err := it.Next()
+			if err != nil {
+				if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+					return
+				}
+				s.log.Warn("read", "err", err)
+				continue
+			}
+			msgs <- msg
+		}
+	})
+	reloads := make(chan []*Rule)
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	if s.cfg.ConfigPath != "" {
+		wg.Go(func() { s.watch(watchCtx, reloads) })
+	}
+	if ready != nil {
+		ready()
+	}
+	s.log.Info("alert rules loaded", "rules", len(s.engine.Rules()), "from_seq", s.seq+1)
+	snap := time.NewTicker(s.cfg.SnapshotInterval)
+	defer snap.Stop()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	lastInput, lastTick := time.Now(), time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			it.Stop()
+			for range msgs {
+			}
+			return s.save(context.WithoutCancel(ctx))
+		case msg, ok := <-msgs:
+			if !ok {
+				return s.save(context.WithoutCancel(ctx))
+			}
+			lastInput = time.Now()
+			s.handle(ctx, msg)
+		case now := <-tick.C:
+			if now.Sub(lastInput) >= s.cfg.IdleAfter && len(msgs) == 0 {
+				since := lastTick
+				if lastInput.After(since) {
+					since = lastInput
+				}
+				s.emit(ctx, s.engine.Idle(now.Sub(since)), false)
+			}
+			lastTick = now
+		case rules := <-reloads:
+			s.emit(ctx, s.engine.SetRules(rules), false)
+			s.log.Info("alert rules reloaded", "rules", len(rules))
+		case <-snap.C:
+			if err := s.save(ctx); err != nil {
+				s.log.Warn("save state", "err", err)
+			}
+		}
+	}
+}
+
+func (s *stageRun) watch(ctx context.Context, reloads chan<- []*Rule) {
+	configfile.Watch(ctx, s.cfg.ConfigPath, s.cfg.ReloadInterval, func(f *configfile.File) {
+		rules, err := LoadRules(f)
+		var re *RuleError
+		if err != nil && !errors.As(err, &re) {
+			s.log.Error("the changed config did not load; the running rules stay", "config", s.cfg.ConfigPath, "err", err)
+			s.m.reloads.WithLabelValues("failed").Inc()
+			return
+		}
+		if err != nil {
+			s.log.Error("rules that did not load are left out; the rest run", "err", err)
+			s.m.reloads.WithLabelValues("failed").Inc()
+		} else {
+			s.m.reloads.WithLabelValues("ok").Inc()
+		}
+		select {
+		case reloads <- rules:
+		case <-ctx.Done():
+		}
+	}, func(err error) {
+		s.log.Error("the changed config did not load; the running rules stay", "config", s.cfg.ConfigPath, "err", err)
+		s.m.reloads.WithLabelValues("failed").Inc()
+	})
+}
+
+func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
+	md, err := msg.Metadata()
+	if err != nil {
+		s.log.Warn("message without metadata", "err", err)
+		return
+	}
+	s.seq = md.Sequence.Stream
+	s.m.lastSeq.Set(float64(s.seq))
+	if len(s.engine.Rules()) == 0 {
+		return
+	}
+	e, err := events.Unmarshal(msg.Data())
+	if err != nil {
+		s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPaylod))
+		return
+	}
+	out, errs := s.engine.Observe(Env(e))
+	for _, err := range errs {
+		s.m.filter.Inc()
+		s.log.Debug("expression did not evaluate", "key", e.Key, "err", err)
+	}
+	for rule, n := range s.engine.Late {
+		s.m.late.WithLabelValues(rule).Add(float64(n))
+		delete(s.engine.Late, rule)
+	}
+	s.m.maxEvent.Set(float64(s.engine.State().MaxTime.UnixMilli()) / 1e3)
+	s.emit(ctx, out, s.seq <= s.replay)
 }
 
 // Env returns what filters see of e.
@@ -61,80 +418,86 @@ func Env(e *events.Event) *EventEnv {
 	return events.NewExprEnv(e, data)
 }
 
-// Evaluate returns the alerts e fires.
-func (h *Handler) Evaluate(e *events.Event) ([]*alerts.Alert, error) {
-	if len(h.rules) == 0 {
-		return nil, nil
-	}
-	env := Env(e)
-	var out []*alerts.Alert
-	for _, r := range h.rules {
-		ok, err := r.Matches(env)
-		if err != nil {
-			// A filter that fails on one event (a missing field, a wrong type) does
-			// not match it; the event is not bad input.
-			h.log.Debug("filter did not evaluate", "rule", r.Name, "key", e.Key, "err", err)
+// emit publishes alert changes, leaving out those published before a restart.
+func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
+	for _, a := range out {
+		a.Replay = replay
+		id := MsgID(a)
+		if s.published[id] {
+			s.m.skipped.Inc()
 			continue
 		}
-		if !ok {
-			continue
-		}
-		labels := maps.Clone(r.Labels)
-		if labels == nil {
-			labels = map[string]string{}
-		}
-		labels["alertname"] = r.Name
-		labels["severity"] = r.Severity
-		fpLabels := maps.Clone(labels)
-		fpLabels["event_key"] = e.Key
-		out = append(out, &alerts.Alert{
-			Fingerprint: alerts.Fingerprint(r.Name, fpLabels),
-			Rule:        r.Name,
-			Status:      alerts.Firing,
-			Severity:    r.Severity,
-			Labels:      labels,
-			Annotations: r.Annotate(env),
-			StartsAt:    e.Time,
-			EventKey:    e.Key,
-		})
-	}
-	return out, nil
-}
-
-// Handle returns one ALERTS message per alert the event fires.
-func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
-	if len(h.rules) == 0 {
-		return nil, nil
-	}
-	e, err := events.Unmarshal(msg.Data())
-	if err != nil {
-		return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), h.maxPayload)}, nil
-	}
-	fired, err := h.Evaluate(e)
-	if err != nil {
-		return nil, err
-	}
-	outs := make([]*nats.Msg, 0, len(fired))
-	for _, a := range fired {
 		body, err := json.Marshal(a)
 		if err != nil {
-			return nil, fmt.Errorf("encode alert: %w", err)
+			s.log.Error("encode alert", "rule", a.Rule, "err", err)
+			continue
 		}
 		m := nats.NewMsg(a.Subject())
-		m.Header.Set(nats.MsgIdHdr, "alert:"+a.Fingerprint+":"+a.Status)
+		m.Header.Set(nats.MsgIdHdr, id)
 		m.Data = body
-		outs = append(outs, m)
+		s.publish(ctx, m)
+		s.m.alerts.WithLabelValues(a.Rule, a.Status).Inc()
 	}
-	return outs, nil
 }
 
-// Run runs the stage until ctx is done.
-func Run(ctx context.Context, cfg Config, deps Deps) error {
-	h := &Handler{rules: cfg.Rules, maxPayload: deps.NATS.MaxPayload(), log: deps.Logger.With("stage", Name)}
-	deps.Logger.Info("alert rules loaded", "rules", len(cfg.Rules))
-	r, err := stage.New(deps.NATS, cfg.Stage, h.Handle, deps.Logger, deps.Registerer)
+func (s *stageRun) publish(ctx context.Context, m *nats.Msg) {
+	f, err := s.js.PublishMsgAsync(m)
 	if err != nil {
-		return err
+		s.pending = append(s.pending, pendingPub{msg: m})
+		return
 	}
-	return r.Run(ctx, deps.Ready)
+	s.pending = append(s.pending, pendingPub{msg: m, future: f})
+	if len(s.pending) >= 1000 {
+		s.settle(ctx)
+	}
+}
+
+// settle waits for every publish in flight, publishing again (same Nats-Msg-Id)
+// what failed, until all are stored or ctx ends.
+func (s *stageRun) settle(ctx context.Context) error {
+	for _, p := range s.pending {
+		if p.future != nil {
+			select {
+			case <-p.future.Ok():
+				continue
+			case err := <-p.future.Err():
+				s.log.Warn("publish failed; retrying", "subject", p.msg.Subject, "err", err)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := s.js.PublishMsg(pctx, p.msg)
+			cancel()
+			if err == nil {
+				break
+			}
+			s.log.Warn("publish failed; retrying", "subject", p.msg.Subject, "err", err)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	s.pending = s.pending[:0]
+	return nil
+}
+
+// save publishes what is pending, then writes the snapshot.
+func (s *stageRun) save(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := s.settle(ctx); err != nil {
+		return fmt.Errorf("alert: save state: %w", err)
+	}
+	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: time.Now().UTC(), State: s.engine.State()})
+	if err != nil {
+		return fmt.Errorf("alert: encode state: %w", err)
+	}
+	if _, err := s.store.PutBytes(ctx, "state", b); err != nil {
+		return fmt.Errorf("alert: save state: %w", err)
+	}
+	return nil
 }

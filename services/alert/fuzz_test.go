@@ -22,6 +22,6 @@ func FuzzRule(f *testing.F) {
 		if _, err := rules[0].Matches(env); err != nil {
 			return
 		}
-		rules[0].Annotate(env)
+		rules[0].Annotate(eventData(env, nil))
 	})
 }

@@ -2,9 +2,15 @@ package alert
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"strings"
 	"text/template"
+	"time"
 
 	"github.com/expr-lang/expr"
 	"github.com/expr-lang/expr/vm"
@@ -13,28 +19,86 @@ import (
 	"github.com/sluicehq/sluice/services/kit/configfile"
 )
 
+// Kinds of rule.
+const (
+	// KindMatch fires one alert for every event that matches the filter.
+	KindMatch = "match"
+	// KindThreshold fires while an aggregate over a sliding window, per group,
+	// compares true with a value.
+	KindThreshold = "threshold"
+	// KindRate fires while the windowed aggregate changed against the previous
+	// window by a factor or percentage.
+	KindRate = "rate"
+	// KindAbsence fires when a group had no matching event for a duration.
+	KindAbsence = "absence"
+)
+
+// Aggregates a windowed rule can compute.
+const (
+	AggCount = "count"
+	AggSum   = "sum"
+	AggAvg   = "avg"
+	AggMin   = "min"
+	AggMax   = "max"
+)
+
 // RuleConfig is one entry of the rules section of SLUICE_CONFIG.
 type RuleConfig struct {
-	Name string `yaml:"name"`
-	// Kind is match: every event that matches Filter fires an alert.
-	Kind string `yaml:"kind"`
+	Name string `yaml:"name" json:"name"`
+	// Kind is match (default), threshold, rate or absence.
+	Kind string `yaml:"kind" json:"kind"`
 	// Filter is an expr (github.com/expr-lang/expr) boolean expression over the event:
-	// id, source, type, subject, time, data, enrichment.
-	Filter      string            `yaml:"filter"`
-	Severity    string            `yaml:"severity"`
-	Labels      map[string]string `yaml:"labels"`
-	Annotations map[string]string `yaml:"annotations"`
+	// id, source, type, subject, time, key, data, enrichment.
+	Filter string `yaml:"filter" json:"filter"`
+	// GroupBy lists the fields (expr paths such as data.user or
+	// enrichment.user_country) whose values make a group: each group has its own
+	// window and its own alert, labelled with the values (data.user → user).
+	GroupBy []string `yaml:"group_by" json:"group_by,omitempty"`
+	// Window is the length of the sliding window (threshold, rate).
+	Window time.Duration `yaml:"window" json:"window,omitempty"`
+	// Step is how far the window slides each time it is evaluated; default
+	// window/10, at least 1s.
+	Step time.Duration `yaml:"step" json:"step,omitempty"`
+	// Aggregate is count (default), sum, avg, min or max of Value.
+	Aggregate string `yaml:"aggregate" json:"aggregate,omitempty"`
+	// Value is an expr number expression over the event (sum, avg, min, max).
+	Value string `yaml:"value" json:"value,omitempty"`
+	// Op and Threshold: the rule holds while "<value> Op Threshold" (threshold)
+	// or "<change> Op Threshold" (rate). Op is >, >=, <, <=, == or !=.
+	Op        string  `yaml:"op" json:"op,omitempty"`
+	Threshold float64 `yaml:"threshold" json:"threshold,omitempty"`
+	// Change is how a rate rule compares windows: factor (current/previous) or
+	// percent ((current-previous)/previous*100).
+	Change string `yaml:"change" json:"change,omitempty"`
+	// For is how long a group must stay silent before an absence rule fires.
+	For time.Duration `yaml:"for" json:"for,omitempty"`
+	// Groups lists groups an absence rule expects even before they are seen, as
+	// label maps ({device: d1}).
+	Groups []map[string]string `yaml:"groups" json:"groups,omitempty"`
+	// AllowedLateness is how far behind the latest event time an event may arrive
+	// and still count; windows are evaluated once the latest event time minus this
+	// passes their end. Default 1m.
+	AllowedLateness time.Duration     `yaml:"allowed_lateness" json:"allowed_lateness,omitempty"`
+	Severity        string            `yaml:"severity" json:"severity"`
+	Labels          map[string]string `yaml:"labels" json:"labels,omitempty"`
+	// Annotations are text/template strings. Match rules see the event's fields
+	// ({{ .data.amount }}); every rule sees {{ .labels.user }}, and windowed rules
+	// {{ .value }} and {{ .threshold }}.
+	Annotations map[string]string `yaml:"annotations" json:"annotations,omitempty"`
 }
 
 // Rule is a compiled rule.
 type Rule struct {
 	RuleConfig
+	// version identifies the rule's config: state survives a reload only for rules
+	// whose config did not change.
+	version     string
 	filter      *vm.Program
+	value       *vm.Program
+	groupBy     []*vm.Program
+	groupLabels []string
 	annotations map[string]*template.Template
 }
-
-// Kinds of rule this build evaluates.
-const KindMatch = "match"
 
 // RuleError reports a rule that does not load, by name and position.
 type RuleError struct {
@@ -88,20 +152,76 @@ func compile(c RuleConfig) (*Rule, error) {
 	if c.Kind == "" {
 		c.Kind = KindMatch
 	}
-	if c.Kind != KindMatch {
-		return nil, fmt.Errorf("kind %q is not supported by this build (supported: %s)", c.Kind, KindMatch)
-	}
 	if c.Filter == "" {
 		return nil, errors.New("filter is required")
 	}
 	if c.Severity == "" {
 		c.Severity = "warning"
 	}
-	prog, err := expr.Compile(c.Filter, expr.Env(EventEnv{}), expr.AsBool())
-	if err != nil {
+	if c.AllowedLateness == 0 {
+		c.AllowedLateness = time.Minute
+	}
+	if c.AllowedLateness < 0 {
+		return nil, errors.New("allowed_lateness must not be negative")
+	}
+	r := &Rule{annotations: map[string]*template.Template{}}
+	var err error
+	if r.filter, err = expr.Compile(c.Filter, expr.Env(EventEnv{}), expr.AsBool()); err != nil {
 		return nil, fmt.Errorf("filter: %w", err)
 	}
-	r := &Rule{RuleConfig: c, filter: prog, annotations: map[string]*template.Template{}}
+	for _, path := range c.GroupBy {
+		p, err := expr.Compile(path, expr.Env(EventEnv{}))
+		if err != nil {
+			return nil, fmt.Errorf("group_by %q: %w", path, err)
+		}
+		label := groupLabel(path)
+		for _, l := range r.groupLabels {
+			if l == label {
+				return nil, fmt.Errorf("group_by %q: another field also makes label %q", path, label)
+			}
+		}
+		r.groupBy = append(r.groupBy, p)
+		r.groupLabels = append(r.groupLabels, label)
+	}
+	switch c.Kind {
+	case KindMatch:
+	case KindThreshold, KindRate:
+		if err := c.checkWindow(); err != nil {
+			return nil, err
+		}
+		if c.Aggregate != AggCount {
+			if r.value, err = expr.Compile(c.Value, expr.Env(EventEnv{}), expr.AsFloat64()); err != nil {
+				return nil, fmt.Errorf("value: %w", err)
+			}
+		}
+		if _, ok := compare[c.Op]; !ok {
+			return nil, fmt.Errorf("op %q: want one of >, >=, <, <=, ==, !=", c.Op)
+		}
+		if c.Kind == KindRate {
+			if c.Change == "" {
+				c.Change = "factor"
+			}
+			if c.Change != "factor" && c.Change != "percent" {
+				return nil, fmt.Errorf("change %q: want factor or percent", c.Change)
+			}
+		}
+	case KindAbsence:
+		if c.For <= 0 {
+			return nil, errors.New("for is required: how long a group may stay silent")
+		}
+		for i, g := range c.Groups {
+			for _, l := range r.groupLabels {
+				if _, ok := g[l]; !ok {
+					return nil, fmt.Errorf("groups[%d] lacks label %q (from group_by)", i, l)
+				}
+			}
+			if len(g) != len(r.groupLabels) {
+				return nil, fmt.Errorf("groups[%d] has labels group_by does not make (want exactly %s)", i, strings.Join(r.groupLabels, ", "))
+			}
+		}
+	default:
+		return nil, fmt.Errorf("kind %q: want match, threshold, rate or absence", c.Kind)
+	}
 	for k, text := range c.Annotations {
 		t, err := template.New(k).Option("missingkey=zero").Parse(text)
 		if err != nil {
@@ -109,7 +229,65 @@ func compile(c RuleConfig) (*Rule, error) {
 		}
 		r.annotations[k] = t
 	}
+	r.RuleConfig = c
+	b, _ := json.Marshal(c)
+	sum := sha256.Sum256(b)
+	r.version = hex.EncodeToString(sum[:8])
 	return r, nil
+}
+
+func (c *RuleConfig) checkWindow() error {
+	if c.Window <= 0 {
+		return errors.New("window is required")
+	}
+	if c.Step == 0 {
+		c.Step = max(c.Window/10, time.Second)
+	}
+	if c.Step <= 0 || c.Step > c.Window || c.Window%c.Step != 0 {
+		return fmt.Errorf("step %s must divide window %s", c.Step, c.Window)
+	}
+	if c.Window/c.Step > 1000 {
+		return fmt.Errorf("window %s is more than 1000 steps of %s", c.Window, c.Step)
+	}
+	if c.Aggregate == "" {
+		c.Aggregate = AggCount
+	}
+	switch c.Aggregate {
+	case AggCount:
+		if c.Value != "" {
+			return errors.New("value is not used by aggregate count")
+		}
+	case AggSum, AggAvg, AggMin, AggMax:
+		if c.Value == "" {
+			return fmt.Errorf("aggregate %s needs value: the number to aggregate", c.Aggregate)
+		}
+	default:
+		return fmt.Errorf("aggregate %q: want count, sum, avg, min or max", c.Aggregate)
+	}
+	return nil
+}
+
+var compare = map[string]func(a, b float64) bool{
+	">":  func(a, b float64) bool { return a > b },
+	">=": func(a, b float64) bool { return a >= b },
+	"<":  func(a, b float64) bool { return a < b },
+	"<=": func(a, b float64) bool { return a <= b },
+	"==": func(a, b float64) bool { return a == b },
+	"!=": func(a, b float64) bool { return a != b && !math.IsNaN(a) },
+}
+
+// groupLabel is the label a group_by path makes: its last part (data.user → user).
+func groupLabel(path string) string {
+	path = strings.TrimSpace(path)
+	if i := strings.LastIndexByte(path, '.'); i >= 0 {
+		path = path[i+1:]
+	}
+	return strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' {
+			return r
+		}
+		return '_'
+	}, path)
 }
 
 // EventEnv is what filters and annotation templates see of an event.
@@ -125,16 +303,59 @@ func (r *Rule) Matches(env *EventEnv) (bool, error) {
 	return b, nil
 }
 
-// Annotate renders the annotations with the event's fields as the template's dot:
-// {{ .id }}, {{ .data.amount }} and so on.
-func (r *Rule) Annotate(env *EventEnv) map[string]string {
+// Group returns the group labels of env and their key.
+func (r *Rule) Group(env *EventEnv) (map[string]string, string, error) {
+	if len(r.groupBy) == 0 {
+		return nil, "", nil
+	}
+	labels := make(map[string]string, len(r.groupBy))
+	for i, p := range r.groupBy {
+		v, err := expr.Run(p, env)
+		if err != nil {
+			return nil, "", fmt.Errorf("rule %s: group_by %s: %w", r.Name, r.GroupBy[i], err)
+		}
+		if v == nil {
+			labels[r.groupLabels[i]] = ""
+			continue
+		}
+		labels[r.groupLabels[i]] = fmt.Sprint(v)
+	}
+	return labels, r.groupKey(labels), nil
+}
+
+func (r *Rule) groupKey(labels map[string]string) string {
+	var b strings.Builder
+	for i, l := range r.groupLabels {
+		if i > 0 {
+			b.WriteByte(0)
+		}
+		b.WriteString(labels[l])
+	}
+	return b.String()
+}
+
+// Value evaluates the rule's value expression on env.
+func (r *Rule) Value(env *EventEnv) (float64, error) {
+	if r.value == nil {
+		return 1, nil
+	}
+	v, err := expr.Run(r.value, env)
+	if err != nil {
+		return 0, fmt.Errorf("rule %s: value: %w", r.Name, err)
+	}
+	f, _ := v.(float64)
+	return f, nil
+}
+
+// Annotate renders the annotations with data as the template's dot.
+func (r *Rule) Annotate(data map[string]any) map[string]string {
 	if len(r.annotations) == 0 {
 		return nil
 	}
 	out := make(map[string]string, len(r.annotations))
 	for k, t := range r.annotations {
 		var buf bytes.Buffer
-		if err := t.Execute(&buf, templateData(env)); err != nil {
+		if err := t.Execute(&buf, data); err != nil {
 			out[k] = fmt.Sprintf("<annotation %s failed: %v>", k, err)
 			continue
 		}
@@ -143,9 +364,11 @@ func (r *Rule) Annotate(env *EventEnv) map[string]string {
 	return out
 }
 
-func templateData(e *EventEnv) map[string]any {
+// eventData is what a match rule's annotations see: the event's fields.
+func eventData(e *EventEnv, labels map[string]string) map[string]any {
 	return map[string]any{
 		"id": e.ID, "source": e.Source, "type": e.Type, "subject": e.Subject,
 		"time": e.Time, "key": e.Key, "data": e.Data, "enrichment": e.Enrichment,
+		"labels": labels,
 	}
 }

@@ -3,8 +3,6 @@ package alert
 import (
 	"encoding/json"
 	"errors"
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -22,7 +20,8 @@ func TestLoadRulesGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rules) != 2 || rules[1].Kind != KindMatch || rules[1].Severity != "warning" {
+	if len(rules) != 5 || rules[1].Kind != KindMatch || rules[1].Severity != "warning" || rules[2].Step != 6*time.Second ||
+		rules[3].Change != "percent" || rules[4].AllowedLateness != time.Minute {
 		t.Fatalf("rules = %+v", rules)
 	}
 }
@@ -45,8 +44,13 @@ func TestLoadRulesBad(t *testing.T) {
 		`rule 2 ("broken-filter"): filter:`,
 		`rule 3 ("unknown-field"): filter: unknown name tpye`,
 		`rule 4 ("not-bool"): filter:`,
-		`rule 5 ("windowed"): kind "threshold" is not supported`,
+		`rule 5 ("windowed"): window is required`,
 		`rule 6 ("fine"): another rule has this name`,
+		`rule 7 ("bad-op"): op "=>"`,
+		`rule 8 ("sum-without-value"): aggregate sum needs value`,
+		`rule 9 ("uneven-step"): step 7s must divide window 1m0s`,
+		`rule 10 ("silent-forever"): for is required`,
+		`rule 11 ("odd-kind"): kind "sometimes"`,
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%v", want, err)
@@ -54,7 +58,7 @@ func TestLoadRulesBad(t *testing.T) {
 	}
 }
 
-func TestEvaluate(t *testing.T) {
+func TestMatch(t *testing.T) {
 	rules, err := CompileRules([]RuleConfig{{
 		Name: "big", Filter: `type == "order.created" && data.amount > 1000`, Severity: "critical",
 		Labels: map[string]string{"team": "shop"}, Annotations: map[string]string{"summary": "order {{ .data.order_id }}"},
@@ -62,7 +66,6 @@ func TestEvaluate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &Handler{rules: rules, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	ev := func(typ, data string) *events.Event {
 		return &events.Event{ID: "1", Source: "s", Type: typ, Key: "k-" + data, Time: time.Unix(1_800_000_000, 0), Data: json.RawMessage(data)}
 	}
@@ -75,14 +78,11 @@ func TestEvaluate(t *testing.T) {
 		{"below the threshold", ev("order.created", `{"order_id":"o1","amount":10}`), false},
 		{"other type", ev("order.paid", `{"amount":5000}`), false},
 		{"field missing: no match, no error", ev("order.created", `{"order_id":"o1"}`), false},
-		{"wrong type: no match, no error", ev("order.created", `{"amount":"lots"}`), false},
+		{"wrong type: no match", ev("order.created", `{"amount":"lots"}`), false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := h.Evaluate(tt.event)
-			if err != nil {
-				t.Fatal(err)
-			}
+			got, _ := NewEngine(rules, nil).Observe(Env(tt.event))
 			if (len(got) == 1) != tt.fires {
 				t.Fatalf("fired %d alerts, want fires=%v", len(got), tt.fires)
 			}

@@ -106,7 +106,7 @@ func newPipelineOn(t testing.TB, ns *natstest.Server, cfg string, env map[string
 
 // idle reports nil when no consumer has work pending or unacked.
 func (p *pipeline) idle(ctx context.Context) error {
-	for _, sc := range [][2]string{{"EVENTS", "dedup"}, {"UNIQUE", "enrich"}, {"ENRICHED", "sink"}, {"ENRICHED", "alert"}, {"ALERTS", "notify"}, {"ALERTS", "sink"}, {"DLQ", "sink"}} {
+	for _, sc := range [][2]string{{"EVENTS", "dedup"}, {"UNIQUE", "enrich"}, {"ENRICHED", "sink"}, {"ALERTS", "notify"}, {"ALERTS", "sink"}, {"DLQ", "sink"}} {
 		if err := natstest.Idle(ctx, p.js, sc[0], sc[1]); err != nil {
 			return err
 		}

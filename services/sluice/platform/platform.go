@@ -42,7 +42,7 @@ type Stages struct {
 // RunStages runs dedup, enrich, alert, notify and the sink until ctx is done or one
 // of them fails; then it stops the others and returns the first error.
 func RunStages(ctx context.Context, s Stages) error {
-	rules, err := alert.LoadRules(s.Config)
+	alertCfg, err := alert.LoadConfig(s.Config)
 	if err != nil {
 		var re *alert.RuleError
 		if !errors.As(err, &re) {
@@ -73,8 +73,6 @@ func RunStages(ctx context.Context, s Stages) error {
 	for _, name := range []string{dedup.Name, enrich.Name, alert.Name, notify.Name} {
 		s.Ready.Set("stage "+name, errors.New("not consuming yet"))
 	}
-	alertCfg := alert.DefaultConfig()
-	alertCfg.Rules = rules
 	notifyCfg := notify.DefaultConfig()
 	notifyCfg.Receivers = receivers
 	runs := []struct {

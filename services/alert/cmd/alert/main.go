@@ -13,7 +13,7 @@ import (
 func main() {
 	os.Exit(service.Main(service.Spec{
 		Name:        "alert",
-		Summary:     "evaluates the rules of SLUICE_CONFIG on enriched events, publishes alerts to ALERTS",
+		Summary:     "evaluates the rules of SLUICE_CONFIG on enriched events in event time, publishes alert changes to ALERTS",
 		MetricsAddr: "127.0.0.1:9303",
 		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
@@ -21,7 +21,7 @@ func main() {
 			if err != nil {
 				return err
 			}
-			rules, err := alert.LoadRules(f)
+			cfg, err := alert.LoadConfig(f)
 			if err != nil {
 				var re *alert.RuleError
 				if !errors.As(err, &re) {
@@ -29,8 +29,6 @@ func main() {
 				}
 				env.Log.Error("rules that did not load are left out; the rest run", "err", err)
 			}
-			cfg := alert.DefaultConfig()
-			cfg.Rules = rules
 			return alert.Run(ctx, cfg, alert.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },

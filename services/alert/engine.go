@@ -1,0 +1,478 @@
+package alert
+
+import (
+	"fmt"
+	"maps"
+	"math"
+	"slices"
+	"time"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+)
+
+// Engine evaluates rules on events in event time. It is not safe for concurrent
+// use; its State is what a restart needs to carry on where it stopped.
+//
+// Windows are evaluated at multiples of the rule's step, once the watermark (the
+// latest event time seen, minus the rule's allowed lateness) has passed them. An
+// event older than the last evaluated window of a rule is late for it and does not
+// count there. Given the same events in the same order, the engine returns the same
+// alerts: replaying a stream gives the alerts the live run gave.
+type Engine struct {
+	rules []*Rule
+	st    *State
+	// Late counts events that arrived after their window was evaluated, by rule.
+	Late map[string]int
+}
+
+// State is the engine's durable state.
+type State struct {
+	// MaxTime is the latest event time seen (advanced by Idle when input stops).
+	MaxTime time.Time `json:"max_time"`
+	// Rules holds each windowed rule's state, by name.
+	Rules map[string]*RuleState `json:"rules"`
+}
+
+// RuleState is one rule's windows and alerts.
+type RuleState struct {
+	Version string `json:"version"`
+	// Evaluated is the end of the last window evaluated (unix ns; 0: none yet).
+	Evaluated int64                  `json:"evaluated"`
+	Groups    map[string]*GroupState `json:"groups"`
+}
+
+// GroupState is one group's buckets (threshold, rate), last event (absence) and
+// alert.
+type GroupState struct {
+	Labels  map[string]string `json:"labels,omitempty"`
+	Buckets map[int64]*Bucket `json:"buckets,omitempty"`
+	// LastSeen is the latest event time of the group (absence).
+	LastSeen int64 `json:"last_seen,omitempty"`
+	// FiringSince is when the group's alert started firing (unix ns; 0: not firing).
+	FiringSince int64 `json:"firing_since,omitempty"`
+}
+
+// Bucket aggregates the events of one step.
+type Bucket struct {
+	N   float64 `json:"n"`
+	Sum float64 `json:"sum"`
+	Min float64 `json:"min"`
+	Max float64 `json:"max"`
+}
+
+func (b *Bucket) add(v float64) {
+	if b.N == 0 || v < b.Min {
+		b.Min = v
+	}
+	if b.N == 0 || v > b.Max {
+		b.Max = v
+	}
+	b.N++
+	b.Sum += v
+}
+
+// NewEngine returns an engine for rules, carrying on from st (nil: a fresh start).
+func NewEngine(rules []*Rule, st *State) *Engine {
+	if st == nil {
+		st = &State{}
+	}
+	if st.Rules == nil {
+		st.Rules = map[string]*RuleState{}
+	}
+	e := &Engine{st: st, Late: map[string]int{}}
+	e.SetRules(rules)
+	return e
+}
+
+// State returns the engine's state (owned by the engine; encode it before the
+// next call).
+func (e *Engine) State() *State { return e.st }
+
+// Rules returns the rules the engine evaluates.
+func (e *Engine) Rules() []*Rule { return e.rules }
+
+// SetRules replaces the rules. A rule whose config is unchanged keeps its state;
+// alerts firing for a rule that was removed or changed are resolved, at the
+// latest event time.
+func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
+	var out []*alerts.Alert
+	keep := map[string]bool{}
+	for _, r := range rules {
+		if r.Kind == KindMatch {
+			continue
+		}
+		if rs, ok := e.st.Rules[r.Name]; ok && rs.Version == r.version {
+			keep[r.Name] = true
+		}
+	}
+	old := map[string]*Rule{}
+	for _, r := range e.rules {
+		old[r.Name] = r
+	}
+	for _, name := range slices.Sorted(maps.Keys(e.st.Rules)) {
+		if keep[name] {
+			continue
+		}
+		if r := old[name]; r != nil {
+			rs := e.st.Rules[name]
+			for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
+				if g := rs.Groups[key]; g.FiringSince != 0 {
+					out = append(out, r.resolved(g, e.st.MaxTime.UnixNano(), nil))
+				}
+			}
+		}
+		delete(e.st.Rules, name)
+	}
+	for _, r := range rules {
+		if r.Kind != KindMatch && !keep[r.Name] {
+			rs := &RuleState{Version: r.version, Groups: map[string]*GroupState{}}
+			if r.Kind == KindAbsence {
+				for _, g := range r.Groups {
+					rs.Groups[r.groupKey(g)] = &GroupState{Labels: g}
+				}
+			}
+			e.st.Rules[r.Name] = rs
+		}
+	}
+	e.rules = rules
+	return out
+}
+
+// Observe evaluates env (an event at env.Time) and returns the alerts it causes:
+// match alerts, resolved absences, and the transitions of every window the
+// event's time lets close.
+func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
+	var (
+		out  []*alerts.Alert
+		errs []error
+	)
+	t := env.Time.UnixNano()
+	for _, r := range e.rules {
+		ok, err := r.Matches(env)
+		if err != nil {
+			// A filter that fails on one event (a missing field, a wrong type) does not
+			// match it; the event is not bad input.
+			errs = append(errs, err)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		labels, key, err := r.Group(env)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		switch r.Kind {
+		case KindMatch:
+			out = append(out, r.matched(env, labels))
+		case KindAbsence:
+			rs := e.st.Rules[r.Name]
+			g := rs.group(key, labels)
+			if t > g.LastSeen {
+				g.LastSeen = t
+			}
+			if g.FiringSince != 0 {
+				out = append(out, r.resolved(g, max(t, g.FiringSince), nil))
+			}
+		default:
+			v, err := r.Value(env)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			rs := e.st.Rules[r.Name]
+			step := int64(r.Step)
+			b := floorDiv(t, step) * step
+			if rs.Evaluated != 0 && b+step <= rs.Evaluated {
+				// Late: a window holding the event was evaluated already. It still counts
+				// in the windows to come, unless none of them holds it.
+				e.Late[r.Name]++
+				if b+r.span() <= rs.Evaluated {
+					continue
+				}
+			}
+			g := rs.group(key, labels)
+			if g.Buckets == nil {
+				g.Buckets = map[int64]*Bucket{}
+			}
+			bk := g.Buckets[b]
+			if bk == nil {
+				bk = &Bucket{}
+				g.Buckets[b] = bk
+			}
+			bk.add(v)
+		}
+	}
+	if env.Time.After(e.st.MaxTime) {
+		e.st.MaxTime = env.Time
+	}
+	return append(out, e.advance()...), errs
+}
+
+// Idle moves the latest event time d forward, as if an event had arrived d later:
+// the stage calls it while no input arrives, so windows close and absences fire
+// when events stop. It does nothing before the first event.
+func (e *Engine) Idle(d time.Duration) []*alerts.Alert {
+	if e.st.MaxTime.IsZero() || d <= 0 {
+		return nil
+	}
+	e.st.MaxTime = e.st.MaxTime.Add(d)
+	return e.advance()
+}
+
+// advance evaluates every window of every rule that the watermark passed.
+func (e *Engine) advance() []*alerts.Alert {
+	if e.st.MaxTime.IsZero() {
+		return nil
+	}
+	var out []*alerts.Alert
+	for _, r := range e.rules {
+		rs := e.st.Rules[r.Name]
+		watermark := e.st.MaxTime.Add(-r.AllowedLateness).UnixNano()
+		switch r.Kind {
+		case KindThreshold, KindRate:
+			out = r.advanceWindows(rs, watermark, out)
+		case KindAbsence:
+			out = r.advanceAbsence(rs, watermark, e.st.MaxTime.UnixNano(), out)
+		}
+	}
+	return out
+}
+
+func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Alert) []*alerts.Alert {
+	step := int64(r.Step)
+	end := floorDiv(watermark, step) * step
+	if rs.Evaluated == 0 {
+		// The first window ends at the first boundary after the earliest bucket.
+		first := int64(math.MaxInt64)
+		for _, g := range rs.Groups {
+			for b := range g.Buckets {
+				first = min(first, b)
+			}
+		}
+		if first == math.MaxInt64 || first+step > end {
+			return out
+		}
+		rs.Evaluated = first
+	}
+	span := r.span()
+	keys := slices.Sorted(maps.Keys(rs.Groups))
+	for b := rs.Evaluated + step; b <= end; b += step {
+		for _, key := range keys {
+			g := rs.Groups[key]
+			if g == nil {
+				continue
+			}
+			holds, value := r.holds(g, b)
+			switch {
+			case holds && g.FiringSince == 0:
+				g.FiringSince = b
+				out = append(out, r.firing(g, value))
+			case !holds && g.FiringSince != 0:
+				out = append(out, r.resolved(g, b, &value))
+			}
+			for t := range g.Buckets {
+				if t < b+step-span {
+					delete(g.Buckets, t)
+				}
+			}
+			if len(g.Buckets) == 0 && g.FiringSince == 0 {
+				delete(rs.Groups, key)
+			}
+		}
+		rs.Evaluated = b
+		if len(rs.Groups) == 0 {
+			// Nothing left to evaluate: jump to the watermark.
+			rs.Evaluated = end
+			break
+		}
+		keys = slices.Sorted(maps.Keys(rs.Groups))
+	}
+	return out
+}
+
+func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts.Alert) []*alerts.Alert {
+	for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
+		g := rs.Groups[key]
+		if g.LastSeen == 0 {
+			// A listed group not seen yet is silent from the first event time.
+			g.LastSeen = now
+		}
+		if g.FiringSince == 0 && watermark-g.LastSeen >= int64(r.For) {
+			g.FiringSince = g.LastSeen + int64(r.For)
+			out = append(out, r.firing(g, float64(watermark-g.LastSeen)/1e9))
+		}
+	}
+	rs.Evaluated = watermark
+	return out
+}
+
+// holds evaluates the window ending at end (exclusive of end itself: buckets in
+// [end-window, end)).
+func (r *Rule) holds(g *GroupState, end int64) (bool, float64) {
+	window := int64(r.Window)
+	cur, ok := r.aggregate(g, end-window, end)
+	if r.Kind == KindThreshold {
+		if !ok {
+			return false, 0
+		}
+		return compare[r.Op](cur, r.Threshold), cur
+	}
+	prev, okPrev := r.aggregate(g, end-2*window, end-window)
+	if !ok || !okPrev || prev == 0 {
+		// An empty or zero previous window is no baseline to compare with.
+		return false, 0
+	}
+	var change float64
+	switch r.Change {
+	case "percent":
+		change = (cur - prev) / prev * 100
+	default:
+		change = cur / prev
+	}
+	if math.IsNaN(change) {
+		return false, 0
+	}
+	return compare[r.Op](change, r.Threshold), change
+}
+
+// aggregate returns the rule's aggregate over the buckets in [from, to); ok is
+// false for avg, min and max of no events.
+func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
+	var acc Bucket
+	for t, b := range g.Buckets {
+		if t < from || t >= to || b.N == 0 {
+			continue
+		}
+		if acc.N == 0 || b.Min < acc.Min {
+			acc.Min = b.Min
+		}
+		if acc.N == 0 || b.Max > acc.Max {
+			acc.Max = b.Max
+		}
+		acc.N += b.N
+		acc.Sum += b.Sum
+	}
+	switch r.Aggregate {
+	case AggCount:
+		return acc.N, true
+	case AggSum:
+		return acc.Sum, true
+	}
+	if acc.N == 0 {
+		return 0, false
+	}
+	switch r.Aggregate {
+	case AggAvg:
+		return acc.Sum / acc.N, true
+	case AggMin:
+		return acc.Min, true
+	default:
+		return acc.Max, true
+	}
+}
+
+// span is how far back the windows evaluated at one time reach.
+func (r *Rule) span() int64 {
+	if r.Kind == KindRate {
+		return 2 * int64(r.Window)
+	}
+	return int64(r.Window)
+}
+
+func (rs *RuleState) group(key string, labels map[string]string) *GroupState {
+	g := rs.Groups[key]
+	if g == nil {
+		g = &GroupState{Labels: labels}
+		rs.Groups[key] = g
+	}
+	return g
+}
+
+func (r *Rule) labels(group map[string]string) map[string]string {
+	l := make(map[string]string, len(r.Labels)+len(group)+2)
+	maps.Copy(l, r.Labels)
+	maps.Copy(l, group)
+	l["alertname"] = r.Name
+	l["severity"] = r.Severity
+	return l
+}
+
+func (r *Rule) matched(env *EventEnv, group map[string]string) *alerts.Alert {
+	labels := r.labels(group)
+	fp := maps.Clone(labels)
+	fp["event_key"] = env.Key
+	return &alerts.Alert{
+		Fingerprint: alerts.Fingerprint(r.Name, fp),
+		Rule:        r.Name,
+		Status:      alerts.Firing,
+		Severity:    r.Severity,
+		Labels:      labels,
+		Annotations: r.Annotate(eventData(env, group)),
+		StartsAt:    env.Time,
+		EventKey:    env.Key,
+	}
+}
+
+func (r *Rule) firing(g *GroupState, value float64) *alerts.Alert {
+	labels := r.labels(g.Labels)
+	return &alerts.Alert{
+		Fingerprint: alerts.Fingerprint(r.Name, labels),
+		Rule:        r.Name,
+		Status:      alerts.Firing,
+		Severity:    r.Severity,
+		Labels:      labels,
+		Annotations: r.Annotate(r.windowData(g, value)),
+		StartsAt:    time.Unix(0, g.FiringSince).UTC(),
+		Value:       jsonFloat(value),
+	}
+}
+
+// resolved ends g's alert at t and returns the resolution.
+func (r *Rule) resolved(g *GroupState, t int64, value *float64) *alerts.Alert {
+	labels := r.labels(g.Labels)
+	a := &alerts.Alert{
+		Fingerprint: alerts.Fingerprint(r.Name, labels),
+		Rule:        r.Name,
+		Status:      alerts.Resolved,
+		Severity:    r.Severity,
+		Labels:      labels,
+		StartsAt:    time.Unix(0, g.FiringSince).UTC(),
+		EndsAt:      time.Unix(0, t).UTC(),
+	}
+	v := 0.0
+	if value != nil {
+		v = *value
+		a.Value = jsonFloat(v)
+	}
+	a.Annotations = r.Annotate(r.windowData(g, v))
+	g.FiringSince = 0
+	return a
+}
+
+func (r *Rule) windowData(g *GroupState, value float64) map[string]any {
+	return map[string]any{"labels": g.Labels, "value": value, "threshold": r.Threshold, "window": r.Window.String(), "rule": r.Name}
+}
+
+// jsonFloat is v, or nil where JSON cannot hold it.
+func jsonFloat(v float64) *float64 {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return nil
+	}
+	return &v
+}
+
+func floorDiv(a, b int64) int64 {
+	q := a / b
+	if (a%b != 0) && ((a < 0) != (b < 0)) {
+		q--
+	}
+	return q
+}
+
+// MsgID is the Nats-Msg-Id of an alert change: the same change computed twice (a
+// retry, a restart that re-reads input, a second replica) has the same id.
+func MsgID(a *alerts.Alert) string {
+	return fmt.Sprintf("alert:%s:%s:%d", a.Fingerprint, a.Status, a.StartsAt.UnixMilli())
+}

@@ -1,0 +1,266 @@
+package alert
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/events"
+)
+
+var t0 = time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+
+// in is one test event: its type, seconds after t0 and data.
+type in struct {
+	typ  string
+	sec  float64
+	data string
+}
+
+func env(e in) *EventEnv {
+	return Env(&events.Event{ID: fmt.Sprint(e.sec), Source: "test", Type: e.typ, Key: fmt.Sprintf("%s-%v", e.typ, e.sec),
+		Time: t0.Add(time.Duration(e.sec * float64(time.Second))), Data: json.RawMessage(e.data)})
+}
+
+// show renders alert changes as "status group start[-end]" in seconds after t0.
+func show(out []*alerts.Alert, group string) []string {
+	var s []string
+	for _, a := range out {
+		line := fmt.Sprintf("%s %s %g", a.Status, a.Labels[group], a.StartsAt.Sub(t0).Seconds())
+		if !a.EndsAt.IsZero() {
+			line += fmt.Sprintf("-%g", a.EndsAt.Sub(t0).Seconds())
+		}
+		s = append(s, line)
+	}
+	return s
+}
+
+func mustRules(t *testing.T, cfgs ...RuleConfig) []*Rule {
+	t.Helper()
+	rules, err := CompileRules(cfgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rules
+}
+
+func feed(t *testing.T, e *Engine, ins []in) []*alerts.Alert {
+	t.Helper()
+	var out []*alerts.Alert
+	for _, x := range ins {
+		got, errs := e.Observe(env(x))
+		for _, err := range errs {
+			t.Logf("expression error: %v", err)
+		}
+		out = append(out, got...)
+	}
+	return out
+}
+
+func logins(user string, secs ...float64) []in {
+	var out []in
+	for _, s := range secs {
+		out = append(out, in{"login.failed", s, `{"user":"` + user + `"}`})
+	}
+	return out
+}
+
+func TestWindowedRules(t *testing.T) {
+	failed := RuleConfig{Name: "failed-logins", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 5, AllowedLateness: time.Millisecond}
+	orders := func(agg, op string, threshold float64) RuleConfig {
+		return RuleConfig{Name: "orders", Kind: KindThreshold, Filter: `type == "order"`, Window: time.Minute, Step: 10 * time.Second,
+			Aggregate: agg, Value: "data.amount", Op: op, Threshold: threshold, AllowedLateness: time.Millisecond, GroupBy: []string{"source"}}
+	}
+	order := func(sec, amount float64) in { return in{"order", sec, fmt.Sprintf(`{"amount":%g}`, amount)} }
+	tests := []struct {
+		name   string
+		rule   RuleConfig
+		events []in
+		group  string
+		want   []string
+	}{
+		{"threshold fires once per group while it holds, resolves when the burst leaves the window", failed,
+			append(logins("u1", 0, 1, 2, 3, 4, 5), logins("u2", 1, 2, 80)...), "user",
+			[]string{"firing u1 10", "resolved u1 10-70"}},
+		{"exactly the threshold does not fire", failed,
+			append(logins("u1", 0, 1, 2, 3, 4), logins("u2", 100)...), "user", nil},
+		{"six events spread over two minutes never fill one window", failed,
+			append(logins("u1", 0, 25, 50, 75, 100, 125), logins("u2", 300)...), "user", nil},
+		{"a window edge: events at 0 and 59.9 share the window [0,60)", failed,
+			append(logins("u1", 0, 0, 0, 59.9, 59.9, 59.9), logins("u2", 200)...), "user",
+			[]string{"firing u1 60", "resolved u1 60-70"}},
+		{"the window is evaluated only once the watermark passes it", failed,
+			logins("u1", 0, 1, 2, 3, 4, 5, 9.9), "user", nil},
+		{"sum", orders(AggSum, ">=", 100), []in{order(0, 60), order(5, 40), order(200, 0)}, "source",
+			[]string{"firing test 10", "resolved test 10-70"}},
+		{"avg", orders(AggAvg, ">", 50), []in{order(0, 60), order(5, 50), order(200, 0)}, "source",
+			[]string{"firing test 10", "resolved test 10-70"}},
+		{"avg below", orders(AggAvg, ">", 50), []in{order(0, 60), order(5, 30), order(200, 0)}, "source", nil},
+		{"min", orders(AggMin, "<", 1), []in{order(0, 60), order(30, 0.5), order(200, 0)}, "source",
+			[]string{"firing test 40", "resolved test 40-100"}},
+		{"max", orders(AggMax, ">", 100), []in{order(0, 60), order(30, 500), order(200, 0)}, "source",
+			[]string{"firing test 40", "resolved test 40-100"}},
+		{"rate: revenue down by more than half against the previous minute",
+			RuleConfig{Name: "drop", Kind: KindRate, Filter: `type == "order"`, Window: time.Minute, Step: time.Minute, Aggregate: AggSum,
+				Value: "data.amount", Change: "percent", Op: "<", Threshold: -50, AllowedLateness: time.Millisecond, GroupBy: []string{"source"}},
+			[]in{order(0, 600), order(30, 400), order(70, 300), order(100, 100), order(130, 1000), order(190, 1000), order(250, 0)}, "source",
+			[]string{"firing test 120", "resolved test 120-180"}},
+		{"rate by factor: count doubled (an empty previous window is no baseline)",
+			RuleConfig{Name: "spike", Kind: KindRate, Filter: `type == "order"`, Window: time.Minute, Step: time.Minute,
+				Change: "factor", Op: ">=", Threshold: 2, AllowedLateness: time.Millisecond, GroupBy: []string{"source"}},
+			[]in{order(0, 1), order(60, 1), order(61, 1), order(130, 1), order(131, 1), order(250, 0)}, "source",
+			[]string{"firing test 120", "resolved test 120-180"}},
+		{"absence: a group silent for the duration fires, its next event resolves",
+			RuleConfig{Name: "silent", Kind: KindAbsence, Filter: `type == "beat"`, GroupBy: []string{"data.device"}, For: 30 * time.Second,
+				AllowedLateness: time.Millisecond},
+			[]in{{"beat", 0, `{"device":"d1"}`}, {"beat", 0, `{"device":"d2"}`}, {"beat", 20, `{"device":"d2"}`},
+				{"beat", 40, `{"device":"d2"}`}, {"beat", 50, `{"device":"d1"}`}, {"beat", 60, `{"device":"d2"}`}}, "device",
+			[]string{"firing d1 30", "resolved d1 30-50"}},
+		{"absence of a listed group never seen",
+			RuleConfig{Name: "silent", Kind: KindAbsence, Filter: `type == "beat"`, GroupBy: []string{"data.device"}, For: 30 * time.Second,
+				AllowedLateness: time.Millisecond, Groups: []map[string]string{{"device": "d9"}}},
+			[]in{{"beat", 0, `{"device":"d1"}`}, {"beat", 25, `{"device":"d1"}`}, {"beat", 45, `{"device":"d1"}`}}, "device",
+			[]string{"firing d9 30"}},
+		{"lateness holds windows open: an event 20 s late still counts",
+			RuleConfig{Name: "failed-logins", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+				Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 2, AllowedLateness: 30 * time.Second},
+			append(logins("u1", 0, 1, 25), logins("u1", 5)...), "user", nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := NewEngine(mustRules(t, tt.rule), nil)
+			got := show(feed(t, e, tt.events), tt.group)
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("got  %q\nwant %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// Late events: one whose every window was evaluated is dropped and counted; one
+// still inside windows to come counts there.
+func TestLateEvents(t *testing.T) {
+	rule := RuleConfig{Name: "failed-logins", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond}
+	e := NewEngine(mustRules(t, rule), nil)
+	out := feed(t, e, logins("u2", 0, 101))
+	out = append(out, feed(t, e, logins("u1", 5, 5, 5))...) // every window holding 5 s was evaluated
+	if len(out) != 0 || e.Late["failed-logins"] != 3 {
+		t.Fatalf("out %q, late %d; want nothing and 3 late", show(out, "user"), e.Late["failed-logins"])
+	}
+	out = feed(t, e, logins("u1", 95, 95, 95, 200)) // late for the window ending at 100, in time for 110
+	if got := show(out, "user"); !slices.Equal(got, []string{"firing u1 110", "resolved u1 110-160"}) || e.Late["failed-logins"] != 6 {
+		t.Fatalf("got %q, %d late", got, e.Late["failed-logins"])
+	}
+}
+
+// A restart from the state's JSON at any point gives the alerts an uninterrupted
+// run gives: replay is deterministic.
+func TestStateRoundTrip(t *testing.T) {
+	rules := []RuleConfig{
+		{Name: "failed-logins", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+			Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 3},
+		{Name: "silent", Kind: KindAbsence, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"}, For: 45 * time.Second},
+	}
+	var events []in
+	for i := range 400 {
+		user := fmt.Sprintf("u%d", i%7)
+		if i%7 == 3 && i > 100 && i < 250 {
+			continue // u3 goes silent for a while
+		}
+		events = append(events, logins(user, float64(i)*0.8+float64(i%5)*3)...)
+	}
+	whole := show(feed(t, NewEngine(mustRules(t, rules...), nil), events), "user")
+	if len(whole) < 4 {
+		t.Fatalf("the test events fire too little: %q", whole)
+	}
+	for _, cut := range []int{1, 57, 200, len(events) - 1} {
+		e := NewEngine(mustRules(t, rules...), nil)
+		first := feed(t, e, events[:cut])
+		b, err := json.Marshal(e.State())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st State
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatal(err)
+		}
+		e2 := NewEngine(mustRules(t, rules...), &st)
+		got := show(append(first, feed(t, e2, events[cut:])...), "user")
+		if !slices.Equal(got, whole) {
+			t.Fatalf("cut at %d:\ngot  %q\nwant %q", cut, got, whole)
+		}
+	}
+}
+
+// When events stop, Idle moves event time on: windows close and absences fire.
+func TestIdle(t *testing.T) {
+	e := NewEngine(mustRules(t,
+		RuleConfig{Name: "silent", Kind: KindAbsence, Filter: `type == "beat"`, GroupBy: []string{"data.device"}, For: 30 * time.Second},
+		RuleConfig{Name: "burst", Kind: KindThreshold, Filter: `type == "beat"`, Window: 10 * time.Second, Op: ">", Threshold: 1},
+	), nil)
+	if out := e.Idle(time.Hour); out != nil {
+		t.Fatalf("idle before any event: %v", out)
+	}
+	out := feed(t, e, []in{{"beat", 0, `{"device":"d1"}`}, {"beat", 1, `{"device":"d1"}`}})
+	for range 100 {
+		out = append(out, e.Idle(time.Second)...)
+	}
+	var got []string
+	for _, a := range out {
+		got = append(got, a.Rule+" "+a.Status)
+	}
+	want := []string{"burst firing", "burst resolved", "silent firing"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %q, want %q", got, want)
+	}
+	if d := out[2].StartsAt.Sub(t0); d != 31*time.Second {
+		t.Fatalf("absence starts at %s, want 31s (last event + for)", d)
+	}
+}
+
+// Changing a rule resets its state and resolves what it had firing; an unchanged
+// rule keeps its state.
+func TestSetRules(t *testing.T) {
+	a := RuleConfig{Name: "a", Kind: KindAbsence, Filter: `type == "beat"`, For: 10 * time.Second, AllowedLateness: time.Millisecond}
+	b := RuleConfig{Name: "b", Kind: KindAbsence, Filter: `type == "beat"`, For: 10 * time.Second, AllowedLateness: time.Millisecond}
+	e := NewEngine(mustRules(t, a, b), nil)
+	out := feed(t, e, []in{{"beat", 0, `{}`}, {"other", 20, `{}`}})
+	if len(out) != 2 {
+		t.Fatalf("want both absences firing, got %q", show(out, ""))
+	}
+	b.For = 20 * time.Second
+	out = e.SetRules(mustRules(t, a, b))
+	if len(out) != 1 || out[0].Rule != "b" || out[0].Status != alerts.Resolved {
+		t.Fatalf("changing b: got %+v, want b resolved", out)
+	}
+	if e.State().Rules["a"].Groups[""].FiringSince == 0 {
+		t.Fatal("unchanged rule a lost its firing alert")
+	}
+}
+
+// Annotations see the group's labels and the value.
+func TestWindowAnnotations(t *testing.T) {
+	rule := RuleConfig{Name: "failed-logins", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: time.Minute, Op: ">", Threshold: 1, AllowedLateness: time.Millisecond, Severity: "critical",
+		Labels:      map[string]string{"team": "security"},
+		Annotations: map[string]string{"summary": "{{ .value }} failed logins for {{ .labels.user }} in {{ .window }} (over {{ .threshold }})"}}
+	out := feed(t, NewEngine(mustRules(t, rule), nil), logins("u1", 0, 1, 2, 120))
+	if len(out) == 0 {
+		t.Fatal("no alert")
+	}
+	a := out[0]
+	want := "3 failed logins for u1 in 1m0s (over 1)"
+	if a.Annotations["summary"] != want || a.Labels["team"] != "security" || a.Labels["user"] != "u1" || a.Labels["severity"] != "critical" ||
+		a.Value == nil || *a.Value != 3 || !strings.HasPrefix(MsgID(a), "alert:"+a.Fingerprint+":firing:") {
+		t.Fatalf("alert = %+v (summary %q)", a, a.Annotations["summary"])
+	}
+	if out[1].Fingerprint != a.Fingerprint || MsgID(out[1]) == MsgID(a) {
+		t.Fatal("a resolution keeps the fingerprint and has its own message id")
+	}
+}
