@@ -28,6 +28,7 @@ const (
 	Enriched = "ENRICHED"
 	Alerts   = "ALERTS"
 	DLQ      = "DLQ"
+	Notify   = "NOTIFY"
 )
 
 // Stream is one stream file.

@@ -400,11 +400,11 @@ func (r *Rule) labels(group map[string]string) map[string]string {
 }
 
 func (r *Rule) matched(env *EventEnv, group map[string]string) *alerts.Alert {
+	// Each matching event is its own alert: its key is one of the labels.
 	labels := r.labels(group)
-	fp := maps.Clone(labels)
-	fp["event_key"] = env.Key
+	labels["event_key"] = env.Key
 	return &alerts.Alert{
-		Fingerprint: alerts.Fingerprint(r.Name, fp),
+		Fingerprint: alerts.Fingerprint(r.Name, labels),
 		Rule:        r.Name,
 		Status:      alerts.Firing,
 		Severity:    r.Severity,

@@ -1,31 +1,35 @@
-// Package notify is the notify stage: it reads ALERTS and POSTs each alert, signed
-// with the Standard Webhooks headers, to every receiver in SLUICE_CONFIG. The alert
-// message is acked only after every receiver answered 2xx; otherwise JetStream
-// redelivers it after a backoff (or the receiver's Retry-After), with the same
-// webhook-id, so receivers can drop repeats. A 4xx other than 408 and 429 is final:
-// the alert goes to the DLQ with the receiver's answer.
+// Package notify is the notify stage: it gets alert changes from ALERTS to people.
+//
+// A router reads ALERTS, sorts each alert into the groups of the routes that match
+// it, and keeps the groups in the KV bucket sluice_notify. When a group is due (by
+// group_wait, group_interval, repeat_interval) and what it would say is not
+// silenced (bucket sluice_silences) or inhibited, it publishes one NOTIFY message
+// per receiver (notify.<receiver>), with an id that is the webhook-id receivers see.
+//
+// One deliverer per receiver reads its NOTIFY messages, one request at a time, and
+// POSTs each in the receiver's format, signed with the Standard Webhooks headers.
+// 2xx acks; 5xx, 408, 429, timeouts and connection errors are retried by JetStream
+// (NakWithDelay: exponential backoff with jitter, or the receiver's Retry-After);
+// other 4xx, or a notification older than the receiver's max_age, goes to the DLQ
+// with the receiver's answer; 410 Gone also disables the receiver until it is
+// re-enabled (sluice receiver enable NAME).
 package notify
 
 import (
-	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
-	"net/http"
-	"net/url"
-
-	"strconv"
 	"strings"
-	"syscall"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -35,170 +39,35 @@ import (
 // Name is the stage's name in logs, metrics and dead letters.
 const Name = "notify"
 
-// ReceiverConfig is one entry of the receivers section of SLUICE_CONFIG.
-type ReceiverConfig struct {
-	Name string `yaml:"name"`
-	URL  string `yaml:"url"`
-	// SecretEnv names environment variables holding signing secrets; the first signs,
-	// all sign during a rotation. Secrets are never written in the file.
-	SecretEnv []string `yaml:"secret_env"`
-	// AllowPrivate permits loopback, private and link-local addresses.
-	AllowPrivate bool          `yaml:"allow_private"`
-	Timeout      time.Duration `yaml:"timeout"`
-}
+// StateBucket holds the groups (group.<key>) and disabled receivers
+// (disabled.<receiver>).
+const StateBucket = "sluice_notify"
 
-// Receiver is a loaded receiver.
-type Receiver struct {
-	Name    string
-	URL     string
-	secrets []Secret
-	client  *http.Client
-}
-
-// LoadReceivers decodes the receivers section of f, reading secrets through env.
-func LoadReceivers(f *configfile.File, env func(string) (string, bool)) ([]*Receiver, error) {
-	var cfgs []ReceiverConfig
-	if err := f.Decode("receivers", &cfgs); err != nil {
-		return nil, err
-	}
-	var (
-		out  []*Receiver
-		errs []error
-	)
-	for i, c := range cfgs {
-		r, err := NewReceiver(c, env)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("receiver %d (%q): %w", i+1, c.Name, err))
-			continue
-		}
-		out = append(out, r)
-	}
-	return out, errors.Join(errs...)
-}
-
-// NewReceiver checks c and builds its HTTP client.
-func NewReceiver(c ReceiverConfig, env func(string) (string, bool)) (*Receiver, error) {
-	if c.Name == "" {
-		return nil, errors.New("name is required")
-	}
-	u, err := url.Parse(c.URL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("url %q is not an http(s) URL", c.URL)
-	}
-	if len(c.SecretEnv) == 0 {
-		return nil, errors.New("secret_env is required: name the environment variable holding the signing secret")
-	}
-	var secrets []Secret
-	for _, name := range c.SecretEnv {
-		v, ok := env(name)
-		if !ok || v == "" {
-			return nil, fmt.Errorf("environment variable %s (secret_env) is not set", name)
-		}
-		s, err := ParseSecret(v)
-		if err != nil {
-			return nil, fmt.Errorf("environment variable %s: %w", name, err)
-		}
-		secrets = append(secrets, s)
-	}
-	if c.Timeout <= 0 {
-		c.Timeout = 10 * time.Second
-	}
-	dialer := &net.Dialer{Timeout: c.Timeout, Control: addressGuard(c.AllowPrivate)}
-	transport := &http.Transport{DialContext: dialer.DialContext, MaxConnsPerHost: 1, ResponseHeaderTimeout: c.Timeout, Proxy: nil}
-	return &Receiver{
-		Name:    c.Name,
-		URL:     c.URL,
-		secrets: secrets,
-		client: &http.Client{
-			Transport:     transport,
-			Timeout:       c.Timeout,
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		},
-	}, nil
-}
-
-// ErrForbiddenAddress is returned when a receiver resolves to an address it may not use.
-var ErrForbiddenAddress = errors.New("address not allowed for webhooks (loopback, private, link-local or unspecified); set allow_private: true on the receiver to permit it")
-
-// addressGuard refuses, at connect time and on the resolved address, the addresses
-// a webhook must not reach unless allowed.
-func addressGuard(allowPrivate bool) func(network, address string, _ syscall.RawConn) error {
-	return func(_, address string, _ syscall.RawConn) error {
-		if allowPrivate {
-			return nil
-		}
-		host, _, err := net.SplitHostPort(address)
-		if err != nil {
-			return err
-		}
-		ip := net.ParseIP(host)
-		if ip == nil || ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast() {
-			return fmt.Errorf("%s: %w", host, ErrForbiddenAddress)
-		}
-		return nil
-	}
-}
-
-// permanentError is an answer that retrying will not change.
-type permanentError struct{ err error }
-
-func (e *permanentError) Error() string { return e.err.Error() }
-
-// Deliver POSTs body to r, signed, with the given webhook-id.
-func (r *Receiver) Deliver(ctx context.Context, id string, body []byte) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, r.URL, bytes.NewReader(body))
-	if err != nil {
-		return &permanentError{fmt.Errorf("receiver %s: %w", r.Name, err)}
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("User-Agent", "sluice-notify")
-	SetHeaders(req.Header, r.secrets, id, time.Now(), body)
-	resp, err := r.client.Do(req)
-	if err != nil {
-		if errors.Is(err, ErrForbiddenAddress) {
-			return &permanentError{fmt.Errorf("receiver %s: %w", r.Name, err)}
-		}
-		return fmt.Errorf("receiver %s: %w", r.Name, err)
-	}
-	defer resp.Body.Close()
-	snippet, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	switch {
-	case resp.StatusCode >= 200 && resp.StatusCode < 300:
-		return nil
-	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusRequestTimeout || resp.StatusCode == http.StatusTooManyRequests:
-		err := fmt.Errorf("receiver %s answered %s: %s", r.Name, resp.Status, strings.TrimSpace(string(snippet)))
-		if after := retryAfter(resp.Header.Get("Retry-After"), time.Now()); after > 0 {
-			return &stage.RetryAfterError{After: after, Err: err}
-		}
-		return err
-	default:
-		return &permanentError{fmt.Errorf("receiver %s answered %s: %s", r.Name, resp.Status, strings.TrimSpace(string(snippet)))}
-	}
-}
-
-// retryAfter parses a Retry-After header (seconds or an HTTP date), capped at 1 h.
-func retryAfter(v string, now time.Time) time.Duration {
-	if v == "" {
-		return 0
-	}
-	var d time.Duration
-	if s, err := strconv.Atoi(v); err == nil {
-		d = time.Duration(s) * time.Second
-	} else if t, err := http.ParseTime(v); err == nil {
-		d = t.Sub(now)
-	}
-	return min(max(d, 0), time.Hour)
-}
+// HeaderNotificationID carries a NOTIFY message's webhook-id.
+const HeaderNotificationID = "Sluice-Notification-Id"
 
 // Config configures the stage.
 type Config struct {
-	Stage     stage.Config
 	Receivers []*Receiver
+	Routes    []*Route
+	inhibit   []inhibitRule
+	// FlushEvery is how often groups are checked for being due.
+	FlushEvery time.Duration
 }
 
-// DefaultConfig reads the notify consumer of ALERTS, with no receivers.
-func DefaultConfig() Config {
-	return Config{Stage: stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64}}
+// DefaultConfig has no receivers.
+func DefaultConfig() Config { return Config{FlushEvery: 200 * time.Millisecond} }
+
+// LoadConfig reads the receivers, routes and notify sections of f; secrets come
+// through env.
+func LoadConfig(f *configfile.File, env func(string) (string, bool)) (Config, error) {
+	cfg := DefaultConfig()
+	var err error
+	if cfg.Receivers, err = LoadReceivers(f, env); err != nil {
+		return cfg, err
+	}
+	cfg.Routes, cfg.inhibit, err = LoadRoutes(f, cfg.Receivers)
+	return cfg, err
 }
 
 // Deps are what the stage needs from its host.
@@ -209,75 +78,385 @@ type Deps struct {
 	Ready      func()
 }
 
-type handler struct {
-	receivers  []*Receiver
+type metrics struct {
+	sent     *prometheus.CounterVec
+	routed   *prometheus.CounterVec
+	notified *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	return &metrics{
+		sent: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_notify_requests_total", Help: "Webhook requests by receiver and outcome (delivered, retry, rejected, gone, expired, disabled).",
+		}, []string{"receiver", "outcome"})),
+		routed: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_notify_alerts_total", Help: "Alert changes read from ALERTS, by outcome (routed, unrouted, unchanged).",
+		}, []string{"outcome"})),
+		notified: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_notify_notifications_total", Help: "Notifications queued in NOTIFY, by receiver.",
+		}, []string{"receiver"})),
+	}
+}
+
+// Run runs the router, the flusher and one deliverer per receiver until ctx is done.
+func Run(ctx context.Context, cfg Config, deps Deps) error {
+	log := deps.Logger.With("stage", Name)
+	if cfg.FlushEvery <= 0 {
+		cfg.FlushEvery = DefaultConfig().FlushEvery
+	}
+	js, err := jetstream.New(deps.NATS)
+	if err != nil {
+		return fmt.Errorf("notify: %w", err)
+	}
+	state, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket: StateBucket, Description: "The notify stage's alert groups and disabled receivers.", Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		return fmt.Errorf("notify: bucket %s: %w", StateBucket, err)
+	}
+	silenceKV, err := SilenceStore(ctx, js)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	silences, err := WatchSilences(ctx, silenceKV, log, &wg)
+	if err != nil {
+		return err
+	}
+	disabled, err := watchDisabled(ctx, state, log, &wg)
+	if err != nil {
+		return err
+	}
+	groups, err := loadGroups(ctx, state)
+	if err != nil {
+		return err
+	}
+	m := newMetrics(deps.Registerer)
+	s := &stageRun{
+		js: js, state: state, log: log, m: m, silences: silences,
+		router: NewRouter(cfg.Routes, cfg.inhibit, groups),
+		wake:   make(chan struct{}, 1),
+	}
+	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "groups", len(groups))
+
+	errc := make(chan error, len(cfg.Receivers)+1)
+	for _, rc := range cfg.Receivers {
+		d := &deliverer{rc: rc, js: js, state: state, disabled: disabled, log: log.With("receiver", rc.Name), m: m,
+			maxPayload: deps.NATS.MaxPayload(), lastErr: map[uint64]string{}}
+		runner, err := d.runner(ctx, deps.NATS, deps.Registerer)
+		if err != nil {
+			return err
+		}
+		wg.Go(func() { errc <- runner.Run(ctx, nil) })
+	}
+	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64},
+		s.route(deps.NATS.MaxPayload()), deps.Logger, deps.Registerer)
+	if err != nil {
+		return err
+	}
+	wg.Go(func() { s.flushLoop(ctx, cfg.FlushEvery) })
+	wg.Go(func() { errc <- router.Run(ctx, deps.Ready) })
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-errc:
+		cancel()
+		return err
+	}
+}
+
+type stageRun struct {
+	js       jetstream.JetStream
+	state    jetstream.KeyValue
+	log      *slog.Logger
+	m        *metrics
+	silences *Silences
+	mu       sync.Mutex // guards router and the group keys in state
+	router   *Router
+	wake     chan struct{}
+}
+
+// route is the router's handler: it adds an alert to its groups and saves them
+// before the alert is acked.
+func (s *stageRun) route(maxPayload int64) stage.Handler {
+	return func(msg jetstream.Msg) ([]*nats.Msg, error) {
+		a, err := alerts.Decode(msg.Data())
+		if err != nil {
+			return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), maxPayload)}, nil
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		changed, routed := s.router.Add(a, time.Now())
+		switch {
+		case !routed:
+			s.m.routed.WithLabelValues("unrouted").Inc()
+		case len(changed) == 0:
+			s.m.routed.WithLabelValues("unchanged").Inc()
+		default:
+			s.m.routed.WithLabelValues("routed").Inc()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, g := range changed {
+			if err := saveGroup(ctx, s.state, g); err != nil {
+				return nil, err
+			}
+		}
+		if len(changed) > 0 {
+			select {
+			case s.wake <- struct{}{}:
+			default:
+			}
+		}
+		return nil, nil
+	}
+}
+
+func (s *stageRun) flushLoop(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-s.wake:
+		}
+		if err := s.flush(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("flush", "err", err)
+		}
+	}
+}
+
+// flush queues the due notifications in NOTIFY, then saves the groups. A crash in
+// between queues them again with the same ids, which NOTIFY's duplicate window and
+// receivers (by webhook-id) drop.
+func (s *stageRun) flush(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out, save, deleted := s.router.Flush(time.Now(), s.silences.List())
+	for _, o := range out {
+		body, err := Render(o.Receiver.Format, o.Notification)
+		if err != nil {
+			return err
+		}
+		msg := nats.NewMsg("notify." + o.Receiver.Name)
+		msg.Header.Set(nats.MsgIdHdr, o.ID)
+		msg.Header.Set(HeaderNotificationID, o.ID)
+		msg.Data = body
+		for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err := s.js.PublishMsg(pctx, msg)
+			cancel()
+			if err == nil {
+				break
+			}
+			s.log.Warn("queue notification; retrying", "receiver", o.Receiver.Name, "err", err)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		s.m.notified.WithLabelValues(o.Receiver.Name).Inc()
+	}
+	for _, g := range save {
+		if err := saveGroup(ctx, s.state, g); err != nil {
+			return err
+		}
+	}
+	for _, g := range deleted {
+		if err := s.state.Delete(ctx, "group."+g.Key); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("notify: delete group: %w", err)
+		}
+	}
+	return nil
+}
+
+func saveGroup(ctx context.Context, kv jetstream.KeyValue, g *Group) error {
+	b, err := json.Marshal(g)
+	if err != nil {
+		return fmt.Errorf("notify: encode group: %w", err)
+	}
+	if _, err := kv.Put(ctx, "group."+g.Key, b); err != nil {
+		return fmt.Errorf("notify: save group: %w", err)
+	}
+	return nil
+}
+
+func loadGroups(ctx context.Context, kv jetstream.KeyValue) ([]*Group, error) {
+	keys, err := kv.ListKeysFiltered(ctx, "group.*")
+	if err != nil {
+		return nil, fmt.Errorf("notify: list groups: %w", err)
+	}
+	var out []*Group
+	for key := range keys.Keys() {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("notify: group %s: %w", key, err)
+		}
+		var g Group
+		if err := json.Unmarshal(e.Value(), &g); err != nil {
+			return nil, fmt.Errorf("notify: group %s does not decode: %w", key, err)
+		}
+		out = append(out, &g)
+	}
+	return out, nil
+}
+
+// disabledSet is the receivers disabled by a 410, kept current by a watch.
+type disabledSet struct {
+	mu  sync.Mutex
+	why map[string]string
+}
+
+func (d *disabledSet) get(name string) (string, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	why, ok := d.why[name]
+	return why, ok
+}
+
+func watchDisabled(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, wg *sync.WaitGroup) (*disabledSet, error) {
+	w, err := kv.Watch(ctx, "disabled.*")
+	if err != nil {
+		return nil, fmt.Errorf("notify: watch disabled receivers: %w", err)
+	}
+	d := &disabledSet{why: map[string]string{}}
+	loaded := make(chan struct{})
+	wg.Go(func() {
+		defer w.Stop()
+		once := sync.OnceFunc(func() { close(loaded) })
+		defer once()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case e, ok := <-w.Updates():
+				if !ok {
+					return
+				}
+				if e == nil {
+					once()
+					continue
+				}
+				name := strings.TrimPrefix(e.Key(), "disabled.")
+				d.mu.Lock()
+				if e.Operation() == jetstream.KeyValuePut {
+					d.why[name] = string(e.Value())
+					log.Warn("receiver disabled", "receiver", name, "why", string(e.Value()))
+				} else {
+					delete(d.why, name)
+					log.Info("receiver enabled", "receiver", name)
+				}
+				d.mu.Unlock()
+			}
+		}
+	})
+	select {
+	case <-loaded:
+		return d, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// DisableReceiver and EnableReceiver change whether a receiver is sent anything.
+func DisableReceiver(ctx context.Context, kv jetstream.KeyValue, name, why string) error {
+	_, err := kv.Put(ctx, "disabled."+name, []byte(why))
+	return err
+}
+
+// EnableReceiver re-enables a receiver a 410 disabled.
+func EnableReceiver(ctx context.Context, kv jetstream.KeyValue, name string) error {
+	return kv.Delete(ctx, "disabled."+name)
+}
+
+// deliverer sends one receiver's notifications.
+type deliverer struct {
+	rc         *Receiver
+	js         jetstream.JetStream
+	state      jetstream.KeyValue
+	disabled   *disabledSet
+	log        *slog.Logger
+	m          *metrics
 	maxPayload int64
-	sent       *prometheus.CounterVec
+	mu         sync.Mutex
+	// lastErr is the last error of each notification being retried, by sequence.
+	lastErr map[uint64]string
 }
 
-// WebhookID is the id a notification keeps across retries: the alert's stream and
-// sequence and the receiver.
-func WebhookID(stream string, seq uint64, receiver string) string {
-	return "msg_" + stream + "_" + strconv.FormatUint(seq, 10) + "_" + receiver
+// DelivererConsumer is the durable consumer of a receiver's NOTIFY messages.
+func DelivererConsumer(receiver string) string { return "deliver_" + receiver }
+
+func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Registerer) (*stage.Runner, error) {
+	name := DelivererConsumer(d.rc.Name)
+	_, err := d.js.CreateOrUpdateConsumer(ctx, streams.Notify, jetstream.ConsumerConfig{
+		Durable: name, Description: "Delivers notifications to receiver " + d.rc.Name + ".",
+		FilterSubject: "notify." + d.rc.Name, AckPolicy: jetstream.AckExplicitPolicy, AckWait: 30 * time.Second,
+		MaxDeliver: -1, MaxAckPending: 100, DeliverPolicy: jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("notify: consumer %s: %w", name, err)
+	}
+	return stage.New(nc, stage.Config{Name: Name + "_" + d.rc.Name, Stream: streams.Notify, Consumer: name, MaxInFlight: 16, PullBatch: 16},
+		func(msg jetstream.Msg) ([]*nats.Msg, error) { return d.handle(ctx, msg) }, d.log, reg)
 }
 
-// handle delivers one alert to every receiver. If any receiver failed in a way a
-// retry may mend, the alert is redelivered later to all of them (with the same
-// webhook-id, so receivers drop what they already have). Otherwise, if a receiver
-// refused it for good, it is dead-lettered with that answer.
-func (h *handler) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg, error) {
+func (d *deliverer) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg, error) {
 	md, err := msg.Metadata()
 	if err != nil {
 		return nil, err
 	}
-	var retry, refused []error
-	for _, r := range h.receivers {
-		err := r.Deliver(ctx, WebhookID(md.Stream, md.Sequence.Stream, r.Name), msg.Data())
-		h.sent.WithLabelValues(r.Name, outcome(err)).Inc()
-		var perm *permanentError
-		switch {
-		case err == nil:
-		case errors.As(err, &perm):
-			refused = append(refused, err)
-		default:
-			retry = append(retry, err)
+	seq := md.Sequence.Stream
+	dead := func(outcome, reason string) []*nats.Msg {
+		d.m.sent.WithLabelValues(d.rc.Name, outcome).Inc()
+		d.mu.Lock()
+		delete(d.lastErr, seq)
+		d.mu.Unlock()
+		return []*nats.Msg{stage.DeadLetter(Name, msg, reason, d.maxPayload)}
+	}
+	if why, off := d.disabled.get(d.rc.Name); off {
+		return dead("disabled", fmt.Sprintf("receiver %s is disabled (%s); enable it with `sluice receiver enable %s`", d.rc.Name, why, d.rc.Name)), nil
+	}
+	if age := time.Since(md.Timestamp); age > d.rc.MaxAge {
+		d.mu.Lock()
+		last := d.lastErr[seq]
+		d.mu.Unlock()
+		if last == "" {
+			last = "none recorded by this process"
 		}
+		return dead("expired", fmt.Sprintf("receiver %s: not delivered within max_age %s; last error: %s", d.rc.Name, d.rc.MaxAge, last)), nil
 	}
-	if len(retry) > 0 {
-		return nil, errors.Join(retry...)
-	}
-	if len(refused) > 0 {
-		return []*nats.Msg{stage.DeadLetter(Name, msg, errors.Join(refused...).Error(), h.maxPayload)}, nil
-	}
-	return nil, nil
-}
-
-func outcome(err error) string {
-	var perm *permanentError
+	id := msg.Headers().Get(HeaderNotificationID)
+	err = d.rc.Deliver(ctx, id, msg.Data())
+	var perm *PermanentError
 	switch {
 	case err == nil:
-		return "delivered"
+		d.m.sent.WithLabelValues(d.rc.Name, "delivered").Inc()
+		d.mu.Lock()
+		delete(d.lastErr, seq)
+		d.mu.Unlock()
+		return nil, nil
+	case errors.Is(err, ErrGone):
+		why := fmt.Sprintf("410 Gone at %s", time.Now().UTC().Format(time.RFC3339))
+		if derr := DisableReceiver(ctx, d.state, d.rc.Name, why); derr != nil {
+			return nil, fmt.Errorf("receiver %s answered 410; disabling it: %w", d.rc.Name, derr)
+		}
+		return dead("gone", err.Error()), nil
 	case errors.As(err, &perm):
-		return "rejected"
+		return dead("rejected", err.Error()), nil
 	default:
-		return "retry"
+		d.m.sent.WithLabelValues(d.rc.Name, "retry").Inc()
+		d.mu.Lock()
+		d.lastErr[seq] = err.Error()
+		d.mu.Unlock()
+		return nil, err
 	}
-}
-
-// Run runs the stage until ctx is done.
-func Run(ctx context.Context, cfg Config, deps Deps) error {
-	h := &handler{
-		receivers:  cfg.Receivers,
-		maxPayload: deps.NATS.MaxPayload(),
-		sent: telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_notify_requests_total", Help: "Webhook requests by receiver and outcome (delivered, retry, rejected).",
-		}, []string{"receiver", "outcome"})),
-	}
-	deps.Logger.Info("receivers loaded", "receivers", len(cfg.Receivers))
-	handle := func(msg jetstream.Msg) ([]*nats.Msg, error) { return h.handle(ctx, msg) }
-	r, err := stage.New(deps.NATS, cfg.Stage, handle, deps.Logger, deps.Registerer)
-	if err != nil {
-		return err
-	}
-	return r.Run(ctx, deps.Ready)
 }

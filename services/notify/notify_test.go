@@ -2,91 +2,398 @@ package notify
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/streams"
 )
 
-// One receiver refuses an alert for good (404), another takes it: the second gets
-// it once, and the alert is dead-lettered with the first one's answer.
-func TestRefusingReceiverDoesNotStarveOthers(t *testing.T) {
+const testSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+// hook is a webhook receiver that records what it was sent; answer, if set,
+// decides each response by the request's number (from 1).
+type hook struct {
+	mu     sync.Mutex
+	n      int
+	answer func(n int, w http.ResponseWriter) bool
+	got    []hookRequest
+	srv    *httptest.Server
+}
+
+type hookRequest struct {
+	id      string
+	payload Payload
+	err     error
+}
+
+func newHook(t *testing.T, answer func(n int, w http.ResponseWriter) bool) *hook {
+	h := &hook{answer: answer}
+	secret, _ := ParseSecret(testSecret)
+	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		h.mu.Lock()
+		h.n++
+		n, answer := h.n, h.answer
+		h.mu.Unlock()
+		if answer != nil && !answer(n, w) {
+			return
+		}
+		req := hookRequest{id: r.Header.Get(HeaderID), err: Verify(secret, r.Header, body, time.Now(), 5*time.Minute)}
+		if err := json.Unmarshal(body, &req.payload); err != nil {
+			req.err = errors.Join(req.err, err)
+		}
+		h.mu.Lock()
+		h.got = append(h.got, req)
+		h.mu.Unlock()
+	}))
+	t.Cleanup(h.srv.Close)
+	return h
+}
+
+// delivered returns the requests answered 2xx, and how many requests came in all.
+func (h *hook) delivered() ([]hookRequest, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]hookRequest(nil), h.got...), h.n
+}
+
+type notifyRun struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+}
+
+func (r *notifyRun) stop(t *testing.T) {
+	t.Helper()
+	r.cancel()
+	<-r.done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+}
+
+// startNotify runs the stage with the config in yaml until stopped (or the test ends).
+func startNotify(t *testing.T, nc *nats.Conn, yaml string) *notifyRun {
+	t.Helper()
+	f, err := configfile.Parse("test.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &notifyRun{cancel: cancel, done: make(chan struct{})}
+	ready := make(chan struct{})
+	go func() {
+		defer close(r.done)
+		r.err = Run(ctx, cfg, Deps{NATS: nc, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: prometheus.NewRegistry(),
+			Ready: func() { close(ready) }})
+	}()
+	select {
+	case <-ready:
+	case <-r.done:
+		t.Fatalf("notify stopped: %v", r.err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		<-r.done
+	})
+	return r
+}
+
+func setup(t *testing.T) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
+func publishAlert(t *testing.T, js jetstream.JetStream, a *alerts.Alert) {
+	t.Helper()
+	body, _ := json.Marshal(a)
+	msg := nats.NewMsg(a.Subject())
+	msg.Header.Set(nats.MsgIdHdr, fmt.Sprintf("alert:%s:%s:%d", a.Fingerprint, a.Status, a.StartsAt.UnixMilli()))
+	msg.Data = body
+	if _, err := js.PublishMsg(context.Background(), msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// deadLetters returns the reasons of the DLQ's messages.
+func deadLetters(t *testing.T, js jetstream.JetStream) []string {
+	t.Helper()
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	s, err := js.Stream(ctx, streams.DLQ)
+	if err != nil {
 		t.Fatal(err)
 	}
-	var okHits, goneHits atomic.Int32
-	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { okHits.Add(1) }))
-	defer ok.Close()
-	gone := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		goneHits.Add(1)
-		http.Error(w, "no such hook", http.StatusNotFound)
-	}))
-	defer gone.Close()
-	env := func(string) (string, bool) { return "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", true }
-	var receivers []*Receiver
-	for _, c := range []ReceiverConfig{
-		{Name: "gone", URL: gone.URL, SecretEnv: []string{"S"}, AllowPrivate: true},
-		{Name: "ok", URL: ok.URL, SecretEnv: []string{"S"}, AllowPrivate: true},
-	} {
-		r, err := NewReceiver(c, env)
+	var out []string
+	for seq := uint64(1); seq <= s.CachedInfo().State.LastSeq; seq++ {
+		m, err := s.GetMsg(ctx, seq)
 		if err != nil {
-			t.Fatal(err)
+			continue
 		}
-		receivers = append(receivers, r)
+		out = append(out, m.Header.Get(stage.HeaderReason))
 	}
-	if _, err := js.Publish(ctx, "alerts.r.critical", []byte(`{"fingerprint":"f","rule":"r","status":"firing"}`)); err != nil {
+	return out
+}
+
+func hookConfig(h *hook, extra string) string {
+	return fmt.Sprintf("receivers:\n  - name: hook\n    url: %s\n    secret_env: [S]\n    allow_private: true\n%s", h.srv.URL, extra)
+}
+
+// A burst fires many alerts; group_wait gathers each group's into one signed
+// notification.
+func TestBurstOneNotificationPerGroup(t *testing.T) {
+	nc, js := setup(t)
+	h := newHook(t, nil)
+	startNotify(t, nc, hookConfig(h, "routes:\n  - receivers: [hook]\n    group_by: [alertname]\n    group_wait: 500ms\n"))
+	for i := range 5 {
+		publishAlert(t, js, alert("logins", "firing", i, "user", fmt.Sprint("u", i)))
+	}
+	publishAlert(t, js, alert("other", "firing", 0, "user", "x"))
+	publishAlert(t, js, alert("other", "firing", 0, "user", "y"))
+	poll.Until(t, 10*time.Second, func() error {
+		if got, _ := h.delivered(); len(got) < 2 {
+			return fmt.Errorf("%d notifications", len(got))
+		}
+		return nil
+	})
+	got, n := h.delivered()
+	sizes := map[string]int{}
+	for _, r := range got {
+		if r.err != nil {
+			t.Errorf("notification %s: %v", r.id, r.err)
+		}
+		sizes[r.payload.GroupLabels["alertname"]] += len(r.payload.Alerts)
+	}
+	if n != 2 || sizes["logins"] != 5 || sizes["other"] != 2 {
+		t.Fatalf("%d requests, alerts per group %v; want 2 requests with 5 and 2 alerts", n, sizes)
+	}
+}
+
+// The receiver answers 500, then times out, then answers 200: every notification
+// arrives, each webhook-id delivered once, nothing dead-lettered.
+func TestReceiverDownThenUp(t *testing.T) {
+	nc, js := setup(t)
+	start := time.Now()
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
+		switch since := time.Since(start); {
+		case since < 2*time.Second:
+			http.Error(w, "down", http.StatusInternalServerError)
+			return false
+		case since < 4*time.Second:
+			time.Sleep(600 * time.Millisecond) // past the receiver's 300ms timeout
+			return false
+		}
+		return true
+	})
+	startNotify(t, nc, hookConfig(h, "    timeout: 300ms\n"))
+	const alertsN = 10
+	for i := range alertsN {
+		publishAlert(t, js, alert("logins", "firing", i, "user", fmt.Sprint("u", i)))
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		if got, _ := h.delivered(); len(got) < alertsN {
+			return fmt.Errorf("%d of %d delivered", len(got), alertsN)
+		}
+		return nil
+	})
+	got, n := h.delivered()
+	ids := map[string]int{}
+	users := map[string]bool{}
+	for _, r := range got {
+		ids[r.id]++
+		if r.err != nil {
+			t.Errorf("%s: %v", r.id, r.err)
+		}
+		for _, a := range r.payload.Alerts {
+			users[a.Labels["user"]] = true
+		}
+	}
+	if len(ids) != alertsN || len(users) != alertsN || n <= alertsN {
+		t.Fatalf("%d ids, %d users, %d requests: want %d of each, after failed requests", len(ids), len(users), n, alertsN)
+	}
+	for id, c := range ids {
+		if c != 1 {
+			t.Errorf("%s delivered %d times", id, c)
+		}
+	}
+	if dl := deadLetters(t, js); len(dl) != 0 {
+		t.Fatalf("dead letters: %q", dl)
+	}
+}
+
+// 410 Gone disables the receiver: that notification and the next go to the DLQ
+// with the reason; after `sluice receiver enable`, delivery resumes.
+func TestGoneDisablesReceiver(t *testing.T) {
+	nc, js := setup(t)
+	gone := true
+	var mu sync.Mutex
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if gone {
+			http.Error(w, "gone", http.StatusGone)
+			return false
+		}
+		return true
+	})
+	startNotify(t, nc, hookConfig(h, ""))
+	publishAlert(t, js, alert("r", "firing", 0, "user", "a"))
+	poll.Until(t, 10*time.Second, func() error {
+		if dl := deadLetters(t, js); len(dl) != 1 || !strings.Contains(dl[0], "410 Gone") {
+			return fmt.Errorf("dead letters %q", dl)
+		}
+		return nil
+	})
+	publishAlert(t, js, alert("r", "firing", 0, "user", "b"))
+	poll.Until(t, 10*time.Second, func() error {
+		if dl := deadLetters(t, js); len(dl) != 2 || !strings.Contains(dl[1], "receiver hook is disabled (410 Gone at") {
+			return fmt.Errorf("dead letters %q", dl)
+		}
+		return nil
+	})
+	if _, n := h.delivered(); n != 1 {
+		t.Fatalf("a disabled receiver got %d requests, want only the first", n)
+	}
+	mu.Lock()
+	gone = false
+	mu.Unlock()
+	kv, err := js.KeyValue(context.Background(), StateBucket)
+	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := DefaultConfig()
-	cfg.Receivers = receivers
-	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() {
-		done <- Run(runCtx, cfg, Deps{NATS: nc, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: prometheus.NewRegistry()})
-	}()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s, err := js.Stream(ctx, streams.DLQ)
-		if err != nil {
-			t.Fatal(err)
+	if err := EnableReceiver(context.Background(), kv, "hook"); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, func() error {
+		publishAlert(t, js, alert("r", "firing", 0, "user", "c"))
+		if got, _ := h.delivered(); len(got) == 0 {
+			return errors.New("nothing delivered after enabling")
 		}
-		if s.CachedInfo().State.Msgs == 1 {
-			m, err := s.GetMsg(ctx, 1)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if reason := m.Header.Get(stage.HeaderReason); !strings.Contains(reason, "receiver gone answered 404") {
-				t.Fatalf("reason = %q", reason)
-			}
-			break
+		return nil
+	})
+}
+
+// A notification not delivered within max_age goes to the DLQ with the last error.
+func TestMaxAgeDeadLetters(t *testing.T) {
+	nc, js := setup(t)
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
+		http.Error(w, "busy", http.StatusServiceUnavailable)
+		return false
+	})
+	startNotify(t, nc, hookConfig(h, "    max_age: 1s\n"))
+	publishAlert(t, js, alert("r", "firing", 0, "user", "a"))
+	poll.Until(t, 20*time.Second, func() error {
+		dl := deadLetters(t, js)
+		if len(dl) != 1 {
+			return fmt.Errorf("dead letters %q", dl)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("the alert never reached the DLQ")
+		if !strings.Contains(dl[0], "not delivered within max_age 1s; last error: receiver hook answered 503") || strings.Contains(dl[0], testSecret) {
+			t.Fatalf("reason %q", dl[0])
 		}
+		return nil
+	})
+}
+
+// A silence stored in the KV bucket mutes what it matches; the rest is sent.
+func TestSilenceInKV(t *testing.T) {
+	nc, js := setup(t)
+	h := newHook(t, nil)
+	ctx := context.Background()
+	kv, err := SilenceStore(ctx, js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := AddSilence(ctx, kv, Silence{Matchers: []string{"user=a"}, EndsAt: time.Now().Add(time.Hour), Comment: "test"}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	startNotify(t, nc, hookConfig(h, ""))
+	publishAlert(t, js, alert("r", "firing", 0, "user", "a"))
+	publishAlert(t, js, alert("r", "firing", 0, "user", "b"))
+	poll.Until(t, 10*time.Second, func() error {
+		if got, _ := h.delivered(); len(got) == 0 {
+			return errors.New("nothing delivered")
+		}
+		return nil
+	})
+	// Let the stage go idle, then check a never went out.
+	poll.Until(t, 10*time.Second, func() error { return natstest.Idle(ctx, js, streams.Alerts, "notify") })
+	poll.Until(t, 10*time.Second, func() error { return natstest.Idle(ctx, js, streams.Notify, DelivererConsumer("hook")) })
+	got, _ := h.delivered()
+	if len(got) != 1 || got[0].payload.Alerts[0].Labels["user"] != "b" {
+		t.Fatalf("delivered %+v, want only b", got)
+	}
+	list, err := ListSilences(ctx, kv)
+	if err != nil || len(list) != 1 || list[0].Comment != "test" {
+		t.Fatalf("silences %+v, %v", list, err)
+	}
+}
+
+// Restarting the stage mid-burst changes nothing the receiver sees: every alert
+// arrives in exactly one notification id.
+func TestRestartMidBurst(t *testing.T) {
+	nc, js := setup(t)
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
 		time.Sleep(20 * time.Millisecond)
+		return true
+	})
+	cfg := hookConfig(h, "routes:\n  - receivers: [hook]\n    group_by: [user]\n")
+	run := startNotify(t, nc, cfg)
+	const alertsN = 60
+	for i := range alertsN {
+		publishAlert(t, js, alert("r", "firing", 0, "user", fmt.Sprint("u", i)))
 	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	if okHits.Load() != 1 || goneHits.Load() != 1 {
-		t.Fatalf("requests: ok %d, gone %d; want 1 each", okHits.Load(), goneHits.Load())
-	}
+	poll.Until(t, 10*time.Second, func() error {
+		if got, _ := h.delivered(); len(got) < 5 {
+			return fmt.Errorf("%d delivered", len(got))
+		}
+		return nil
+	})
+	run.stop(t)
+	startNotify(t, nc, cfg)
+	users := map[string]string{}
+	poll.Until(t, 30*time.Second, func() error {
+		got, _ := h.delivered()
+		clear(users)
+		for _, r := range got {
+			for _, a := range r.payload.Alerts {
+				if id, ok := users[a.Labels["user"]]; ok && id != r.id {
+					t.Fatalf("user %s in %s and %s", a.Labels["user"], id, r.id)
+				}
+				users[a.Labels["user"]] = r.id
+			}
+		}
+		if len(users) < alertsN {
+			return fmt.Errorf("%d of %d users notified", len(users), alertsN)
+		}
+		return nil
+	})
 }
 
 // Loopback addresses are refused at connect time unless allowed.
@@ -98,16 +405,14 @@ func TestPrivateAddressRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = r.Deliver(context.Background(), "msg_1", []byte(`{}`))
-	var perm *permanentError
-	if err == nil || !strings.Contains(err.Error(), "address not allowed") || !errorsAs(err, &perm) {
+	var perm *PermanentError
+	if err == nil || !strings.Contains(err.Error(), "address not allowed") || !errors.As(err, &perm) {
 		t.Fatalf("err = %v, want a permanent refusal of the loopback address", err)
 	}
 	if strings.Contains(err.Error(), "secret") {
 		t.Fatal("the error shows the secret")
 	}
 }
-
-func errorsAs(err error, target **permanentError) bool { return errors.As(err, target) }
 
 func TestRetryAfter(t *testing.T) {
 	now := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)

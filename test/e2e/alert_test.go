@@ -45,8 +45,11 @@ func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rec := received{id: id, err: notify.Verify(rc.secret, r.Header, body, time.Now(), 5*time.Minute)}
-	if err := json.Unmarshal(body, &rec.alert); err != nil {
-		rec.err = err
+	var p notify.Payload
+	if err := json.Unmarshal(body, &p); err != nil || len(p.Alerts) != 1 {
+		rec.err = fmt.Errorf("want one alert in the notification: %d, %v", len(p.Alerts), err)
+	} else {
+		rec.alert = *p.Alerts[0]
 	}
 	rc.got = append(rc.got, rec)
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"strconv"
 	"strings"
 	"sync"
@@ -263,7 +264,7 @@ func (r *Runner) nak(msg jetstream.Msg, err error) {
 	if md, mdErr := msg.Metadata(); mdErr == nil {
 		delivered = md.NumDelivered
 	}
-	delay := Backoff(delivered)
+	delay := Jitter(Backoff(delivered))
 	var ra *RetryAfterError
 	if errors.As(err, &ra) && ra.After > 0 {
 		delay = ra.After
@@ -282,6 +283,11 @@ func Backoff(delivered uint64) time.Duration {
 		d *= 2
 	}
 	return min(d, 30*time.Second)
+}
+
+// Jitter spreads d by ±20%, so retries of many messages do not arrive together.
+func Jitter(d time.Duration) time.Duration {
+	return d - d/5 + rand.N(2*d/5+1)
 }
 
 // failed is a PubAckFuture for a publish that failed before it was sent.

@@ -42,6 +42,12 @@ Usage:
   sluice kv load BUCKET FILE --key COLUMN
                             load a CSV (header row) or JSON-lines file into a KV lookup table
   sluice webhook listen     a local webhook receiver that checks signatures and prints alerts
+  sluice silence add -m MATCHER... --for DURATION [--comment TEXT] [--author NAME]
+                            mute alerts whose labels match (team=shop, severity=~"warn.*")
+  sluice silence list       show the silences (bucket sluice_silences)
+  sluice silence rm ID      end a silence
+  sluice receiver enable NAME
+                            deliver to a receiver again after it answered 410 Gone
 
 Run "sluice <command> -h" for a command's flags. Every flag can also be set by the
 environment variable named in its help.
@@ -74,6 +80,14 @@ func Main(args []string, io IO) int {
 		err = rulesCheck(rest[1:], io)
 	case cmd == "kv" && len(rest) > 0 && rest[0] == "load":
 		err = kvLoad(ctx, rest[1:], io)
+	case cmd == "silence" && len(rest) > 0 && rest[0] == "add":
+		err = silenceAdd(ctx, rest[1:], io)
+	case cmd == "silence" && len(rest) > 0 && rest[0] == "list":
+		err = silenceList(ctx, rest[1:], io)
+	case cmd == "silence" && len(rest) > 0 && rest[0] == "rm":
+		err = silenceRemove(ctx, rest[1:], io)
+	case cmd == "receiver" && len(rest) > 0 && rest[0] == "enable":
+		err = receiverEnable(ctx, rest[1:], io)
 	case cmd == "webhook" && len(rest) > 0 && rest[0] == "listen":
 		err = webhookListen(ctx, rest[1:], io)
 	case cmd == "help" || cmd == "-h" || cmd == "--help":
@@ -97,6 +111,19 @@ func Main(args []string, io IO) int {
 }
 
 var errUsage = errors.New("usage")
+
+// parsePositional parses args whose flags may follow the positional arguments
+// and returns those.
+func parsePositional(fs *flag.FlagSet, args []string, io IO) ([]string, error) {
+	var positional []string
+	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		positional, args = append(positional, args[0]), args[1:]
+	}
+	if err := parse(fs, args, io, 0); err != nil {
+		return nil, err
+	}
+	return append(positional, fs.Args()...), nil
+}
 
 func parse(fs *flag.FlagSet, args []string, io IO, positional int) error {
 	fs.SetOutput(io.Stderr)
@@ -204,15 +231,10 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	var n settings.NATS
 	settings.BindNATS(fs, io.Env, &n)
 	key := fs.String("key", "", "the column (CSV) or field (JSON lines) holding each row's key")
-	// Flags may follow the two arguments.
-	var positional []string
-	for len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		positional, args = append(positional, args[0]), args[1:]
-	}
-	if err := parse(fs, args, io, 0); err != nil {
+	positional, err := parsePositional(fs, args, io)
+	if err != nil {
 		return err
 	}
-	positional = append(positional, fs.Args()...)
 	if len(positional) != 2 || *key == "" {
 		fmt.Fprintln(io.Stderr, "usage: sluice kv load BUCKET FILE --key COLUMN")
 		return errUsage
@@ -222,16 +244,11 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return err
 	}
-	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
-	nc, err := natsconn.Connect(n, "sluice-cli", log)
+	js, closeNATS, err := connectJS(n, io)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+	defer closeNATS()
 	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
 	if err != nil {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
@@ -296,4 +313,140 @@ func webhookListen(ctx context.Context, args []string, io IO) error {
 func readAll(r *http.Request) ([]byte, error) {
 	defer r.Body.Close()
 	return io.ReadAll(http.MaxBytesReader(nil, r.Body, 1<<20))
+}
+
+// connectJS connects to NATS for a command.
+func connectJS(n settings.NATS, io IO) (jetstream.JetStream, func(), error) {
+	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
+	nc, err := natsconn.Connect(n, "sluice-cli", log)
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return js, nc.Close, nil
+}
+
+// stringsFlag collects a repeated flag.
+type stringsFlag []string
+
+func (s *stringsFlag) String() string     { return strings.Join(*s, ",") }
+func (s *stringsFlag) Set(v string) error { *s = append(*s, v); return nil }
+
+func silenceAdd(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("silence add", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	var matchers stringsFlag
+	fs.Var(&matchers, "m", `a label matcher: name=value, name!=value, name=~regex, name!~regex (repeat for more; all must match)`)
+	dur := fs.Duration("for", 0, "how long the silence lasts (required)")
+	comment := fs.String("comment", "", "why")
+	user, _ := io.Env("USER")
+	author := fs.String("author", user, "who (default $USER)")
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	if len(matchers) == 0 || *dur <= 0 {
+		fmt.Fprintln(io.Stderr, "usage: sluice silence add -m MATCHER [-m MATCHER...] --for DURATION [--comment TEXT]")
+		return errUsage
+	}
+	js, closeNATS, err := connectJS(n, io)
+	if err != nil {
+		return err
+	}
+	defer closeNATS()
+	kv, err := notify.SilenceStore(ctx, js)
+	if err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	id, err := notify.AddSilence(ctx, kv, notify.Silence{Matchers: matchers, EndsAt: now.Add(*dur), CreatedBy: *author, Comment: *comment}, now)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "%s until %s\n", id, now.Add(*dur).Format(time.RFC3339))
+	return nil
+}
+
+func silenceList(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("silence list", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	all := fs.Bool("all", false, "also show silences that ended or have not started")
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	js, closeNATS, err := connectJS(n, io)
+	if err != nil {
+		return err
+	}
+	defer closeNATS()
+	kv, err := notify.SilenceStore(ctx, js)
+	if err != nil {
+		return err
+	}
+	list, err := notify.ListSilences(ctx, kv)
+	now := time.Now()
+	for _, s := range list {
+		if !*all && !s.Active(now) {
+			continue
+		}
+		fmt.Fprintf(io.Stdout, "%s  %s → %s  %s  %s %s\n", s.ID, s.StartsAt.Format(time.RFC3339), s.EndsAt.Format(time.RFC3339),
+			strings.Join(s.Matchers, " "), s.CreatedBy, s.Comment)
+	}
+	return err
+}
+
+func silenceRemove(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("silence rm", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	positional, err := parsePositional(fs, args, io)
+	if err != nil {
+		return err
+	}
+	if len(positional) != 1 {
+		fmt.Fprintln(io.Stderr, "usage: sluice silence rm ID")
+		return errUsage
+	}
+	js, closeNATS, err := connectJS(n, io)
+	if err != nil {
+		return err
+	}
+	defer closeNATS()
+	kv, err := notify.SilenceStore(ctx, js)
+	if err != nil {
+		return err
+	}
+	if _, err := kv.Get(ctx, positional[0]); err != nil {
+		return fmt.Errorf("silence %s: %w", positional[0], err)
+	}
+	return kv.Delete(ctx, positional[0])
+}
+
+func receiverEnable(ctx context.Context, args []string, io IO) error {
+	fs := flag.NewFlagSet("receiver enable", flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	positional, err := parsePositional(fs, args, io)
+	if err != nil {
+		return err
+	}
+	if len(positional) != 1 {
+		fmt.Fprintln(io.Stderr, "usage: sluice receiver enable NAME")
+		return errUsage
+	}
+	js, closeNATS, err := connectJS(n, io)
+	if err != nil {
+		return err
+	}
+	defer closeNATS()
+	kv, err := js.KeyValue(ctx, notify.StateBucket)
+	if err != nil {
+		return fmt.Errorf("bucket %s: %w (has the notify stage run?)", notify.StateBucket, err)
+	}
+	return notify.EnableReceiver(ctx, kv, positional[0])
 }

@@ -69,3 +69,31 @@ func TestKVLoad(t *testing.T) {
 		t.Fatalf("missing args: %d %s", code, errOut)
 	}
 }
+
+func TestSilences(t *testing.T) {
+	ns := natstest.Run(t)
+	code, out, errOut := runCLI("silence", "add", "-m", "team=shop", "-m", `severity=~"warn.*"`, "--for", "2h", "--comment", "deploy", "--nats-url", ns.URL)
+	if code != 0 {
+		t.Fatalf("add: exit %d %s", code, errOut)
+	}
+	id := strings.Fields(out)[0]
+	code, out, errOut = runCLI("silence", "list", "--nats-url", ns.URL)
+	if code != 0 || !strings.Contains(out, id) || !strings.Contains(out, `severity=~"warn.*"`) || !strings.Contains(out, "deploy") {
+		t.Fatalf("list: exit %d %q %s", code, out, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "add", "-m", "team", "--for", "1h", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, `matcher "team"`) {
+		t.Fatalf("bad matcher: exit %d %s", code, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "add", "-m", "team=x"); code != 2 || !strings.Contains(errOut, "usage: sluice silence add") {
+		t.Fatalf("no duration: exit %d %s", code, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 0 {
+		t.Fatalf("rm: exit %d %s", code, errOut)
+	}
+	if code, out, _ := runCLI("silence", "list", "--all", "--nats-url", ns.URL); code != 0 || strings.Contains(out, id) {
+		t.Fatalf("after rm: exit %d %q", code, out)
+	}
+	if code, _, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "key not found") {
+		t.Fatalf("rm twice: exit %d %s", code, errOut)
+	}
+}

@@ -50,7 +50,7 @@ func RunStages(ctx context.Context, s Stages) error {
 		}
 		s.Log.Error("rules that did not load are left out; the rest run", "err", err)
 	}
-	receivers, err := notify.LoadReceivers(s.Config, s.Env)
+	notifyCfg, err := notify.LoadConfig(s.Config, s.Env)
 	if err != nil {
 		return err
 	}
@@ -73,8 +73,6 @@ func RunStages(ctx context.Context, s Stages) error {
 	for _, name := range []string{dedup.Name, enrich.Name, alert.Name, notify.Name} {
 		s.Ready.Set("stage "+name, errors.New("not consuming yet"))
 	}
-	notifyCfg := notify.DefaultConfig()
-	notifyCfg.Receivers = receivers
 	runs := []struct {
 		name string
 		run  func(context.Context) error

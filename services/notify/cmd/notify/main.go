@@ -12,7 +12,7 @@ import (
 func main() {
 	os.Exit(service.Main(service.Spec{
 		Name:        "notify",
-		Summary:     "delivers alerts from ALERTS to the webhooks of SLUICE_CONFIG, signed, with durable retries",
+		Summary:     "routes alerts from ALERTS to the receivers of SLUICE_CONFIG (grouped, silenced, inhibited) and delivers them signed, with durable retries",
 		MetricsAddr: "127.0.0.1:9304",
 		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {
@@ -20,12 +20,10 @@ func main() {
 			if err != nil {
 				return err
 			}
-			receivers, err := notify.LoadReceivers(f, os.LookupEnv)
+			cfg, err := notify.LoadConfig(f, os.LookupEnv)
 			if err != nil {
 				return err
 			}
-			cfg := notify.DefaultConfig()
-			cfg.Receivers = receivers
 			return notify.Run(ctx, cfg, notify.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },
