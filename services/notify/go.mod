@@ -5,7 +5,7 @@ go 1.26.8
 require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/prometheus/client_golang v1.25.0
-	github.com/sluicehq/sluice/schemas v0.0.0-00010101000000-000000000000
+	github.com/sluicehq/sluice/schemas v0.0.0
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/streams v0.0.0
 )
