@@ -1,0 +1,326 @@
+package alert
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/streams"
+)
+
+type harness struct {
+	t  *testing.T
+	nc *nats.Conn
+	js jetstream.JetStream
+	n  int
+}
+
+func newHarness(t *testing.T) *harness {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+		t.Fatal(err)
+	}
+	return &harness{t: t, nc: nc, js: js}
+}
+
+// publish puts an enriched event on ENRICHED, as the enrich stage does.
+func (h *harness) publish(typ string, at time.Time, data string) {
+	h.t.Helper()
+	h.n++
+	e := &events.Event{ID: fmt.Sprint("e", h.n), Source: "test", Type: typ, Time: at, Key: fmt.Sprint("test/e", h.n), Data: json.RawMessage(data)}
+	b, err := e.Marshal()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if _, err := h.js.Publish(context.Background(), "enriched.test", b); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+type stageHandle struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	err    error
+	reg    *prometheus.Registry
+}
+
+func (s *stageHandle) stop(t *testing.T) {
+	t.Helper()
+	s.cancel()
+	<-s.done
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+}
+
+// start runs the stage on the config file at path.
+func (h *harness) start(path string) *stageHandle {
+	h.t.Helper()
+	f, err := configfile.Load(path)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &stageHandle{cancel: cancel, done: make(chan struct{}), reg: prometheus.NewRegistry()}
+	ready := make(chan struct{})
+	go func() {
+		defer close(s.done)
+		s.err = Run(ctx, cfg, Deps{NATS: h.nc, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: s.reg, Ready: func() { close(ready) }})
+	}()
+	select {
+	case <-ready:
+	case <-s.done:
+		h.t.Fatalf("alert stage stopped: %v", s.err)
+	}
+	h.t.Cleanup(func() {
+		cancel()
+		<-s.done
+	})
+	return s
+}
+
+// alertsInStream returns every alert in ALERTS, in order.
+func (h *harness) alertsInStream() []*alerts.Alert {
+	h.t.Helper()
+	ctx := context.Background()
+	s, err := h.js.Stream(ctx, streams.Alerts)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var out []*alerts.Alert
+	for seq := uint64(1); seq <= s.CachedInfo().State.LastSeq; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			continue
+		}
+		a, err := alerts.Decode(m.Data)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func writeConfig(t *testing.T, text string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+const loginRule = `
+alert: {snapshot_interval: 100ms, idle_after: 1h}
+rules:
+  - name: failed-logins
+    kind: threshold
+    filter: type == "login.failed"
+    group_by: [data.user]
+    window: 1m
+    step: 10s
+    op: ">"
+    threshold: 3
+    allowed_lateness: 1s
+`
+
+// count returns how many alerts in list have the status, by the value of label.
+func count(list []*alerts.Alert, status, label string) map[string]int {
+	out := map[string]int{}
+	for _, a := range list {
+		if a.Status == status {
+			out[a.Labels[label]]++
+		}
+	}
+	return out
+}
+
+// A burst fires one alert per group; a restart from an older snapshot (as after
+// a crash) re-reads the input and publishes nothing twice, even with ALERTS's
+// duplicate window long past.
+func TestStageRestartFromOlderSnapshot(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	// Shrink ALERTS's duplicate window, so only the stage's own check can stop a
+	// second publication.
+	s, err := h.js.Stream(ctx, streams.Alerts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := s.CachedInfo().Config
+	scfg.Duplicates = 100 * time.Millisecond
+	if _, err := h.js.UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
+	path := writeConfig(t, loginRule)
+	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	st := h.start(path)
+	for u := range 3 {
+		for i := range 5 {
+			h.publish("login.failed", base.Add(time.Duration(i)*time.Second), fmt.Sprintf(`{"user":"u%d"}`, u))
+		}
+	}
+	st.stop(t) // a snapshot that has the burst but no alert yet
+	store, err := h.js.ObjectStore(ctx, StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	older, err := store.GetBytes(ctx, "state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st = h.start(path)
+	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
+	poll.Until(t, 10*time.Second, func() error {
+		if n := len(h.alertsInStream()); n != 3 {
+			return fmt.Errorf("%d alerts", n)
+		}
+		return nil
+	})
+	st.stop(t)
+	if _, err := store.PutBytes(ctx, "state", older); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // past ALERTS's shortened duplicate window
+	st = h.start(path)
+	h.publish("login.failed", base.Add(200*time.Second), `{"user":"late"}`) // resolves the three
+	poll.Until(t, 10*time.Second, func() error {
+		if n := len(h.alertsInStream()); n < 6 {
+			return fmt.Errorf("%d alerts", n)
+		}
+		return nil
+	})
+	st.stop(t)
+	list := h.alertsInStream()
+	firing, resolved := count(list, alerts.Firing, "user"), count(list, alerts.Resolved, "user")
+	for u := range 3 {
+		user := fmt.Sprint("u", u)
+		if firing[user] != 1 || resolved[user] != 1 {
+			t.Errorf("%s: fired %d, resolved %d times; want once each", user, firing[user], resolved[user])
+		}
+	}
+	if len(list) != 6 {
+		t.Fatalf("%d alert changes in ALERTS, want 6", len(list))
+	}
+	if skipped := metricValue(t, st.reg, "sluice_alert_republish_skipped_total"); skipped != 3 {
+		t.Fatalf("skipped %v republications, want the 3 firings", skipped)
+	}
+}
+
+func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			sum := 0.0
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+			return sum
+		}
+	}
+	return 0
+}
+
+// Input already in ENRICHED before the stage had any state is a replay: its
+// alerts are marked; input after is not.
+func TestReplayMarked(t *testing.T) {
+	h := newHarness(t)
+	path := writeConfig(t, `
+alert: {snapshot_interval: 100ms}
+rules:
+  - name: big
+    filter: data.amount > 10
+`)
+	h.publish("order", time.Now(), `{"amount":50}`)
+	h.start(path)
+	h.publish("order", time.Now(), `{"amount":60}`)
+	poll.Until(t, 10*time.Second, func() error {
+		if n := len(h.alertsInStream()); n != 2 {
+			return fmt.Errorf("%d alerts", n)
+		}
+		return nil
+	})
+	list := h.alertsInStream()
+	if !list[0].Replay || list[1].Replay {
+		t.Fatalf("replay flags %v, %v; want true then false", list[0].Replay, list[1].Replay)
+	}
+}
+
+// An absence rule fires when events stop: event time moves on with the clock
+// once the input is idle; the group's next event resolves it.
+func TestAbsenceWhenEventsStop(t *testing.T) {
+	h := newHarness(t)
+	path := writeConfig(t, `
+alert: {snapshot_interval: 100ms, idle_after: 300ms}
+rules:
+  - name: silent
+    kind: absence
+    filter: type == "beat"
+    group_by: [data.device]
+    for: 2s
+    allowed_lateness: 100ms
+`)
+	h.start(path)
+	h.publish("beat", time.Now(), `{"device":"d1"}`)
+	h.publish("beat", time.Now(), `{"device":"d2"}`)
+	poll.Until(t, 15*time.Second, func() error {
+		if n := len(count(h.alertsInStream(), alerts.Firing, "device")); n != 2 {
+			return fmt.Errorf("%d devices silent", n)
+		}
+		return nil
+	})
+	h.publish("beat", time.Now(), `{"device":"d1"}`)
+	poll.Until(t, 10*time.Second, func() error {
+		list := h.alertsInStream()
+		if len(list) != 3 || list[2].Status != alerts.Resolved {
+			return fmt.Errorf("%d alerts", len(list))
+		}
+		return nil
+	})
+}
+
+// A changed config file reloads the rules without a restart.
+func TestRulesReload(t *testing.T) {
+	h := newHarness(t)
+	path := writeConfig(t, "alert: {reload_interval: 50ms}\nrules:\n  - name: a\n    filter: data.n == 1\n")
+	h.start(path)
+	h.publish("x", time.Now(), `{"n":2}`)
+	if err := os.WriteFile(path, []byte("alert: {reload_interval: 50ms}\nrules:\n  - name: b\n    filter: data.n == 2\n  - name: broken\n    filter: nope(\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, func() error {
+		h.publish("x", time.Now(), `{"n":2}`)
+		for _, a := range h.alertsInStream() {
+			if a.Rule == "b" {
+				return nil
+			}
+		}
+		return fmt.Errorf("rule b not loaded yet")
+	})
+}
