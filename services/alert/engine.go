@@ -1,10 +1,12 @@
 package alert
 
 import (
+	"encoding/json"
 	"fmt"
 	"maps"
 	"math"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
@@ -23,6 +25,7 @@ type Engine struct {
 	st    *State
 	// Late counts events that arrived after their window was evaluated, by rule.
 	Late map[string]int
+	adds []add
 }
 
 // State is the engine's durable state.
@@ -37,24 +40,32 @@ type State struct {
 type RuleState struct {
 	Version string `json:"version"`
 	// Evaluated is the end of the last window evaluated (unix ns; 0: none yet).
-	Evaluated int64                  `json:"evaluated"`
-	Groups    map[string]*GroupState `json:"groups"`
+	Evaluated int64 `json:"evaluated"`
+	// First is the earliest bucket before the first evaluation (when HasFirst).
+	First    int64                  `json:"first,omitempty"`
+	HasFirst bool                   `json:"has_first,omitempty"`
+	Groups   map[string]*GroupState `json:"groups"`
 }
 
 // GroupState is one group's buckets (threshold, rate), last event (absence) and
 // alert.
 type GroupState struct {
-	Labels  map[string]string `json:"labels,omitempty"`
-	Buckets map[int64]*Bucket `json:"buckets,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+	// Buckets is a ring of the steps the windows span, by start time; only those
+	// with events are saved.
+	Buckets []Bucket `json:"buckets,omitempty"`
+	// Latest is the start of the latest bucket with events.
+	Latest int64 `json:"latest,omitempty"`
 	// LastSeen is the latest event time of the group (absence).
 	LastSeen int64 `json:"last_seen,omitempty"`
 	// FiringSince is when the group's alert started firing (unix ns; 0: not firing).
 	FiringSince int64 `json:"firing_since,omitempty"`
 }
 
-// Bucket aggregates the events of one step.
+// Bucket aggregates the events of the step starting at Start (unix ns).
 type Bucket struct {
-	N   float64 `json:"n"`
+	Start int64   `json:"start"`
+	N     float64 `json:"n"`
 	Sum float64 `json:"sum"`
 	Min float64 `json:"min"`
 	Max float64 `json:"max"`
@@ -158,17 +169,17 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		if !ok {
 			continue
 		}
-		labels, key, err := r.Group(env)
+		values, key, err := r.Group(env)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		switch r.Kind {
 		case KindMatch:
-			out = append(out, r.matched(env, labels))
+			out = append(out, r.matched(env, r.groupLabelsOf(values)))
 		case KindAbsence:
 			rs := e.st.Rules[r.Name]
-			g := rs.group(key, labels)
+			g := rs.group(r, key, values)
 			if t > g.LastSeen {
 				g.LastSeen = t
 			}
@@ -181,33 +192,44 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 				errs = append(errs, err)
 				continue
 			}
-			rs := e.st.Rules[r.Name]
-			step := int64(r.Step)
-			b := floorDiv(t, step) * step
-			if rs.Evaluated != 0 && b+step <= rs.Evaluated {
-				// Late: a window holding the event was evaluated already. It still counts
-				// in the windows to come, unless none of them holds it.
-				e.Late[r.Name]++
-				if b+r.span() <= rs.Evaluated {
-					continue
-				}
-			}
-			g := rs.group(key, labels)
-			if g.Buckets == nil {
-				g.Buckets = map[int64]*Bucket{}
-			}
-			bk := g.Buckets[b]
-			if bk == nil {
-				bk = &Bucket{}
-				g.Buckets[b] = bk
-			}
-			bk.add(v)
+			e.adds = append(e.adds, add{r, key, values, v})
 		}
 	}
 	if env.Time.After(e.st.MaxTime) {
 		e.st.MaxTime = env.Time
 	}
-	return append(out, e.advance()...), errs
+	// Windows the event's time closes are evaluated before it is counted: it never
+	// belongs to them (its step starts at or after the watermark's), and the ring
+	// of buckets then only ever holds steps still to be evaluated.
+	out = append(out, e.advance()...)
+	for _, a := range e.adds {
+		r, rs := a.rule, e.st.Rules[a.rule.Name]
+		step := int64(r.Step)
+		b := floorDiv(t, step) * step
+		if rs.Evaluated != 0 && b+step <= rs.Evaluated {
+			// Late: a window holding the event was evaluated already. It still counts
+			// in the windows to come, unless none of them holds it.
+			e.Late[r.Name]++
+			if b+r.span() <= rs.Evaluated {
+				continue
+			}
+		}
+		if rs.Evaluated == 0 && (!rs.HasFirst || b < rs.First) {
+			rs.First, rs.HasFirst = b, true
+		}
+		rs.group(r, a.key, a.values).bucket(b, step, r.ring()).add(a.value)
+	}
+	clear(e.adds)
+	e.adds = e.adds[:0]
+	return out, errs
+}
+
+// add is an event value waiting to be counted in a rule's group.
+type add struct {
+	rule   *Rule
+	key    string
+	values []string
+	value  float64
 }
 
 // Idle moves the latest event time d forward, as if an event had arrived d later:
@@ -245,25 +267,18 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 	end := floorDiv(watermark, step) * step
 	if rs.Evaluated == 0 {
 		// The first window ends at the first boundary after the earliest bucket.
-		first := int64(math.MaxInt64)
-		for _, g := range rs.Groups {
-			for b := range g.Buckets {
-				first = min(first, b)
-			}
-		}
-		if first == math.MaxInt64 || first+step > end {
+		if !rs.HasFirst || rs.First+step > end {
 			return out
 		}
-		rs.Evaluated = first
+		rs.Evaluated = rs.First
+	}
+	if end <= rs.Evaluated {
+		return out
 	}
 	span := r.span()
-	keys := slices.Sorted(maps.Keys(rs.Groups))
 	for b := rs.Evaluated + step; b <= end; b += step {
-		for _, key := range keys {
-			g := rs.Groups[key]
-			if g == nil {
-				continue
-			}
+		from := len(out)
+		for key, g := range rs.Groups {
 			holds, value := r.holds(g, b)
 			switch {
 			case holds && g.FiringSince == 0:
@@ -272,27 +287,30 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 			case !holds && g.FiringSince != 0:
 				out = append(out, r.resolved(g, b, &value))
 			}
-			for t := range g.Buckets {
-				if t < b+step-span {
-					delete(g.Buckets, t)
-				}
-			}
-			if len(g.Buckets) == 0 && g.FiringSince == 0 {
+			if g.Latest < b+step-span && g.FiringSince == 0 {
+				// No event left in the windows to come.
 				delete(rs.Groups, key)
 			}
 		}
+		// Groups are visited in no order: the changes of one step are sorted, so a
+		// replay gives them in the same order.
+		slices.SortFunc(out[from:], func(x, y *alerts.Alert) int { return strings.Compare(x.Fingerprint, y.Fingerprint) })
 		rs.Evaluated = b
 		if len(rs.Groups) == 0 {
 			// Nothing left to evaluate: jump to the watermark.
 			rs.Evaluated = end
 			break
 		}
-		keys = slices.Sorted(maps.Keys(rs.Groups))
 	}
 	return out
 }
 
 func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts.Alert) []*alerts.Alert {
+	// Groups are checked each time the watermark moves on by a tenth of for (at
+	// least 1s): the alert's start is exact, its detection up to that late.
+	if rs.Evaluated != 0 && watermark < rs.Evaluated+max(int64(r.For)/10, int64(time.Second)) {
+		return out
+	}
 	for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
 		g := rs.Groups[key]
 		if g.LastSeen == 0 {
@@ -341,8 +359,13 @@ func (r *Rule) holds(g *GroupState, end int64) (bool, float64) {
 // false for avg, min and max of no events.
 func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
 	var acc Bucket
-	for t, b := range g.Buckets {
-		if t < from || t >= to || b.N == 0 {
+	if g.Latest < from {
+		// No event in the range: skip the ring.
+		g = &GroupState{}
+	}
+	for i := range g.Buckets {
+		b := &g.Buckets[i]
+		if b.Start < from || b.Start >= to || b.N == 0 {
 			continue
 		}
 		if acc.N == 0 || b.Min < acc.Min {
@@ -373,6 +396,12 @@ func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
 	}
 }
 
+// ring is how many steps a group's buckets hold: the windows' span, the steps
+// ahead of the last evaluation that lateness keeps open, and the current one.
+func (r *Rule) ring() int64 {
+	return (r.span()+int64(r.AllowedLateness))/int64(r.Step) + 2
+}
+
 // span is how far back the windows evaluated at one time reach.
 func (r *Rule) span() int64 {
 	if r.Kind == KindRate {
@@ -381,10 +410,53 @@ func (r *Rule) span() int64 {
 	return int64(r.Window)
 }
 
-func (rs *RuleState) group(key string, labels map[string]string) *GroupState {
+// bucket returns the ring slot for the step starting at start, emptied if it held
+// an older step.
+func (g *GroupState) bucket(start, step, n int64) *Bucket {
+	if int64(len(g.Buckets)) != n {
+		ring := make([]Bucket, n)
+		for _, b := range g.Buckets {
+			if b.N > 0 {
+				ring[floorMod(b.Start/step, n)] = b
+			}
+		}
+		g.Buckets = ring
+	}
+	b := &g.Buckets[floorMod(start/step, n)]
+	if b.Start != start {
+		*b = Bucket{Start: start}
+	}
+	if start > g.Latest {
+		g.Latest = start
+	}
+	return b
+}
+
+func floorMod(a, n int64) int64 {
+	m := a % n
+	if m < 0 {
+		m += n
+	}
+	return m
+}
+
+// MarshalJSON saves only the buckets with events.
+func (g *GroupState) MarshalJSON() ([]byte, error) {
+	type plain GroupState
+	c := plain(*g)
+	c.Buckets = nil
+	for _, b := range g.Buckets {
+		if b.N > 0 {
+			c.Buckets = append(c.Buckets, b)
+		}
+	}
+	return json.Marshal(c)
+}
+
+func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
 	g := rs.Groups[key]
 	if g == nil {
-		g = &GroupState{Labels: labels}
+		g = &GroupState{Labels: r.groupLabelsOf(values)}
 		rs.Groups[key] = g
 	}
 	return g

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/expr-lang/expr"
+	"github.com/expr-lang/expr/ast"
 	"github.com/expr-lang/expr/vm"
 
 	"github.com/sluicehq/sluice/schemas/events"
@@ -92,7 +93,10 @@ type Rule struct {
 	RuleConfig
 	// version identifies the rule's config: state survives a reload only for rules
 	// whose config did not change.
-	version     string
+	version string
+	// onlyType, if set, is the event type the filter requires (type == "x" at its
+	// top, alone or and-ed): other events skip the filter.
+	onlyType    string
 	filter      *vm.Program
 	value       *vm.Program
 	groupBy     []*vm.Program
@@ -169,6 +173,7 @@ func compile(c RuleConfig) (*Rule, error) {
 	if r.filter, err = expr.Compile(c.Filter, expr.Env(EventEnv{}), expr.AsBool()); err != nil {
 		return nil, fmt.Errorf("filter: %w", err)
 	}
+	r.onlyType = requiredType(r.filter.Node())
 	for _, path := range c.GroupBy {
 		p, err := expr.Compile(path, expr.Env(EventEnv{}))
 		if err != nil {
@@ -293,8 +298,37 @@ func groupLabel(path string) string {
 // EventEnv is what filters and annotation templates see of an event.
 type EventEnv = events.ExprEnv
 
+// requiredType returns the event type n requires, if it is `type == "x"` or an
+// and of terms one of which is.
+func requiredType(n ast.Node) string {
+	switch b := n.(type) {
+	case *ast.BinaryNode:
+		switch b.Operator {
+		case "==":
+			id, okID := b.Left.(*ast.IdentifierNode)
+			lit, okLit := b.Right.(*ast.StringNode)
+			if !okID || !okLit {
+				id, okID = b.Right.(*ast.IdentifierNode)
+				lit, okLit = b.Left.(*ast.StringNode)
+			}
+			if okID && okLit && id.Value == "type" {
+				return lit.Value
+			}
+		case "&&", "and":
+			if t := requiredType(b.Left); t != "" {
+				return t
+			}
+			return requiredType(b.Right)
+		}
+	}
+	return ""
+}
+
 // Matches evaluates the filter on env.
 func (r *Rule) Matches(env *EventEnv) (bool, error) {
+	if r.onlyType != "" && env.Type != r.onlyType {
+		return false, nil
+	}
 	out, err := expr.Run(r.filter, env)
 	if err != nil {
 		return false, fmt.Errorf("rule %s: filter: %w", r.Name, err)
@@ -303,35 +337,49 @@ func (r *Rule) Matches(env *EventEnv) (bool, error) {
 	return b, nil
 }
 
-// Group returns the group labels of env and their key.
-func (r *Rule) Group(env *EventEnv) (map[string]string, string, error) {
+// Group returns the group values of env (in group_by's order) and their key.
+func (r *Rule) Group(env *EventEnv) ([]string, string, error) {
 	if len(r.groupBy) == 0 {
 		return nil, "", nil
 	}
-	labels := make(map[string]string, len(r.groupBy))
+	values := make([]string, len(r.groupBy))
 	for i, p := range r.groupBy {
 		v, err := expr.Run(p, env)
 		if err != nil {
 			return nil, "", fmt.Errorf("rule %s: group_by %s: %w", r.Name, r.GroupBy[i], err)
 		}
-		if v == nil {
-			labels[r.groupLabels[i]] = ""
-			continue
+		switch v := v.(type) {
+		case nil:
+		case string:
+			values[i] = v
+		default:
+			values[i] = fmt.Sprint(v)
 		}
-		labels[r.groupLabels[i]] = fmt.Sprint(v)
 	}
-	return labels, r.groupKey(labels), nil
+	if len(values) == 1 {
+		return values, values[0], nil
+	}
+	return values, strings.Join(values, "\x00"), nil
+}
+
+// groupLabelsOf names values by group_by's labels.
+func (r *Rule) groupLabelsOf(values []string) map[string]string {
+	if len(values) == 0 {
+		return nil
+	}
+	labels := make(map[string]string, len(values))
+	for i, v := range values {
+		labels[r.groupLabels[i]] = v
+	}
+	return labels
 }
 
 func (r *Rule) groupKey(labels map[string]string) string {
-	var b strings.Builder
+	values := make([]string, len(r.groupLabels))
 	for i, l := range r.groupLabels {
-		if i > 0 {
-			b.WriteByte(0)
-		}
-		b.WriteString(labels[l])
+		values[i] = labels[l]
 	}
-	return b.String()
+	return strings.Join(values, "\x00")
 }
 
 // Value evaluates the rule's value expression on env.

@@ -97,3 +97,26 @@ func TestMatch(t *testing.T) {
 		})
 	}
 }
+
+// Filters that require one event type skip other events without running.
+func TestRequiredType(t *testing.T) {
+	tests := map[string]string{
+		`type == "login.failed"`:                 "login.failed",
+		`"a" == type && data.x > 1`:              "a",
+		`data.x > 1 and type == "b"`:             "b",
+		`type == "a" || type == "b"`:             "",
+		`type != "a"`:                            "",
+		`source == "a"`:                          "",
+		`type == "a" && (data.y == 1 || data.z)`: "a",
+		`not (type == "a")`:                      "",
+	}
+	for filter, want := range tests {
+		rules, err := CompileRules([]RuleConfig{{Name: "r", Filter: filter}})
+		if err != nil {
+			t.Fatalf("%s: %v", filter, err)
+		}
+		if rules[0].onlyType != want {
+			t.Errorf("%s: onlyType %q, want %q", filter, rules[0].onlyType, want)
+		}
+	}
+}
