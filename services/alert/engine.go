@@ -66,9 +66,9 @@ type GroupState struct {
 type Bucket struct {
 	Start int64   `json:"start"`
 	N     float64 `json:"n"`
-	Sum float64 `json:"sum"`
-	Min float64 `json:"min"`
-	Max float64 `json:"max"`
+	Sum   float64 `json:"sum"`
+	Min   float64 `json:"min"`
+	Max   float64 `json:"max"`
 }
 
 func (b *Bucket) add(v float64) {
