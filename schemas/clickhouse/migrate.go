@@ -109,8 +109,10 @@ ORDER BY version`
 
 // Migrate applies every embedded migration that schema_migrations does not list, in
 // order, on conn (whose default database is the target). It is meant to run from one
-// process at a time (the sink, or `sluice migrate`); the DDL uses IF NOT EXISTS so a
-// race re-applies harmlessly.
+// process at a time (the sink, or `sluice migrate`). CREATE statements use IF NOT
+// EXISTS, so a race re-applies them harmlessly; ALTER ... ADD COLUMN cannot (18.16
+// lacks IF NOT EXISTS there), so the loser of a race fails and succeeds at its next
+// start, when the migration is recorded.
 func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
 	ms, err := Migrations()
 	if err != nil {

@@ -144,7 +144,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 
 	errc := make(chan error, len(cfg.Receivers)+1)
 	for _, rc := range cfg.Receivers {
-		d := &deliverer{rc: rc, js: js, state: state, disabled: disabled, log: log.With("receiver", rc.Name), m: m,
+		d := &deliverer{rc: rc, js: js, state: state, disabled: disabled, log: deps.Logger.With("receiver", rc.Name), m: m,
 			maxPayload: deps.NATS.MaxPayload(), lastErr: map[uint64]string{}}
 		runner, err := d.runner(ctx, deps.NATS, deps.Registerer)
 		if err != nil {

@@ -206,6 +206,7 @@ func alertsTable() *Table {
 		Columns: []Column{
 			{"fingerprint", "String"}, {"rule", "String"}, {"status", "String"}, {"severity", "String"},
 			{"labels", "String"}, {"annotations", "String"}, {"starts_at", "DateTime"}, {"starts_at_ms", "UInt16"},
+			{"ends_at", "DateTime"}, {"value", "Nullable(Float64)"},
 			{"event_key", "String"}, {"replay", "UInt8"}, {"stream_seq", "UInt64"},
 		},
 		Row: alertRow,
@@ -223,6 +224,13 @@ func alertRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	if st.Before(events.MinTime) || st.After(events.MaxTime) {
 		return Row{}, fmt.Errorf("alert startsAt %s is outside DateTime's range", a.StartsAt)
 	}
+	// A zero end (firing) is stored as 1970-01-01, ClickHouse's zero DateTime.
+	ends := time.Unix(0, 0).UTC()
+	if !a.EndsAt.IsZero() {
+		if ends = a.EndsAt.UTC().Truncate(time.Second); ends.Before(events.MinTime) || ends.After(events.MaxTime) {
+			return Row{}, fmt.Errorf("alert endsAt %s is outside DateTime's range", a.EndsAt)
+		}
+	}
 	var replay uint8
 	if a.Replay {
 		replay = 1
@@ -230,6 +238,7 @@ func alertRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	return Row{Time: a.StartsAt, Values: []any{
 		a.Fingerprint, a.Rule, a.Status, a.Severity,
 		string(labels), string(ann), st, stMs,
+		ends, a.Value,
 		a.EventKey, replay, seq,
 	}}, nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -128,11 +129,82 @@ receivers:
 	if !orders["order o-1 of 5000"] || !orders["order o-3 of 2500"] {
 		t.Errorf("summaries = %v", orders)
 	}
-	var rows, firing uint64
-	if err := p.ch.QueryRow(ctx, "SELECT count(), countIf(status = 'firing') FROM alerts WHERE rule = 'big-order'").Scan(&rows, &firing); err != nil {
+	var rows, firing, open uint64
+	if err := p.ch.QueryRow(ctx, "SELECT count(), countIf(status = 'firing'), countIf(ends_at = toDateTime(0) AND isNull(value)) FROM alerts WHERE rule = 'big-order'").Scan(&rows, &firing, &open); err != nil {
 		t.Fatal(err)
 	}
-	if rows != 2 || firing != 2 {
-		t.Errorf("alerts table: %d rows, %d firing; want 2", rows, firing)
+	if rows != 2 || firing != 2 || open != 2 {
+		t.Errorf("alerts table: %d rows, %d firing, %d without end and value; want 2", rows, firing, open)
+	}
+}
+
+// TestThresholdLifecycle: a windowed rule fires once for a burst and resolves when
+// the burst leaves the window; both changes land in the alerts table with their
+// start, end and value.
+func TestThresholdLifecycle(t *testing.T) {
+	cfg := `
+rules:
+  - name: failed-logins
+    kind: threshold
+    filter: type == "login.failed"
+    group_by: [data.user]
+    window: 1m
+    op: ">"
+    threshold: 3
+    allowed_lateness: 1s
+`
+	p := startPipeline(t, cfg, nil)
+	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	pub := func(id, user string, at time.Time) {
+		data, _ := json.Marshal(map[string]any{"specversion": "1.0", "id": id, "source": "auth", "type": "login.failed",
+			"time": at.Format(time.RFC3339Nano), "data": map[string]any{"user": user}})
+		if err := p.nc.Publish("events.auth.login", data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 5 {
+		pub(fmt.Sprint("l-", i), "u1", base.Add(time.Duration(i)*time.Second))
+	}
+	pub("l-4", "u1", base.Add(4*time.Second)) // a repeat id: deduplicated, not counted
+	pub("l-5", "u2", base.Add(3*time.Minute)) // moves event time on: the windows close
+	ctx := context.Background()
+	type row struct {
+		status     string
+		start, end time.Time
+		value      *float64
+		labels     string
+	}
+	var rows []row
+	err := oracle.WaitFor(ctx, time.Minute, func() error {
+		r, err := p.ch.Query(ctx, "SELECT status, starts_at, ends_at, value, labels FROM alerts WHERE rule = 'failed-logins' ORDER BY status")
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		rows = rows[:0]
+		for r.Next() {
+			var x row
+			if err := r.Scan(&x.status, &x.start, &x.end, &x.value, &x.labels); err != nil {
+				return err
+			}
+			rows = append(rows, x)
+		}
+		if len(rows) < 2 {
+			return fmt.Errorf("%d alert rows", len(rows))
+		}
+		return p.idle(ctx)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 2 || rows[0].status != "firing" || rows[1].status != "resolved" {
+		t.Fatalf("rows = %+v, want one firing and one resolved", rows)
+	}
+	fired, resolved := rows[0], rows[1]
+	if !fired.start.Equal(base.Add(6*time.Second)) || fired.value == nil || *fired.value != 5 || !strings.Contains(fired.labels, `"user":"u1"`) {
+		t.Errorf("firing row %+v: want start 12:00:06 (the first step's end) and value 5", fired)
+	}
+	if !resolved.start.Equal(fired.start) || !resolved.end.Equal(base.Add(66*time.Second)) {
+		t.Errorf("resolved row %+v: want the same start and end 12:01:06", resolved)
 	}
 }
