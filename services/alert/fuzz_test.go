@@ -1,6 +1,9 @@
 package alert
 
 import (
+	"encoding/json"
+	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -23,5 +26,60 @@ func FuzzRule(f *testing.F) {
 			return
 		}
 		rules[0].Annotate(eventData(env, nil))
+	})
+}
+
+// FuzzEngine: any sequence of events (types, groups, times jumping back and
+// forth) neither panics the engine nor makes a restart from its saved state give
+// other alerts than an uninterrupted run.
+func FuzzEngine(f *testing.F) {
+	f.Add([]byte{0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 2, 200, 1, 3, 5})
+	f.Add([]byte{2, 0, 255, 2, 0, 1, 1, 1, 128, 0, 0, 0})
+	cfgs := []RuleConfig{
+		{Name: "count", Kind: KindThreshold, Filter: `type == "t0"`, GroupBy: []string{"data.g"}, Window: 10 * time.Second, Step: 2 * time.Second, Op: ">", Threshold: 2, AllowedLateness: 3 * time.Second},
+		{Name: "rate", Kind: KindRate, Filter: `type == "t1"`, GroupBy: []string{"data.g"}, Window: 10 * time.Second, Step: 5 * time.Second, Aggregate: AggMin, Value: "data.v", Op: "<", Threshold: 0.5, AllowedLateness: time.Second},
+		{Name: "absent", Kind: KindAbsence, Filter: `type == "t2"`, GroupBy: []string{"data.g"}, For: 20 * time.Second, Groups: []map[string]string{{"g": "x"}}},
+		{Name: "match", Filter: `type == "t1" && data.v > 100`},
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		rules, err := CompileRules(cfgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var envs []*EventEnv
+		at := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+		for i := 0; i+2 < len(in); i += 3 {
+			at = at.Add(time.Duration(int8(in[i+2])) * 500 * time.Millisecond)
+			e := &events.Event{ID: fmt.Sprint(i), Type: fmt.Sprint("t", in[i]%3), Key: fmt.Sprint(i), Time: at,
+				Data: []byte(fmt.Sprintf(`{"g":"%d","v":%d}`, in[i+1]%4, in[i+1]))}
+			envs = append(envs, Env(e))
+		}
+		run := func(envs []*EventEnv, e *Engine) []string {
+			var out []string
+			for _, env := range envs {
+				got, _ := e.Observe(env)
+				for _, a := range got {
+					out = append(out, MsgID(a))
+				}
+			}
+			return out
+		}
+		whole := run(envs, NewEngine(rules, nil))
+		half := len(envs) / 2
+		e := NewEngine(rules, nil)
+		first := run(envs[:half], e)
+		b, err := json.Marshal(e.State())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st State
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatal(err)
+		}
+		restored := append(first, run(envs[half:], NewEngine(rules, &st))...)
+		if !slices.Equal(restored, whole) {
+			t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
+		}
+		e.Idle(time.Hour)
 	})
 }

@@ -194,6 +194,10 @@ func compile(c RuleConfig) (*Rule, error) {
 		if err := c.checkWindow(); err != nil {
 			return nil, err
 		}
+		if c.AllowedLateness/c.Step > 1000 {
+			// Each group keeps a bucket per step of window and lateness.
+			return nil, fmt.Errorf("allowed_lateness %s is more than 1000 steps of %s", c.AllowedLateness, c.Step)
+		}
 		if c.Aggregate != AggCount {
 			if r.value, err = expr.Compile(c.Value, expr.Env(EventEnv{}), expr.AsFloat64()); err != nil {
 				return nil, fmt.Errorf("value: %w", err)

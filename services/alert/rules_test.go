@@ -51,6 +51,7 @@ func TestLoadRulesBad(t *testing.T) {
 		`rule 9 ("uneven-step"): step 7s must divide window 1m0s`,
 		`rule 10 ("silent-forever"): for is required`,
 		`rule 11 ("odd-kind"): kind "sometimes"`,
+		`rule 12 ("too-late"): allowed_lateness 2h0m0s is more than 1000 steps of 1s`,
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%v", want, err)
