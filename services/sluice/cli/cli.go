@@ -330,6 +330,23 @@ func connectJS(n settings.NATS, io IO) (jetstream.JetStream, func(), error) {
 	return js, nc.Close, nil
 }
 
+// oneArgOnNATS parses a command of one argument and the NATS flags, and connects.
+func oneArgOnNATS(name, usage string, args []string, io IO) (string, jetstream.JetStream, func(), error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	var n settings.NATS
+	settings.BindNATS(fs, io.Env, &n)
+	positional, err := parsePositional(fs, args, io)
+	if err != nil {
+		return "", nil, nil, err
+	}
+	if len(positional) != 1 {
+		fmt.Fprintln(io.Stderr, "usage: "+usage)
+		return "", nil, nil, errUsage
+	}
+	js, closeNATS, err := connectJS(n, io)
+	return positional[0], js, closeNATS, err
+}
+
 // stringsFlag collects a repeated flag.
 type stringsFlag []string
 
@@ -401,18 +418,7 @@ func silenceList(ctx context.Context, args []string, io IO) error {
 }
 
 func silenceRemove(ctx context.Context, args []string, io IO) error {
-	fs := flag.NewFlagSet("silence rm", flag.ContinueOnError)
-	var n settings.NATS
-	settings.BindNATS(fs, io.Env, &n)
-	positional, err := parsePositional(fs, args, io)
-	if err != nil {
-		return err
-	}
-	if len(positional) != 1 {
-		fmt.Fprintln(io.Stderr, "usage: sluice silence rm ID")
-		return errUsage
-	}
-	js, closeNATS, err := connectJS(n, io)
+	arg, js, closeNATS, err := oneArgOnNATS("silence rm", "sluice silence rm ID", args, io)
 	if err != nil {
 		return err
 	}
@@ -421,25 +427,14 @@ func silenceRemove(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return err
 	}
-	if _, err := kv.Get(ctx, positional[0]); err != nil {
-		return fmt.Errorf("silence %s: %w", positional[0], err)
+	if _, err := kv.Get(ctx, arg); err != nil {
+		return fmt.Errorf("silence %s: %w", arg, err)
 	}
-	return kv.Delete(ctx, positional[0])
+	return kv.Delete(ctx, arg)
 }
 
 func receiverEnable(ctx context.Context, args []string, io IO) error {
-	fs := flag.NewFlagSet("receiver enable", flag.ContinueOnError)
-	var n settings.NATS
-	settings.BindNATS(fs, io.Env, &n)
-	positional, err := parsePositional(fs, args, io)
-	if err != nil {
-		return err
-	}
-	if len(positional) != 1 {
-		fmt.Fprintln(io.Stderr, "usage: sluice receiver enable NAME")
-		return errUsage
-	}
-	js, closeNATS, err := connectJS(n, io)
+	arg, js, closeNATS, err := oneArgOnNATS("receiver enable", "sluice receiver enable NAME", args, io)
 	if err != nil {
 		return err
 	}
@@ -448,5 +443,5 @@ func receiverEnable(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return fmt.Errorf("bucket %s: %w (has the notify stage run?)", notify.StateBucket, err)
 	}
-	return notify.EnableReceiver(ctx, kv, positional[0])
+	return notify.EnableReceiver(ctx, kv, arg)
 }
