@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -53,10 +54,18 @@ type Config struct {
 	inhibit   []inhibitRule
 	// FlushEvery is how often groups are checked for being due.
 	FlushEvery time.Duration
+	// Replica names this process in the routing lease (default host:pid).
+	Replica string
+	// LeaseTTL is how long the routing lease lasts unrenewed: after a router dies,
+	// another replica takes over within it.
+	LeaseTTL time.Duration
 }
 
 // DefaultConfig has no receivers.
-func DefaultConfig() Config { return Config{FlushEvery: 200 * time.Millisecond} }
+func DefaultConfig() Config {
+	host, _ := os.Hostname()
+	return Config{FlushEvery: 200 * time.Millisecond, Replica: fmt.Sprintf("%s:%d", host, os.Getpid()), LeaseTTL: 10 * time.Second}
+}
 
 // LoadConfig reads the receivers, routes and notify sections of f; secrets come
 // through env.
@@ -101,8 +110,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 // Run runs the router, the flusher and one deliverer per receiver until ctx is done.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	log := deps.Logger.With("stage", Name)
+	def := DefaultConfig()
 	if cfg.FlushEvery <= 0 {
-		cfg.FlushEvery = DefaultConfig().FlushEvery
+		cfg.FlushEvery = def.FlushEvery
+	}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = def.LeaseTTL
+	}
+	if cfg.Replica == "" {
+		cfg.Replica = def.Replica
 	}
 	js, err := jetstream.New(deps.NATS)
 	if err != nil {
@@ -130,17 +146,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
-	groups, err := loadGroups(ctx, state)
-	if err != nil {
-		return err
-	}
 	m := newMetrics(deps.Registerer)
-	s := &stageRun{
-		js: js, state: state, log: log, m: m, silences: silences,
-		router: NewRouter(cfg.Routes, cfg.inhibit, groups),
-		wake:   make(chan struct{}, 1),
-	}
-	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "groups", len(groups))
+	s := &stageRun{js: js, state: state, log: log, m: m, silences: silences, wake: make(chan struct{}, 1)}
+	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "replica", cfg.Replica)
 
 	errc := make(chan error, len(cfg.Receivers)+1)
 	for _, rc := range cfg.Receivers {
@@ -152,13 +160,18 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		}
 		wg.Go(func() { errc <- runner.Run(ctx, nil) })
 	}
-	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64},
-		s.route(deps.NATS.MaxPayload()), deps.Logger, deps.Registerer)
-	if err != nil {
-		return err
+	if deps.Ready != nil {
+		deps.Ready()
 	}
-	wg.Go(func() { s.flushLoop(ctx, cfg.FlushEvery) })
-	wg.Go(func() { errc <- router.Run(ctx, deps.Ready) })
+	// Every replica delivers; one at a time routes and flushes, holding the lease.
+	l := &lease{kv: state, key: "lease.router", holder: cfg.Replica, ttl: cfg.LeaseTTL, log: log}
+	wg.Go(func() {
+		l.run(ctx, func(ctx context.Context) {
+			if err := s.lead(ctx, cfg, deps); err != nil && ctx.Err() == nil {
+				errc <- err
+			}
+		})
+	})
 	select {
 	case <-ctx.Done():
 		return nil
@@ -166,6 +179,27 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		cancel()
 		return err
 	}
+}
+
+// lead routes and flushes until ctx ends, starting from the groups in the bucket.
+func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
+	groups, err := loadGroups(ctx, s.state)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.router = NewRouter(cfg.Routes, cfg.inhibit, groups)
+	s.mu.Unlock()
+	s.log.Info("routing", "groups", len(groups))
+	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64},
+		s.route(deps.NATS.MaxPayload()), deps.Logger, deps.Registerer)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { s.flushLoop(ctx, cfg.FlushEvery) })
+	return router.Run(ctx, nil)
 }
 
 type stageRun struct {
@@ -400,12 +434,13 @@ func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Re
 	_, err := d.js.CreateOrUpdateConsumer(ctx, streams.Notify, jetstream.ConsumerConfig{
 		Durable: name, Description: "Delivers notifications to receiver " + d.rc.Name + ".",
 		FilterSubject: "notify." + d.rc.Name, AckPolicy: jetstream.AckExplicitPolicy, AckWait: 30 * time.Second,
-		MaxDeliver: -1, MaxAckPending: 100, DeliverPolicy: jetstream.DeliverAllPolicy,
+		// One notification in flight per receiver, across every replica.
+		MaxDeliver: -1, MaxAckPending: 1, DeliverPolicy: jetstream.DeliverAllPolicy,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("notify: consumer %s: %w", name, err)
 	}
-	return stage.New(nc, stage.Config{Name: Name + "_" + d.rc.Name, Stream: streams.Notify, Consumer: name, MaxInFlight: 16, PullBatch: 16},
+	return stage.New(nc, stage.Config{Name: Name + "_" + d.rc.Name, Stream: streams.Notify, Consumer: name, MaxInFlight: 1, PullBatch: 1},
 		func(msg jetstream.Msg) ([]*nats.Msg, error) { return d.handle(ctx, msg) }, d.log, reg)
 }
 

@@ -91,8 +91,9 @@ func (r *notifyRun) stop(t *testing.T) {
 	}
 }
 
-// startNotify runs the stage with the config in yaml until stopped (or the test ends).
-func startNotify(t *testing.T, nc *nats.Conn, yaml string) *notifyRun {
+// startNotify runs the stage with the config in yaml until stopped (or the test
+// ends); opts change the loaded config.
+func startNotify(t *testing.T, nc *nats.Conn, yaml string, opts ...func(*Config)) *notifyRun {
 	t.Helper()
 	f, err := configfile.Parse("test.yaml", []byte(yaml))
 	if err != nil {
@@ -101,6 +102,9 @@ func startNotify(t *testing.T, nc *nats.Conn, yaml string) *notifyRun {
 	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, o := range opts {
+		o(&cfg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &notifyRun{cancel: cancel, done: make(chan struct{})}
@@ -394,6 +398,101 @@ func TestRestartMidBurst(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// Two replicas at once: one routes (the lease holder), both deliver, never two
+// requests to the receiver at a time; when the router stops, the other takes over
+// and every alert still arrives in exactly one notification id.
+func TestReplicas(t *testing.T) {
+	nc, js := setup(t)
+	var (
+		mu               sync.Mutex
+		inFlight, maxFly int
+	)
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
+		mu.Lock()
+		inFlight++
+		maxFly = max(maxFly, inFlight)
+		mu.Unlock()
+		time.Sleep(10 * time.Millisecond)
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+		return true
+	})
+	cfg := hookConfig(h, "routes:\n  - receivers: [hook]\n    group_by: [user]\n")
+	replica := func(name string) func(*Config) {
+		return func(c *Config) { c.Replica, c.LeaseTTL = name, time.Second }
+	}
+	a := startNotify(t, nc, cfg, replica("a"))
+	const alertsN = 40
+	for i := range alertsN / 2 {
+		publishAlert(t, js, alert("r", "firing", 0, "user", fmt.Sprint("u", i)))
+	}
+	poll.Until(t, 10*time.Second, func() error {
+		if got, _ := h.delivered(); len(got) < 5 {
+			return fmt.Errorf("%d delivered", len(got))
+		}
+		return nil
+	})
+	startNotify(t, nc, cfg, replica("b")) // a holds the lease: b only delivers
+	a.stop(t)
+	for i := alertsN / 2; i < alertsN; i++ {
+		publishAlert(t, js, alert("r", "firing", 0, "user", fmt.Sprint("u", i)))
+	}
+	users := map[string]string{}
+	poll.Until(t, 30*time.Second, func() error {
+		got, _ := h.delivered()
+		clear(users)
+		for _, r := range got {
+			for _, a := range r.payload.Alerts {
+				if id, ok := users[a.Labels["user"]]; ok && id != r.id {
+					t.Fatalf("user %s in %s and %s", a.Labels["user"], id, r.id)
+				}
+				users[a.Labels["user"]] = r.id
+			}
+		}
+		if len(users) < alertsN {
+			return fmt.Errorf("%d of %d users notified", len(users), alertsN)
+		}
+		return nil
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if maxFly != 1 {
+		t.Fatalf("%d requests in flight at once, want 1", maxFly)
+	}
+}
+
+// A lease not renewed (its holder crashed) is taken over once it expired, and the
+// old holder's next renewal fails.
+func TestLeaseTakeover(t *testing.T) {
+	_, js := setup(t)
+	ctx := context.Background()
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "lease_test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	a := &lease{kv: kv, key: "lease.router", holder: "a", ttl: 3 * time.Second, log: log}
+	b := &lease{kv: kv, key: "lease.router", holder: "b", ttl: 3 * time.Second, log: log}
+	now := time.Now()
+	revA, err := a.acquire(ctx, 0, false, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.acquire(ctx, 0, false, now.Add(time.Second)); !errors.Is(err, errLeaseTaken) {
+		t.Fatalf("b took a live lease: %v", err)
+	}
+	if revA, err = a.acquire(ctx, revA, true, now.Add(time.Second)); err != nil {
+		t.Fatalf("a renews: %v", err)
+	}
+	if _, err := b.acquire(ctx, 0, false, now.Add(5*time.Second)); err != nil {
+		t.Fatalf("b takes over the expired lease: %v", err)
+	}
+	if _, err := a.acquire(ctx, revA, true, now.Add(5*time.Second)); !errors.Is(err, errLeaseTaken) {
+		t.Fatalf("a renewed a lease b holds: %v", err)
+	}
 }
 
 // Loopback addresses are refused at connect time unless allowed.
