@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"embed"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 )
 
@@ -107,12 +109,21 @@ const createMigrationsTable = `CREATE TABLE IF NOT EXISTS schema_migrations
 ENGINE = MergeTree()
 ORDER BY version`
 
+// columnExists reports an ADD COLUMN refused because the column is there:
+// DUPLICATE_COLUMN (15) on current ClickHouse, ILLEGAL_COLUMN (44) "already exists"
+// on 18.16.
+func columnExists(ex *clickhouse.Exception, stmt string) bool {
+	if !strings.Contains(strings.ToUpper(stmt), "ADD COLUMN") {
+		return false
+	}
+	return ex.Code == 15 || (ex.Code == 44 && strings.Contains(ex.Message, "already exists"))
+}
+
 // Migrate applies every embedded migration that schema_migrations does not list, in
 // order, on conn (whose default database is the target). It is meant to run from one
-// process at a time (the sink, or `sluice migrate`). CREATE statements use IF NOT
-// EXISTS, so a race re-applies them harmlessly; ALTER ... ADD COLUMN cannot (18.16
-// lacks IF NOT EXISTS there), so the loser of a race fails and succeeds at its next
-// start, when the migration is recorded.
+// process at a time (the sink, or `sluice migrate`), but replicas starting together
+// are safe: CREATE statements use IF NOT EXISTS, and an ADD COLUMN (18.16 has no IF
+// NOT EXISTS there) that finds its column added is taken as done.
 func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
 	ms, err := Migrations()
 	if err != nil {
@@ -139,6 +150,13 @@ func Apply(ctx context.Context, conn driver.Conn, ms []Migration, log *slog.Logg
 		}
 		for i, stmt := range m.Statements {
 			if err := conn.Exec(ctx, stmt); err != nil {
+				var ex *clickhouse.Exception
+				if errors.As(err, &ex) && columnExists(ex, stmt) {
+					// Another replica is applying the same migration (ADD COLUMN has no IF
+					// NOT EXISTS on 18.16): the column is there, as wanted.
+					log.Info("column already added", "migration", m.Name, "statement", i+1)
+					continue
+				}
 				return fmt.Errorf("migrate %s: statement %d: %w", m.Name, i+1, err)
 			}
 		}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/chdb"
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/chtest"
@@ -32,6 +34,33 @@ import (
 )
 
 var testLog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+// Replicas starting together migrate the same database at once: all succeed.
+func TestMigrateConcurrently(t *testing.T) {
+	srv := chtest.Start(t)
+	s, _ := chtest.Database(t, srv)
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Go(func() {
+			conn, err := chconn.Open(ctx, s)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer conn.Close()
+			errs <- chmigrate.Migrate(ctx, conn, testLog)
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
 
 // The migrations apply once on ClickHouse 18.16, the tables hold what the sink
 // writes, and a table that drifted is refused with the columns named.

@@ -4,6 +4,7 @@
 package oracle
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // Form is how an event is published.
@@ -167,4 +169,49 @@ func (m *Manifest) PublishAll(nc *nats.Conn, flushEvery int) error {
 		}
 	}
 	return nc.Flush()
+}
+
+// PublishAcked publishes every message through JetStream, batch at a time, and
+// publishes again (same headers, so the same Nats-Msg-Id where there is one) each
+// one not acknowledged, until it is or ctx ends: a careful producer across NATS
+// restarts. pause, if set, is called after each batch (to pace the run).
+func (m *Manifest) PublishAcked(ctx context.Context, js jetstream.JetStream, batch int, pause func()) error {
+	for start := 0; start < len(m.Publishes); start += batch {
+		part := m.Publishes[start:min(start+batch, len(m.Publishes))]
+		futures := make([]jetstream.PubAckFuture, len(part))
+		for i, p := range part {
+			f, err := js.PublishMsgAsync(&nats.Msg{Subject: p.Subject, Header: p.Header, Data: p.Data})
+			if err == nil {
+				futures[i] = f
+			}
+		}
+		for i, p := range part {
+			if f := futures[i]; f != nil {
+				select {
+				case <-f.Ok():
+					continue
+				case <-f.Err():
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+			for {
+				pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				_, err := js.PublishMsg(pctx, &nats.Msg{Subject: p.Subject, Header: p.Header, Data: p.Data})
+				cancel()
+				if err == nil {
+					break
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("publish %d never acknowledged: %w", start+i, err)
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+		}
+		if pause != nil {
+			pause()
+		}
+	}
+	return nil
 }

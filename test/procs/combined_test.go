@@ -1,0 +1,196 @@
+package procs
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+// TestCombinedFaults runs two replicas of every service as processes against a
+// nats-server process while 200,000 publishes flow (5% repeats, 1% invalid, one
+// event in a thousand firing an alert to a webhook), and meanwhile kills a replica
+// of each service in turn with SIGKILL, five times each, and the NATS server twice;
+// producers publish through JetStream and retry what was not acknowledged. Then,
+// with no help, every consumer drains and the oracle holds: each unique valid event
+// in ClickHouse once, each invalid one in dead_letters, each alert in the alerts
+// table once and at the webhook under one webhook-id with a valid signature.
+func TestCombinedFaults(t *testing.T) {
+	bin := build(t)
+	natsBin := filepath.Join(bin, "nats-server")
+	if out, err := exec.Command("go", "build", "-o", natsBin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+		t.Fatalf("build nats-server: %v\n%s", err, out)
+	}
+	dir := t.TempDir()
+	_, portText, _ := net.SplitHostPort(freeAddr(t))
+	port, _ := strconv.Atoi(portText)
+	ns := &natsProcess{bin: natsBin, store: filepath.Join(dir, "nats"), port: port}
+	ns.start(t)
+	t.Cleanup(ns.kill)
+
+	srv := chtest.Start(t)
+	chs, conn := chtest.Database(t, srv)
+	nc, err := nats.Connect(ns.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	// Short ack waits, so what a killed replica held comes back quickly.
+	topo, _ := streams.Load()
+	for _, c := range topo.Consumers {
+		cfg := c.Config
+		cfg.AckWait = 2 * time.Second
+		if _, err := js.CreateOrUpdateConsumer(ctx, c.Stream, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	secret := "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+	s, _ := notify.ParseSecret(secret)
+	var (
+		mu       sync.Mutex
+		hooks    = map[string]int{}
+		badHooks int
+	)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
+			badHooks++
+			return
+		}
+		hooks[r.Header.Get(notify.HeaderID)]++
+	}))
+	defer hook.Close()
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	cfg := fmt.Sprintf("rules:\n  - name: every-thousandth\n    filter: 'int(data.n) %% 1000 == 0'\n    severity: info\nreceivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true}\n", hook.URL)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	type running struct {
+		cmd  *exec.Cmd
+		done chan struct{}
+	}
+	startSvc := func(name string, replica int) *running {
+		c := exec.Command(filepath.Join(bin, name))
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+secret,
+			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)))
+		c.Stdout, c.Stderr = io.Discard, io.Discard
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := &running{cmd: c, done: make(chan struct{})}
+		go func() { _ = c.Wait(); close(r.done) }()
+		t.Cleanup(func() { _ = c.Process.Kill(); <-r.done })
+		return r
+	}
+	procs := map[string][2]*running{}
+	for _, name := range services {
+		procs[name] = [2]*running{startSvc(name, 0), startSvc(name, 1)}
+	}
+
+	const total = 200_000
+	m := oracle.NewManifest(oracle.Spec{Total: total, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 17})
+	pubCtx, stopPub := context.WithTimeout(ctx, 10*time.Minute)
+	defer stopPub()
+	published := make(chan error, 1)
+	go func() {
+		// About 10,000 publishes a second, so the run outlasts the faults.
+		published <- m.PublishAcked(pubCtx, js, 1000, func() { time.Sleep(100 * time.Millisecond) })
+	}()
+	rng := rand.New(rand.NewPCG(17, 18))
+	for round := range 5 {
+		for _, name := range services {
+			time.Sleep(time.Duration(200+rng.IntN(400)) * time.Millisecond)
+			pair := procs[name]
+			victim := (round + rng.IntN(2)) % 2
+			p := pair[victim]
+			select {
+			case <-p.done:
+				t.Fatalf("%s replica %d exited by itself", name, victim)
+			default:
+			}
+			_ = p.cmd.Process.Signal(syscall.SIGKILL)
+			<-p.done
+			pair[victim] = startSvc(name, victim)
+			procs[name] = pair
+		}
+		if round == 1 || round == 3 {
+			ns.kill()
+			ns.start(t)
+			t.Logf("round %d: killed and restarted nats-server", round+1)
+		}
+		t.Logf("round %d: killed a replica of each service", round+1)
+	}
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	wantAlerts := (len(m.Events) + 999) / 1000
+	err = oracle.WaitFor(ctx, 5*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("%+v", c)
+		}
+		mu.Lock()
+		got := len(hooks)
+		mu.Unlock()
+		if got < wantAlerts {
+			return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
+		}
+		for _, c := range topo.Consumers {
+			if err := natstest.Idle(ctx, js, c.Stream, c.Config.Durable); err != nil {
+				return err
+			}
+		}
+		return natstest.Idle(ctx, js, streams.Notify, notify.DelivererConsumer("hook"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	var alertRows, distinct uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || len(hooks) != wantAlerts || badHooks != 0 {
+		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, len(hooks), badHooks, wantAlerts)
+	}
+}
