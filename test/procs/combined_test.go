@@ -100,17 +100,24 @@ func TestCombinedFaults(t *testing.T) {
 	type running struct {
 		cmd  *exec.Cmd
 		done chan struct{}
+		log  string
 	}
 	startSvc := func(name string, replica int) *running {
 		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+secret,
 			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)))
-		c.Stdout, c.Stderr = io.Discard, io.Discard
+		logPath := filepath.Join(dir, fmt.Sprintf("%s%d-%d.log", name, replica, time.Now().UnixNano()))
+		logFile, err := os.Create(logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Stdout, c.Stderr = logFile, logFile
 		if err := c.Start(); err != nil {
 			t.Fatal(err)
 		}
-		r := &running{cmd: c, done: make(chan struct{})}
+		logFile.Close()
+		r := &running{cmd: c, done: make(chan struct{}), log: logPath}
 		go func() { _ = c.Wait(); close(r.done) }()
 		t.Cleanup(func() { _ = c.Process.Kill(); <-r.done })
 		return r
@@ -138,7 +145,8 @@ func TestCombinedFaults(t *testing.T) {
 			p := pair[victim]
 			select {
 			case <-p.done:
-				t.Fatalf("%s replica %d exited by itself", name, victim)
+				out, _ := os.ReadFile(p.log)
+				t.Fatalf("%s replica %d exited by itself:\n%s", name, victim, out[max(0, len(out)-3000):])
 			default:
 			}
 			_ = p.cmd.Process.Signal(syscall.SIGKILL)

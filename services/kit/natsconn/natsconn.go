@@ -2,6 +2,8 @@
 package natsconn
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -10,6 +12,24 @@ import (
 
 	"github.com/sluicehq/sluice/services/kit/settings"
 )
+
+// ConnectWait is Connect retried while no server answers, for at most wait: a
+// service starting while NATS restarts waits for it, a wrong URL still fails.
+func ConnectWait(ctx context.Context, s settings.NATS, name string, log *slog.Logger, wait time.Duration) (*nats.Conn, error) {
+	deadline := time.Now().Add(wait)
+	for {
+		nc, err := Connect(s, name, log)
+		if err == nil || !errors.Is(err, nats.ErrNoServers) || time.Now().After(deadline) {
+			return nc, err
+		}
+		log.Warn("waiting for NATS", "url", s.URL, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(time.Second):
+		}
+	}
+}
 
 // Connect dials NATS with s and reconnects forever; name identifies the client in
 // the server's monitoring.

@@ -119,7 +119,8 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 }
 
 func run(ctx context.Context, spec Spec, natsS settings.NATS, chS settings.ClickHouse, svcS settings.Service, log *slog.Logger) error {
-	nc, err := natsconn.Connect(natsS, "sluice-"+spec.Name, log)
+	// A service starting while NATS restarts waits up to 30 s for it.
+	nc, err := natsconn.ConnectWait(ctx, natsS, "sluice-"+spec.Name, log, 30*time.Second)
 	if err != nil {
 		return err
 	}
