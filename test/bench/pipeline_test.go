@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -97,14 +99,71 @@ func count(ctx context.Context, conn driver.Conn, table string) uint64 {
 	return n
 }
 
-// BenchmarkProduction pre-publishes BENCH_EVENTS (default 200,000) events of about
-// 430 bytes with 5% repeats, then starts dedup, enrich, alert, notify and sink as
-// processes against a nats-server process and a clickhouse-server, and reports
-// events/s from start to the last row, CPU per 1,000 events and peak RSS per process.
-// In the same run, a raw pipe (one pull consumer straight into ClickHouse) moves the
-// same events, and the ratio is reported.
+// benchConfig is the SLUICE_CONFIG of the production benchmark: the users lookup
+// (loaded with all but 1% of the users the events name), a derived day, and 20 alert
+// rules of every kind that see every event and rarely fire.
+const benchConfig = `
+enrich:
+  tables:
+    - {name: users, kv: bench_users, default: {plan: unknown}}
+  rules:
+    - types: [page.view]
+      lookups: [{table: users, from: data.user, to: user}]
+      derived: [{name: day, bucket: 24h}]
+rules:
+%s
+receivers:
+  - {name: hook, url: "http://127.0.0.1:9/never", secret_env: [HOOK_SECRET], allow_private: true}
+`
+
+func benchRules() string {
+	var b strings.Builder
+	for i := range 20 {
+		switch i % 4 {
+		case 0:
+			fmt.Fprintf(&b, "  - {name: slow-%d, filter: 'type == \"page.view\" && data.duration_ms > %d', severity: info}\n", i, 100_000+i)
+		case 1:
+			fmt.Fprintf(&b, "  - {name: busy-user-%d, kind: threshold, filter: 'type == \"page.view\"', group_by: [data.user], window: 1m, op: '>', threshold: %d}\n", i, 1_000_000+i)
+		case 2:
+			fmt.Fprintf(&b, "  - {name: path-rate-%d, kind: rate, filter: 'type == \"page.view\" && data.duration_ms > %d', group_by: [source], window: 1m, change: factor, op: '>', threshold: 1000}\n", i, i)
+		case 3:
+			fmt.Fprintf(&b, "  - {name: quiet-%d, kind: absence, filter: 'type == \"page.view\"', group_by: [source], for: 1h}\n", i)
+		}
+	}
+	return b.String()
+}
+
+// usage is CPU seconds and peak RSS of processes, read at two times.
+type usage struct{ cpu map[int]float64 }
+
+func usageOf(pids ...int) usage {
+	u := usage{cpu: map[int]float64{}}
+	for _, pid := range pids {
+		u.cpu[pid], _ = procstat.Usage(pid)
+	}
+	return u
+}
+
+func (u usage) since(before usage, pids ...int) float64 {
+	total := 0.0
+	for _, pid := range pids {
+		total += u.cpu[pid] - before.cpu[pid]
+	}
+	return total
+}
+
+// BenchmarkProduction starts the platform as production runs it: a nats-server
+// process with a file store, a clickhouse-server, and dedup, enrich, alert, notify and
+// sink as processes, with the users lookup (1% of users unknown) and 20 alert rules
+// loaded. It pre-publishes BENCH_EVENTS (default 1,000,000) events of about 430 bytes
+// with 5% repeats and reports events/s from the services' start to the last row,
+// CPU per 1,000 events (sluice's processes, nats-server and ClickHouse apart) and peak
+// RSS per process. Then, the services still running, it publishes at half that rate
+// for 10 s and reports p50/p99 publish-to-row latency (polling count() every 20 ms;
+// an event is visible when the count passes it). Last, a raw pipe (one pull consumer
+// straight into ClickHouse) moves the same events, and the ratio is reported.
 func BenchmarkProduction(b *testing.B) {
-	total := 200_000
+	total := 1_000_000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_EVENTS")); err == nil && v > 0 {
 		total = v
 	}
@@ -117,6 +176,10 @@ func BenchmarkProduction(b *testing.B) {
 		"notify":      "github.com/sluicehq/sluice/services/notify/cmd/notify",
 		"sink":        "github.com/sluicehq/sluice/services/sink/cmd/sink",
 	})
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(cfgPath, fmt.Appendf(nil, benchConfig, benchRules()), 0o644); err != nil {
+		b.Fatal(err)
+	}
 	for range b.N {
 		port := freePort(b)
 		url := "nats://127.0.0.1:" + strconv.Itoa(port)
@@ -132,20 +195,36 @@ func BenchmarkProduction(b *testing.B) {
 		if err := service.ApplyTopology(ctx, nc); err != nil {
 			b.Fatal(err)
 		}
+		users, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_users"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for u := range 5000 {
+			if u%100 == 99 {
+				continue // 1% of users unknown
+			}
+			if _, err := users.Put(ctx, "u"+strconv.Itoa(u), fmt.Appendf(nil, `{"plan":"p%d","country":"NL"}`, u%3)); err != nil {
+				b.Fatal(err)
+			}
+		}
 		ch := chtest.Start(b)
 		chs, conn := chtest.Database(b, ch)
 		prepublish(b, js, "events.web.pageview", total)
 		unique := total - total/20
 
-		env := []string{"NATS_URL=" + url, "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database,
-			"METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_DATA_DIR=" + b.TempDir()}
+		env := []string{"NATS_URL=" + url, "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath,
+			"HOOK_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_DATA_DIR=" + b.TempDir()}
 		b.ResetTimer()
+		before := usageOf(natsProc.cmd.Process.Pid, ch.Pid())
 		began := time.Now()
 		var procs []*proc
+		var pids []int
 		for _, s := range []string{"sink", "dedup", "enrich", "alert", "notify"} {
-			procs = append(procs, start(b, s, filepath.Join(dir, s), env))
+			p := start(b, s, filepath.Join(dir, s), env)
+			procs = append(procs, p)
+			pids = append(pids, p.cmd.Process.Pid)
 		}
-		poll.Until(b, 10*time.Minute, func() error {
+		poll.Until(b, 30*time.Minute, func() error {
 			if n := count(ctx, conn, "events"); n < uint64(unique) {
 				return fmt.Errorf("%d/%d rows", n, unique)
 			}
@@ -153,18 +232,26 @@ func BenchmarkProduction(b *testing.B) {
 		})
 		elapsed := time.Since(began)
 		b.StopTimer()
+		after := usageOf(append([]int{natsProc.cmd.Process.Pid, ch.Pid()}, pids...)...)
 		rate := float64(total) / elapsed.Seconds()
 		b.ReportMetric(rate, "events/s")
-		var sluiceCPU float64
+		var enriched uint64
+		_ = conn.QueryRow(ctx, "SELECT countIf(enrichment LIKE '%user_plan%') FROM events").Scan(&enriched)
+		b.ReportMetric(float64(enriched)/float64(unique), "enriched-share")
+		perK := func(cpu float64) float64 { return cpu / float64(total) * 1000 * 1000 }
+		b.ReportMetric(perK(after.since(usage{cpu: map[int]float64{}}, pids...)), "sluice-cpu-ms/1k")
+		b.ReportMetric(perK(after.since(before, natsProc.cmd.Process.Pid)), "nats-cpu-ms/1k")
+		b.ReportMetric(perK(after.since(before, ch.Pid())), "clickhouse-cpu-ms/1k")
 		for _, p := range procs {
-			cpu, peak := procstat.Usage(p.cmd.Process.Pid)
-			sluiceCPU += cpu
+			_, peak := procstat.Usage(p.cmd.Process.Pid)
 			b.ReportMetric(float64(peak)/(1<<20), p.name+"-MiB")
 		}
-		natsCPU, natsPeak := procstat.Usage(natsProc.cmd.Process.Pid)
-		b.ReportMetric(sluiceCPU/float64(total)*1000*1000, "sluice-cpu-ms/1k")
-		b.ReportMetric(natsCPU/float64(total)*1000*1000, "nats-cpu-ms/1k")
+		_, natsPeak := procstat.Usage(natsProc.cmd.Process.Pid)
 		b.ReportMetric(float64(natsPeak)/(1<<20), "nats-MiB")
+
+		p50, p99 := latencyAtRate(b, ctx, nc, conn, int(rate/2), 10*time.Second)
+		b.ReportMetric(p50, "half-load-p50-ms")
+		b.ReportMetric(p99, "half-load-p99-ms")
 		for _, p := range procs {
 			_ = p.cmd.Process.Signal(syscall.SIGTERM)
 			_ = p.cmd.Wait()
@@ -177,6 +264,66 @@ func BenchmarkProduction(b *testing.B) {
 		b.ReportMetric(0, "ns/op")
 		nc.Close()
 	}
+}
+
+// latencyAtRate publishes new unique events at rate per second for d, as `nats pub`
+// does, and returns the p50 and p99 (ms) from each publish until count() in events
+// passed it, polling every 20 ms.
+func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver.Conn, rate int, d time.Duration) (float64, float64) {
+	base := count(ctx, conn, "events")
+	n := rate * int(d/time.Second)
+	sent := make([]time.Time, 0, n)
+	done := make(chan struct{})
+	var visible []struct {
+		at    time.Time
+		count uint64
+	}
+	go func() {
+		defer close(done)
+		deadline := time.Now().Add(d + 2*time.Minute)
+		for time.Now().Before(deadline) {
+			c := count(ctx, conn, "events")
+			visible = append(visible, struct {
+				at    time.Time
+				count uint64
+			}{time.Now(), c})
+			if c >= base+uint64(n) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	tick := time.NewTicker(10 * time.Millisecond)
+	perTick := max(rate/100, 1)
+	for i := 0; i < n; {
+		<-tick.C
+		for range perTick {
+			if i >= n {
+				break
+			}
+			body := fmt.Appendf(nil, `{"specversion":"1.0","id":"lat-%d","source":"web","type":"page.view","data":{"user":"u%d","path":"/p/%d","duration_ms":%d}}`, i, i%5000, i%997, i%3000)
+			if err := nc.Publish("events.web.pageview", body); err != nil {
+				b.Fatal(err)
+			}
+			sent = append(sent, time.Now())
+			i++
+		}
+	}
+	tick.Stop()
+	<-done
+	var lat []float64
+	j := 0
+	for i, at := range sent {
+		for j < len(visible) && visible[j].count < base+uint64(i)+1 {
+			j++
+		}
+		if j == len(visible) {
+			b.Fatalf("event %d of the latency run never visible", i)
+		}
+		lat = append(lat, float64(visible[j].at.Sub(at).Milliseconds()))
+	}
+	slices.Sort(lat)
+	return lat[len(lat)/2], lat[len(lat)*99/100]
 }
 
 func rawPipe(b *testing.B, ctx context.Context, js jetstream.JetStream, conn driver.Conn, total int) float64 {

@@ -130,9 +130,10 @@ func TestWebhookDownThenUp(t *testing.T) {
 		}
 	}
 	ctx := context.Background()
-	// Down (500s) until every alert was tried at least once, then timing out.
+	// Down (500s) for a few retries (one notification in flight at a time: the rest
+	// queue behind it), then timing out.
 	if err := oracle.WaitFor(ctx, time.Minute, func() error {
-		if hits.Load() < alerts {
+		if hits.Load() < 4 {
 			return fmt.Errorf("%d requests", hits.Load())
 		}
 		return nil

@@ -214,3 +214,6 @@ const usersXML = `<?xml version="1.0"?>
   <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>
 `
+
+// Pid is the server process's id (for CPU and memory accounting).
+func (s *Server) Pid() int { return s.cmd.Process.Pid }
