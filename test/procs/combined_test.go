@@ -104,7 +104,7 @@ func TestCombinedFaults(t *testing.T) {
 	}
 	startSvc := func(name string, replica int) *running {
 		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false",
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+secret,
 			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)))
 		logPath := filepath.Join(dir, fmt.Sprintf("%s%d-%d.log", name, replica, time.Now().UnixNano()))
@@ -146,7 +146,7 @@ func TestCombinedFaults(t *testing.T) {
 			select {
 			case <-p.done:
 				out, _ := os.ReadFile(p.log)
-				t.Fatalf("%s replica %d exited by itself:\n%s", name, victim, out[max(0, len(out)-3000):])
+				t.Fatalf("%s replica %d exited by itself (%v):\n%s", name, victim, p.cmd.ProcessState, out[max(0, len(out)-3000):])
 			default:
 			}
 			_ = p.cmd.Process.Signal(syscall.SIGKILL)
@@ -190,6 +190,29 @@ func TestCombinedFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := m.Check(ctx, conn); err != nil {
+		rows, qerr := conn.Query(ctx, "SELECT any(payload), groupArray(source_seq), groupArray(stream_seq), groupArray(stage) FROM dead_letters GROUP BY source_stream, source_seq HAVING count() > 1 LIMIT 5")
+		if qerr == nil {
+			for rows.Next() {
+				var payload string
+				var src, seq []uint64
+				var stages []string
+				_ = rows.Scan(&payload, &src, &seq, &stages)
+				t.Logf("dead letter twice: source_seq %v stream_seq %v stages %v: %.80q", src, seq, stages, payload)
+			}
+			rows.Close()
+		}
+		rows, qerr = conn.Query(ctx, "SELECT key, groupArray(stream_seq), groupArray(toString(received_at)), groupArray(received_at_ms) FROM events GROUP BY key HAVING count() > 1 LIMIT 8")
+		if qerr == nil {
+			for rows.Next() {
+				var key string
+				var seq []uint64
+				var recv []string
+				var ms []uint16
+				_ = rows.Scan(&key, &seq, &recv, &ms)
+				t.Logf("event twice: %s ENRICHED seqs %v received %v %v", key, seq, recv, ms)
+			}
+			rows.Close()
+		}
 		t.Fatal(err)
 	}
 	var alertRows, distinct uint64

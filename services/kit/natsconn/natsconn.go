@@ -13,13 +13,16 @@ import (
 	"github.com/sluicehq/sluice/services/kit/settings"
 )
 
-// ConnectWait is Connect retried while no server answers, for at most wait: a
-// service starting while NATS restarts waits for it, a wrong URL still fails.
+// ConnectWait is Connect retried, for at most wait, while it fails for a reason
+// other than refused credentials: a service starting while NATS restarts waits for
+// it; a wrong URL still fails, after wait.
 func ConnectWait(ctx context.Context, s settings.NATS, name string, log *slog.Logger, wait time.Duration) (*nats.Conn, error) {
 	deadline := time.Now().Add(wait)
 	for {
 		nc, err := Connect(s, name, log)
-		if err == nil || !errors.Is(err, nats.ErrNoServers) || time.Now().After(deadline) {
+		// Refused credentials will not change; anything else (no server yet, a
+		// connection reset mid-handshake) may.
+		if err == nil || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || time.Now().After(deadline) {
 			return nc, err
 		}
 		log.Warn("waiting for NATS", "url", s.URL, "err", err)
