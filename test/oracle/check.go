@@ -107,14 +107,30 @@ func (m *Manifest) Check(ctx context.Context, conn driver.Conn) error {
 		gotDL = append(gotDL, payload)
 	}
 	rows.Close()
-	wantDL := make([]string, len(m.Invalid))
-	for i, p := range m.Invalid {
-		wantDL[i] = string(p)
+	// Each invalid input once; one published again without a Nats-Msg-Id after an
+	// unacknowledged attempt (MayRepeat) may have been stored, and dead-lettered, once
+	// per attempt.
+	count := map[string]int{}
+	for _, p := range gotDL {
+		count[p]++
 	}
-	slices.Sort(gotDL)
-	slices.Sort(wantDL)
-	if !slices.Equal(gotDL, wantDL) {
-		errs = append(errs, fmt.Errorf("dead_letters: %d payloads, want the %d invalid inputs", len(gotDL), len(wantDL)))
+	wantDL := map[string]int{}
+	for _, p := range m.Invalid {
+		wantDL[string(p)]++
+	}
+	var wrong []string
+	for p, n := range wantDL {
+		if got := count[p]; got < n || got > n+m.MayRepeat[p] {
+			wrong = append(wrong, fmt.Sprintf("%.60q: %d, want %d (+%d)", p, got, n, m.MayRepeat[p]))
+		}
+	}
+	for p := range count {
+		if wantDL[p] == 0 {
+			wrong = append(wrong, fmt.Sprintf("%.60q: %d, want none", p, count[p]))
+		}
+	}
+	if len(wrong) > 0 {
+		errs = append(errs, fmt.Errorf("dead_letters: %d payloads, want the %d invalid inputs; differing: %v", len(gotDL), len(m.Invalid), head(wrong)))
 	}
 	return errors.Join(errs...)
 }

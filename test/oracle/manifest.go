@@ -53,6 +53,10 @@ type Manifest struct {
 	Events    []Event
 	// Invalid holds the payloads that must end in dead_letters.
 	Invalid [][]byte
+	// MayRepeat counts, by payload, extra copies an invalid input may have in
+	// dead_letters: PublishAcked sent it again without a Nats-Msg-Id after an
+	// attempt it could not confirm, so JetStream may hold it more than once.
+	MayRepeat map[string]int
 }
 
 // Spec sizes a manifest.
@@ -196,6 +200,12 @@ func (m *Manifest) PublishAcked(ctx context.Context, js jetstream.JetStream, bat
 				}
 			}
 			for {
+				if p.Event < 0 && p.Header.Get(nats.MsgIdHdr) == "" {
+					if m.MayRepeat == nil {
+						m.MayRepeat = map[string]int{}
+					}
+					m.MayRepeat[string(p.Data)]++
+				}
 				pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 				_, err := js.PublishMsg(pctx, &nats.Msg{Subject: p.Subject, Header: p.Header, Data: p.Data})
 				cancel()
