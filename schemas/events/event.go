@@ -40,6 +40,19 @@ type Event struct {
 	Enrichment map[string]any `json:"sluiceenrichment,omitempty"`
 }
 
+// DecodeData decodes the event's data into generic values (objects, arrays,
+// strings, float64 numbers, bools, nil), nil when there is none.
+func (e *Event) DecodeData() (any, error) {
+	if len(e.Data) == 0 {
+		return nil, nil
+	}
+	var data any
+	if err := gojson.Unmarshal(e.Data, &data); err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
 // Marshal returns the inter-stage JSON form of e. Characters HTML escaping would
 // change (&, <, >) are kept as they are, so data reaches ClickHouse as sent.
 func (e *Event) Marshal() ([]byte, error) {

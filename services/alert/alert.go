@@ -411,10 +411,7 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 
 // Env returns what filters see of e.
 func Env(e *events.Event) *EventEnv {
-	var data any
-	if len(e.Data) > 0 {
-		_ = json.Unmarshal(e.Data, &data)
-	}
+	data, _ := e.DecodeData()
 	return events.NewExprEnv(e, data)
 }
 
