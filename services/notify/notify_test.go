@@ -76,6 +76,29 @@ func (h *hook) delivered() ([]hookRequest, int) {
 	return append([]hookRequest(nil), h.got...), h.n
 }
 
+// waitEachUserOnce waits until alerts of n users arrived, failing if one user's
+// alert arrived under two webhook-ids.
+func (h *hook) waitEachUserOnce(t *testing.T, n int) {
+	t.Helper()
+	users := map[string]string{}
+	poll.Until(t, 30*time.Second, func() error {
+		got, _ := h.delivered()
+		clear(users)
+		for _, r := range got {
+			for _, a := range r.payload.Alerts {
+				if id, ok := users[a.Labels["user"]]; ok && id != r.id {
+					t.Fatalf("user %s in %s and %s", a.Labels["user"], id, r.id)
+				}
+				users[a.Labels["user"]] = r.id
+			}
+		}
+		if len(users) < n {
+			return fmt.Errorf("%d of %d users notified", len(users), n)
+		}
+		return nil
+	})
+}
+
 type notifyRun struct {
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -381,23 +404,7 @@ func TestRestartMidBurst(t *testing.T) {
 	})
 	run.stop(t)
 	startNotify(t, nc, cfg)
-	users := map[string]string{}
-	poll.Until(t, 30*time.Second, func() error {
-		got, _ := h.delivered()
-		clear(users)
-		for _, r := range got {
-			for _, a := range r.payload.Alerts {
-				if id, ok := users[a.Labels["user"]]; ok && id != r.id {
-					t.Fatalf("user %s in %s and %s", a.Labels["user"], id, r.id)
-				}
-				users[a.Labels["user"]] = r.id
-			}
-		}
-		if len(users) < alertsN {
-			return fmt.Errorf("%d of %d users notified", len(users), alertsN)
-		}
-		return nil
-	})
+	h.waitEachUserOnce(t, alertsN)
 }
 
 // Two replicas at once: one routes (the lease holder), both deliver, never two
@@ -440,23 +447,7 @@ func TestReplicas(t *testing.T) {
 	for i := alertsN / 2; i < alertsN; i++ {
 		publishAlert(t, js, alert("r", "firing", 0, "user", fmt.Sprint("u", i)))
 	}
-	users := map[string]string{}
-	poll.Until(t, 30*time.Second, func() error {
-		got, _ := h.delivered()
-		clear(users)
-		for _, r := range got {
-			for _, a := range r.payload.Alerts {
-				if id, ok := users[a.Labels["user"]]; ok && id != r.id {
-					t.Fatalf("user %s in %s and %s", a.Labels["user"], id, r.id)
-				}
-				users[a.Labels["user"]] = r.id
-			}
-		}
-		if len(users) < alertsN {
-			return fmt.Errorf("%d of %d users notified", len(users), alertsN)
-		}
-		return nil
-	})
+	h.waitEachUserOnce(t, alertsN)
 	mu.Lock()
 	defer mu.Unlock()
 	if maxFly != 1 {

@@ -3,16 +3,12 @@ package procs
 import (
 	"context"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -64,39 +60,10 @@ func TestCombinedFaults(t *testing.T) {
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
 	}
-	// Short ack waits, so what a killed replica held comes back quickly.
-	topo, _ := streams.Load()
-	for _, c := range topo.Consumers {
-		cfg := c.Config
-		cfg.AckWait = 2 * time.Second
-		if _, err := js.CreateOrUpdateConsumer(ctx, c.Stream, cfg); err != nil {
-			t.Fatal(err)
-		}
-	}
+	topo := shortAckWaits(t, js)
 
-	secret := "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-	s, _ := notify.ParseSecret(secret)
-	var (
-		mu       sync.Mutex
-		hooks    = map[string]int{}
-		badHooks int
-	)
-	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		defer mu.Unlock()
-		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
-			badHooks++
-			return
-		}
-		hooks[r.Header.Get(notify.HeaderID)]++
-	}))
-	defer hook.Close()
-	cfgPath := filepath.Join(dir, "sluice.yaml")
-	cfg := fmt.Sprintf("rules:\n  - name: every-thousandth\n    filter: 'int(data.n) %% 1000 == 0'\n    severity: info\nreceivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true}\n", hook.URL)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	hook := newSignedHook(t)
+	cfgPath := writeAlertConfig(t, dir, hook)
 	type running struct {
 		cmd  *exec.Cmd
 		done chan struct{}
@@ -105,7 +72,7 @@ func TestCombinedFaults(t *testing.T) {
 	startSvc := func(name string, replica int) *running {
 		c := exec.Command(filepath.Join(bin, name))
 		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
-			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+secret,
+			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+hookSecret,
 			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)))
 		logPath := filepath.Join(dir, fmt.Sprintf("%s%d-%d.log", name, replica, time.Now().UnixNano()))
 		logFile, err := os.Create(logPath)
@@ -173,10 +140,7 @@ func TestCombinedFaults(t *testing.T) {
 		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
 			return fmt.Errorf("%+v", c)
 		}
-		mu.Lock()
-		got := len(hooks)
-		mu.Unlock()
-		if got < wantAlerts {
+		if got, _ := hook.counts(); got < wantAlerts {
 			return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
 		}
 		for _, c := range topo.Consumers {
@@ -219,9 +183,8 @@ func TestCombinedFaults(t *testing.T) {
 	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || len(hooks) != wantAlerts || badHooks != 0 {
-		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, len(hooks), badHooks, wantAlerts)
+	ids, bad := hook.counts()
+	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || ids != wantAlerts || bad != 0 {
+		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, ids, bad, wantAlerts)
 	}
 }

@@ -5,12 +5,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net/http"
-	"net/http/httptest"
-	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,8 +14,6 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
-	"github.com/sluicehq/sluice/services/notify"
-	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/oracle"
 )
 
@@ -39,41 +33,12 @@ func TestKillEachService(t *testing.T) {
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
 	}
-	// Short ack waits, so what a killed service held comes back quickly.
-	topo, _ := streams.Load()
-	for _, c := range topo.Consumers {
-		cfg := c.Config
-		cfg.AckWait = 2 * time.Second
-		if _, err := js.CreateOrUpdateConsumer(ctx, c.Stream, cfg); err != nil {
-			t.Fatal(err)
-		}
-	}
-	secret := "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-	s, _ := notify.ParseSecret(secret)
-	var (
-		mu       sync.Mutex
-		hooks    = map[string]int{}
-		badHooks int
-	)
-	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		mu.Lock()
-		defer mu.Unlock()
-		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
-			badHooks++
-			return
-		}
-		hooks[r.Header.Get(notify.HeaderID)]++
-	}))
-	defer hook.Close()
+	topo := shortAckWaits(t, js)
+	hook := newSignedHook(t)
 	dir := t.TempDir()
-	cfgPath := filepath.Join(dir, "sluice.yaml")
-	cfg := fmt.Sprintf("rules:\n  - name: every-thousandth\n    filter: 'int(data.n) %% 1000 == 0'\n    severity: info\nreceivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true}\n", hook.URL)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	cfgPath := writeAlertConfig(t, dir, hook)
 	env := []string{"NATS_URL=" + ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
-		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + secret,
+		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + hookSecret,
 		"SLUICE_DATA_DIR=" + filepath.Join(dir, "state")}
 	type running struct {
 		cmd  *exec.Cmd
@@ -144,10 +109,7 @@ func TestKillEachService(t *testing.T) {
 		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
 			return fmt.Errorf("%+v", c)
 		}
-		mu.Lock()
-		got := len(hooks)
-		mu.Unlock()
-		if got < wantAlerts {
+		if got, _ := hook.counts(); got < wantAlerts {
 			return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
 		}
 		for _, c := range topo.Consumers {
@@ -167,9 +129,8 @@ func TestKillEachService(t *testing.T) {
 	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
 		t.Fatal(err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || len(hooks) != wantAlerts || badHooks != 0 {
-		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, len(hooks), badHooks, wantAlerts)
+	ids, bad := hook.counts()
+	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || ids != wantAlerts || bad != 0 {
+		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, ids, bad, wantAlerts)
 	}
 }
