@@ -44,6 +44,8 @@ type Config struct {
 	// OnDuplicate, if set, is called for each output the stream refused as a
 	// duplicate (its Nats-Msg-Id was inside the stream's duplicate window).
 	OnDuplicate func()
+	// Slow is fault injection for tests (SLUICE_TEST_SLOW); zero in production.
+	Slow Slow
 }
 
 func (c *Config) defaults() {
@@ -102,7 +104,7 @@ func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.
 	return &Runner{
 		cfg:     cfg,
 		js:      js,
-		handle:  h,
+		handle:  cfg.Slow.wrap(h),
 		log:     log.With("stage", cfg.Name, "stream", cfg.Stream, "consumer", cfg.Consumer),
 		metrics: NewMetrics(reg),
 	}, nil

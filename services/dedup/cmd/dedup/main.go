@@ -3,10 +3,12 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/stage"
 )
 
 func main() {
@@ -26,6 +28,12 @@ func main() {
 				return err
 			}
 			cfg.DataDir = env.Service.DataDir
+			// Fault injection for the fault tests (test/procs); unset in production.
+			if v, ok := os.LookupEnv("SLUICE_TEST_SLOW"); ok {
+				if cfg.Stage.Slow, err = stage.ParseSlow(v); err != nil {
+					return fmt.Errorf("SLUICE_TEST_SLOW: %w", err)
+				}
+			}
 			return dedup.Run(ctx, cfg, dedup.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },

@@ -3,10 +3,12 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/stage"
 )
 
 func main() {
@@ -26,6 +28,12 @@ func main() {
 			}
 			cfg.ConfigPath = env.Service.ConfigPath
 			cfg.Secrets = os.LookupEnv
+			// Fault injection for the fault tests (test/procs); unset in production.
+			if v, ok := os.LookupEnv("SLUICE_TEST_SLOW"); ok {
+				if cfg.Stage.Slow, err = stage.ParseSlow(v); err != nil {
+					return fmt.Errorf("SLUICE_TEST_SLOW: %w", err)
+				}
+			}
 			return enrich.Run(ctx, cfg, enrich.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },
