@@ -28,15 +28,15 @@ const sinkMemoryCap = 256 << 20
 // under the cap, and when ClickHouse is back everything lands once by itself.
 func TestClickHouseDown60s(t *testing.T) {
 	bin := build(t)
-	ns := natstest.Run(t)
+	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
 	}
-	env := []string{"NATS_URL=" + ns.URL, "SLUICE_APPLY_TOPOLOGY=false",
+	env := []string{"NATS_URL=" + ns.url(), "SLUICE_APPLY_TOPOLOGY=false",
 		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_DATA_DIR=" + t.TempDir(),
 		"SINK_BATCH_MAX_ROWS=20000"}
 	var all []*svc

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,16 +33,8 @@ import (
 // table once and at the webhook under one webhook-id with a valid signature.
 func TestCombinedFaults(t *testing.T) {
 	bin := build(t)
-	natsBin := filepath.Join(bin, "nats-server")
-	if out, err := exec.Command("go", "build", "-o", natsBin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
-		t.Fatalf("build nats-server: %v\n%s", err, out)
-	}
 	dir := t.TempDir()
-	_, portText, _ := net.SplitHostPort(freeAddr(t))
-	port, _ := strconv.Atoi(portText)
-	ns := &natsProcess{bin: natsBin, store: filepath.Join(dir, "nats"), port: port}
-	ns.start(t)
-	t.Cleanup(ns.kill)
+	ns := runNATS(t)
 
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)

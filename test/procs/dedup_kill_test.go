@@ -31,8 +31,8 @@ func TestDedupKill9(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	ns := natstest.Run(t)
-	nc, js := ns.Connect(t)
+	ns := runNATS(t)
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
@@ -57,7 +57,7 @@ func TestDedupKill9(t *testing.T) {
 	start := func(dataDir string) *exec.Cmd {
 		out := &strings.Builder{}
 		c := exec.Command(filepath.Join(dir, "dedup"))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error",
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=error",
 			"SLUICE_APPLY_TOPOLOGY=false", "SLUICE_CONFIG="+cfgPath, "SLUICE_DATA_DIR="+dataDir)
 		c.Stdout, c.Stderr = out, out
 		if err := c.Start(); err != nil {

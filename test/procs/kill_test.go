@@ -40,10 +40,10 @@ func TestSinkKill9(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	ns := natstest.Run(t)
+	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
@@ -59,7 +59,7 @@ func TestSinkKill9(t *testing.T) {
 	start := func(crash string) (*exec.Cmd, *strings.Builder) {
 		out := &strings.Builder{}
 		c := exec.Command(filepath.Join(dir, "sink"))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.URL, "CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
+		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
 			"METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_TEST_CRASH="+crash)
 		c.Stdout, c.Stderr = out, out
 		if err := c.Start(); err != nil {

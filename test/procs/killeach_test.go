@@ -25,10 +25,10 @@ import (
 // valid signature.
 func TestKillEachService(t *testing.T) {
 	bin := build(t)
-	ns := natstest.Run(t)
+	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, js := ns.Connect(t)
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
@@ -37,7 +37,7 @@ func TestKillEachService(t *testing.T) {
 	hook := newSignedHook(t)
 	dir := t.TempDir()
 	cfgPath := writeAlertConfig(t, dir, hook)
-	env := []string{"NATS_URL=" + ns.URL, "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
+	env := []string{"NATS_URL=" + ns.url(), "METRICS_ADDR=", "LOG_LEVEL=error", "SLUICE_APPLY_TOPOLOGY=false",
 		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + hookSecret,
 		"SLUICE_DATA_DIR=" + filepath.Join(dir, "state")}
 	type running struct {

@@ -65,6 +65,39 @@ func (n *natsProcess) kill() {
 
 func (n *natsProcess) url() string { return "nats://127.0.0.1:" + strconv.Itoa(n.port) }
 
+// runNATS builds nats-server and runs it as a process (JetStream, a file store in a
+// temporary directory) until the test ends, so a fault test's server is a real one.
+func runNATS(t *testing.T) *natsProcess {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "nats-server")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+		t.Fatalf("build nats-server: %v\n%s", err, out)
+	}
+	_, portText, _ := net.SplitHostPort(freeAddr(t))
+	port, _ := strconv.Atoi(portText)
+	n := &natsProcess{bin: bin, store: filepath.Join(dir, "store"), port: port}
+	n.start(t)
+	t.Cleanup(n.kill)
+	return n
+}
+
+// connect returns a connection to n, closed when the test ends; it reconnects
+// across restarts of n.
+func (n *natsProcess) connect(t *testing.T) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(n.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
 // TestNATSKill9 kills the NATS server (a separate process, file store) with SIGKILL
 // twice while events flow and starts it again on the same store. Publishers retry
 // every publish that was not acknowledged, with the same Nats-Msg-Id. Every

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/test/oracle"
 )
@@ -54,10 +53,10 @@ func (w syncWriter) Write(p []byte) (int, error) {
 // sends SIGTERM and expects each to drain and exit 0.
 func TestServicesAsProcesses(t *testing.T) {
 	bin := build(t)
-	ns := natstest.Run(t)
+	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, _ := ns.Connect(t)
+	nc, _ := ns.connect(t)
 	if err := service.ApplyTopology(context.Background(), nc); err != nil {
 		t.Fatal(err)
 	}
@@ -82,7 +81,7 @@ func TestServicesAsProcesses(t *testing.T) {
 		// at once trip a data race inside nats-server (fileStore.UpdateConfig against
 		// ConsumerStore) that -race reports in this process, where the server runs.
 		p.cmd.Env = append(cleanEnv(), "SLUICE_APPLY_TOPOLOGY=false",
-			"NATS_URL="+ns.URL, "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info",
+			"NATS_URL="+ns.url(), "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database,
 			"SLUICE_CONFIG="+cfg, "SLUICE_DATA_DIR="+t.TempDir(),
 		)

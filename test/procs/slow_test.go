@@ -4,10 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -28,16 +26,8 @@ import (
 // oracle holds and every consumer drains by itself.
 func TestSlowHandlers(t *testing.T) {
 	bin := build(t)
-	natsBin := filepath.Join(bin, "nats-server")
-	if out, err := exec.Command("go", "build", "-o", natsBin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
-		t.Fatalf("build nats-server: %v\n%s", err, out)
-	}
 	dir := t.TempDir()
-	_, portText, _ := net.SplitHostPort(freeAddr(t))
-	port, _ := strconv.Atoi(portText)
-	ns := &natsProcess{bin: natsBin, store: filepath.Join(dir, "nats"), port: port}
-	ns.start(t)
-	t.Cleanup(ns.kill)
+	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
 	nc, err := nats.Connect(ns.url())
