@@ -165,9 +165,9 @@ type stageRun struct {
 	replay  uint64
 	// published holds the Nats-Msg-Ids of alert changes published since the
 	// snapshot this run started from.
-	published map[string]bool
-	pending   []pendingPub
-	maxPaylod int64
+	published  map[string]bool
+	pending    []pendingPub
+	maxPayload int64
 }
 
 type pendingPub struct {
@@ -188,7 +188,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)
 	}
-	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPaylod: deps.NATS.MaxPayload()}
+	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload()}
 	if err := s.restore(ctx); err != nil {
 		return err
 	}
@@ -393,7 +393,7 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 	e, err := events.Unmarshal(msg.Data())
 	if err != nil {
-		s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPaylod))
+		s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPayload))
 		return
 	}
 	out, errs := s.engine.Observe(Env(e))

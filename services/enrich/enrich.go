@@ -172,34 +172,20 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 // changes; a file that does not parse or validate is logged and the running config
 // stays.
 func watchConfig(ctx context.Context, path string, every time.Duration, log *slog.Logger, apply func(EnrichConfig) error, counted func(result string)) {
-	last, _ := stampOf(path)
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		st, err := stampOf(path)
-		if err != nil || st == last {
-			continue
-		}
-		last = st
-		f, err := configfile.Load(path)
-		var ec EnrichConfig
-		if err == nil {
-			ec, err = LoadEnrichConfig(f)
-		}
+	failed := func(err error) {
+		log.Error("the changed config did not load; the running enrich config stays", "config", path, "err", err)
+		counted("failed")
+	}
+	configfile.Watch(ctx, path, every, func(f *configfile.File) {
+		ec, err := LoadEnrichConfig(f)
 		if err == nil {
 			err = apply(ec)
 		}
 		if err != nil {
-			log.Error("the changed config did not load; the running enrich config stays", "config", path, "err", err)
-			counted("failed")
-			continue
+			failed(err)
+			return
 		}
 		counted("ok")
 		log.Info("enrich config reloaded", "config", path, "rules", len(ec.Rules))
-	}
+	}, failed)
 }

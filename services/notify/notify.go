@@ -51,7 +51,7 @@ const HeaderNotificationID = "Sluice-Notification-Id"
 type Config struct {
 	Receivers []*Receiver
 	Routes    []*Route
-	inhibit   []inhibitRule
+	inhibit   []InhibitRule
 	// FlushEvery is how often groups are checked for being due.
 	FlushEvery time.Duration
 	// Replica names this process in the routing lease (default host:pid).
@@ -426,6 +426,9 @@ type deliverer struct {
 	lastErr map[uint64]string
 }
 
+// maxLastErrors bounds the last errors a deliverer remembers.
+const maxLastErrors = 10_000
+
 // DelivererConsumer is the durable consumer of a receiver's NOTIFY messages.
 func DelivererConsumer(receiver string) string { return "deliver_" + receiver }
 
@@ -490,6 +493,11 @@ func (d *deliverer) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg,
 	default:
 		d.m.sent.WithLabelValues(d.rc.Name, "retry").Inc()
 		d.mu.Lock()
+		if len(d.lastErr) >= maxLastErrors {
+			// Entries of notifications another replica finished are never removed
+			// here: start over rather than grow (only the detail of a DLQ reason is lost).
+			clear(d.lastErr)
+		}
 		d.lastErr[seq] = err.Error()
 		d.mu.Unlock()
 		return nil, err

@@ -17,13 +17,13 @@ import (
 type Router struct {
 	routes  []*Route
 	byID    map[string]*Route
-	inhibit []inhibitRule
+	inhibit []InhibitRule
 	groups  map[string]*Group
 }
 
 // NewRouter returns a router over routes and inhibit rules, holding groups (as
 // restored from the bucket).
-func NewRouter(routes []*Route, inhibit []inhibitRule, groups []*Group) *Router {
+func NewRouter(routes []*Route, inhibit []InhibitRule, groups []*Group) *Router {
 	r := &Router{routes: routes, byID: map[string]*Route{}, inhibit: inhibit, groups: map[string]*Group{}}
 	for _, rt := range routes {
 		r.byID[rt.id] = rt

@@ -61,7 +61,8 @@ type Route struct {
 	receivers []*Receiver
 }
 
-type inhibitRule struct {
+// InhibitRule is a loaded notify.inhibit entry (see InhibitConfig).
+type InhibitRule struct {
 	source, target []Matcher
 	equal          []string
 }
@@ -78,7 +79,7 @@ func DefaultRoute(receivers []*Receiver) RouteConfig {
 
 // LoadRoutes decodes the routes section of f over receivers (the default route
 // when there is none) and the inhibit rules of the notify section.
-func LoadRoutes(f *configfile.File, receivers []*Receiver) ([]*Route, []inhibitRule, error) {
+func LoadRoutes(f *configfile.File, receivers []*Receiver) ([]*Route, []InhibitRule, error) {
 	var cfgs []RouteConfig
 	if err := f.Decode("routes", &cfgs); err != nil {
 		return nil, nil, err
@@ -140,8 +141,8 @@ func NewRoutes(cfgs []RouteConfig, receivers []*Receiver) ([]*Route, error) {
 	return out, errors.Join(errs...)
 }
 
-func newInhibit(cfgs []InhibitConfig) ([]inhibitRule, error) {
-	var out []inhibitRule
+func newInhibit(cfgs []InhibitConfig) ([]InhibitRule, error) {
+	var out []InhibitRule
 	for i, c := range cfgs {
 		src, err := ParseMatchers(c.Source)
 		if err != nil {
@@ -154,7 +155,7 @@ func newInhibit(cfgs []InhibitConfig) ([]inhibitRule, error) {
 		if len(src) == 0 || len(tgt) == 0 {
 			return nil, fmt.Errorf("notify.inhibit %d: source_matchers and target_matchers are required", i+1)
 		}
-		out = append(out, inhibitRule{source: src, target: tgt, equal: c.Equal})
+		out = append(out, InhibitRule{source: src, target: tgt, equal: c.Equal})
 	}
 	return out, nil
 }

@@ -38,14 +38,7 @@ func BenchmarkAlertLatency(b *testing.B) {
 		seconds = v
 	}
 	dir := b.TempDir()
-	build(b, dir, map[string]string{
-		"nats-server": "github.com/nats-io/nats-server/v2",
-		"dedup":       "github.com/sluicehq/sluice/services/dedup/cmd/dedup",
-		"enrich":      "github.com/sluicehq/sluice/services/enrich/cmd/enrich",
-		"alert":       "github.com/sluicehq/sluice/services/alert/cmd/alert",
-		"notify":      "github.com/sluicehq/sluice/services/notify/cmd/notify",
-		"sink":        "github.com/sluicehq/sluice/services/sink/cmd/sink",
-	})
+	build(b, dir, binaries)
 	secret := "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 	s, _ := notify.ParseSecret(secret)
 	var (

@@ -45,6 +45,16 @@ func build(t testing.TB, dir string, pkgs map[string]string) {
 	}
 }
 
+// binaries are what the process benchmarks run: nats-server and every service.
+var binaries = map[string]string{
+	"nats-server": "github.com/nats-io/nats-server/v2",
+	"dedup":       "github.com/sluicehq/sluice/services/dedup/cmd/dedup",
+	"enrich":      "github.com/sluicehq/sluice/services/enrich/cmd/enrich",
+	"alert":       "github.com/sluicehq/sluice/services/alert/cmd/alert",
+	"notify":      "github.com/sluicehq/sluice/services/notify/cmd/notify",
+	"sink":        "github.com/sluicehq/sluice/services/sink/cmd/sink",
+}
+
 type proc struct {
 	name string
 	cmd  *exec.Cmd
@@ -168,14 +178,7 @@ func BenchmarkProduction(b *testing.B) {
 		total = v
 	}
 	dir := b.TempDir()
-	build(b, dir, map[string]string{
-		"nats-server": "github.com/nats-io/nats-server/v2",
-		"dedup":       "github.com/sluicehq/sluice/services/dedup/cmd/dedup",
-		"enrich":      "github.com/sluicehq/sluice/services/enrich/cmd/enrich",
-		"alert":       "github.com/sluicehq/sluice/services/alert/cmd/alert",
-		"notify":      "github.com/sluicehq/sluice/services/notify/cmd/notify",
-		"sink":        "github.com/sluicehq/sluice/services/sink/cmd/sink",
-	})
+	build(b, dir, binaries)
 	cfgPath := filepath.Join(dir, "sluice.yaml")
 	if err := os.WriteFile(cfgPath, fmt.Appendf(nil, benchConfig, benchRules()), 0o644); err != nil {
 		b.Fatal(err)

@@ -12,10 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/notify"
 	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
 )
 
 const hookSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -81,4 +84,76 @@ func shortAckWaits(t *testing.T, js jetstream.JetStream) *streams.Topology {
 		}
 	}
 	return topo
+}
+
+// waitDrained waits until ClickHouse holds at least what m expects, hook (if set)
+// has wantAlerts webhook-ids, and every consumer is idle; then it checks m exactly
+// and, with a hook, the alerts table and the webhooks.
+func waitDrained(t *testing.T, ctx context.Context, conn driver.Conn, js jetstream.JetStream, topo *streams.Topology, m *oracle.Manifest, hook *signedHook, wantAlerts int) {
+	t.Helper()
+	err := oracle.WaitFor(ctx, 5*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, conn)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("%+v", c)
+		}
+		if hook != nil {
+			if got, _ := hook.counts(); got < wantAlerts {
+				return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
+			}
+			if err := natstest.Idle(ctx, js, streams.Notify, notify.DelivererConsumer("hook")); err != nil {
+				return err
+			}
+		}
+		for _, c := range topo.Consumers {
+			if err := natstest.Idle(ctx, js, c.Stream, c.Config.Durable); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, conn); err != nil {
+		logDuplicates(t, ctx, conn)
+		t.Fatal(err)
+	}
+	if hook == nil {
+		return
+	}
+	var alertRows, distinct uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	ids, bad := hook.counts()
+	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || ids != wantAlerts || bad != 0 {
+		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, ids, bad, wantAlerts)
+	}
+}
+
+// logDuplicates logs rows stored twice: dead letters of one input, events of one
+// key, with the stream sequences that tell where the repeat came from.
+func logDuplicates(t *testing.T, ctx context.Context, conn driver.Conn) {
+	t.Helper()
+	if rows, err := conn.Query(ctx, "SELECT any(payload), groupArray(source_seq), groupArray(stream_seq) FROM dead_letters GROUP BY source_stream, source_seq HAVING count() > 1 LIMIT 5"); err == nil {
+		for rows.Next() {
+			var payload string
+			var src, seq []uint64
+			_ = rows.Scan(&payload, &src, &seq)
+			t.Logf("dead letter twice: source_seq %v stream_seq %v: %.80q", src, seq, payload)
+		}
+		rows.Close()
+	}
+	if rows, err := conn.Query(ctx, "SELECT key, groupArray(stream_seq) FROM events GROUP BY key HAVING count() > 1 LIMIT 8"); err == nil {
+		for rows.Next() {
+			var key string
+			var seq []uint64
+			_ = rows.Scan(&key, &seq)
+			t.Logf("event twice: %s ENRICHED seqs %v", key, seq)
+		}
+		rows.Close()
+	}
 }

@@ -12,14 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/sluicehq/sluice/services/kit/chtest"
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
-	"github.com/sluicehq/sluice/services/notify"
-	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/oracle"
 )
 
@@ -38,15 +32,7 @@ func TestCombinedFaults(t *testing.T) {
 
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, err := nats.Connect(ns.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
@@ -123,59 +109,5 @@ func TestCombinedFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantAlerts := (len(m.Events) + 999) / 1000
-	err = oracle.WaitFor(ctx, 5*time.Minute, func() error {
-		c, err := oracle.ReadCounts(ctx, conn)
-		if err != nil {
-			return err
-		}
-		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
-			return fmt.Errorf("%+v", c)
-		}
-		if got, _ := hook.counts(); got < wantAlerts {
-			return fmt.Errorf("%d of %d alerts at the webhook", got, wantAlerts)
-		}
-		for _, c := range topo.Consumers {
-			if err := natstest.Idle(ctx, js, c.Stream, c.Config.Durable); err != nil {
-				return err
-			}
-		}
-		return natstest.Idle(ctx, js, streams.Notify, notify.DelivererConsumer("hook"))
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Check(ctx, conn); err != nil {
-		rows, qerr := conn.Query(ctx, "SELECT any(payload), groupArray(source_seq), groupArray(stream_seq), groupArray(stage) FROM dead_letters GROUP BY source_stream, source_seq HAVING count() > 1 LIMIT 5")
-		if qerr == nil {
-			for rows.Next() {
-				var payload string
-				var src, seq []uint64
-				var stages []string
-				_ = rows.Scan(&payload, &src, &seq, &stages)
-				t.Logf("dead letter twice: source_seq %v stream_seq %v stages %v: %.80q", src, seq, stages, payload)
-			}
-			rows.Close()
-		}
-		rows, qerr = conn.Query(ctx, "SELECT key, groupArray(stream_seq), groupArray(toString(received_at)), groupArray(received_at_ms) FROM events GROUP BY key HAVING count() > 1 LIMIT 8")
-		if qerr == nil {
-			for rows.Next() {
-				var key string
-				var seq []uint64
-				var recv []string
-				var ms []uint16
-				_ = rows.Scan(&key, &seq, &recv, &ms)
-				t.Logf("event twice: %s ENRICHED seqs %v received %v %v", key, seq, recv, ms)
-			}
-			rows.Close()
-		}
-		t.Fatal(err)
-	}
-	var alertRows, distinct uint64
-	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(fingerprint) FROM alerts").Scan(&alertRows, &distinct); err != nil {
-		t.Fatal(err)
-	}
-	ids, bad := hook.counts()
-	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || ids != wantAlerts || bad != 0 {
-		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, ids, bad, wantAlerts)
-	}
+	waitDrained(t, ctx, conn, js, topo, m, hook, wantAlerts)
 }

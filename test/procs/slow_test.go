@@ -2,18 +2,12 @@ package procs
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"os/exec"
 	"path/filepath"
 	"testing"
-	"time"
-
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/test/oracle"
 )
@@ -30,15 +24,7 @@ func TestSlowHandlers(t *testing.T) {
 	ns := runNATS(t)
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
-	nc, err := nats.Connect(ns.url())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	nc, js := ns.connect(t)
 	ctx := context.Background()
 	if err := service.ApplyTopology(ctx, nc); err != nil {
 		t.Fatal(err)
@@ -64,27 +50,7 @@ func TestSlowHandlers(t *testing.T) {
 	if err := m.PublishAcked(ctx, js, 200, nil); err != nil {
 		t.Fatal(err)
 	}
-	err = oracle.WaitFor(ctx, 3*time.Minute, func() error {
-		c, err := oracle.ReadCounts(ctx, conn)
-		if err != nil {
-			return err
-		}
-		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
-			return fmt.Errorf("%+v", c)
-		}
-		for _, c := range topo.Consumers {
-			if err := natstest.Idle(ctx, js, c.Stream, c.Config.Durable); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Check(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
+	waitDrained(t, ctx, conn, js, topo, m, nil, 0)
 	for _, c := range topo.Consumers {
 		if info, err := js.Consumer(ctx, c.Stream, c.Config.Durable); err == nil {
 			t.Logf("%s/%s: %d redelivered", c.Stream, c.Config.Durable, info.CachedInfo().NumRedelivered)
