@@ -5,12 +5,12 @@ SHELL := /bin/bash
 GO ?= go
 # Every module of the workspace, as package patterns.
 MODULES := ./schemas/... ./streams/... ./services/kit/... ./services/dedup/... ./services/enrich/... \
-           ./services/alert/... ./services/notify/... ./services/sink/... ./services/sluice/... ./test/...
-MODULE_DIRS := schemas streams services/kit services/dedup services/enrich services/alert services/notify services/sink services/sluice test
+           ./services/alert/... ./services/notify/... ./services/sink/... ./services/pipeline/... ./services/sluice/... ./test/...
+MODULE_DIRS := schemas streams services/kit services/dedup services/enrich services/alert services/notify services/sink services/pipeline services/sluice test
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHDB_VERSION := 26.5.3
 CHDB_LIB := .tools/chdb/node_modules/@chdb/lib-linux-x64-gnu/libchdb.so
-BINARIES := sluice dedup enrich alert notify sink
+BINARIES := sluice dedup enrich alert notify sink pipeline
 # `make up` and `make listen` share a demo signing secret; set your own for real use.
 # Only those two targets see these (the tests set their own).
 SLUICE_CONFIG ?= examples/sluice.yaml
@@ -74,6 +74,7 @@ build:
 	$(GO) build -o bin/alert ./services/alert/cmd/alert
 	$(GO) build -o bin/notify ./services/notify/cmd/notify
 	$(GO) build -o bin/sink ./services/sink/cmd/sink
+	$(GO) build -o bin/pipeline ./services/pipeline/cmd/pipeline
 
 vet:
 	$(GO) vet $(MODULES)

@@ -27,6 +27,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/jspub"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -166,13 +167,8 @@ type stageRun struct {
 	// published holds the Nats-Msg-Ids of alert changes published since the
 	// snapshot this run started from.
 	published  map[string]bool
-	pending    []pendingPub
+	pub        *jspub.Publisher
 	maxPayload int64
-}
-
-type pendingPub struct {
-	msg    *nats.Msg
-	future jetstream.PubAckFuture
 }
 
 // Run runs the stage until ctx is done, then saves its state.
@@ -188,7 +184,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)
 	}
-	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload()}
+	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(),
+		pub: jspub.New(js, 1000, log)}
 	if err := s.restore(ctx); err != nil {
 		return err
 	}
@@ -233,50 +230,12 @@ func (s *stageRun) restore(ctx context.Context) error {
 	s.engine = NewEngine(s.cfg.Rules, snap.State)
 	s.published = map[string]bool{}
 	if !snap.SavedAt.IsZero() {
-		if err := s.readPublished(ctx, snap.SavedAt.Add(-5*time.Second)); err != nil {
-			return err
+		if s.published, err = jspub.PublishedSince(ctx, s.js, streams.Alerts, snap.SavedAt.Add(-5*time.Second)); err != nil {
+			return fmt.Errorf("alert: %w", err)
 		}
+		s.log.Info("alert changes published since the snapshot", "count", len(s.published))
 	}
 	return s.save(ctx)
-}
-
-// readPublished collects the Nats-Msg-Ids of ALERTS messages published since.
-func (s *stageRun) readPublished(ctx context.Context, since time.Time) error {
-	cons, err := s.js.OrderedConsumer(ctx, streams.Alerts, jetstream.OrderedConsumerConfig{
-		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &since, HeadersOnly: true,
-	})
-	if err != nil {
-		return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
-	}
-	info, err := cons.Info(ctx)
-	if err != nil {
-		return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
-	}
-	for n := info.NumPending; n > 0; {
-		batch, err := cons.Fetch(int(min(n, 1000)), jetstream.FetchMaxWait(5*time.Second))
-		if err != nil {
-			return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
-		}
-		got := 0
-		for msg := range batch.Messages() {
-			got++
-			if id := msg.Headers().Get(nats.MsgIdHdr); id != "" {
-				s.published[id] = true
-			}
-			if md, err := msg.Metadata(); err == nil && md.NumPending == 0 {
-				n = 0
-			}
-		}
-		if err := batch.Error(); err != nil {
-			return fmt.Errorf("alert: read %s: %w", streams.Alerts, err)
-		}
-		if got == 0 {
-			break
-		}
-		n -= min(n, uint64(got))
-	}
-	s.log.Info("alert changes published since the snapshot", "count", len(s.published))
-	return nil
 }
 
 func (s *stageRun) run(ctx context.Context, ready func()) error {
@@ -356,27 +315,37 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 }
 
 func (s *stageRun) watch(ctx context.Context, reloads chan<- []*Rule) {
-	configfile.Watch(ctx, s.cfg.ConfigPath, s.cfg.ReloadInterval, func(f *configfile.File) {
+	WatchRules(ctx, s.cfg.ConfigPath, s.cfg.ReloadInterval, s.log, func(result string) { s.m.reloads.WithLabelValues(result).Inc() },
+		func(rules []*Rule) {
+			select {
+			case reloads <- rules:
+			case <-ctx.Done():
+			}
+		})
+}
+
+// WatchRules calls apply with the rules of the file at path each time it changes,
+// and counted with "ok" or "failed". Rules that do not compile are logged and left
+// out; a file that does not load keeps the running rules.
+func WatchRules(ctx context.Context, path string, every time.Duration, log *slog.Logger, counted func(result string), apply func([]*Rule)) {
+	configfile.Watch(ctx, path, every, func(f *configfile.File) {
 		rules, err := LoadRules(f)
 		var re *RuleError
 		if err != nil && !errors.As(err, &re) {
-			s.log.Error("the changed config did not load; the running rules stay", "config", s.cfg.ConfigPath, "err", err)
-			s.m.reloads.WithLabelValues("failed").Inc()
+			log.Error("the changed config did not load; the running rules stay", "config", path, "err", err)
+			counted("failed")
 			return
 		}
 		if err != nil {
-			s.log.Error("rules that did not load are left out; the rest run", "err", err)
-			s.m.reloads.WithLabelValues("failed").Inc()
+			log.Error("rules that did not load are left out; the rest run", "err", err)
+			counted("failed")
 		} else {
-			s.m.reloads.WithLabelValues("ok").Inc()
+			counted("ok")
 		}
-		select {
-		case reloads <- rules:
-		case <-ctx.Done():
-		}
+		apply(rules)
 	}, func(err error) {
-		s.log.Error("the changed config did not load; the running rules stay", "config", s.cfg.ConfigPath, "err", err)
-		s.m.reloads.WithLabelValues("failed").Inc()
+		log.Error("the changed config did not load; the running rules stay", "config", path, "err", err)
+		counted("failed")
 	})
 }
 
@@ -438,55 +407,16 @@ func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
 }
 
 func (s *stageRun) publish(ctx context.Context, m *nats.Msg) {
-	f, err := s.js.PublishMsgAsync(m)
-	if err != nil {
-		s.pending = append(s.pending, pendingPub{msg: m})
-		return
+	if err := s.pub.Publish(ctx, m); err != nil {
+		s.log.Warn("publish", "subject", m.Subject, "err", err)
 	}
-	s.pending = append(s.pending, pendingPub{msg: m, future: f})
-	if len(s.pending) >= 1000 {
-		s.settle(ctx)
-	}
-}
-
-// settle waits for every publish in flight, publishing again (same Nats-Msg-Id)
-// what failed, until all are stored or ctx ends.
-func (s *stageRun) settle(ctx context.Context) error {
-	for _, p := range s.pending {
-		if p.future != nil {
-			select {
-			case <-p.future.Ok():
-				continue
-			case err := <-p.future.Err():
-				s.log.Warn("publish failed; retrying", "subject", p.msg.Subject, "err", err)
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-		for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
-			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			_, err := s.js.PublishMsg(pctx, p.msg)
-			cancel()
-			if err == nil {
-				break
-			}
-			s.log.Warn("publish failed; retrying", "subject", p.msg.Subject, "err", err)
-			select {
-			case <-time.After(backoff):
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-	}
-	s.pending = s.pending[:0]
-	return nil
 }
 
 // save publishes what is pending, then writes the snapshot.
 func (s *stageRun) save(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	if err := s.settle(ctx); err != nil {
+	if err := s.pub.Settle(ctx); err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
 	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: time.Now().UTC(), State: s.engine.State()})

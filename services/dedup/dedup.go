@@ -101,20 +101,36 @@ type Result struct {
 	Expires uint32
 }
 
-// Process decides what happens to one input: the stage's pure core.
+// Decision is what the stage decides for one input, before any output is encoded.
+type Decision struct {
+	// Event is the decoded, keyed event (nil for invalid input).
+	Event *events.Event
+	// Duplicate is set when the window store holds the key.
+	Duplicate bool
+	// Invalid says why the input cannot be accepted.
+	Invalid error
+	Key     window.Key
+	// Expires is when the key leaves its window (Unix seconds).
+	Expires uint32
+	// Now is the input's stream time (Unix seconds), the store's clock.
+	Now uint32
+}
+
+// Decide validates and keys one input and says whether the store holds its key:
+// the stage's pure core.
 //
 // A key is held until its window ends: the time JetStream stored the first
 // occurrence (receive time) or its CloudEvents time (event time), plus the window of
 // its subject, and never before MinHold after it was received (UNIQUE's duplicate
 // window drops republications that long, so the store must agree with it).
-func (h *Handler) Process(m events.Message) Result {
+func (h *Handler) Decide(m events.Message) Decision {
 	e, err := h.decoder.Decode(m)
 	if err != nil {
-		return Result{Invalid: err}
+		return Decision{Invalid: err}
 	}
 	if fields := h.window.KeyFieldsFor(m.Subject); fields != nil {
 		if e.Key, err = FieldsKey(e, fields); err != nil {
-			return Result{Invalid: err}
+			return Decision{Invalid: err}
 		}
 	} else {
 		e.Key = Key(e, m)
@@ -125,22 +141,35 @@ func (h *Handler) Process(m events.Message) Result {
 		h.clock(now)
 	}
 	if h.store != nil && h.store.Seen(k, now) {
-		return Result{Duplicate: true, Key: k}
+		return Decision{Event: e, Duplicate: true, Key: k, Now: now}
 	}
 	base := e.ReceivedAt
 	if h.window.Time == EventTime {
 		base = e.Time
 	}
 	expires := max(unixSeconds(base.Add(h.window.WindowFor(m.Subject))), unixSeconds(e.ReceivedAt.Add(h.window.MinHold)))
-	body, err := e.Marshal()
+	return Decision{Event: e, Key: k, Expires: expires, Now: now}
+}
+
+// Process decides what happens to one input and encodes the UNIQUE message of a
+// first occurrence.
+func (h *Handler) Process(m events.Message) Result {
+	d := h.Decide(m)
+	switch {
+	case d.Invalid != nil:
+		return Result{Invalid: d.Invalid}
+	case d.Duplicate:
+		return Result{Duplicate: true, Key: d.Key}
+	}
+	body, err := d.Event.Marshal()
 	if err != nil {
 		return Result{Invalid: fmt.Errorf("cannot encode event: %w", err)}
 	}
 	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(m.Subject, events.SubjectPrefix+"."))
-	out.Header.Set(nats.MsgIdHdr, e.Key)
-	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(expires), 10))
+	out.Header.Set(nats.MsgIdHdr, d.Event.Key)
+	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(d.Expires), 10))
 	out.Data = body
-	return Result{Out: out, Key: k, Expires: expires}
+	return Result{Out: out, Key: d.Key, Expires: d.Expires}
 }
 
 // Handle returns the UNIQUE message for a valid event seen for the first time in its

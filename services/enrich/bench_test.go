@@ -86,8 +86,9 @@ func BenchmarkEnrich(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	h := &Handler{}
-	h.current.Store(&runtime{en: en})
+	live := &Live{}
+	live.current.Store(&runtime{en: en})
+	h := &Handler{live: live}
 	payloads := make([][]byte, 4096)
 	for i := range payloads {
 		payloads[i] = benchEvent(i)

@@ -62,16 +62,16 @@ type Deps struct {
 	Ready      func()
 }
 
-// Handler enriches events with the current runtime's rules.
+// Handler enriches events with the current rules.
 type Handler struct {
-	current    atomic.Pointer[runtime]
+	live       *Live
 	maxPayload int64
 }
 
 // Handle returns the ENRICHED message for an event, or a dead letter when the input
 // is not a sluice event.
 func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
-	if rt := h.current.Load(); rt == nil || len(rt.en.rules) == 0 {
+	if !h.live.HasRules() {
 		// Nothing to add: forward the event as it is, keyed as dedup keyed it.
 		if key := msg.Headers().Get(nats.MsgIdHdr); key != "" {
 			out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(msg.Subject(), InputPrefix))
@@ -98,16 +98,87 @@ func (h *Handler) enrich(data []byte) ([]byte, string, error) {
 	if e.Key == "" {
 		return nil, "", errors.New("event has no sluicekey (was it published to unique.> by something other than the dedup stage?)")
 	}
-	rt := h.current.Load()
-	if rt == nil || len(rt.en.rules) == 0 {
+	if !h.live.Enrich(e) {
 		return data, e.Key, nil
 	}
-	rt.en.Enrich(e)
 	body, err := e.Marshal()
 	if err != nil {
 		return nil, "", fmt.Errorf("cannot encode the enriched event: %w", err)
 	}
 	return body, e.Key, nil
+}
+
+// Live is an Enricher kept current until Close: KV tables by a watch, files
+// checked for changes, and the rules rebuilt when the config file changes.
+type Live struct {
+	current atomic.Pointer[runtime]
+	stop    context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+// Start loads the tables and compiles the rules of cfg (cfg.Stage is not used),
+// and keeps them current until Close.
+func Start(ctx context.Context, cfg Config, js jetstream.JetStream, log *slog.Logger, reg prometheus.Registerer) (*Live, error) {
+	misses := telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_enrich_lookup_misses_total", Help: "Lookups whose key a table lacks (the table's default applies), by table.",
+	}, []string{"table"}))
+	reloads := telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_enrich_config_reloads_total", Help: "Reloads of the enrich config, by result (ok, failed: the running config stays).",
+	}, []string{"result"}))
+	fileReloads := telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_enrich_file_reloads_total", Help: "Reloads of changed table files, by file and result (ok, failed: the previous table stays).",
+	}, []string{"file", "result"}))
+	miss := func(table string) { misses.WithLabelValues(table).Inc() }
+	reloaded := func(file, result string) { fileReloads.WithLabelValues(file, result).Inc() }
+	ua, err := NewUserAgents(20_000)
+	if err != nil {
+		return nil, fmt.Errorf("enrich: %w", err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	l := &Live{stop: cancel}
+	start := func(ec EnrichConfig) (*runtime, error) {
+		return startRuntime(ctx, ec, js, ua, cfg.Secrets, log, miss, reloaded)
+	}
+	rt, err := start(cfg.Enrich)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	l.current.Store(rt)
+	log.Info("enrich rules loaded", "rules", len(cfg.Enrich.Rules), "tables", len(cfg.Enrich.Tables), "geo", len(cfg.Enrich.Geo))
+	if cfg.ConfigPath != "" {
+		l.wg.Go(func() {
+			watchConfig(ctx, cfg.ConfigPath, cfg.Enrich.ReloadInterval, log, func(ec EnrichConfig) error {
+				next, err := start(ec)
+				if err != nil {
+					return err
+				}
+				l.current.Swap(next).close()
+				return nil
+			}, func(result string) { reloads.WithLabelValues(result).Inc() })
+		})
+	}
+	return l, nil
+}
+
+// HasRules reports whether any enrich rule is configured.
+func (l *Live) HasRules() bool { return len(l.current.Load().en.rules) > 0 }
+
+// Enrich applies the current rules to e and reports whether there were any.
+func (l *Live) Enrich(e *events.Event) bool {
+	rt := l.current.Load()
+	if len(rt.en.rules) == 0 {
+		return false
+	}
+	rt.en.Enrich(e)
+	return true
+}
+
+// Close stops the watches and reloads.
+func (l *Live) Close() {
+	l.stop()
+	l.wg.Wait()
+	l.current.Load().close()
 }
 
 // Run loads the tables, runs the stage until ctx is done, and reloads the rules
@@ -117,51 +188,12 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
-	log := deps.Logger.With("stage", Name)
-	misses := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "sluice_enrich_lookup_misses_total", Help: "Lookups whose key a table lacks (the table's default applies), by table.",
-	}, []string{"table"}))
-	reloads := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "sluice_enrich_config_reloads_total", Help: "Reloads of the enrich config, by result (ok, failed: the running config stays).",
-	}, []string{"result"}))
-	fileReloads := telemetry.Register(deps.Registerer, prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "sluice_enrich_file_reloads_total", Help: "Reloads of changed table files, by file and result (ok, failed: the previous table stays).",
-	}, []string{"file", "result"}))
-	miss := func(table string) { misses.WithLabelValues(table).Inc() }
-	reloaded := func(file, result string) { fileReloads.WithLabelValues(file, result).Inc() }
-	ua, err := NewUserAgents(20_000)
-	if err != nil {
-		return fmt.Errorf("enrich: %w", err)
-	}
-	start := func(ec EnrichConfig) (*runtime, error) {
-		return startRuntime(ctx, ec, js, ua, cfg.Secrets, log, miss, reloaded)
-	}
-	rt, err := start(cfg.Enrich)
+	live, err := Start(ctx, cfg, js, deps.Logger.With("stage", Name), deps.Registerer)
 	if err != nil {
 		return err
 	}
-	h := &Handler{maxPayload: deps.NATS.MaxPayload()}
-	h.current.Store(rt)
-	defer func() { h.current.Load().close() }()
-	log.Info("enrich rules loaded", "rules", len(cfg.Enrich.Rules), "tables", len(cfg.Enrich.Tables), "geo", len(cfg.Enrich.Geo))
-
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	watchCtx, stopWatch := context.WithCancel(ctx)
-	defer stopWatch()
-	if cfg.ConfigPath != "" {
-		wg.Go(func() {
-			watchConfig(watchCtx, cfg.ConfigPath, cfg.Enrich.ReloadInterval, log, func(ec EnrichConfig) error {
-				next, err := start(ec)
-				if err != nil {
-					return err
-				}
-				h.current.Swap(next).close()
-				return nil
-			}, func(result string) { reloads.WithLabelValues(result).Inc() })
-		})
-	}
-	r, err := stage.New(deps.NATS, cfg.Stage, h.Handle, deps.Logger, deps.Registerer)
+	defer live.Close()
+	r, err := stage.New(deps.NATS, cfg.Stage, (&Handler{live: live, maxPayload: deps.NATS.MaxPayload()}).Handle, deps.Logger, deps.Registerer)
 	if err != nil {
 		return err
 	}

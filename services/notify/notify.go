@@ -32,6 +32,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/lease"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -164,9 +165,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		deps.Ready()
 	}
 	// Every replica delivers; one at a time routes and flushes, holding the lease.
-	l := &lease{kv: state, key: "lease.router", holder: cfg.Replica, ttl: cfg.LeaseTTL, log: log}
+	l := &lease.Lease{KV: state, Key: "lease.router", Holder: cfg.Replica, TTL: cfg.LeaseTTL, What: "routes alerts", Log: log}
 	wg.Go(func() {
-		l.run(ctx, func(ctx context.Context) {
+		l.Run(ctx, func(ctx context.Context) {
 			if err := s.lead(ctx, cfg, deps); err != nil && ctx.Err() == nil {
 				errc <- err
 			}

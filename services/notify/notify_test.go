@@ -20,6 +20,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/lease"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -465,23 +466,23 @@ func TestLeaseTakeover(t *testing.T) {
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	a := &lease{kv: kv, key: "lease.router", holder: "a", ttl: 3 * time.Second, log: log}
-	b := &lease{kv: kv, key: "lease.router", holder: "b", ttl: 3 * time.Second, log: log}
+	a := &lease.Lease{KV: kv, Key: "lease.router", Holder: "a", TTL: 3 * time.Second, Log: log}
+	b := &lease.Lease{KV: kv, Key: "lease.router", Holder: "b", TTL: 3 * time.Second, Log: log}
 	now := time.Now()
-	revA, err := a.acquire(ctx, 0, false, now)
+	revA, err := a.Acquire(ctx, 0, false, now)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.acquire(ctx, 0, false, now.Add(time.Second)); !errors.Is(err, errLeaseTaken) {
+	if _, err := b.Acquire(ctx, 0, false, now.Add(time.Second)); !errors.Is(err, lease.ErrTaken) {
 		t.Fatalf("b took a live lease: %v", err)
 	}
-	if revA, err = a.acquire(ctx, revA, true, now.Add(time.Second)); err != nil {
+	if revA, err = a.Acquire(ctx, revA, true, now.Add(time.Second)); err != nil {
 		t.Fatalf("a renews: %v", err)
 	}
-	if _, err := b.acquire(ctx, 0, false, now.Add(5*time.Second)); err != nil {
+	if _, err := b.Acquire(ctx, 0, false, now.Add(5*time.Second)); err != nil {
 		t.Fatalf("b takes over the expired lease: %v", err)
 	}
-	if _, err := a.acquire(ctx, revA, true, now.Add(5*time.Second)); !errors.Is(err, errLeaseTaken) {
+	if _, err := a.Acquire(ctx, revA, true, now.Add(5*time.Second)); !errors.Is(err, lease.ErrTaken) {
 		t.Fatalf("a renewed a lease b holds: %v", err)
 	}
 }

@@ -27,7 +27,7 @@ func BenchmarkInsertEvents(b *testing.B) {
 	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
 		b.Fatal(err)
 	}
-	tbl := eventsTable()
+	tbl := EventsTable()
 	w := &writer{cfg: DefaultConfig(), table: tbl, ch: conn, m: newMetrics(prometheus.NewRegistry()), ready: &telemetry.Readiness{}, log: testLog}
 	rows := make([][]any, rowsPerBatch)
 	for i := range rows {

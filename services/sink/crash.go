@@ -38,9 +38,9 @@ func ParseCrash(s string) (Crash, error) {
 	return Crash{Point: point, Probability: p}, nil
 }
 
-// at kills the process if c says so at point. For CrashDuringInsert it arms a
+// At kills the process if c says so at point. For CrashDuringInsert it arms a
 // timer and returns; the insert runs on until the kill lands.
-func (c Crash) at(point string) {
+func (c Crash) At(point string) {
 	if c.Point != point || c.Probability == 0 || rand.Float64() >= c.Probability {
 		return
 	}

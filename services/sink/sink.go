@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +45,9 @@ type Config struct {
 	FlushInterval time.Duration
 	// InsertTimeout bounds one insert.
 	InsertTimeout time.Duration
+	// Tables are the names of the tables to fill (default: all of TableNames). A
+	// platform whose events the pipeline service writes leaves out events.
+	Tables []string
 	// Crash is fault injection for the crash tests; the zero value in production.
 	Crash Crash
 }
@@ -113,7 +117,10 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
 		return err
 	}
-	tables := Tables()
+	tables, err := selectTables(cfg.Tables)
+	if err != nil {
+		return err
+	}
 	for _, t := range tables {
 		if err := CheckColumns(ctx, deps.ClickHouse, t); err != nil {
 			return err
@@ -133,6 +140,23 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// selectTables returns the tables named (all for none).
+func selectTables(names []string) ([]*Table, error) {
+	all := Tables()
+	if len(names) == 0 {
+		return all, nil
+	}
+	var out []*Table
+	for _, n := range names {
+		i := slices.IndexFunc(all, func(t *Table) bool { return t.Name == n })
+		if i < 0 {
+			return nil, fmt.Errorf("sink: no table %q (the sink fills %s)", n, strings.Join(TableNames(), ", "))
+		}
+		out = append(out, all[i])
+	}
+	return out, nil
 }
 
 // CheckColumns refuses a table that lacks a column the sink writes, or has it with
@@ -310,8 +334,8 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 		}
 	}
 	if len(rows) > 0 {
-		w.cfg.Crash.at(CrashBeforeInsert)
-		w.cfg.Crash.at(CrashDuringInsert)
+		w.cfg.Crash.At(CrashBeforeInsert)
+		w.cfg.Crash.At(CrashDuringInsert)
 		start := time.Now()
 		refused, err := w.insertIsolating(ctx, rows, &timers{batch: batch, since: fetched})
 		if err != nil {
@@ -319,7 +343,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 			w.fail(runCtx, batch, errorKind(err), err)
 			return
 		}
-		w.cfg.Crash.at(CrashAfterInsert)
+		w.cfg.Crash.At(CrashAfterInsert)
 		for _, msg := range inserted {
 			if md, err := msg.Metadata(); err == nil {
 				w.hwm = max(w.hwm, md.Sequence.Stream)
@@ -424,12 +448,20 @@ func isDataError(err error) bool {
 	return errors.As(err, &re)
 }
 
-// insertIsolating inserts rows. When ClickHouse refuses them for their data, it
-// splits them in halves until it has inserted every row it accepts, and returns the
-// refused rows by index with ClickHouse's error. Any other error is returned as is;
-// some halves may then be inserted already (the replay check finds them).
+// insertIsolating inserts rows (see Isolate).
 func (w *writer) insertIsolating(ctx context.Context, rows [][]any, t *timers) (map[int]error, error) {
-	err := w.insert(ctx, rows, t)
+	return Isolate(rows, func(rows [][]any) error { return w.insert(ctx, rows, t) }, func(n int, err error) {
+		w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
+	})
+}
+
+// Isolate inserts rows with insert. When ClickHouse refuses them for their data, it
+// splits them in halves until it has inserted every row it accepts, and returns the
+// refused rows by index with ClickHouse's error; refusedBatch is told of each
+// split. Any other error is returned as is; some halves may then be inserted
+// already (a replay check must find them).
+func Isolate(rows [][]any, insert func([][]any) error, refusedBatch func(rows int, err error)) (map[int]error, error) {
+	err := insert(rows)
 	if err == nil {
 		return nil, nil
 	}
@@ -439,14 +471,14 @@ func (w *writer) insertIsolating(ctx context.Context, rows [][]any, t *timers) (
 	if len(rows) == 1 {
 		return map[int]error{0: err}, nil
 	}
-	w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", len(rows), "err", err)
+	refusedBatch(len(rows), err)
 	half := len(rows) / 2
 	refused := map[int]error{}
 	for _, part := range []struct {
 		offset int
 		rows   [][]any
 	}{{0, rows[:half]}, {half, rows[half:]}} {
-		r, err := w.insertIsolating(ctx, part.rows, t)
+		r, err := Isolate(part.rows, insert, refusedBatch)
 		if err != nil {
 			return nil, err
 		}
@@ -492,18 +524,23 @@ func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	b, err := w.ch.PrepareBatch(ctx, w.table.insertSQL())
+	return Insert(ctx, w.ch, w.table, rows)
+}
+
+// Insert inserts rows into t in one batch.
+func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
+	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
 	if err != nil {
-		return fmt.Errorf("prepare insert into %s: %w", w.table.Name, err)
+		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
 	}
 	defer b.Abort()
 	for i, row := range rows {
 		if err := b.Append(row...); err != nil {
-			return fmt.Errorf("append to %s: %w", w.table.Name, &rowError{index: i, err: err})
+			return fmt.Errorf("append to %s: %w", t.Name, &rowError{index: i, err: err})
 		}
 	}
 	if err := b.Send(); err != nil {
-		return fmt.Errorf("insert into %s: %w", w.table.Name, err)
+		return fmt.Errorf("insert into %s: %w", t.Name, err)
 	}
 	return nil
 }

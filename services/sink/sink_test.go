@@ -92,7 +92,7 @@ func TestTablesOnClickHouse18(t *testing.T) {
 	if err := conn.Exec(ctx, "ALTER TABLE events MODIFY COLUMN geo_asn UInt64"); err != nil {
 		t.Fatal(err)
 	}
-	err := CheckColumns(ctx, conn, eventsTable())
+	err := CheckColumns(ctx, conn, EventsTable())
 	if err == nil || !strings.Contains(err.Error(), "column ua_os is missing (want String)") || !strings.Contains(err.Error(), "column geo_asn is UInt64 (want UInt32)") {
 		t.Fatalf("err = %v, want both drifted columns named", err)
 	}
@@ -206,7 +206,7 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := newMetrics(prometheus.NewRegistry())
-	first := &writer{cfg: DefaultConfig(), table: eventsTable(), js: js, ch: conn, m: m, ready: &telemetry.Readiness{}, log: testLog}
+	first := &writer{cfg: DefaultConfig(), table: EventsTable(), js: js, ch: conn, m: m, ready: &telemetry.Readiness{}, log: testLog}
 	var rows [][]any
 	for msg := range batch.Messages() {
 		row, err := first.table.Row(msg, seqOf(t, msg))

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	gojson "github.com/goccy/go-json"
+
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
@@ -52,7 +54,8 @@ type Row struct {
 // Column is a column the sink writes.
 type Column struct{ Name, Type string }
 
-func (t *Table) insertSQL() string {
+// InsertSQL is the INSERT that names every column.
+func (t *Table) InsertSQL() string {
 	names := make([]string, len(t.Columns))
 	for i, c := range t.Columns {
 		names[i] = c.Name
@@ -61,14 +64,24 @@ func (t *Table) insertSQL() string {
 }
 
 // Tables are the tables the sink fills.
-func Tables() []*Table { return []*Table{eventsTable(), deadLettersTable(), alertsTable()} }
+func Tables() []*Table { return []*Table{EventsTable(), deadLettersTable(), alertsTable()} }
+
+// TableNames are the names of Tables, in order.
+func TableNames() []string {
+	var names []string
+	for _, t := range Tables() {
+		names = append(names, t.Name)
+	}
+	return names
+}
 
 func splitMillis(t time.Time) (time.Time, uint16) {
 	t = t.UTC()
 	return t.Truncate(time.Second), uint16(t.Nanosecond() / int(time.Millisecond))
 }
 
-func eventsTable() *Table {
+// EventsTable maps ENRICHED to the events table.
+func EventsTable() *Table {
 	return &Table{
 		Name: "events", Stream: streams.Enriched, Consumer: "sink", Identity: "key",
 		Columns: []Column{
@@ -94,17 +107,22 @@ func eventRowOf(data []byte, seq uint64) (Row, error) {
 	if err != nil {
 		return Row{}, err
 	}
+	return EventRow(e, seq)
+}
+
+// EventRow is the events row of e, stored from stream sequence seq.
+func EventRow(e *events.Event, seq uint64) (Row, error) {
 	if e.Time.Before(events.MinTime) || e.Time.After(events.MaxTime) {
 		return Row{}, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
 	}
 	payload := string(e.Data)
 	if e.DataBase64 != "" {
-		b, _ := json.Marshal(e.DataBase64)
+		b, _ := marshal(e.DataBase64)
 		payload = string(b)
 	}
 	ext := ""
 	if len(e.Extensions) > 0 {
-		b, _ := json.Marshal(e.Extensions)
+		b, _ := marshal(e.Extensions)
 		ext = string(b)
 	}
 	str := func(k string) string {
@@ -132,7 +150,7 @@ func eventRowOf(data []byte, seq uint64) (Row, error) {
 			delete(others, k)
 		}
 		if len(others) > 0 {
-			b, _ := json.Marshal(others)
+			b, _ := marshal(others)
 			rest = string(b)
 		}
 	}
@@ -241,4 +259,11 @@ func alertRow(msg jetstream.Msg, seq uint64) (Row, error) {
 		ends, a.Value,
 		a.EventKey, replay, seq,
 	}}, nil
+}
+
+// marshal encodes v as JSON with map keys sorted and without HTML escaping (text
+// reaches ClickHouse as sent), with goccy/go-json: the events row is on the hot
+// path.
+func marshal(v any) ([]byte, error) {
+	return gojson.MarshalWithOption(v, gojson.DisableHTMLEscape())
 }

@@ -53,6 +53,7 @@ var binaries = map[string]string{
 	"alert":       "github.com/sluicehq/sluice/services/alert/cmd/alert",
 	"notify":      "github.com/sluicehq/sluice/services/notify/cmd/notify",
 	"sink":        "github.com/sluicehq/sluice/services/sink/cmd/sink",
+	"pipeline":    "github.com/sluicehq/sluice/services/pipeline/cmd/pipeline",
 }
 
 type proc struct {
@@ -163,8 +164,19 @@ func (u usage) since(before usage, pids ...int) float64 {
 }
 
 // BenchmarkProduction starts the platform as production runs it: a nats-server
-// process with a file store, a clickhouse-server, and dedup, enrich, alert, notify and
-// sink as processes, with the users lookup (1% of users unknown) and 20 alert rules
+// process with a file store, a clickhouse-server, and pipeline, notify and sink (for
+// dead letters and alerts) as processes; see benchProduction.
+func BenchmarkProduction(b *testing.B) {
+	benchProduction(b, []string{"sink", "pipeline", "notify"}, "SINK_TABLES=dead_letters,alerts")
+}
+
+// BenchmarkProductionStages is BenchmarkProduction with the split stages: dedup,
+// enrich, alert, notify and sink as processes, each hop a stream.
+func BenchmarkProductionStages(b *testing.B) {
+	benchProduction(b, []string{"sink", "dedup", "enrich", "alert", "notify"})
+}
+
+// benchProduction runs services as processes, with the users lookup (1% of users unknown) and 20 alert rules
 // loaded. It pre-publishes BENCH_EVENTS (default 1,000,000) events of about 430 bytes
 // with 5% repeats and reports events/s from the services' start to the last row,
 // CPU per 1,000 events (sluice's processes, nats-server and ClickHouse apart) and peak
@@ -172,7 +184,7 @@ func (u usage) since(before usage, pids ...int) float64 {
 // for 10 s and reports p50/p99 publish-to-row latency (polling count() every 20 ms;
 // an event is visible when the count passes it). Last, a raw pipe (one pull consumer
 // straight into ClickHouse) moves the same events, and the ratio is reported.
-func BenchmarkProduction(b *testing.B) {
+func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 	total := 1_000_000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_EVENTS")); err == nil && v > 0 {
 		total = v
@@ -217,12 +229,13 @@ func BenchmarkProduction(b *testing.B) {
 
 		env := []string{"NATS_URL=" + url, "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath,
 			"HOOK_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_DATA_DIR=" + b.TempDir()}
+		env = append(env, extraEnv...)
 		b.ResetTimer()
 		before := usageOf(natsProc.cmd.Process.Pid, ch.Pid())
 		began := time.Now()
 		var procs []*proc
 		var pids []int
-		for _, s := range []string{"sink", "dedup", "enrich", "alert", "notify"} {
+		for _, s := range services {
 			p := start(b, s, filepath.Join(dir, s), env)
 			procs = append(procs, p)
 			pids = append(pids, p.cmd.Process.Pid)

@@ -154,3 +154,8 @@ func Int(fs *flag.FlagSet, env Lookup, p *int, name, envName string, def int, us
 func Duration(fs *flag.FlagSet, env Lookup, p *time.Duration, name, envName string, def time.Duration, usage string) error {
 	return binder{fs, env}.dur(p, name, envName, def, usage)
 }
+
+// String registers a string flag whose default comes from envName.
+func String(fs *flag.FlagSet, env Lookup, p *string, name, envName, def, usage string) {
+	binder{fs, env}.str(p, name, envName, def, usage)
+}

@@ -66,7 +66,7 @@ func RunStages(ctx context.Context, s Stages) error {
 	enrichCfg.ConfigPath = s.Config.Path
 	enrichCfg.Secrets = s.Env
 	sinkCfg := s.Sink
-	if sinkCfg == (sink.Config{}) {
+	if sinkCfg.MaxRows == 0 {
 		sinkCfg = sink.DefaultConfig()
 	}
 	ready := func(name string) func() { return func() { s.Ready.Set("stage "+name, nil) } }

@@ -14,7 +14,7 @@ import (
 func main() {
 	os.Exit(service.Main(service.Spec{
 		Name:        "enrich",
-		Summary:     "validates raw events, drops repeats inside the enrich window, publishes to UNIQUE",
+		Summary:     "adds lookups, geo and user-agent fields to unique events and masks sensitive ones, publishes to ENRICHED",
 		MetricsAddr: "127.0.0.1:9302",
 		Config:      true,
 		Run: func(ctx context.Context, env service.Env) error {

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -16,12 +17,15 @@ import (
 
 func main() {
 	cfg := sink.DefaultConfig()
+	var tables string
 	os.Exit(service.Main(service.Spec{
 		Name:        "sink",
 		Summary:     "inserts events, alerts and dead letters into ClickHouse in batches, acking after each insert",
 		MetricsAddr: "127.0.0.1:9305",
 		ClickHouse:  true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
+			settings.String(fs, env, &tables, "tables", "SINK_TABLES", strings.Join(sink.TableNames(), ","),
+				"tables to fill, comma-separated (leave out events when the pipeline service writes them)")
 			return errors.Join(
 				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "SINK_BATCH_MAX_ROWS", cfg.MaxRows, "most rows in one insert (keep at or under the consumers' max_ack_pending)"),
 				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "SINK_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
@@ -31,6 +35,14 @@ func main() {
 		Run: func(ctx context.Context, env service.Env) error {
 			if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 {
 				return errors.New("--batch-max-rows, --flush-interval and --insert-timeout must be positive")
+			}
+			for t := range strings.SplitSeq(tables, ",") {
+				if t = strings.TrimSpace(t); t != "" {
+					cfg.Tables = append(cfg.Tables, t)
+				}
+			}
+			if len(cfg.Tables) == 0 {
+				return errors.New("--tables names no table")
 			}
 			conn, err := chconn.Open(ctx, env.ClickHouse)
 			if err != nil {

@@ -1,0 +1,76 @@
+// Command pipeline runs dedup, enrich, alert and the events insert as one stage,
+// against an external NATS server and ClickHouse.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/services/sink"
+)
+
+func main() {
+	cfg := pipeline.DefaultConfig()
+	os.Exit(service.Main(service.Spec{
+		Name:        "pipeline",
+		Summary:     "reads EVENTS once: validates, drops repeats, enriches, evaluates the alert rules and inserts each unique event into ClickHouse",
+		MetricsAddr: "127.0.0.1:9306",
+		ClickHouse:  true,
+		Config:      true,
+		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
+			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this process's name in the lease (one replica at a time runs)")
+			return errors.Join(
+				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most input messages in one batch (one insert)"),
+				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "PIPELINE_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
+				settings.Duration(fs, env, &cfg.InsertTimeout, "insert-timeout", "PIPELINE_INSERT_TIMEOUT", cfg.InsertTimeout, "longest an insert may take"),
+				settings.Duration(fs, env, &cfg.SnapshotInterval, "snapshot-interval", "PIPELINE_SNAPSHOT_INTERVAL", cfg.SnapshotInterval, "how often the state (dedup keys, alert windows, position) is saved"),
+				settings.Duration(fs, env, &cfg.LeaseTTL, "lease-ttl", "PIPELINE_LEASE_TTL", cfg.LeaseTTL, "how long the lease lasts unrenewed: a standby replica takes over this long after the running one dies"),
+			)
+		},
+		Run: func(ctx context.Context, env service.Env) error {
+			f, err := env.ConfigFile()
+			if err != nil {
+				return err
+			}
+			if cfg.Window, err = dedup.LoadWindowConfig(f); err != nil {
+				return err
+			}
+			if cfg.Enrich.Enrich, err = enrich.LoadEnrichConfig(f); err != nil {
+				return err
+			}
+			cfg.Enrich.ConfigPath = env.Service.ConfigPath
+			cfg.Enrich.Secrets = os.LookupEnv
+			if cfg.Alert, err = alert.LoadConfig(f); err != nil {
+				var re *alert.RuleError
+				if !errors.As(err, &re) {
+					return err
+				}
+				env.Log.Error("rules that did not load are left out; the rest run", "err", err)
+			}
+			// Fault injection for the crash tests (test/procs); unset in production.
+			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH"); ok {
+				if cfg.Crash, err = sink.ParseCrash(v); err != nil {
+					return fmt.Errorf("SLUICE_TEST_CRASH: %w", err)
+				}
+			}
+			conn, err := chconn.Open(ctx, env.ClickHouse)
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			return pipeline.Run(ctx, cfg, pipeline.Deps{
+				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
+			})
+		},
+	}, os.Args[1:], os.LookupEnv, os.Stderr))
+}

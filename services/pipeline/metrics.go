@@ -1,0 +1,75 @@
+package pipeline
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+)
+
+type metrics struct {
+	rows             prometheus.Counter
+	replays          prometheus.Counter
+	duplicates       prometheus.Counter
+	dead             prometheus.Counter
+	errors           *prometheus.CounterVec
+	insert           prometheus.Histogram
+	e2e              prometheus.Histogram
+	lag              prometheus.Gauge
+	snapshot         prometheus.Histogram
+	snapshotSeq      prometheus.Gauge
+	alerts           *prometheus.CounterVec
+	late             *prometheus.CounterVec
+	reloads          *prometheus.CounterVec
+	exprErrors       prometheus.Counter
+	republishSkipped prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	return &metrics{
+		rows: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_rows_inserted_total", Help: "Rows inserted into the events table.",
+		})),
+		replays: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_replays_recognised_total", Help: "Rows found in the events table already after a restart, not inserted again.",
+		})),
+		duplicates: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_duplicates_total", Help: "Repeats dropped: their key was held in the dedup window.",
+		})),
+		dead: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_dead_letters_total", Help: "Input sent to the DLQ.",
+		})),
+		errors: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_clickhouse_errors_total", Help: "Failed ClickHouse operations, by op (insert, check), each retried.",
+		}, []string{"op"})),
+		insert: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_pipeline_insert_seconds", Help: "Time an insert took.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		})),
+		e2e: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_pipeline_publish_to_row_seconds", Help: "From the event's publish to EVENTS to the end of the insert that holds its row.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18),
+		})),
+		lag: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_lag", Help: "EVENTS messages after the last one read.",
+		})),
+		snapshot: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "sluice_pipeline_snapshot_seconds", Help: "Time a state snapshot took to store.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		})),
+		snapshotSeq: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_snapshot_sequence", Help: "The EVENTS sequence of the last state snapshot.",
+		})),
+		alerts: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_alert_changes_total", Help: "Alert changes published, by rule and status (firing, resolved).",
+		}, []string{"rule", "status"})),
+		late: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_late_events_total", Help: "Events that arrived after a window holding them was evaluated, by rule.",
+		}, []string{"rule"})),
+		reloads: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_rule_reloads_total", Help: "Reloads of the rules, by result (ok, failed: rules that failed are left out).",
+		}, []string{"result"})),
+		exprErrors: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_expression_errors_total", Help: "Filter, group_by or value expressions that failed on an event.",
+		})),
+		republishSkipped: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_republish_skipped_total", Help: "Alert changes recomputed after a restart that were already published.",
+		})),
+	}
+}

@@ -1,0 +1,836 @@
+// Package pipeline runs dedup, enrich, alert and the events insert as one stage in
+// one process: it reads EVENTS once, in stream order, and writes each unique,
+// enriched event to ClickHouse, alert changes to ALERTS and bad input to the DLQ.
+// No event is republished between stages, which is what makes it fast (see
+// docs/benchmarks.md); the split stages (dedup, enrich, alert, sink) remain for
+// those who want each step as its own stream.
+//
+// Exactly-once without acks. The stage owns its position: an ordered consumer
+// reads EVENTS from the sequence after its snapshot. The snapshot (object store
+// sluice_pipeline) holds, at one EVENTS sequence S, the dedup keys and the alert
+// state, and is written only once every row, dead letter and alert change from
+// input up to S is stored. Dedup and alert decisions depend only on the input
+// before them, in stream order, so a restart from S decides every later input as
+// the run before did; the rows that run inserted after S are found by stream_seq
+// and key and not inserted again, and its dead letters and alert changes are found
+// by Nats-Msg-Id in DLQ and ALERTS. One replica at a time runs (a lease in KV
+// sluice_pipeline); the others wait to take over. See docs/exactly-once.md.
+package pipeline
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/dedup/window"
+	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/jspub"
+	"github.com/sluicehq/sluice/services/kit/lease"
+	"github.com/sluicehq/sluice/services/kit/stage"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/sink"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// Name is the stage's name in logs, metrics and dead letters.
+const Name = "pipeline"
+
+// Bucket is the object store (the snapshot) and the KV bucket (the lease).
+const Bucket = "sluice_pipeline"
+
+// Config configures the stage.
+type Config struct {
+	Window dedup.WindowConfig
+	// Enrich is the enrich section (Enrich.Stage is not used).
+	Enrich enrich.Config
+	// Alert is the alert section and the rules (Alert.Stream is not used).
+	Alert alert.Config
+	// MaxRows is the most input messages one batch (one insert) holds.
+	MaxRows int
+	// FlushInterval is how long a batch waits to fill before it is inserted.
+	FlushInterval time.Duration
+	// InsertTimeout bounds one insert.
+	InsertTimeout time.Duration
+	// SnapshotInterval is how often the state is saved.
+	SnapshotInterval time.Duration
+	// Replica names this process in the lease; LeaseTTL is how long the lease lasts
+	// unrenewed (another replica takes over that long after this one dies).
+	Replica  string
+	LeaseTTL time.Duration
+	// Crash is fault injection for the crash tests; zero in production.
+	Crash sink.Crash
+}
+
+// DefaultConfig gives batches of up to 20,000 events, flushed within 200 ms.
+func DefaultConfig() Config {
+	return Config{
+		Window: dedup.DefaultWindowConfig(), Enrich: enrich.DefaultConfig(), Alert: alert.DefaultConfig(),
+		MaxRows: 20_000, FlushInterval: 200 * time.Millisecond, InsertTimeout: time.Minute,
+		SnapshotInterval: 10 * time.Second, LeaseTTL: 10 * time.Second,
+	}
+}
+
+// Deps are what the stage needs from its host.
+type Deps struct {
+	NATS       *nats.Conn
+	ClickHouse driver.Conn
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+	Ready      *telemetry.Readiness
+}
+
+// Run applies the migrations, then leads (holding the lease) or waits to, until
+// ctx is done.
+func Run(ctx context.Context, cfg Config, deps Deps) error {
+	if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 || cfg.SnapshotInterval <= 0 || cfg.LeaseTTL <= 0 {
+		return errors.New("pipeline: batch size, flush interval, insert timeout, snapshot interval and lease TTL must be positive")
+	}
+	if err := cfg.Window.Validate(); err != nil {
+		return err
+	}
+	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
+		return err
+	}
+	if err := sink.CheckColumns(ctx, deps.ClickHouse, sink.EventsTable()); err != nil {
+		return err
+	}
+	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096))
+	if err != nil {
+		return fmt.Errorf("pipeline: %w", err)
+	}
+	store, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+		Bucket: Bucket, Description: "The pipeline stage's snapshot: dedup keys, alert state, input position.", Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		return fmt.Errorf("pipeline: state bucket %s: %w", Bucket, err)
+	}
+	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket: Bucket, Description: "The pipeline stage's lease: which replica runs.", Storage: jetstream.FileStorage,
+	})
+	if err != nil {
+		return fmt.Errorf("pipeline: lease bucket %s: %w", Bucket, err)
+	}
+	log := deps.Logger.With("stage", Name)
+	live, err := enrich.Start(ctx, cfg.Enrich, js, log, deps.Registerer)
+	if err != nil {
+		return err
+	}
+	defer live.Close()
+	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
+		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
+	deps.Ready.Set("lease", nil)
+	l := &lease.Lease{KV: kv, Key: "lease", Holder: cfg.Replica, TTL: cfg.LeaseTTL, What: "runs the pipeline", Log: log}
+	l.Run(ctx, p.lead)
+	return nil
+}
+
+type pipeline struct {
+	cfg        Config
+	js         jetstream.JetStream
+	ch         driver.Conn
+	store      jetstream.ObjectStore
+	live       *enrich.Live
+	log        *slog.Logger
+	m          *metrics
+	maxPayload int64
+	ready      *telemetry.Readiness
+}
+
+// lead runs the stage while this replica holds the lease, starting again after a
+// failure.
+func (p *pipeline) lead(ctx context.Context) {
+	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
+		r := &run{pipeline: p}
+		err := r.run(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		delay := stage.Backoff(attempt)
+		p.ready.Set("pipeline", err)
+		p.log.Error("the pipeline stopped; starting again from its snapshot", "retry_in", delay, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(delay):
+		}
+	}
+}
+
+// snapshot is the header of the state object; the dedup keys follow it.
+type snapshot struct {
+	// StreamCreated tells a snapshot of a deleted and recreated EVENTS stream.
+	StreamCreated time.Time `json:"stream_created"`
+	// Seq is the last EVENTS sequence the state covers.
+	Seq uint64 `json:"seq"`
+	// Clock is the dedup store's time at Seq (the latest receive time, Unix s).
+	Clock uint32 `json:"clock"`
+	// ReplayUntil: alerts caused by input up to this sequence are replays.
+	ReplayUntil uint64       `json:"replay_until"`
+	SavedAt     time.Time    `json:"saved_at"`
+	Alert       *alert.State `json:"alert"`
+}
+
+// run is one leadership: restore, then read, decide and write until ctx ends.
+type run struct {
+	*pipeline
+	created time.Time
+	seq     uint64 // last EVENTS sequence decided
+	clock   uint32
+	replay  uint64
+	keys    *window.Store
+	// prepDedup decodes and keys, without a store: the keys are checked in order.
+	prepDedup *dedup.Handler
+	hasRules  atomic.Bool
+	engine    *alert.Engine
+	published map[string]bool // DLQ and ALERTS ids stored since the snapshot
+	// hwm is the highest stream_seq in events when the run began: rows up to it may
+	// be there already.
+	hwm uint64
+}
+
+func (r *run) restore(ctx context.Context) error {
+	stream, err := r.js.Stream(ctx, streams.Events)
+	if err != nil {
+		return fmt.Errorf("pipeline: stream %s: %w", streams.Events, err)
+	}
+	info := stream.CachedInfo()
+	r.created = info.Created
+	r.keys = window.NewStore(r.cfg.Window.MaxKeys)
+	r.keys.SetOrigin(uint64(r.created.UnixNano()))
+	snap, err := r.load(ctx)
+	if err != nil {
+		return err
+	}
+	if snap == nil {
+		snap = &snapshot{StreamCreated: r.created, ReplayUntil: info.State.LastSeq}
+		r.log.Info("no pipeline state; reading EVENTS from its start, alerts from input already there are marked replay",
+			"replay_until", snap.ReplayUntil)
+	}
+	if snap.Seq+1 < info.State.FirstSeq {
+		r.log.Warn("input after the state's position has aged out of EVENTS; dedup and windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
+	}
+	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
+	r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
+	r.hasRules.Store(len(r.engine.Rules()) > 0)
+	r.prepDedup, err = dedup.NewHandler(r.maxPayload, r.cfg.Window, nil, nil, nil)
+	if err != nil {
+		return err
+	}
+	// Everything stored since shortly before the snapshot (everything, without
+	// one) may come again from the replay of the input after it.
+	since := time.Unix(0, 0)
+	if !snap.SavedAt.IsZero() {
+		since = snap.SavedAt.Add(-5 * time.Second)
+	}
+	r.published = map[string]bool{}
+	for _, s := range []string{streams.Alerts, streams.DLQ} {
+		ids, err := jspub.PublishedSince(ctx, r.js, s, since)
+		if err != nil {
+			return fmt.Errorf("pipeline: %w", err)
+		}
+		for id := range ids {
+			r.published[id] = true
+		}
+	}
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.InsertTimeout)
+	defer cancel()
+	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM events").Scan(&r.hwm); err != nil {
+		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
+	}
+	r.log.Info("pipeline state restored", "seq", r.seq, "keys", r.keys.Stats().Keys, "events_hwm", r.hwm, "published_since", len(r.published))
+	return nil
+}
+
+// load reads the snapshot; nil when there is none, or it is of another stream.
+func (r *run) load(ctx context.Context) (*snapshot, error) {
+	b, err := r.store.GetBytes(ctx, "state")
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pipeline: read state: %w", err)
+	}
+	if len(b) < 4 || int(binary.BigEndian.Uint32(b)) > len(b)-4 {
+		return nil, fmt.Errorf("pipeline: the state in %s is truncated (delete it to start over)", Bucket)
+	}
+	n := binary.BigEndian.Uint32(b)
+	var snap snapshot
+	if err := json.Unmarshal(b[4:4+n], &snap); err != nil {
+		return nil, fmt.Errorf("pipeline: the state in %s does not decode (delete it to start over): %w", Bucket, err)
+	}
+	if !snap.StreamCreated.Equal(r.created) {
+		r.log.Warn("the state is of an earlier EVENTS stream; starting over")
+		return nil, nil
+	}
+	// Keys are dropped as of the snapshot's own time, not now: the input after it
+	// is decided at its own (earlier) times, as it was before the restart.
+	if _, err := r.keys.ReadSnapshot(bytes.NewReader(b[4+n:]), snap.Clock); err != nil {
+		return nil, fmt.Errorf("pipeline: the dedup keys in %s: %w (delete the state to start over)", Bucket, err)
+	}
+	return &snap, nil
+}
+
+// save writes the state as of r.seq. Every output of input up to r.seq must be
+// stored already.
+func (r *run) save(ctx context.Context) error {
+	r.keys.Expire(r.clock)
+	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
+		SavedAt: time.Now().UTC(), Alert: r.engine.State()})
+	if err != nil {
+		return fmt.Errorf("pipeline: encode state: %w", err)
+	}
+	var buf bytes.Buffer
+	buf.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
+	buf.Write(head)
+	if err := r.keys.WriteSnapshot(&buf); err != nil {
+		return fmt.Errorf("pipeline: encode state: %w", err)
+	}
+	start := time.Now()
+	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: "state"}, io.Reader(&buf)); err != nil {
+		return fmt.Errorf("pipeline: save state: %w", err)
+	}
+	r.m.snapshot.Observe(time.Since(start).Seconds())
+	r.m.snapshotSeq.Set(float64(r.seq))
+	return nil
+}
+
+// batch is what the input of one batch produced, written by the writer.
+type batch struct {
+	rows  [][]any
+	keys  []string    // each row's event key
+	seqs  []uint64    // each row's EVENTS sequence
+	times []time.Time // each row's stream time
+	input []jetstream.Msg
+	out   []*nats.Msg // dead letters and alert changes
+	first uint64      // first EVENTS sequence the batch covers
+	// done, if set, is closed once the batch and all before it are stored.
+	done chan error
+}
+
+func (r *run) run(ctx context.Context) error {
+	if err := r.restore(ctx); err != nil {
+		return err
+	}
+	cons, err := r.js.OrderedConsumer(ctx, streams.Events, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.seq + 1,
+	})
+	if err != nil {
+		return fmt.Errorf("pipeline: read %s: %w", streams.Events, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.MaxRows))
+	if err != nil {
+		return fmt.Errorf("pipeline: read %s: %w", streams.Events, err)
+	}
+	// Four steps overlap, each a goroutine handing the next a batch: read and
+	// collect, prepare (decode, key, enrich, build the row: per message, in
+	// parallel), decide (dedup and rules, in stream order: this goroutine, which
+	// owns the state), write (insert and publish, in order).
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	inCtx, stopInput := context.WithCancel(ctx)
+	defer stopInput()
+	wg.Go(func() {
+		<-inCtx.Done()
+		it.Stop()
+	})
+	collected := make(chan []jetstream.Msg, 1)
+	wg.Go(func() { r.collect(inCtx, it, collected) })
+	prepared := make(chan []prep, 1)
+	wg.Go(func() { r.prepareAll(inCtx, collected, prepared) })
+
+	// The writer outlives ctx long enough to store what was decided (bounded by a
+	// third of the lease: the next leader starts no sooner).
+	wctx, stopWriter := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWriter()
+	batches := make(chan *batch, 1)
+	var closeOnce sync.Once
+	closeBatches := func() { closeOnce.Do(func() { close(batches) }) }
+	defer closeBatches()
+	writerErr := make(chan error, 1)
+	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log)}
+	wg.Go(func() { writerErr <- w.write(wctx, batches) })
+
+	reloads := make(chan []*alert.Rule)
+	if r.cfg.Alert.ConfigPath != "" {
+		wg.Go(func() {
+			alert.WatchRules(inCtx, r.cfg.Alert.ConfigPath, r.cfg.Alert.ReloadInterval, r.log,
+				func(result string) { r.m.reloads.WithLabelValues(result).Inc() },
+				func(rules []*alert.Rule) {
+					select {
+					case reloads <- rules:
+					case <-inCtx.Done():
+					}
+				})
+		})
+	}
+	r.ready.Set("pipeline", nil)
+	r.log.Info("pipeline running", "from_seq", r.seq+1, "rules", len(r.engine.Rules()))
+
+	// send hands b to the writer; wait also waits until it and all before are stored.
+	send := func(b *batch, wait bool) error {
+		var done chan error
+		if wait {
+			done = make(chan error, 1)
+			b.done = done
+		}
+		select {
+		case batches <- b:
+		case err := <-writerErr:
+			return err
+		}
+		if !wait {
+			return nil
+		}
+		select {
+		case err := <-done:
+			return err
+		case err := <-writerErr:
+			return err
+		}
+	}
+	// stop stores what was decided and saves the state, within a third of the lease.
+	stop := func(cause error) error {
+		stopInput()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.LeaseTTL/3)
+		defer cancel()
+		stored := make(chan error, 1)
+		go func() { stored <- send(&batch{}, true) }()
+		var err error
+		select {
+		case err = <-stored:
+		case <-sctx.Done():
+			err = fmt.Errorf("pipeline: stopping: output not stored in time: %w", sctx.Err())
+		}
+		stopWriter()
+		if err == nil {
+			err = r.save(sctx)
+		}
+		closeBatches()
+		return errors.Join(cause, err)
+	}
+
+	snapTick := time.NewTicker(r.cfg.SnapshotInterval)
+	defer snapTick.Stop()
+	idleTick := time.NewTicker(time.Second)
+	defer idleTick.Stop()
+	lastInput, lastIdle := time.Now(), time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return stop(nil)
+		case err := <-writerErr:
+			return err
+		case ps, ok := <-prepared:
+			if !ok {
+				return stop(errors.New("pipeline: the input ended"))
+			}
+			lastInput = time.Now()
+			b := &batch{}
+			for i := range ps {
+				r.decide(&ps[i], b)
+			}
+			if err := send(b, false); err != nil {
+				return stop(err)
+			}
+		case now := <-idleTick.C:
+			if now.Sub(lastInput) >= r.cfg.Alert.IdleAfter && len(prepared) == 0 {
+				since := lastIdle
+				if lastInput.After(since) {
+					since = lastInput
+				}
+				if err := r.emitNow(r.engine.Idle(now.Sub(since)), send); err != nil {
+					return stop(err)
+				}
+			}
+			lastIdle = now
+		case rules := <-reloads:
+			r.hasRules.Store(len(rules) > 0)
+			if err := r.emitNow(r.engine.SetRules(rules), send); err != nil {
+				return stop(err)
+			}
+			r.log.Info("alert rules reloaded", "rules", len(rules))
+		case <-snapTick.C:
+			// Store everything decided so far, then save the state at that point.
+			if err := send(&batch{}, true); err != nil {
+				return stop(err)
+			}
+			if err := r.save(ctx); err != nil {
+				r.log.Warn("save state", "err", err)
+			}
+		}
+	}
+}
+
+// emitNow hands alert changes not caused by input (idle time, a rule reload) to
+// the writer.
+func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error {
+	if len(out) == 0 {
+		return nil
+	}
+	b := &batch{}
+	r.emit(out, false, b)
+	return send(b, false)
+}
+
+// collect reads the input into batches of up to MaxRows messages, each handed on
+// when full or FlushInterval after its first message.
+func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- []jetstream.Msg) {
+	defer close(out)
+	msgs := make(chan jetstream.Msg, r.cfg.MaxRows)
+	var reader sync.WaitGroup
+	defer reader.Wait()
+	reader.Go(func() {
+		defer close(msgs)
+		for {
+			msg, err := it.Next()
+			if err != nil {
+				if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+					return
+				}
+				r.log.Warn("read", "err", err)
+				continue
+			}
+			select {
+			case msgs <- msg:
+			case <-ctx.Done():
+				return
+			}
+		}
+	})
+	for {
+		var b []jetstream.Msg
+		select {
+		case <-ctx.Done():
+			return
+		case msg, ok := <-msgs:
+			if !ok {
+				return
+			}
+			b = append(make([]jetstream.Msg, 0, 1024), msg)
+		}
+		flush := time.NewTimer(r.cfg.FlushInterval)
+	fill:
+		for len(b) < r.cfg.MaxRows {
+			select {
+			case msg, ok := <-msgs:
+				if !ok {
+					break fill
+				}
+				b = append(b, msg)
+			case <-flush.C:
+				break fill
+			case <-ctx.Done():
+				flush.Stop()
+				return
+			}
+		}
+		flush.Stop()
+		select {
+		case out <- b:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// prep is one input message prepared for the decision: decoded, keyed, enriched,
+// its row built. The dedup store is not consulted yet.
+type prep struct {
+	msg      jetstream.Msg
+	seq      uint64
+	pending  uint64
+	received time.Time
+	d        dedup.Decision
+	row      []any
+	rowErr   error
+	env      *alert.EventEnv
+}
+
+// prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
+func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out chan<- []prep) {
+	defer close(out)
+	workers := runtime.GOMAXPROCS(0)
+	for msgs := range in {
+		ps := make([]prep, len(msgs))
+		var wg sync.WaitGroup
+		chunk := (len(msgs) + workers - 1) / workers
+		for lo := 0; lo < len(msgs); lo += chunk {
+			hi := min(lo+chunk, len(msgs))
+			wg.Go(func() {
+				for i := lo; i < hi; i++ {
+					r.prepare(msgs[i], &ps[i])
+				}
+			})
+		}
+		wg.Wait()
+		select {
+		case out <- ps:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+func (r *run) prepare(msg jetstream.Msg, p *prep) {
+	p.msg = msg
+	md, err := msg.Metadata()
+	if err != nil {
+		p.d.Invalid = fmt.Errorf("message without JetStream metadata: %w", err)
+		return
+	}
+	p.seq, p.pending, p.received = md.Sequence.Stream, md.NumPending, md.Timestamp
+	p.d = r.prepDedup.Decide(events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp})
+	if p.d.Invalid != nil {
+		return
+	}
+	e := p.d.Event
+	r.live.Enrich(e)
+	row, err := sink.EventRow(e, p.seq)
+	if err != nil {
+		p.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
+		return
+	}
+	p.row = row.Values
+	if r.hasRules.Load() {
+		p.env = alert.Env(e)
+	}
+}
+
+// decide applies dedup and the rules to one prepared message, in stream order,
+// adding what it produces to b.
+func (r *run) decide(p *prep, b *batch) {
+	if p.seq == 0 {
+		r.log.Warn("message without metadata", "err", p.d.Invalid)
+		return
+	}
+	if len(b.input) == 0 {
+		b.first = p.seq
+	}
+	b.input = append(b.input, p.msg)
+	r.seq = p.seq
+	r.m.lag.Set(float64(p.pending))
+	d := p.d
+	r.clock = max(r.clock, d.Now)
+	switch {
+	case d.Invalid != nil:
+		r.deadLetter(p.msg, d.Invalid.Error(), b)
+		return
+	case r.keys.Seen(d.Key, d.Now):
+		r.m.duplicates.Inc()
+		return
+	}
+	r.keys.Add(d.Key, d.Expires, p.seq, d.Now)
+	if p.rowErr != nil {
+		r.deadLetter(p.msg, p.rowErr.Error(), b)
+		return
+	}
+	b.rows = append(b.rows, p.row)
+	b.keys = append(b.keys, d.Event.Key)
+	b.seqs = append(b.seqs, p.seq)
+	b.times = append(b.times, p.received)
+	if len(r.engine.Rules()) == 0 {
+		return
+	}
+	env := p.env
+	if env == nil { // rules were loaded after the message was prepared
+		env = alert.Env(d.Event)
+	}
+	out, errs := r.engine.Observe(env)
+	for range errs {
+		r.m.exprErrors.Inc()
+	}
+	for rule, n := range r.engine.Late {
+		r.m.late.WithLabelValues(rule).Add(float64(n))
+		delete(r.engine.Late, rule)
+	}
+	r.emit(out, p.seq <= r.replay, b)
+}
+
+func (r *run) deadLetter(msg jetstream.Msg, reason string, b *batch) {
+	dl := stage.DeadLetter(Name, msg, reason, r.maxPayload)
+	if r.published[dl.Header.Get(nats.MsgIdHdr)] {
+		return
+	}
+	r.m.dead.Inc()
+	b.out = append(b.out, dl)
+}
+
+// emit adds alert changes to b, leaving out those stored before a restart.
+func (r *run) emit(out []*alerts.Alert, replay bool, b *batch) {
+	for _, a := range out {
+		a.Replay = replay
+		id := alert.MsgID(a)
+		if r.published[id] {
+			r.m.republishSkipped.Inc()
+			continue
+		}
+		body, err := json.Marshal(a)
+		if err != nil {
+			r.log.Error("encode alert", "rule", a.Rule, "err", err)
+			continue
+		}
+		m := nats.NewMsg(a.Subject())
+		m.Header.Set(nats.MsgIdHdr, id)
+		m.Data = body
+		b.out = append(b.out, m)
+		r.m.alerts.WithLabelValues(a.Rule, a.Status).Inc()
+	}
+}
+
+// writer inserts batches in order and publishes their output.
+type writer struct {
+	*run
+	pub *jspub.Publisher
+}
+
+func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
+	for b := range batches {
+		err := w.store(ctx, b)
+		if err == nil && b.done != nil {
+			err = w.pub.Settle(ctx)
+		}
+		if b.done != nil {
+			b.done <- err
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// store inserts b's rows (those not in the table already), retrying until
+// ClickHouse takes them or ctx ends, then publishes b's output.
+func (w *writer) store(ctx context.Context, b *batch) error {
+	if len(b.rows) > 0 && b.first <= w.hwm {
+		if err := w.retry(ctx, "check", func(ctx context.Context) error { return w.dropPresent(ctx, b) }); err != nil {
+			return err
+		}
+	}
+	if len(b.rows) > 0 {
+		w.cfg.Crash.At(sink.CrashBeforeInsert)
+		w.cfg.Crash.At(sink.CrashDuringInsert)
+		start := time.Now()
+		var refused map[int]error
+		err := w.retry(ctx, "insert", func(ctx context.Context) error {
+			var err error
+			refused, err = sink.Isolate(b.rows, func(rows [][]any) error {
+				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+				defer cancel()
+				return sink.Insert(ictx, w.ch, sink.EventsTable(), rows)
+			}, func(n int, err error) {
+				w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
+			})
+			if err != nil && len(b.rows) > 0 {
+				// Halves inserted before the failure are found by the check.
+				if derr := w.dropPresent(ctx, b); derr != nil {
+					return errors.Join(err, derr)
+				}
+			}
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		w.cfg.Crash.At(sink.CrashAfterInsert)
+		now := time.Now()
+		w.m.insert.Observe(now.Sub(start).Seconds())
+		w.m.rows.Add(float64(len(b.rows) - len(refused)))
+		for i, t := range b.times {
+			if _, bad := refused[i]; !bad {
+				w.m.e2e.Observe(now.Sub(t).Seconds())
+			}
+		}
+		for i, rerr := range refused {
+			seq := b.seqs[i]
+			for _, msg := range b.input {
+				if md, _ := msg.Metadata(); md != nil && md.Sequence.Stream == seq {
+					w.deadLetter(msg, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
+				}
+			}
+		}
+	}
+	for _, m := range b.out {
+		if err := w.pub.Publish(ctx, m); err != nil {
+			return fmt.Errorf("pipeline: publish %s: %w", m.Subject, err)
+		}
+	}
+	return nil
+}
+
+// retry runs f until it succeeds or ctx ends, with a growing pause between tries.
+func (w *writer) retry(ctx context.Context, kind string, f func(context.Context) error) error {
+	for attempt := uint64(1); ; attempt++ {
+		err := f(ctx)
+		if err == nil {
+			w.ready.Set("clickhouse", nil)
+			return nil
+		}
+		w.m.errors.WithLabelValues(kind).Inc()
+		w.ready.Set("clickhouse", err)
+		delay := stage.Backoff(attempt)
+		w.log.Warn("ClickHouse failed; will retry", "op", kind, "retry_in", delay, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("pipeline: %s: %w", kind, err)
+		case <-time.After(delay):
+		}
+	}
+}
+
+// dropPresent removes from b the rows the events table holds already (same
+// stream_seq and key): rows a run before this one inserted.
+func (w *writer) dropPresent(ctx context.Context, b *batch) error {
+	lo, hi := b.seqs[0], b.seqs[len(b.seqs)-1]
+	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+	defer cancel()
+	rows, err := w.ch.Query(ctx, "SELECT stream_seq, key FROM events WHERE stream_seq >= "+strconv.FormatUint(lo, 10)+" AND stream_seq <= "+strconv.FormatUint(hi, 10))
+	if err != nil {
+		return fmt.Errorf("replay check on events: %w", err)
+	}
+	defer rows.Close()
+	present := map[uint64]string{}
+	for rows.Next() {
+		var (
+			seq uint64
+			key string
+		)
+		if err := rows.Scan(&seq, &key); err != nil {
+			return fmt.Errorf("replay check on events: %w", err)
+		}
+		present[seq] = key
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("replay check on events: %w", err)
+	}
+	keep := 0
+	for i := range b.rows {
+		if key, ok := present[b.seqs[i]]; ok && key == b.keys[i] {
+			w.m.replays.Inc()
+			continue
+		}
+		b.rows[keep], b.keys[keep], b.seqs[keep], b.times[keep] = b.rows[i], b.keys[i], b.seqs[i], b.times[i]
+		keep++
+	}
+	b.rows, b.keys, b.seqs, b.times = b.rows[:keep], b.keys[:keep], b.seqs[:keep], b.times[:keep]
+	return nil
+}
