@@ -9,6 +9,7 @@ require (
 	github.com/sluicehq/sluice/schemas v0.0.0
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/notify v0.0.0
+	github.com/sluicehq/sluice/services/pipeline v0.0.0
 	github.com/sluicehq/sluice/services/sluice v0.0.0-00010101000000-000000000000
 	github.com/sluicehq/sluice/streams v0.0.0
 )
@@ -77,3 +78,5 @@ replace github.com/sluicehq/sluice/services/notify => ../services/notify
 replace github.com/sluicehq/sluice/services/sink => ../services/sink
 
 replace github.com/sluicehq/sluice/services/sluice => ../services/sluice
+
+replace github.com/sluicehq/sluice/services/pipeline => ../services/pipeline

@@ -169,6 +169,8 @@ type stageRun struct {
 	published  map[string]bool
 	pub        *jspub.Publisher
 	maxPayload int64
+	// settled is when every change up to seq was last known published.
+	settled time.Time
 }
 
 // Run runs the stage until ctx is done, then saves its state.
@@ -235,7 +237,8 @@ func (s *stageRun) restore(ctx context.Context) error {
 		}
 		s.log.Info("alert changes published since the snapshot", "count", len(s.published))
 	}
-	return s.save(ctx)
+	s.settled = snap.SavedAt
+	return s.write(ctx)
 }
 
 func (s *stageRun) run(ctx context.Context, ready func()) error {
@@ -419,7 +422,16 @@ func (s *stageRun) save(ctx context.Context) error {
 	if err := s.pub.Settle(ctx); err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
-	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: time.Now().UTC(), State: s.engine.State()})
+	s.settled = time.Now().UTC()
+	return s.write(ctx)
+}
+
+// write writes the snapshot. Its SavedAt is when every change up to its position
+// was last known published (not when it is written): a restart looks for changes
+// published since then, and the snapshot written at start must not move that on
+// past what the run before it published.
+func (s *stageRun) write(ctx context.Context) error {
+	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, State: s.engine.State()})
 	if err != nil {
 		return fmt.Errorf("alert: encode state: %w", err)
 	}

@@ -202,6 +202,8 @@ type run struct {
 	hasRules  atomic.Bool
 	engine    *alert.Engine
 	published map[string]bool // DLQ and ALERTS ids stored since the snapshot
+	// stored is when every output of input up to seq was last known stored.
+	stored time.Time
 	// hwm is the highest stream_seq in events when the run began: rows up to it may
 	// be there already.
 	hwm uint64
@@ -257,7 +259,10 @@ func (r *run) restore(ctx context.Context) error {
 		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
 	}
 	r.log.Info("pipeline state restored", "seq", r.seq, "keys", r.keys.Stats().Keys, "events_hwm", r.hwm, "published_since", len(r.published))
-	return nil
+	// Written at once, so that a crash before the first periodic save does not lose
+	// where replayed input ends (ReplayUntil) for the next run.
+	r.stored = snap.SavedAt
+	return r.write(ctx)
 }
 
 // load reads the snapshot; nil when there is none, or it is of another stream.
@@ -292,9 +297,18 @@ func (r *run) load(ctx context.Context) (*snapshot, error) {
 // save writes the state as of r.seq. Every output of input up to r.seq must be
 // stored already.
 func (r *run) save(ctx context.Context) error {
+	r.stored = time.Now().UTC()
+	return r.write(ctx)
+}
+
+// write writes the state. Its SavedAt is when every output up to its position was
+// last known stored (not when it is written): a restart looks for dead letters and
+// alert changes published since then, and the state written at start must not move
+// that on past what the run before it published.
+func (r *run) write(ctx context.Context) error {
 	r.keys.Expire(r.clock)
 	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
-		SavedAt: time.Now().UTC(), Alert: r.engine.State()})
+		SavedAt: r.stored, Alert: r.engine.State()})
 	if err != nil {
 		return fmt.Errorf("pipeline: encode state: %w", err)
 	}

@@ -2,15 +2,22 @@ package procs
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/streams"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -26,6 +33,33 @@ import (
 // in ClickHouse once, each invalid one in dead_letters, each alert in the alerts
 // table once and at the webhook under one webhook-id with a valid signature.
 func TestCombinedFaults(t *testing.T) {
+	combinedFaults(t, services, nil, nil)
+}
+
+// TestCombinedFaultsPipeline is TestCombinedFaults with the pipeline stage: two
+// pipeline replicas (one runs, one waits for the lease), notify and the sink. Each
+// round kills the running pipeline replica, found by the lease.
+func TestCombinedFaultsPipeline(t *testing.T) {
+	combinedFaults(t, pipelineServices, pipelineEnv, func(ctx context.Context, js jetstream.JetStream) (int, error) {
+		kv, err := js.KeyValue(ctx, pipeline.Bucket)
+		if err != nil {
+			return 0, err
+		}
+		e, err := kv.Get(ctx, "lease")
+		if err != nil {
+			return 0, err
+		}
+		var l struct{ Holder string }
+		if err := json.Unmarshal(e.Value(), &l); err != nil {
+			return 0, err
+		}
+		return strconv.Atoi(strings.TrimPrefix(l.Holder, "pipeline"))
+	})
+}
+
+// combinedFaults runs two replicas of each of names with env added, kills one of
+// each in turn (the one leader says, when set and it knows), and checks the oracle.
+func combinedFaults(t *testing.T, names []string, env map[string][]string, leader func(context.Context, jetstream.JetStream) (int, error)) {
 	bin := build(t)
 	dir := t.TempDir()
 	ns := runNATS(t)
@@ -50,7 +84,9 @@ func TestCombinedFaults(t *testing.T) {
 		c := exec.Command(filepath.Join(bin, name))
 		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
 			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+hookSecret,
-			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)))
+			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)),
+			"PIPELINE_REPLICA="+name+strconv.Itoa(replica), "PIPELINE_LEASE_TTL=3s")
+		c.Env = append(c.Env, env[name]...)
 		logPath := filepath.Join(dir, fmt.Sprintf("%s%d-%d.log", name, replica, time.Now().UnixNano()))
 		logFile, err := os.Create(logPath)
 		if err != nil {
@@ -67,7 +103,7 @@ func TestCombinedFaults(t *testing.T) {
 		return r
 	}
 	procs := map[string][2]*running{}
-	for _, name := range services {
+	for _, name := range names {
 		procs[name] = [2]*running{startSvc(name, 0), startSvc(name, 1)}
 	}
 
@@ -82,10 +118,15 @@ func TestCombinedFaults(t *testing.T) {
 	}()
 	rng := rand.New(rand.NewPCG(17, 18))
 	for round := range 5 {
-		for _, name := range services {
+		for _, name := range names {
 			time.Sleep(time.Duration(200+rng.IntN(400)) * time.Millisecond)
 			pair := procs[name]
 			victim := (round + rng.IntN(2)) % 2
+			if leader != nil && name == "pipeline" {
+				if l, err := leader(ctx, js); err == nil && (l == 0 || l == 1) {
+					victim = l
+				}
+			}
 			p := pair[victim]
 			select {
 			case <-p.done:
@@ -109,5 +150,20 @@ func TestCombinedFaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantAlerts := (len(m.Events) + 999) / 1000
-	waitDrained(t, ctx, conn, js, topo, m, hook, wantAlerts)
+	waitDrained(t, ctx, conn, js, readBy(topo, names), m, hook, wantAlerts)
+}
+
+// readBy is topo without the consumers no process of names reads: with the
+// pipeline, nothing reads EVENTS, UNIQUE or ENRICHED through a durable.
+func readBy(topo *streams.Topology, names []string) *streams.Topology {
+	if !slices.Contains(names, "pipeline") {
+		return topo
+	}
+	out := &streams.Topology{Streams: topo.Streams}
+	for _, c := range topo.Consumers {
+		if c.Stream != streams.Events && c.Stream != streams.Unique && c.Stream != streams.Enriched {
+			out.Consumers = append(out.Consumers, c)
+		}
+	}
+	return out
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,12 +21,20 @@ import (
 	"github.com/sluicehq/sluice/test/oracle"
 )
 
+// services are the split stages, each hop a stream.
 var services = []string{"dedup", "enrich", "alert", "notify", "sink"}
+
+// pipelineServices run the platform with the pipeline stage: the sink fills only
+// dead_letters and alerts (pipelineEnv).
+var pipelineServices = []string{"pipeline", "notify", "sink"}
+
+// pipelineEnv is the environment the pipelineServices add to the common one.
+var pipelineEnv = map[string][]string{"sink": {"SINK_TABLES=dead_letters,alerts"}}
 
 func build(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	for _, s := range services {
+	for _, s := range append(slices.Clone(services), "pipeline") {
 		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, s), "github.com/sluicehq/sluice/services/"+s+"/cmd/"+s)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("build %s: %v\n%s", s, err, out)
