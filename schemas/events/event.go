@@ -38,11 +38,20 @@ type Event struct {
 	NATSSubject string `json:"sluicesubject,omitempty"`
 	// Enrichment holds the fields the enrich stage added.
 	Enrichment map[string]any `json:"sluiceenrichment,omitempty"`
+
+	// decoded caches DecodeData's result (decodedOK: it is set).
+	decoded   any
+	decodedOK bool
 }
 
 // DecodeData decodes the event's data into generic values (objects, arrays,
-// strings, float64 numbers, bools, nil), nil when there is none.
+// strings, float64 numbers, bools, nil), nil when there is none. The result is
+// kept: later calls return the same values, so a caller that changes them must
+// also set Data to their encoding (as enrich's masks do).
 func (e *Event) DecodeData() (any, error) {
+	if e.decodedOK {
+		return e.decoded, nil
+	}
 	if len(e.Data) == 0 {
 		return nil, nil
 	}
@@ -50,6 +59,7 @@ func (e *Event) DecodeData() (any, error) {
 	if err := gojson.Unmarshal(e.Data, &data); err != nil {
 		return nil, err
 	}
+	e.decoded, e.decodedOK = data, true
 	return data, nil
 }
 

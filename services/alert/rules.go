@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"regexp"
 	"strings"
 	"text/template"
 	"time"
@@ -96,10 +97,15 @@ type Rule struct {
 	version string
 	// onlyType, if set, is the event type the filter requires (type == "x" at its
 	// top, alone or and-ed): other events skip the filter.
-	onlyType    string
-	filter      *vm.Program
-	value       *vm.Program
-	groupBy     []*vm.Program
+	onlyType string
+	// typeOnly: the filter is that type check and nothing else.
+	typeOnly bool
+	filter   *vm.Program
+	value    *vm.Program
+	groupBy  []*vm.Program
+	// groupPaths holds, for each group_by that is a plain field path (data.user,
+	// source), its steps, read without the expression machine; nil for others.
+	groupPaths  [][]string
 	groupLabels []string
 	annotations map[string]*template.Template
 }
@@ -174,6 +180,7 @@ func compile(c RuleConfig) (*Rule, error) {
 		return nil, fmt.Errorf("filter: %w", err)
 	}
 	r.onlyType = requiredType(r.filter.Node())
+	r.typeOnly = r.onlyType != "" && requiredTypeIsAll(r.filter.Node())
 	for _, path := range c.GroupBy {
 		p, err := expr.Compile(path, expr.Env(EventEnv{}))
 		if err != nil {
@@ -186,6 +193,7 @@ func compile(c RuleConfig) (*Rule, error) {
 			}
 		}
 		r.groupBy = append(r.groupBy, p)
+		r.groupPaths = append(r.groupPaths, fieldPath(path))
 		r.groupLabels = append(r.groupLabels, label)
 	}
 	switch c.Kind {
@@ -328,10 +336,65 @@ func requiredType(n ast.Node) string {
 	return ""
 }
 
+// requiredTypeIsAll reports whether n is only the comparison requiredType found.
+func requiredTypeIsAll(n ast.Node) bool {
+	b, ok := n.(*ast.BinaryNode)
+	return ok && b.Operator == "=="
+}
+
+// plainPath is a field path group_by may read directly.
+var plainPath = regexp.MustCompile(`^(?:(?:data|enrichment)(?:\.[A-Za-z_][A-Za-z0-9_]*)+|id|source|type|subject|key)$`)
+
+// fieldPath returns the steps of a plain field path, nil for other expressions.
+func fieldPath(src string) []string {
+	if !plainPath.MatchString(src) {
+		return nil
+	}
+	return strings.Split(src, ".")
+}
+
+// lookup reads a plain field path of env; ok is false where the expression
+// machine would have to decide (a step that is not an object, or missing before
+// the last).
+func lookup(env *EventEnv, path []string) (v any, ok bool) {
+	switch path[0] {
+	case "id":
+		return env.ID, true
+	case "source":
+		return env.Source, true
+	case "type":
+		return env.Type, true
+	case "subject":
+		return env.Subject, true
+	case "key":
+		return env.Key, true
+	case "data":
+		v = env.Data
+	case "enrichment":
+		if env.Enrichment == nil {
+			return nil, false
+		}
+		v = env.Enrichment
+	}
+	for i, step := range path[1:] {
+		m, isMap := v.(map[string]any)
+		if !isMap {
+			return nil, false
+		}
+		if v, ok = m[step]; !ok && i < len(path)-2 {
+			return nil, false
+		}
+	}
+	return v, true
+}
+
 // Matches evaluates the filter on env.
 func (r *Rule) Matches(env *EventEnv) (bool, error) {
 	if r.onlyType != "" && env.Type != r.onlyType {
 		return false, nil
+	}
+	if r.typeOnly {
+		return true, nil
 	}
 	out, err := expr.Run(r.filter, env)
 	if err != nil {
@@ -348,9 +411,18 @@ func (r *Rule) Group(env *EventEnv) ([]string, string, error) {
 	}
 	values := make([]string, len(r.groupBy))
 	for i, p := range r.groupBy {
-		v, err := expr.Run(p, env)
-		if err != nil {
-			return nil, "", fmt.Errorf("rule %s: group_by %s: %w", r.Name, r.GroupBy[i], err)
+		var (
+			v  any
+			ok bool
+		)
+		if r.groupPaths[i] != nil {
+			v, ok = lookup(env, r.groupPaths[i])
+		}
+		if !ok {
+			var err error
+			if v, err = expr.Run(p, env); err != nil {
+				return nil, "", fmt.Errorf("rule %s: group_by %s: %w", r.Name, r.GroupBy[i], err)
+			}
 		}
 		switch v := v.(type) {
 		case nil:

@@ -160,9 +160,7 @@ type eventData struct {
 func (d *eventData) get() any {
 	if !d.decoded {
 		d.decoded = true
-		if len(d.e.Data) > 0 {
-			_ = json.Unmarshal(d.e.Data, &d.v)
-		}
+		d.v, _ = d.e.DecodeData()
 	}
 	return d.v
 }
