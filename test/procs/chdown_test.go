@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -27,6 +28,21 @@ const sinkMemoryCap = 256 << 20
 // whole pipeline (services as processes): the sink stops acking, its memory stays
 // under the cap, and when ClickHouse is back everything lands once by itself.
 func TestClickHouseDown60s(t *testing.T) {
+	clickHouseDown(t, services, nil, "sink")
+}
+
+// TestClickHouseDown60sPipeline is TestClickHouseDown60s with the pipeline stage,
+// whose memory (batches of 5,000) stays under the same cap: it stops reading while
+// it cannot insert.
+func TestClickHouseDown60sPipeline(t *testing.T) {
+	clickHouseDown(t, pipelineServices, map[string][]string{
+		"sink": pipelineEnv["sink"], "pipeline": {"PIPELINE_BATCH_MAX_ROWS=5000"},
+	}, "pipeline")
+}
+
+// clickHouseDown runs names as processes (with env added), stops ClickHouse 60 s
+// and checks the memory of capped and the oracle.
+func clickHouseDown(t *testing.T, names []string, extra map[string][]string, capped string) {
 	bin := build(t)
 	ns := runNATS(t)
 	srv := chtest.Start(t)
@@ -40,13 +56,17 @@ func TestClickHouseDown60s(t *testing.T) {
 		"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_DATA_DIR=" + t.TempDir(),
 		"SINK_BATCH_MAX_ROWS=20000"}
 	var all []*svc
-	for _, name := range services {
-		all = append(all, startService(t, bin, name, env))
+	var watched *svc
+	for _, name := range names {
+		s := startService(t, bin, name, append(slices.Clone(env), extra[name]...))
+		all = append(all, s)
+		if name == capped {
+			watched = s
+		}
 	}
 	for _, s := range all {
 		s.waitReady(t)
 	}
-	sink := all[len(all)-1].cmd
 	outputs := func() string {
 		var b strings.Builder
 		for _, s := range all {
@@ -81,32 +101,38 @@ func TestClickHouseDown60s(t *testing.T) {
 	}
 	peak := int64(0)
 	for time.Since(down) < 60*time.Second {
-		_, rss := procstat.Usage(sink.Process.Pid)
+		_, rss := procstat.Usage(watched.cmd.Process.Pid)
 		peak = max(peak, rss)
 		time.Sleep(500 * time.Millisecond)
 	}
-	_, hwm := procstat.Usage(sink.Process.Pid)
+	_, hwm := procstat.Usage(watched.cmd.Process.Pid)
 	peak = max(peak, hwm)
-	t.Logf("sink peak RSS while ClickHouse was down: %.0f MiB", float64(peak)/(1<<20))
+	t.Logf("%s peak RSS while ClickHouse was down: %.0f MiB", capped, float64(peak)/(1<<20))
 	if peak > sinkMemoryCap {
-		t.Fatalf("sink peak RSS %d MiB, over the %d MiB cap", peak>>20, sinkMemoryCap>>20)
+		t.Fatalf("%s peak RSS %d MiB, over the %d MiB cap", capped, peak>>20, sinkMemoryCap>>20)
 	}
-	info, err := js.Consumer(ctx, streams.Enriched, "sink")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ci, err := info.Info(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if ci.NumPending == 0 {
-		t.Fatal("nothing waited for ClickHouse: the sink acked while it was down?")
+	if capped == "sink" {
+		info, err := js.Consumer(ctx, streams.Enriched, "sink")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ci, err := info.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ci.NumPending == 0 {
+			t.Fatal("nothing waited for ClickHouse: the sink acked while it was down?")
+		}
 	}
 	srv2, err := chserver.Start(ctx, dir, port)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv2.Stop() })
+	var rows uint64
+	if err := conn.QueryRow(ctx, "SELECT count() FROM events").Scan(&rows); err == nil && rows >= uint64(len(m.Events)) {
+		t.Fatalf("%d rows as soon as ClickHouse was back: nothing waited for it?", rows)
+	}
 	if err := oracle.WaitFor(ctx, 3*time.Minute, func() error {
 		c, err := oracle.ReadCounts(ctx, conn)
 		if err != nil {
@@ -115,7 +141,11 @@ func TestClickHouseDown60s(t *testing.T) {
 		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
 			return fmt.Errorf("%+v", c)
 		}
-		for _, c := range [][2]string{{streams.Enriched, "sink"}, {streams.DLQ, "sink"}} {
+		idle := [][2]string{{streams.Enriched, "sink"}, {streams.DLQ, "sink"}}
+		if capped != "sink" {
+			idle = idle[1:]
+		}
+		for _, c := range idle {
 			if err := natstest.Idle(ctx, js, c[0], c[1]); err != nil {
 				return err
 			}

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -29,6 +30,13 @@ import (
 // process and a clickhouse-server, with config as SLUICE_CONFIG; before, if set,
 // changes the streams first.
 func startProcessPipeline(t *testing.T, config string, before func(jetstream.JetStream)) (*natsProcess, jetstream.JetStream, *streams.Topology, driver.Conn) {
+	t.Helper()
+	return startProcesses(t, services, nil, config, before)
+}
+
+// startProcesses is startProcessPipeline with names as the services (extra adds to
+// their environment); the topology returned holds the consumers they read.
+func startProcesses(t *testing.T, names []string, extra map[string][]string, config string, before func(jetstream.JetStream)) (*natsProcess, jetstream.JetStream, *streams.Topology, driver.Conn) {
 	t.Helper()
 	bin := build(t)
 	ns := runNATS(t)
@@ -53,10 +61,10 @@ func startProcessPipeline(t *testing.T, config string, before func(jetstream.Jet
 	}
 	env := []string{"NATS_URL=" + ns.url(), "SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database,
 		"SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + hookSecret, "SLUICE_DATA_DIR=" + filepath.Join(dir, "state")}
-	for _, name := range services {
-		startService(t, bin, name, env).waitReady(t)
+	for _, name := range names {
+		startService(t, bin, name, append(slices.Clone(env), extra[name]...)).waitReady(t)
 	}
-	return ns, js, topo, conn
+	return ns, js, readBy(topo, names), conn
 }
 
 func idle(ctx context.Context, js jetstream.JetStream, topo *streams.Topology) error {
@@ -158,7 +166,16 @@ func TestReceiverDownAsProcesses(t *testing.T) {
 // JetStream's duplicate windows (cut to 1 s on EVENTS and UNIQUE) have passed adds
 // no row and no alert.
 func TestRepublishAsProcesses(t *testing.T) {
-	ns, js, topo, conn := startProcessPipeline(t, "rules:\n  - name: tenth\n    filter: 'int(data.n) % 10 == 0'\n", func(js jetstream.JetStream) {
+	republish(t, services, nil)
+}
+
+// TestRepublishPipeline is TestRepublishAsProcesses with the pipeline stage.
+func TestRepublishPipeline(t *testing.T) {
+	republish(t, pipelineServices, pipelineEnv)
+}
+
+func republish(t *testing.T, names []string, extra map[string][]string) {
+	ns, js, topo, conn := startProcesses(t, names, extra, "rules:\n  - name: tenth\n    filter: 'int(data.n) % 10 == 0'\n", func(js jetstream.JetStream) {
 		topo, _ := streams.Load()
 		for _, name := range []string{streams.Events, streams.Unique} {
 			cfg, _ := topo.Stream(name)
