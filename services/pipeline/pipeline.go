@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"runtime"
 	"strconv"
 	"sync"
@@ -81,9 +82,11 @@ type Config struct {
 	Crash sink.Crash
 }
 
-// DefaultConfig gives batches of up to 20,000 events, flushed within 200 ms.
+// DefaultConfig gives batches of up to 20,000 events, flushed within 200 ms, and
+// names the replica host:pid.
 func DefaultConfig() Config {
-	return Config{
+	host, _ := os.Hostname()
+	return Config{Replica: fmt.Sprintf("%s:%d", host, os.Getpid()),
 		Window: dedup.DefaultWindowConfig(), Enrich: enrich.DefaultConfig(), Alert: alert.DefaultConfig(),
 		MaxRows: 20_000, FlushInterval: 200 * time.Millisecond, InsertTimeout: time.Minute,
 		SnapshotInterval: 10 * time.Second, LeaseTTL: 10 * time.Second,

@@ -12,6 +12,7 @@ require (
 	github.com/sluicehq/sluice/services/enrich v0.0.0
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/notify v0.0.0
+	github.com/sluicehq/sluice/services/pipeline v0.0.0
 	github.com/sluicehq/sluice/services/sink v0.0.0
 )
 
@@ -74,3 +75,5 @@ replace github.com/sluicehq/sluice/services/alert => ../alert
 replace github.com/sluicehq/sluice/services/notify => ../notify
 
 replace github.com/sluicehq/sluice/services/sink => ../sink
+
+replace github.com/sluicehq/sluice/services/pipeline => ../pipeline

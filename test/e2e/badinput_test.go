@@ -86,9 +86,18 @@ func badCorpus(t *testing.T) []badCase {
 // problem, and every good event lands. A payload over the server's max_payload is
 // refused to the producer by the server and never acknowledged.
 func TestBadInput(t *testing.T) {
-	ns := natstest.RunWith(t, natsserver.Config{MaxPayload: 4 << 20})
-	p := newPipelineOn(t, ns, "", nil)
-	p.start()
+	for _, mode := range modes {
+		t.Run(mode.name, func(t *testing.T) {
+			ns := natstest.RunWith(t, natsserver.Config{MaxPayload: 4 << 20})
+			p := newPipelineOn(t, ns, "", nil)
+			p.split = mode.split
+			p.start()
+			badInput(t, p)
+		})
+	}
+}
+
+func badInput(t *testing.T, p *pipeline) {
 	cases := badCorpus(t)
 	good := 0
 	pubGood := func() {

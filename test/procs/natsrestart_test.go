@@ -135,7 +135,7 @@ func TestNATSKill9(t *testing.T) {
 	runCtx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		if err := platform.RunStages(runCtx, platform.Stages{NATS: stageConn, ClickHouse: conn, Config: file, Env: func(string) (string, bool) { return "", false },
+		if err := platform.RunStages(runCtx, platform.Stages{NATS: stageConn, ClickHouse: conn, Config: file, Split: true, Env: func(string) (string, bool) { return "", false },
 			Log: log, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}, DataDir: filepath.Join(dir, "state")}); err != nil {
 			t.Errorf("stages: %v", err)
 		}

@@ -159,3 +159,8 @@ func Duration(fs *flag.FlagSet, env Lookup, p *time.Duration, name, envName stri
 func String(fs *flag.FlagSet, env Lookup, p *string, name, envName, def, usage string) {
 	binder{fs, env}.str(p, name, envName, def, usage)
 }
+
+// Bool registers a bool flag whose default comes from envName.
+func Bool(fs *flag.FlagSet, env Lookup, p *bool, name, envName string, def bool, usage string) error {
+	return binder{fs, env}.boolean(p, name, envName, def, usage)
+}

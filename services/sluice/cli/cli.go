@@ -35,7 +35,7 @@ import (
 const usage = `sluice: an event platform on NATS JetStream.
 
 Usage:
-  sluice up                 run NATS (embedded), every stage and, if needed, a local ClickHouse
+  sluice up                 run NATS (embedded), the stages and, if needed, a local ClickHouse
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
   sluice streams apply      create or update the streams and consumers on NATS_URL
   sluice rules check FILE   validate the rules of a config file offline
@@ -153,6 +153,10 @@ func up(ctx context.Context, args []string, io IO) error {
 	settings.BindConfig(fs, io.Env, &cfg.Service.ConfigPath)
 	settings.BindDataDir(fs, io.Env, &cfg.DataDir)
 	if err := settings.BindService(fs, io.Env, &cfg.Service, "127.0.0.1:9300"); err != nil {
+		return err
+	}
+	if err := settings.Bool(fs, io.Env, &cfg.Split, "split-stages", "SLUICE_SPLIT_STAGES", false,
+		"run dedup, enrich and alert as stages of their own, each hop a stream, instead of the pipeline stage"); err != nil {
 		return err
 	}
 	if err := parse(fs, args, io, 0); err != nil {

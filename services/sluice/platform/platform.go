@@ -19,6 +19,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/services/sink"
 )
 
@@ -37,10 +38,14 @@ type Stages struct {
 	Sink sink.Config
 	// DataDir holds the stages' local state (the dedup snapshot); empty keeps none.
 	DataDir string
+	// Split runs dedup, enrich and alert as stages of their own, each hop a stream,
+	// and the sink for every table, instead of the pipeline stage.
+	Split bool
 }
 
-// RunStages runs dedup, enrich, alert, notify and the sink until ctx is done or one
-// of them fails; then it stops the others and returns the first error.
+// RunStages runs the pipeline stage, notify and the sink (dead letters and alerts)
+// or, with Split, dedup, enrich, alert, notify and the sink, until ctx is done or
+// one of them fails; then it stops the others and returns the first error.
 func RunStages(ctx context.Context, s Stages) error {
 	alertCfg, err := alert.LoadConfig(s.Config)
 	if err != nil {
@@ -70,13 +75,30 @@ func RunStages(ctx context.Context, s Stages) error {
 		sinkCfg = sink.DefaultConfig()
 	}
 	ready := func(name string) func() { return func() { s.Ready.Set("stage "+name, nil) } }
+	var runs []stageRun
+	if !s.Split {
+		pipeCfg := pipeline.DefaultConfig()
+		pipeCfg.Window, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, enrichCfg, alertCfg
+		pipeCfg.Replica = "sluice-up"
+		sinkCfg.Tables = []string{"dead_letters", "alerts"}
+		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))
+		runs = []stageRun{
+			{pipeline.Name, func(ctx context.Context) error {
+				return pipeline.Run(ctx, pipeCfg, pipeline.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+			}},
+			{notify.Name, func(ctx context.Context) error {
+				return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name)})
+			}},
+			{sink.Name, func(ctx context.Context) error {
+				return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+			}},
+		}
+		return runAll(ctx, runs)
+	}
 	for _, name := range []string{dedup.Name, enrich.Name, alert.Name, notify.Name} {
 		s.Ready.Set("stage "+name, errors.New("not consuming yet"))
 	}
-	runs := []struct {
-		name string
-		run  func(context.Context) error
-	}{
+	runs = []stageRun{
 		{dedup.Name, func(ctx context.Context) error {
 			return dedup.Run(ctx, dedupCfg, dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
 		}},
@@ -93,6 +115,18 @@ func RunStages(ctx context.Context, s Stages) error {
 			return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
 		}},
 	}
+	return runAll(ctx, runs)
+}
+
+// stageRun is one stage to run.
+type stageRun struct {
+	name string
+	run  func(context.Context) error
+}
+
+// runAll runs each stage until ctx is done or one fails; then it stops the others
+// and returns the first error.
+func runAll(ctx context.Context, runs []stageRun) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (

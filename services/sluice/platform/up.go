@@ -31,6 +31,8 @@ type UpConfig struct {
 	ClickHouse settings.ClickHouse
 	Service    settings.Service
 	Env        func(string) (string, bool)
+	// Split runs the split stages instead of the pipeline stage (see Stages).
+	Split bool
 }
 
 // Up runs the whole platform in this process until ctx is done.
@@ -82,7 +84,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Reg
 	ready := &telemetry.Readiness{}
 	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {
 		return RunStages(ctx, Stages{
-			NATS: nc, ClickHouse: conn, Config: file, Env: cfg.Env, DataDir: cfg.DataDir,
+			NATS: nc, ClickHouse: conn, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split,
 			Log: log, Registerer: reg, Ready: ready,
 		})
 	})

@@ -96,7 +96,7 @@ func TestUpStartsEverything(t *testing.T) {
 		}
 		return nil
 	})
-	if _, body, err := get("/metrics"); err != nil || !strings.Contains(body, `sluice_sink_rows_inserted_total{table="events"} 1`) {
+	if _, body, err := get("/metrics"); err != nil || !strings.Contains(body, "sluice_pipeline_rows_inserted_total 1") {
 		t.Fatalf("/metrics: %v\n%s", err, body)
 	}
 	conn.Close()
