@@ -435,7 +435,9 @@ func (r *run) run(ctx context.Context) error {
 		select {
 		case err = <-stored:
 		case <-sctx.Done():
-			err = fmt.Errorf("pipeline: stopping: output not stored in time: %w", sctx.Err())
+			// Stop the writer; the send returns once it has (it never outlives stop).
+			stopWriter()
+			err = errors.Join(fmt.Errorf("pipeline: stopping: output not stored in time: %w", sctx.Err()), <-stored)
 		}
 		stopWriter()
 		if err == nil {
