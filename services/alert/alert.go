@@ -387,6 +387,19 @@ func Env(e *events.Event) *EventEnv {
 	return events.NewExprEnv(e, data)
 }
 
+// ChangeMsg is the ALERTS message of an alert change, with MsgID as its
+// Nats-Msg-Id.
+func ChangeMsg(a *alerts.Alert) (*nats.Msg, error) {
+	body, err := json.Marshal(a)
+	if err != nil {
+		return nil, err
+	}
+	m := nats.NewMsg(a.Subject())
+	m.Header.Set(nats.MsgIdHdr, MsgID(a))
+	m.Data = body
+	return m, nil
+}
+
 // emit publishes alert changes, leaving out those published before a restart.
 func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
 	for _, a := range out {
@@ -396,14 +409,11 @@ func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
 			s.m.skipped.Inc()
 			continue
 		}
-		body, err := json.Marshal(a)
+		m, err := ChangeMsg(a)
 		if err != nil {
 			s.log.Error("encode alert", "rule", a.Rule, "err", err)
 			continue
 		}
-		m := nats.NewMsg(a.Subject())
-		m.Header.Set(nats.MsgIdHdr, id)
-		m.Data = body
 		s.publish(ctx, m)
 		s.m.alerts.WithLabelValues(a.Rule, a.Status).Inc()
 	}

@@ -28,7 +28,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -702,14 +701,11 @@ func (r *run) emit(out []*alerts.Alert, replay bool, b *batch) {
 			r.m.republishSkipped.Inc()
 			continue
 		}
-		body, err := json.Marshal(a)
+		m, err := alert.ChangeMsg(a)
 		if err != nil {
 			r.log.Error("encode alert", "rule", a.Rule, "err", err)
 			continue
 		}
-		m := nats.NewMsg(a.Subject())
-		m.Header.Set(nats.MsgIdHdr, id)
-		m.Data = body
 		b.out = append(b.out, m)
 		r.m.alerts.WithLabelValues(a.Rule, a.Status).Inc()
 	}
@@ -819,27 +815,11 @@ func (w *writer) retry(ctx context.Context, kind string, f func(context.Context)
 // dropPresent removes from b the rows the events table holds already (same
 // stream_seq and key): rows a run before this one inserted.
 func (w *writer) dropPresent(ctx context.Context, b *batch) error {
-	lo, hi := b.seqs[0], b.seqs[len(b.seqs)-1]
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	rows, err := w.ch.Query(ctx, "SELECT stream_seq, key FROM events WHERE stream_seq >= "+strconv.FormatUint(lo, 10)+" AND stream_seq <= "+strconv.FormatUint(hi, 10))
+	present, err := sink.Present(ctx, w.ch, "events", "key", b.seqs[0], b.seqs[len(b.seqs)-1])
 	if err != nil {
-		return fmt.Errorf("replay check on events: %w", err)
-	}
-	defer rows.Close()
-	present := map[uint64]string{}
-	for rows.Next() {
-		var (
-			seq uint64
-			key string
-		)
-		if err := rows.Scan(&seq, &key); err != nil {
-			return fmt.Errorf("replay check on events: %w", err)
-		}
-		present[seq] = key
-	}
-	if err := rows.Err(); err != nil {
-		return fmt.Errorf("replay check on events: %w", err)
+		return err
 	}
 	keep := 0
 	for i := range b.rows {

@@ -568,26 +568,40 @@ func (w *writer) present(ctx context.Context, suspects []suspect) (map[int]bool,
 	if w.table.Identity != "" {
 		identity = w.table.Identity
 	}
-	q := "SELECT stream_seq, " + identity + " FROM " + w.table.Name + " WHERE stream_seq >= " + strconv.FormatUint(lo, 10) + " AND stream_seq <= " + strconv.FormatUint(hi, 10)
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	rows, err := w.ch.Query(ctx, q)
+	found, err := Present(ctx, w.ch, w.table.Name, identity, lo, hi)
 	if err != nil {
-		return nil, fmt.Errorf("replay check on %s: %w", w.table.Name, err)
+		return nil, err
+	}
+	out := map[int]bool{}
+	for seq, id := range found {
+		if s, ok := bySeq[seq]; ok && s.identity == id {
+			out[s.row] = true
+		}
+	}
+	return out, nil
+}
+
+// Present returns the rows of table with stream_seq from lo to hi: their identity
+// (a String expression) by stream_seq.
+func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi uint64) (map[uint64]string, error) {
+	q := "SELECT stream_seq, " + identity + " FROM " + table + " WHERE stream_seq >= " + strconv.FormatUint(lo, 10) + " AND stream_seq <= " + strconv.FormatUint(hi, 10)
+	rows, err := ch.Query(ctx, q)
+	if err != nil {
+		return nil, fmt.Errorf("replay check on %s: %w", table, err)
 	}
 	defer rows.Close()
-	out := map[int]bool{}
+	out := map[uint64]string{}
 	for rows.Next() {
 		var (
 			seq uint64
 			id  string
 		)
 		if err := rows.Scan(&seq, &id); err != nil {
-			return nil, fmt.Errorf("replay check on %s: %w", w.table.Name, err)
+			return nil, fmt.Errorf("replay check on %s: %w", table, err)
 		}
-		if s, ok := bySeq[seq]; ok && s.identity == id {
-			out[s.row] = true
-		}
+		out[seq] = id
 	}
 	return out, rows.Err()
 }
