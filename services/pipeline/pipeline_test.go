@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
@@ -260,4 +263,93 @@ func TestTwoReplicas(t *testing.T) {
 	u3, i3, r3 := f.input(t, 2001, 1000)
 	f.waitFor(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
 	f.check(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
+}
+
+// configFrom loads yaml as SLUICE_CONFIG into a test config, watched for changes.
+func configFrom(t *testing.T, yaml string) (Config, string) {
+	t.Helper()
+	cfg := testConfig(t, "a")
+	path := t.TempDir() + "/sluice.yaml"
+	if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := configfile.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Alert, err = alert.LoadConfig(f); err != nil {
+		t.Fatal(err)
+	}
+	return cfg, path
+}
+
+// alertsOf returns the rules and statuses of ALERTS' messages, in order.
+func (f *fixture) alertsOf(t *testing.T) []string {
+	t.Helper()
+	s, err := f.js.Stream(context.Background(), streams.Alerts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for seq := uint64(1); seq <= s.CachedInfo().State.LastSeq; seq++ {
+		m, err := s.GetMsg(context.Background(), seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := alerts.Decode(m.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, a.Rule+":"+a.Status)
+	}
+	return out
+}
+
+func (f *fixture) beat(t *testing.T, id, device string) {
+	t.Helper()
+	body := fmt.Sprintf(`{"id":%q,"source":"iot","type":"beat","time":%q,"data":{"device":%q}}`, id, time.Now().UTC().Format(time.RFC3339Nano), device)
+	if _, err := f.js.Publish(context.Background(), "events.iot.beat", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// An absence rule fires when events stop (event time moves on with the clock once
+// the input is idle), and a changed config reloads the rules without a restart.
+func TestIdleAndReload(t *testing.T) {
+	f := setup(t)
+	cfg, path := configFrom(t, `
+alert: {idle_after: 300ms, reload_interval: 50ms}
+rules:
+  - name: silent
+    kind: absence
+    filter: type == "beat"
+    group_by: [data.device]
+    for: 2s
+    allowed_lateness: 100ms
+`)
+	f.start(t, cfg)
+	f.beat(t, "b1", "d1")
+	poll.Until(t, 15*time.Second, func() error {
+		if got := f.alertsOf(t); len(got) != 1 || got[0] != "silent:firing" {
+			return fmt.Errorf("alerts %v", got)
+		}
+		return nil
+	})
+	if err := os.WriteFile(path, []byte(`
+alert: {idle_after: 300ms, reload_interval: 50ms}
+rules:
+  - name: every-beat
+    filter: type == "beat"
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The removed rule resolves what it had firing; the new one matches the next beat.
+	poll.Until(t, 15*time.Second, func() error {
+		f.beat(t, fmt.Sprintf("b-%d", time.Now().UnixNano()), "d1")
+		got := f.alertsOf(t)
+		if !slices.Contains(got, "silent:resolved") || !slices.Contains(got, "every-beat:firing") {
+			return fmt.Errorf("alerts %v", got)
+		}
+		return nil
+	})
 }
