@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -77,6 +78,10 @@ type Config struct {
 	// unrenewed (another replica takes over that long after this one dies).
 	Replica  string
 	LeaseTTL time.Duration
+	// StartAt is where a pipeline without state starts reading EVENTS: "first" (the
+	// default: all of it), "end" (only what is stored from now on), or a stream
+	// sequence. A stage with state always goes on from it.
+	StartAt string
 	// Crash is fault injection for the crash tests; zero in production.
 	Crash sink.Crash
 }
@@ -108,6 +113,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return errors.New("pipeline: batch size, flush interval, insert timeout, snapshot interval and lease TTL must be positive")
 	}
 	if err := cfg.Window.Validate(); err != nil {
+		return err
+	}
+	if _, err := startSeq(cfg.StartAt, 0); err != nil {
 		return err
 	}
 	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
@@ -156,6 +164,22 @@ type pipeline struct {
 	m          *metrics
 	maxPayload int64
 	ready      *telemetry.Readiness
+}
+
+// startSeq is the first EVENTS sequence a stage without state reads, for StartAt
+// and the stream's last sequence.
+func startSeq(at string, last uint64) (uint64, error) {
+	switch at {
+	case "", "first":
+		return 1, nil
+	case "end":
+		return last + 1, nil
+	}
+	seq, err := strconv.ParseUint(at, 10, 64)
+	if err != nil || seq == 0 {
+		return 0, fmt.Errorf("pipeline: start at %q: want first, end or a stream sequence (1 or more)", at)
+	}
+	return seq, nil
 }
 
 // lead runs the stage while this replica holds the lease, starting again after a
@@ -225,9 +249,10 @@ func (r *run) restore(ctx context.Context) error {
 		return err
 	}
 	if snap == nil {
-		snap = &snapshot{StreamCreated: r.created, ReplayUntil: info.State.LastSeq}
-		r.log.Info("no pipeline state; reading EVENTS from its start, alerts from input already there are marked replay",
-			"replay_until", snap.ReplayUntil)
+		from, _ := startSeq(r.cfg.StartAt, info.State.LastSeq)
+		snap = &snapshot{StreamCreated: r.created, Seq: from - 1, ReplayUntil: info.State.LastSeq}
+		r.log.Info("no pipeline state; reading EVENTS from the start sequence, alerts from input already there are marked replay",
+			"from_seq", from, "replay_until", snap.ReplayUntil)
 	}
 	if snap.Seq+1 < info.State.FirstSeq {
 		r.log.Warn("input after the state's position has aged out of EVENTS; dedup and windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)

@@ -29,6 +29,7 @@ func main() {
 		Config:      true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
 			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this process's name in the lease (one replica at a time runs)")
+			settings.String(fs, env, &cfg.StartAt, "start-at", "PIPELINE_START_AT", "first", "where a pipeline without state starts reading EVENTS: first, end, or a stream sequence")
 			return errors.Join(
 				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most input messages in one batch (one insert)"),
 				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "PIPELINE_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
