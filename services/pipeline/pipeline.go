@@ -406,9 +406,20 @@ func (r *run) run(ctx context.Context) error {
 	var closeOnce sync.Once
 	closeBatches := func() { closeOnce.Do(func() { close(batches) }) }
 	defer closeBatches()
-	writerErr := make(chan error, 1)
+	writerDone := make(chan struct{})
+	var writerErr error
 	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log)}
-	wg.Go(func() { writerErr <- w.write(wctx, batches) })
+	wg.Go(func() {
+		defer close(writerDone)
+		writerErr = w.write(wctx, batches)
+	})
+	// writerFailed is why the writer stopped; call it once writerDone is closed.
+	writerFailed := func() error {
+		if writerErr != nil {
+			return writerErr
+		}
+		return errors.New("pipeline: the writer stopped")
+	}
 
 	reloads := make(chan []*alert.Rule)
 	if r.cfg.Alert.ConfigPath != "" {
@@ -435,8 +446,8 @@ func (r *run) run(ctx context.Context) error {
 		}
 		select {
 		case batches <- b:
-		case err := <-writerErr:
-			return err
+		case <-writerDone:
+			return writerFailed()
 		}
 		if !wait {
 			return nil
@@ -444,8 +455,8 @@ func (r *run) run(ctx context.Context) error {
 		select {
 		case err := <-done:
 			return err
-		case err := <-writerErr:
-			return err
+		case <-writerDone:
+			return writerFailed()
 		}
 	}
 	// stop stores what was decided and saves the state, within a third of the lease.
@@ -480,8 +491,8 @@ func (r *run) run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return stop(nil)
-		case err := <-writerErr:
-			return err
+		case <-writerDone:
+			return writerFailed()
 		case ps, ok := <-prepared:
 			if !ok {
 				return stop(errors.New("pipeline: the input ended"))
