@@ -21,7 +21,7 @@ import (
 type Publisher struct {
 	js  jetstream.JetStream
 	log *slog.Logger
-	// MaxPending is how many publishes may be in flight before Publish settles.
+	// maxPending is how many publishes may be in flight before Publish settles.
 	maxPending int
 	pending    []pending
 }
