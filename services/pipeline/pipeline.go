@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -356,15 +357,19 @@ func (r *run) write(ctx context.Context) error {
 
 // batch is what the input of one batch produced, written by the writer.
 type batch struct {
-	rows  [][]any
-	keys  []string    // each row's event key
-	seqs  []uint64    // each row's EVENTS sequence
-	times []time.Time // each row's stream time
-	input []jetstream.Msg
-	out   []*nats.Msg // dead letters and alert changes
-	first uint64      // first EVENTS sequence the batch covers
+	rows []row       // in stream order
+	out  []*nats.Msg // dead letters and alert changes
 	// done, if set, is closed once the batch and all before it are stored.
 	done chan error
+}
+
+// row is one events row and where it comes from.
+type row struct {
+	values []any
+	key    string
+	seq    uint64    // EVENTS sequence
+	stored time.Time // when EVENTS stored the event
+	msg    jetstream.Msg
 }
 
 func (r *run) run(ctx context.Context) error {
@@ -676,10 +681,6 @@ func (r *run) decide(p *prep, b *batch) {
 		r.log.Warn("message without metadata", "err", p.d.Invalid)
 		return
 	}
-	if len(b.input) == 0 {
-		b.first = p.seq
-	}
-	b.input = append(b.input, p.msg)
 	r.seq = p.seq
 	r.m.lag.Set(float64(p.pending))
 	d := p.d
@@ -697,10 +698,7 @@ func (r *run) decide(p *prep, b *batch) {
 		r.deadLetter(p.msg, p.rowErr.Error(), b)
 		return
 	}
-	b.rows = append(b.rows, p.row)
-	b.keys = append(b.keys, d.Event.Key)
-	b.seqs = append(b.seqs, p.seq)
-	b.times = append(b.times, p.received)
+	b.rows = append(b.rows, row{values: p.row, key: d.Event.Key, seq: p.seq, stored: p.received, msg: p.msg})
 	if len(r.engine.Rules()) == 0 {
 		return
 	}
@@ -772,7 +770,7 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 // store inserts b's rows (those not in the table already), retrying until
 // ClickHouse takes them or ctx ends, then publishes b's output.
 func (w *writer) store(ctx context.Context, b *batch) error {
-	if len(b.rows) > 0 && b.first <= w.hwm {
+	if len(b.rows) > 0 && b.rows[0].seq <= w.hwm {
 		if err := w.retry(ctx, "check", func(ctx context.Context) error { return w.dropPresent(ctx, b) }); err != nil {
 			return err
 		}
@@ -781,22 +779,36 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		w.cfg.Crash.At(sink.CrashBeforeInsert)
 		w.cfg.Crash.At(sink.CrashDuringInsert)
 		start := time.Now()
-		var refused map[int]error
+		var (
+			refused map[int]error
+			// partial: a failed insert may have stored some rows (a half of a split,
+			// or all of them with the answer lost); the next try checks first.
+			partial bool
+		)
 		err := w.retry(ctx, "insert", func(ctx context.Context) error {
+			if partial {
+				if err := w.dropPresent(ctx, b); err != nil {
+					return err
+				}
+				partial = false
+			}
+			refused = nil
+			if len(b.rows) == 0 {
+				return nil
+			}
+			values := make([][]any, len(b.rows))
+			for i, r := range b.rows {
+				values[i] = r.values
+			}
 			var err error
-			refused, err = sink.Isolate(b.rows, func(rows [][]any) error {
+			refused, err = sink.Isolate(values, func(rows [][]any) error {
 				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 				defer cancel()
 				return sink.Insert(ictx, w.ch, sink.EventsTable(), rows)
 			}, func(n int, err error) {
 				w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
 			})
-			if err != nil && len(b.rows) > 0 {
-				// Halves inserted before the failure are found by the check.
-				if derr := w.dropPresent(ctx, b); derr != nil {
-					return errors.Join(err, derr)
-				}
-			}
+			partial = err != nil
 			return err
 		})
 		if err != nil {
@@ -806,18 +818,12 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		now := time.Now()
 		w.m.insert.Observe(now.Sub(start).Seconds())
 		w.m.rows.Add(float64(len(b.rows) - len(refused)))
-		for i, t := range b.times {
-			if _, bad := refused[i]; !bad {
-				w.m.e2e.Observe(now.Sub(t).Seconds())
+		for i, r := range b.rows {
+			if rerr, bad := refused[i]; bad {
+				w.deadLetter(r.msg, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
+				continue
 			}
-		}
-		for i, rerr := range refused {
-			seq := b.seqs[i]
-			for _, msg := range b.input {
-				if md, _ := msg.Metadata(); md != nil && md.Sequence.Stream == seq {
-					w.deadLetter(msg, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
-				}
-			}
+			w.m.e2e.Observe(now.Sub(r.stored).Seconds())
 		}
 	}
 	for _, m := range b.out {
@@ -849,23 +855,24 @@ func (w *writer) retry(ctx context.Context, kind string, f func(context.Context)
 }
 
 // dropPresent removes from b the rows the events table holds already (same
-// stream_seq and key): rows a run before this one inserted.
+// stream_seq and key): rows a run before this one inserted, or a failed insert of
+// this one stored before it failed.
 func (w *writer) dropPresent(ctx context.Context, b *batch) error {
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	present, err := sink.Present(ctx, w.ch, "events", "key", b.seqs[0], b.seqs[len(b.seqs)-1])
+	if len(b.rows) == 0 {
+		return nil
+	}
+	present, err := sink.Present(ctx, w.ch, "events", "key", b.rows[0].seq, b.rows[len(b.rows)-1].seq)
 	if err != nil {
 		return err
 	}
-	keep := 0
-	for i := range b.rows {
-		if key, ok := present[b.seqs[i]]; ok && key == b.keys[i] {
+	b.rows = slices.DeleteFunc(b.rows, func(r row) bool {
+		if key, ok := present[r.seq]; ok && key == r.key {
 			w.m.replays.Inc()
-			continue
+			return true
 		}
-		b.rows[keep], b.keys[keep], b.seqs[keep], b.times[keep] = b.rows[i], b.keys[i], b.seqs[i], b.times[i]
-		keep++
-	}
-	b.rows, b.keys, b.seqs, b.times = b.rows[:keep], b.keys[:keep], b.seqs[:keep], b.times[:keep]
+		return false
+	})
 	return nil
 }

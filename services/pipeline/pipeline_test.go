@@ -46,19 +46,28 @@ func setup(t *testing.T) *fixture {
 }
 
 // testConfig has small batches, frequent snapshots, a short lease and one match
-// rule (type "test.refunded").
+// rule (type "test.refunded"), not watched.
 func testConfig(t *testing.T, replica string) Config {
+	t.Helper()
+	cfg, _ := configFrom(t, replica, `
+rules:
+  - name: refund
+    kind: match
+    filter: type == "test.refunded"
+`)
+	cfg.Alert.ConfigPath = ""
+	return cfg
+}
+
+// configFrom is a test config (small batches, frequent snapshots, a short lease)
+// with yaml as SLUICE_CONFIG, watched for changes at the returned path.
+func configFrom(t *testing.T, replica, yaml string) (Config, string) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.MaxRows, cfg.FlushInterval, cfg.SnapshotInterval = 100, 20*time.Millisecond, 100*time.Millisecond
 	cfg.Replica, cfg.LeaseTTL = replica, time.Second
 	path := t.TempDir() + "/sluice.yaml"
-	if err := os.WriteFile(path, []byte(`
-rules:
-  - name: refund
-    kind: match
-    filter: type == "test.refunded"
-`), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	f, err := configfile.Load(path)
@@ -68,8 +77,7 @@ rules:
 	if cfg.Alert, err = alert.LoadConfig(f); err != nil {
 		t.Fatal(err)
 	}
-	cfg.Alert.ConfigPath = ""
-	return cfg
+	return cfg, path
 }
 
 // start runs the stage; the returned func stops it and waits.
@@ -265,24 +273,6 @@ func TestTwoReplicas(t *testing.T) {
 	f.check(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
 }
 
-// configFrom loads yaml as SLUICE_CONFIG into a test config, watched for changes.
-func configFrom(t *testing.T, yaml string) (Config, string) {
-	t.Helper()
-	cfg := testConfig(t, "a")
-	path := t.TempDir() + "/sluice.yaml"
-	if err := os.WriteFile(path, []byte(yaml), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f, err := configfile.Load(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if cfg.Alert, err = alert.LoadConfig(f); err != nil {
-		t.Fatal(err)
-	}
-	return cfg, path
-}
-
 // alertsOf returns the rules and statuses of ALERTS' messages, in order.
 func (f *fixture) alertsOf(t *testing.T) []string {
 	t.Helper()
@@ -317,7 +307,7 @@ func (f *fixture) beat(t *testing.T, id, device string) {
 // the input is idle), and a changed config reloads the rules without a restart.
 func TestIdleAndReload(t *testing.T) {
 	f := setup(t)
-	cfg, path := configFrom(t, `
+	cfg, path := configFrom(t, "a", `
 alert: {idle_after: 300ms, reload_interval: 50ms}
 rules:
   - name: silent
