@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/expr-lang/expr/vm"
+
 	"github.com/sluicehq/sluice/schemas/alerts"
 )
 
@@ -26,6 +28,8 @@ type Engine struct {
 	// Late counts events that arrived after their window was evaluated, by rule.
 	Late map[string]int
 	adds []add
+	// vm runs every expression (Observe is not called concurrently).
+	vm vm.VM
 }
 
 // State is the engine's durable state.
@@ -159,7 +163,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 	)
 	t := env.Time.UnixNano()
 	for _, r := range e.rules {
-		ok, err := r.Matches(env)
+		ok, err := r.Matches(&e.vm, env)
 		if err != nil {
 			// A filter that fails on one event (a missing field, a wrong type) does not
 			// match it; the event is not bad input.
@@ -169,7 +173,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		if !ok {
 			continue
 		}
-		values, key, err := r.Group(env)
+		values, key, err := r.Group(&e.vm, env)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -187,7 +191,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 				out = append(out, r.resolved(g, max(t, g.FiringSince), nil))
 			}
 		default:
-			v, err := r.Value(env)
+			v, err := r.Value(&e.vm, env)
 			if err != nil {
 				errs = append(errs, err)
 				continue
@@ -359,23 +363,24 @@ func (r *Rule) holds(g *GroupState, end int64) (bool, float64) {
 // false for avg, min and max of no events.
 func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
 	var acc Bucket
-	if g.Latest < from {
+	switch step, n := int64(r.Step), int64(len(g.Buckets)); {
+	case g.Latest < from:
 		// No event in the range: skip the ring.
-		g = &GroupState{}
-	}
-	for i := range g.Buckets {
-		b := &g.Buckets[i]
-		if b.Start < from || b.Start >= to || b.N == 0 {
-			continue
+	case n == r.ring():
+		// A full ring holds step s at s/step mod n, with a slot for each step of
+		// the range: only those slots are read.
+		for s := from; s < to; s += step {
+			if b := &g.Buckets[floorMod(s/step, n)]; b.Start == s {
+				acc.merge(b)
+			}
 		}
-		if acc.N == 0 || b.Min < acc.Min {
-			acc.Min = b.Min
+	default:
+		// A ring as restored (only steps with events, in no slot order).
+		for i := range g.Buckets {
+			if b := &g.Buckets[i]; b.Start >= from && b.Start < to {
+				acc.merge(b)
+			}
 		}
-		if acc.N == 0 || b.Max > acc.Max {
-			acc.Max = b.Max
-		}
-		acc.N += b.N
-		acc.Sum += b.Sum
 	}
 	switch r.Aggregate {
 	case AggCount:
@@ -394,6 +399,21 @@ func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
 	default:
 		return acc.Max, true
 	}
+}
+
+// merge adds b's events to acc.
+func (acc *Bucket) merge(b *Bucket) {
+	if b.N == 0 {
+		return
+	}
+	if acc.N == 0 || b.Min < acc.Min {
+		acc.Min = b.Min
+	}
+	if acc.N == 0 || b.Max > acc.Max {
+		acc.Max = b.Max
+	}
+	acc.N += b.N
+	acc.Sum += b.Sum
 }
 
 // ring is how many steps a group's buckets hold: the windows' span, the steps

@@ -22,7 +22,7 @@ func FuzzRule(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if _, err := rules[0].Matches(env); err != nil {
+		if _, err := rules[0].Matches(nil, env); err != nil {
 			return
 		}
 		rules[0].Annotate(eventData(env, nil))

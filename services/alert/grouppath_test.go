@@ -3,6 +3,8 @@ package alert
 import (
 	"reflect"
 	"testing"
+
+	"github.com/expr-lang/expr/vm"
 )
 
 // group_by read as a plain path gives what the expression gives, for every shape of
@@ -32,15 +34,64 @@ func TestPlainPathsAsExpressions(t *testing.T) {
 		{Type: "page.view"},
 	}
 	for i, env := range envs {
-		fv, fk, ferr := rule.Group(env)
-		sv, sk, serr := slow.Group(env)
+		fv, fk, ferr := rule.Group(nil, env)
+		sv, sk, serr := slow.Group(nil, env)
 		if !reflect.DeepEqual(fv, sv) || fk != sk || (ferr == nil) != (serr == nil) {
 			t.Errorf("env %d: plain paths %q %q %v; expressions %q %q %v", i, fv, fk, ferr, sv, sk, serr)
 		}
-		fm, ferr := rule.Matches(env)
-		sm, serr := slow.Matches(env)
+		fm, ferr := rule.Matches(nil, env)
+		sm, serr := slow.Matches(nil, env)
 		if fm != sm || (ferr == nil) != (serr == nil) {
 			t.Errorf("env %d: filter %v %v; expression %v %v", i, fm, ferr, sm, serr)
+		}
+	}
+}
+
+// A filter that is a type check and-ed with more runs the rest alone after checking
+// the type apart, on one reused machine: it gives what the whole expression gives,
+// errors included.
+func TestFilterBesideType(t *testing.T) {
+	envs := []*EventEnv{
+		{Type: "page.view", Data: map[string]any{"ms": 150.0, "user": "u1", "flag": true}},
+		{Type: "page.view", Data: map[string]any{"ms": 50.0, "user": "u2", "flag": false}},
+		{Type: "page.view", Data: map[string]any{"ms": "slow", "flag": "yes"}},
+		{Type: "page.view", Data: map[string]any{}},
+		{Type: "page.view", Data: []any{1.0}},
+		{Type: "other", Data: map[string]any{"ms": 150.0, "user": "u1", "flag": true}},
+		{Type: "page.view"},
+	}
+	var m vm.VM
+	for _, filter := range []string{
+		`type == "page.view" && data.ms > 100`,
+		`data.ms > 100 && type == "page.view"`,
+		`type == "page.view" and (data.user == "u1" || data.ms < 60)`,
+		`type == "page.view" && data.flag`,
+		`"page.view" == type && (data?.ms ?? 0) > 100`,
+	} {
+		rule, err := compile(RuleConfig{Name: "r", Filter: filter})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rule.rest == nil {
+			t.Fatalf("%s: the type check is not made apart", filter)
+		}
+		whole := *rule
+		whole.onlyType, whole.rest = "", nil
+		for i, env := range envs {
+			got, gerr := rule.Matches(&m, env)
+			want, werr := whole.Matches(nil, env)
+			if got != want || (gerr == nil) != (werr == nil) {
+				t.Errorf("%s, env %d: split %v %v; whole %v %v", filter, i, got, gerr, want, werr)
+			}
+		}
+	}
+	for _, filter := range []string{`type == "a" || data.ms > 1`, `type == "a" && data.ms > 1 && data.ms < 5`} {
+		rule, err := compile(RuleConfig{Name: "r", Filter: filter})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rule.rest != nil {
+			t.Errorf("%s: split, but the type check is not a term of the top-level and", filter)
 		}
 	}
 }

@@ -101,8 +101,11 @@ type Rule struct {
 	// typeOnly: the filter is that type check and nothing else.
 	typeOnly bool
 	filter   *vm.Program
-	value    *vm.Program
-	groupBy  []*vm.Program
+	// rest, if set, is the filter without the type check: the filter is
+	// `type == "x" && rest` (or rest && type == "x"), and the check is made apart.
+	rest    *vm.Program
+	value   *vm.Program
+	groupBy []*vm.Program
 	// groupPaths holds, for each group_by that is a plain field path (data.user,
 	// source), its steps, read without the expression machine; nil for others.
 	groupPaths  [][]string
@@ -181,6 +184,11 @@ func compile(c RuleConfig) (*Rule, error) {
 	}
 	r.onlyType = requiredType(r.filter.Node())
 	r.typeOnly = r.onlyType != "" && requiredTypeIsAll(r.filter.Node())
+	if rest := besideType(r.filter.Node()); rest != nil {
+		// The other term, compiled on its own (printed back from the parse); where
+		// that does not compile, the whole filter runs.
+		r.rest, _ = expr.Compile(rest.String(), expr.Env(EventEnv{}), expr.AsBool())
+	}
 	for _, path := range c.GroupBy {
 		p, err := expr.Compile(path, expr.Env(EventEnv{}))
 		if err != nil {
@@ -336,6 +344,31 @@ func requiredType(n ast.Node) string {
 	return ""
 }
 
+// besideType returns the other term of n when n is `type == "x" && other` or
+// `other && type == "x"`; nil otherwise.
+func besideType(n ast.Node) ast.Node {
+	b, ok := n.(*ast.BinaryNode)
+	if !ok || (b.Operator != "&&" && b.Operator != "and") {
+		return nil
+	}
+	switch {
+	case requiredType(b.Left) != "" && requiredTypeIsAll(b.Left):
+		return b.Right
+	case requiredType(b.Right) != "" && requiredTypeIsAll(b.Right):
+		return b.Left
+	}
+	return nil
+}
+
+// run runs p on env with m, or a new machine when m is nil. An engine reuses one
+// machine for every expression it runs, which saves allocating one each time.
+func run(m *vm.VM, p *vm.Program, env *EventEnv) (any, error) {
+	if m == nil {
+		return expr.Run(p, env)
+	}
+	return m.Run(p, env)
+}
+
 // requiredTypeIsAll reports whether n is only the comparison requiredType found.
 func requiredTypeIsAll(n ast.Node) bool {
 	b, ok := n.(*ast.BinaryNode)
@@ -388,15 +421,19 @@ func lookup(env *EventEnv, path []string) (v any, ok bool) {
 	return v, true
 }
 
-// Matches evaluates the filter on env.
-func (r *Rule) Matches(env *EventEnv) (bool, error) {
+// Matches evaluates the filter on env, with machine m (nil: a new one).
+func (r *Rule) Matches(m *vm.VM, env *EventEnv) (bool, error) {
 	if r.onlyType != "" && env.Type != r.onlyType {
 		return false, nil
 	}
 	if r.typeOnly {
 		return true, nil
 	}
-	out, err := expr.Run(r.filter, env)
+	p := r.filter
+	if r.rest != nil {
+		p = r.rest
+	}
+	out, err := run(m, p, env)
 	if err != nil {
 		return false, fmt.Errorf("rule %s: filter: %w", r.Name, err)
 	}
@@ -404,8 +441,9 @@ func (r *Rule) Matches(env *EventEnv) (bool, error) {
 	return b, nil
 }
 
-// Group returns the group values of env (in group_by's order) and their key.
-func (r *Rule) Group(env *EventEnv) ([]string, string, error) {
+// Group returns the group values of env (in group_by's order) and their key, with
+// machine m (nil: a new one).
+func (r *Rule) Group(m *vm.VM, env *EventEnv) ([]string, string, error) {
 	if len(r.groupBy) == 0 {
 		return nil, "", nil
 	}
@@ -420,7 +458,7 @@ func (r *Rule) Group(env *EventEnv) ([]string, string, error) {
 		}
 		if !ok {
 			var err error
-			if v, err = expr.Run(p, env); err != nil {
+			if v, err = run(m, p, env); err != nil {
 				return nil, "", fmt.Errorf("rule %s: group_by %s: %w", r.Name, r.GroupBy[i], err)
 			}
 		}
@@ -458,12 +496,13 @@ func (r *Rule) groupKey(labels map[string]string) string {
 	return strings.Join(values, "\x00")
 }
 
-// Value evaluates the rule's value expression on env.
-func (r *Rule) Value(env *EventEnv) (float64, error) {
+// Value evaluates the rule's value expression on env, with machine m (nil: a new
+// one).
+func (r *Rule) Value(m *vm.VM, env *EventEnv) (float64, error) {
 	if r.value == nil {
 		return 1, nil
 	}
-	v, err := expr.Run(r.value, env)
+	v, err := run(m, r.value, env)
 	if err != nil {
 		return 0, fmt.Errorf("rule %s: value: %w", r.Name, err)
 	}

@@ -365,8 +365,7 @@ type batch struct {
 
 // row is one events row and where it comes from.
 type row struct {
-	values []any
-	key    string
+	rec    sink.EventRecord
 	seq    uint64    // EVENTS sequence
 	stored time.Time // when EVENTS stored the event
 	msg    jetstream.Msg
@@ -503,7 +502,7 @@ func (r *run) run(ctx context.Context) error {
 				return stop(errors.New("pipeline: the input ended"))
 			}
 			lastInput = time.Now()
-			b := &batch{}
+			b := &batch{rows: make([]row, 0, len(ps))}
 			for i := range ps {
 				r.decide(&ps[i], b)
 			}
@@ -619,7 +618,7 @@ type prep struct {
 	pending  uint64
 	received time.Time
 	d        dedup.Decision
-	row      []any
+	rec      sink.EventRecord
 	rowErr   error
 	env      *alert.EventEnv
 }
@@ -663,12 +662,10 @@ func (r *run) prepare(msg jetstream.Msg, p *prep) {
 	}
 	e := p.d.Event
 	r.live.Enrich(e)
-	row, err := sink.EventRow(e, p.seq)
-	if err != nil {
+	if p.rec, err = sink.EventRecordOf(e, p.seq); err != nil {
 		p.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
 		return
 	}
-	p.row = row.Values
 	if r.hasRules.Load() {
 		p.env = alert.Env(e)
 	}
@@ -698,7 +695,7 @@ func (r *run) decide(p *prep, b *batch) {
 		r.deadLetter(p.msg, p.rowErr.Error(), b)
 		return
 	}
-	b.rows = append(b.rows, row{values: p.row, key: d.Event.Key, seq: p.seq, stored: p.received, msg: p.msg})
+	b.rows = append(b.rows, row{rec: p.rec, seq: p.seq, stored: p.received, msg: p.msg})
 	if len(r.engine.Rules()) == 0 {
 		return
 	}
@@ -749,6 +746,8 @@ func (r *run) emit(out []*alerts.Alert, replay bool, b *batch) {
 type writer struct {
 	*run
 	pub *jspub.Publisher
+	// cols holds the rows of one insert; reused by each.
+	cols sink.EventColumns
 }
 
 func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
@@ -796,15 +795,15 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 			if len(b.rows) == 0 {
 				return nil
 			}
-			values := make([][]any, len(b.rows))
-			for i, r := range b.rows {
-				values[i] = r.values
-			}
 			var err error
-			refused, err = sink.Isolate(values, func(rows [][]any) error {
+			refused, err = sink.Isolate(b.rows, func(rows []row) error {
+				w.cols.Reset()
+				for i := range rows {
+					w.cols.Append(&rows[i].rec)
+				}
 				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 				defer cancel()
-				return sink.Insert(ictx, w.ch, sink.EventsTable(), rows)
+				return sink.InsertEvents(ictx, w.ch, &w.cols)
 			}, func(n int, err error) {
 				w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
 			})
@@ -868,7 +867,7 @@ func (w *writer) dropPresent(ctx context.Context, b *batch) error {
 		return err
 	}
 	b.rows = slices.DeleteFunc(b.rows, func(r row) bool {
-		if key, ok := present[r.seq]; ok && key == r.key {
+		if key, ok := present[r.seq]; ok && key == r.rec.Key {
 			w.m.replays.Inc()
 			return true
 		}

@@ -460,7 +460,7 @@ func (w *writer) insertIsolating(ctx context.Context, rows [][]any, t *timers) (
 // refused rows by index with ClickHouse's error; refusedBatch is told of each
 // split. Any other error is returned as is; some halves may then be inserted
 // already (a replay check must find them).
-func Isolate(rows [][]any, insert func([][]any) error, refusedBatch func(rows int, err error)) (map[int]error, error) {
+func Isolate[R any](rows []R, insert func([]R) error, refusedBatch func(rows int, err error)) (map[int]error, error) {
 	err := insert(rows)
 	if err == nil {
 		return nil, nil
@@ -476,7 +476,7 @@ func Isolate(rows [][]any, insert func([][]any) error, refusedBatch func(rows in
 	refused := map[int]error{}
 	for _, part := range []struct {
 		offset int
-		rows   [][]any
+		rows   []R
 	}{{0, rows[:half]}, {half, rows[half:]}} {
 		r, err := Isolate(part.rows, insert, refusedBatch)
 		if err != nil {
@@ -537,6 +537,25 @@ func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
 	for i, row := range rows {
 		if err := b.Append(row...); err != nil {
 			return fmt.Errorf("append to %s: %w", t.Name, &rowError{index: i, err: err})
+		}
+	}
+	if err := b.Send(); err != nil {
+		return fmt.Errorf("insert into %s: %w", t.Name, err)
+	}
+	return nil
+}
+
+// InsertEvents inserts the rows of c into events in one batch, column by column.
+func InsertEvents(ctx context.Context, ch driver.Conn, c *EventColumns) error {
+	t := EventsTable()
+	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
+	if err != nil {
+		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
+	}
+	defer b.Abort()
+	for i, col := range c.columns() {
+		if err := b.Column(i).Append(col); err != nil {
+			return fmt.Errorf("append to %s.%s: %w", t.Name, t.Columns[i].Name, err)
 		}
 	}
 	if err := b.Send(); err != nil {

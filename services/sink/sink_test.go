@@ -98,6 +98,45 @@ func TestTablesOnClickHouse18(t *testing.T) {
 	}
 }
 
+// A record inserted column by column (the pipeline's way) lands as the same row as
+// inserted row by row (the sink's): every field in its own column.
+func TestEventColumnsAsRows(t *testing.T) {
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	ctx := context.Background()
+	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Unix(1_800_000_000, 0).UTC()
+	rec := EventRecord{Key: "k", ID: "i", Source: "src", Type: "ty", Subject: "sub", SpecVersion: "1.0",
+		DataContentType: "application/json", DataSchema: "schema", EventTime: at, EventTimeMs: 7, ReceivedAt: at.Add(time.Hour),
+		ReceivedAtMs: 9, Data: `{"a":1}`, Extensions: `{"x":"y"}`, NATSSubject: "events.a", GeoCountry: "NL", GeoASOrg: "org",
+		UABrowser: "Firefox", UAOS: "Linux", UADevice: "Other", Enrichment: `{"plan":"pro"}`, GeoASN: 64500, StreamSeq: 1}
+	if err := Insert(ctx, conn, EventsTable(), [][]any{rec.values()}); err != nil {
+		t.Fatal(err)
+	}
+	var cols EventColumns
+	for range 2 { // the second time on reset columns
+		cols.Reset()
+		rec.StreamSeq++
+		cols.Append(&rec)
+		if err := InsertEvents(ctx, conn, &cols); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var rows, distinct uint64
+	var org string
+	q := `SELECT count(), uniqExact(key, id, source, type, subject, specversion, datacontenttype, dataschema, event_time, event_time_ms,
+		received_at, received_at_ms, data, extensions, nats_subject, geo_country, geo_asn, geo_as_org, ua_browser, ua_os, ua_device, enrichment),
+		anyIf(geo_as_org, stream_seq = 3) FROM events`
+	if err := conn.QueryRow(ctx, q).Scan(&rows, &distinct, &org); err != nil {
+		t.Fatal(err)
+	}
+	if rows != 3 || distinct != 1 || org != "org" {
+		t.Fatalf("%d rows, %d distinct, geo_as_org %q; want 3 rows, 1 distinct, org", rows, distinct, org)
+	}
+}
+
 // The same DDL, the sink's column types, its INSERTs and its queries on current
 // ClickHouse (26.5, in-process through chDB).
 func TestTablesOnCurrentClickHouse(t *testing.T) {

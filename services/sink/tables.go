@@ -3,6 +3,7 @@ package sink
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -112,8 +113,42 @@ func eventRowOf(data []byte, seq uint64) (Row, error) {
 
 // EventRow is the events row of e, stored from stream sequence seq.
 func EventRow(e *events.Event, seq uint64) (Row, error) {
+	rec, err := EventRecordOf(e, seq)
+	if err != nil {
+		return Row{}, err
+	}
+	return Row{Time: e.Time, Values: rec.values()}, nil
+}
+
+// EventRecord is one events row as typed fields (no value boxed), for inserts
+// column by column (EventColumns).
+type EventRecord struct {
+	Key, ID, Source, Type, Subject, SpecVersion, DataContentType, DataSchema string
+	EventTime, ReceivedAt                                                    time.Time // whole seconds
+	EventTimeMs, ReceivedAtMs                                                uint16
+	Data, Extensions, NATSSubject, GeoCountry, GeoASOrg                      string
+	UABrowser, UAOS, UADevice, Enrichment                                    string
+	GeoASN                                                                   uint32
+	StreamSeq                                                                uint64
+}
+
+// values is r in EventsTable's column order.
+func (r *EventRecord) values() []any {
+	return []any{
+		r.Key, r.ID, r.Source, r.Type, r.Subject,
+		r.SpecVersion, r.DataContentType, r.DataSchema,
+		r.EventTime, r.EventTimeMs, r.ReceivedAt, r.ReceivedAtMs,
+		r.Data, r.Extensions, r.NATSSubject,
+		r.GeoCountry, r.GeoASN, r.GeoASOrg,
+		r.UABrowser, r.UAOS, r.UADevice, r.Enrichment,
+		r.StreamSeq,
+	}
+}
+
+// EventRecordOf is the events row of e, stored from stream sequence seq.
+func EventRecordOf(e *events.Event, seq uint64) (EventRecord, error) {
 	if e.Time.Before(events.MinTime) || e.Time.After(events.MaxTime) {
-		return Row{}, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
+		return EventRecord{}, fmt.Errorf("event time %s is outside DateTime's range", e.Time)
 	}
 	payload := string(e.Data)
 	if e.DataBase64 != "" {
@@ -140,31 +175,123 @@ func EventRow(e *events.Event, seq uint64) (Row, error) {
 			asn = uint32(n)
 		}
 	}
-	rest := ""
-	if len(e.Enrichment) > 0 {
-		others := make(map[string]any, len(e.Enrichment))
-		for k, v := range e.Enrichment {
-			others[k] = v
-		}
-		for _, k := range enrichmentColumns {
-			delete(others, k)
-		}
-		if len(others) > 0 {
-			b, _ := marshal(others)
-			rest = string(b)
-		}
-	}
 	et, etMs := splitMillis(e.Time)
 	rt, rtMs := splitMillis(e.ReceivedAt)
-	return Row{Time: e.Time, Values: []any{
-		e.Key, e.ID, e.Source, e.Type, e.Subject,
-		e.SpecVersion, e.DataContentType, e.DataSchema,
-		et, etMs, rt, rtMs,
-		payload, ext, e.NATSSubject,
-		str("geo_country"), asn, str("geo_as_org"),
-		str("ua_browser"), str("ua_os"), str("ua_device"), rest,
-		seq,
-	}}, nil
+	return EventRecord{
+		Key: e.Key, ID: e.ID, Source: e.Source, Type: e.Type, Subject: e.Subject,
+		SpecVersion: e.SpecVersion, DataContentType: e.DataContentType, DataSchema: e.DataSchema,
+		EventTime: et, EventTimeMs: etMs, ReceivedAt: rt, ReceivedAtMs: rtMs,
+		Data: payload, Extensions: ext, NATSSubject: e.NATSSubject,
+		GeoCountry: str("geo_country"), GeoASN: asn, GeoASOrg: str("geo_as_org"),
+		UABrowser: str("ua_browser"), UAOS: str("ua_os"), UADevice: str("ua_device"), Enrichment: enrichmentJSON(e.Enrichment),
+		StreamSeq: seq,
+	}, nil
+}
+
+// enrichmentJSON is the JSON object of the enrichment fields without a column of
+// their own, keys sorted (as marshal writes a map); "" when there are none.
+func enrichmentJSON(m map[string]any) string {
+	var buf [16]string
+	keys := buf[:0]
+	for k := range m {
+		if !slices.Contains(enrichmentColumns, k) {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) == 0 {
+		return ""
+	}
+	slices.Sort(keys)
+	var b strings.Builder
+	b.WriteByte('{')
+	for i, k := range keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		writeJSON(&b, k)
+		b.WriteByte(':')
+		writeJSON(&b, m[k])
+	}
+	b.WriteByte('}')
+	return b.String()
+}
+
+// writeJSON writes v as marshal does; a string that needs no escaping is written
+// as it is.
+func writeJSON(b *strings.Builder, v any) {
+	if s, ok := v.(string); ok && plainJSON(s) {
+		b.WriteByte('"')
+		b.WriteString(s)
+		b.WriteByte('"')
+		return
+	}
+	j, err := marshal(v)
+	if err != nil {
+		j = []byte("null")
+	}
+	b.Write(j)
+}
+
+// plainJSON reports whether s is printable ASCII without a quote or backslash.
+func plainJSON(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return true
+}
+
+// EventColumns holds events rows column by column, for one insert. Reusing one
+// for every insert keeps its slices: a row costs no allocation of its own.
+type EventColumns struct {
+	str    [17][]string // the String columns, in column order
+	times  [2][]time.Time
+	millis [2][]uint16
+	asn    []uint32
+	seq    []uint64
+}
+
+// Reset empties c, keeping its memory.
+func (c *EventColumns) Reset() {
+	for i := range c.str {
+		c.str[i] = c.str[i][:0]
+	}
+	for i := range c.times {
+		c.times[i] = c.times[i][:0]
+		c.millis[i] = c.millis[i][:0]
+	}
+	c.asn, c.seq = c.asn[:0], c.seq[:0]
+}
+
+// Len is how many rows c holds.
+func (c *EventColumns) Len() int { return len(c.seq) }
+
+// Append adds r as c's next row.
+func (c *EventColumns) Append(r *EventRecord) {
+	for i, s := range [...]string{
+		r.Key, r.ID, r.Source, r.Type, r.Subject, r.SpecVersion, r.DataContentType, r.DataSchema,
+		r.Data, r.Extensions, r.NATSSubject, r.GeoCountry, r.GeoASOrg, r.UABrowser, r.UAOS, r.UADevice, r.Enrichment,
+	} {
+		c.str[i] = append(c.str[i], s)
+	}
+	c.times[0], c.millis[0] = append(c.times[0], r.EventTime), append(c.millis[0], r.EventTimeMs)
+	c.times[1], c.millis[1] = append(c.times[1], r.ReceivedAt), append(c.millis[1], r.ReceivedAtMs)
+	c.asn = append(c.asn, r.GeoASN)
+	c.seq = append(c.seq, r.StreamSeq)
+}
+
+// columns are c's columns in EventsTable's order.
+func (c *EventColumns) columns() []any {
+	s := c.str
+	return []any{
+		s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+		c.times[0], c.millis[0], c.times[1], c.millis[1],
+		s[8], s[9], s[10],
+		s[11], c.asn, s[12],
+		s[13], s[14], s[15], s[16],
+		c.seq,
+	}
 }
 
 func deadLettersTable() *Table {
