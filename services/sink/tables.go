@@ -3,6 +3,8 @@ package sink
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -203,6 +205,7 @@ func enrichmentJSON(m map[string]any) string {
 	}
 	slices.Sort(keys)
 	var b strings.Builder
+	b.Grow(64)
 	b.WriteByte('{')
 	for i, k := range keys {
 		if i > 0 {
@@ -216,13 +219,35 @@ func enrichmentJSON(m map[string]any) string {
 	return b.String()
 }
 
-// writeJSON writes v as marshal does; a string that needs no escaping is written
-// as it is.
+// writeJSON writes v as marshal does; a string that needs no escaping and a
+// whole number are written directly.
 func writeJSON(b *strings.Builder, v any) {
-	if s, ok := v.(string); ok && plainJSON(s) {
-		b.WriteByte('"')
-		b.WriteString(s)
-		b.WriteByte('"')
+	switch v := v.(type) {
+	case string:
+		if plainJSON(v) {
+			b.WriteByte('"')
+			b.WriteString(v)
+			b.WriteByte('"')
+			return
+		}
+	case float64:
+		if v == math.Trunc(v) && math.Abs(v) < 1e15 && !math.Signbit(v) {
+			var n [20]byte
+			b.Write(strconv.AppendInt(n[:0], int64(v), 10))
+			return
+		}
+	case map[string]string: // enrich's table versions
+		keys := slices.Sorted(maps.Keys(v))
+		b.WriteByte('{')
+		for i, k := range keys {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			writeJSON(b, k)
+			b.WriteByte(':')
+			writeJSON(b, v[k])
+		}
+		b.WriteByte('}')
 		return
 	}
 	j, err := marshal(v)
