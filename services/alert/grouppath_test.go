@@ -59,6 +59,9 @@ func TestFilterBesideType(t *testing.T) {
 		{Type: "page.view", Data: []any{1.0}},
 		{Type: "other", Data: map[string]any{"ms": 150.0, "user": "u1", "flag": true}},
 		{Type: "page.view"},
+		{Type: "page.view", Data: map[string]any{"ms": 100.0, "user": 5.0}, Source: "web"},
+		{Type: "page.view", Data: map[string]any{"ms": nil, "user": nil}, Source: "app"},
+		{Type: "page.view", Data: map[string]any{"ms": map[string]any{"x": 1.0}}, Enrichment: map[string]any{"user_plan": "pro"}},
 	}
 	var m vm.VM
 	for _, filter := range []string{
@@ -67,6 +70,16 @@ func TestFilterBesideType(t *testing.T) {
 		`type == "page.view" and (data.user == "u1" || data.ms < 60)`,
 		`type == "page.view" && data.flag`,
 		`"page.view" == type && (data?.ms ?? 0) > 100`,
+		`type == "page.view" && data.ms >= 100`,
+		`type == "page.view" && data.ms < 100.5`,
+		`type == "page.view" && data.ms <= 100`,
+		`type == "page.view" && data.ms == 100`,
+		`type == "page.view" && data.ms != 100`,
+		`type == "page.view" && data.user == "u1"`,
+		`type == "page.view" && data.user != "u1"`,
+		`type == "page.view" && source == "web"`,
+		`type == "page.view" && enrichment.user_plan == "pro"`,
+		`type == "page.view" && data.ms.x > 0`,
 	} {
 		rule, err := compile(RuleConfig{Name: "r", Filter: filter})
 		if err != nil {
@@ -76,12 +89,32 @@ func TestFilterBesideType(t *testing.T) {
 			t.Fatalf("%s: the type check is not made apart", filter)
 		}
 		whole := *rule
-		whole.onlyType, whole.rest = "", nil
+		whole.onlyType, whole.rest, whole.cmp = "", nil, nil
 		for i, env := range envs {
 			got, gerr := rule.Matches(&m, env)
 			want, werr := whole.Matches(nil, env)
 			if got != want || (gerr == nil) != (werr == nil) {
 				t.Errorf("%s, env %d: split %v %v; whole %v %v", filter, i, got, gerr, want, werr)
+			}
+		}
+	}
+	for _, filter := range []string{
+		`data.ms > 100`, `data.user == "u1"`, `source != "web"`, `data.ms > 100.5`,
+	} {
+		rule, err := compile(RuleConfig{Name: "r", Filter: filter})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rule.cmp == nil {
+			t.Fatalf("%s: not read as a comparison", filter)
+		}
+		whole := *rule
+		whole.cmp = nil
+		for i, env := range envs {
+			got, gerr := rule.Matches(&m, env)
+			want, werr := whole.Matches(nil, env)
+			if got != want || (gerr == nil) != (werr == nil) {
+				t.Errorf("%s, env %d: comparison %v %v; expression %v %v", filter, i, got, gerr, want, werr)
 			}
 		}
 	}

@@ -103,7 +103,10 @@ type Rule struct {
 	filter   *vm.Program
 	// rest, if set, is the filter without the type check: the filter is
 	// `type == "x" && rest` (or rest && type == "x"), and the check is made apart.
-	rest    *vm.Program
+	rest *vm.Program
+	// cmp, if set, is the filter (or rest) when it is one comparison of a plain
+	// field path with a literal, read without the expression machine where it can.
+	cmp     *comparison
 	value   *vm.Program
 	groupBy []*vm.Program
 	// groupPaths holds, for each group_by that is a plain field path (data.user,
@@ -188,6 +191,11 @@ func compile(c RuleConfig) (*Rule, error) {
 		// The other term, compiled on its own (printed back from the parse); where
 		// that does not compile, the whole filter runs.
 		r.rest, _ = expr.Compile(rest.String(), expr.Env(EventEnv{}), expr.AsBool())
+		if r.rest != nil {
+			r.cmp = comparisonOf(rest)
+		}
+	} else if !r.typeOnly {
+		r.cmp = comparisonOf(r.filter.Node())
 	}
 	for _, path := range c.GroupBy {
 		p, err := expr.Compile(path, expr.Env(EventEnv{}))
@@ -360,6 +368,82 @@ func besideType(n ast.Node) ast.Node {
 	return nil
 }
 
+// comparison is a filter term `path op literal`: a plain field path (data.ms,
+// source) compared with a number or string literal.
+type comparison struct {
+	path  []string
+	op    string
+	num   float64
+	str   string
+	isNum bool
+}
+
+// comparisonOf returns n as a comparison, or nil when it is not one.
+func comparisonOf(n ast.Node) *comparison {
+	b, ok := n.(*ast.BinaryNode)
+	if !ok {
+		return nil
+	}
+	c := &comparison{op: b.Operator, path: fieldPath(b.Left.String())}
+	switch c.op {
+	case ">", ">=", "<", "<=", "==", "!=":
+	default:
+		return nil
+	}
+	switch lit := b.Right.(type) {
+	case *ast.IntegerNode:
+		c.num, c.isNum = float64(lit.Value), true
+	case *ast.FloatNode:
+		c.num, c.isNum = lit.Value, true
+	case *ast.StringNode:
+		if c.op != "==" && c.op != "!=" {
+			return nil
+		}
+		c.str = lit.Value
+	default:
+		return nil
+	}
+	if c.path == nil {
+		return nil
+	}
+	return c
+}
+
+// eval compares env's field with the literal; known is false where the expression
+// machine must decide (the field missing, or of another type than the literal).
+func (c *comparison) eval(env *EventEnv) (result, known bool) {
+	v, ok := lookup(env, c.path)
+	if !ok {
+		return false, false
+	}
+	switch v := v.(type) {
+	case float64:
+		if !c.isNum {
+			return false, false
+		}
+		switch c.op {
+		case ">":
+			return v > c.num, true
+		case ">=":
+			return v >= c.num, true
+		case "<":
+			return v < c.num, true
+		case "<=":
+			return v <= c.num, true
+		case "==":
+			return v == c.num, true
+		default:
+			return v != c.num, true
+		}
+	case string:
+		if c.isNum {
+			return false, false
+		}
+		return (v == c.str) == (c.op == "=="), true
+	}
+	return false, false
+}
+
 // run runs p on env with m, or a new machine when m is nil. An engine reuses one
 // machine for every expression it runs, which saves allocating one each time.
 func run(m *vm.VM, p *vm.Program, env *EventEnv) (any, error) {
@@ -428,6 +512,11 @@ func (r *Rule) Matches(m *vm.VM, env *EventEnv) (bool, error) {
 	}
 	if r.typeOnly {
 		return true, nil
+	}
+	if r.cmp != nil {
+		if ok, known := r.cmp.eval(env); known {
+			return ok, nil
+		}
 	}
 	p := r.filter
 	if r.rest != nil {
