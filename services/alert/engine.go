@@ -64,6 +64,9 @@ type GroupState struct {
 	LastSeen int64 `json:"last_seen,omitempty"`
 	// FiringSince is when the group's alert started firing (unix ns; 0: not firing).
 	FiringSince int64 `json:"firing_since,omitempty"`
+	// count is how many events a full-size ring holds (kept by bucket and Observe;
+	// not saved: a restored ring is compact until its group's next event).
+	count float64
 }
 
 // Bucket aggregates the events of the step starting at Start (unix ns).
@@ -221,7 +224,9 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		if rs.Evaluated == 0 && (!rs.HasFirst || b < rs.First) {
 			rs.First, rs.HasFirst = b, true
 		}
-		rs.group(r, a.key, a.values).bucket(b, step, r.ring()).add(a.value)
+		g := rs.group(r, a.key, a.values)
+		g.bucket(b, step, r.ring()).add(a.value)
+		g.count++
 	}
 	clear(e.adds)
 	e.adds = e.adds[:0]
@@ -283,7 +288,10 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 	for b := rs.Evaluated + step; b <= end; b += step {
 		from := len(out)
 		for key, g := range rs.Groups {
-			holds, value := r.holds(g, b)
+			holds, value := false, 0.0
+			if g.FiringSince != 0 || !r.cannotHold(g) {
+				holds, value = r.holds(g, b)
+			}
 			switch {
 			case holds && g.FiringSince == 0:
 				g.FiringSince = b
@@ -328,6 +336,23 @@ func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts
 	}
 	rs.Evaluated = watermark
 	return out
+}
+
+// cannotHold reports that a count threshold cannot hold for g, whatever the
+// window: its full ring holds no more events than the threshold asks for. Most
+// groups of a rule that rarely fires are then passed over without reading their
+// buckets.
+func (r *Rule) cannotHold(g *GroupState) bool {
+	if r.Kind != KindThreshold || r.Aggregate != AggCount || int64(len(g.Buckets)) != r.ring() {
+		return false
+	}
+	switch r.Op {
+	case ">":
+		return g.count <= r.Threshold
+	case ">=":
+		return g.count < r.Threshold
+	}
+	return false
 }
 
 // holds evaluates the window ending at end (exclusive of end itself: buckets in
@@ -440,10 +465,14 @@ func (g *GroupState) bucket(start, step, n int64) *Bucket {
 				ring[floorMod(b.Start/step, n)] = b
 			}
 		}
-		g.Buckets = ring
+		g.Buckets, g.count = ring, 0
+		for _, b := range ring {
+			g.count += b.N
+		}
 	}
 	b := &g.Buckets[floorMod(start/step, n)]
 	if b.Start != start {
+		g.count -= b.N
 		*b = Bucket{Start: start}
 	}
 	if start > g.Latest {

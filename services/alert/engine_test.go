@@ -3,6 +3,7 @@ package alert
 import (
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -262,5 +263,53 @@ func TestWindowAnnotations(t *testing.T) {
 	}
 	if out[1].Fingerprint != a.Fingerprint || MsgID(out[1]) == MsgID(a) {
 		t.Fatal("a resolution keeps the fingerprint and has its own message id")
+	}
+}
+
+// A count threshold passes over groups whose ring holds too few events to reach it
+// (cannotHold); it fires and resolves exactly as the same rule written as a sum of
+// 1 (which is always evaluated), and the ring's count stays the sum of its buckets.
+func TestCountBoundSkipsNothingThatHolds(t *testing.T) {
+	for _, op := range []string{">", ">="} {
+		rule := func(name, agg, value string) RuleConfig {
+			return RuleConfig{Name: name, Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+				Window: 10 * time.Second, Step: time.Second, Aggregate: agg, Value: value, Op: op, Threshold: 12, AllowedLateness: 2 * time.Second}
+		}
+		e := NewEngine(mustRules(t, rule("count", AggCount, ""), rule("sum", AggSum, "1")), nil)
+		rng := rand.New(rand.NewPCG(1, 2))
+		var out []*alerts.Alert
+		sec := 0.0
+		for range 5000 {
+			sec += rng.Float64() * 0.4
+			at := sec - rng.Float64()*3 // some late
+			user := fmt.Sprintf("u%d", rng.IntN(4))
+			got, _ := e.Observe(env(in{"login.failed", at, fmt.Sprintf(`{"user":%q}`, user)}))
+			out = append(out, got...)
+			for key, g := range e.st.Rules["count"].Groups {
+				if int64(len(g.Buckets)) != e.rules[0].ring() {
+					continue
+				}
+				n := 0.0
+				for _, b := range g.Buckets {
+					n += b.N
+				}
+				if n != g.count {
+					t.Fatalf("group %s: count %g, buckets hold %g", key, g.count, n)
+				}
+			}
+		}
+		by := map[string][]string{}
+		for _, a := range out {
+			by[a.Rule] = append(by[a.Rule], show([]*alerts.Alert{a}, "user")...)
+		}
+		if len(by["count"]) < 20 {
+			t.Fatalf("op %s: %d changes; the test shows little", op, len(by["count"]))
+		}
+		// Changes of one step come sorted by fingerprint, which names the rule.
+		slices.Sort(by["count"])
+		slices.Sort(by["sum"])
+		if !slices.Equal(by["count"], by["sum"]) {
+			t.Errorf("op %s: count rule\n%q\nsum of 1\n%q", op, by["count"], by["sum"])
+		}
 	}
 }
