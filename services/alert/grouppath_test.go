@@ -90,13 +90,7 @@ func TestFilterBesideType(t *testing.T) {
 		}
 		whole := *rule
 		whole.onlyType, whole.rest, whole.cmp = "", nil, nil
-		for i, env := range envs {
-			got, gerr := rule.Matches(&m, env)
-			want, werr := whole.Matches(nil, env)
-			if got != want || (gerr == nil) != (werr == nil) {
-				t.Errorf("%s, env %d: split %v %v; whole %v %v", filter, i, got, gerr, want, werr)
-			}
-		}
+		matchLikeExpr(t, &m, rule, &whole, envs)
 	}
 	for _, filter := range []string{
 		`data.ms > 100`, `data.user == "u1"`, `source != "web"`, `data.ms > 100.5`,
@@ -110,13 +104,7 @@ func TestFilterBesideType(t *testing.T) {
 		}
 		whole := *rule
 		whole.cmp = nil
-		for i, env := range envs {
-			got, gerr := rule.Matches(&m, env)
-			want, werr := whole.Matches(nil, env)
-			if got != want || (gerr == nil) != (werr == nil) {
-				t.Errorf("%s, env %d: comparison %v %v; expression %v %v", filter, i, got, gerr, want, werr)
-			}
-		}
+		matchLikeExpr(t, &m, rule, &whole, envs)
 	}
 	for _, filter := range []string{`type == "a" || data.ms > 1`, `type == "a" && data.ms > 1 && data.ms < 5`} {
 		rule, err := compile(RuleConfig{Name: "r", Filter: filter})
@@ -125,6 +113,19 @@ func TestFilterBesideType(t *testing.T) {
 		}
 		if rule.rest != nil {
 			t.Errorf("%s: split, but the type check is not a term of the top-level and", filter)
+		}
+	}
+}
+
+// matchLikeExpr checks that rule's filter, run on m, gives on every env what the
+// whole expression gives (whole: rule with the shortcuts taken out), errors included.
+func matchLikeExpr(t *testing.T, m *vm.VM, rule, whole *Rule, envs []*EventEnv) {
+	t.Helper()
+	for i, env := range envs {
+		got, gerr := rule.Matches(m, env)
+		want, werr := whole.Matches(nil, env)
+		if got != want || (gerr == nil) != (werr == nil) {
+			t.Errorf("%s, env %d: %v %v; the whole expression %v %v", rule.Filter, i, got, gerr, want, werr)
 		}
 	}
 }
