@@ -797,7 +797,8 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 			}
 			var err error
 			refused, err = sink.Isolate(b.rows, func(rows []row) error {
-				w.cols.Reset()
+				// Emptied after each insert: it holds no row's strings past it.
+				defer w.cols.Reset()
 				for i := range rows {
 					w.cols.Append(&rows[i].rec)
 				}

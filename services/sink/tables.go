@@ -277,9 +277,10 @@ type EventColumns struct {
 	seq    []uint64
 }
 
-// Reset empties c, keeping its memory.
+// Reset empties c, keeping its memory (but not the strings of its last rows).
 func (c *EventColumns) Reset() {
 	for i := range c.str {
+		clear(c.str[i])
 		c.str[i] = c.str[i][:0]
 	}
 	for i := range c.times {
