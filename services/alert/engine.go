@@ -30,6 +30,15 @@ type Engine struct {
 	adds []add
 	// vm runs every expression (Observe is not called concurrently).
 	vm vm.VM
+	// groups holds the event's groups already read, for rules with the same group_by.
+	groups []groupOf
+}
+
+// groupOf is an event's group for one group_by.
+type groupOf struct {
+	groupBy string // the group_by paths, joined
+	values  []string
+	key     string
 }
 
 // State is the engine's durable state.
@@ -176,7 +185,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		if !ok {
 			continue
 		}
-		values, key, err := r.Group(&e.vm, env)
+		values, key, err := e.group(r, env)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -230,7 +239,24 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 	}
 	clear(e.adds)
 	e.adds = e.adds[:0]
+	clear(e.groups)
+	e.groups = e.groups[:0]
 	return out, errs
+}
+
+// group returns r.Group of env, read once for all the rules with the same group_by
+// (an error is not kept: it names its rule).
+func (e *Engine) group(r *Rule, env *EventEnv) ([]string, string, error) {
+	for _, g := range e.groups {
+		if g.groupBy == r.groupBySig {
+			return g.values, g.key, nil
+		}
+	}
+	values, key, err := r.Group(&e.vm, env)
+	if err == nil {
+		e.groups = append(e.groups, groupOf{r.groupBySig, values, key})
+	}
+	return values, key, err
 }
 
 // add is an event value waiting to be counted in a rule's group.

@@ -313,3 +313,27 @@ func TestCountBoundSkipsNothingThatHolds(t *testing.T) {
 		}
 	}
 }
+
+// Rules with the same group_by share the event's group, read once; a rule with
+// another group_by reads its own.
+func TestRulesShareGroups(t *testing.T) {
+	rule := func(name string, by ...string) RuleConfig {
+		return RuleConfig{Name: name, Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: by,
+			Window: 10 * time.Second, Step: 10 * time.Second, Op: ">", Threshold: 0, AllowedLateness: time.Millisecond}
+	}
+	e := NewEngine(mustRules(t, rule("a", "data.user"), rule("by-source", "source"), rule("b", "data.user"), rule("both", "data.user", "source")), nil)
+	out := feed(t, e, append(logins("u1", 1), logins("u2", 2, 30)...))
+	got := map[string][]string{}
+	for _, a := range out {
+		if a.Status == alerts.Firing {
+			got[a.Rule] = append(got[a.Rule], a.Labels["user"]+"/"+a.Labels["source"])
+		}
+	}
+	want := map[string][]string{"a": {"u1/", "u2/"}, "b": {"u1/", "u2/"}, "by-source": {"/test"}, "both": {"u1/test", "u2/test"}}
+	for name, w := range want {
+		slices.Sort(got[name])
+		if !slices.Equal(got[name], w) {
+			t.Errorf("rule %s fired for %q, want %q", name, got[name], w)
+		}
+	}
+}

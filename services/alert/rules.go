@@ -113,6 +113,8 @@ type Rule struct {
 	// source), its steps, read without the expression machine; nil for others.
 	groupPaths  [][]string
 	groupLabels []string
+	// groupBySig is GroupBy joined: rules with the same one share an event's group.
+	groupBySig  string
 	annotations map[string]*template.Template
 }
 
@@ -212,6 +214,7 @@ func compile(c RuleConfig) (*Rule, error) {
 		r.groupPaths = append(r.groupPaths, fieldPath(path))
 		r.groupLabels = append(r.groupLabels, label)
 	}
+	r.groupBySig = strings.Join(c.GroupBy, "\x00")
 	switch c.Kind {
 	case KindMatch:
 	case KindThreshold, KindRate:
