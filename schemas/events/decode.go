@@ -161,6 +161,14 @@ func decodeStructured(payload []byte) (*Event, error) {
 	if !utf8.Valid(payload) {
 		return nil, invalid("payload is not valid UTF-8 at byte %d", invalidUTF8Offset(payload))
 	}
+	if e, ok := decodeUsual(payload); ok {
+		return e, nil
+	}
+	return decodeGeneral(payload)
+}
+
+// decodeGeneral decodes any structured event through the map of its members.
+func decodeGeneral(payload []byte) (*Event, error) {
 	attrs, err := decodeObject(payload)
 	if err != nil {
 		return nil, err
@@ -217,6 +225,113 @@ func decodeStructured(payload []byte) (*Event, error) {
 		}
 	}
 	return e, nil
+}
+
+// usualEvent is the usual structured event: envelope attributes and data only.
+type usualEvent struct {
+	ID              string          `json:"id"`
+	Source          string          `json:"source"`
+	Type            string          `json:"type"`
+	SpecVersion     string          `json:"specversion"`
+	Time            string          `json:"time"`
+	Subject         string          `json:"subject"`
+	DataContentType string          `json:"datacontenttype"`
+	DataSchema      string          `json:"dataschema"`
+	Data            json.RawMessage `json:"data"`
+}
+
+// decodeUsual decodes, in one pass into a struct, an event that is a valid JSON
+// object of envelope attributes and data, each once, every attribute a string no
+// longer than MaxAttrLen, not empty, and data not null, with a valid time. ok is
+// false for anything else (extensions, data_base64, null or empty attributes,
+// repeated members, wrong types, bad input): decodeStructured's general path then
+// decides, and names what is wrong. payload is valid UTF-8 (decodeStructured checks).
+func decodeUsual(payload []byte) (e *Event, ok bool) {
+	trimmed := bytes.TrimSpace(payload)
+	if len(trimmed) == 0 || trimmed[0] != '{' || !json.Valid(trimmed) {
+		return nil, false
+	}
+	var u usualEvent
+	if gojson.Unmarshal(trimmed, &u) != nil {
+		return nil, false
+	}
+	present := 0
+	for _, s := range [...]string{u.ID, u.Source, u.Type, u.SpecVersion, u.Time, u.Subject, u.DataContentType, u.DataSchema} {
+		if len(s) > MaxAttrLen || !utf8.ValidString(s) {
+			return nil, false
+		}
+		if s != "" {
+			present++
+		}
+	}
+	if len(u.Data) > 0 {
+		if isNull(u.Data) {
+			return nil, false
+		}
+		present++
+	}
+	if n, usual := usualMembers(trimmed); !usual || n != present {
+		return nil, false
+	}
+	e = &Event{ID: u.ID, Source: u.Source, Type: u.Type, SpecVersion: u.SpecVersion, Subject: u.Subject,
+		DataContentType: u.DataContentType, DataSchema: u.DataSchema, Data: u.Data}
+	if u.Time != "" {
+		t, err := parseTime(u.Time)
+		if err != nil {
+			return nil, false
+		}
+		e.Time = t
+	}
+	return e, true
+}
+
+// usualNames are usualEvent's members, as written.
+var usualNames = map[string]bool{
+	"id": true, "source": true, "type": true, "specversion": true, "time": true,
+	"subject": true, "datacontenttype": true, "dataschema": true, "data": true,
+}
+
+// usualMembers counts the members of the JSON object b (valid JSON) and reports
+// whether each is named, exactly as written (the struct decoder would also take
+// "ID" for "id"), like a member of usualEvent.
+func usualMembers(b []byte) (n int, usual bool) {
+	depth, inString, wantName, name := 0, false, false, -1
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if inString {
+			switch c {
+			case '\\':
+				if name >= 0 {
+					return n, false // an escaped name
+				}
+				i++
+			case '"':
+				inString = false
+				if name >= 0 {
+					if !usualNames[string(b[name:i])] {
+						return n, false
+					}
+					n, name = n+1, -1
+				}
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+			if depth == 1 && wantName {
+				name, wantName = i+1, false
+			}
+		case '{', '[':
+			depth++
+			wantName = depth == 1
+		case '}', ']':
+			depth--
+		case ',':
+			wantName = depth == 1
+		}
+	}
+	return n, true
 }
 
 // decodeObject decodes a JSON object into its members, rejecting trailing data.

@@ -3,6 +3,7 @@ package events
 import (
 	"bytes"
 	"errors"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -153,6 +154,46 @@ func TestTopLevelMembers(t *testing.T) {
 	} {
 		if got := topLevelMembers([]byte(in)); got != want {
 			t.Errorf("topLevelMembers(%s) = %d, want %d", in, got, want)
+		}
+	}
+}
+
+// The usual event (envelope attributes and data, each once, none empty or null)
+// takes one pass into a struct, and decodes to what the general path gives; any
+// other shape goes the general way.
+func TestUsualEvents(t *testing.T) {
+	for _, tt := range []struct {
+		payload string
+		usual   bool
+	}{
+		{`{"specversion":"1.0","id":"a","source":"s","type":"t","time":"2026-01-02T03:04:05.5+01:00","data":{"x":[1,{"id":2}]}}`, true},
+		{` {"id":"a\u00e9\"q","subject":"x","datacontenttype":"application/json","dataschema":"s","data":"text"} `, true},
+		{`{"id":"a","data":[1,2]}`, true},
+		{`{"ID":"a","source":"s"}`, false},           // names are case-sensitive: ID is an extension
+		{`{"i\u0064":"a"}`, false},                   // an escaped name
+		{`{"id":"a","id":"b"}`, false},               // repeated
+		{`{"id":"a","subject":null}`, false},         // null attribute
+		{`{"id":"a","data":null}`, false},            // null data
+		{`{"id":"","source":"s"}`, false},            // empty id is an error
+		{`{"id":"a","ext":"x"}`, false},              // an extension
+		{`{"id":"a","data_base64":"AA=="}`, false},   // base64 data
+		{`{"id":1}`, false},                          // wrong type
+		{`{"id":"a","time":"yesterday"}`, false},     // bad time
+		{`{"id":"\ud800x\udc00\ud83d\ude00"}`, true}, // lone surrogates become U+FFFD either way
+		{`{"id":"a"} x`, false},                      // trailing data
+		{`{"id":"a","data":{"id":1,"ID":2,"x":"\\"}}`, true},
+	} {
+		u, ok := decodeUsual([]byte(tt.payload))
+		if ok != tt.usual {
+			t.Errorf("%s: usual %v, want %v", tt.payload, ok, tt.usual)
+			continue
+		}
+		if !ok {
+			continue
+		}
+		g, err := decodeGeneral([]byte(tt.payload))
+		if err != nil || !reflect.DeepEqual(u, g) {
+			t.Errorf("%s: fast path %+v; general path %+v %v", tt.payload, u, g, err)
 		}
 	}
 }

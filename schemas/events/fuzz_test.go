@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // FuzzDecode: no input makes the decoder panic, and every event it accepts survives
@@ -25,6 +26,12 @@ func FuzzDecode(f *testing.F) {
 	d := NewDecoder(types)
 	recv := time.Date(2026, 11, 21, 0, 0, 0, 0, time.UTC)
 	f.Fuzz(func(t *testing.T, subject, payload, ceID string) {
+		if u, ok := decodeUsual([]byte(payload)); ok && utf8.ValidString(payload) {
+			g, err := decodeGeneral([]byte(payload))
+			if err != nil || !reflect.DeepEqual(u, g) {
+				t.Fatalf("the usual event's fast path and the general path differ:\n%+v\n%+v %v", u, g, err)
+			}
+		}
 		var h map[string][]string
 		if ceID != "" {
 			h = map[string][]string{"ce-id": {ceID}}
