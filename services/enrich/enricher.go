@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -35,23 +36,72 @@ type Enricher struct {
 	ua     *UserAgents
 	// Miss, if set, is called for each lookup whose key a table lacks.
 	Miss func(table string)
+	// versions is the last table-versions map recorded: events enriched from the
+	// same table versions share it (it is never changed once made).
+	versions atomic.Pointer[map[string]string]
 }
 
 type rule struct {
 	types    []string
 	subjects string
 	lookups  []LookupConfig
-	defaults map[string]map[string]any // by table
-	geoip    []GeoIPConfig
-	ua       *UAConfig
-	derived  []derived
-	masks    []mask
+	// lookupNames names the fields of each lookup.
+	lookupNames []*prefixed
+	defaults    map[string]map[string]any // by table
+	geoip       []GeoIPConfig
+	ua          *UAConfig
+	derived     []derived
+	masks       []mask
 }
 
 type derived struct {
 	name   string
 	prog   *vm.Program
 	bucket time.Duration
+	// last is the latest bucket's start and text, for a bucketed field: most
+	// events fall in the same bucket as the one before.
+	last *atomic.Pointer[bucketText]
+}
+
+type bucketText struct {
+	start time.Time
+	text  string
+}
+
+// text is the bucket of t, as RFC 3339 text.
+func (d *derived) text(t time.Time) string {
+	start := t.Truncate(d.bucket)
+	if last := d.last.Load(); last != nil && last.start.Equal(start) {
+		return last.text
+	}
+	text := start.UTC().Format(time.RFC3339)
+	d.last.Store(&bucketText{start, text})
+	return text
+}
+
+// prefixed names a lookup's fields (to_column), made once per column.
+type prefixed struct {
+	to    string
+	names atomic.Pointer[map[string]string]
+}
+
+func (p *prefixed) name(column string) string {
+	names := p.names.Load()
+	if names != nil {
+		if n, ok := (*names)[column]; ok {
+			return n
+		}
+	}
+	next := map[string]string{}
+	if names != nil {
+		maps.Copy(next, *names)
+	}
+	n := p.to + "_" + column
+	if len(next) < 1000 { // a table with ever new columns is not cached without end
+		next[column] = n
+		p.names.Store(&next)
+	}
+	return n
 }
 
 type mask struct {
@@ -104,8 +154,11 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 	var errs []error
 	for i, rc := range cfg.Rules {
 		r := &rule{types: rc.Types, subjects: rc.Subjects, lookups: rc.Lookups, defaults: defaults, geoip: rc.GeoIP, ua: rc.UserAgent}
+		for _, l := range rc.Lookups {
+			r.lookupNames = append(r.lookupNames, &prefixed{to: l.To})
+		}
 		for j, d := range rc.Derived {
-			dv := derived{name: d.Name, bucket: d.Bucket}
+			dv := derived{name: d.Name, bucket: d.Bucket, last: new(atomic.Pointer[bucketText])}
 			if d.Expr != "" {
 				prog, err := expr.Compile(d.Expr, expr.Env(events.ExprEnv{}))
 				if err != nil {
@@ -199,12 +252,18 @@ func (d *eventData) field(path string) (string, bool) {
 // fields, then masks. The enrichment lands in e.Enrichment; masks change e.Data.
 func (en *Enricher) Enrich(e *events.Event) {
 	d := &eventData{e: e}
-	var versions map[string]string
+	var (
+		buf      [8][2]string
+		versions = buf[:0]
+	)
 	setVersion := func(name, v string) {
-		if versions == nil {
-			versions = map[string]string{}
+		for i := range versions {
+			if versions[i][0] == name {
+				versions[i][1] = v
+				return
+			}
 		}
-		versions[name] = v
+		versions = append(versions, [2]string{name, v})
 	}
 	out := e.Enrichment
 	set := func(k string, v any) {
@@ -217,7 +276,7 @@ func (en *Enricher) Enrich(e *events.Event) {
 		if !r.matches(e) {
 			continue
 		}
-		for _, l := range r.lookups {
+		for i, l := range r.lookups {
 			t := en.tables[l.Table]
 			setVersion(l.Table, t.Version())
 			key, ok := d.field(l.From)
@@ -232,7 +291,7 @@ func (en *Enricher) Enrich(e *events.Event) {
 				row = r.defaults[l.Table]
 			}
 			for k, v := range row {
-				set(l.To+"_"+k, v)
+				set(r.lookupNames[i].name(k), v)
 			}
 		}
 		for _, g := range r.geoip {
@@ -261,7 +320,7 @@ func (en *Enricher) Enrich(e *events.Event) {
 		}
 		for _, dv := range r.derived {
 			if dv.prog == nil {
-				set(dv.name, e.Time.Truncate(dv.bucket).UTC().Format(time.RFC3339))
+				set(dv.name, dv.text(e.Time))
 				continue
 			}
 			env := events.NewExprEnv(e, d.get())
@@ -277,8 +336,8 @@ func (en *Enricher) Enrich(e *events.Event) {
 			}
 		}
 	}
-	if versions != nil {
-		set(VersionsField, versions)
+	if len(versions) > 0 {
+		set(VersionsField, en.versionsOf(versions))
 	}
 	e.Enrichment = out
 	if d.changed {
@@ -286,6 +345,29 @@ func (en *Enricher) Enrich(e *events.Event) {
 			e.Data = b
 		}
 	}
+}
+
+// versionsOf returns the table-versions map of pairs (name, version): the last one
+// made when it holds the same, else a new one.
+func (en *Enricher) versionsOf(pairs [][2]string) map[string]string {
+	if last := en.versions.Load(); last != nil && len(*last) == len(pairs) {
+		same := true
+		for _, p := range pairs {
+			if v, ok := (*last)[p[0]]; !ok || v != p[1] {
+				same = false
+				break
+			}
+		}
+		if same {
+			return *last
+		}
+	}
+	m := make(map[string]string, len(pairs))
+	for _, p := range pairs {
+		m[p[0]] = p[1]
+	}
+	en.versions.Store(&m)
+	return m
 }
 
 // UserAgent is what enrichment keeps of a parsed user agent.

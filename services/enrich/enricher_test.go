@@ -192,3 +192,52 @@ func TestFileTable(t *testing.T) {
 		}
 	}
 }
+
+// versionedTable is a table whose version the test moves on.
+type versionedTable struct {
+	rows    staticTable
+	version *string
+}
+
+func (v versionedTable) Get(k string) (map[string]any, bool) { return v.rows.Get(k) }
+func (v versionedTable) Version() string                     { return *v.version }
+
+// What events share (a bucket's text, the table-versions map, a lookup's field
+// names) follows what changes: another bucket, another table version.
+func TestEnrichFollowsChanges(t *testing.T) {
+	cfg := DefaultEnrichConfig()
+	cfg.Tables = []TableConfig{{Name: "users", KV: "users"}, {Name: "plans", KV: "plans"}}
+	cfg.Rules = []RuleConfig{{
+		Lookups: []LookupConfig{{Table: "users", From: "data.user", To: "user"}, {Table: "plans", From: "data.plan", To: "plan"}},
+		Derived: []DerivedConfig{{Name: "hour", Bucket: time.Hour}},
+	}}
+	version := "kv:users@1"
+	users := versionedTable{rows: staticTable{"u1": {"plan": "pro"}, "u2": {"plan": "free", "since": "2020"}}, version: &version}
+	en := testEnricher(t, cfg, map[string]Table{"users": users, "plans": staticTable{"pro": {"seats": 5.0}}}, nil)
+	at := func(h int) time.Time { return time.Date(2026, 11, 21, h, 30, 0, 0, time.UTC) }
+	for i, step := range []struct {
+		hour    int
+		user    string
+		version string
+		want    map[string]any
+	}{
+		{10, "u1", "kv:users@1", map[string]any{"hour": "2026-11-21T10:00:00Z", "user_plan": "pro", "plan_seats": 5.0}},
+		{11, "u2", "kv:users@1", map[string]any{"hour": "2026-11-21T11:00:00Z", "user_plan": "free", "user_since": "2020"}},
+		{10, "u1", "kv:users@2", map[string]any{"hour": "2026-11-21T10:00:00Z", "user_plan": "pro"}},
+		{10, "u2", "kv:users@2", map[string]any{"hour": "2026-11-21T10:00:00Z", "user_since": "2020"}},
+	} {
+		version = step.version
+		e := event("page.view", `{"user":"`+step.user+`","plan":"pro"}`)
+		e.Time = at(step.hour)
+		en.Enrich(e)
+		for k, v := range step.want {
+			if e.Enrichment[k] != v {
+				t.Errorf("event %d: enrichment[%s] = %v, want %v", i, k, e.Enrichment[k], v)
+			}
+		}
+		versions, _ := e.Enrichment[VersionsField].(map[string]string)
+		if len(versions) != 2 || versions["users"] != step.version || versions["plans"] != "static:1" {
+			t.Errorf("event %d: versions %v, want users at %s", i, versions, step.version)
+		}
+	}
+}
