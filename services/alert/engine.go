@@ -28,6 +28,8 @@ type Engine struct {
 	// Late counts events that arrived after their window was evaluated, by rule.
 	Late map[string]int
 	adds []add
+	// states holds each rule's state, in rules' order (nil for match rules).
+	states []*RuleState
 	// vm runs every expression (Observe is not called concurrently).
 	vm vm.VM
 	// groups holds the event's groups already read, for rules with the same group_by.
@@ -162,6 +164,10 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		}
 	}
 	e.rules = rules
+	e.states = make([]*RuleState, len(rules))
+	for i, r := range rules {
+		e.states[i] = e.st.Rules[r.Name]
+	}
 	return out
 }
 
@@ -174,7 +180,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		errs []error
 	)
 	t := env.Time.UnixNano()
-	for _, r := range e.rules {
+	for i, r := range e.rules {
 		ok, err := r.Matches(&e.vm, env)
 		if err != nil {
 			// A filter that fails on one event (a missing field, a wrong type) does not
@@ -194,8 +200,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		case KindMatch:
 			out = append(out, r.matched(env, r.groupLabelsOf(values)))
 		case KindAbsence:
-			rs := e.st.Rules[r.Name]
-			g := rs.group(r, key, values)
+			g := e.states[i].group(r, key, values)
 			if t > g.LastSeen {
 				g.LastSeen = t
 			}
@@ -208,7 +213,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 				errs = append(errs, err)
 				continue
 			}
-			e.adds = append(e.adds, add{r, key, values, v})
+			e.adds = append(e.adds, add{r, e.states[i], key, values, v})
 		}
 	}
 	if env.Time.After(e.st.MaxTime) {
@@ -219,7 +224,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 	// of buckets then only ever holds steps still to be evaluated.
 	out = append(out, e.advance()...)
 	for _, a := range e.adds {
-		r, rs := a.rule, e.st.Rules[a.rule.Name]
+		r, rs := a.rule, a.state
 		step := int64(r.Step)
 		b := floorDiv(t, step) * step
 		if rs.Evaluated != 0 && b+step <= rs.Evaluated {
@@ -262,6 +267,7 @@ func (e *Engine) group(r *Rule, env *EventEnv) ([]string, string, error) {
 // add is an event value waiting to be counted in a rule's group.
 type add struct {
 	rule   *Rule
+	state  *RuleState
 	key    string
 	values []string
 	value  float64
@@ -284,8 +290,8 @@ func (e *Engine) advance() []*alerts.Alert {
 		return nil
 	}
 	var out []*alerts.Alert
-	for _, r := range e.rules {
-		rs := e.st.Rules[r.Name]
+	for i, r := range e.rules {
+		rs := e.states[i]
 		watermark := e.st.MaxTime.Add(-r.AllowedLateness).UnixNano()
 		switch r.Kind {
 		case KindThreshold, KindRate:

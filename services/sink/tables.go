@@ -3,7 +3,6 @@ package sink
 import (
 	"encoding/json"
 	"fmt"
-	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -237,7 +236,12 @@ func writeJSON(b *strings.Builder, v any) {
 			return
 		}
 	case map[string]string: // enrich's table versions
-		keys := slices.Sorted(maps.Keys(v))
+		var buf [8]string
+		keys := buf[:0]
+		for k := range v {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
 		b.WriteByte('{')
 		for i, k := range keys {
 			if i > 0 {
