@@ -192,8 +192,8 @@ func EventRecordOf(e *events.Event, seq uint64) (EventRecord, error) {
 // enrichmentJSON is the JSON object of the enrichment fields without a column of
 // their own, keys sorted (as marshal writes a map); "" when there are none.
 func enrichmentJSON(m map[string]any) string {
-	var buf [16]string
-	keys := buf[:0]
+	var kbuf [16]string
+	keys := kbuf[:0]
 	for k := range m {
 		if !slices.Contains(enrichmentColumns, k) {
 			keys = append(keys, k)
@@ -202,63 +202,74 @@ func enrichmentJSON(m map[string]any) string {
 	if len(keys) == 0 {
 		return ""
 	}
-	slices.Sort(keys)
-	var b strings.Builder
-	b.Grow(64)
-	b.WriteByte('{')
+	sortSmall(keys)
+	var buf [256]byte
+	b := append(buf[:0], '{')
 	for i, k := range keys {
 		if i > 0 {
-			b.WriteByte(',')
+			b = append(b, ',')
 		}
-		writeJSON(&b, k)
-		b.WriteByte(':')
-		writeJSON(&b, m[k])
+		b = appendJSONString(b, k)
+		b = append(b, ':')
+		b = appendJSON(b, m[k])
 	}
-	b.WriteByte('}')
-	return b.String()
+	return string(append(b, '}'))
 }
 
-// writeJSON writes v as marshal does; a string that needs no escaping and a
-// whole number are written directly.
-func writeJSON(b *strings.Builder, v any) {
+// appendJSON appends v as marshal writes it; a string that needs no escaping, a
+// whole number and a map of strings (enrich's table versions) are written directly.
+func appendJSON(b []byte, v any) []byte {
 	switch v := v.(type) {
 	case string:
-		if plainJSON(v) {
-			b.WriteByte('"')
-			b.WriteString(v)
-			b.WriteByte('"')
-			return
-		}
+		return appendJSONString(b, v)
 	case float64:
 		if v == math.Trunc(v) && math.Abs(v) < 1e15 && !math.Signbit(v) {
-			var n [20]byte
-			b.Write(strconv.AppendInt(n[:0], int64(v), 10))
-			return
+			return strconv.AppendInt(b, int64(v), 10)
 		}
-	case map[string]string: // enrich's table versions
-		var buf [8]string
-		keys := buf[:0]
+	case map[string]string:
+		var kbuf [8]string
+		keys := kbuf[:0]
 		for k := range v {
 			keys = append(keys, k)
 		}
-		slices.Sort(keys)
-		b.WriteByte('{')
+		sortSmall(keys)
+		b = append(b, '{')
 		for i, k := range keys {
 			if i > 0 {
-				b.WriteByte(',')
+				b = append(b, ',')
 			}
-			writeJSON(b, k)
-			b.WriteByte(':')
-			writeJSON(b, v[k])
+			b = appendJSONString(b, k)
+			b = append(b, ':')
+			b = appendJSONString(b, v[k])
 		}
-		b.WriteByte('}')
-		return
+		return append(b, '}')
 	}
 	j, err := marshal(v)
 	if err != nil {
 		j = []byte("null")
 	}
-	b.Write(j)
+	return append(b, j...)
+}
+
+// appendJSONString appends s as a JSON string, as marshal writes it.
+func appendJSONString(b []byte, s string) []byte {
+	if plainJSON(s) {
+		b = append(b, '"')
+		b = append(b, s...)
+		return append(b, '"')
+	}
+	j, _ := marshal(s) // a string always encodes
+	return append(b, j...)
+}
+
+// sortSmall sorts the few keys of an enrichment map in place (insertion sort: no
+// allocation for a handful).
+func sortSmall(keys []string) {
+	for i := 1; i < len(keys); i++ {
+		for j := i; j > 0 && keys[j] < keys[j-1]; j-- {
+			keys[j], keys[j-1] = keys[j-1], keys[j]
+		}
+	}
 }
 
 // plainJSON reports whether s is printable ASCII without a quote or backslash.
