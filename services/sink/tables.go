@@ -203,6 +203,8 @@ func enrichmentJSON(m map[string]any) string {
 		return ""
 	}
 	sortSmall(keys)
+	// Written out here and in appendJSON's map case, not shared: a helper taking the
+	// value writer as a function moves buf to the heap.
 	var buf [256]byte
 	b := append(buf[:0], '{')
 	for i, k := range keys {
