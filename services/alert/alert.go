@@ -255,20 +255,7 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	msgs := make(chan jetstream.Msg, 1000)
-	wg.Go(func() {
-		defer close(msgs)
-		for {
-			msg, err := it.Next()
-			if err != nil {
-				if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-					return
-				}
-				s.log.Warn("read", "err", err)
-				continue
-			}
-			msgs <- msg
-		}
-	})
+	wg.Go(func() { stage.Pump(ctx, it, msgs, s.log) })
 	reloads := make(chan []*Rule)
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()

@@ -556,24 +556,7 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 	msgs := make(chan jetstream.Msg, r.cfg.MaxRows)
 	var reader sync.WaitGroup
 	defer reader.Wait()
-	reader.Go(func() {
-		defer close(msgs)
-		for {
-			msg, err := it.Next()
-			if err != nil {
-				if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-					return
-				}
-				r.log.Warn("read", "err", err)
-				continue
-			}
-			select {
-			case msgs <- msg:
-			case <-ctx.Done():
-				return
-			}
-		}
-	})
+	reader.Go(func() { stage.Pump(ctx, it, msgs, r.log) })
 	for {
 		var b []jetstream.Msg
 		select {
