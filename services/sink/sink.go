@@ -545,17 +545,36 @@ func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
 	return nil
 }
 
-// InsertEvents inserts the rows of c into events in one batch, column by column.
+// insertBlockRows is how many rows InsertEvents sends as one block. An insert of
+// more sends several blocks; the server squashes them into one part (up to its
+// min_insert_block_size_rows, a million by default), so the table sees one insert,
+// while the driver reuses one block's column buffers instead of growing them to
+// the whole batch (most of the pipeline's garbage, before).
+const insertBlockRows = 2048
+
+// InsertEvents inserts the rows of c into events in one INSERT, column by column,
+// insertBlockRows at a time.
 func InsertEvents(ctx context.Context, ch driver.Conn, c *EventColumns) error {
+	return insertEvents(ctx, ch, c, insertBlockRows)
+}
+
+func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int) error {
 	t := EventsTable()
 	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
 	if err != nil {
 		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
 	}
 	defer b.Abort()
-	for i, col := range c.columns() {
-		if err := b.Column(i).Append(col); err != nil {
-			return fmt.Errorf("append to %s.%s: %w", t.Name, t.Columns[i].Name, err)
+	for lo := 0; lo < c.Len(); lo += blockRows {
+		if lo > 0 {
+			if err := b.Flush(); err != nil {
+				return fmt.Errorf("insert into %s: %w", t.Name, err)
+			}
+		}
+		for i, col := range c.columns(lo, min(lo+blockRows, c.Len())) {
+			if err := b.Column(i).Append(col); err != nil {
+				return fmt.Errorf("append to %s.%s: %w", t.Name, t.Columns[i].Name, err)
+			}
 		}
 	}
 	if err := b.Send(); err != nil {

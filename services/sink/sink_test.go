@@ -137,6 +137,39 @@ func TestEventColumnsAsRows(t *testing.T) {
 	}
 }
 
+// An insert sent in several blocks stores every row, and the server squashes the
+// blocks into one part: the table sees one insert, not one per block.
+func TestInsertEventsInBlocks(t *testing.T) {
+	srv := chtest.Start(t)
+	_, conn := chtest.Database(t, srv)
+	ctx := context.Background()
+	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
+		t.Fatal(err)
+	}
+	var cols EventColumns
+	for i := range 10 {
+		cols.Append(&EventRecord{Key: fmt.Sprint("k", i), ID: fmt.Sprint(i), Data: "{}", StreamSeq: uint64(i + 1),
+			EventTime: time.Unix(1_800_000_000, 0), ReceivedAt: time.Unix(1_800_000_000, 0)})
+	}
+	if err := insertEvents(ctx, conn, &cols, 3); err != nil {
+		t.Fatal(err)
+	}
+	var rows, seqs, sum uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(stream_seq), sum(stream_seq) FROM events").Scan(&rows, &seqs, &sum); err != nil {
+		t.Fatal(err)
+	}
+	if rows != 10 || seqs != 10 || sum != 55 {
+		t.Fatalf("%d rows, %d sequences summing to %d; want 10, 10, 55", rows, seqs, sum)
+	}
+	var parts uint64
+	if err := conn.QueryRow(ctx, "SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'events' AND active").Scan(&parts); err != nil {
+		t.Fatal(err)
+	}
+	if parts != 1 {
+		t.Fatalf("%d parts after one insert of 4 blocks; want 1", parts)
+	}
+}
+
 // The same DDL, the sink's column types, its INSERTs and its queries on current
 // ClickHouse (26.5, in-process through chDB).
 func TestTablesOnCurrentClickHouse(t *testing.T) {

@@ -324,16 +324,16 @@ func (c *EventColumns) Append(r *EventRecord) {
 	c.seq = append(c.seq, r.StreamSeq)
 }
 
-// columns are c's columns in EventsTable's order.
-func (c *EventColumns) columns() []any {
-	s := c.str
+// columns are rows lo to hi (not included) of c's columns, in EventsTable's order.
+func (c *EventColumns) columns(lo, hi int) []any {
+	s := func(i int) []string { return c.str[i][lo:hi] }
 	return []any{
-		s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
-		c.times[0], c.millis[0], c.times[1], c.millis[1],
-		s[8], s[9], s[10],
-		s[11], c.asn, s[12],
-		s[13], s[14], s[15], s[16],
-		c.seq,
+		s(0), s(1), s(2), s(3), s(4), s(5), s(6), s(7),
+		c.times[0][lo:hi], c.millis[0][lo:hi], c.times[1][lo:hi], c.millis[1][lo:hi],
+		s(8), s(9), s(10),
+		s(11), c.asn[lo:hi], s(12),
+		s(13), s(14), s(15), s(16),
+		c.seq[lo:hi],
 	}
 }
 
