@@ -274,7 +274,7 @@ func decodeUsual(payload []byte) (e *Event, ok bool) {
 		}
 		present++
 	}
-	if n, usual := usualMembers(trimmed); !usual || n != present {
+	if n, usual := usualMembers(trimmed, u.Data); !usual || n != present {
 		return nil, false
 	}
 	e = &Event{ID: u.ID, Source: u.Source, Type: u.Type, SpecVersion: u.SpecVersion, Subject: u.Subject,
@@ -297,8 +297,10 @@ var usualNames = map[string]bool{
 
 // usualMembers counts the members of the JSON object b (valid JSON) and reports
 // whether each is named, exactly as written (the struct decoder would also take
-// "ID" for "id"), like a member of usualEvent.
-func usualMembers(b []byte) (n int, usual bool) {
+// "ID" for "id"), like a member of usualEvent. data is the value the decoder took
+// for "data": the scan steps over it rather than through it, and a "data" member
+// that is not exactly data (a repeated one) is not usual.
+func usualMembers(b, data []byte) (n int, usual bool) {
 	depth, inString, wantName, name := 0, false, false, -1
 	for i := 0; i < len(b); i++ {
 		c := b[i]
@@ -315,7 +317,15 @@ func usualMembers(b []byte) (n int, usual bool) {
 					if !usualNames[string(b[name:i])] {
 						return n, false
 					}
+					isData := string(b[name:i]) == "data"
 					n, name = n+1, -1
+					if isData {
+						end, ok := skipValue(b, i+1, data)
+						if !ok {
+							return n, false
+						}
+						i = end - 1
+					}
 				}
 			}
 			continue
@@ -336,6 +346,35 @@ func usualMembers(b []byte) (n int, usual bool) {
 		}
 	}
 	return n, true
+}
+
+// skipValue returns where the member value that follows the name ending before
+// b[i] ends, if that value is exactly v: v comes next (after the colon) and a
+// comma or the object's end follows it. A valid JSON value that is a prefix of
+// another and is followed by one of those is all of it.
+func skipValue(b []byte, i int, v []byte) (end int, ok bool) {
+	i = skipSpace(b, i)
+	if i >= len(b) || b[i] != ':' {
+		return 0, false
+	}
+	i = skipSpace(b, i+1)
+	if len(v) == 0 || !bytes.HasPrefix(b[i:], v) {
+		return 0, false
+	}
+	end = i + len(v)
+	if j := skipSpace(b, end); j >= len(b) || (b[j] != ',' && b[j] != '}') {
+		return 0, false
+	}
+	return end, true
+}
+
+// skipSpace returns the index of the first byte at or after i that is not JSON
+// whitespace.
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
 }
 
 // decodeObject decodes a JSON object into its members, rejecting trailing data.

@@ -182,6 +182,12 @@ func TestUsualEvents(t *testing.T) {
 		{`{"id":"\ud800x\udc00\ud83d\ude00"}`, true}, // lone surrogates become U+FFFD either way
 		{`{"id":"a"} x`, false},                      // trailing data
 		{`{"id":"a","data":{"id":1,"ID":2,"x":"\\"}}`, true},
+		{`{"data" : 12 , "id":"a"}`, true},                         // data first, spaced, stepped over
+		{`{"data":"},\"id\":\"b","source":"s"}`, true},             // data that looks like members
+		{`{"data":1,"id":"a","data":1}`, false},                    // repeated, the same
+		{`{"data":12,"id":"a","data":1}`, false},                   // repeated, the last a prefix of the first
+		{`{"data":{"a":"}"},"id":"a","data":{"a":"}"}}`, false},    // repeated objects
+		{`{"data":"x\",\"data\":\"x","id":"a","data":"x"}`, false}, // the last inside the first
 	} {
 		u, ok := decodeUsual([]byte(tt.payload))
 		if ok != tt.usual {

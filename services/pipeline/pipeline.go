@@ -187,7 +187,7 @@ func startSeq(at string, last uint64) (uint64, error) {
 // failure.
 func (p *pipeline) lead(ctx context.Context) {
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p}
+		r := &run{pipeline: p, spare: make(chan *batch, 2)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
@@ -229,6 +229,8 @@ type run struct {
 	hasRules  atomic.Bool
 	engine    *alert.Engine
 	published map[string]bool // DLQ and ALERTS ids stored since the snapshot
+	// spare holds the memory of stored batches, for batches to come.
+	spare chan *batch
 	// stored is when every output of input up to seq was last known stored.
 	stored time.Time
 	// hwm is the highest stream_seq in events when the run began: rows up to it may
@@ -355,17 +357,19 @@ func (r *run) write(ctx context.Context) error {
 	return nil
 }
 
-// batch is what the input of one batch produced, written by the writer.
+// batch is one batch of input, prepared, and what it produced, written by the
+// writer. Its memory is used again by a batch to come (run.recycle).
 type batch struct {
-	rows []row       // in stream order
-	out  []*nats.Msg // dead letters and alert changes
+	preps []prep      // the input, prepared; the rows point into it
+	rows  []row       // in stream order
+	out   []*nats.Msg // dead letters and alert changes
 	// done, if set, is closed once the batch and all before it are stored.
 	done chan error
 }
 
 // row is one events row and where it comes from.
 type row struct {
-	rec    sink.EventRecord
+	rec    *sink.EventRecord
 	seq    uint64    // EVENTS sequence
 	stored time.Time // when EVENTS stored the event
 	msg    jetstream.Msg
@@ -399,7 +403,7 @@ func (r *run) run(ctx context.Context) error {
 	})
 	collected := make(chan []jetstream.Msg, 1)
 	wg.Go(func() { r.collect(inCtx, it, collected) })
-	prepared := make(chan []prep, 1)
+	prepared := make(chan *batch, 1)
 	wg.Go(func() { r.prepareAll(inCtx, collected, prepared) })
 
 	// The writer outlives ctx long enough to store what was decided (bounded by a
@@ -497,14 +501,14 @@ func (r *run) run(ctx context.Context) error {
 			return stop(nil)
 		case <-writerDone:
 			return writerFailed()
-		case ps, ok := <-prepared:
+		case b, ok := <-prepared:
 			if !ok {
 				return stop(errors.New("pipeline: the input ended"))
 			}
 			lastInput = time.Now()
-			b := &batch{rows: make([]row, 0, len(ps))}
-			for i := range ps {
-				r.decide(&ps[i], b)
+			b.rows = slices.Grow(b.rows, len(b.preps))
+			for i := range b.preps {
+				r.decide(&b.preps[i], b)
 			}
 			if err := send(b, false); err != nil {
 				return stop(err)
@@ -607,11 +611,18 @@ type prep struct {
 }
 
 // prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
-func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out chan<- []prep) {
+func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out chan<- *batch) {
 	defer close(out)
 	workers := runtime.GOMAXPROCS(0)
 	for msgs := range in {
-		ps := make([]prep, len(msgs))
+		var b *batch
+		select {
+		case b = <-r.spare:
+		default:
+			b = &batch{}
+		}
+		b.preps = slices.Grow(b.preps, len(msgs))[:len(msgs)]
+		ps := b.preps
 		var wg sync.WaitGroup
 		chunk := (len(msgs) + workers - 1) / workers
 		for lo := 0; lo < len(msgs); lo += chunk {
@@ -624,7 +635,7 @@ func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out cha
 		}
 		wg.Wait()
 		select {
-		case out <- ps:
+		case out <- b:
 		case <-ctx.Done():
 			return
 		}
@@ -678,7 +689,7 @@ func (r *run) decide(p *prep, b *batch) {
 		r.deadLetter(p.msg, p.rowErr.Error(), b)
 		return
 	}
-	b.rows = append(b.rows, row{rec: p.rec, seq: p.seq, stored: p.received, msg: p.msg})
+	b.rows = append(b.rows, row{rec: &p.rec, seq: p.seq, stored: p.received, msg: p.msg})
 	if len(r.engine.Rules()) == 0 {
 		return
 	}
@@ -745,8 +756,26 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 		if err != nil {
 			return err
 		}
+		w.recycle(b)
 	}
 	return nil
+}
+
+// recycle keeps the memory of a stored batch for one to come (if not enough are
+// kept already): a batch of prepared input is large, and allocating it anew each
+// time made much of the stage's garbage.
+func (r *run) recycle(b *batch) {
+	if b.preps == nil {
+		return
+	}
+	clear(b.preps)
+	clear(b.rows)
+	clear(b.out)
+	*b = batch{preps: b.preps[:0], rows: b.rows[:0], out: b.out[:0]}
+	select {
+	case r.spare <- b:
+	default:
+	}
 }
 
 // store inserts b's rows (those not in the table already), retrying until
@@ -783,7 +812,7 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 				// Emptied after each insert: it holds no row's strings past it.
 				defer w.cols.Reset()
 				for i := range rows {
-					w.cols.Append(&rows[i].rec)
+					w.cols.Append(rows[i].rec)
 				}
 				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 				defer cancel()
