@@ -46,6 +46,7 @@ test: deps vet modules
 fuzz:
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) ./events/
 	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzValid$$' -fuzztime $(FUZZTIME) ./events/
+	cd schemas && $(GO) test -run '^$$' -fuzz '^FuzzDecodeDataFields$$' -fuzztime $(FUZZTIME) ./events/
 	cd services/alert && $(GO) test -run '^$$' -fuzz '^FuzzRule$$' -fuzztime $(FUZZTIME) .
 	cd services/alert && $(GO) test -run '^$$' -fuzz '^FuzzEngine$$' -fuzztime $(FUZZTIME) .
 	cd services/sluice && $(GO) test -run '^$$' -fuzz '^FuzzConfig$$' -fuzztime $(FUZZTIME) ./platform/

@@ -39,9 +39,11 @@ type Event struct {
 	// Enrichment holds the fields the enrich stage added.
 	Enrichment map[string]any `json:"sluiceenrichment,omitempty"`
 
-	// decoded caches DecodeData's result (decodedOK: it is set).
-	decoded   any
-	decodedOK bool
+	// decoded caches DecodeData's result (decodedOK: it is set), or
+	// DecodeDataFields' (decodedFields: what of data it holds).
+	decoded       any
+	decodedOK     bool
+	decodedFields DataFields
 }
 
 // DecodeData decodes the event's data into generic values (objects, arrays,
@@ -49,18 +51,7 @@ type Event struct {
 // kept: later calls return the same values, so a caller that changes them must
 // also set Data to their encoding (as enrich's masks do).
 func (e *Event) DecodeData() (any, error) {
-	if e.decodedOK {
-		return e.decoded, nil
-	}
-	if len(e.Data) == 0 {
-		return nil, nil
-	}
-	var data any
-	if err := gojson.Unmarshal(e.Data, &data); err != nil {
-		return nil, err
-	}
-	e.decoded, e.decodedOK = data, true
-	return data, nil
+	return e.DecodeDataFields(AllData())
 }
 
 // Marshal returns the inter-stage JSON form of e. Characters HTML escaping would

@@ -370,8 +370,25 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 
 // Env returns what filters see of e.
 func Env(e *events.Event) *EventEnv {
-	data, _ := e.DecodeData()
+	return EnvFor(e, events.AllData())
+}
+
+// EnvFor returns what filters see of e, with at least the members of data that f
+// names decoded: enough for rules that read no more (DataFields).
+func EnvFor(e *events.Event, f events.DataFields) *EventEnv {
+	data, _ := e.DecodeDataFields(f)
 	return events.NewExprEnv(e, data)
+}
+
+// DataFields is what rules read of events' data: the members their filters,
+// group_by fields and values name, or all of it (a match rule's annotations see
+// data whole).
+func DataFields(rules []*Rule) events.DataFields {
+	var f events.DataFields
+	for _, r := range rules {
+		f = f.Union(r.data)
+	}
+	return f
 }
 
 // ChangeMsg is the ALERTS message of an alert change, with MsgID as its

@@ -337,3 +337,50 @@ func TestRulesShareGroups(t *testing.T) {
 		}
 	}
 }
+
+// Rules see what they read of data alike whether all of it or only what they name
+// (DataFields) is decoded: the same alerts, for rules of every kind.
+func TestRulesReadWhatTheyName(t *testing.T) {
+	cfgs := []RuleConfig{
+		{Name: "big", Filter: `type == "order" && data.amount > 100`},
+		{Name: "per-user", Kind: KindThreshold, Filter: `data.kind == "x"`, GroupBy: []string{"data.user"}, Window: 10 * time.Second,
+			Aggregate: AggSum, Value: `data.amount`, Op: ">", Threshold: 150, AllowedLateness: time.Millisecond},
+		{Name: "rate", Kind: KindRate, Filter: `type == "order"`, GroupBy: []string{"data.region.name"}, Window: 10 * time.Second,
+			Op: ">", Threshold: 1.5, AllowedLateness: time.Millisecond},
+	}
+	rules := mustRules(t, cfgs...)
+	if got := DataFields(rules).String(); got != "{amount,kind,region,user}" {
+		t.Fatalf("the rules read %s of data, want {amount,kind,region,user}", got)
+	}
+	var ins []in
+	for i := range 200 {
+		ins = append(ins, in{"order", float64(i) / 4, fmt.Sprintf(`{"noise":{"a":[%d,"}"]},"user":"u%d","kind":"x","amount":%d,"region":{"name":"r%d"},"note":"\"q\""}`,
+			i, i%3, i%7*30, i%2)})
+	}
+	observe := func(f events.DataFields) []string {
+		e := NewEngine(mustRules(t, cfgs...), nil)
+		var out []string
+		for _, x := range ins {
+			got, errs := e.Observe(EnvFor(&events.Event{ID: fmt.Sprint(x.sec), Source: "test", Type: x.typ,
+				Time: t0.Add(time.Duration(x.sec * float64(time.Second))), Data: json.RawMessage(x.data)}, f))
+			if len(errs) > 0 {
+				t.Fatal(errs)
+			}
+			for _, a := range got {
+				v := "-"
+				if a.Value != nil {
+					v = fmt.Sprint(*a.Value)
+				}
+				out = append(out, fmt.Sprint(a.Rule, " ", a.Status, " ", a.Labels, " ", v, " ", a.StartsAt.Sub(t0)))
+			}
+		}
+		return out
+	}
+	all, named := observe(events.AllData()), observe(DataFields(rules))
+	if len(all) < 10 || !slices.Equal(all, named) {
+		t.Fatalf("all of data decoded: %d alerts %q\nonly what the rules name: %d alerts %q", len(all), all, len(named), named)
+	}
+	if got := DataFields(mustRules(t, RuleConfig{Name: "m", Filter: `data.x > 1`, Annotations: map[string]string{"a": "{{ .data }}"}})).String(); got != "all" {
+		t.Errorf("a match rule with annotations reads %s of data, want all", got)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"math"
 	"regexp"
+	"slices"
 	"strings"
 	"text/template"
 	"time"
@@ -116,6 +117,8 @@ type Rule struct {
 	// groupBySig is GroupBy joined: rules with the same one share an event's group.
 	groupBySig  string
 	annotations map[string]*template.Template
+	// data is what the rule reads of events' data.
+	data events.DataFields
 }
 
 // RuleError reports a rule that does not load, by name and position.
@@ -264,6 +267,15 @@ func compile(c RuleConfig) (*Rule, error) {
 			return nil, fmt.Errorf("annotation %s: %w", k, err)
 		}
 		r.annotations[k] = t
+	}
+	r.data = events.ExprDataFields(r.filter.Node())
+	for _, p := range append(slices.Clone(r.groupBy), r.value) {
+		if p != nil {
+			r.data = r.data.Union(events.ExprDataFields(p.Node()))
+		}
+	}
+	if c.Kind == KindMatch && len(c.Annotations) > 0 {
+		r.data = events.AllData() // the templates see data whole
 	}
 	r.RuleConfig = c
 	b, _ := json.Marshal(c)

@@ -164,6 +164,9 @@ func Start(ctx context.Context, cfg Config, js jetstream.JetStream, log *slog.Lo
 // HasRules reports whether any enrich rule is configured.
 func (l *Live) HasRules() bool { return len(l.current.Load().en.rules) > 0 }
 
+// DataFields is what the current rules read of events' data.
+func (l *Live) DataFields() events.DataFields { return l.current.Load().en.data }
+
 // Enrich applies the current rules to e and reports whether there were any.
 func (l *Live) Enrich(e *events.Event) bool {
 	rt := l.current.Load()

@@ -34,6 +34,8 @@ type Enricher struct {
 	tables map[string]Table
 	geo    map[string]*geoHolder
 	ua     *UserAgents
+	// data is what the rules read of data (all of it where a mask rewrites it).
+	data events.DataFields
 	// Miss, if set, is called for each lookup whose key a table lacks.
 	Miss func(table string)
 	// versions is the last table-versions map recorded: events enriched from the
@@ -156,6 +158,13 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 		r := &rule{types: rc.Types, subjects: rc.Subjects, lookups: rc.Lookups, defaults: defaults, geoip: rc.GeoIP, ua: rc.UserAgent}
 		for _, l := range rc.Lookups {
 			r.lookupNames = append(r.lookupNames, &prefixed{to: l.To})
+			en.data = en.data.Union(events.DataFieldsOfPath(l.From))
+		}
+		for _, g := range rc.GeoIP {
+			en.data = en.data.Union(events.DataFieldsOfPath(g.From))
+		}
+		if rc.UserAgent != nil {
+			en.data = en.data.Union(events.DataFieldsOfPath(rc.UserAgent.From))
 		}
 		for j, d := range rc.Derived {
 			dv := derived{name: d.Name, bucket: d.Bucket, last: new(atomic.Pointer[bucketText])}
@@ -166,6 +175,7 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 					continue
 				}
 				dv.prog = prog
+				en.data = en.data.Union(events.ExprDataFields(prog.Node()))
 			}
 			r.derived = append(r.derived, dv)
 		}
@@ -180,6 +190,7 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 				mk.secret = []byte(v)
 			}
 			r.masks = append(r.masks, mk)
+			en.data = events.AllData() // a mask writes data back whole
 		}
 		en.rules = append(en.rules, r)
 	}
@@ -202,9 +213,10 @@ func (r *rule) matches(e *events.Event) bool {
 	return true
 }
 
-// eventData decodes an event's data once, on first use.
+// eventData decodes what the rules read of an event's data once, on first use.
 type eventData struct {
 	e       *events.Event
+	fields  events.DataFields
 	v       any
 	decoded bool
 	changed bool
@@ -213,7 +225,7 @@ type eventData struct {
 func (d *eventData) get() any {
 	if !d.decoded {
 		d.decoded = true
-		d.v, _ = d.e.DecodeData()
+		d.v, _ = d.e.DecodeDataFields(d.fields)
 	}
 	return d.v
 }
@@ -251,7 +263,7 @@ func (d *eventData) field(path string) (string, bool) {
 // Enrich applies every matching rule to e: lookups, geo, user agent, derived
 // fields, then masks. The enrichment lands in e.Enrichment; masks change e.Data.
 func (en *Enricher) Enrich(e *events.Event) {
-	d := &eventData{e: e}
+	d := &eventData{e: e, fields: en.data}
 	var (
 		buf      [8][2]string
 		versions = buf[:0]

@@ -241,3 +241,27 @@ func TestEnrichFollowsChanges(t *testing.T) {
 		}
 	}
 }
+
+// The enricher decodes only the members of data its rules read: lookups, geo and
+// user-agent sources and derived expressions; all of data once a mask rewrites it.
+func TestEnricherReadsWhatItNeeds(t *testing.T) {
+	cfg := DefaultEnrichConfig()
+	cfg.Tables = []TableConfig{{Name: "users", KV: "users"}}
+	cfg.Rules = []RuleConfig{
+		{Lookups: []LookupConfig{{Table: "users", From: "data.user.id", To: "user"}}, UserAgent: &UAConfig{From: "data.ua", To: "ua"}},
+		{Types: []string{"order"}, Derived: []DerivedConfig{{Name: "big", Expr: `data.amount > 100`}}, Lookups: []LookupConfig{{Table: "users", From: "source", To: "src"}}},
+	}
+	en := testEnricher(t, cfg, map[string]Table{"users": staticTable{"u1": {"plan": "pro"}}}, nil)
+	if got := en.data.String(); got != "{amount,ua,user}" {
+		t.Fatalf("reads %s of data, want {amount,ua,user}", got)
+	}
+	e := event("order", `{"user":{"id":"u1"},"amount":150,"other":{"deep":[1,2,3]},"ua":"curl/8.0"}`)
+	en.Enrich(e)
+	if e.Enrichment["user_plan"] != "pro" || e.Enrichment["big"] != true || e.Enrichment["ua_browser"] != "curl 8" {
+		t.Fatalf("enrichment %v", e.Enrichment)
+	}
+	cfg.Rules = append(cfg.Rules, RuleConfig{Mask: []MaskConfig{{Field: "data.user.id", How: "remove"}}})
+	if got := testEnricher(t, cfg, map[string]Table{"users": staticTable{}}, nil).data.String(); got != "all" {
+		t.Fatalf("with a mask reads %s of data, want all", got)
+	}
+}

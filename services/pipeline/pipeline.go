@@ -226,7 +226,9 @@ type run struct {
 	keys    *window.Store
 	// prepDedup decodes and keys, without a store: the keys are checked in order.
 	prepDedup *dedup.Handler
-	hasRules  atomic.Bool
+	// rulesRead is what the rules read of events' data (nil: there are no rules);
+	// set before the engine gets the rules, read by the preparing goroutines.
+	rulesRead atomic.Pointer[events.DataFields]
 	engine    *alert.Engine
 	published map[string]bool // DLQ and ALERTS ids stored since the snapshot
 	// spare holds the memory of stored batches, for batches to come.
@@ -262,7 +264,7 @@ func (r *run) restore(ctx context.Context) error {
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
 	r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
-	r.hasRules.Store(len(r.engine.Rules()) > 0)
+	r.readRules(r.engine.Rules())
 	r.prepDedup, err = dedup.NewHandler(r.maxPayload, r.cfg.Window, nil, nil, nil)
 	if err != nil {
 		return err
@@ -525,7 +527,7 @@ func (r *run) run(ctx context.Context) error {
 			}
 			lastIdle = now
 		case rules := <-reloads:
-			r.hasRules.Store(len(rules) > 0)
+			r.readRules(rules)
 			if err := r.emitNow(r.engine.SetRules(rules), send); err != nil {
 				return stop(err)
 			}
@@ -540,6 +542,17 @@ func (r *run) run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// readRules notes what rules read of events' data, for the messages prepared
+// from now on.
+func (r *run) readRules(rules []*alert.Rule) {
+	if len(rules) == 0 {
+		r.rulesRead.Store(nil)
+		return
+	}
+	read := alert.DataFields(rules)
+	r.rulesRead.Store(&read)
 }
 
 // emitNow hands alert changes not caused by input (idle time, a rule reload) to
@@ -608,6 +621,8 @@ type prep struct {
 	rec      sink.EventRecord
 	rowErr   error
 	env      *alert.EventEnv
+	// envRead is what env holds of data: the rules' needs when it was made.
+	envRead *events.DataFields
 }
 
 // prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
@@ -623,13 +638,18 @@ func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out cha
 		}
 		b.preps = slices.Grow(b.preps, len(msgs))[:len(msgs)]
 		ps := b.preps
+		// What enrichment and the rules read of data, decoded once for both.
+		read := r.live.DataFields()
+		if rules := r.rulesRead.Load(); rules != nil {
+			read = read.Union(*rules)
+		}
 		var wg sync.WaitGroup
 		chunk := (len(msgs) + workers - 1) / workers
 		for lo := 0; lo < len(msgs); lo += chunk {
 			hi := min(lo+chunk, len(msgs))
 			wg.Go(func() {
 				for i := lo; i < hi; i++ {
-					r.prepare(msgs[i], &ps[i])
+					r.prepare(msgs[i], &ps[i], read)
 				}
 			})
 		}
@@ -642,7 +662,7 @@ func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out cha
 	}
 }
 
-func (r *run) prepare(msg jetstream.Msg, p *prep) {
+func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	p.msg = msg
 	md, err := msg.Metadata()
 	if err != nil {
@@ -655,13 +675,14 @@ func (r *run) prepare(msg jetstream.Msg, p *prep) {
 		return
 	}
 	e := p.d.Event
+	_, _ = e.DecodeDataFields(read) // kept for enrichment and the rules; an error is theirs to meet
 	r.live.Enrich(e)
 	if p.rec, err = sink.EventRecordOf(e, p.seq); err != nil {
 		p.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
 		return
 	}
-	if r.hasRules.Load() {
-		p.env = alert.Env(e)
+	if read := r.rulesRead.Load(); read != nil {
+		p.env, p.envRead = alert.EnvFor(e, *read), read
 	}
 }
 
@@ -694,8 +715,8 @@ func (r *run) decide(p *prep, b *batch) {
 		return
 	}
 	env := p.env
-	if env == nil { // rules were loaded after the message was prepared
-		env = alert.Env(d.Event)
+	if read := r.rulesRead.Load(); p.envRead != read { // rules were loaded after the message was prepared
+		env = alert.EnvFor(d.Event, *read)
 	}
 	out, errs := r.engine.Observe(env)
 	for range errs {
