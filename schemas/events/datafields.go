@@ -156,18 +156,21 @@ func decodeMembers(b []byte, f DataFields) (map[string]any, bool) {
 	for i < len(b) && b[i] == '"' {
 		end := stringEnd(b, i)
 		name := b[i+1 : end-1]
-		if bytes.IndexByte(name, '\\') >= 0 || !utf8.Valid(name) {
+		if !plainName(name) {
 			return nil, false
 		}
 		i = skipSpace(b, end)
 		i = skipSpace(b, i+1) // the colon
 		vEnd := valueEnd(b, i)
-		if j, found := slices.BinarySearch(f.names, string(name)); found {
-			v, err := decodeValue(b[i:vEnd])
-			if err != nil {
-				return nil, false
+		for _, n := range f.names {
+			if string(name) == n {
+				v, err := decodeValue(b[i:vEnd])
+				if err != nil {
+					return nil, false
+				}
+				out[n] = v
+				break
 			}
-			out[f.names[j]] = v
 		}
 		i = skipSpace(b, vEnd)
 		if i < len(b) && b[i] == ',' {
@@ -175,6 +178,19 @@ func decodeMembers(b []byte, f DataFields) (map[string]any, bool) {
 		}
 	}
 	return out, true
+}
+
+// plainName reports whether a member name is as it reads: no escapes, valid UTF-8.
+func plainName(name []byte) bool {
+	for _, c := range name {
+		if c == '\\' {
+			return false
+		}
+		if c >= utf8.RuneSelf {
+			return bytes.IndexByte(name, '\\') < 0 && utf8.Valid(name)
+		}
+	}
+	return true
 }
 
 // decodeValue decodes one JSON value into a generic value; plain strings (valid

@@ -289,10 +289,13 @@ func decodeUsual(payload []byte) (e *Event, ok bool) {
 	return e, true
 }
 
-// usualNames are usualEvent's members, as written.
-var usualNames = map[string]bool{
-	"id": true, "source": true, "type": true, "specversion": true, "time": true,
-	"subject": true, "datacontenttype": true, "dataschema": true, "data": true,
+// usualName reports whether name is a member of usualEvent, as written.
+func usualName(name []byte) bool {
+	switch string(name) {
+	case "id", "source", "type", "specversion", "time", "subject", "datacontenttype", "dataschema", "data":
+		return true
+	}
+	return false
 }
 
 // usualMembers counts the members of the JSON object b (valid JSON) and reports
@@ -314,7 +317,7 @@ func usualMembers(b, data []byte) (n int, usual bool) {
 			case '"':
 				inString = false
 				if name >= 0 {
-					if !usualNames[string(b[name:i])] {
+					if !usualName(b[name:i]) {
 						return n, false
 					}
 					isData := string(b[name:i]) == "data"
@@ -635,10 +638,13 @@ func decodeBinary(ce map[string]string, ct string, payload []byte) (*Event, erro
 
 // checkHeadersAgree rejects a structured event whose ce-* headers say otherwise.
 func checkHeadersAgree(ce map[string]string, e *Event) error {
-	body := map[string]string{
-		"id": e.ID, "source": e.Source, "type": e.Type, "specversion": e.SpecVersion, "subject": e.Subject,
+	if len(ce) == 0 {
+		return nil
 	}
-	for name, got := range body {
+	for _, attr := range [...][2]string{
+		{"id", e.ID}, {"source", e.Source}, {"type", e.Type}, {"specversion", e.SpecVersion}, {"subject", e.Subject},
+	} {
+		name, got := attr[0], attr[1]
 		if h, ok := ce[name]; ok && h != got {
 			return invalid("header ce-%s %q contradicts the body's %q %q", name, h, name, got)
 		}

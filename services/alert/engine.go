@@ -60,6 +60,10 @@ type RuleState struct {
 	First    int64                  `json:"first,omitempty"`
 	HasFirst bool                   `json:"has_first,omitempty"`
 	Groups   map[string]*GroupState `json:"groups"`
+	// last is the group of the last event, by its key (nil: none): consecutive
+	// events of one group skip the map.
+	last    *GroupState
+	lastKey string
 }
 
 // GroupState is one group's buckets (threshold, rate), last event (absence) and
@@ -290,14 +294,15 @@ func (e *Engine) advance() []*alerts.Alert {
 		return nil
 	}
 	var out []*alerts.Alert
+	latest := e.st.MaxTime.UnixNano()
 	for i, r := range e.rules {
 		rs := e.states[i]
-		watermark := e.st.MaxTime.Add(-r.AllowedLateness).UnixNano()
+		watermark := latest - int64(r.AllowedLateness)
 		switch r.Kind {
 		case KindThreshold, KindRate:
 			out = r.advanceWindows(rs, watermark, out)
 		case KindAbsence:
-			out = r.advanceAbsence(rs, watermark, e.st.MaxTime.UnixNano(), out)
+			out = r.advanceAbsence(rs, watermark, latest, out)
 		}
 	}
 	return out
@@ -334,6 +339,9 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 			if g.Latest < b+step-span && g.FiringSince == 0 {
 				// No event left in the windows to come.
 				delete(rs.Groups, key)
+				if rs.last == g {
+					rs.last = nil
+				}
 			}
 		}
 		// Groups are visited in no order: the changes of one step are sorted, so a
@@ -535,11 +543,15 @@ func (g *GroupState) MarshalJSON() ([]byte, error) {
 }
 
 func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
+	if rs.last != nil && rs.lastKey == key {
+		return rs.last
+	}
 	g := rs.Groups[key]
 	if g == nil {
 		g = &GroupState{Labels: r.groupLabelsOf(values)}
 		rs.Groups[key] = g
 	}
+	rs.last, rs.lastKey = g, key
 	return g
 }
 

@@ -384,3 +384,20 @@ func TestRulesReadWhatTheyName(t *testing.T) {
 		t.Errorf("a match rule with annotations reads %s of data, want all", got)
 	}
 }
+
+// A group whose windows have all passed is dropped; its next event starts it
+// again, and the new group fires like any other (a rule remembers the group of its
+// last event, and must not keep the dropped one).
+func TestGroupDroppedThenBack(t *testing.T) {
+	e := NewEngine(mustRules(t, RuleConfig{Name: "burst", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: 10 * time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond}), nil)
+	feed(t, e, logins("u1", 1))
+	feed(t, e, []in{{"page.view", 60, `{}`}}) // u1's windows all passed: dropped
+	if _, ok := e.State().Rules["burst"].Groups["u1"]; ok {
+		t.Fatal("u1 was not dropped")
+	}
+	out := feed(t, e, append(logins("u1", 61, 62, 63), logins("u2", 80)...))
+	if got := show(out, "user"); !slices.Equal(got, []string{"firing u1 70"}) {
+		t.Fatalf("got %q, want u1 firing at 70", got)
+	}
+}
