@@ -106,3 +106,43 @@ func BenchmarkEngineWithDecode(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 }
+
+// BenchmarkEngineProductionRules: the 20 rules of test/bench's BenchmarkProduction
+// (every one sees every event: 5 match on a number, 5 count thresholds by user, 5
+// rates by source on the same number, 5 absences by source) over 5,000 users.
+func BenchmarkEngineProductionRules(b *testing.B) {
+	var cfgs []RuleConfig
+	for i := range 20 {
+		switch i % 4 {
+		case 0:
+			cfgs = append(cfgs, RuleConfig{Name: fmt.Sprint("slow-", i), Filter: fmt.Sprintf(`type == "page.view" && data.duration_ms > %d`, 100_000+i)})
+		case 1:
+			cfgs = append(cfgs, RuleConfig{Name: fmt.Sprint("busy-user-", i), Kind: KindThreshold, Filter: `type == "page.view"`,
+				GroupBy: []string{"data.user"}, Window: time.Minute, Op: ">", Threshold: float64(1_000_000 + i)})
+		case 2:
+			cfgs = append(cfgs, RuleConfig{Name: fmt.Sprint("path-rate-", i), Kind: KindRate, Filter: fmt.Sprintf(`type == "page.view" && data.duration_ms > %d`, i),
+				GroupBy: []string{"source"}, Window: time.Minute, Change: "factor", Op: ">", Threshold: 1000})
+		case 3:
+			cfgs = append(cfgs, RuleConfig{Name: fmt.Sprint("quiet-", i), Kind: KindAbsence, Filter: `type == "page.view"`, GroupBy: []string{"source"}, For: time.Hour})
+		}
+	}
+	rules, err := CompileRules(cfgs)
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	envs := make([]*EventEnv, 100_000)
+	for i := range envs {
+		envs[i] = Env(&events.Event{ID: fmt.Sprint("pv-", i), Source: "web", Type: "page.view", Time: start.Add(time.Duration(i) * time.Millisecond),
+			Data: json.RawMessage(fmt.Sprintf(`{"user":"u%d","duration_ms":%d}`, i%5000, i%3000))})
+	}
+	e := NewEngine(rules, nil)
+	b.ResetTimer()
+	b.ReportAllocs()
+	for i := range b.N {
+		env := envs[i%len(envs)]
+		env.Time = env.Time.Add(time.Duration(i/len(envs)) * 100 * time.Second)
+		e.Observe(env)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+}

@@ -34,6 +34,11 @@ type Engine struct {
 	vm vm.VM
 	// groups holds the event's groups already read, for rules with the same group_by.
 	groups []groupOf
+	// fields holds, in rules' order, the field the rule's comparison reads, shared
+	// by the rules comparing the same field (nil: no comparison); event numbers
+	// the current event for them.
+	fields []*sharedField
+	event  uint64
 }
 
 // groupOf is an event's group for one group_by.
@@ -168,6 +173,18 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		}
 	}
 	e.rules = rules
+	e.fields = make([]*sharedField, len(rules))
+	byPath := map[string]*sharedField{}
+	for i, r := range rules {
+		if r.cmp == nil {
+			continue
+		}
+		key := strings.Join(r.cmp.path, ".")
+		if byPath[key] == nil {
+			byPath[key] = &sharedField{}
+		}
+		e.fields[i] = byPath[key]
+	}
 	e.states = make([]*RuleState, len(rules))
 	for i, r := range rules {
 		e.states[i] = e.st.Rules[r.Name]
@@ -184,8 +201,9 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 		errs []error
 	)
 	t := env.Time.UnixNano()
+	e.event++
 	for i, r := range e.rules {
-		ok, err := r.Matches(&e.vm, env)
+		ok, err := r.matches(&e.vm, env, e.fields[i], e.event)
 		if err != nil {
 			// A filter that fails on one event (a missing field, a wrong type) does not
 			// match it; the event is not bad input.

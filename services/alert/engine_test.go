@@ -3,6 +3,7 @@ package alert
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -399,5 +400,36 @@ func TestGroupDroppedThenBack(t *testing.T) {
 	out := feed(t, e, append(logins("u1", 61, 62, 63), logins("u2", 80)...))
 	if got := show(out, "user"); !slices.Equal(got, []string{"firing u1 70"}) {
 		t.Fatalf("got %q, want u1 firing at 70", got)
+	}
+}
+
+// Rules comparing the same field read it once per event, and each still decides
+// as it would alone.
+func TestRulesShareFields(t *testing.T) {
+	cfgs := []RuleConfig{
+		{Name: "n1", Filter: `data.n > 1`}, {Name: "n5", Filter: `type == "a" && data.n > 5`},
+		{Name: "m", Filter: `data.m == "x"`}, {Name: "n-text", Filter: `data.n == "3"`},
+	}
+	e := NewEngine(mustRules(t, cfgs...), nil)
+	alone := mustRules(t, cfgs...)
+	fired := map[string]int{}
+	want := map[string]int{}
+	for i := range 20 {
+		x := in{"a", float64(i), fmt.Sprintf(`{"n":%d,"m":"%s"}`, i%10, []string{"x", "y"}[i%2])}
+		if i%7 == 3 {
+			x.data = `{"n":"3"}` // another type: expr decides
+		}
+		out, _ := e.Observe(env(x))
+		for _, a := range out {
+			fired[a.Rule]++
+		}
+		for _, r := range alone {
+			if ok, _ := r.Matches(nil, env(x)); ok {
+				want[r.Name]++
+			}
+		}
+	}
+	if !maps.Equal(fired, want) || want["n1"] == 0 || want["n5"] == 0 || want["m"] == 0 || want["n-text"] == 0 {
+		t.Fatalf("fired %v, want %v (each rule alone)", fired, want)
 	}
 }

@@ -424,10 +424,10 @@ func comparisonOf(n ast.Node) *comparison {
 	return c
 }
 
-// eval compares env's field with the literal; known is false where the expression
-// machine must decide (the field missing, or of another type than the literal).
-func (c *comparison) eval(env *EventEnv) (result, known bool) {
-	v, ok := lookup(env, c.path)
+// test compares the field's value (as lookup read it: ok is false where it could
+// not) with the literal; known is false where the expression machine must decide
+// (the field missing, or of another type than the literal).
+func (c *comparison) test(v any, ok bool) (result, known bool) {
 	if !ok {
 		return false, false
 	}
@@ -522,6 +522,20 @@ func lookup(env *EventEnv, path []string) (v any, ok bool) {
 
 // Matches evaluates the filter on env, with machine m (nil: a new one).
 func (r *Rule) Matches(m *vm.VM, env *EventEnv) (bool, error) {
+	return r.matches(m, env, nil, 0)
+}
+
+// sharedField is the value of a field path, read once for every rule comparing it
+// on the same event.
+type sharedField struct {
+	event uint64 // the event it was read for (0: none)
+	v     any
+	ok    bool
+}
+
+// matches is Matches, reading the comparison's field through shared (if not nil)
+// for the event numbered event.
+func (r *Rule) matches(m *vm.VM, env *EventEnv, shared *sharedField, event uint64) (bool, error) {
 	if r.onlyType != "" && env.Type != r.onlyType {
 		return false, nil
 	}
@@ -529,7 +543,20 @@ func (r *Rule) Matches(m *vm.VM, env *EventEnv) (bool, error) {
 		return true, nil
 	}
 	if r.cmp != nil {
-		if ok, known := r.cmp.eval(env); known {
+		var (
+			v  any
+			ok bool
+		)
+		if shared == nil {
+			v, ok = lookup(env, r.cmp.path)
+		} else {
+			if shared.event != event {
+				shared.v, shared.ok = lookup(env, r.cmp.path)
+				shared.event = event
+			}
+			v, ok = shared.v, shared.ok
+		}
+		if ok, known := r.cmp.test(v, ok); known {
 			return ok, nil
 		}
 	}

@@ -169,31 +169,41 @@ func keyString(v any) string {
 // kvTable mirrors a NATS KV bucket: keys are lookup keys, values JSON objects.
 type kvTable struct {
 	bucket string
-	mu     sync.RWMutex
-	rows   map[string]map[string]any
-	rev    uint64
+	// rows maps keys to rows (map[string]any): read by every event, without a lock
+	// between the goroutines that read it; written by the watch.
+	rows sync.Map
+	mu   sync.Mutex // held by the watch's writes
+	rev  uint64
+	// version is Version's answer, made when rev changes (read without the lock).
+	version atomic.Pointer[string]
 }
 
 func (t *kvTable) Get(key string) (map[string]any, bool) {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	row, ok := t.rows[key]
-	return row, ok
+	row, ok := t.rows.Load(key)
+	if !ok {
+		return nil, false
+	}
+	return row.(map[string]any), true
 }
 
-func (t *kvTable) Version() string {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	return "kv:" + t.bucket + "@" + strconv.FormatUint(t.rev, 10)
+func (t *kvTable) Version() string { return *t.version.Load() }
+
+// setRev records the table's revision; t.mu is held.
+func (t *kvTable) setRev(rev uint64) {
+	t.rev = rev
+	v := "kv:" + t.bucket + "@" + strconv.FormatUint(rev, 10)
+	t.version.Store(&v)
 }
 
 func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.rev = max(t.rev, e.Revision())
+	if e.Revision() > t.rev {
+		t.setRev(e.Revision())
+	}
 	switch e.Operation() {
 	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
-		delete(t.rows, e.Key())
+		t.rows.Delete(e.Key())
 		return
 	}
 	var row map[string]any
@@ -201,7 +211,7 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 		log.Error("KV value is not a JSON object; keeping the previous value", "bucket", t.bucket, "key", e.Key(), "revision", e.Revision(), "err", err)
 		return
 	}
-	t.rows[e.Key()] = row
+	t.rows.Store(e.Key(), row)
 }
 
 // watchKV opens (creating if needed) bucket and keeps t in step with it until ctx
@@ -222,7 +232,8 @@ func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, log *sl
 	if err != nil {
 		return nil, nil, fmt.Errorf("watch KV bucket %s: %w", bucket, err)
 	}
-	t = &kvTable{bucket: bucket, rows: map[string]map[string]any{}}
+	t = &kvTable{bucket: bucket}
+	t.setRev(0)
 	for e := range w.Updates() {
 		if e == nil { // the current values are all in
 			break
