@@ -177,7 +177,9 @@ func BenchmarkProductionStages(b *testing.B) {
 }
 
 // benchProduction runs services as processes, with the users lookup (1% of users unknown) and 20 alert rules
-// loaded. It pre-publishes BENCH_EVENTS (default 1,000,000) events of about 430 bytes
+// loaded (BENCH_SERVICE_ENV adds space-separated NAME=value settings to the services'
+// environment alone: GOGC=200, PIPELINE_BATCH_MAX_ROWS=50000, ...). It pre-publishes
+// BENCH_EVENTS (default 1,000,000) events of about 430 bytes
 // with 5% repeats and reports events/s from the first event consumed to the last row
 // (as the issue defines it; the services' start-up before that is startup-ms), CPU per
 // 1,000 events from the services' start (sluice's processes, nats-server and
@@ -231,6 +233,7 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 		env := []string{"NATS_URL=" + url, "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath,
 			"HOOK_SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_DATA_DIR=" + b.TempDir()}
 		env = append(env, extraEnv...)
+		env = append(env, strings.Fields(os.Getenv("BENCH_SERVICE_ENV"))...)
 		b.ResetTimer()
 		before := usageOf(natsProc.cmd.Process.Pid, ch.Pid())
 		began := time.Now()
