@@ -152,19 +152,13 @@ func decodeMembers(b []byte, f DataFields) (map[string]any, bool) {
 		return nil, false
 	}
 	out := make(map[string]any, len(f.names))
-	i := skipSpace(b, 1)
-	for i < len(b) && b[i] == '"' {
-		end := stringEnd(b, i)
-		name := b[i+1 : end-1]
+	for name, raw := range objectMembers(b) {
 		if !plainName(name) {
 			return nil, false
 		}
-		i = skipSpace(b, end)
-		i = skipSpace(b, i+1) // the colon
-		vEnd := valueEnd(b, i)
 		for _, n := range f.names {
 			if string(name) == n {
-				v, err := decodeValue(b[i:vEnd])
+				v, err := decodeValue(raw)
 				if err != nil {
 					return nil, false
 				}
@@ -172,25 +166,8 @@ func decodeMembers(b []byte, f DataFields) (map[string]any, bool) {
 				break
 			}
 		}
-		i = skipSpace(b, vEnd)
-		if i < len(b) && b[i] == ',' {
-			i = skipSpace(b, i+1)
-		}
 	}
 	return out, true
-}
-
-// plainName reports whether a member name is as it reads: no escapes, valid UTF-8.
-func plainName(name []byte) bool {
-	for _, c := range name {
-		if c == '\\' {
-			return false
-		}
-		if c >= utf8.RuneSelf {
-			return bytes.IndexByte(name, '\\') < 0 && utf8.Valid(name)
-		}
-	}
-	return true
 }
 
 // decodeValue decodes one JSON value into a generic value; plain strings (valid
@@ -223,51 +200,4 @@ func smallInteger(raw []byte) bool {
 		}
 	}
 	return true
-}
-
-// stringEnd returns the index after the closing quote of the JSON string that
-// starts at b[i].
-func stringEnd(b []byte, i int) int {
-	for i++; i < len(b); i++ {
-		switch b[i] {
-		case '\\':
-			i++
-		case '"':
-			return i + 1
-		}
-	}
-	return len(b)
-}
-
-// valueEnd returns the index after the JSON value (valid JSON) that starts at b[i].
-func valueEnd(b []byte, i int) int {
-	if i >= len(b) {
-		return i
-	}
-	switch b[i] {
-	case '"':
-		return stringEnd(b, i)
-	case '{', '[':
-		depth := 0
-		for ; i < len(b); i++ {
-			switch b[i] {
-			case '"':
-				i = stringEnd(b, i) - 1
-			case '{', '[':
-				depth++
-			case '}', ']':
-				if depth--; depth == 0 {
-					return i + 1
-				}
-			}
-		}
-		return len(b)
-	}
-	for ; i < len(b); i++ { // a number, true, false, null
-		switch b[i] {
-		case ',', '}', ']', ' ', '\t', '\n', '\r':
-			return i
-		}
-	}
-	return len(b)
 }

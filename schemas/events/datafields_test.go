@@ -123,3 +123,15 @@ func FuzzDecodeDataFields(f *testing.F) {
 		}
 	})
 }
+
+// A string ends at the first quote that no backslash escapes (an escaped backslash
+// escapes nothing).
+func TestStringEnd(t *testing.T) {
+	for s, want := range map[string]int{
+		`"ab"x`: 4, `"a\"b"x`: 6, `"a\\"x`: 5, `"a\\\"b"x`: 8, `"\\\\"x`: 6, `""x`: 2, `"no end`: 7,
+	} {
+		if got := stringEnd([]byte(s), 0); got != want {
+			t.Errorf("%s: ends at %d, want %d", s, got, want)
+		}
+	}
+}

@@ -231,56 +231,101 @@ func decodeGeneral(payload []byte) (*Event, error) {
 // times faster than encoding/json's and judges alike (FuzzValid).
 func validJSON(b []byte) bool { return gojson.Valid(b) }
 
-// usualEvent is the usual structured event: envelope attributes and data only.
-type usualEvent struct {
-	ID              string          `json:"id"`
-	Source          string          `json:"source"`
-	Type            string          `json:"type"`
-	SpecVersion     string          `json:"specversion"`
-	Time            string          `json:"time"`
-	Subject         string          `json:"subject"`
-	DataContentType string          `json:"datacontenttype"`
-	DataSchema      string          `json:"dataschema"`
-	Data            json.RawMessage `json:"data"`
+// The members of the usual event, as bits of a set.
+const (
+	memberID = 1 << iota
+	memberSource
+	memberType
+	memberSpecVersion
+	memberTime
+	memberSubject
+	memberDataContentType
+	memberDataSchema
+	memberData
+)
+
+// usualMember is the member of the usual event named name (exactly as written), or
+// 0 for any other name.
+func usualMember(name []byte) int {
+	switch string(name) {
+	case "id":
+		return memberID
+	case "source":
+		return memberSource
+	case "type":
+		return memberType
+	case "specversion":
+		return memberSpecVersion
+	case "time":
+		return memberTime
+	case "subject":
+		return memberSubject
+	case "datacontenttype":
+		return memberDataContentType
+	case "dataschema":
+		return memberDataSchema
+	case "data":
+		return memberData
+	}
+	return 0
 }
 
-// decodeUsual decodes, in one pass into a struct, an event that is a valid JSON
-// object of envelope attributes and data, each once, every attribute a string no
-// longer than MaxAttrLen, not empty, and data not null, with a valid time. ok is
-// false for anything else (extensions, data_base64, null or empty attributes,
-// repeated members, wrong types, bad input): decodeStructured's general path then
-// decides, and names what is wrong. payload is valid UTF-8 (decodeStructured checks).
+// decodeUsual decodes, in one pass over its members, an event that is a valid JSON
+// object of envelope attributes and data, each once and named exactly, every
+// attribute a string no longer than MaxAttrLen, not empty, and data not null, with a
+// valid time. ok is false for anything else (extensions, data_base64, null or empty
+// attributes, repeated members, wrong types, bad input): decodeStructured's general
+// path then decides, and names what is wrong. payload is valid UTF-8
+// (decodeStructured checks). The event's Data is the payload's own bytes.
 func decodeUsual(payload []byte) (e *Event, ok bool) {
 	trimmed := bytes.TrimSpace(payload)
 	if len(trimmed) == 0 || trimmed[0] != '{' || !validJSON(trimmed) {
 		return nil, false
 	}
-	var u usualEvent
-	if gojson.Unmarshal(trimmed, &u) != nil {
-		return nil, false
-	}
-	present := 0
-	for _, s := range [...]string{u.ID, u.Source, u.Type, u.SpecVersion, u.Time, u.Subject, u.DataContentType, u.DataSchema} {
-		if len(s) > MaxAttrLen || !utf8.ValidString(s) {
+	e = &Event{}
+	var seen int
+	var at string
+	for name, raw := range objectMembers(trimmed) {
+		m := 0
+		if plainName(name) {
+			m = usualMember(name)
+		}
+		if m == 0 || seen&m != 0 {
 			return nil, false
 		}
-		if s != "" {
-			present++
+		seen |= m
+		if m == memberData {
+			if isNull(raw) {
+				return nil, false
+			}
+			e.Data = raw
+			continue
 		}
-	}
-	if len(u.Data) > 0 {
-		if isNull(u.Data) {
+		s, ok := jsonString(raw)
+		if !ok || s == "" || len(s) > MaxAttrLen {
 			return nil, false
 		}
-		present++
+		switch m {
+		case memberID:
+			e.ID = s
+		case memberSource:
+			e.Source = s
+		case memberType:
+			e.Type = s
+		case memberSpecVersion:
+			e.SpecVersion = s
+		case memberTime:
+			at = s
+		case memberSubject:
+			e.Subject = s
+		case memberDataContentType:
+			e.DataContentType = s
+		case memberDataSchema:
+			e.DataSchema = s
+		}
 	}
-	if n, usual := usualMembers(trimmed, u.Data); !usual || n != present {
-		return nil, false
-	}
-	e = &Event{ID: u.ID, Source: u.Source, Type: u.Type, SpecVersion: u.SpecVersion, Subject: u.Subject,
-		DataContentType: u.DataContentType, DataSchema: u.DataSchema, Data: u.Data}
-	if u.Time != "" {
-		t, err := parseTime(u.Time)
+	if at != "" {
+		t, err := parseTime(at)
 		if err != nil {
 			return nil, false
 		}
@@ -289,95 +334,21 @@ func decodeUsual(payload []byte) (e *Event, ok bool) {
 	return e, true
 }
 
-// usualName reports whether name is a member of usualEvent, as written.
-func usualName(name []byte) bool {
-	switch string(name) {
-	case "id", "source", "type", "specversion", "time", "subject", "datacontenttype", "dataschema", "data":
-		return true
+// jsonString decodes raw (a valid JSON value, valid UTF-8) if it is a string, as
+// the decoder does: one without escapes directly; ok is also false for one whose
+// escapes decode to invalid UTF-8.
+func jsonString(raw []byte) (string, bool) {
+	if raw[0] != '"' {
+		return "", false
 	}
-	return false
-}
-
-// usualMembers counts the members of the JSON object b (valid JSON) and reports
-// whether each is named, exactly as written (the struct decoder would also take
-// "ID" for "id"), like a member of usualEvent. data is the value the decoder took
-// for "data": the scan steps over it rather than through it, and a "data" member
-// that is not exactly data (a repeated one) is not usual.
-func usualMembers(b, data []byte) (n int, usual bool) {
-	depth, inString, wantName, name := 0, false, false, -1
-	for i := 0; i < len(b); i++ {
-		c := b[i]
-		if inString {
-			switch c {
-			case '\\':
-				if name >= 0 {
-					return n, false // an escaped name
-				}
-				i++
-			case '"':
-				inString = false
-				if name >= 0 {
-					if !usualName(b[name:i]) {
-						return n, false
-					}
-					isData := string(b[name:i]) == "data"
-					n, name = n+1, -1
-					if isData {
-						end, ok := skipValue(b, i+1, data)
-						if !ok {
-							return n, false
-						}
-						i = end - 1
-					}
-				}
-			}
-			continue
-		}
-		switch c {
-		case '"':
-			inString = true
-			if depth == 1 && wantName {
-				name, wantName = i+1, false
-			}
-		case '{', '[':
-			depth++
-			wantName = depth == 1
-		case '}', ']':
-			depth--
-		case ',':
-			wantName = depth == 1
-		}
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1]), true
 	}
-	return n, true
-}
-
-// skipValue returns where the member value that follows the name ending before
-// b[i] ends, if that value is exactly v: v comes next (after the colon) and a
-// comma or the object's end follows it. A valid JSON value that is a prefix of
-// another and is followed by one of those is all of it.
-func skipValue(b []byte, i int, v []byte) (end int, ok bool) {
-	i = skipSpace(b, i)
-	if i >= len(b) || b[i] != ':' {
-		return 0, false
+	var s string
+	if gojson.Unmarshal(raw, &s) != nil || !utf8.ValidString(s) {
+		return "", false
 	}
-	i = skipSpace(b, i+1)
-	if len(v) == 0 || !bytes.HasPrefix(b[i:], v) {
-		return 0, false
-	}
-	end = i + len(v)
-	if j := skipSpace(b, end); j >= len(b) || (b[j] != ',' && b[j] != '}') {
-		return 0, false
-	}
-	return end, true
-}
-
-// skipSpace returns the index of the first byte at or after i that is not JSON
-// whitespace.
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
-		i++
-	}
-	return i
+	return s, true
 }
 
 // decodeObject decodes a JSON object into its members, rejecting trailing data.
