@@ -231,43 +231,31 @@ func decodeGeneral(payload []byte) (*Event, error) {
 // times faster than encoding/json's and judges alike (FuzzValid).
 func validJSON(b []byte) bool { return gojson.Valid(b) }
 
-// The members of the usual event, as bits of a set.
-const (
-	memberID = 1 << iota
-	memberSource
-	memberType
-	memberSpecVersion
-	memberTime
-	memberSubject
-	memberDataContentType
-	memberDataSchema
-	memberData
-)
-
-// usualMember is the member of the usual event named name (exactly as written), or
-// 0 for any other name.
-func usualMember(name []byte) int {
+// usualMember is the member of the usual event named name (exactly as written):
+// its bit in a set of members and where its value goes (nil for data; time's, to
+// at). bit is 0 for any other name.
+func usualMember(e *Event, at *string, name []byte) (bit int, dst *string) {
 	switch string(name) {
 	case "id":
-		return memberID
+		return 1 << 0, &e.ID
 	case "source":
-		return memberSource
+		return 1 << 1, &e.Source
 	case "type":
-		return memberType
+		return 1 << 2, &e.Type
 	case "specversion":
-		return memberSpecVersion
+		return 1 << 3, &e.SpecVersion
 	case "time":
-		return memberTime
+		return 1 << 4, at
 	case "subject":
-		return memberSubject
+		return 1 << 5, &e.Subject
 	case "datacontenttype":
-		return memberDataContentType
+		return 1 << 6, &e.DataContentType
 	case "dataschema":
-		return memberDataSchema
+		return 1 << 7, &e.DataSchema
 	case "data":
-		return memberData
+		return 1 << 8, nil
 	}
-	return 0
+	return 0, nil
 }
 
 // decodeUsual decodes, in one pass over its members, an event that is a valid JSON
@@ -286,15 +274,15 @@ func decodeUsual(payload []byte) (e *Event, ok bool) {
 	var seen int
 	var at string
 	for name, raw := range objectMembers(trimmed) {
-		m := 0
-		if plainName(name) {
-			m = usualMember(name)
-		}
-		if m == 0 || seen&m != 0 {
+		if !plainName(name) {
 			return nil, false
 		}
-		seen |= m
-		if m == memberData {
+		bit, dst := usualMember(e, &at, name)
+		if bit == 0 || seen&bit != 0 {
+			return nil, false
+		}
+		seen |= bit
+		if dst == nil { // data
 			if isNull(raw) {
 				return nil, false
 			}
@@ -305,24 +293,7 @@ func decodeUsual(payload []byte) (e *Event, ok bool) {
 		if !ok || s == "" || len(s) > MaxAttrLen {
 			return nil, false
 		}
-		switch m {
-		case memberID:
-			e.ID = s
-		case memberSource:
-			e.Source = s
-		case memberType:
-			e.Type = s
-		case memberSpecVersion:
-			e.SpecVersion = s
-		case memberTime:
-			at = s
-		case memberSubject:
-			e.Subject = s
-		case memberDataContentType:
-			e.DataContentType = s
-		case memberDataSchema:
-			e.DataSchema = s
-		}
+		*dst = s
 	}
 	if at != "" {
 		t, err := parseTime(at)
