@@ -546,11 +546,20 @@ func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
 }
 
 // insertBlockRows is how many rows InsertEvents sends as one block. An insert of
-// more sends several blocks; the server squashes them into one part (up to its
-// min_insert_block_size_rows, a million by default), so the table sees one insert,
-// while the driver reuses one block's column buffers instead of growing them to
-// the whole batch (most of the pipeline's garbage, before).
+// more sends several blocks, and the server squashes them into one part, so the
+// table sees one insert while the driver reuses one block's column buffers instead
+// of growing them to the whole batch (most of the pipeline's garbage, before).
 const insertBlockRows = 2048
+
+// keepInsertWhole makes the server squash all of an insert's blocks into one part
+// (its thresholds, min_insert_block_size_rows and _bytes, a million rows and 256
+// MiB by default, would otherwise write a part each time one is passed): the
+// insert is stored whole or not at all, as when it was one block.
+func keepInsertWhole(ctx context.Context) context.Context {
+	return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
+		"min_insert_block_size_rows": 1 << 62, "min_insert_block_size_bytes": 1 << 62,
+	}))
+}
 
 // InsertEvents inserts the rows of c into events in one INSERT, column by column,
 // insertBlockRows at a time.
@@ -560,7 +569,7 @@ func InsertEvents(ctx context.Context, ch driver.Conn, c *EventColumns) error {
 
 func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int) error {
 	t := EventsTable()
-	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
+	b, err := ch.PrepareBatch(keepInsertWhole(ctx), t.InsertSQL())
 	if err != nil {
 		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
 	}

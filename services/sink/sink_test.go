@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -138,7 +139,8 @@ func TestEventColumnsAsRows(t *testing.T) {
 }
 
 // An insert sent in several blocks stores every row, and the server squashes the
-// blocks into one part: the table sees one insert, not one per block.
+// blocks into one part: the table sees one insert, not one per block, whatever the
+// server's own squashing thresholds (here the query's, at one row: a part a block).
 func TestInsertEventsInBlocks(t *testing.T) {
 	srv := chtest.Start(t)
 	_, conn := chtest.Database(t, srv)
@@ -151,7 +153,8 @@ func TestInsertEventsInBlocks(t *testing.T) {
 		cols.Append(&EventRecord{Key: fmt.Sprint("k", i), ID: fmt.Sprint(i), Data: "{}", StreamSeq: uint64(i + 1),
 			EventTime: time.Unix(1_800_000_000, 0), ReceivedAt: time.Unix(1_800_000_000, 0)})
 	}
-	if err := insertEvents(ctx, conn, &cols, 3); err != nil {
+	small := clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"min_insert_block_size_rows": 1}))
+	if err := insertEvents(small, conn, &cols, 3); err != nil {
 		t.Fatal(err)
 	}
 	var rows, seqs, sum uint64
