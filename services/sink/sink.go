@@ -556,9 +556,13 @@ const insertBlockRows = 2048
 // MiB by default, would otherwise write a part each time one is passed): the
 // insert is stored whole or not at all, as when it was one block.
 func keepInsertWhole(ctx context.Context) context.Context {
-	return clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{
-		"min_insert_block_size_rows": 1 << 62, "min_insert_block_size_bytes": 1 << 62,
-	}))
+	return clickhouse.Context(ctx, clickhouse.WithSettings(wholeInsertSettings()))
+}
+
+// wholeInsertSettings are thresholds no insert reaches (current ClickHouse takes at
+// most 2^32 rows for the first).
+func wholeInsertSettings() clickhouse.Settings {
+	return clickhouse.Settings{"min_insert_block_size_rows": 1 << 32, "min_insert_block_size_bytes": 1 << 62}
 }
 
 // InsertEvents inserts the rows of c into events in one INSERT, column by column,

@@ -198,6 +198,13 @@ func TestTablesOnCurrentClickHouse(t *testing.T) {
 	t.Logf("ClickHouse %s", version)
 	q("CREATE DATABASE IF NOT EXISTS sluice")
 	q("USE sluice")
+	// The settings that keep an insert whole are known here too, and take its values.
+	for name, v := range wholeInsertSettings() {
+		q(fmt.Sprintf("SET %s = %d", name, v))
+		if got := q(fmt.Sprintf("SELECT value FROM system.settings WHERE name = '%s'", name)); got != fmt.Sprint(v) {
+			t.Fatalf("setting %s is %q on ClickHouse %s, want %d", name, got, version, v)
+		}
+	}
 	ms, err := chmigrate.Migrations()
 	if err != nil {
 		t.Fatal(err)
