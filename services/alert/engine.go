@@ -84,8 +84,8 @@ type GroupState struct {
 	LastSeen int64 `json:"last_seen,omitempty"`
 	// FiringSince is when the group's alert started firing (unix ns; 0: not firing).
 	FiringSince int64 `json:"firing_since,omitempty"`
-	// count is how many events a full-size ring holds (kept by bucket and Observe;
-	// not saved: a restored ring is compact until its group's next event).
+	// count is how many events the ring holds (kept by bucket and Observe; not
+	// saved: UnmarshalJSON sums the buckets).
 	count float64
 }
 
@@ -558,6 +558,21 @@ func (g *GroupState) MarshalJSON() ([]byte, error) {
 		}
 	}
 	return json.Marshal(c)
+}
+
+// UnmarshalJSON restores a saved group, and the count of its buckets: a ring saved
+// with every slot holding events comes back full-size, and the count bound
+// (cannotHold) reads count for it at once.
+func (g *GroupState) UnmarshalJSON(b []byte) error {
+	type plain GroupState
+	if err := json.Unmarshal(b, (*plain)(g)); err != nil {
+		return err
+	}
+	g.count = 0
+	for _, b := range g.Buckets {
+		g.count += b.N
+	}
+	return nil
 }
 
 func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {

@@ -433,3 +433,28 @@ func TestRulesShareFields(t *testing.T) {
 		t.Fatalf("fired %v, want %v (each rule alone)", fired, want)
 	}
 }
+
+// A group whose every ring slot holds events is saved with as many buckets as the
+// ring has: restored, it is a full ring again, and its count (not saved) must be
+// the buckets' sum, or the count bound passes over a window that holds. (Found by
+// FuzzEngine in CI.)
+func TestRestoredFullRing(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: 2 * time.Second, Op: ">", Threshold: 2, AllowedLateness: 3 * time.Second})
+	if n := rules[0].ring(); n != 8 {
+		t.Fatalf("ring of %d steps; the events below fill 8", n)
+	}
+	var envs []*EventEnv
+	// One event every 3 steps: 8 events land in the 8 slots, never more than 2 in
+	// a window. Then 4 in 2 steps: the rule holds.
+	for i := range 8 {
+		envs = append(envs, env(in{"login.failed", float64(6 * i), `{"user":"u1"}`}))
+	}
+	for _, sec := range []float64{43, 44, 45, 50, 55, 60, 65, 70} {
+		envs = append(envs, env(in{"login.failed", sec, `{"user":"u1"}`}))
+	}
+	whole, _ := checkRestart(t, rules, envs)
+	if len(whole) == 0 {
+		t.Fatal("the rule never fired; the test shows nothing")
+	}
+}

@@ -54,32 +54,42 @@ func FuzzEngine(f *testing.F) {
 				Data: []byte(fmt.Sprintf(`{"g":"%d","v":%d}`, in[i+1]%4, in[i+1]))}
 			envs = append(envs, Env(e))
 		}
-		run := func(envs []*EventEnv, e *Engine) []string {
-			var out []string
-			for _, env := range envs {
-				got, _ := e.Observe(env)
-				for _, a := range got {
-					out = append(out, MsgID(a))
-				}
-			}
-			return out
-		}
-		whole := run(envs, NewEngine(rules, nil))
-		half := len(envs) / 2
-		e := NewEngine(rules, nil)
-		first := run(envs[:half], e)
-		b, err := json.Marshal(e.State())
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st State
-		if err := json.Unmarshal(b, &st); err != nil {
-			t.Fatal(err)
-		}
-		restored := append(first, run(envs[half:], NewEngine(rules, &st))...)
-		if !slices.Equal(restored, whole) {
-			t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
-		}
+		_, e := checkRestart(t, rules, envs)
 		e.Idle(time.Hour)
 	})
+}
+
+// checkRestart fails t unless stopping halfway through envs and carrying on from
+// the saved state (through JSON) gives the alerts of an uninterrupted run; it
+// returns those alerts' ids and the restarted engine.
+func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Engine) {
+	t.Helper()
+	run := func(envs []*EventEnv, e *Engine) []string {
+		var out []string
+		for _, env := range envs {
+			got, _ := e.Observe(env)
+			for _, a := range got {
+				out = append(out, MsgID(a))
+			}
+		}
+		return out
+	}
+	whole := run(envs, NewEngine(rules, nil))
+	half := len(envs) / 2
+	e := NewEngine(rules, nil)
+	first := run(envs[:half], e)
+	b, err := json.Marshal(e.State())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st State
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	e = NewEngine(rules, &st)
+	restored := append(first, run(envs[half:], e)...)
+	if !slices.Equal(restored, whole) {
+		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
+	}
+	return whole, e
 }
