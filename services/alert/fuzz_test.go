@@ -35,6 +35,10 @@ func FuzzRule(f *testing.F) {
 func FuzzEngine(f *testing.F) {
 	f.Add([]byte{0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 2, 200, 1, 3, 5})
 	f.Add([]byte{2, 0, 255, 2, 0, 1, 1, 1, 128, 0, 0, 0})
+	// Eight t0 events 6 s apart fill every slot of the count rule's ring before the
+	// restart; three more in 2 s make it hold after (TestRestoredFullRing).
+	f.Add([]byte{0, 1, 0, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12,
+		0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 1, 10})
 	cfgs := []RuleConfig{
 		{Name: "count", Kind: KindThreshold, Filter: `type == "t0"`, GroupBy: []string{"data.g"}, Window: 10 * time.Second, Step: 2 * time.Second, Op: ">", Threshold: 2, AllowedLateness: 3 * time.Second},
 		{Name: "rate", Kind: KindRate, Filter: `type == "t1"`, GroupBy: []string{"data.g"}, Window: 10 * time.Second, Step: 5 * time.Second, Aggregate: AggMin, Value: "data.v", Op: "<", Threshold: 0.5, AllowedLateness: time.Second},
