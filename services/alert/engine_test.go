@@ -184,15 +184,7 @@ func TestStateRoundTrip(t *testing.T) {
 	for _, cut := range []int{1, 57, 200, len(events) - 1} {
 		e := NewEngine(mustRules(t, rules...), nil)
 		first := feed(t, e, events[:cut])
-		b, err := json.Marshal(e.State())
-		if err != nil {
-			t.Fatal(err)
-		}
-		var st State
-		if err := json.Unmarshal(b, &st); err != nil {
-			t.Fatal(err)
-		}
-		e2 := NewEngine(mustRules(t, rules...), &st)
+		e2 := restart(t, e, mustRules(t, rules...))
 		got := show(append(first, feed(t, e2, events[cut:])...), "user")
 		if !slices.Equal(got, whole) {
 			t.Fatalf("cut at %d:\ngot  %q\nwant %q", cut, got, whole)

@@ -82,6 +82,18 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
 	first := run(envs[:half], e)
+	e = restart(t, e, rules)
+	restored := append(first, run(envs[half:], e)...)
+	if !slices.Equal(restored, whole) {
+		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
+	}
+	return whole, e
+}
+
+// restart saves e's state as JSON and returns a new engine for rules carrying on
+// from it, as a restarted stage does.
+func restart(t *testing.T, e *Engine, rules []*Rule) *Engine {
+	t.Helper()
 	b, err := json.Marshal(e.State())
 	if err != nil {
 		t.Fatal(err)
@@ -90,10 +102,5 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	if err := json.Unmarshal(b, &st); err != nil {
 		t.Fatal(err)
 	}
-	e = NewEngine(rules, &st)
-	restored := append(first, run(envs[half:], e)...)
-	if !slices.Equal(restored, whole) {
-		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
-	}
-	return whole, e
+	return NewEngine(rules, &st)
 }
