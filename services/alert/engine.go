@@ -563,9 +563,9 @@ func (g *GroupState) MarshalJSON() ([]byte, error) {
 // UnmarshalJSON restores a saved group, and the count of its buckets: a ring saved
 // with every slot holding events comes back full-size, and the count bound
 // (cannotHold) reads count for it at once.
-func (g *GroupState) UnmarshalJSON(b []byte) error {
+func (g *GroupState) UnmarshalJSON(data []byte) error {
 	type plain GroupState
-	if err := json.Unmarshal(b, (*plain)(g)); err != nil {
+	if err := json.Unmarshal(data, (*plain)(g)); err != nil {
 		return err
 	}
 	g.count = 0
