@@ -391,12 +391,9 @@ func TestRowRefusedByClickHouseIsIsolated(t *testing.T) {
 		t.Fatal(err)
 	}
 	const total = 1000
-	for i := range total {
-		if _, err := js.PublishAsync("enriched.test.t", enrichedEvent(i)); err != nil {
-			t.Fatal(err)
-		}
+	if err := natstest.PublishAll(ctx, js, "enriched.test.t", 0, total, enrichedEvent); err != nil {
+		t.Fatal(err)
 	}
-	<-js.PublishAsyncComplete()
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	reg := prometheus.NewRegistry()
@@ -440,12 +437,9 @@ func TestClickHouseOutage(t *testing.T) {
 	ctx := context.Background()
 	publish := func(from, to int) {
 		t.Helper()
-		for i := from; i < to; i++ {
-			if _, err := js.PublishAsync("enriched.test.t", enrichedEvent(i)); err != nil {
-				t.Fatal(err)
-			}
+		if err := natstest.PublishAll(ctx, js, "enriched.test.t", from, to, enrichedEvent); err != nil {
+			t.Fatal(err)
 		}
-		<-js.PublishAsyncComplete()
 	}
 	publish(0, 20_000)
 	runCtx, cancel := context.WithCancel(ctx)

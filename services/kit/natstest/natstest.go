@@ -82,3 +82,35 @@ func Idle(ctx context.Context, js jetstream.JetStream, stream, consumer string) 
 	}
 	return nil
 }
+
+// publishWindow is how many async publishes PublishAll has outstanding at most: well
+// under nats.go's pending limit (4,000), so the publisher never stalls on it however
+// slow the machine is.
+const publishWindow = 1000
+
+// PublishAll publishes msg(i) to subject for every i in [from, to) and returns once
+// JetStream acked each of them, or with the first error. It publishes asynchronously in
+// windows and waits for a window's acks before the next.
+func PublishAll(ctx context.Context, js jetstream.JetStream, subject string, from, to int, msg func(i int) []byte) error {
+	futures := make([]jetstream.PubAckFuture, 0, publishWindow)
+	for start := from; start < to; start += publishWindow {
+		futures = futures[:0]
+		for i := start; i < min(start+publishWindow, to); i++ {
+			f, err := js.PublishAsync(subject, msg(i))
+			if err != nil {
+				return fmt.Errorf("publish %d to %s: %w", i, subject, err)
+			}
+			futures = append(futures, f)
+		}
+		for j, f := range futures {
+			select {
+			case <-f.Ok():
+			case err := <-f.Err():
+				return fmt.Errorf("publish %d to %s: %w", start+j, subject, err)
+			case <-ctx.Done():
+				return fmt.Errorf("publish %d to %s: %w", start+j, subject, ctx.Err())
+			}
+		}
+	}
+	return nil
+}
