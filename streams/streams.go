@@ -29,6 +29,8 @@ const (
 	Alerts   = "ALERTS"
 	DLQ      = "DLQ"
 	Notify   = "NOTIFY"
+	// Partitions is EVENTS divided by key, for pipeline workers sharing the work.
+	Partitions = "PARTITIONS"
 )
 
 // Stream is one stream file.

@@ -14,9 +14,9 @@ type metrics struct {
 	errors           *prometheus.CounterVec
 	insert           prometheus.Histogram
 	e2e              prometheus.Histogram
-	lag              prometheus.Gauge
+	lag              *prometheus.GaugeVec
 	snapshot         prometheus.Histogram
-	snapshotSeq      prometheus.Gauge
+	snapshotSeq      *prometheus.GaugeVec
 	alerts           *prometheus.CounterVec
 	late             *prometheus.CounterVec
 	reloads          *prometheus.CounterVec
@@ -47,15 +47,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		e2e: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "sluice_pipeline_publish_to_row_seconds", Help: "From the event's publish to EVENTS to the end of the insert that holds its row.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 18),
 		})),
-		lag: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "sluice_pipeline_lag", Help: "EVENTS messages after the last one read.",
-		})),
+		lag: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_lag", Help: "Input messages after the last one read, by partition this worker owns.",
+		}, []string{"partition"})),
 		snapshot: telemetry.Register(reg, prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "sluice_pipeline_snapshot_seconds", Help: "Time a state snapshot took to store.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
 		})),
-		snapshotSeq: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "sluice_pipeline_snapshot_sequence", Help: "The EVENTS sequence of the last state snapshot.",
-		})),
+		snapshotSeq: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_snapshot_sequence", Help: "The input stream's sequence of the last state snapshot, by partition.",
+		}, []string{"partition"})),
 		alerts: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_alert_changes_total", Help: "Alert changes published, by rule and status (firing, resolved).",
 		}, []string{"rule", "status"})),

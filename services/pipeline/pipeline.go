@@ -30,6 +30,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,7 +48,7 @@ import (
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/jspub"
-	"github.com/sluicehq/sluice/services/kit/lease"
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/sink"
@@ -75,8 +76,13 @@ type Config struct {
 	InsertTimeout time.Duration
 	// SnapshotInterval is how often the state is saved.
 	SnapshotInterval time.Duration
-	// Replica names this process in the lease; LeaseTTL is how long the lease lasts
-	// unrenewed (another replica takes over that long after this one dies).
+	// Partitions divides the input among workers (1: every worker reads EVENTS
+	// whole, one at a time; more: a keying step copies EVENTS into PARTITIONS by
+	// event key, and each partition has one owner). All workers must agree.
+	Partitions int
+	// Replica names this worker in the group; LeaseTTL is how long a partition's
+	// claim lasts unrenewed (another worker takes it over that long after this one
+	// dies).
 	Replica  string
 	LeaseTTL time.Duration
 	// StartAt is where a pipeline without state starts reading EVENTS: "first" (the
@@ -91,10 +97,10 @@ type Config struct {
 // names the replica host:pid.
 func DefaultConfig() Config {
 	host, _ := os.Hostname()
-	return Config{Replica: fmt.Sprintf("%s:%d", host, os.Getpid()),
+	return Config{Replica: fmt.Sprintf("%s-%d", strings.ReplaceAll(host, ".", "_"), os.Getpid()),
 		Window: dedup.DefaultWindowConfig(), Enrich: enrich.DefaultConfig(), Alert: alert.DefaultConfig(),
 		MaxRows: 20_000, FlushInterval: 200 * time.Millisecond, InsertTimeout: time.Minute,
-		SnapshotInterval: 10 * time.Second, LeaseTTL: 10 * time.Second,
+		SnapshotInterval: 10 * time.Second, LeaseTTL: 8 * time.Second, Partitions: 1,
 	}
 }
 
@@ -112,6 +118,16 @@ type Deps struct {
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 || cfg.SnapshotInterval <= 0 || cfg.LeaseTTL <= 0 {
 		return errors.New("pipeline: batch size, flush interval, insert timeout, snapshot interval and lease TTL must be positive")
+	}
+	if cfg.Partitions < 1 || cfg.Partitions > maxPartitions {
+		return fmt.Errorf("pipeline: partitions must be between 1 and %d, got %d", maxPartitions, cfg.Partitions)
+	}
+	if cfg.Partitions > 1 && len(cfg.Alert.Rules) > 0 {
+		// A rule's group (per user, per device) is not aligned with the partitions:
+		// evaluated per partition, a count over a user's events would see only part
+		// of them. Until rule input is regrouped by group key, refuse rather than
+		// alert wrongly.
+		return fmt.Errorf("pipeline: %d alert rules are configured, and alert rules need partitions: 1 for now (a rule's groups cross partitions; docs/scaling.md)", len(cfg.Alert.Rules))
 	}
 	if err := cfg.Window.Validate(); err != nil {
 		return err
@@ -136,7 +152,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return fmt.Errorf("pipeline: state bucket %s: %w", Bucket, err)
 	}
 	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: Bucket, Description: "The pipeline stage's lease: which replica runs.", Storage: jetstream.FileStorage,
+		Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage,
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: lease bucket %s: %w", Bucket, err)
@@ -147,16 +163,30 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	defer live.Close()
-	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
+	p := &pipeline{cfg: cfg, nc: deps.NATS, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
-	deps.Ready.Set("lease", nil)
-	l := &lease.Lease{KV: kv, Key: "lease", Holder: cfg.Replica, TTL: cfg.LeaseTTL, What: "runs the pipeline", Log: log}
-	l.Run(ctx, p.lead)
-	return nil
+	keyer, err := p.newKeyer()
+	if err != nil {
+		return err
+	}
+	g := &partition.Group{KV: kv, Partitions: cfg.Partitions, Worker: cfg.Replica, TTL: cfg.LeaseTTL, Log: log}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if keyer != nil {
+		wg.Go(func() { keyer.run(ctx) })
+	}
+	return g.Run(ctx, p.lead)
 }
+
+// maxPartitions bounds the partition count: each partition is a claim renewed
+// every quarter TTL and a filtered consumer.
+const maxPartitions = 1024
 
 type pipeline struct {
 	cfg        Config
+	nc         *nats.Conn
 	js         jetstream.JetStream
 	ch         driver.Conn
 	store      jetstream.ObjectStore
@@ -183,18 +213,24 @@ func startSeq(at string, last uint64) (uint64, error) {
 	return seq, nil
 }
 
-// lead runs the stage while this replica holds the lease, starting again after a
+// lead runs one partition while this worker owns it, starting again after a
 // failure.
-func (p *pipeline) lead(ctx context.Context) {
+func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
+	in := p.input(claim.Partition)
+	defer p.ready.Set(in.name, nil) // a partition handed over is not this worker's to report
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, spare: make(chan *batch, 2)}
+		r := &run{pipeline: p, in: in, claim: claim, spare: make(chan *batch, 2)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
 		}
+		if errors.Is(err, partition.ErrLost) {
+			p.log.Warn("the partition's claim is lost; stopping its run", "partition", in.id, "err", err)
+			return
+		}
 		delay := stage.Backoff(attempt)
-		p.ready.Set("pipeline", err)
-		p.log.Error("the pipeline stopped; starting again from its snapshot", "retry_in", delay, "err", err)
+		p.ready.Set(in.name, err)
+		p.log.Error("the pipeline stopped; starting again from its snapshot", "partition", in.id, "retry_in", delay, "err", err)
 		select {
 		case <-ctx.Done():
 		case <-time.After(delay):
@@ -216,9 +252,36 @@ type snapshot struct {
 	Alert       *alert.State `json:"alert"`
 }
 
-// run is one leadership: restore, then read, decide and write until ctx ends.
+// input is where a partition's events come from.
+type input struct {
+	id     int
+	label  string // id, for metrics
+	name   string // in readiness
+	stream string
+	// filter selects the partition in stream; empty for all of it.
+	filter string
+	// keyed input was copied by the keying step: the subject is partitioned, and the
+	// key and the time EVENTS stored the event are headers.
+	keyed bool
+}
+
+// input is partition p's input: EVENTS itself when there is one partition.
+func (p *pipeline) input(id int) input {
+	in := input{id: id, label: strconv.Itoa(id), name: "partition " + strconv.Itoa(id), stream: streams.Events}
+	if p.cfg.Partitions > 1 {
+		in.stream, in.filter, in.keyed = streams.Partitions, partition.Filter(id), true
+	}
+	return in
+}
+
+// run is one ownership of a partition: restore, then read, decide and write until
+// ctx ends.
 type run struct {
 	*pipeline
+	in    input
+	claim *partition.Claim
+	// saves counts the states this run wrote (their object names).
+	saves   int
 	created time.Time
 	seq     uint64 // last EVENTS sequence decided
 	clock   uint32
@@ -241,9 +304,9 @@ type run struct {
 }
 
 func (r *run) restore(ctx context.Context) error {
-	stream, err := r.js.Stream(ctx, streams.Events)
+	stream, err := r.js.Stream(ctx, r.in.stream)
 	if err != nil {
-		return fmt.Errorf("pipeline: stream %s: %w", streams.Events, err)
+		return fmt.Errorf("pipeline: stream %s: %w", r.in.stream, err)
 	}
 	info := stream.CachedInfo()
 	r.created = info.Created
@@ -260,7 +323,7 @@ func (r *run) restore(ctx context.Context) error {
 			"from_seq", from, "replay_until", snap.ReplayUntil)
 	}
 	if snap.Seq+1 < info.State.FirstSeq {
-		r.log.Warn("input after the state's position has aged out of EVENTS; dedup and windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
+		r.log.Warn("input after the state's position has aged out of its stream; dedup and windows miss it", "stream", r.in.stream, "partition", r.in.id, "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
 	r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
@@ -290,17 +353,32 @@ func (r *run) restore(ctx context.Context) error {
 	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM events").Scan(&r.hwm); err != nil {
 		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
 	}
-	r.log.Info("pipeline state restored", "seq", r.seq, "keys", r.keys.Stats().Keys, "events_hwm", r.hwm, "published_since", len(r.published))
+	r.log.Info("pipeline state restored", "partition", r.in.id, "stream", r.in.stream, "seq", r.seq, "keys", r.keys.Stats().Keys, "events_hwm", r.hwm, "published_since", len(r.published))
 	// Written at once, so that a crash before the first periodic save does not lose
 	// where replayed input ends (ReplayUntil) for the next run.
 	r.stored = snap.SavedAt
 	return r.write(ctx)
 }
 
-// load reads the snapshot; nil when there is none, or it is of another stream.
+// legacyState is the one state object of releases before partitions; a single
+// partition takes it over.
+const legacyState = "state"
+
+// load reads the snapshot the claim points at; nil when there is none, or it is of
+// another stream.
 func (r *run) load(ctx context.Context) (*snapshot, error) {
-	b, err := r.store.GetBytes(ctx, "state")
+	name := r.claim.State()
+	if name == "" && r.cfg.Partitions == 1 {
+		name = legacyState
+	}
+	if name == "" {
+		return nil, nil
+	}
+	b, err := r.store.GetBytes(ctx, name)
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		if name != legacyState {
+			return nil, fmt.Errorf("pipeline: partition %d's state %s is missing from %s", r.in.id, name, Bucket)
+		}
 		return nil, nil
 	}
 	if err != nil {
@@ -351,11 +429,29 @@ func (r *run) write(ctx context.Context) error {
 		return fmt.Errorf("pipeline: encode state: %w", err)
 	}
 	start := time.Now()
-	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: "state"}, io.Reader(&buf)); err != nil {
+	// Each save is an object of its own, named by this ownership (the claim's
+	// generation) and counted; the claim, compare-and-set, then points at it. A
+	// worker that lost the partition can write an object, never the pointer.
+	if err := r.claim.Valid(); err != nil {
+		return err
+	}
+	prev := r.claim.State()
+	r.saves++
+	name := fmt.Sprintf("state.%d.%d.%d", r.in.id, r.claim.Gen, r.saves)
+	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&buf)); err != nil {
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
+	if err := r.claim.SetState(ctx, name); err != nil {
+		_ = r.store.Delete(context.WithoutCancel(ctx), name)
+		return fmt.Errorf("pipeline: save state: %w", err)
+	}
+	if prev != "" && prev != name {
+		if err := r.store.Delete(ctx, prev); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+			r.log.Warn("delete the previous state", "object", prev, "err", err)
+		}
+	}
 	r.m.snapshot.Observe(time.Since(start).Seconds())
-	r.m.snapshotSeq.Set(float64(r.seq))
+	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(r.seq))
 	return nil
 }
 
@@ -381,15 +477,17 @@ func (r *run) run(ctx context.Context) error {
 	if err := r.restore(ctx); err != nil {
 		return err
 	}
-	cons, err := r.js.OrderedConsumer(ctx, streams.Events, jetstream.OrderedConsumerConfig{
-		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.seq + 1,
-	})
+	occ := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: r.seq + 1}
+	if r.in.filter != "" {
+		occ.FilterSubjects = []string{r.in.filter}
+	}
+	cons, err := r.js.OrderedConsumer(ctx, r.in.stream, occ)
 	if err != nil {
-		return fmt.Errorf("pipeline: read %s: %w", streams.Events, err)
+		return fmt.Errorf("pipeline: read %s: %w", r.in.stream, err)
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.MaxRows))
 	if err != nil {
-		return fmt.Errorf("pipeline: read %s: %w", streams.Events, err)
+		return fmt.Errorf("pipeline: read %s: %w", r.in.stream, err)
 	}
 	// Four steps overlap, each a goroutine handing the next a batch: read and
 	// collect, prepare (decode, key, enrich, build the row: per message, in
@@ -444,8 +542,8 @@ func (r *run) run(ctx context.Context) error {
 				})
 		})
 	}
-	r.ready.Set("pipeline", nil)
-	r.log.Info("pipeline running", "from_seq", r.seq+1, "rules", len(r.engine.Rules()))
+	r.ready.Set(r.in.name, nil)
+	r.log.Info("pipeline running", "partition", r.in.id, "stream", r.in.stream, "from_seq", r.seq+1, "rules", len(r.engine.Rules()))
 
 	// send hands b to the writer; wait also waits until it and all before are stored.
 	send := func(b *batch, wait bool) error {
@@ -670,9 +768,27 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 		return
 	}
 	p.seq, p.pending, p.received = md.Sequence.Stream, md.NumPending, md.Timestamp
-	p.d = r.prepDedup.Decide(events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp})
+	m := events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp}
+	var key string
+	if r.in.keyed {
+		if m, key, err = unkeyed(msg); err != nil {
+			p.d.Invalid = err
+			return
+		}
+		p.received = m.Received
+	}
+	p.d = r.prepDedup.Decide(m)
 	if p.d.Invalid != nil {
 		return
+	}
+	if key != "" && key != p.d.Event.Key {
+		k, ok := dedup.ParseKey(key)
+		if !ok {
+			p.d.Invalid = fmt.Errorf("header %s: %q is not a key", HeaderKey, key)
+			return
+		}
+		p.d.Key = k
+		p.d.Event.Key = key
 	}
 	e := p.d.Event
 	_, _ = e.DecodeDataFields(read) // kept for enrichment and the rules; an error is theirs to meet
@@ -694,7 +810,7 @@ func (r *run) decide(p *prep, b *batch) {
 		return
 	}
 	r.seq = p.seq
-	r.m.lag.Set(float64(p.pending))
+	r.m.lag.WithLabelValues(r.in.label).Set(float64(p.pending))
 	d := p.d
 	r.clock = max(r.clock, d.Now)
 	switch {
@@ -802,6 +918,11 @@ func (r *run) recycle(b *batch) {
 // store inserts b's rows (those not in the table already), retrying until
 // ClickHouse takes them or ctx ends, then publishes b's output.
 func (w *writer) store(ctx context.Context, b *batch) error {
+	// A worker that lost the partition must not write: its next owner may be
+	// writing the same rows already.
+	if err := w.claim.Valid(); err != nil {
+		return err
+	}
 	if len(b.rows) > 0 && b.rows[0].seq <= w.hwm {
 		if err := w.retry(ctx, "check", func(ctx context.Context) error { return w.dropPresent(ctx, b) }); err != nil {
 			return err
@@ -818,6 +939,9 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 			partial bool
 		)
 		err := w.retry(ctx, "insert", func(ctx context.Context) error {
+			if err := w.claim.Valid(); err != nil {
+				return err
+			}
 			if partial {
 				if err := w.dropPresent(ctx, b); err != nil {
 					return err
@@ -848,6 +972,9 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 			return err
 		}
 		w.cfg.Crash.At(sink.CrashAfterInsert)
+		if err := w.claim.Valid(); err != nil {
+			return err
+		}
 		now := time.Now()
 		w.m.insert.Observe(now.Sub(start).Seconds())
 		w.m.rows.Add(float64(len(b.rows) - len(refused)))
@@ -874,6 +1001,9 @@ func (w *writer) retry(ctx context.Context, kind string, f func(context.Context)
 		if err == nil {
 			w.ready.Set("clickhouse", nil)
 			return nil
+		}
+		if errors.Is(err, partition.ErrLost) {
+			return err
 		}
 		w.m.errors.WithLabelValues(kind).Inc()
 		w.ready.Set("clickhouse", err)

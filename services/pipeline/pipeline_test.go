@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
@@ -237,7 +238,25 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old, err := store.GetBytes(ctx, "state")
+	kv, err := f.js.KeyValue(ctx, Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The claim of the only partition points at its state.
+	claim := func() (e jetstream.KeyValueEntry, state string) {
+		t.Helper()
+		e, err := kv.Get(ctx, "partition.0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v struct{ State string }
+		if err := json.Unmarshal(e.Value(), &v); err != nil || v.State == "" {
+			t.Fatalf("claim %s: %v", e.Value(), err)
+		}
+		return e, v.State
+	}
+	_, name := claim()
+	old, err := store.GetBytes(ctx, name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +267,11 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	f.check(t, u1+u2, i1+i2, r1+r2)
 
 	// Back to the state after the first 1,000: the second 1,000 come again.
-	if _, err := store.PutBytes(ctx, "state", old); err != nil {
+	if _, err := store.PutBytes(ctx, "state.old", old); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := claim()
+	if _, err := kv.Update(ctx, "partition.0", []byte(`{"worker":"","state":"state.old"}`), e.Revision()); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(1100 * time.Millisecond) // past the shortened duplicate windows
@@ -342,4 +365,55 @@ rules:
 		}
 		return nil
 	})
+}
+
+// Partitioned: workers joining and leaving share four partitions; the keying step
+// divides EVENTS by key, so repeats meet in one partition and are dropped there;
+// nothing is stored twice or lost.
+func TestPartitionedWorkers(t *testing.T) {
+	f := setup(t)
+	worker := func(name string) Config {
+		cfg, _ := configFrom(t, name, "")
+		cfg.Partitions, cfg.LeaseTTL = 4, 2*time.Second
+		return cfg
+	}
+	u1, i1, _ := f.input(t, 1, 1000)
+	stopA := f.start(t, worker("a"))
+	f.waitFor(t, u1, i1, 0)
+	f.start(t, worker("b"))
+	u2, i2, _ := f.input(t, 1001, 1000)
+	f.start(t, worker("c"))
+	u3, i3, _ := f.input(t, 2001, 1000)
+	stopA()
+	u4, i4, _ := f.input(t, 3001, 1000)
+	f.waitFor(t, u1+u2+u3+u4, i1+i2+i3+i4, 0)
+	f.check(t, u1+u2+u3+u4, i1+i2+i3+i4, 0)
+	// Every partition's input went to PARTITIONS, each event once (no keying step
+	// crashed here), repeats included.
+	if got, want := f.streamCount(t, streams.Partitions, "partitioned.>"), uint64(4000-(i1+i2+i3+i4)); got != want {
+		t.Fatalf("PARTITIONS holds %d, want %d", got, want)
+	}
+	// Each partition is owned by one of the workers still running.
+	kv, err := f.js.KeyValue(context.Background(), Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		for p := range 4 {
+			e, err := kv.Get(context.Background(), fmt.Sprintf("partition.%d", p))
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(string(e.Value()), `"worker":"b"`) && !strings.Contains(string(e.Value()), `"worker":"c"`) {
+				return fmt.Errorf("partition %d: %s", p, e.Value())
+			}
+		}
+		return nil
+	})
+	// More than one partition needs rules that do not cross them.
+	cfg := testConfig(t, "d")
+	cfg.Partitions = 4
+	if err := Run(context.Background(), cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Logger: testLog, Ready: &telemetry.Readiness{}}); err == nil || !strings.Contains(err.Error(), "partitions: 1") {
+		t.Fatalf("rules with 4 partitions: %v", err)
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	pipelinestage "github.com/sluicehq/sluice/services/pipeline"
 
@@ -100,11 +101,14 @@ func newPipelineOn(t testing.TB, ns *natstest.Server, cfg string, env map[string
 			// Input stored before the pipeline stage first has state is a replay (its
 			// alerts reach no receiver): wait until it has.
 			poll.Until(t, time.Minute, func() error {
-				store, err := js.ObjectStore(ctx, pipelinestage.Bucket)
+				kv, err := js.KeyValue(ctx, pipelinestage.Bucket)
 				if err != nil {
 					return err
 				}
-				_, err = store.GetInfo(ctx, "state")
+				o, err := partition.Owner(ctx, kv, 0)
+				if err == nil && o.State == "" {
+					err = errors.New("no state saved yet")
+				}
 				return err
 			})
 		}

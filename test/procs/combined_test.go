@@ -2,7 +2,6 @@ package procs
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/streams"
 
@@ -37,23 +37,19 @@ func TestCombinedFaults(t *testing.T) {
 }
 
 // TestCombinedFaultsPipeline is TestCombinedFaults with the pipeline stage: two
-// pipeline replicas (one runs, one waits for the lease), notify and the sink. Each
-// round kills the running pipeline replica, found by the lease.
+// pipeline workers of one partition (one runs it, one waits to take it over), notify
+// and the sink. Each round kills the running pipeline worker, found by the claim.
 func TestCombinedFaultsPipeline(t *testing.T) {
 	combinedFaults(t, pipelineServices, pipelineEnv, func(ctx context.Context, js jetstream.JetStream) (int, error) {
 		kv, err := js.KeyValue(ctx, pipeline.Bucket)
 		if err != nil {
 			return 0, err
 		}
-		e, err := kv.Get(ctx, "lease")
+		o, err := partition.Owner(ctx, kv, 0)
 		if err != nil {
 			return 0, err
 		}
-		var l struct{ Holder string }
-		if err := json.Unmarshal(e.Value(), &l); err != nil {
-			return 0, err
-		}
-		return strconv.Atoi(strings.TrimPrefix(l.Holder, "pipeline"))
+		return strconv.Atoi(strings.TrimPrefix(o.Worker, "pipeline"))
 	})
 }
 

@@ -23,19 +23,20 @@ func main() {
 	cfg := pipeline.DefaultConfig()
 	os.Exit(service.Main(service.Spec{
 		Name:        "pipeline",
-		Summary:     "reads EVENTS once: validates, drops repeats, enriches, evaluates the alert rules and inserts each unique event into ClickHouse",
+		Summary:     "a pipeline worker: for each partition it owns, validates, drops repeats, enriches, evaluates the alert rules and inserts each unique event into ClickHouse",
 		MetricsAddr: "127.0.0.1:9306",
 		ClickHouse:  true,
 		Config:      true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
-			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this process's name in the lease (one replica at a time runs)")
+			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this worker's name in the group (unique; letters, digits, '-' and '_')")
 			settings.String(fs, env, &cfg.StartAt, "start-at", "PIPELINE_START_AT", "first", "where a pipeline without state starts reading EVENTS: first, end, or a stream sequence")
 			return errors.Join(
 				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most input messages in one batch (one insert)"),
 				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "PIPELINE_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
 				settings.Duration(fs, env, &cfg.InsertTimeout, "insert-timeout", "PIPELINE_INSERT_TIMEOUT", cfg.InsertTimeout, "longest an insert may take"),
 				settings.Duration(fs, env, &cfg.SnapshotInterval, "snapshot-interval", "PIPELINE_SNAPSHOT_INTERVAL", cfg.SnapshotInterval, "how often the state (dedup keys, alert windows, position) is saved"),
-				settings.Duration(fs, env, &cfg.LeaseTTL, "lease-ttl", "PIPELINE_LEASE_TTL", cfg.LeaseTTL, "how long the lease lasts unrenewed: a standby replica takes over this long after the running one dies"),
+				settings.Duration(fs, env, &cfg.LeaseTTL, "lease-ttl", "PIPELINE_LEASE_TTL", cfg.LeaseTTL, "how long a partition's claim lasts unrenewed: another worker takes the partition over this long after its owner dies"),
+				settings.Int(fs, env, &cfg.Partitions, "partitions", "SLUICE_PARTITIONS", cfg.Partitions, "partitions of the input, the same for every worker: 1 (every worker reads EVENTS whole, one at a time) or more (a keying step divides EVENTS by event key; each partition has one owner; see docs/scaling.md)"),
 			)
 		},
 		Run: func(ctx context.Context, env service.Env) error {

@@ -1,0 +1,383 @@
+package partition
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ErrLost is returned by a Claim that another worker took over, or that this worker
+// could not renew in time: its holder must stop writing at once.
+var ErrLost = errors.New("partition: the claim is lost")
+
+// KV keys of a Group.
+const (
+	workerPrefix    = "workers."
+	partitionPrefix = "partition."
+	countKey        = "partitions"
+)
+
+// Group makes this worker the owner of its share of the partitions, in a NATS KV
+// bucket shared by every worker:
+//
+//   - workers.<name> is each worker's heartbeat, written every TTL/4;
+//   - partition.<p> is the claim of partition p: its owner and its state pointer.
+//     The owner renews it every TTL/4 by compare-and-set on its revision; every
+//     write of it (renewal, state pointer, hand-over) is such a compare-and-set, so
+//     a worker that lost the claim fails its next one;
+//   - partitions holds the partition count; a worker with another count refuses to
+//     start.
+//
+// No clocks are compared across hosts. A key is stale to an observer when it has
+// seen no write of it for TTL on its own clock; only then does it take a claim over.
+// An owner stops writing (Claim.Valid) once TTL*2/3 has passed on its own clock since
+// its last successful write, before any observer can find the claim stale.
+//
+// The partitions go to the live workers by Assign; a worker hands over, saving its
+// state first, the partitions Assign gives to another live worker.
+type Group struct {
+	KV         jetstream.KeyValue
+	Partitions int
+	// Worker names this process; unique among the workers.
+	Worker string
+	TTL    time.Duration
+	Log    *slog.Logger
+}
+
+// claimValue is the value of partition.<p>.
+type claimValue struct {
+	// Worker owns the partition; empty when it was handed over.
+	Worker string `json:"worker"`
+	// State names the partition's saved state (its owner's to interpret).
+	State string `json:"state,omitempty"`
+}
+
+// Claim is this worker's ownership of one partition.
+type Claim struct {
+	Partition int
+	// Gen is the KV revision that acquired the claim: unique per acquisition.
+	Gen uint64
+	g   *Group
+
+	mu      sync.Mutex
+	rev     uint64
+	value   claimValue
+	written time.Time // last successful compare-and-set, on this host's clock
+	lost    bool
+}
+
+// State is the state pointer as of the last write.
+func (c *Claim) State() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.value.State
+}
+
+// Valid is nil while the claim is held: written within TTL*2/3 and not lost.
+func (c *Claim) Valid() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.validLocked()
+}
+
+func (c *Claim) validLocked() error {
+	if c.lost {
+		return fmt.Errorf("partition %d: %w", c.Partition, ErrLost)
+	}
+	if age := time.Since(c.written); age > c.g.TTL*2/3 {
+		return fmt.Errorf("partition %d: not renewed for %s: %w", c.Partition, age.Round(time.Millisecond), ErrLost)
+	}
+	return nil
+}
+
+// SetState points the claim at a newly saved state, compare-and-set: ErrLost when
+// another worker took the partition over.
+func (c *Claim) SetState(ctx context.Context, state string) error {
+	return c.write(ctx, claimValue{Worker: c.g.Worker, State: state})
+}
+
+// write sets the claim's value, compare-and-set on its revision.
+func (c *Claim) write(ctx context.Context, v claimValue) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.validLocked(); err != nil {
+		return err
+	}
+	b, _ := json.Marshal(v)
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, c.g.TTL/3)
+	defer cancel()
+	rev, err := c.g.KV.Update(ctx, claimKey(c.Partition), b, c.rev)
+	if isConflict(err) {
+		c.lost = true
+		return fmt.Errorf("partition %d: %w", c.Partition, ErrLost)
+	}
+	if err != nil {
+		return fmt.Errorf("partition %d: write claim: %w", c.Partition, err)
+	}
+	// Valid counts from before the write: an observer saw it no sooner than that.
+	c.rev, c.value, c.written = rev, v, start
+	return nil
+}
+
+func claimKey(p int) string { return partitionPrefix + strconv.Itoa(p) }
+
+func isConflict(err error) bool {
+	return errors.Is(err, jetstream.ErrKeyExists) || errors.Is(err, jetstream.ErrKeyRevisionMismatch)
+}
+
+// seen is the last write of a key this worker saw, and when (its own clock).
+type seen struct {
+	rev     uint64
+	value   []byte
+	deleted bool
+	at      time.Time
+}
+
+// owned is a partition this worker runs.
+type owned struct {
+	claim  *Claim
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// Run takes part in the group until ctx ends. For each partition this worker comes
+// to own it calls own in a goroutine of its own, with a context that ends when the
+// partition is lost or handed over; own returns only once it stopped writing (having
+// saved its state, when it could). At the end Run hands every partition over and
+// removes this worker's heartbeat.
+func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) error {
+	if g.Partitions < 1 || g.TTL <= 0 || g.Worker == "" || strings.ContainsAny(g.Worker, ".*> ") {
+		return fmt.Errorf("partition: a group needs partitions >= 1, a positive TTL and a worker name without '.', '*', '>' or spaces (got %d, %s, %q)", g.Partitions, g.TTL, g.Worker)
+	}
+	if err := g.checkCount(ctx); err != nil {
+		return err
+	}
+	w, err := g.KV.WatchAll(ctx)
+	if err != nil {
+		return fmt.Errorf("partition: watch %s: %w", g.KV.Bucket(), err)
+	}
+	defer func() { _ = w.Stop() }()
+	keys := map[string]*seen{}
+	mine := map[int]*owned{}
+	defer g.handOverAll(context.WithoutCancel(ctx), mine)
+	tick := time.NewTicker(g.TTL / 4)
+	defer tick.Stop()
+	g.heartbeat(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case e, ok := <-w.Updates():
+			if !ok {
+				return fmt.Errorf("partition: the watch of %s ended", g.KV.Bucket())
+			}
+			if e == nil { // the initial values are in
+				continue
+			}
+			keys[e.Key()] = &seen{rev: e.Revision(), value: e.Value(), deleted: e.Operation() != jetstream.KeyValuePut, at: time.Now()}
+			continue
+		case <-tick.C:
+		}
+		g.heartbeat(ctx)
+		g.balance(ctx, keys, mine, own)
+	}
+}
+
+// checkCount records the partition count, or refuses a count other than the one
+// recorded.
+func (g *Group) checkCount(ctx context.Context) error {
+	want := strconv.Itoa(g.Partitions)
+	if _, err := g.KV.Create(ctx, countKey, []byte(want)); err == nil || !isConflict(err) {
+		if err != nil {
+			return fmt.Errorf("partition: record the partition count: %w", err)
+		}
+		return nil
+	}
+	e, err := g.KV.Get(ctx, countKey)
+	if err != nil {
+		return fmt.Errorf("partition: read the partition count: %w", err)
+	}
+	if got := string(e.Value()); got != want {
+		return fmt.Errorf("partition: this worker is configured for %s partitions, but the group in KV bucket %s has %s (see docs/scaling.md to change it)", want, g.KV.Bucket(), got)
+	}
+	return nil
+}
+
+func (g *Group) heartbeat(ctx context.Context) {
+	hctx, cancel := context.WithTimeout(ctx, g.TTL/3)
+	defer cancel()
+	if _, err := g.KV.PutString(hctx, workerPrefix+g.Worker, time.Now().UTC().Format(time.RFC3339)); err != nil && ctx.Err() == nil {
+		g.Log.Warn("worker heartbeat", "worker", g.Worker, "err", err)
+	}
+}
+
+// live is the workers whose heartbeat this worker saw within TTL, itself included.
+func (g *Group) live(keys map[string]*seen, now time.Time) []string {
+	out := []string{g.Worker}
+	for k, s := range keys {
+		if name, ok := strings.CutPrefix(k, workerPrefix); ok && name != g.Worker && !s.deleted && now.Sub(s.at) < g.TTL {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// balance renews what this worker owns, hands over what belongs to another live
+// worker, and claims what belongs to this one once it is free or stale.
+func (g *Group) balance(ctx context.Context, keys map[string]*seen, mine map[int]*owned, own func(context.Context, *Claim)) {
+	now := time.Now()
+	live := g.live(keys, now)
+	want := Assign(g.Partitions, live)
+	// Hand-overs run together: each waits for its run to save its state, and the
+	// claims kept must be renewed in time.
+	var handing sync.WaitGroup
+	for p := range g.Partitions {
+		o := mine[p]
+		if o == nil {
+			continue
+		}
+		select {
+		case <-o.done: // its run ended on its own
+			delete(mine, p)
+			handing.Go(func() { g.release(ctx, p, o) })
+			continue
+		default:
+		}
+		if want[p] != g.Worker {
+			g.Log.Info("handing the partition over", "partition", p, "to", want[p])
+			delete(mine, p)
+			handing.Go(func() { g.release(ctx, p, o) })
+			continue
+		}
+		if err := o.claim.write(ctx, claimValue{Worker: g.Worker, State: o.claim.State()}); errors.Is(err, ErrLost) {
+			g.Log.Warn("lost the partition; stopping its run", "partition", p, "err", err)
+			o.stop()
+			delete(mine, p)
+		} else if err != nil {
+			g.Log.Warn("renew the partition's claim", "partition", p, "err", err)
+		}
+	}
+	handing.Wait()
+	for p := range g.Partitions {
+		if mine[p] != nil || want[p] != g.Worker || ctx.Err() != nil {
+			continue
+		}
+		c, err := g.acquire(ctx, p, keys[claimKey(p)], now)
+		if err != nil {
+			g.Log.Warn("claim the partition", "partition", p, "err", err)
+			continue
+		}
+		if c == nil {
+			continue
+		}
+		g.Log.Info("this worker owns the partition now", "partition", p, "worker", g.Worker, "gen", c.Gen)
+		rctx, cancel := context.WithCancel(ctx)
+		o := &owned{claim: c, cancel: cancel, done: make(chan struct{})}
+		mine[p] = o
+		go func() {
+			defer close(o.done)
+			own(rctx, c)
+		}()
+	}
+}
+
+// acquire claims partition p when its claim is absent, handed over, or stale; nil
+// when another worker holds it.
+func (g *Group) acquire(ctx context.Context, p int, s *seen, now time.Time) (*Claim, error) {
+	c := &Claim{Partition: p, g: g}
+	start := time.Now()
+	actx, cancel := context.WithTimeout(ctx, g.TTL/3)
+	defer cancel()
+	var (
+		rev uint64
+		err error
+	)
+	if s == nil || s.deleted {
+		c.value = claimValue{Worker: g.Worker}
+		b, _ := json.Marshal(c.value)
+		if s == nil {
+			rev, err = g.KV.Create(actx, claimKey(p), b)
+		} else {
+			rev, err = g.KV.Update(actx, claimKey(p), b, s.rev)
+		}
+	} else {
+		var cur claimValue
+		if err := json.Unmarshal(s.value, &cur); err != nil {
+			return nil, fmt.Errorf("partition %d: claim %q: %w", p, s.value, err)
+		}
+		if cur.Worker != "" && now.Sub(s.at) < g.TTL {
+			return nil, nil
+		}
+		c.value = claimValue{Worker: g.Worker, State: cur.State}
+		b, _ := json.Marshal(c.value)
+		rev, err = g.KV.Update(actx, claimKey(p), b, s.rev)
+	}
+	if isConflict(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	c.Gen, c.rev, c.written = rev, rev, start
+	return c, nil
+}
+
+// stop ends the partition's run and waits for it.
+func (o *owned) stop() {
+	o.cancel()
+	<-o.done
+}
+
+// release stops the partition's run (which saves its state), then marks the claim
+// handed over, so that its next owner need not wait for it to go stale.
+func (g *Group) release(ctx context.Context, p int, o *owned) {
+	o.stop()
+	if err := o.claim.write(ctx, claimValue{State: o.claim.State()}); err != nil {
+		g.Log.Warn("hand the partition over", "partition", p, "err", err)
+	}
+}
+
+// handOverAll releases every partition and removes the heartbeat, within TTL/3.
+func (g *Group) handOverAll(ctx context.Context, mine map[int]*owned) {
+	var wg sync.WaitGroup
+	for p, o := range mine {
+		wg.Go(func() { g.release(ctx, p, o) })
+	}
+	wg.Wait()
+	ctx, cancel := context.WithTimeout(ctx, g.TTL/3)
+	defer cancel()
+	if err := g.KV.Delete(ctx, workerPrefix+g.Worker); err != nil {
+		g.Log.Warn("remove the worker heartbeat", "worker", g.Worker, "err", err)
+	}
+}
+
+// Ownership is what a partition's claim records.
+type Ownership struct {
+	// Worker owns the partition; empty when none does.
+	Worker string
+	// State names the partition's last saved state; empty before its first save.
+	State string
+}
+
+// Owner reads partition p's claim from kv; jetstream.ErrKeyNotFound when no worker
+// ever claimed it.
+func Owner(ctx context.Context, kv jetstream.KeyValue, p int) (Ownership, error) {
+	e, err := kv.Get(ctx, claimKey(p))
+	if err != nil {
+		return Ownership{}, fmt.Errorf("partition %d: %w", p, err)
+	}
+	var v claimValue
+	if err := json.Unmarshal(e.Value(), &v); err != nil {
+		return Ownership{}, fmt.Errorf("partition %d: claim %q: %w", p, e.Value(), err)
+	}
+	return Ownership{Worker: v.Worker, State: v.State}, nil
+}

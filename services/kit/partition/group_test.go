@@ -1,0 +1,187 @@
+package partition_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
+	"github.com/sluicehq/sluice/services/kit/poll"
+)
+
+// owners records which worker runs which partition, and fails the test if two run
+// one partition at once.
+type owners struct {
+	t  *testing.T
+	mu sync.Mutex
+	by map[int]string
+}
+
+func (o *owners) run(worker string) func(context.Context, *partition.Claim) {
+	return func(ctx context.Context, c *partition.Claim) {
+		o.mu.Lock()
+		if other, ok := o.by[c.Partition]; ok {
+			o.t.Errorf("partition %d run by %s and %s at once", c.Partition, other, worker)
+		}
+		o.by[c.Partition] = worker
+		o.mu.Unlock()
+		<-ctx.Done()
+		o.mu.Lock()
+		delete(o.by, c.Partition)
+		o.mu.Unlock()
+	}
+}
+
+func (o *owners) counts() map[string]int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := map[string]int{}
+	for _, w := range o.by {
+		out[w]++
+	}
+	return out
+}
+
+func bucket(t *testing.T) jetstream.KeyValue {
+	t.Helper()
+	_, js := natstest.Run(t).Connect(t)
+	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "test_group"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kv
+}
+
+// Workers joining share the partitions; a worker stopping hands its partitions
+// over at once; one that stops renewing (as if killed) loses them after the TTL.
+func TestGroupSharesAndHandsOver(t *testing.T) {
+	kv := bucket(t)
+	const n, ttl = 8, 2 * time.Second
+	o := &owners{t: t, by: map[int]string{}}
+	log := slog.New(slog.DiscardHandler)
+	type member struct {
+		cancel context.CancelFunc
+		done   chan error
+	}
+	start := func(name string) member {
+		ctx, cancel := context.WithCancel(context.Background())
+		m := member{cancel: cancel, done: make(chan error, 1)}
+		g := &partition.Group{KV: kv, Partitions: n, Worker: name, TTL: ttl, Log: log}
+		go func() { m.done <- g.Run(ctx, o.run(name)) }()
+		t.Cleanup(func() { cancel(); <-m.done })
+		return m
+	}
+	want := func(w map[string]int) func() error {
+		return func() error {
+			got := o.counts()
+			if fmt.Sprint(got) != fmt.Sprint(w) {
+				return fmt.Errorf("owners %v, want %v", got, w)
+			}
+			return nil
+		}
+	}
+	a := start("a")
+	poll.Until(t, 10*time.Second, want(map[string]int{"a": n}))
+	start("b")
+	poll.Until(t, 10*time.Second, want(map[string]int{"a": 4, "b": 4}))
+	// A clean stop hands over within a tick, long before the TTL.
+	stopped := time.Now()
+	a.cancel()
+	if err := <-a.done; err != nil {
+		t.Fatal(err)
+	}
+	a.done <- nil
+	poll.Until(t, 10*time.Second, want(map[string]int{"b": n}))
+	if d := time.Since(stopped); d > 2*ttl {
+		t.Fatalf("hand-over took %s", d)
+	}
+	// A worker of another partition count is refused.
+	g := &partition.Group{KV: kv, Partitions: n + 1, Worker: "c", TTL: ttl, Log: log}
+	if err := g.Run(context.Background(), o.run("c")); err == nil {
+		t.Fatal("a worker with another partition count joined")
+	}
+}
+
+// A claim taken over fails its next write with ErrLost and stops being valid; its
+// holder's state pointer survives the takeover.
+func TestClaimFencing(t *testing.T) {
+	kv := bucket(t)
+	const ttl = 1500 * time.Millisecond
+	log := slog.New(slog.DiscardHandler)
+	claims := make(chan *partition.Claim, 2)
+	grab := func(ctx context.Context, c *partition.Claim) {
+		claims <- c
+		<-ctx.Done()
+	}
+	// Worker a claims the only partition; its group then stops renewing without
+	// handing over (its Run is blocked by a context that never ends, but its ticks
+	// are starved by pausing the whole group: we simply never run it again).
+	actx, acancel := context.WithCancel(context.Background())
+	a := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: ttl, Log: log}
+	adone := make(chan error, 1)
+	go func() { adone <- a.Run(actx, grab) }()
+	var ca *partition.Claim
+	select {
+	case ca = <-claims:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a never claimed the partition")
+	}
+	if err := ca.SetState(context.Background(), "state-of-a"); err != nil {
+		t.Fatal(err)
+	}
+	// Simulate a's death: its renewals stop, but its claim object lives on, as in a
+	// process frozen by a long pause. Delete its heartbeat so b sees it gone.
+	freeze(t, kv, actx, acancel, adone)
+	bctx, bcancel := context.WithCancel(context.Background())
+	defer bcancel()
+	b := &partition.Group{KV: kv, Partitions: 1, Worker: "b", TTL: ttl, Log: log}
+	bdone := make(chan error, 1)
+	go func() { bdone <- b.Run(bctx, grab) }()
+	defer func() { bcancel(); <-bdone }()
+	var cb *partition.Claim
+	select {
+	case cb = <-claims:
+	case <-time.After(20 * time.Second):
+		t.Fatal("b never took the partition over")
+	}
+	if cb.State() != "state-of-a" {
+		t.Fatalf("b's claim points at state %q, want a's", cb.State())
+	}
+	if err := ca.Valid(); !errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a's claim still valid after b took over: %v", err)
+	}
+	if err := ca.SetState(context.Background(), "late-state-of-a"); !errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a's late write: %v, want ErrLost", err)
+	}
+	if err := cb.SetState(context.Background(), "state-of-b"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// freeze stops group a's Run as a SIGKILL would (no hand-over): the context's end
+// is only seen after the claim went stale, because the claim's key is rewritten to
+// what a wrote last, so a's deferred hand-over fails its compare-and-set.
+func freeze(t *testing.T, kv jetstream.KeyValue, _ context.Context, cancel context.CancelFunc, done chan error) {
+	t.Helper()
+	// Bump the claim's revision behind a's back with the same value: a's hand-over
+	// then fails (as a dead process's would not happen at all) and the value stays.
+	e, err := kv.Get(context.Background(), "partition.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Update(context.Background(), "partition.0", e.Value(), e.Revision()); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-done
+	if err := kv.Delete(context.Background(), "workers.a"); err != nil {
+		t.Fatal(err)
+	}
+}
