@@ -113,9 +113,18 @@ type Deps struct {
 	Ready      *telemetry.Readiness
 }
 
-// Run applies the migrations, then leads (holding the lease) or waits to, until
-// ctx is done.
+// Run applies the migrations, then takes part in the group of workers, running the
+// partitions it owns, until ctx is done. A stop asked for while it starts is no
+// error.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
+	err := runWorker(ctx, cfg, deps)
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 || cfg.SnapshotInterval <= 0 || cfg.LeaseTTL <= 0 {
 		return errors.New("pipeline: batch size, flush interval, insert timeout, snapshot interval and lease TTL must be positive")
 	}

@@ -158,11 +158,18 @@ func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) erro
 	if g.Partitions < 1 || g.TTL <= 0 || g.Worker == "" || strings.ContainsAny(g.Worker, ".*> ") {
 		return fmt.Errorf("partition: a group needs partitions >= 1, a positive TTL and a worker name without '.', '*', '>' or spaces (got %d, %s, %q)", g.Partitions, g.TTL, g.Worker)
 	}
+	// Stopped before it joined: nothing to hand over, and no error.
 	if err := g.checkCount(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return err
 	}
 	w, err := g.KV.WatchAll(ctx)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("partition: watch %s: %w", g.KV.Bucket(), err)
 	}
 	defer func() { _ = w.Stop() }()
