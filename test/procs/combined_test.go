@@ -2,10 +2,7 @@ package procs
 
 import (
 	"context"
-	"fmt"
 	"math/rand/v2"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -71,36 +68,16 @@ func combinedFaults(t *testing.T, names []string, env map[string][]string, leade
 
 	hook := newSignedHook(t)
 	cfgPath := writeAlertConfig(t, dir, hook)
-	type running struct {
-		cmd  *exec.Cmd
-		done chan struct{}
-		log  string
+	startSvc := func(name string, replica int) *process {
+		env := append([]string{"NATS_URL=" + ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
+			"CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath, "HOOK_SECRET=" + hookSecret,
+			"SLUICE_DATA_DIR=" + filepath.Join(dir, "state", name+strconv.Itoa(replica)),
+			"PIPELINE_REPLICA=" + name + strconv.Itoa(replica), "PIPELINE_LEASE_TTL=3s"}, env[name]...)
+		return startProcess(t, bin, dir, name, env)
 	}
-	startSvc := func(name string, replica int) *running {
-		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
-			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath, "HOOK_SECRET="+hookSecret,
-			"SLUICE_DATA_DIR="+filepath.Join(dir, "state", name+strconv.Itoa(replica)),
-			"PIPELINE_REPLICA="+name+strconv.Itoa(replica), "PIPELINE_LEASE_TTL=3s")
-		c.Env = append(c.Env, env[name]...)
-		logPath := filepath.Join(dir, fmt.Sprintf("%s%d-%d.log", name, replica, time.Now().UnixNano()))
-		logFile, err := os.Create(logPath)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.Stdout, c.Stderr = logFile, logFile
-		if err := c.Start(); err != nil {
-			t.Fatal(err)
-		}
-		logFile.Close()
-		r := &running{cmd: c, done: make(chan struct{}), log: logPath}
-		go func() { _ = c.Wait(); close(r.done) }()
-		t.Cleanup(func() { _ = c.Process.Kill(); <-r.done })
-		return r
-	}
-	procs := map[string][2]*running{}
+	procs := map[string][2]*process{}
 	for _, name := range names {
-		procs[name] = [2]*running{startSvc(name, 0), startSvc(name, 1)}
+		procs[name] = [2]*process{startSvc(name, 0), startSvc(name, 1)}
 	}
 
 	const total = 200_000
@@ -126,8 +103,7 @@ func combinedFaults(t *testing.T, names []string, env map[string][]string, leade
 			p := pair[victim]
 			select {
 			case <-p.done:
-				out, _ := os.ReadFile(p.log)
-				t.Fatalf("%s replica %d exited by itself (%v):\n%s", name, victim, p.cmd.ProcessState, out[max(0, len(out)-3000):])
+				t.Fatalf("%s replica %d exited by itself (%v):\n%s", name, victim, p.cmd.ProcessState, p.tail())
 			default:
 			}
 			_ = p.cmd.Process.Signal(syscall.SIGKILL)

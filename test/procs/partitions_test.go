@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -42,37 +41,16 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	type running struct {
-		cmd  *exec.Cmd
-		done chan struct{}
-		log  string
+	start := func(name string, env ...string) *process {
+		return startProcess(t, bin, dir, name, append([]string{"NATS_URL=" + ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
+			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
 	}
-	start := func(name string, env ...string) *running {
-		c := exec.Command(filepath.Join(bin, name))
-		c.Env = append(cleanEnv(), "NATS_URL="+ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_APPLY_TOPOLOGY=false",
-			"CLICKHOUSE_ADDR="+chs.Addr, "CLICKHOUSE_DATABASE="+chs.Database, "SLUICE_CONFIG="+cfgPath)
-		c.Env = append(c.Env, env...)
-		logPath := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
-		logFile, err := os.Create(logPath)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.Stdout, c.Stderr = logFile, logFile
-		if err := c.Start(); err != nil {
-			t.Fatal(err)
-		}
-		logFile.Close()
-		r := &running{cmd: c, done: make(chan struct{}), log: logPath}
-		go func() { _ = c.Wait(); close(r.done) }()
-		t.Cleanup(func() { _ = c.Process.Kill(); <-r.done })
-		return r
-	}
-	worker := func(i int) *running {
+	worker := func(i int) *process {
 		return start("pipeline", fmt.Sprintf("PIPELINE_REPLICA=w%d", i), fmt.Sprintf("SLUICE_PARTITIONS=%d", partitions),
 			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms")
 	}
 	start("sink", "SINK_TABLES=dead_letters,alerts")
-	workers := map[int]*running{0: worker(0), 1: worker(1), 2: worker(2)}
+	workers := map[int]*process{0: worker(0), 1: worker(1), 2: worker(2)}
 
 	m := oracle.NewManifest(oracle.Spec{Total: 40_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 23})
 	pubCtx, stopPub := context.WithTimeout(ctx, 10*time.Minute)
@@ -89,8 +67,7 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 		w := workers[victim]
 		select {
 		case <-w.done:
-			out, _ := os.ReadFile(w.log)
-			t.Fatalf("worker %d exited by itself (%v):\n%s", victim, w.cmd.ProcessState, out[max(0, len(out)-3000):])
+			t.Fatalf("worker %d exited by itself (%v):\n%s", victim, w.cmd.ProcessState, w.tail())
 		default:
 		}
 		_ = w.cmd.Process.Signal(syscall.SIGKILL)
@@ -106,8 +83,7 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 			_ = w.cmd.Process.Signal(syscall.SIGTERM)
 			<-w.done
 			if !w.cmd.ProcessState.Success() {
-				out, _ := os.ReadFile(w.log)
-				t.Fatalf("worker 0 did not stop cleanly (%v):\n%s", w.cmd.ProcessState, out[max(0, len(out)-3000):])
+				t.Fatalf("worker 0 did not stop cleanly (%v):\n%s", w.cmd.ProcessState, w.tail())
 			}
 			delete(workers, 0)
 			t.Log("worker 0 stopped cleanly")

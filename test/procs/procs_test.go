@@ -161,3 +161,38 @@ func TestServicesAsProcesses(t *testing.T) {
 		}
 	}
 }
+
+// process is a service binary running as a process, its output in a log file.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	log  string
+}
+
+// startProcess runs bin/name with env added to the clean environment, its output in
+// a log file of its own in dir; it is killed when t ends.
+func startProcess(t *testing.T, bin, dir, name string, env []string) *process {
+	t.Helper()
+	c := exec.Command(filepath.Join(bin, name))
+	c.Env = append(cleanEnv(), env...)
+	logPath := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Stdout, c.Stderr = logFile, logFile
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	logFile.Close()
+	p := &process{cmd: c, done: make(chan struct{}), log: logPath}
+	go func() { _ = c.Wait(); close(p.done) }()
+	t.Cleanup(func() { _ = c.Process.Kill(); <-p.done })
+	return p
+}
+
+// tail is the end of the process's output, for a failure message.
+func (p *process) tail() string {
+	out, _ := os.ReadFile(p.log)
+	return string(out[max(0, len(out)-3000):])
+}
