@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,6 +52,9 @@ type Group struct {
 	TTL    time.Duration
 	Log    *slog.Logger
 }
+
+// workerName is what a worker's name may hold: it is a token of a KV key.
+var workerName = regexp.MustCompile(`^[-_=a-zA-Z0-9]+$`)
 
 // claimValue is the value of partition.<p>.
 type claimValue struct {
@@ -155,8 +159,8 @@ type owned struct {
 // saved its state, when it could). At the end Run hands every partition over and
 // removes this worker's heartbeat.
 func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) error {
-	if g.Partitions < 1 || g.TTL <= 0 || g.Worker == "" || strings.ContainsAny(g.Worker, ".*> ") {
-		return fmt.Errorf("partition: a group needs partitions >= 1, a positive TTL and a worker name without '.', '*', '>' or spaces (got %d, %s, %q)", g.Partitions, g.TTL, g.Worker)
+	if g.Partitions < 1 || g.TTL <= 0 || !workerName.MatchString(g.Worker) {
+		return fmt.Errorf("partition: a group needs partitions >= 1, a positive TTL and a worker name of letters, digits, '-', '_' and '=' (got %d, %s, %q)", g.Partitions, g.TTL, g.Worker)
 	}
 	// Stopped before it joined: nothing to hand over, and no error.
 	if err := g.checkCount(ctx); err != nil {

@@ -120,9 +120,7 @@ func TestClaimFencing(t *testing.T) {
 		claims <- c
 		<-ctx.Done()
 	}
-	// Worker a claims the only partition; its group then stops renewing without
-	// handing over (its Run is blocked by a context that never ends, but its ticks
-	// are starved by pausing the whole group: we simply never run it again).
+	// Worker a claims the only partition.
 	actx, acancel := context.WithCancel(context.Background())
 	a := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: ttl, Log: log}
 	adone := make(chan error, 1)
@@ -136,8 +134,6 @@ func TestClaimFencing(t *testing.T) {
 	if err := ca.SetState(context.Background(), "state-of-a"); err != nil {
 		t.Fatal(err)
 	}
-	// Simulate a's death: its renewals stop, but its claim object lives on, as in a
-	// process frozen by a long pause. Delete its heartbeat so b sees it gone.
 	freeze(t, kv, actx, acancel, adone)
 	bctx, bcancel := context.WithCancel(context.Background())
 	defer bcancel()
@@ -165,9 +161,10 @@ func TestClaimFencing(t *testing.T) {
 	}
 }
 
-// freeze stops group a's Run as a SIGKILL would (no hand-over): the context's end
-// is only seen after the claim went stale, because the claim's key is rewritten to
-// what a wrote last, so a's deferred hand-over fails its compare-and-set.
+// freeze ends worker a as a SIGKILL would, leaving its claim to go stale: the
+// claim's key is first written again, unchanged, behind a's back, so that a's
+// hand-over on stop fails its compare-and-set (a dead process makes none); then its
+// heartbeat is removed.
 func freeze(t *testing.T, kv jetstream.KeyValue, _ context.Context, cancel context.CancelFunc, done chan error) {
 	t.Helper()
 	// Bump the claim's revision behind a's back with the same value: a's hand-over

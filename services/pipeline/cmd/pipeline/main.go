@@ -28,7 +28,7 @@ func main() {
 		ClickHouse:  true,
 		Config:      true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
-			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this worker's name in the group (unique; letters, digits, '-' and '_')")
+			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this worker's name in the group (unique; letters, digits, '-', '_' and '=')")
 			settings.String(fs, env, &cfg.StartAt, "start-at", "PIPELINE_START_AT", "first", "where a pipeline without state starts reading EVENTS: first, end, or a stream sequence")
 			return errors.Join(
 				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most input messages in one batch (one insert)"),
