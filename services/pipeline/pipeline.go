@@ -172,7 +172,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	defer live.Close()
-	p := &pipeline{cfg: cfg, nc: deps.NATS, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
+	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
 	keyer, err := p.newKeyer()
 	if err != nil {
@@ -195,7 +195,6 @@ const maxPartitions = 1024
 
 type pipeline struct {
 	cfg        Config
-	nc         *nats.Conn
 	js         jetstream.JetStream
 	ch         driver.Conn
 	store      jetstream.ObjectStore
@@ -227,8 +226,9 @@ func startSeq(at string, last uint64) (uint64, error) {
 func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	in := p.input(claim.Partition)
 	defer p.ready.Set(in.name, nil) // a partition handed over is not this worker's to report
+	saves := 0
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, in: in, claim: claim, spare: make(chan *batch, 2)}
+		r := &run{pipeline: p, in: in, claim: claim, saves: &saves, spare: make(chan *batch, 2)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
@@ -289,8 +289,9 @@ type run struct {
 	*pipeline
 	in    input
 	claim *partition.Claim
-	// saves counts the states this run wrote (their object names).
-	saves   int
+	// saves counts the states written under this claim, by every run of it (their
+	// object names: each unique).
+	saves   *int
 	created time.Time
 	seq     uint64 // last EVENTS sequence decided
 	clock   uint32
@@ -445,8 +446,8 @@ func (r *run) write(ctx context.Context) error {
 		return err
 	}
 	prev := r.claim.State()
-	r.saves++
-	name := fmt.Sprintf("state.%d.%d.%d", r.in.id, r.claim.Gen, r.saves)
+	*r.saves++
+	name := fmt.Sprintf("state.%d.%d.%d", r.in.id, r.claim.Gen, *r.saves)
 	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&buf)); err != nil {
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}

@@ -388,10 +388,11 @@ func TestPartitionedWorkers(t *testing.T) {
 	u4, i4, _ := f.input(t, 3001, 1000)
 	f.waitFor(t, u1+u2+u3+u4, i1+i2+i3+i4, 0)
 	f.check(t, u1+u2+u3+u4, i1+i2+i3+i4, 0)
-	// Every partition's input went to PARTITIONS, each event once (no keying step
-	// crashed here), repeats included.
-	if got, want := f.streamCount(t, streams.Partitions, "partitioned.>"), uint64(4000-(i1+i2+i3+i4)); got != want {
-		t.Fatalf("PARTITIONS holds %d, want %d", got, want)
+	// Every valid input reached PARTITIONS, repeats included. A worker stopping
+	// mid-batch leaves its keying step's unacked input to be copied again by another
+	// (dedup drops the second copy, as the exact counts above show), so at least once.
+	if got, want := f.streamCount(t, streams.Partitions, "partitioned.>"), uint64(4000-(i1+i2+i3+i4)); got < want {
+		t.Fatalf("PARTITIONS holds %d, want at least %d", got, want)
 	}
 	// Each partition is owned by one of the workers still running.
 	kv, err := f.js.KeyValue(context.Background(), Bucket)

@@ -57,11 +57,13 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	defer stopPub()
 	published := make(chan error, 1)
 	go func() {
-		// About 5,000 publishes a second, so the run outlasts the faults.
+		// About 5,000 publishes a second, so the run outlasts the faults (the pause
+		// paces the producer; it waits on no condition).
 		published <- m.PublishAcked(pubCtx, js, 500, func() { time.Sleep(100 * time.Millisecond) })
 	}()
 	rng := rand.New(rand.NewPCG(23, 24))
 	for round := range 4 {
+		// The fault's timing: a random moment of the run, not a wait for a condition.
 		time.Sleep(time.Duration(500+rng.IntN(1000)) * time.Millisecond)
 		victim := rng.IntN(3)
 		w := workers[victim]
