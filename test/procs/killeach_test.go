@@ -93,5 +93,5 @@ func TestKillEachService(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantAlerts := (len(m.Events) + 999) / 1000 // data.n of every thousandth event
-	waitDrained(t, ctx, conn, js, topo, m, hook, wantAlerts)
+	waitDrained(t, ctx, conn, js, readBy(topo, services), m, hook, wantAlerts)
 }

@@ -50,6 +50,7 @@ func TestSlowHandlers(t *testing.T) {
 	if err := m.PublishAcked(ctx, js, 200, nil); err != nil {
 		t.Fatal(err)
 	}
+	topo = readBy(topo, services)
 	waitDrained(t, ctx, conn, js, topo, m, nil, 0)
 	for _, c := range topo.Consumers {
 		if info, err := js.Consumer(ctx, c.Stream, c.Config.Durable); err == nil {
