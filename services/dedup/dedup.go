@@ -147,7 +147,7 @@ func (h *Handler) Decide(m events.Message) Decision {
 	if h.window.Time == EventTime {
 		base = e.Time
 	}
-	expires := max(unixSeconds(base.Add(h.window.WindowFor(m.Subject))), unixSeconds(e.ReceivedAt.Add(h.window.MinHold)))
+	expires := max(expirySeconds(base.Add(h.window.WindowFor(m.Subject))), expirySeconds(e.ReceivedAt.Add(h.window.MinHold)))
 	return Decision{Event: e, Key: k, Expires: expires, Now: now}
 }
 

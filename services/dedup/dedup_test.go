@@ -80,7 +80,7 @@ func streamMsgs(t *testing.T, js jetstream.JetStream, name string) uint64 {
 func TestDedupAcrossRestart(t *testing.T) {
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	pub := func(i int) {
@@ -136,7 +136,7 @@ func setup(t *testing.T) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	return nc, js
@@ -332,6 +332,11 @@ func TestProcessWindows(t *testing.T) {
 			{"no id", "events.web.click", nil, `{"data":{"v":1}}`, 0, false},
 			{"no id, same content", "events.web.click", nil, `{"data":{"v":1}}`, time.Minute, true},
 			{"no id, other content", "events.web.click", nil, `{"data":{"v":2}}`, time.Minute, false},
+			// A window is held whole although the store counts in seconds: first seen
+			// at 2 h 950 ms, it ends at 3 h 950 ms, not at 3 h.
+			{"first, late in a second", "events.web.click", nil, `{"id":"late"}`, 2*time.Hour + 950*time.Millisecond, false},
+			{"inside, past the second it ends in", "events.web.click", nil, `{"id":"late"}`, 3*time.Hour + 500*time.Millisecond, true},
+			{"after the whole window", "events.web.click", nil, `{"id":"late"}`, 3*time.Hour + 2*time.Second, false},
 		}},
 		{"event time", EventTime, []step{
 			{"event 30 min old", "events.iot.t", nil, `{"id":"c","time":"2026-11-21T11:30:00Z"}`, 0, false},

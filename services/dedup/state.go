@@ -227,3 +227,13 @@ func unixSeconds(t time.Time) uint32 {
 	}
 	return uint32(u)
 }
+
+// expirySeconds is t in the store's seconds, rounded up, so that a key is held for at
+// least its whole window (rounded down, a window could end up to a second early: a
+// 1 s window then held some keys for a few milliseconds).
+func expirySeconds(t time.Time) uint32 {
+	if t.Nanosecond() > 0 {
+		t = t.Add(time.Second)
+	}
+	return unixSeconds(t)
+}
