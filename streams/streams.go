@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"sort"
 	"strings"
 
@@ -126,7 +127,21 @@ func (t *Topology) Consumer(stream, name string) (*jetstream.ConsumerConfig, boo
 	return nil, false
 }
 
-// Apply creates every stream and consumer, or updates it when it exists. A change
+// WithReplicas returns t with every stream kept in n copies (the consumers follow
+// their stream's). n below 1 leaves the files' num_replicas.
+func (t *Topology) WithReplicas(n int) *Topology {
+	if n < 1 {
+		return t
+	}
+	out := &Topology{Streams: slices.Clone(t.Streams), Consumers: t.Consumers}
+	for i := range out.Streams {
+		out.Streams[i].Config.Replicas = n
+	}
+	return out
+}
+
+// Apply creates every stream and consumer, or updates it when it exists (asking
+// again when a request goes unanswered, see Retry). A change
 // JetStream refuses is returned as an error naming the file and, for the fields
 // JetStream never lets change, the field.
 func (t *Topology) Apply(ctx context.Context, js jetstream.JetStream) error {
@@ -134,12 +149,15 @@ func (t *Topology) Apply(ctx context.Context, js jetstream.JetStream) error {
 		if err := checkImmutable(ctx, js, s); err != nil {
 			return err
 		}
-		if _, err := js.CreateOrUpdateStream(ctx, s.Config); err != nil {
+		if err := Retry(ctx, func(ctx context.Context) error { _, err := js.CreateOrUpdateStream(ctx, s.Config); return err }); err != nil {
 			return fmt.Errorf("streams/%s: apply stream %s: %w", s.File, s.Config.Name, err)
 		}
 	}
 	for _, c := range t.Consumers {
-		if _, err := js.CreateOrUpdateConsumer(ctx, c.Stream, c.Config); err != nil {
+		if err := Retry(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateConsumer(ctx, c.Stream, c.Config)
+			return err
+		}); err != nil {
 			return fmt.Errorf("streams/%s: apply consumer %s on %s: %w", c.File, c.Config.Durable, c.Stream, err)
 		}
 	}

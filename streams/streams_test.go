@@ -149,3 +149,22 @@ func TestApplyConcurrently(t *testing.T) {
 		}
 	}
 }
+
+func TestWithReplicas(t *testing.T) {
+	topo, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r3 := topo.WithReplicas(3)
+	for i, s := range r3.Streams {
+		if s.Config.Replicas != 3 {
+			t.Fatalf("%s: %d replicas", s.File, s.Config.Replicas)
+		}
+		if topo.Streams[i].Config.Replicas != 1 {
+			t.Fatalf("%s: the loaded topology changed too (%d replicas)", s.File, topo.Streams[i].Config.Replicas)
+		}
+	}
+	if len(r3.Consumers) != len(topo.Consumers) {
+		t.Fatal("consumers lost")
+	}
+}

@@ -65,7 +65,7 @@ func BenchmarkStage(b *testing.B) {
 		ns := natstest.Run(b)
 		nc, js := ns.Connect(b)
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			b.Fatal(err)
 		}
 		for i := range total {
@@ -108,7 +108,7 @@ func BenchmarkRestart(b *testing.B) {
 	ns := natstest.Run(b)
 	nc, js := ns.Connect(b)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		b.Fatal(err)
 	}
 	exp := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)

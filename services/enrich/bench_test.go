@@ -114,7 +114,7 @@ func BenchmarkStage(b *testing.B) {
 		ns := natstest.Run(b)
 		nc, js := ns.Connect(b)
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			b.Fatal(err)
 		}
 		for name, t := range tables {

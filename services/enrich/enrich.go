@@ -46,6 +46,9 @@ type Config struct {
 	ConfigPath string
 	// Secrets reads the HMAC keys that masks name (os.LookupEnv in mains).
 	Secrets func(string) (string, bool)
+	// Replicas is how many copies a NATS cluster keeps of a KV table's bucket the
+	// stage creates because it is missing (0 or 1 on a single server).
+	Replicas int
 }
 
 // DefaultConfig reads the enrich consumer of UNIQUE, with no rules.
@@ -137,7 +140,7 @@ func Start(ctx context.Context, cfg Config, js jetstream.JetStream, log *slog.Lo
 	ctx, cancel := context.WithCancel(ctx)
 	l := &Live{stop: cancel}
 	start := func(ec EnrichConfig) (*runtime, error) {
-		return startRuntime(ctx, ec, js, ua, cfg.Secrets, log, miss, reloaded)
+		return startRuntime(ctx, ec, js, cfg.Replicas, ua, cfg.Secrets, log, miss, reloaded)
 	}
 	rt, err := start(cfg.Enrich)
 	if err != nil {

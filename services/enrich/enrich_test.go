@@ -33,7 +33,7 @@ type harness struct {
 func newHarness(t *testing.T) *harness {
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	return &harness{t: t, nc: nc, js: js, next: 1, reg: prometheus.NewRegistry()}

@@ -25,7 +25,7 @@ type runtime struct {
 
 // startRuntime loads every table of cfg (waiting for KV buckets' current values),
 // compiles the rules, and keeps the tables fresh until close.
-func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream, ua *UserAgents, secrets func(string) (string, bool), log *slog.Logger, miss func(string), reloaded func(file, result string)) (*runtime, error) {
+func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream, replicas int, ua *UserAgents, secrets func(string) (string, bool), log *slog.Logger, miss func(string), reloaded func(file, result string)) (*runtime, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -47,7 +47,7 @@ func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream,
 			rt.close()
 			return nil, fmt.Errorf("enrich: table %s: a KV table needs a NATS connection", tc.Name)
 		}
-		kt, stop, err := watchKV(ctx, js, tc.KV, log)
+		kt, stop, err := watchKV(ctx, js, tc.KV, replicas, log)
 		if err != nil {
 			rt.close()
 			return nil, fmt.Errorf("enrich: table %s: %w", tc.Name, err)

@@ -19,6 +19,8 @@ import (
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/streams"
 )
 
 // Table is a lookup table. Get never blocks on the network: KV tables are kept in
@@ -214,17 +216,20 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 	t.rows.Store(e.Key(), row)
 }
 
-// watchKV opens (creating if needed) bucket and keeps t in step with it until ctx
+// watchKV opens (creating if needed, in replicas copies) bucket and keeps t in step with it until ctx
 // is done. It returns once the bucket's current values are loaded; the watch goes on
 // in a goroutine that done waits for.
-func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, log *slog.Logger) (t *kvTable, done func(), err error) {
-	kv, err := js.KeyValue(ctx, bucket)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
-		if errors.Is(err, jetstream.ErrBucketExists) { // another replica created it first
-			kv, err = js.KeyValue(ctx, bucket)
+func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, log *slog.Logger) (t *kvTable, done func(), err error) {
+	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		kv, err := js.KeyValue(ctx, bucket)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
+			if errors.Is(err, jetstream.ErrBucketExists) { // another replica created it first
+				kv, err = js.KeyValue(ctx, bucket)
+			}
 		}
-	}
+		return kv, err
+	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}

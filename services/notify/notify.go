@@ -60,6 +60,9 @@ type Config struct {
 	// LeaseTTL is how long the routing lease lasts unrenewed: after a router dies,
 	// another replica takes over within it.
 	LeaseTTL time.Duration
+	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0 or
+	// 1 on a single server).
+	Replicas int
 }
 
 // DefaultConfig has no receivers.
@@ -125,13 +128,15 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}
-	state, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: StateBucket, Description: "The notify stage's alert groups and disabled receivers.", Storage: jetstream.FileStorage,
+	state, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: StateBucket, Description: "The notify stage's alert groups and disabled receivers.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+		})
 	})
 	if err != nil {
 		return fmt.Errorf("notify: bucket %s: %w", StateBucket, err)
 	}
-	silenceKV, err := SilenceStore(ctx, js)
+	silenceKV, err := SilenceStore(ctx, js, max(cfg.Replicas, 1))
 	if err != nil {
 		return err
 	}

@@ -154,7 +154,7 @@ func setup(t *testing.T) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	return nc, js
@@ -354,7 +354,7 @@ func TestSilenceInKV(t *testing.T) {
 	nc, js := setup(t)
 	h := newHook(t, nil)
 	ctx := context.Background()
-	kv, err := SilenceStore(ctx, js)
+	kv, err := SilenceStore(ctx, js, 1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -89,6 +89,9 @@ type Config struct {
 	// default: all of it), "end" (only what is stored from now on), or a stream
 	// sequence. A stage with state always goes on from it.
 	StartAt string
+	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0
+	// or 1 on a single server).
+	Replicas int
 	// Crash is fault injection for the crash tests; zero in production.
 	Crash sink.Crash
 }
@@ -154,14 +157,18 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
-	store, err := js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket: Bucket, Description: "The pipeline stage's snapshot: dedup keys, alert state, input position.", Storage: jetstream.FileStorage,
+	store, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		return js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket: Bucket, Description: "The pipeline stage's snapshot: dedup keys, alert state, input position.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+		})
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: state bucket %s: %w", Bucket, err)
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage,
+	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+		})
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: lease bucket %s: %w", Bucket, err)

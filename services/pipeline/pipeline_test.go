@@ -39,7 +39,7 @@ func setup(t *testing.T) *fixture {
 	t.Helper()
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	_, ch := chtest.Database(t, chtest.Start(t))

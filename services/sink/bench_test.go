@@ -59,7 +59,7 @@ func BenchmarkSinkDrain(b *testing.B) {
 		_, conn := chtest.Database(b, srv)
 		nc, js := ns.Connect(b)
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			b.Fatal(err)
 		}
 		payloads := make([][]byte, 1000)

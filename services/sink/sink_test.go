@@ -520,7 +520,7 @@ func setup(t *testing.T) (*chserver.Server, *nats.Conn, jetstream.JetStream, dri
 	srv := chtest.Start(t)
 	_, conn := chtest.Database(t, srv)
 	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	return srv, nc, js, conn

@@ -14,6 +14,7 @@ require (
 	github.com/sluicehq/sluice/services/notify v0.0.0
 	github.com/sluicehq/sluice/services/pipeline v0.0.0
 	github.com/sluicehq/sluice/services/sink v0.0.0
+	github.com/sluicehq/sluice/streams v0.0.0
 )
 
 require (
@@ -46,7 +47,6 @@ require (
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3 // indirect
 	github.com/segmentio/asm v1.2.1 // indirect
 	github.com/shopspring/decimal v1.5.0 // indirect
-	github.com/sluicehq/sluice/streams v0.0.0 // indirect
 	github.com/ua-parser/uap-go v0.0.0-20260529044130-17c35e68e58c // indirect
 	go.opentelemetry.io/otel v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect

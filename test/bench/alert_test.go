@@ -89,7 +89,7 @@ receivers:
 			return err
 		})
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			b.Fatal(err)
 		}
 		ch := chtest.Start(b)

@@ -213,7 +213,7 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 		})
 		js, _ := jetstream.New(nc)
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			b.Fatal(err)
 		}
 		users, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_users"})

@@ -69,7 +69,7 @@ func newPipelineOn(t testing.TB, ns *natstest.Server, cfg string, env map[string
 	_, conn := chtest.Database(t, srv)
 	nc, js := ns.Connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	file, err := configfile.Parse("test.yaml", []byte(cfg))

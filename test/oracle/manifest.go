@@ -189,12 +189,24 @@ func (m *Manifest) PublishAcked(ctx context.Context, js jetstream.JetStream, bat
 				futures[i] = f
 			}
 		}
+		// An ack lost on the way (a route reset while a stream changes leader) leaves
+		// its future unresolved for ever: after this long, the rest of the batch is
+		// published again, one by one.
+		lost, expired := time.After(10*time.Second), false
 		for i, p := range part {
-			if f := futures[i]; f != nil {
+			if f := futures[i]; f != nil && expired {
+				select {
+				case <-f.Ok():
+					continue
+				default:
+				}
+			} else if f != nil {
 				select {
 				case <-f.Ok():
 					continue
 				case <-f.Err():
+				case <-lost:
+					expired = true
 				case <-ctx.Done():
 					return ctx.Err()
 				}

@@ -49,7 +49,7 @@ func clickHouseDown(t *testing.T, names []string, extra map[string][]string, cap
 	chs, conn := chtest.Database(t, srv)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	env := []string{"NATS_URL=" + ns.url(), "SLUICE_APPLY_TOPOLOGY=false",

@@ -61,7 +61,7 @@ func combinedFaults(t *testing.T, names []string, env map[string][]string, leade
 	chs, conn := chtest.Database(t, srv)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	topo := shortAckWaits(t, js)

@@ -34,7 +34,7 @@ func TestDedupKill9(t *testing.T) {
 	ns := runNATS(t)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	topo, _ := streams.Load()

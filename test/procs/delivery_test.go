@@ -42,7 +42,7 @@ func startProcesses(t *testing.T, names []string, extra map[string][]string, con
 	ns := runNATS(t)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	topo, err := streams.Load()

@@ -45,7 +45,7 @@ func TestSinkKill9(t *testing.T) {
 	chs, conn := chtest.Database(t, srv)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	// A short ack wait, so batches of a killed sink come back quickly.

@@ -28,7 +28,7 @@ func TestKillEachService(t *testing.T) {
 	chs, conn := chtest.Database(t, srv)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	topo := shortAckWaits(t, js)

@@ -1,11 +1,13 @@
 package procs
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -30,23 +32,59 @@ import (
 	"github.com/sluicehq/sluice/streams"
 )
 
-// natsProcess is a nats-server process with JetStream on a fixed port and store.
+// natsProcess is a nats-server process with JetStream on a fixed port and store;
+// a cluster's node runs from its config file conf, on host, in the network
+// namespace netns when set.
 type natsProcess struct {
 	bin, store string
 	port       int
+	conf       string
+	host       string
+	netns      string
+	log        string // where the output goes, when set
 	cmd        *exec.Cmd
 	done       chan struct{}
 }
 
 func (n *natsProcess) start(t *testing.T) {
 	t.Helper()
-	n.cmd = exec.Command(n.bin, "-js", "-sd", n.store, "-a", "127.0.0.1", "-p", strconv.Itoa(n.port))
+	n.launch(t)
+	n.waitReady(t)
+}
+
+// launch starts the process and returns.
+func (n *natsProcess) launch(t *testing.T) {
+	t.Helper()
+	args := []string{"-js", "-sd", n.store, "-a", "127.0.0.1", "-p", strconv.Itoa(n.port)}
+	if n.conf != "" {
+		args = []string{"-c", n.conf}
+	}
+	if n.netns != "" {
+		// ip netns exec execs the server in place: the process is the server's.
+		args = append([]string{"netns", "exec", n.netns, n.bin}, args...)
+		n.cmd = exec.Command("ip", args...)
+	} else {
+		n.cmd = exec.Command(n.bin, args...)
+	}
+	if n.log != "" {
+		f, err := os.OpenFile(n.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		n.cmd.Stdout, n.cmd.Stderr = f, f
+	}
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	n.done = make(chan struct{})
 	go func(c *exec.Cmd, done chan struct{}) { _ = c.Wait(); close(done) }(n.cmd, n.done)
-	poll.Until(t, 20*time.Second, func() error {
+}
+
+// waitReady waits until JetStream answers through the server.
+func (n *natsProcess) waitReady(t *testing.T) {
+	t.Helper()
+	poll.Until(t, 60*time.Second, func() error {
 		nc, err := nats.Connect(n.url())
 		if err != nil {
 			return err
@@ -63,7 +101,9 @@ func (n *natsProcess) kill() {
 	<-n.done
 }
 
-func (n *natsProcess) url() string { return "nats://127.0.0.1:" + strconv.Itoa(n.port) }
+func (n *natsProcess) url() string {
+	return "nats://" + net.JoinHostPort(cmp.Or(n.host, "127.0.0.1"), strconv.Itoa(n.port))
+}
 
 // runNATS builds nats-server and runs it as a process (JetStream, a file store in a
 // temporary directory) until the test ends, so a fault test's server is a real one.
@@ -123,7 +163,7 @@ func TestNATSKill9(t *testing.T) {
 	}
 	defer nc.Close()
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	stageConn, err := natsconn.Connect(settings.NATS{URL: srv.url()}, "stages", log)

@@ -6,9 +6,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
@@ -33,7 +36,7 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	chs, conn := chtest.Database(t, srv)
 	nc, js := ns.connect(t)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	topo := shortAckWaits(t, js)
@@ -103,18 +106,23 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := oracle.WaitFor(ctx, time.Minute, func() error {
+	if err := oracle.WaitFor(ctx, time.Minute, ownedBy(ctx, kv, partitions, "w1", "w2", "w3")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ownedBy returns a condition: each of the partitions is owned by one of workers.
+func ownedBy(ctx context.Context, kv jetstream.KeyValue, partitions int, workers ...string) func() error {
+	return func() error {
 		for p := range partitions {
 			o, err := partition.Owner(ctx, kv, p)
 			if err != nil {
 				return err
 			}
-			if o.Worker != "w1" && o.Worker != "w2" && o.Worker != "w3" {
+			if !slices.Contains(workers, o.Worker) {
 				return fmt.Errorf("partition %d owned by %q", p, o.Worker)
 			}
 		}
 		return nil
-	}); err != nil {
-		t.Fatal(err)
 	}
 }

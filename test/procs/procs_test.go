@@ -66,7 +66,7 @@ func TestServicesAsProcesses(t *testing.T) {
 	srv := chtest.Start(t)
 	chs, conn := chtest.Database(t, srv)
 	nc, _ := ns.connect(t)
-	if err := service.ApplyTopology(context.Background(), nc); err != nil {
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(t.TempDir(), "sluice.yaml")
@@ -187,7 +187,13 @@ func startProcess(t *testing.T, bin, dir, name string, env []string) *process {
 	logFile.Close()
 	p := &process{cmd: c, done: make(chan struct{}), log: logPath}
 	go func() { _ = c.Wait(); close(p.done) }()
-	t.Cleanup(func() { _ = c.Process.Kill(); <-p.done })
+	t.Cleanup(func() {
+		_ = c.Process.Kill()
+		<-p.done
+		if t.Failed() {
+			t.Logf("%s (%s) ended with:\n%s", name, filepath.Base(logPath), p.tail())
+		}
+	})
 	return p
 }
 

@@ -79,7 +79,7 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	if spec.DataDir {
 		settings.BindDataDir(fs, lookup, &svcS.DataDir)
 	}
-	if err := settings.BindService(fs, lookup, &svcS, spec.MetricsAddr); err != nil {
+	if err := errors.Join(settings.BindService(fs, lookup, &svcS, spec.MetricsAddr), settings.BindReplicas(fs, lookup, &svcS.Replicas)); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
 	}
@@ -101,6 +101,10 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "%s: unexpected arguments %q\n", spec.Name, fs.Args())
+		return 2
+	}
+	if err := settings.CheckReplicas(svcS.Replicas); err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", spec.Name, err)
 		return 2
 	}
 	log, err := telemetry.NewLogger(stderr, svcS.LogLevel, svcS.LogFormat)
@@ -126,7 +130,7 @@ func run(ctx context.Context, spec Spec, natsS settings.NATS, chS settings.Click
 	}
 	defer nc.Close()
 	if svcS.ApplyTopology {
-		if err := ApplyTopology(ctx, nc); err != nil {
+		if err := ApplyTopology(ctx, nc, svcS.Replicas); err != nil {
 			return err
 		}
 	}
@@ -168,8 +172,9 @@ func RunWithTelemetry(ctx context.Context, s settings.Service, g prometheus.Gath
 	}
 }
 
-// ApplyTopology creates or updates every stream and consumer in streams/.
-func ApplyTopology(ctx context.Context, nc *nats.Conn) error {
+// ApplyTopology creates or updates every stream and consumer in streams/, every
+// stream with replicas copies.
+func ApplyTopology(ctx context.Context, nc *nats.Conn, replicas int) error {
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return err
@@ -180,5 +185,5 @@ func ApplyTopology(ctx context.Context, nc *nats.Conn) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	return t.Apply(ctx, js)
+	return t.WithReplicas(replicas).Apply(ctx, js)
 }

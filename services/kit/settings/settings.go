@@ -46,7 +46,14 @@ type Service struct {
 	ShutdownTimeout time.Duration
 	// ApplyTopology creates or updates the streams and consumers at start.
 	ApplyTopology bool
+	// Replicas is how many copies a NATS cluster keeps of every stream and bucket
+	// the service creates or updates (1 on a single server; see BindReplicas, which
+	// the services bind and `sluice up`, with its one embedded server, does not).
+	Replicas int
 }
+
+// MaxReplicas is the most replicas JetStream keeps of a stream.
+const MaxReplicas = 5
 
 // Defaults.
 const (
@@ -125,6 +132,20 @@ func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) e
 		return err
 	}
 	return b.dur(&s.ShutdownTimeout, "shutdown-timeout", "SHUTDOWN_TIMEOUT", 10*time.Second, "how long a drain may take on SIGINT/SIGTERM")
+}
+
+// BindReplicas registers --stream-replicas (SLUICE_STREAM_REPLICAS) on fs.
+// Check it with CheckReplicas once the flags are parsed.
+func BindReplicas(fs *flag.FlagSet, env Lookup, n *int) error {
+	return Int(fs, env, n, "stream-replicas", "SLUICE_STREAM_REPLICAS", 1, "copies a NATS cluster keeps of every stream and bucket sluice creates or updates (1 to 5; 3 on a 3-node cluster; overrides num_replicas in streams/)")
+}
+
+// CheckReplicas returns an error naming the setting when n is not 1 to MaxReplicas.
+func CheckReplicas(n int) error {
+	if n < 1 || n > MaxReplicas {
+		return fmt.Errorf("replicas (SLUICE_STREAM_REPLICAS) %d: want 1 to %d", n, MaxReplicas)
+	}
+	return nil
 }
 
 // BindConfig registers --config (SLUICE_CONFIG) on fs.

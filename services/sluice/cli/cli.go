@@ -30,6 +30,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/notify"
 	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/streams"
 )
 
 const usage = `sluice: an event platform on NATS JetStream.
@@ -37,7 +38,8 @@ const usage = `sluice: an event platform on NATS JetStream.
 Usage:
   sluice up                 run NATS (embedded), the stages and, if needed, a local ClickHouse
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
-  sluice streams apply      create or update the streams and consumers on NATS_URL
+  sluice streams apply [--replicas N]
+                            create or update the streams and consumers on NATS_URL
   sluice rules check FILE   validate the rules of a config file offline
   sluice kv load BUCKET FILE --key COLUMN
                             load a CSV (header row) or JSON-lines file into a KV lookup table
@@ -195,7 +197,14 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 	fs := flag.NewFlagSet("streams apply", flag.ContinueOnError)
 	var n settings.NATS
 	settings.BindNATS(fs, io.Env, &n)
+	var replicas int
+	if err := bindReplicas(fs, io.Env, &replicas, "stream"); err != nil {
+		return err
+	}
 	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	if err := settings.CheckReplicas(replicas); err != nil {
 		return err
 	}
 	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
@@ -204,11 +213,17 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer nc.Close()
-	if err := service.ApplyTopology(ctx, nc); err != nil {
+	if err := service.ApplyTopology(ctx, nc, replicas); err != nil {
 		return err
 	}
-	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s\n", n.URL)
+	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%d replicas)\n", n.URL, replicas)
 	return nil
+}
+
+// bindReplicas registers --replicas, whose default is SLUICE_STREAM_REPLICAS, the
+// services' setting.
+func bindReplicas(fs *flag.FlagSet, env settings.Lookup, n *int, what string) error {
+	return settings.Int(fs, env, n, "replicas", "SLUICE_STREAM_REPLICAS", 1, fmt.Sprintf("copies a NATS cluster keeps of every %s (1 to %d; 3 on a 3-node cluster)", what, settings.MaxReplicas))
 }
 
 func rulesCheck(args []string, io IO) error {
@@ -235,8 +250,15 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	var n settings.NATS
 	settings.BindNATS(fs, io.Env, &n)
 	key := fs.String("key", "", "the column (CSV) or field (JSON lines) holding each row's key")
+	var replicas int
+	if err := bindReplicas(fs, io.Env, &replicas, "bucket it creates (an existing bucket keeps its own)"); err != nil {
+		return err
+	}
 	positional, err := parsePositional(fs, args, io)
 	if err != nil {
+		return err
+	}
+	if err := settings.CheckReplicas(replicas); err != nil {
 		return err
 	}
 	if len(positional) != 2 || *key == "" {
@@ -253,7 +275,13 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table"})
+	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		kv, err := js.KeyValue(ctx, bucket)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			return js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
+		}
+		return kv, err
+	})
 	if err != nil {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}
@@ -379,7 +407,7 @@ func silenceAdd(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := notify.SilenceStore(ctx, js)
+	kv, err := notify.SilenceStore(ctx, js, 0)
 	if err != nil {
 		return err
 	}
@@ -405,7 +433,7 @@ func silenceList(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := notify.SilenceStore(ctx, js)
+	kv, err := notify.SilenceStore(ctx, js, 0)
 	if err != nil {
 		return err
 	}
@@ -427,7 +455,7 @@ func silenceRemove(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := notify.SilenceStore(ctx, js)
+	kv, err := notify.SilenceStore(ctx, js, 0)
 	if err != nil {
 		return err
 	}

@@ -97,3 +97,17 @@ func TestSilences(t *testing.T) {
 		t.Fatalf("rm twice: exit %d %s", code, errOut)
 	}
 }
+
+func TestStreamsApplyReplicas(t *testing.T) {
+	ns := natstest.Run(t)
+	if code, out, errOut := runCLI("streams", "apply", "--nats-url", ns.URL); code != 0 || !strings.Contains(out, "(1 replicas)") {
+		t.Fatalf("apply: exit %d: %s %s", code, out, errOut)
+	}
+	if code, _, errOut := runCLI("streams", "apply", "--nats-url", ns.URL, "--replicas", "9"); code != 1 || !strings.Contains(errOut, "replicas (SLUICE_STREAM_REPLICAS) 9: want 1 to 5") {
+		t.Fatalf("9 replicas: exit %d: %s", code, errOut)
+	}
+	// One server cannot keep three copies; JetStream's refusal names the stream.
+	if code, _, errOut := runCLI("streams", "apply", "--nats-url", ns.URL, "--replicas", "3"); code != 1 || !strings.Contains(errOut, "apply stream") || !strings.Contains(errOut, "replicas") {
+		t.Fatalf("3 replicas on one server: exit %d: %s", code, errOut)
+	}
+}

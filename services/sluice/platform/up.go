@@ -77,7 +77,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Reg
 	}
 	defer nc.Close()
 	if cfg.Service.ApplyTopology {
-		if err := service.ApplyTopology(ctx, nc); err != nil {
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
 			return err
 		}
 	}

@@ -29,6 +29,7 @@ func main() {
 				}
 				env.Log.Error("rules that did not load are left out; the rest run", "err", err)
 			}
+			cfg.Replicas = env.Service.Replicas
 			return alert.Run(ctx, cfg, alert.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },

@@ -28,6 +28,7 @@ func main() {
 			}
 			cfg.ConfigPath = env.Service.ConfigPath
 			cfg.Secrets = os.LookupEnv
+			cfg.Replicas = env.Service.Replicas
 			// Fault injection for the fault tests (test/procs); unset in production.
 			if v, ok := os.LookupEnv("SLUICE_TEST_SLOW"); ok {
 				if cfg.Stage.Slow, err = stage.ParseSlow(v); err != nil {

@@ -24,6 +24,7 @@ func main() {
 			if err != nil {
 				return err
 			}
+			cfg.Replicas = env.Service.Replicas
 			return notify.Run(ctx, cfg, notify.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },

@@ -52,6 +52,7 @@ func main() {
 			}
 			cfg.Enrich.ConfigPath = env.Service.ConfigPath
 			cfg.Enrich.Secrets = os.LookupEnv
+			cfg.Replicas, cfg.Enrich.Replicas = env.Service.Replicas, env.Service.Replicas
 			if cfg.Alert, err = alert.LoadConfig(f); err != nil {
 				var re *alert.RuleError
 				if !errors.As(err, &re) {

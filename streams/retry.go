@@ -1,0 +1,44 @@
+package streams
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// attemptTimeout bounds one JetStream API request of Retry. Requests that change the
+// cluster's assets answer within milliseconds when they answer at all.
+const attemptTimeout = 5 * time.Second
+
+// attempts is how many times Retry asks at most.
+const attempts = 12
+
+// Retry runs request, asking again when it timed out, until it succeeds, fails
+// otherwise, ctx is done or it timed out attempts times. On a JetStream cluster,
+// requests that create the same stream at once (services starting together each
+// applying the topology or creating a bucket) can all go unanswered although the
+// stream is created (nats-server 2.15.2); asked again, they find it and succeed.
+func Retry(ctx context.Context, request func(ctx context.Context) error) error {
+	var err error
+	for range attempts {
+		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		err = request(actx)
+		cancel()
+		if err == nil || !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("no answer in %d attempts of %s: %w", attempts, attemptTimeout, err)
+}
+
+// Ensure is Retry for a request that returns a value, such as opening a bucket.
+func Ensure[T any](ctx context.Context, request func(ctx context.Context) (T, error)) (T, error) {
+	var v T
+	err := Retry(ctx, func(ctx context.Context) error {
+		var err error
+		v, err = request(ctx)
+		return err
+	})
+	return v, err
+}

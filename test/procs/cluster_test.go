@@ -1,0 +1,391 @@
+package procs
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+// natsCluster is three nats-server processes in one JetStream cluster. Nodes 0 and
+// 1 listen on the host's end of a veth pair; node 2 runs in its own network
+// namespace at the other end, so cut can drop every packet between it and the rest
+// (real packet loss, by iptables in its namespace) while it keeps running.
+type natsCluster struct {
+	nodes    []*natsProcess
+	monitors []string
+	netns    string
+}
+
+// Addresses of the veth pair runCluster creates.
+const (
+	clusterHostIP = "10.213.0.1"
+	clusterNSIP   = "10.213.0.2"
+	clusterNetns  = "sluice-test"
+	clusterVeth   = "sluicetest0"
+)
+
+// runCluster builds nats-server and runs a 3-node cluster until the test ends. It
+// needs root and iproute2 and iptables (apt-get install iproute2 iptables).
+func runCluster(t *testing.T) *natsCluster {
+	t.Helper()
+	for _, tool := range []string{"ip", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("the cluster tests need %s (as root): apt-get install -y iproute2 iptables: %v", tool, err)
+		}
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "nats-server")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
+		t.Fatalf("build nats-server: %v\n%s", err, out)
+	}
+	// What a killed earlier run left behind goes first.
+	_ = exec.Command("ip", "netns", "del", clusterNetns).Run()
+	_ = exec.Command("ip", "link", "del", clusterVeth).Run()
+	for _, args := range [][]string{
+		{"netns", "add", clusterNetns},
+		{"link", "add", clusterVeth, "type", "veth", "peer", "name", clusterVeth + "p"},
+		{"link", "set", clusterVeth + "p", "netns", clusterNetns},
+		{"addr", "add", clusterHostIP + "/24", "dev", clusterVeth},
+		{"link", "set", clusterVeth, "up"},
+		{"netns", "exec", clusterNetns, "ip", "addr", "add", clusterNSIP + "/24", "dev", clusterVeth + "p"},
+		{"netns", "exec", clusterNetns, "ip", "link", "set", clusterVeth + "p", "up"},
+		{"netns", "exec", clusterNetns, "ip", "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s (the cluster tests need root)", strings.Join(args, " "), err, out)
+		}
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "netns", "del", clusterNetns).Run()
+		_ = exec.Command("ip", "link", "del", clusterVeth).Run()
+	})
+
+	c := &natsCluster{netns: clusterNetns}
+	hosts := []string{clusterHostIP, clusterHostIP, clusterNSIP}
+	ports := make([][3]int, 3) // client, cluster, monitor
+	for i := range ports {
+		for j := range 3 {
+			_, p, _ := net.SplitHostPort(freeAddr(t))
+			ports[i][j], _ = strconv.Atoi(p)
+		}
+	}
+	var routes []string
+	for i, h := range hosts {
+		routes = append(routes, fmt.Sprintf("%q", "nats://"+net.JoinHostPort(h, strconv.Itoa(ports[i][1]))))
+	}
+	for i, h := range hosts {
+		conf := filepath.Join(dir, fmt.Sprintf("n%d.conf", i))
+		// A link that drops packets shows no error: only missed pings end it. The
+		// default (a ping every 2 minutes, 2 unanswered) keeps the pooled routes
+		// to a cut-off node open for minutes, and requests JetStream sends a
+		// replica over them (direct gets) go unanswered that long.
+		text := fmt.Sprintf(`server_name: n%d
+ping_interval: "2s"
+ping_max: 3
+listen: %q
+http: %q
+jetstream { store_dir: %q }
+cluster {
+  name: sluice
+  no_advertise: true
+  listen: %q
+  routes: [%s]
+}
+`, i, net.JoinHostPort(h, strconv.Itoa(ports[i][0])), net.JoinHostPort(h, strconv.Itoa(ports[i][2])),
+			filepath.Join(dir, fmt.Sprintf("store%d", i)), net.JoinHostPort(h, strconv.Itoa(ports[i][1])), strings.Join(routes, ", "))
+		if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		n := &natsProcess{bin: bin, port: ports[i][0], conf: conf, host: h, log: filepath.Join(dir, fmt.Sprintf("n%d.log", i))}
+		if i == 2 {
+			n.netns = clusterNetns
+		}
+		c.nodes = append(c.nodes, n)
+		c.monitors = append(c.monitors, "http://"+net.JoinHostPort(h, strconv.Itoa(ports[i][2])))
+	}
+	for _, n := range c.nodes {
+		n.launch(t)
+		t.Cleanup(n.kill)
+	}
+	for i := range c.nodes {
+		c.waitHealthy(t, i)
+	}
+	return c
+}
+
+// urls is every node's client URL, comma-separated, as NATS_URL takes them.
+func (c *natsCluster) urls() string {
+	var u []string
+	for _, n := range c.nodes {
+		u = append(u, n.url())
+	}
+	return strings.Join(u, ",")
+}
+
+// waitHealthy waits until node i says, on its monitoring port, that it and its
+// JetStream assets are current (/healthz answers 200).
+func (c *natsCluster) waitHealthy(t *testing.T, i int) {
+	t.Helper()
+	client := &http.Client{Timeout: 2 * time.Second}
+	poll.Until(t, 2*time.Minute, func() error {
+		resp, err := client.Get(c.monitors[i] + "/healthz")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("node %d: /healthz: %s", i, resp.Status)
+		}
+		return nil
+	})
+}
+
+// restart SIGKILLs node i and starts it again on its store, then waits until it
+// is current.
+func (c *natsCluster) restart(t *testing.T, i int) {
+	t.Helper()
+	c.nodes[i].kill()
+	c.nodes[i].launch(t)
+	c.waitHealthy(t, i)
+}
+
+// leaderOf is the index of the node leading stream, or with consumer set, the
+// stream's consumer.
+func leaderOf(ctx context.Context, js jetstream.JetStream, stream, consumer string) (int, error) {
+	var cluster *jetstream.ClusterInfo
+	if consumer == "" {
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			return 0, err
+		}
+		info, err := s.Info(ctx)
+		if err != nil {
+			return 0, err
+		}
+		cluster = info.Cluster
+	} else {
+		c, err := js.Consumer(ctx, stream, consumer)
+		if err != nil {
+			return 0, err
+		}
+		info, err := c.Info(ctx)
+		if err != nil {
+			return 0, err
+		}
+		cluster = info.Cluster
+	}
+	if cluster == nil || cluster.Leader == "" {
+		return 0, fmt.Errorf("%s %s has no leader", stream, consumer)
+	}
+	return strconv.Atoi(strings.TrimPrefix(cluster.Leader, "n"))
+}
+
+// cut drops every packet into and out of node 2's namespace (its peers, and
+// clients connected to it, see nothing: no reset, no close) until heal.
+func (c *natsCluster) cut(t *testing.T) {
+	t.Helper()
+	for _, rule := range [][]string{{"INPUT", "!", "-i", "lo"}, {"OUTPUT", "!", "-o", "lo"}} {
+		args := append([]string{"netns", "exec", c.netns, "iptables", "-A"}, rule...)
+		if out, err := exec.Command("ip", append(args, "-j", "DROP")...).CombinedOutput(); err != nil {
+			t.Fatalf("iptables: %v\n%s", err, out)
+		}
+	}
+}
+
+// heal ends cut.
+func (c *natsCluster) heal(t *testing.T) {
+	t.Helper()
+	if out, err := exec.Command("ip", "netns", "exec", c.netns, "iptables", "-F").CombinedOutput(); err != nil {
+		t.Fatalf("iptables -F: %v\n%s", err, out)
+	}
+}
+
+// TestClusterFaults runs three pipeline workers sharing eight partitions, and the
+// sink, on a 3-node JetStream cluster with every stream and bucket in three copies
+// (SLUICE_STREAM_REPLICAS=3), while 300,000 publishes (repeats and invalid input
+// among them) flow. Meanwhile: the node leading EVENTS is SIGKILLed and restarted;
+// a worker is SIGKILLed and restarted; node 2 — the only server worker 2 knows — is
+// cut off from everything by dropped packets for 30 s, during which every partition
+// move off worker 2 while it lasts; then the node leading the keying step's
+// consumer is SIGKILLed and restarted. Every unique event lands in ClickHouse once
+// (worker 2, back on the network, wrote nothing after losing its partitions),
+// every invalid one in dead_letters, and each partition ends owned by a worker.
+func TestClusterFaults(t *testing.T) {
+	const partitions = 8
+	bin := build(t)
+	dir := t.TempDir()
+	cl := runCluster(t)
+	srv := chtest.Start(t)
+	chs, conn := chtest.Database(t, srv)
+	// The test and every process but worker 2 use nodes 0 and 1, so cutting node 2
+	// off cuts off worker 2 alone (the nodes do not advertise each other to
+	// clients: a client reconnects only to the servers it was given).
+	majority := cl.nodes[0].url() + "," + cl.nodes[1].url()
+	nc, err := nats.Connect(majority, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, _ := jetstream.New(nc)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc, 3); err != nil {
+		t.Fatal(err)
+	}
+	topo := shortAckWaits(t, js)
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := func(name, url string, env ...string) *process {
+		return startProcess(t, bin, dir, name, append([]string{"NATS_URL=" + url, "METRICS_ADDR=", "LOG_LEVEL=info", "SLUICE_STREAM_REPLICAS=3",
+			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
+	}
+	worker := func(i int) *process {
+		url := majority
+		if i == 2 {
+			url = cl.nodes[2].url()
+		}
+		return start("pipeline", url, fmt.Sprintf("PIPELINE_REPLICA=w%d", i), fmt.Sprintf("SLUICE_PARTITIONS=%d", partitions),
+			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms")
+	}
+	start("sink", majority, "SINK_TABLES=dead_letters,alerts")
+	workers := []*process{worker(0), worker(1), worker(2)}
+	alive := func(i int) {
+		t.Helper()
+		select {
+		case <-workers[i].done:
+			t.Fatalf("worker %d exited by itself (%v):\n%s", i, workers[i].cmd.ProcessState, workers[i].tail())
+		default:
+		}
+	}
+	var kv jetstream.KeyValue
+	if err := oracle.WaitFor(ctx, time.Minute, func() (err error) {
+		kv, err = js.KeyValue(ctx, pipeline.Bucket)
+		return err
+	}); err != nil {
+		t.Fatalf("bucket %s: %v\nworker 0:\n%s", pipeline.Bucket, err, workers[0].tail())
+	}
+	// Every stream and the workers' bucket are kept in three copies.
+	for _, name := range append(streamNames(topo), "KV_"+pipeline.Bucket, "OBJ_"+pipeline.Bucket) {
+		s, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, name) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := s.CachedInfo().Config.Replicas; r != 3 {
+			t.Fatalf("stream %s has %d replicas, want 3", name, r)
+		}
+	}
+
+	m := oracle.NewManifest(oracle.Spec{Total: 300_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 29})
+	pubCtx, stopPub := context.WithTimeout(ctx, 15*time.Minute)
+	defer stopPub()
+	published := make(chan error, 1)
+	go func() {
+		// At most about 5,000 publishes a second, so the run outlasts the faults
+		// (the pause paces the producer; it waits on no condition).
+		published <- m.PublishAcked(pubCtx, js, 500, func() { time.Sleep(100 * time.Millisecond) })
+	}()
+	// Each fault waits for a share of the events to land, so it falls mid-run.
+	landed := func(percent uint64) {
+		t.Helper()
+		want := uint64(len(m.Events)) * percent / 100
+		if err := oracle.WaitFor(ctx, 5*time.Minute, func() error {
+			c, err := oracle.ReadCounts(ctx, conn)
+			if err != nil {
+				return err
+			}
+			if c.Events < want {
+				return fmt.Errorf("%d of %d events in ClickHouse", c.Events, want)
+			}
+			return nil
+		}); err != nil {
+			for i, w := range workers {
+				t.Logf("worker %d:\n%s", i, w.tail())
+			}
+			t.Fatal(err)
+		}
+	}
+	leader := func(kind string, get func() (int, error)) int {
+		t.Helper()
+		var l int
+		if err := oracle.WaitFor(ctx, time.Minute, func() (err error) { l, err = get(); return err }); err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		return l
+	}
+
+	landed(5)
+	l := leader("EVENTS leader", func() (int, error) { return leaderOf(ctx, js, streams.Events, "") })
+	cl.restart(t, l)
+	t.Logf("SIGKILLed node %d (leading EVENTS) and started it again", l)
+
+	landed(15)
+	alive(0)
+	_ = workers[0].cmd.Process.Signal(syscall.SIGKILL)
+	<-workers[0].done
+	workers[0] = worker(0)
+	t.Log("SIGKILLed worker 0 and started it again")
+
+	landed(25)
+	alive(2)
+	cutAt := time.Now()
+	cl.cut(t)
+	// The hand-over waits for the claims' TTL and, when node 2 led the bucket,
+	// for the election of a new leader (4 to 9 s in nats-server): it must happen
+	// while the cut lasts.
+	if err := oracle.WaitFor(ctx, 25*time.Second, ownedBy(ctx, kv, partitions, "w0", "w1")); err != nil {
+		t.Fatalf("node 2 and worker 2 cut off: the partitions did not move within 25 s: %v\nworker 0:\n%s\nworker 1:\n%s", err, workers[0].tail(), workers[1].tail())
+	}
+	t.Logf("node 2 and worker 2 cut off: every partition moved off worker 2 in %s", time.Since(cutAt).Round(100*time.Millisecond))
+	// The cut's length: the fault's duration, not a wait for a condition.
+	time.Sleep(30*time.Second - time.Since(cutAt))
+	cl.heal(t)
+	cl.waitHealthy(t, 2)
+	t.Log("healed the cut after 30 s")
+
+	l = leader("partitioner leader", func() (int, error) { return leaderOf(ctx, js, streams.Events, "partitioner") })
+	cl.restart(t, l)
+	t.Logf("SIGKILLed node %d (leading the partitioner consumer) and started it again", l)
+
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	waitDrained(t, ctx, conn, js, readBy(topo, []string{"pipeline", "sink"}), m, nil, 0)
+	if err := natstest.Idle(ctx, js, streams.Events, "partitioner"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range workers {
+		alive(i)
+	}
+	if err := oracle.WaitFor(ctx, time.Minute, ownedBy(ctx, kv, partitions, "w0", "w1", "w2")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func streamNames(topo *streams.Topology) []string {
+	var names []string
+	for _, s := range topo.Streams {
+		names = append(names, s.Config.Name)
+	}
+	return names
+}
