@@ -18,7 +18,7 @@ WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
 up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
-.PHONY: up listen test fuzz deps clickhouse chdb build vet modules bench clean help
+.PHONY: up listen test fuzz deps clickhouse chdb nettools build vet modules bench clean help
 FUZZTIME ?= 10s
 
 help:
@@ -57,7 +57,15 @@ fuzz:
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
-deps: clickhouse chdb
+deps: clickhouse chdb nettools
+
+# ip and iptables, for the NATS cluster tests (test/procs: a node cut off in a network
+# namespace).
+nettools:
+	@if command -v ip >/dev/null && command -v iptables >/dev/null; then :; else \
+		echo "installing iproute2 and iptables from Debian's archive"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 iptables >/dev/null; \
+	fi
 
 # Debian's clickhouse-server (18.16 on bookworm) when no ClickHouse is installed.
 clickhouse:
