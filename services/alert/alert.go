@@ -179,7 +179,7 @@ type stageRun struct {
 // Run runs the stage until ctx is done, then saves its state.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	log := deps.Logger.With("stage", Name)
-	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096))
+	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096), jetstream.WithPublishAsyncTimeout(stage.DefaultPublishTimeout))
 	if err != nil {
 		return fmt.Errorf("alert: %w", err)
 	}

@@ -153,7 +153,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if err := sink.CheckColumns(ctx, deps.ClickHouse, sink.EventsTable()); err != nil {
 		return err
 	}
-	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096))
+	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096), jetstream.WithPublishAsyncTimeout(stage.DefaultPublishTimeout))
 	if err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}

@@ -56,7 +56,7 @@ func (c *Config) defaults() {
 		c.PullBatch = 1000
 	}
 	if c.PublishTimeout <= 0 {
-		c.PublishTimeout = 10 * time.Second
+		c.PublishTimeout = DefaultPublishTimeout
 	}
 }
 
@@ -88,6 +88,12 @@ type Runner struct {
 	log     *slog.Logger
 	metrics *Metrics
 }
+
+// DefaultPublishTimeout is how long an asynchronous publish waits for its ack before
+// it fails (and is published again). Without a timeout, nats.go waits for ever: an
+// ack lost on the way, as when a cluster node leading the stream dies, would stall
+// the publisher for good.
+const DefaultPublishTimeout = 10 * time.Second
 
 // New returns a runner reading cfg.Consumer on cfg.Stream through nc.
 func New(nc *nats.Conn, cfg Config, h Handler, log *slog.Logger, reg prometheus.Registerer) (*Runner, error) {
