@@ -1,0 +1,174 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/test/procstat"
+)
+
+// scalingConfig is benchConfig without alert rules (rules need one partition for now).
+const scalingConfig = `
+enrich:
+  tables:
+    - {name: users, kv: bench_users, default: {plan: unknown}}
+  rules:
+    - types: [page.view]
+      lookups: [{table: users, from: data.user, to: user}]
+      derived: [{name: day, bucket: 24h}]
+`
+
+// cpuCgroupRoot is where cgroup v1 mounts the cpu controller.
+const cpuCgroupRoot = "/sys/fs/cgroup/cpu"
+
+// BenchmarkScaling runs N pipeline workers sharing P partitions, each worker held to
+// the same CPU share by its own cgroup (cpu.cfs_quota_us; BENCH_WORKER_CPU cores,
+// 0.4 by default), nats-server, ClickHouse and the sink outside the quotas. It
+// pre-publishes BENCH_SCALING_EVENTS (300,000) events (5% repeats, the users
+// lookup) and reports events/s from the first event consumed to the last row, and
+// the workers' CPU per 1,000 events. "p1" and "p4" with one worker and no quota
+// measure the keying step's cost (P = 1 reads EVENTS directly; P = 4 copies it into
+// PARTITIONS first). BENCH_SERVICE_ENV adds settings to the services' environment.
+func BenchmarkScaling(b *testing.B) {
+	for _, c := range []struct {
+		name                string
+		workers, partitions int
+		quota               bool
+	}{
+		{"p1-unlimited", 1, 1, false},
+		{"p4-unlimited", 1, 4, false},
+		{"workers=1", 1, 4, true},
+		{"workers=2", 2, 4, true},
+		{"workers=4", 4, 4, true},
+	} {
+		b.Run(c.name, func(b *testing.B) { benchScaling(b, c.workers, c.partitions, c.quota) })
+	}
+}
+
+func benchScaling(b *testing.B, workers, partitions int, quota bool) {
+	total := 300_000
+	if v, err := strconv.Atoi(os.Getenv("BENCH_SCALING_EVENTS")); err == nil && v > 0 {
+		total = v
+	}
+	cores := 0.4
+	if v, err := strconv.ParseFloat(os.Getenv("BENCH_WORKER_CPU"), 64); err == nil && v > 0 {
+		cores = v
+	}
+	if quota {
+		if _, err := os.Stat(filepath.Join(cpuCgroupRoot, "cpu.cfs_quota_us")); err != nil {
+			b.Fatalf("the scaling benchmark needs cgroup v1's cpu controller at %s (as root): %v", cpuCgroupRoot, err)
+		}
+	}
+	dir := b.TempDir()
+	build(b, dir, map[string]string{"nats-server": binaries["nats-server"], "pipeline": binaries["pipeline"], "sink": binaries["sink"]})
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(cfgPath, []byte(scalingConfig), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		port := freePort(b)
+		url := "nats://127.0.0.1:" + strconv.Itoa(port)
+		natsProc := start(b, "nats-server", filepath.Join(dir, "nats-server"), nil, "-js", "-sd", b.TempDir(), "-a", "127.0.0.1", "-p", strconv.Itoa(port))
+		var nc *nats.Conn
+		poll.Until(b, 20*time.Second, func() error {
+			var err error
+			nc, err = nats.Connect(url)
+			return err
+		})
+		js, _ := jetstream.New(nc)
+		ctx := context.Background()
+		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
+			b.Fatal(err)
+		}
+		users, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_users"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for u := range 5000 {
+			if _, err := users.Put(ctx, "u"+strconv.Itoa(u), fmt.Appendf(nil, `{"plan":"p%d","country":"NL"}`, u%3)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		ch := chtest.Start(b)
+		chs, conn := chtest.Database(b, ch)
+		prepublish(b, js, "events.web.pageview", total)
+		unique := total - total/20
+		env := []string{"NATS_URL=" + url, "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath,
+			"METRICS_ADDR=", "LOG_LEVEL=warn", "SLUICE_APPLY_TOPOLOGY=false", "SLUICE_PARTITIONS=" + strconv.Itoa(partitions)}
+		env = append(env, strings.Fields(os.Getenv("BENCH_SERVICE_ENV"))...)
+		start(b, "sink", filepath.Join(dir, "sink"), append(env, "SINK_TABLES=dead_letters,alerts"))
+		b.ResetTimer()
+		before := usageOf(natsProc.cmd.Process.Pid, ch.Pid())
+		began := time.Now()
+		consumed := firstConsumed(b, ctx, js, began)
+		var pids []int
+		for w := range workers {
+			p := start(b, fmt.Sprintf("pipeline-%d", w), filepath.Join(dir, "pipeline"), append(env, fmt.Sprintf("PIPELINE_REPLICA=w%d", w)))
+			pids = append(pids, p.cmd.Process.Pid)
+			if quota {
+				limit(b, fmt.Sprintf("sluice-bench-w%d", w), cores, p.cmd.Process.Pid)
+			}
+		}
+		poll.Until(b, 30*time.Minute, func() error {
+			if n := count(ctx, conn, "events"); n < uint64(unique) {
+				return fmt.Errorf("%d/%d rows", n, unique)
+			}
+			return nil
+		})
+		first := <-consumed
+		elapsed := time.Since(first)
+		b.StopTimer()
+		b.ReportMetric(float64(total)/elapsed.Seconds(), "events/s")
+		b.ReportMetric(float64(first.Sub(began).Milliseconds()), "startup-ms")
+		after := usageOf(append([]int{natsProc.cmd.Process.Pid, ch.Pid()}, pids...)...)
+		perK := func(cpu float64) float64 { return cpu / float64(total) * 1e6 }
+		b.ReportMetric(perK(after.since(usage{cpu: map[int]float64{}}, pids...)), "workers-cpu-ms/1k")
+		b.ReportMetric(perK(after.since(before, natsProc.cmd.Process.Pid)), "nats-cpu-ms/1k")
+		b.ReportMetric(perK(after.since(before, ch.Pid())), "clickhouse-cpu-ms/1k")
+		var peak int64
+		for _, pid := range pids {
+			_, rss := procstat.Usage(pid)
+			peak = max(peak, rss)
+		}
+		b.ReportMetric(float64(peak)/(1<<20), "worker-peak-MiB")
+		b.ReportMetric(0, "ns/op")
+		nc.Close()
+	}
+}
+
+// limit puts pid in a cgroup of its own allowed cores of CPU time, removed when the
+// benchmark ends.
+func limit(b *testing.B, name string, cores float64, pid int) {
+	b.Helper()
+	dir := filepath.Join(cpuCgroupRoot, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	for _, w := range [][2]string{
+		{"cpu.cfs_period_us", "100000"},
+		{"cpu.cfs_quota_us", strconv.Itoa(int(cores * 100000))},
+		{"cgroup.procs", strconv.Itoa(pid)},
+	} {
+		if err := os.WriteFile(filepath.Join(dir, w[0]), []byte(w[1]), 0o644); err != nil {
+			b.Fatalf("cgroup %s: %s: %v", name, w[0], err)
+		}
+	}
+	b.Cleanup(func() {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		// The directory goes once its processes have.
+		poll.Until(b, 10*time.Second, func() error { return os.Remove(dir) })
+	})
+}
