@@ -11,12 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/poll"
-	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/test/procstat"
 )
 
@@ -79,29 +75,8 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 		b.Fatal(err)
 	}
 	for range b.N {
-		port := freePort(b)
-		url := "nats://127.0.0.1:" + strconv.Itoa(port)
-		natsProc := start(b, "nats-server", filepath.Join(dir, "nats-server"), nil, "-js", "-sd", b.TempDir(), "-a", "127.0.0.1", "-p", strconv.Itoa(port))
-		var nc *nats.Conn
-		poll.Until(b, 20*time.Second, func() error {
-			var err error
-			nc, err = nats.Connect(url)
-			return err
-		})
-		js, _ := jetstream.New(nc)
+		natsProc, url, nc, js := startNATS(b, dir, false)
 		ctx := context.Background()
-		if err := service.ApplyTopology(ctx, nc, 1); err != nil {
-			b.Fatal(err)
-		}
-		users, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_users"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		for u := range 5000 {
-			if _, err := users.Put(ctx, "u"+strconv.Itoa(u), fmt.Appendf(nil, `{"plan":"p%d","country":"NL"}`, u%3)); err != nil {
-				b.Fatal(err)
-			}
-		}
 		ch := chtest.Start(b)
 		chs, conn := chtest.Database(b, ch)
 		prepublish(b, js, "events.web.pageview", total)
