@@ -39,7 +39,7 @@ listen: build
 
 ## test: the whole suite, as CI runs it.
 test: deps vet modules
-	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 20m $(MODULES)
+	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 40m $(MODULES)
 	$(MAKE) fuzz
 
 ## fuzz: each fuzz target for FUZZTIME (the saved corpora run in every make test too).
