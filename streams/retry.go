@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // attemptTimeout bounds one JetStream API request of Retry. Requests that change the
@@ -41,4 +43,32 @@ func Ensure[T any](ctx context.Context, request func(ctx context.Context) (T, er
 		return err
 	})
 	return v, err
+}
+
+// KeyValue opens the bucket of cfg, creating it when missing. With cfg.Replicas 0
+// an existing bucket is left as it is (a cluster's operator may have given it more
+// copies); with 1 or more the bucket is created or updated to that many.
+func KeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		if cfg.Replicas == 0 {
+			kv, err := js.KeyValue(ctx, cfg.Bucket)
+			if !errors.Is(err, jetstream.ErrBucketNotFound) {
+				return kv, err
+			}
+		}
+		return js.CreateOrUpdateKeyValue(ctx, cfg)
+	})
+}
+
+// ObjectStore is KeyValue for an object store.
+func ObjectStore(ctx context.Context, js jetstream.JetStream, cfg jetstream.ObjectStoreConfig) (jetstream.ObjectStore, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		if cfg.Replicas == 0 {
+			store, err := js.ObjectStore(ctx, cfg.Bucket)
+			if !errors.Is(err, jetstream.ErrBucketNotFound) {
+				return store, err
+			}
+		}
+		return js.CreateOrUpdateObjectStore(ctx, cfg)
+	})
 }

@@ -128,14 +128,12 @@ func (t *Topology) Consumer(stream, name string) (*jetstream.ConsumerConfig, boo
 }
 
 // WithReplicas returns t with every stream kept in n copies (the consumers follow
-// their stream's). n below 1 leaves the files' num_replicas.
+// their stream's). With n 0, Apply leaves each existing stream's copies as they are
+// and creates the missing ones with one.
 func (t *Topology) WithReplicas(n int) *Topology {
-	if n < 1 {
-		return t
-	}
 	out := &Topology{Streams: slices.Clone(t.Streams), Consumers: t.Consumers}
 	for i := range out.Streams {
-		out.Streams[i].Config.Replicas = n
+		out.Streams[i].Config.Replicas = max(n, 0)
 	}
 	return out
 }
@@ -146,8 +144,12 @@ func (t *Topology) WithReplicas(n int) *Topology {
 // JetStream never lets change, the field.
 func (t *Topology) Apply(ctx context.Context, js jetstream.JetStream) error {
 	for _, s := range t.Streams {
-		if err := checkImmutable(ctx, js, s); err != nil {
+		replicas, err := checkImmutable(ctx, js, s)
+		if err != nil {
 			return err
+		}
+		if s.Config.Replicas == 0 {
+			s.Config.Replicas = max(replicas, 1)
 		}
 		if err := Retry(ctx, func(ctx context.Context) error { _, err := js.CreateOrUpdateStream(ctx, s.Config); return err }); err != nil {
 			return fmt.Errorf("streams/%s: apply stream %s: %w", s.File, s.Config.Name, err)
@@ -165,14 +167,15 @@ func (t *Topology) Apply(ctx context.Context, js jetstream.JetStream) error {
 }
 
 // checkImmutable names the field when the file asks to change one JetStream does not
-// allow to change on an existing stream.
-func checkImmutable(ctx context.Context, js jetstream.JetStream, s Stream) error {
-	st, err := js.Stream(ctx, s.Config.Name)
+// allow to change on an existing stream, and returns the existing stream's replicas
+// (0 when there is none).
+func checkImmutable(ctx context.Context, js jetstream.JetStream, s Stream) (int, error) {
+	st, err := Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, s.Config.Name) })
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil
+		return 0, nil
 	}
 	if err != nil {
-		return fmt.Errorf("streams/%s: look up stream %s: %w", s.File, s.Config.Name, err)
+		return 0, fmt.Errorf("streams/%s: look up stream %s: %w", s.File, s.Config.Name, err)
 	}
 	have := st.CachedInfo().Config
 	want := s.Config
@@ -185,9 +188,9 @@ func checkImmutable(ctx context.Context, js jetstream.JetStream, s Stream) error
 	}
 	for _, f := range fields {
 		if f.have != f.want {
-			return fmt.Errorf("streams/%s: field %q: stream %s has %s and JetStream cannot change it to %s; migrate the stream (for example with a mirror) or keep %s",
+			return 0, fmt.Errorf("streams/%s: field %q: stream %s has %s and JetStream cannot change it to %s; migrate the stream (for example with a mirror) or keep %s",
 				s.File, f.name, s.Config.Name, f.have, f.want, f.have)
 		}
 	}
-	return nil
+	return have.Replicas, nil
 }

@@ -167,4 +167,21 @@ func TestWithReplicas(t *testing.T) {
 	if len(r3.Consumers) != len(topo.Consumers) {
 		t.Fatal("consumers lost")
 	}
+	// 0: each stream as it is, new ones with one copy.
+	_, js := runServer(t)
+	if err := topo.WithReplicas(0).Apply(context.Background(), js); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range topo.Streams {
+		st, err := js.Stream(context.Background(), s.Config.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := st.CachedInfo().Config.Replicas; r != 1 {
+			t.Fatalf("%s created with %d replicas", s.Config.Name, r)
+		}
+	}
+	if err := topo.WithReplicas(0).Apply(context.Background(), js); err != nil {
+		t.Fatalf("applied again: %v", err)
+	}
 }

@@ -75,8 +75,8 @@ type Config struct {
 	ConfigPath string
 	// Stream is the input stream (ENRICHED).
 	Stream string
-	// Replicas is how many copies a NATS cluster keeps of the state bucket (0 or 1
-	// on a single server).
+	// Replicas is how many copies a NATS cluster keeps of the state bucket (0: as
+	// it is, 1 when created).
 	Replicas int
 }
 
@@ -183,10 +183,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("alert: %w", err)
 	}
-	store, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {
-		return js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-			Bucket: StateBucket, Description: "The alert stage's snapshot: windows, firing alerts, input position.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
-		})
+	store, err := streams.ObjectStore(ctx, js, jetstream.ObjectStoreConfig{
+		Bucket: StateBucket, Description: "The alert stage's snapshot: windows, firing alerts, input position.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)

@@ -60,8 +60,8 @@ type Config struct {
 	// LeaseTTL is how long the routing lease lasts unrenewed: after a router dies,
 	// another replica takes over within it.
 	LeaseTTL time.Duration
-	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0 or
-	// 1 on a single server).
+	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0: as
+	// they are, 1 when created).
 	Replicas int
 }
 
@@ -128,15 +128,13 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("notify: %w", err)
 	}
-	state, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
-		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket: StateBucket, Description: "The notify stage's alert groups and disabled receivers.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
-		})
+	state, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{
+		Bucket: StateBucket, Description: "The notify stage's alert groups and disabled receivers.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("notify: bucket %s: %w", StateBucket, err)
 	}
-	silenceKV, err := SilenceStore(ctx, js, max(cfg.Replicas, 1))
+	silenceKV, err := SilenceStore(ctx, js, cfg.Replicas)
 	if err != nil {
 		return err
 	}

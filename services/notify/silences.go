@@ -81,22 +81,11 @@ type Silences struct {
 	byID map[string]Silence
 }
 
-// SilenceStore opens the silence bucket. With replicas 1 or more it creates the
-// bucket, or updates it to that many copies; with 0 it opens the bucket as it is
-// (creating it, with one copy, only when missing), as the CLI does.
+// SilenceStore opens the silence bucket, creating it when missing; replicas as for
+// streams.KeyValue (the CLI passes 0: the bucket as it is).
 func SilenceStore(ctx context.Context, js jetstream.JetStream, replicas int) (jetstream.KeyValue, error) {
-	cfg := jetstream.KeyValueConfig{
+	kv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{
 		Bucket: SilenceBucket, Description: "Silences of the notify stage (sluice silence add|list|rm).", Storage: jetstream.FileStorage, Replicas: replicas,
-	}
-	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
-		if replicas > 0 {
-			return js.CreateOrUpdateKeyValue(ctx, cfg)
-		}
-		kv, err := js.KeyValue(ctx, SilenceBucket)
-		if errors.Is(err, jetstream.ErrBucketNotFound) {
-			return js.CreateOrUpdateKeyValue(ctx, cfg)
-		}
-		return kv, err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("silences: bucket %s: %w", SilenceBucket, err)

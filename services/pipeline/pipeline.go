@@ -89,8 +89,8 @@ type Config struct {
 	// default: all of it), "end" (only what is stored from now on), or a stream
 	// sequence. A stage with state always goes on from it.
 	StartAt string
-	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0
-	// or 1 on a single server).
+	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0:
+	// as they are, 1 when created).
 	Replicas int
 	// Crash is fault injection for the crash tests; zero in production.
 	Crash sink.Crash
@@ -157,18 +157,14 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
-	store, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {
-		return js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-			Bucket: Bucket, Description: "The pipeline stage's snapshot: dedup keys, alert state, input position.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
-		})
+	store, err := streams.ObjectStore(ctx, js, jetstream.ObjectStoreConfig{
+		Bucket: Bucket, Description: "The pipeline stage's snapshot: dedup keys, alert state, input position.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: state bucket %s: %w", Bucket, err)
 	}
-	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
-		return js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-			Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
-		})
+	kv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{
+		Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: lease bucket %s: %w", Bucket, err)
@@ -459,7 +455,12 @@ func (r *run) write(ctx context.Context) error {
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
 	if err := r.claim.SetState(ctx, name); err != nil {
-		_ = r.store.Delete(context.WithoutCancel(ctx), name)
+		// Only a refused compare-and-set says the claim does not point at name. A
+		// write that timed out or was cancelled may have been applied: name may be
+		// the partition's state now, and must stay.
+		if errors.Is(err, partition.ErrLost) {
+			_ = r.store.Delete(context.WithoutCancel(ctx), name)
+		}
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
 	if prev != "" && prev != name {

@@ -47,8 +47,9 @@ type Service struct {
 	// ApplyTopology creates or updates the streams and consumers at start.
 	ApplyTopology bool
 	// Replicas is how many copies a NATS cluster keeps of every stream and bucket
-	// the service creates or updates (1 on a single server; see BindReplicas, which
-	// the services bind and `sluice up`, with its one embedded server, does not).
+	// the service applies or creates; 0 leaves existing ones as they are and creates
+	// new ones with one (see BindReplicas, which the services bind and `sluice up`,
+	// with its one embedded server, does not).
 	Replicas int
 }
 
@@ -137,13 +138,13 @@ func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) e
 // BindReplicas registers --stream-replicas (SLUICE_STREAM_REPLICAS) on fs.
 // Check it with CheckReplicas once the flags are parsed.
 func BindReplicas(fs *flag.FlagSet, env Lookup, n *int) error {
-	return Int(fs, env, n, "stream-replicas", "SLUICE_STREAM_REPLICAS", 1, "copies a NATS cluster keeps of every stream and bucket sluice creates or updates (1 to 5; 3 on a 3-node cluster; overrides num_replicas in streams/)")
+	return Int(fs, env, n, "stream-replicas", "SLUICE_STREAM_REPLICAS", 0, "copies a NATS cluster keeps of every stream and bucket the service applies or creates (1 to 5; 3 on a 3-node cluster); 0 leaves existing ones as they are and creates new ones with 1")
 }
 
-// CheckReplicas returns an error naming the setting when n is not 1 to MaxReplicas.
+// CheckReplicas returns an error naming the setting when n is not 0 to MaxReplicas.
 func CheckReplicas(n int) error {
-	if n < 1 || n > MaxReplicas {
-		return fmt.Errorf("replicas (SLUICE_STREAM_REPLICAS) %d: want 1 to %d", n, MaxReplicas)
+	if n < 0 || n > MaxReplicas {
+		return fmt.Errorf("replicas (SLUICE_STREAM_REPLICAS) %d: want 0 (as they are) or 1 to %d", n, MaxReplicas)
 	}
 	return nil
 }

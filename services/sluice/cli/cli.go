@@ -198,7 +198,7 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 	var n settings.NATS
 	settings.BindNATS(fs, io.Env, &n)
 	var replicas int
-	if err := bindReplicas(fs, io.Env, &replicas, "stream"); err != nil {
+	if err := bindReplicas(fs, io.Env, &replicas, "every stream"); err != nil {
 		return err
 	}
 	if err := parse(fs, args, io, 0); err != nil {
@@ -216,14 +216,18 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 	if err := service.ApplyTopology(ctx, nc, replicas); err != nil {
 		return err
 	}
-	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%d replicas)\n", n.URL, replicas)
+	copies := "replicas as they were, 1 for new streams"
+	if replicas > 0 {
+		copies = fmt.Sprintf("%d replicas", replicas)
+	}
+	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%s)\n", n.URL, copies)
 	return nil
 }
 
 // bindReplicas registers --replicas, whose default is SLUICE_STREAM_REPLICAS, the
 // services' setting.
 func bindReplicas(fs *flag.FlagSet, env settings.Lookup, n *int, what string) error {
-	return settings.Int(fs, env, n, "replicas", "SLUICE_STREAM_REPLICAS", 1, fmt.Sprintf("copies a NATS cluster keeps of every %s (1 to %d; 3 on a 3-node cluster)", what, settings.MaxReplicas))
+	return settings.Int(fs, env, n, "replicas", "SLUICE_STREAM_REPLICAS", 0, fmt.Sprintf("copies a NATS cluster keeps of %s (1 to %d; 3 on a 3-node cluster); 0 leaves existing ones as they are and creates new ones with 1", what, settings.MaxReplicas))
 }
 
 func rulesCheck(args []string, io IO) error {
@@ -251,7 +255,7 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	settings.BindNATS(fs, io.Env, &n)
 	key := fs.String("key", "", "the column (CSV) or field (JSON lines) holding each row's key")
 	var replicas int
-	if err := bindReplicas(fs, io.Env, &replicas, "bucket it creates (an existing bucket keeps its own)"); err != nil {
+	if err := bindReplicas(fs, io.Env, &replicas, "the bucket"); err != nil {
 		return err
 	}
 	positional, err := parsePositional(fs, args, io)
@@ -275,13 +279,7 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
-		kv, err := js.KeyValue(ctx, bucket)
-		if errors.Is(err, jetstream.ErrBucketNotFound) {
-			return js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
-		}
-		return kv, err
-	})
+	kv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
 	if err != nil {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}

@@ -100,10 +100,10 @@ func TestSilences(t *testing.T) {
 
 func TestStreamsApplyReplicas(t *testing.T) {
 	ns := natstest.Run(t)
-	if code, out, errOut := runCLI("streams", "apply", "--nats-url", ns.URL); code != 0 || !strings.Contains(out, "(1 replicas)") {
+	if code, out, errOut := runCLI("streams", "apply", "--nats-url", ns.URL); code != 0 || !strings.Contains(out, "(replicas as they were, 1 for new streams)") {
 		t.Fatalf("apply: exit %d: %s %s", code, out, errOut)
 	}
-	if code, _, errOut := runCLI("streams", "apply", "--nats-url", ns.URL, "--replicas", "9"); code != 1 || !strings.Contains(errOut, "replicas (SLUICE_STREAM_REPLICAS) 9: want 1 to 5") {
+	if code, _, errOut := runCLI("streams", "apply", "--nats-url", ns.URL, "--replicas", "9"); code != 1 || !strings.Contains(errOut, "replicas (SLUICE_STREAM_REPLICAS) 9: want 0 (as they are) or 1 to 5") {
 		t.Fatalf("9 replicas: exit %d: %s", code, errOut)
 	}
 	// One server cannot keep three copies; JetStream's refusal names the stream.
