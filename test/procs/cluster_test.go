@@ -225,8 +225,8 @@ func (c *natsCluster) heal(t *testing.T) {
 // (SLUICE_STREAM_REPLICAS=3), while 300,000 publishes (repeats and invalid input
 // among them) flow. Meanwhile: the node leading EVENTS is SIGKILLed and restarted;
 // a worker is SIGKILLed and restarted; node 2 — the only server worker 2 knows — is
-// cut off from everything by dropped packets for 30 s, during which every partition
-// move off worker 2 while it lasts; then the node leading the keying step's
+// cut off from everything by dropped packets for 30 s, and every partition must move
+// off worker 2 while it lasts; then the node leading the keying step's
 // consumer is SIGKILLed and restarted. Every unique event lands in ClickHouse once
 // (worker 2, back on the network, wrote nothing after losing its partitions),
 // every invalid one in dead_letters, and each partition ends owned by a worker.
@@ -283,7 +283,7 @@ func TestClusterFaults(t *testing.T) {
 		kv, err = js.KeyValue(ctx, pipeline.Bucket)
 		return err
 	}); err != nil {
-		t.Fatalf("bucket %s: %v\nworker 0:\n%s", pipeline.Bucket, err, workers[0].tail())
+		t.Fatalf("bucket %s: %v", pipeline.Bucket, err)
 	}
 	// Every stream and the workers' bucket are kept in three copies.
 	for _, name := range append(streamNames(topo), "KV_"+pipeline.Bucket, "OBJ_"+pipeline.Bucket) {
@@ -319,9 +319,6 @@ func TestClusterFaults(t *testing.T) {
 			}
 			return nil
 		}); err != nil {
-			for i, w := range workers {
-				t.Logf("worker %d:\n%s", i, w.tail())
-			}
 			t.Fatal(err)
 		}
 	}
@@ -354,7 +351,7 @@ func TestClusterFaults(t *testing.T) {
 	// for the election of a new leader (4 to 9 s in nats-server): it must happen
 	// while the cut lasts.
 	if err := oracle.WaitFor(ctx, 25*time.Second, ownedBy(ctx, kv, partitions, "w0", "w1")); err != nil {
-		t.Fatalf("node 2 and worker 2 cut off: the partitions did not move within 25 s: %v\nworker 0:\n%s\nworker 1:\n%s", err, workers[0].tail(), workers[1].tail())
+		t.Fatalf("node 2 and worker 2 cut off: the partitions did not move within 25 s: %v", err)
 	}
 	t.Logf("node 2 and worker 2 cut off: every partition moved off worker 2 in %s", time.Since(cutAt).Round(100*time.Millisecond))
 	// The cut's length: the fault's duration, not a wait for a condition.
