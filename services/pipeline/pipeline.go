@@ -19,6 +19,7 @@ package pipeline
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -314,6 +315,10 @@ type run struct {
 	// hwm is the highest stream_seq in events when the run began: rows up to it may
 	// be there already.
 	hwm uint64
+	// pruned: this run listed and deleted the partition's older states once;
+	// older is the state before the previous one, deleted at the next save.
+	pruned bool
+	older  string
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -373,6 +378,101 @@ func (r *run) restore(ctx context.Context) error {
 	return r.write(ctx)
 }
 
+// stateName is the object of a partition's save number n under claim generation gen.
+func stateName(partition int, gen uint64, n int) string {
+	return fmt.Sprintf("state.%d.%d.%d", partition, gen, n)
+}
+
+// parseStateName is stateName's inverse; ok is false for another partition's name.
+func parseStateName(name string, partition int) (gen uint64, n int, ok bool) {
+	var p int
+	if _, err := fmt.Sscanf(name, "state.%d.%d.%d", &p, &gen, &n); err != nil || p != partition || stateName(p, gen, n) != name {
+		return 0, 0, false
+	}
+	return gen, n, true
+}
+
+// partitionStates lists the partition's state objects, newest (highest
+// generation, then save number) first.
+func (r *run) partitionStates(ctx context.Context) ([]string, error) {
+	infos, err := r.store.List(ctx)
+	if errors.Is(err, jetstream.ErrNoObjectsFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	type state struct {
+		name string
+		gen  uint64
+		n    int
+	}
+	var states []state
+	for _, info := range infos {
+		if gen, n, ok := parseStateName(info.Name, r.in.id); ok {
+			states = append(states, state{info.Name, gen, n})
+		}
+	}
+	slices.SortFunc(states, func(a, b state) int {
+		if c := cmp.Compare(b.gen, a.gen); c != 0 {
+			return c
+		}
+		return cmp.Compare(b.n, a.n)
+	})
+	names := make([]string, len(states))
+	for i, s := range states {
+		names[i] = s.name
+	}
+	return names, nil
+}
+
+// olderState reads the newest of the partition's states older than name that can
+// be read.
+func (r *run) olderState(ctx context.Context, name string) (string, []byte, error) {
+	names, err := r.partitionStates(ctx)
+	if err != nil {
+		return "", nil, err
+	}
+	gen, n, _ := parseStateName(name, r.in.id)
+	for _, candidate := range names {
+		cg, cn, _ := parseStateName(candidate, r.in.id)
+		if cg > gen || (cg == gen && cn >= n) {
+			continue
+		}
+		if b, err := r.store.GetBytes(ctx, candidate); err == nil {
+			return candidate, b, nil
+		}
+	}
+	return "", nil, nil
+}
+
+// pruneStates deletes the partition's state objects but keep and prev; on a run's
+// first save it lists them all, after that it deletes the one before prev.
+func (r *run) pruneStates(ctx context.Context, keep, prev string) {
+	var drop []string
+	if !r.pruned {
+		names, err := r.partitionStates(ctx)
+		if err != nil {
+			r.log.Warn("list the older states", "partition", r.in.id, "err", err)
+			return
+		}
+		for _, name := range names {
+			if name != keep && name != prev {
+				drop = append(drop, name)
+			}
+		}
+		r.pruned = true
+	} else if r.older != "" && r.older != keep && r.older != prev {
+		drop = []string{r.older}
+	}
+	r.older = prev
+	for _, name := range drop {
+		if err := r.store.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+			r.log.Warn("delete an older state", "object", name, "err", err)
+		}
+	}
+}
+
 // legacyState is the one state object of releases before partitions; a single
 // partition takes it over.
 const legacyState = "state"
@@ -388,6 +488,15 @@ func (r *run) load(ctx context.Context) (*snapshot, error) {
 		return nil, nil
 	}
 	b, err := r.store.GetBytes(ctx, name)
+	if (errors.Is(err, jetstream.ErrObjectNotFound) || errors.Is(err, jetstream.ErrDigestMismatch)) && name != legacyState {
+		// The state the claim points at cannot be read: go on from the one before
+		// it (kept for this), as a restart from an older state does (the input
+		// after it comes again; what is already stored is found and not repeated).
+		if older, ob, oerr := r.olderState(ctx, name); oerr == nil && older != "" {
+			r.log.Warn("the partition's state cannot be read; restoring the one before it", "partition", r.in.id, "state", name, "err", err, "older", older)
+			b, err = ob, nil
+		}
+	}
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
 		if name != legacyState {
 			return nil, fmt.Errorf("pipeline: partition %d's state %s is missing from %s", r.in.id, name, Bucket)
@@ -450,7 +559,7 @@ func (r *run) write(ctx context.Context) error {
 	}
 	prev := r.claim.State()
 	*r.saves++
-	name := fmt.Sprintf("state.%d.%d.%d", r.in.id, r.claim.Gen, *r.saves)
+	name := stateName(r.in.id, r.claim.Gen, *r.saves)
 	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&buf)); err != nil {
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
@@ -463,11 +572,10 @@ func (r *run) write(ctx context.Context) error {
 		}
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
-	if prev != "" && prev != name {
-		if err := r.store.Delete(ctx, prev); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
-			r.log.Warn("delete the previous state", "object", prev, "err", err)
-		}
-	}
+	// The state before this one stays, for a restore that cannot read this one;
+	// older ones go (all of them, on a run's first save: a run that ended
+	// abruptly may have left some).
+	r.pruneStates(ctx, name, prev)
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(r.seq))
 	return nil

@@ -281,6 +281,57 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	f.check(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
 }
 
+// The state a claim points at cannot be read (deleted here; a corrupt object reads
+// the same way): the next run restores the one before it, kept for this, and goes on
+// from there; nothing is lost or stored twice, and a run's first save prunes the
+// partition's states down to two.
+func TestUnreadableStateFallsBack(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	cfg := testConfig(t, "a")
+	u1, i1, r1 := f.input(t, 1, 1000)
+	stop := f.start(t, cfg)
+	f.waitFor(t, u1, i1, r1)
+	stop()
+	kv, err := f.js.KeyValue(ctx, Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := f.js.ObjectStore(ctx, Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(ctx, "partition.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claim struct{ State string }
+	if err := json.Unmarshal(e.Value(), &claim); err != nil || claim.State == "" {
+		t.Fatalf("claim %s: %v", e.Value(), err)
+	}
+	if err := store.Delete(ctx, claim.State); err != nil {
+		t.Fatal(err)
+	}
+	u2, i2, r2 := f.input(t, 1001, 1000)
+	stop = f.start(t, cfg)
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	stop()
+	f.check(t, u1+u2, i1+i2, r1+r2)
+	infos, err := store.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var states []string
+	for _, info := range infos {
+		if strings.HasPrefix(info.Name, "state.0.") {
+			states = append(states, info.Name)
+		}
+	}
+	if len(states) > 2 {
+		t.Fatalf("%d states kept: %v", len(states), states)
+	}
+}
+
 // Two replicas at once: one runs, the other takes over when it stops; nothing is
 // stored twice.
 func TestTwoReplicas(t *testing.T) {
