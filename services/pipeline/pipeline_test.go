@@ -234,27 +234,8 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	stop := f.start(t, cfg)
 	f.waitFor(t, u1, i1, r1)
 	stop()
-	store, err := f.js.ObjectStore(ctx, Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kv, err := f.js.KeyValue(ctx, Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The claim of the only partition points at its state.
-	claim := func() (e jetstream.KeyValueEntry, state string) {
-		t.Helper()
-		e, err := kv.Get(ctx, "partition.0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var v struct{ State string }
-		if err := json.Unmarshal(e.Value(), &v); err != nil || v.State == "" {
-			t.Fatalf("claim %s: %v", e.Value(), err)
-		}
-		return e, v.State
-	}
+	store, kv := f.buckets(t)
+	claim := func() (jetstream.KeyValueEntry, string) { return f.claimState(t, kv) }
 	_, name := claim()
 	old, err := store.GetBytes(ctx, name)
 	if err != nil {
@@ -293,23 +274,9 @@ func TestUnreadableStateFallsBack(t *testing.T) {
 	stop := f.start(t, cfg)
 	f.waitFor(t, u1, i1, r1)
 	stop()
-	kv, err := f.js.KeyValue(ctx, Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := f.js.ObjectStore(ctx, Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := kv.Get(ctx, "partition.0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var claim struct{ State string }
-	if err := json.Unmarshal(e.Value(), &claim); err != nil || claim.State == "" {
-		t.Fatalf("claim %s: %v", e.Value(), err)
-	}
-	if err := store.Delete(ctx, claim.State); err != nil {
+	store, kv := f.buckets(t)
+	_, state := f.claimState(t, kv)
+	if err := store.Delete(ctx, state); err != nil {
 		t.Fatal(err)
 	}
 	u2, i2, r2 := f.input(t, 1001, 1000)
@@ -330,6 +297,34 @@ func TestUnreadableStateFallsBack(t *testing.T) {
 	if len(states) > 2 {
 		t.Fatalf("%d states kept: %v", len(states), states)
 	}
+}
+
+// buckets opens the state object store and the claims' KV bucket.
+func (f *fixture) buckets(t *testing.T) (jetstream.ObjectStore, jetstream.KeyValue) {
+	t.Helper()
+	store, err := f.js.ObjectStore(context.Background(), Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := f.js.KeyValue(context.Background(), Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store, kv
+}
+
+// claimState is the claim of the only partition and the state it points at.
+func (f *fixture) claimState(t *testing.T, kv jetstream.KeyValue) (jetstream.KeyValueEntry, string) {
+	t.Helper()
+	e, err := kv.Get(context.Background(), "partition.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v struct{ State string }
+	if err := json.Unmarshal(e.Value(), &v); err != nil || v.State == "" {
+		t.Fatalf("claim %s: %v", e.Value(), err)
+	}
+	return e, v.State
 }
 
 // Two replicas at once: one runs, the other takes over when it stops; nothing is
