@@ -60,6 +60,21 @@ func KeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValu
 	})
 }
 
+// OpenKeyValue opens the bucket as it is, creating it with cfg only when missing: for
+// buckets that are the user's (lookup tables), whose settings sluice must not reset.
+func OpenKeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
+		kv, err := js.KeyValue(ctx, cfg.Bucket)
+		if errors.Is(err, jetstream.ErrBucketNotFound) {
+			kv, err = js.CreateKeyValue(ctx, cfg)
+			if errors.Is(err, jetstream.ErrBucketExists) { // created by another process first
+				kv, err = js.KeyValue(ctx, cfg.Bucket)
+			}
+		}
+		return kv, err
+	})
+}
+
 // ObjectStore is KeyValue for an object store.
 func ObjectStore(ctx context.Context, js jetstream.JetStream, cfg jetstream.ObjectStoreConfig) (jetstream.ObjectStore, error) {
 	return Ensure(ctx, func(ctx context.Context) (jetstream.ObjectStore, error) {

@@ -220,16 +220,7 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 // is done. It returns once the bucket's current values are loaded; the watch goes on
 // in a goroutine that done waits for.
 func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, log *slog.Logger) (t *kvTable, done func(), err error) {
-	kv, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.KeyValue, error) {
-		kv, err := js.KeyValue(ctx, bucket)
-		if errors.Is(err, jetstream.ErrBucketNotFound) {
-			kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
-			if errors.Is(err, jetstream.ErrBucketExists) { // another replica created it first
-				kv, err = js.KeyValue(ctx, bucket)
-			}
-		}
-		return kv, err
-	})
+	kv, err := streams.OpenKeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
 	if err != nil {
 		return nil, nil, fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}

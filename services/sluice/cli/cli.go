@@ -255,7 +255,7 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	settings.BindNATS(fs, io.Env, &n)
 	key := fs.String("key", "", "the column (CSV) or field (JSON lines) holding each row's key")
 	var replicas int
-	if err := bindReplicas(fs, io.Env, &replicas, "the bucket"); err != nil {
+	if err := bindReplicas(fs, io.Env, &replicas, "the bucket when it creates it (an existing bucket keeps its settings)"); err != nil {
 		return err
 	}
 	positional, err := parsePositional(fs, args, io)
@@ -279,7 +279,7 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer closeNATS()
-	kv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
+	kv, err := streams.OpenKeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
 	if err != nil {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}
