@@ -53,6 +53,7 @@ fuzz:
 	@cd schemas && $(call FUZZ,FuzzDecode,./events/)
 	@cd schemas && $(call FUZZ,FuzzValid,./events/)
 	@cd schemas && $(call FUZZ,FuzzDecodeDataFields,./events/)
+	@cd schemas && $(call FUZZ,FuzzIngest,./events/)
 	@cd services/alert && $(call FUZZ,FuzzRule,.)
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)

@@ -6,7 +6,7 @@ import (
 )
 
 func benchEventJSON(b *testing.B) []byte {
-	d := NewDecoder(nil)
+	d := NewDecoder(nil, nil)
 	e, err := d.Decode(Message{Subject: "events.web.pageview", Received: time.Now(), Data: []byte(`{"specversion":"1.0","id":"pv-1","source":"web","type":"page.view","time":"2026-11-21T10:00:00.123Z","datacontenttype":"application/json","data":{"user":"u1","session":"s-1","path":"/products/1","referrer":"https://search.example.com/?q=item+1","ip":"203.0.113.1","ua":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36","duration_ms":1}}`)})
 	if err != nil {
 		b.Fatal(err)
@@ -36,7 +36,7 @@ func BenchmarkDecode(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	d := NewDecoder(types)
+	d := NewDecoder(types, nil)
 	raw := []byte(`{"specversion":"1.0","id":"pv-1","source":"web","type":"page.view","time":"2026-11-21T10:00:00.123Z","datacontenttype":"application/json","data":{"user":"u1","session":"s-1","path":"/products/1","referrer":"https://search.example.com/?q=item+1","ip":"203.0.113.1","ua":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36","duration_ms":1}}`)
 	b.SetBytes(int64(len(raw)))
 	for b.Loop() {

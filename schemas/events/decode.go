@@ -51,26 +51,142 @@ type Message struct {
 	Data    []byte
 	// Received is when the raw stream stored the message.
 	Received time.Time
+	// Element is set on one event of a batch message (see Decoder.Split): Data holds
+	// that event alone.
+	Element *Element
+}
+
+// Element places one event of a batch message.
+type Element struct {
+	// Index is the event's place in its batch, from 0.
+	Index int
+	// Batch is the whole payload of the batch message (nil when the element came
+	// alone, copied by the keying step with its key already made).
+	Batch []byte
 }
 
 // Decoder turns NATS messages into validated events.
 // It is safe for concurrent use.
 type Decoder struct {
-	types *TypeSchemas
+	types   *TypeSchemas
+	ingest  *Ingest
+	members string
 }
 
 // NewDecoder returns a decoder that validates the data of each event whose type has
-// a schema in types. A nil types validates the envelope only.
-func NewDecoder(types *TypeSchemas) *Decoder { return &Decoder{types: types} }
+// a schema in types, reading payloads as ingest says. A nil types validates the
+// envelope only; a nil ingest reads every payload as one CloudEvent and rejects
+// members that are not valid extension attributes. ingest must be valid
+// (Ingest.Validate).
+func NewDecoder(types *TypeSchemas, ingest *Ingest) *Decoder {
+	d := &Decoder{types: types, ingest: ingest, members: MembersReject}
+	if ingest != nil && ingest.InvalidMembers != "" {
+		d.members = ingest.InvalidMembers
+	}
+	return d
+}
 
-// Decode parses m in CloudEvents structured mode (a JSON object) or binary mode
-// (ce-* headers, the payload is the data), fills the lenient defaults and validates
-// the result. Errors for bad input are *InvalidError.
+// Split returns the events of a batch message as messages of their own, in order:
+// m's mapping declares a batch (an array, or newline-delimited JSON), or, read as
+// CloudEvents, its Content-Type is application/cloudevents-batch+json. It returns
+// nil for a message that is one event (and for an element already split). A batch
+// that cannot be split (not valid JSON, no events) is an *InvalidError.
+func (d *Decoder) Split(m Message) ([]Message, error) {
+	if m.Element != nil {
+		return nil, nil
+	}
+	mode := BatchNone
+	mp := d.ingest.mappingFor(m.Subject)
+	if mp != nil && mp.Batch != "" {
+		mode = mp.Batch
+	}
+	if mode == BatchNone && (mp == nil || mp.Envelope != EnvelopeRaw) && isBatchContentType(headerValue(m.Header, "Content-Type")) {
+		mode = BatchArray
+	}
+	var parts [][]byte
+	switch mode {
+	case BatchNone:
+		return nil, nil
+	case BatchArray:
+		trimmed := bytes.TrimSpace(m.Data)
+		if len(trimmed) == 0 || trimmed[0] != '[' {
+			return nil, nil // one event
+		}
+		if !utf8.Valid(trimmed) {
+			return nil, invalid("batch payload is not valid UTF-8 at byte %d", invalidUTF8Offset(m.Data))
+		}
+		if !validJSON(trimmed) {
+			var v any
+			return nil, invalid("batch payload is not a valid JSON array: %v", json.Unmarshal(trimmed, &v))
+		}
+		for _, el := range arrayElements(trimmed) {
+			parts = append(parts, el)
+		}
+	case BatchNDJSON:
+		for line := range bytes.SplitSeq(m.Data, []byte("\n")) {
+			if line = bytes.TrimSpace(line); len(line) > 0 {
+				parts = append(parts, line)
+			}
+		}
+	}
+	if len(parts) == 0 {
+		return nil, invalid("batch payload holds no events")
+	}
+	out := make([]Message, len(parts))
+	for i, p := range parts {
+		out[i] = Message{Subject: m.Subject, Header: m.Header, Data: p, Received: m.Received, Element: &Element{Index: i, Batch: m.Data}}
+	}
+	return out, nil
+}
+
+func isBatchContentType(ct string) bool {
+	if ct == "" {
+		return false
+	}
+	mt, _, _ := mime.ParseMediaType(ct)
+	return mt == "application/cloudevents-batch+json"
+}
+
+// Decode reads m as its mapping says: in CloudEvents structured mode (a JSON
+// object) or binary mode (ce-* headers, the payload is the data), or as raw JSON
+// with mapped attributes; fills the lenient defaults and validates the result.
+// Errors for bad input are *InvalidError.
 func (d *Decoder) Decode(m Message) (*Event, error) {
 	if !utf8.ValidString(m.Subject) {
 		return nil, invalid("subject is not valid UTF-8")
 	}
-	ce := ceHeaders(m.Header)
+	var (
+		e   *Event
+		err error
+	)
+	mp := d.ingest.mappingFor(m.Subject)
+	if mp != nil && mp.Envelope == EnvelopeRaw {
+		e, err = decodeRaw(mp, m)
+	} else {
+		e, err = d.decodeCloudEvent(m)
+	}
+	if err == nil {
+		err = d.complete(e, m)
+	}
+	var ie *InvalidError
+	if err == nil || !errors.As(err, &ie) {
+		return e, err
+	}
+	reason := ie.Reason
+	if mp != nil && !strings.HasPrefix(reason, "mapping ") {
+		reason = fmt.Sprintf("mapping %q: %s", mp.name(), reason)
+	}
+	if m.Element != nil {
+		reason = fmt.Sprintf("batch element %d: %s", m.Element.Index, reason)
+	}
+	return nil, &InvalidError{Reason: reason}
+}
+
+func (d *Decoder) decodeCloudEvent(m Message) (*Event, error) {
+	var ce map[string]string
+	if m.Element == nil { // the headers are the batch's, not an element's
+		ce = ceHeaders(m.Header)
+	}
 	ct := headerValue(m.Header, "Content-Type")
 	var (
 		e   *Event
@@ -87,7 +203,7 @@ func (d *Decoder) Decode(m Message) (*Event, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := d.complete(e, m); err != nil {
+	if err := d.checkMembers(e); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -16,7 +16,7 @@ func TestDecode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := NewDecoder(types)
+	d := NewDecoder(types, nil)
 	recv := time.Date(2026, 11, 21, 10, 0, 0, 123e6, time.UTC)
 	tests := []struct {
 		name       string
@@ -109,7 +109,7 @@ func TestDecode(t *testing.T) {
 
 // The inter-stage form must match the envelope schema, and round-trip.
 func TestMarshalMatchesEnvelopeSchema(t *testing.T) {
-	d := NewDecoder(nil)
+	d := NewDecoder(nil, nil)
 	e, err := d.Decode(Message{Subject: "events.web.click", Data: []byte(`{"id":"1","traceparent":"x","data":{"k":[1,2]}}`), Received: time.Now()})
 	if err != nil {
 		t.Fatal(err)

@@ -39,6 +39,10 @@ type Event struct {
 	// Enrichment holds the fields the enrich stage added.
 	Enrichment map[string]any `json:"sluiceenrichment,omitempty"`
 
+	// NonStandard counts the top-level members of the payload that were not valid
+	// CloudEvents extension attributes and were kept (Ingest.InvalidMembers).
+	NonStandard int `json:"-"`
+
 	// decoded caches DecodeData's result (decodedOK: it is set), or
 	// DecodeDataFields' (decodedFields: what of data it holds).
 	decoded       any

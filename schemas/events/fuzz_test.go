@@ -24,7 +24,7 @@ func FuzzDecode(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	d := NewDecoder(types)
+	d := NewDecoder(types, nil)
 	recv := time.Date(2026, 11, 21, 0, 0, 0, 0, time.UTC)
 	f.Fuzz(func(t *testing.T, subject, payload, ceID string) {
 		if u, ok := decodeUsual([]byte(payload)); ok && utf8.ValidString(payload) {
@@ -44,18 +44,24 @@ func FuzzDecode(f *testing.F) {
 			}
 			return
 		}
-		b, err := e.Marshal()
-		if err != nil {
-			t.Fatalf("accepted event does not encode: %v", err)
-		}
-		back, err := Unmarshal(b)
-		if err != nil {
-			t.Fatalf("accepted event does not decode: %v\n%s", err, b)
-		}
-		if back.ID != e.ID || back.Source != e.Source || back.Type != e.Type || !back.Time.Equal(e.Time) || !sameJSON(back.Data, e.Data) {
-			t.Fatalf("round trip changed the event:\n%+v\n%+v", e, back)
-		}
+		checkRoundTrip(t, e)
 	})
+}
+
+// checkRoundTrip fails t unless an accepted event survives the inter-stage JSON.
+func checkRoundTrip(t *testing.T, e *Event) {
+	t.Helper()
+	b, err := e.Marshal()
+	if err != nil {
+		t.Fatalf("accepted event does not encode: %v", err)
+	}
+	back, err := Unmarshal(b)
+	if err != nil {
+		t.Fatalf("accepted event does not decode: %v\n%s", err, b)
+	}
+	if back.ID != e.ID || back.Source != e.Source || back.Type != e.Type || back.Subject != e.Subject || !back.Time.Equal(e.Time) || !sameJSON(back.Data, e.Data) {
+		t.Fatalf("round trip changed the event:\n%+v\n%+v", e, back)
+	}
 }
 
 // sameJSON reports whether a and b hold the same JSON value (or are both empty).
@@ -102,4 +108,64 @@ func TestValid(t *testing.T) {
 			t.Errorf("encoding/json says %v, the decoder's check %v: %.60q", std, fast, s)
 		}
 	}
+}
+
+// FuzzIngest: no payload, subject or header makes the raw decoder, the mappings or
+// the batch split panic; every error is an *InvalidError; every accepted event
+// survives the inter-stage round trip and its time is in the stored range.
+func FuzzIngest(f *testing.F) {
+	for _, seed := range []struct{ subject, payload, header string }{
+		{"events.gh.raw", `{"id":"1","type":"PushEvent","actor":{"login":"a"},"created_at":"2023-05-01T12:00:03Z"}`, ""},
+		{"events.gh.raw", `[{"id":"1","created_at":"2016-12-31T23:59:60Z"},{"id":2}]`, ""},
+		{"events.iot.ms", `{"ts":1.7e12,"v":[1,2]}`, "m1"},
+		{"events.iot.ns", `{"ts":"-1e-3"}`, ""},
+		{"events.logs.app", "{\"at\":\"01/02/2024 10:00\"}\n\n[1]\n\"x\"\n", ""},
+		{"events.ce.batch", `[{"id":"a","ext":{"x":1}},{"id":"b","data":{}}]`, ""},
+		{"events.other.x", `{"id":"a","Bad":1}`, ""},
+	} {
+		f.Add(seed.subject, seed.payload, seed.header)
+	}
+	in := Ingest{InvalidMembers: MembersData, Mappings: []Mapping{
+		{Subjects: "events.gh.>", Envelope: EnvelopeRaw, Batch: BatchArray, ID: &Attr{Field: "id"}, Type: &Attr{Field: "type", Default: ptr("gh")},
+			Subject: &Attr{Field: "actor.login", Default: ptr("")}, Time: &TimeAttr{Attr: Attr{Field: "created_at"}}},
+		{Subjects: "events.iot.ms", Envelope: EnvelopeRaw, ID: &Attr{Header: "Msg"}, Time: &TimeAttr{Attr: Attr{Field: "ts"}, Format: FormatUnixMs}},
+		{Subjects: "events.iot.ns", Envelope: EnvelopeRaw, Source: &Attr{Token: 2}, Time: &TimeAttr{Attr: Attr{Field: "ts", Default: ptr(DefaultReceived)}, Format: FormatUnixNs}},
+		{Subjects: "events.logs.>", Envelope: EnvelopeRaw, Batch: BatchNDJSON, ID: &Attr{Field: "0", Default: ptr("d")},
+			Time: &TimeAttr{Attr: Attr{Field: "at", Default: ptr("2026-01-01T00:00:00Z")}, Format: "layout:02/01/2006 15:04"}},
+		{Subjects: "events.ce.>", Batch: BatchArray},
+	}}
+	if err := in.Validate(); err != nil {
+		f.Fatal(err)
+	}
+	d := NewDecoder(nil, &in)
+	recv := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	f.Fuzz(func(t *testing.T, subject, payload, header string) {
+		m := Message{Subject: subject, Header: map[string][]string{"Msg": {header}}, Data: []byte(payload), Received: recv}
+		parts, err := d.Split(m)
+		if err != nil {
+			if !IsInvalid(err) {
+				t.Fatalf("split error is not an InvalidError: %v", err)
+			}
+			return
+		}
+		if parts == nil {
+			parts = []Message{m}
+		}
+		for i, p := range parts {
+			if p.Element != nil && p.Element.Index != i {
+				t.Fatalf("element %d has index %d", i, p.Element.Index)
+			}
+			e, err := d.Decode(p)
+			if err != nil {
+				if !IsInvalid(err) {
+					t.Fatalf("error is not an InvalidError: %v", err)
+				}
+				continue
+			}
+			if e.Time.Before(MinTime) || e.Time.After(MaxTime) {
+				t.Fatalf("accepted a time outside the stored range: %s", e.Time)
+			}
+			checkRoundTrip(t, e)
+		}
+	})
 }

@@ -36,7 +36,7 @@ func BenchmarkProcess(b *testing.B) {
 	}
 	w := DefaultWindowConfig()
 	w.MinHold = 10 * time.Minute
-	h, err := NewHandler(1<<20, w, store, nil, nil)
+	h, err := NewHandler(HandlerConfig{MaxPayload: 1 << 20, Window: w, Store: store})
 	if err != nil {
 		b.Fatal(err)
 	}

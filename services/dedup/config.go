@@ -7,6 +7,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 )
 
@@ -60,6 +61,15 @@ func LoadWindowConfig(f *configfile.File) (WindowConfig, error) {
 		return c, err
 	}
 	return c, c.Validate()
+}
+
+// LoadIngest reads the ingest section of f: how payloads become events.
+func LoadIngest(f *configfile.File) (events.Ingest, error) {
+	var in events.Ingest
+	if err := f.Decode("ingest", &in); err != nil {
+		return in, err
+	}
+	return in, in.Validate()
 }
 
 // Validate reports every problem of c.

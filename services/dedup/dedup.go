@@ -44,6 +44,8 @@ const OutputPrefix = "unique."
 type Config struct {
 	Stage  stage.Config
 	Window WindowConfig
+	// Ingest says how payloads become events.
+	Ingest events.Ingest
 	// DataDir holds the state snapshot (dedup/snapshot); empty keeps none, and a
 	// restart replays UNIQUE from its start.
 	DataDir string
@@ -65,27 +67,55 @@ type Deps struct {
 
 // Handler validates and keys events, and drops the keys its store holds.
 type Handler struct {
-	decoder    *events.Decoder
-	maxPayload int64
-	window     WindowConfig
-	store      *window.Store
-	clock      func(uint32)
-	dropped    prometheus.Counter
-	log        *slog.Logger
+	decoder     *events.Decoder
+	maxPayload  int64
+	window      WindowConfig
+	store       *window.Store
+	clock       func(uint32)
+	dropped     prometheus.Counter
+	nonStandard prometheus.Counter
+	log         *slog.Logger
 }
 
-// NewHandler returns a handler validating with the embedded per-type schemas and
-// dropping what store holds. clock, if not nil, is told the stream time of each event.
-func NewHandler(maxPayload int64, w WindowConfig, store *window.Store, clock func(uint32), dropped prometheus.Counter) (*Handler, error) {
+// HandlerConfig is what a Handler decides with.
+type HandlerConfig struct {
+	// MaxPayload bounds dead letters (the server's max_payload).
+	MaxPayload int64
+	Window     WindowConfig
+	// Ingest says how payloads become events (valid: Ingest.Validate).
+	Ingest events.Ingest
+	// Store, if not nil, holds the keys seen; nil decides without one.
+	Store *window.Store
+	// Clock, if not nil, is told the stream time of each event.
+	Clock func(uint32)
+	// Dropped counts repeats the store held; NonStandard the members kept that are
+	// not valid CloudEvents extension attributes. Either may be nil.
+	Dropped, NonStandard prometheus.Counter
+}
+
+// NewHandler returns a handler validating with the embedded per-type schemas.
+func NewHandler(c HandlerConfig) (*Handler, error) {
 	types, err := events.LoadTypeSchemas()
 	if err != nil {
 		return nil, fmt.Errorf("dedup: %w", err)
 	}
-	if dropped == nil {
-		dropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
+	unused := func(p prometheus.Counter) prometheus.Counter {
+		if p == nil {
+			return prometheus.NewCounter(prometheus.CounterOpts{Name: "unused"})
+		}
+		return p
 	}
-	return &Handler{decoder: events.NewDecoder(types), maxPayload: maxPayload, window: w, store: store, clock: clock, dropped: dropped,
-		log: slog.New(slog.DiscardHandler)}, nil
+	return &Handler{decoder: events.NewDecoder(types, &c.Ingest), maxPayload: c.MaxPayload, window: c.Window, store: c.Store, clock: c.Clock,
+		dropped: unused(c.Dropped), nonStandard: unused(c.NonStandard), log: slog.New(slog.DiscardHandler)}, nil
+}
+
+// NewNonStandardCounter registers the counter of members kept that are not valid
+// CloudEvents extension attributes (ingest.invalid_members other than reject).
+func NewNonStandardCounter(reg prometheus.Registerer) prometheus.Counter {
+	return telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_ingest_nonstandard_members_total",
+		Help: "Top-level members of CloudEvents payloads that are not valid extension attributes (objects, arrays, bad names), kept as ingest.invalid_members says (extensions or data) rather than rejected.",
+	}))
 }
 
 // Result is what the stage decides for one input.
@@ -114,6 +144,28 @@ type Decision struct {
 	Expires uint32
 	// Now is the input's stream time (Unix seconds), the store's clock.
 	Now uint32
+	// Element places the event in its batch message; nil for a message that is one
+	// event, or that could not be split (Invalid then says why). Data is then the
+	// element's payload.
+	Element *events.Element
+	Data    []byte
+}
+
+// DecideAll decides each event of m: m itself when it is one event, else each
+// element of its batch in order, or one Invalid decision when the batch cannot be
+// split.
+func (h *Handler) DecideAll(m events.Message, yield func(Decision)) {
+	parts, err := h.decoder.Split(m)
+	switch {
+	case err != nil:
+		yield(Decision{Invalid: err})
+	case parts == nil:
+		yield(h.Decide(m))
+	default:
+		for _, p := range parts {
+			yield(h.Decide(p))
+		}
+	}
 }
 
 // Decide validates and keys one input and says whether the store holds its key:
@@ -124,12 +176,26 @@ type Decision struct {
 // its subject, and never before MinHold after it was received (UNIQUE's duplicate
 // window drops republications that long, so the store must agree with it).
 func (h *Handler) Decide(m events.Message) Decision {
+	d := h.decide(m)
+	if m.Element != nil {
+		d.Element, d.Data = m.Element, m.Data
+	}
+	return d
+}
+
+func (h *Handler) decide(m events.Message) Decision {
 	e, err := h.decoder.Decode(m)
 	if err != nil {
 		return Decision{Invalid: err}
 	}
+	if e.NonStandard > 0 {
+		h.nonStandard.Add(float64(e.NonStandard))
+	}
 	if fields := h.window.KeyFieldsFor(m.Subject); fields != nil {
 		if e.Key, err = FieldsKey(e, fields); err != nil {
+			if m.Element != nil {
+				err = fmt.Errorf("batch element %d: %w", m.Element.Index, err)
+			}
 			return Decision{Invalid: err}
 		}
 	} else {
@@ -151,47 +217,75 @@ func (h *Handler) Decide(m events.Message) Decision {
 	return Decision{Event: e, Key: k, Expires: expires, Now: now}
 }
 
-// Process decides what happens to one input and encodes the UNIQUE message of a
-// first occurrence.
+// Process decides what happens to a message that is one event and encodes the
+// UNIQUE message of a first occurrence.
 func (h *Handler) Process(m events.Message) Result {
 	d := h.Decide(m)
+	out, err := h.Output(m.Subject, d)
 	switch {
 	case d.Invalid != nil:
 		return Result{Invalid: d.Invalid}
+	case err != nil:
+		return Result{Invalid: err}
 	case d.Duplicate:
 		return Result{Duplicate: true, Key: d.Key}
 	}
-	body, err := d.Event.Marshal()
-	if err != nil {
-		return Result{Invalid: fmt.Errorf("cannot encode event: %w", err)}
-	}
-	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(m.Subject, events.SubjectPrefix+"."))
-	out.Header.Set(nats.MsgIdHdr, d.Event.Key)
-	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(d.Expires), 10))
-	out.Data = body
 	return Result{Out: out, Key: d.Key, Expires: d.Expires}
 }
 
-// Handle returns the UNIQUE message for a valid event seen for the first time in its
-// window, nothing for a repeat, or a dead letter.
+// Output is what the stage publishes for one decision: the UNIQUE message of a
+// first occurrence, or nil for a repeat or invalid input.
+func (h *Handler) Output(subject string, d Decision) (*nats.Msg, error) {
+	if d.Invalid != nil || d.Duplicate {
+		return nil, nil
+	}
+	body, err := d.Event.Marshal()
+	if err != nil {
+		return nil, fmt.Errorf("cannot encode event: %w", err)
+	}
+	out := nats.NewMsg(OutputPrefix + strings.TrimPrefix(subject, events.SubjectPrefix+"."))
+	out.Header.Set(nats.MsgIdHdr, d.Event.Key)
+	out.Header.Set(HeaderExpires, strconv.FormatUint(uint64(d.Expires), 10))
+	out.Data = body
+	return out, nil
+}
+
+// Handle returns, for each event of the input, its UNIQUE message when it is seen
+// for the first time in its window, nothing for a repeat, or a dead letter.
 func (h *Handler) Handle(msg jetstream.Msg) ([]*nats.Msg, error) {
-	r := h.Process(events.Message{
+	var outs []*nats.Msg
+	h.DecideAll(events.Message{
 		Subject:  msg.Subject(),
 		Header:   msg.Headers(),
 		Data:     msg.Data(),
 		Received: stage.ReceivedOf(msg),
-	})
-	switch {
-	case r.Invalid != nil:
-		return []*nats.Msg{stage.DeadLetter(Name, msg, r.Invalid.Error(), h.maxPayload)}, nil
-	case r.Duplicate:
-		h.dropped.Inc()
-		if h.log.Enabled(context.Background(), slog.LevelDebug) {
-			h.log.Debug("dropped a repeat", "subject", msg.Subject(), "seq", stage.SeqOf(msg))
+	}, func(d Decision) {
+		out, err := h.Output(msg.Subject(), d)
+		if err != nil {
+			d.Invalid = err
 		}
-		return nil, nil
+		switch {
+		case d.Invalid != nil:
+			outs = append(outs, DeadLetter(Name, msg, d, h.maxPayload))
+		case d.Duplicate:
+			h.dropped.Inc()
+			if h.log.Enabled(context.Background(), slog.LevelDebug) {
+				h.log.Debug("dropped a repeat", "subject", msg.Subject(), "seq", stage.SeqOf(msg))
+			}
+		default:
+			outs = append(outs, out)
+		}
+	})
+	return outs, nil
+}
+
+// DeadLetter is the dead letter of an invalid decision on msg: of the message, or
+// of the batch element the decision is about.
+func DeadLetter(stageName string, msg jetstream.Msg, d Decision, maxPayload int64) *nats.Msg {
+	if el := d.Element; el != nil {
+		return stage.ElementDeadLetter(stageName, msg, el.Index, d.Data, d.Invalid.Error(), maxPayload)
 	}
-	return []*nats.Msg{r.Out}, nil
+	return stage.DeadLetter(stageName, msg, d.Invalid.Error(), maxPayload)
 }
 
 // Run rebuilds the window state, then runs the stage until ctx is done.
@@ -250,7 +344,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	wg.Go(func() { st.maintain(bg) })
 
-	h, err := NewHandler(deps.NATS.MaxPayload(), cfg.Window, store, st.advance, dropped.WithLabelValues("window"))
+	h, err := NewHandler(HandlerConfig{MaxPayload: deps.NATS.MaxPayload(), Window: cfg.Window, Ingest: cfg.Ingest, Store: store, Clock: st.advance,
+		Dropped: dropped.WithLabelValues("window"), NonStandard: NewNonStandardCounter(deps.Registerer)})
 	if err != nil {
 		return err
 	}

@@ -355,7 +355,7 @@ func TestProcessWindows(t *testing.T) {
 			w.MinHold = 10 * time.Minute
 			w.Windows = []SubjectWindow{{Subjects: "events.audit.>", Window: 48 * time.Hour}}
 			store := window.NewStore(0)
-			h, err := NewHandler(1<<20, w, store, nil, nil)
+			h, err := NewHandler(HandlerConfig{MaxPayload: 1 << 20, Window: w, Store: store})
 			if err != nil {
 				t.Fatal(err)
 			}

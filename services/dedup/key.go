@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -24,6 +25,11 @@ import (
 //  2. the CloudEvents source and id ("e");
 //  3. for an event without id, its content: the NATS subject, the ce-* headers and
 //     the payload as published ("c").
+//
+// An event of a batch message (events.Element) is keyed by its own id ("e"), else
+// by its place in the batch: the batch's Nats-Msg-Id or content, and its index
+// ("b"), so a batch published again is dropped event by event while two equal
+// events of one batch both count.
 func keyOf(parts ...string) string {
 	h := sha256.New()
 	for _, p := range parts {
@@ -35,6 +41,16 @@ func keyOf(parts ...string) string {
 
 // Key returns the deduplication key of e, which arrived as m.
 func Key(e *events.Event, m events.Message) string {
+	if el := m.Element; el != nil {
+		if e.ID != "" {
+			return keyOf("e", e.Source, e.ID)
+		}
+		batch := headerValue(m.Header, "Nats-Msg-Id")
+		if batch == "" {
+			batch = contentKey(events.Message{Subject: m.Subject, Header: m.Header, Data: el.Batch})
+		}
+		return keyOf("b", batch, strconv.Itoa(el.Index))
+	}
 	if id := headerValue(m.Header, "Nats-Msg-Id"); id != "" {
 		return keyOf("m", id)
 	}

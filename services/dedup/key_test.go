@@ -11,7 +11,7 @@ import (
 )
 
 func TestKey(t *testing.T) {
-	d := events.NewDecoder(nil)
+	d := events.NewDecoder(nil, nil)
 	key := func(subject string, h map[string][]string, data string) string {
 		t.Helper()
 		m := events.Message{Subject: subject, Header: h, Data: []byte(data), Received: time.Now()}
@@ -57,7 +57,7 @@ func TestKey(t *testing.T) {
 }
 
 func TestFieldsKey(t *testing.T) {
-	d := events.NewDecoder(nil)
+	d := events.NewDecoder(nil, nil)
 	ev := func(data string) *events.Event {
 		t.Helper()
 		e, err := d.Decode(events.Message{Subject: "events.iot.reading", Data: []byte(data), Received: time.Now()})
@@ -113,7 +113,7 @@ func TestProcessKeyRule(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := window.NewStore(0)
-	h, err := NewHandler(1<<20, w, store, nil, nil)
+	h, err := NewHandler(HandlerConfig{MaxPayload: 1 << 20, Window: w, Store: store})
 	if err != nil {
 		t.Fatal(err)
 	}

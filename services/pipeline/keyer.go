@@ -48,7 +48,7 @@ func (p *pipeline) newKeyer() (*keyer, error) {
 	if p.cfg.Partitions <= 1 {
 		return nil, nil
 	}
-	h, err := dedup.NewHandler(p.maxPayload, p.cfg.Window, nil, nil, nil)
+	h, err := dedup.NewHandler(dedup.HandlerConfig{MaxPayload: p.maxPayload, Window: p.cfg.Window, Ingest: p.cfg.Ingest, NonStandard: p.m.nonStandard})
 	if err != nil {
 		return nil, err
 	}
@@ -94,6 +94,7 @@ func (k *keyer) consume(ctx context.Context) error {
 	k.ready.Set("keyer", nil)
 	batch := make([]jetstream.Msg, 0, keyBatch)
 	futures := make([]jetstream.PubAckFuture, 0, keyBatch)
+	inputs := make([]int, 0, keyBatch) // the input of each future, by index in batch
 	for {
 		batch = batch[:0]
 		select {
@@ -117,16 +118,17 @@ func (k *keyer) consume(ctx context.Context) error {
 				break more
 			}
 		}
-		futures = futures[:0]
-		for _, m := range batch {
-			out := k.copyOf(m)
-			f, err := k.js.PublishMsgAsync(out)
-			if err != nil {
-				return fmt.Errorf("pipeline: keying step: publish to %s: %w", out.Subject, err)
+		futures, inputs = futures[:0], inputs[:0]
+		for i, m := range batch {
+			for _, out := range k.copiesOf(m) {
+				f, err := k.js.PublishMsgAsync(out)
+				if err != nil {
+					return fmt.Errorf("pipeline: keying step: publish to %s: %w", out.Subject, err)
+				}
+				futures, inputs = append(futures, f), append(inputs, i)
 			}
-			futures = append(futures, f)
 		}
-		for i, f := range futures {
+		for j, f := range futures {
 			select {
 			case <-f.Ok():
 			case err := <-f.Err():
@@ -136,34 +138,45 @@ func (k *keyer) consume(ctx context.Context) error {
 			case <-ctx.Done():
 				return nil
 			}
-			_ = batch[i].Ack()
+			if j == len(futures)-1 || inputs[j+1] != inputs[j] { // the input's last copy
+				_ = batch[inputs[j]].Ack()
+			}
 		}
 	}
 }
 
-// copyOf is what the keying step publishes for m: its copy in its partition, or a
-// dead letter.
-func (k *keyer) copyOf(m jetstream.Msg) *nats.Msg {
+// copiesOf is what the keying step publishes for m: for each of its events (one,
+// or each element of a batch) its copy in its partition, or a dead letter. A copy
+// of an element holds that element alone, and its index in HeaderElement.
+func (k *keyer) copiesOf(m jetstream.Msg) []*nats.Msg {
 	md, err := m.Metadata()
 	if err != nil {
-		return stage.DeadLetter(Name, m, fmt.Sprintf("message without JetStream metadata: %v", err), k.maxPayload)
+		return []*nats.Msg{stage.DeadLetter(Name, m, fmt.Sprintf("message without JetStream metadata: %v", err), k.maxPayload)}
 	}
-	d := k.decide.Decide(events.Message{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Received: md.Timestamp})
-	if d.Invalid != nil {
-		return stage.DeadLetter(Name, m, d.Invalid.Error(), k.maxPayload)
-	}
-	out := nats.NewMsg(partition.Subject(partition.Of(d.Event.Key, k.cfg.Partitions), m.Subject()))
-	for h, v := range m.Headers() {
-		// The producer's Nats-Msg-Id is in the key; JetStream need not keep it again.
-		if h != nats.MsgIdHdr {
-			out.Header[h] = v
+	var outs []*nats.Msg
+	k.decide.DecideAll(events.Message{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Received: md.Timestamp}, func(d dedup.Decision) {
+		if d.Invalid != nil {
+			outs = append(outs, dedup.DeadLetter(Name, m, d, k.maxPayload))
+			return
 		}
-	}
-	out.Header.Set(HeaderKey, d.Event.Key)
-	out.Header.Set(HeaderReceived, md.Timestamp.UTC().Format(time.RFC3339Nano))
-	out.Header.Set(HeaderEventsSeq, strconv.FormatUint(md.Sequence.Stream, 10))
-	out.Data = m.Data()
-	return out
+		out := nats.NewMsg(partition.Subject(partition.Of(d.Event.Key, k.cfg.Partitions), m.Subject()))
+		for h, v := range m.Headers() {
+			// The producer's Nats-Msg-Id is in the key; JetStream need not keep it again.
+			if h != nats.MsgIdHdr {
+				out.Header[h] = v
+			}
+		}
+		out.Header.Set(HeaderKey, d.Event.Key)
+		out.Header.Set(HeaderReceived, md.Timestamp.UTC().Format(time.RFC3339Nano))
+		out.Header.Set(HeaderEventsSeq, strconv.FormatUint(md.Sequence.Stream, 10))
+		out.Data = m.Data()
+		if d.Element != nil {
+			out.Header.Set(stage.HeaderElement, strconv.Itoa(d.Element.Index))
+			out.Data = d.Data
+		}
+		outs = append(outs, out)
+	})
+	return outs
 }
 
 // unkeyed is the event a keyed message carries, as it was published to EVENTS, and
@@ -182,5 +195,13 @@ func unkeyed(msg jetstream.Msg) (events.Message, string, error) {
 	if key == "" {
 		return events.Message{}, "", fmt.Errorf("header %s is missing", HeaderKey)
 	}
-	return events.Message{Subject: subject, Header: h, Data: msg.Data(), Received: received}, key, nil
+	m := events.Message{Subject: subject, Header: h, Data: msg.Data(), Received: received}
+	if v := h.Get(stage.HeaderElement); v != "" {
+		i, err := strconv.Atoi(v)
+		if err != nil || i < 0 {
+			return events.Message{}, "", fmt.Errorf("header %s: %q is not an index", stage.HeaderElement, v)
+		}
+		m.Element = &events.Element{Index: i}
+	}
+	return m, key, nil
 }

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 )
 
@@ -22,10 +23,12 @@ type metrics struct {
 	reloads          *prometheus.CounterVec
 	exprErrors       prometheus.Counter
 	republishSkipped prometheus.Counter
+	nonStandard      prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	return &metrics{
+		nonStandard: dedup.NewNonStandardCounter(reg),
 		rows: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_rows_inserted_total", Help: "Rows inserted into the events table.",
 		})),

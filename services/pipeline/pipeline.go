@@ -65,6 +65,8 @@ const Bucket = "sluice_pipeline"
 // Config configures the stage.
 type Config struct {
 	Window dedup.WindowConfig
+	// Ingest says how payloads become events.
+	Ingest events.Ingest
 	// Enrich is the enrich section (Enrich.Stage is not used).
 	Enrich enrich.Config
 	// Alert is the alert section and the rules (Alert.Stream is not used).
@@ -346,7 +348,7 @@ func (r *run) restore(ctx context.Context) error {
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
 	r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
 	r.readRules(r.engine.Rules())
-	r.prepDedup, err = dedup.NewHandler(r.maxPayload, r.cfg.Window, nil, nil, nil)
+	r.prepDedup, err = dedup.NewHandler(dedup.HandlerConfig{MaxPayload: r.maxPayload, Window: r.cfg.Window, Ingest: r.cfg.Ingest, NonStandard: r.m.nonStandard})
 	if err != nil {
 		return err
 	}
@@ -597,6 +599,10 @@ type row struct {
 	seq    uint64    // EVENTS sequence
 	stored time.Time // when EVENTS stored the event
 	msg    jetstream.Msg
+	// el places the event in its batch message (nil: the message is the event);
+	// data is then the element's payload.
+	el   *events.Element
+	data []byte
 }
 
 func (r *run) run(ctx context.Context) error {
@@ -838,19 +844,47 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 	}
 }
 
-// prep is one input message prepared for the decision: decoded, keyed, enriched,
-// its row built. The dedup store is not consulted yet.
+// prep is one input message prepared for the decision: its events decoded, keyed,
+// enriched, their rows built. The dedup store is not consulted yet.
 type prep struct {
 	msg      jetstream.Msg
 	seq      uint64
 	pending  uint64
 	received time.Time
-	d        dedup.Decision
-	rec      sink.EventRecord
-	rowErr   error
-	env      *alert.EventEnv
+	// one is the message's event (or why it is invalid); items holds them all when
+	// the message is a batch of several.
+	one   [1]item
+	items []item
+}
+
+// item is one event of an input message, prepared.
+type item struct {
+	d      dedup.Decision
+	rec    sink.EventRecord
+	rowErr error
+	env    *alert.EventEnv
 	// envRead is what env holds of data: the rules' needs when it was made.
 	envRead *events.DataFields
+}
+
+// all returns the message's events.
+func (p *prep) all() []item {
+	if p.items != nil {
+		return p.items
+	}
+	return p.one[:]
+}
+
+// next returns the place of the message's nth event (from 0).
+func (p *prep) next(n int) *item {
+	if n == 0 {
+		return &p.one[0]
+	}
+	if n == 1 {
+		p.items = append(p.items[:0], p.one[0])
+	}
+	p.items = append(p.items, item{})
+	return &p.items[n]
 }
 
 // prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
@@ -894,7 +928,7 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	p.msg = msg
 	md, err := msg.Metadata()
 	if err != nil {
-		p.d.Invalid = fmt.Errorf("message without JetStream metadata: %w", err)
+		p.one[0].d.Invalid = fmt.Errorf("message without JetStream metadata: %w", err)
 		return
 	}
 	p.seq, p.pending, p.received = md.Sequence.Stream, md.NumPending, md.Timestamp
@@ -902,33 +936,45 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	var key string
 	if r.in.keyed {
 		if m, key, err = unkeyed(msg); err != nil {
-			p.d.Invalid = err
+			p.one[0].d.Invalid = err
 			return
 		}
 		p.received = m.Received
 	}
-	p.d = r.prepDedup.Decide(m)
-	if p.d.Invalid != nil {
+	n := 0
+	r.prepDedup.DecideAll(m, func(d dedup.Decision) {
+		it := p.next(n)
+		n++
+		it.d = d
+		r.prepareItem(it, p.seq, key, read)
+	})
+}
+
+// prepareItem keys (key, when the keying step made it), enriches and builds the
+// row of one event of a message.
+func (r *run) prepareItem(it *item, seq uint64, key string, read events.DataFields) {
+	if it.d.Invalid != nil {
 		return
 	}
-	if key != "" && key != p.d.Event.Key {
+	if key != "" && key != it.d.Event.Key {
 		k, ok := dedup.ParseKey(key)
 		if !ok {
-			p.d.Invalid = fmt.Errorf("header %s: %q is not a key", HeaderKey, key)
+			it.d.Invalid = fmt.Errorf("header %s: %q is not a key", HeaderKey, key)
 			return
 		}
-		p.d.Key = k
-		p.d.Event.Key = key
+		it.d.Key = k
+		it.d.Event.Key = key
 	}
-	e := p.d.Event
+	e := it.d.Event
 	_, _ = e.DecodeDataFields(read) // kept for enrichment and the rules; an error is theirs to meet
 	r.live.Enrich(e)
-	if p.rec, err = sink.EventRecordOf(e, p.seq); err != nil {
-		p.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
+	var err error
+	if it.rec, err = sink.EventRecordOf(e, seq); err != nil {
+		it.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
 		return
 	}
 	if read := r.rulesRead.Load(); read != nil {
-		p.env, p.envRead = alert.EnvFor(e, *read), read
+		it.env, it.envRead = alert.EnvFor(e, *read), read
 	}
 }
 
@@ -936,32 +982,39 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 // adding what it produces to b.
 func (r *run) decide(p *prep, b *batch) {
 	if p.seq == 0 {
-		r.log.Warn("message without metadata", "err", p.d.Invalid)
+		r.log.Warn("message without metadata", "err", p.one[0].d.Invalid)
 		return
 	}
 	r.seq = p.seq
 	r.m.lag.WithLabelValues(r.in.label).Set(float64(p.pending))
-	d := p.d
+	items := p.all()
+	for i := range items {
+		r.decideItem(p, &items[i], b)
+	}
+}
+
+func (r *run) decideItem(p *prep, it *item, b *batch) {
+	d := it.d
 	r.clock = max(r.clock, d.Now)
 	switch {
 	case d.Invalid != nil:
-		r.deadLetter(p.msg, d.Invalid.Error(), b)
+		r.deadLetter(p.msg, d.Element, d.Data, d.Invalid.Error(), b)
 		return
 	case r.keys.Seen(d.Key, d.Now):
 		r.m.duplicates.Inc()
 		return
 	}
 	r.keys.Add(d.Key, d.Expires, p.seq, d.Now)
-	if p.rowErr != nil {
-		r.deadLetter(p.msg, p.rowErr.Error(), b)
+	if it.rowErr != nil {
+		r.deadLetter(p.msg, d.Element, d.Data, it.rowErr.Error(), b)
 		return
 	}
-	b.rows = append(b.rows, row{rec: &p.rec, seq: p.seq, stored: p.received, msg: p.msg})
+	b.rows = append(b.rows, row{rec: &it.rec, seq: p.seq, stored: p.received, msg: p.msg, el: d.Element, data: d.Data})
 	if len(r.engine.Rules()) == 0 {
 		return
 	}
-	env := p.env
-	if read := r.rulesRead.Load(); p.envRead != read { // rules were loaded after the message was prepared
+	env := it.env
+	if read := r.rulesRead.Load(); it.envRead != read { // rules were loaded after the message was prepared
 		env = alert.EnvFor(d.Event, *read)
 	}
 	out, errs := r.engine.Observe(env)
@@ -975,8 +1028,15 @@ func (r *run) decide(p *prep, b *batch) {
 	r.emit(out, p.seq <= r.replay, b)
 }
 
-func (r *run) deadLetter(msg jetstream.Msg, reason string, b *batch) {
-	dl := stage.DeadLetter(Name, msg, reason, r.maxPayload)
+// deadLetter adds the dead letter of msg (or of its batch element el, whose
+// payload is data) to b, unless it was stored before a restart.
+func (r *run) deadLetter(msg jetstream.Msg, el *events.Element, data []byte, reason string, b *batch) {
+	var dl *nats.Msg
+	if el != nil {
+		dl = stage.ElementDeadLetter(Name, msg, el.Index, data, reason, r.maxPayload)
+	} else {
+		dl = stage.DeadLetter(Name, msg, reason, r.maxPayload)
+	}
 	if r.published[dl.Header.Get(nats.MsgIdHdr)] {
 		return
 	}
@@ -1110,7 +1170,7 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		w.m.rows.Add(float64(len(b.rows) - len(refused)))
 		for i, r := range b.rows {
 			if rerr, bad := refused[i]; bad {
-				w.deadLetter(r.msg, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
+				w.deadLetter(r.msg, r.el, r.data, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
 				continue
 			}
 			w.m.e2e.Observe(now.Sub(r.stored).Seconds())
@@ -1161,7 +1221,7 @@ func (w *writer) dropPresent(ctx context.Context, b *batch) error {
 		return err
 	}
 	b.rows = slices.DeleteFunc(b.rows, func(r row) bool {
-		if key, ok := present[r.seq]; ok && key == r.rec.Key {
+		if slices.Contains(present[r.seq], r.rec.Key) {
 			w.m.replays.Inc()
 			return true
 		}

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
@@ -76,6 +77,9 @@ func configFrom(t *testing.T, replica, yaml string) (Config, string) {
 		t.Fatal(err)
 	}
 	if cfg.Alert, err = alert.LoadConfig(f); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Ingest, err = dedup.LoadIngest(f); err != nil {
 		t.Fatal(err)
 	}
 	return cfg, path
@@ -462,5 +466,64 @@ func TestPartitionedWorkers(t *testing.T) {
 	cfg.Partitions = 4
 	if err := Run(context.Background(), cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Logger: testLog, Ready: &telemetry.Readiness{}}); err == nil || !strings.Contains(err.Error(), "partitions: 1") {
 		t.Fatalf("rules with 4 partitions: %v", err)
+	}
+}
+
+// Batches of raw JSON across partitions: the keying step copies each element of a
+// batch message to the partition of its own key, so repeats of an element meet its
+// first occurrence whichever batch they came in; a bad element is dead-lettered
+// alone; every unique event lands once.
+func TestPartitionedBatches(t *testing.T) {
+	f := setup(t)
+	worker := func(name string) Config {
+		cfg, _ := configFrom(t, name, `
+ingest:
+  mappings:
+    - subjects: events.logs.>
+      envelope: raw
+      batch: ndjson
+      id: {field: request_id}
+      time: {field: at, format: unix}
+`)
+		cfg.Partitions, cfg.LeaseTTL = 4, 2*time.Second
+		return cfg
+	}
+	ctx := context.Background()
+	valid, dead := map[string]bool{}, 0
+	publish := func(lines []string) {
+		t.Helper()
+		if _, err := f.js.Publish(ctx, "events.logs.api", []byte(strings.Join(lines, "\n"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for b := range 50 {
+		var lines []string
+		for i := range 20 {
+			id := fmt.Sprintf("req-%d", b*15+i) // the last 5 of a batch are the next one's first 5
+			if i == 13 {
+				lines = append(lines, fmt.Sprintf(`{"request_id":%q,"at":"noon"}`, id))
+				dead++
+				continue
+			}
+			valid[id] = true
+			lines = append(lines, fmt.Sprintf(`{"request_id":%q,"at":%d.25,"route":"/v1/items","status":200}`, id, 1_764_000_000+b*15+i))
+		}
+		publish(lines)
+		if b == 20 {
+			publish(lines) // a batch again, whole: its bad line is another dead letter
+			dead++
+		}
+	}
+	rows := len(valid)
+	f.start(t, worker("a"))
+	f.start(t, worker("b"))
+	f.waitFor(t, rows, dead, 0)
+	f.check(t, rows, dead, 0)
+	var partitions uint64
+	if err := f.ch.QueryRow(ctx, "SELECT uniqExact(stream_seq) FROM events").Scan(&partitions); err != nil {
+		t.Fatal(err)
+	}
+	if partitions != uint64(rows) {
+		t.Fatalf("rows share %d input sequences, want one each (each element its own copy in PARTITIONS)", partitions)
 	}
 }

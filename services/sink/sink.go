@@ -626,24 +626,25 @@ func (w *writer) present(ctx context.Context, suspects []suspect) (map[int]bool,
 		return nil, err
 	}
 	out := map[int]bool{}
-	for seq, id := range found {
-		if s, ok := bySeq[seq]; ok && s.identity == id {
+	for seq, ids := range found {
+		if s, ok := bySeq[seq]; ok && slices.Contains(ids, s.identity) {
 			out[s.row] = true
 		}
 	}
 	return out, nil
 }
 
-// Present returns the rows of table with stream_seq from lo to hi: their identity
-// (a String expression) by stream_seq.
-func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi uint64) (map[uint64]string, error) {
+// Present returns the rows of table with stream_seq from lo to hi: their identities
+// (a String expression) by stream_seq. A sequence has more than one row where one
+// message held a batch of events (the pipeline's events rows).
+func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi uint64) (map[uint64][]string, error) {
 	q := "SELECT stream_seq, " + identity + " FROM " + table + " WHERE stream_seq >= " + strconv.FormatUint(lo, 10) + " AND stream_seq <= " + strconv.FormatUint(hi, 10)
 	rows, err := ch.Query(ctx, q)
 	if err != nil {
 		return nil, fmt.Errorf("replay check on %s: %w", table, err)
 	}
 	defer rows.Close()
-	out := map[uint64]string{}
+	out := map[uint64][]string{}
 	for rows.Next() {
 		var (
 			seq uint64
@@ -652,7 +653,7 @@ func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi
 		if err := rows.Scan(&seq, &id); err != nil {
 			return nil, fmt.Errorf("replay check on %s: %w", table, err)
 		}
-		out[seq] = id
+		out[seq] = append(out[seq], id)
 	}
 	return out, rows.Err()
 }

@@ -151,7 +151,7 @@ func CheckReplicas(n int) error {
 
 // BindConfig registers --config (SLUICE_CONFIG) on fs.
 func BindConfig(fs *flag.FlagSet, env Lookup, path *string) {
-	binder{fs, env}.str(path, "config", "SLUICE_CONFIG", "", "YAML file with enrichment, rules and receivers")
+	binder{fs, env}.str(path, "config", "SLUICE_CONFIG", "", "YAML file with ingest mappings, enrichment, rules and receivers")
 }
 
 // BindDataDir registers --data-dir (SLUICE_DATA_DIR) on fs.

@@ -318,6 +318,9 @@ const (
 	HeaderStream     = "Sluice-Stream"
 	HeaderStreamSeq  = "Sluice-Stream-Seq"
 	HeaderReceivedAt = "Sluice-Received"
+	// HeaderElement is the index of an event in its batch message: on a dead letter
+	// of one element, and on the copy of one element the keying step makes.
+	HeaderElement = "Sluice-Element"
 )
 
 // DeadLetter returns the DLQ message for msg: the original payload and headers plus
@@ -326,6 +329,17 @@ const (
 // second dead letter. maxPayload (the server's limit) truncates a payload that would
 // not fit, and says so in the reason.
 func DeadLetter(stage string, msg jetstream.Msg, reason string, maxPayload int64) *nats.Msg {
+	return deadLetter(stage, msg, -1, msg.Data(), reason, maxPayload)
+}
+
+// ElementDeadLetter is the dead letter of one event of a batch message: its payload
+// is the element's, HeaderElement its index in the batch, and its Nats-Msg-Id is
+// the message's with the index, so each element's is its own.
+func ElementDeadLetter(stage string, msg jetstream.Msg, index int, data []byte, reason string, maxPayload int64) *nats.Msg {
+	return deadLetter(stage, msg, index, data, reason, maxPayload)
+}
+
+func deadLetter(stage string, msg jetstream.Msg, element int, data []byte, reason string, maxPayload int64) *nats.Msg {
 	out := nats.NewMsg(DLQPrefix + stage)
 	for k, v := range msg.Headers() {
 		if strings.HasPrefix(k, "Nats-") {
@@ -333,13 +347,16 @@ func DeadLetter(stage string, msg jetstream.Msg, reason string, maxPayload int64
 		}
 		out.Header[k] = v
 	}
-	data := msg.Data()
 	id := "dlq:" + stage + ":" + msg.Subject()
 	if md, err := msg.Metadata(); err == nil {
 		out.Header.Set(HeaderStream, md.Stream)
 		out.Header.Set(HeaderStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
 		out.Header.Set(HeaderReceivedAt, md.Timestamp.UTC().Format(time.RFC3339Nano))
 		id = "dlq:" + md.Stream + ":" + strconv.FormatUint(md.Sequence.Stream, 10)
+	}
+	if element >= 0 {
+		out.Header.Set(HeaderElement, strconv.Itoa(element))
+		id += ":" + strconv.Itoa(element)
 	}
 	out.Header.Set(HeaderStage, stage)
 	out.Header.Set(HeaderSubject, msg.Subject())

@@ -41,6 +41,8 @@ Usage:
   sluice streams apply [--replicas N]
                             create or update the streams and consumers on NATS_URL
   sluice rules check FILE   validate the rules of a config file offline
+  sluice ingest check FILE --subject SUBJECT [--each-line]
+                            show offline what sample payloads become (events, repeats, dead letters)
   sluice kv load BUCKET FILE --key COLUMN
                             load a CSV (header row) or JSON-lines file into a KV lookup table
   sluice webhook listen     a local webhook receiver that checks signatures and prints alerts
@@ -57,7 +59,9 @@ environment variable named in its help.
 
 // IO is where a command reads and writes.
 type IO struct {
-	Env    settings.Lookup
+	Env settings.Lookup
+	// Stdin is read by commands given "-" for a file (nil: os.Stdin).
+	Stdin  io.Reader
 	Stdout io.Writer
 	Stderr io.Writer
 }
@@ -78,6 +82,8 @@ func Main(args []string, io IO) int {
 		err = migrate(ctx, rest, io)
 	case cmd == "streams" && len(rest) > 0 && rest[0] == "apply":
 		err = streamsApply(ctx, rest[1:], io)
+	case cmd == "ingest" && len(rest) > 0 && rest[0] == "check":
+		err = ingestCheck(rest[1:], io)
 	case cmd == "rules" && len(rest) > 0 && rest[0] == "check":
 		err = rulesCheck(rest[1:], io)
 	case cmd == "kv" && len(rest) > 0 && rest[0] == "load":

@@ -111,3 +111,50 @@ func TestStreamsApplyReplicas(t *testing.T) {
 		t.Fatalf("3 replicas on one server: exit %d: %s", code, errOut)
 	}
 }
+
+func TestIngestCheck(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(cfg, []byte(`
+ingest:
+  mappings:
+    - name: sensors
+      subjects: events.sensors.*
+      envelope: raw
+      batch: array
+      id: {field: reading_id}
+      source: {token: 3}
+      time: {field: ts, format: unix_ms}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sample := filepath.Join(dir, "readings.json")
+	if err := os.WriteFile(sample, []byte(`[{"reading_id":"r1","ts":1700000000123,"celsius":21.5},{"reading_id":"r2","ts":"soon"},{"reading_id":"r1","ts":1700000000123}]`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := runCLI("ingest", "check", sample, "--subject", "events.sensors.plant7", "--config", cfg)
+	for _, want := range []string{
+		"message, element 0: event", `"id": "r1"`, `"source": "plant7"`, `"time": "2023-11-14T22:13:20.123Z"`, `"celsius": 21.5`,
+		`message, element 1: dead letter: invalid event: batch element 1: mapping "sensors": time: field ts "soon" is not a number`,
+		"message, element 2: repeat of message, element 0",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if code != 1 || !strings.Contains(errOut, "1 of 3 would go to the DLQ") {
+		t.Fatalf("exit %d, stderr %s", code, errOut)
+	}
+	// One message per line, and a CloudEvent with a nested member, unmapped.
+	lines := filepath.Join(dir, "lines.json")
+	if err := os.WriteFile(lines, []byte("{\"id\":\"a\",\"data\":{\"x\":1}}\n\n{\"id\":\"b\",\"user\":{\"id\":1}}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, _ = runCLI("ingest", "check", lines, "--each-line", "--subject", "events.shop.order", "--config", cfg)
+	if code != 1 || !strings.Contains(out, "line 1: event") || !strings.Contains(out, `line 3: dead letter: invalid event: member "user" is not a valid CloudEvents extension attribute`) {
+		t.Fatalf("each line: exit %d\n%s", code, out)
+	}
+	if code, _, errOut := runCLI("ingest", "check", sample); code != 2 || !strings.Contains(errOut, "usage: sluice ingest check") {
+		t.Fatalf("no subject: exit %d %s", code, errOut)
+	}
+}

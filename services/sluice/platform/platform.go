@@ -63,6 +63,9 @@ func RunStages(ctx context.Context, s Stages) error {
 	if dedupCfg.Window, err = dedup.LoadWindowConfig(s.Config); err != nil {
 		return err
 	}
+	if dedupCfg.Ingest, err = dedup.LoadIngest(s.Config); err != nil {
+		return err
+	}
 	dedupCfg.DataDir = s.DataDir
 	enrichCfg := enrich.DefaultConfig()
 	if enrichCfg.Enrich, err = enrich.LoadEnrichConfig(s.Config); err != nil {
@@ -78,7 +81,7 @@ func RunStages(ctx context.Context, s Stages) error {
 	var runs []stageRun
 	if !s.Split {
 		pipeCfg := pipeline.DefaultConfig()
-		pipeCfg.Window, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, enrichCfg, alertCfg
+		pipeCfg.Window, pipeCfg.Ingest, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, dedupCfg.Ingest, enrichCfg, alertCfg
 		pipeCfg.Replica = "sluice-up"
 		sinkCfg.Tables = []string{"dead_letters", "alerts"}
 		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))

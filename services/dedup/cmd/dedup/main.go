@@ -27,6 +27,9 @@ func main() {
 			if cfg.Window, err = dedup.LoadWindowConfig(f); err != nil {
 				return err
 			}
+			if cfg.Ingest, err = dedup.LoadIngest(f); err != nil {
+				return err
+			}
 			cfg.DataDir = env.Service.DataDir
 			// Fault injection for the fault tests (test/procs); unset in production.
 			if v, ok := os.LookupEnv("SLUICE_TEST_SLOW"); ok {

@@ -47,6 +47,9 @@ func main() {
 			if cfg.Window, err = dedup.LoadWindowConfig(f); err != nil {
 				return err
 			}
+			if cfg.Ingest, err = dedup.LoadIngest(f); err != nil {
+				return err
+			}
 			if cfg.Enrich.Enrich, err = enrich.LoadEnrichConfig(f); err != nil {
 				return err
 			}

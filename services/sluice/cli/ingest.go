@@ -1,0 +1,135 @@
+package cli
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	goio "io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/dedup/window"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/settings"
+)
+
+// headerFlags collects repeated --header Name:value flags.
+type headerFlags map[string][]string
+
+func (h headerFlags) String() string { return "" }
+
+func (h headerFlags) Set(v string) error {
+	name, value, ok := strings.Cut(v, ":")
+	if !ok || strings.TrimSpace(name) == "" {
+		return fmt.Errorf("want Name:value, got %q", v)
+	}
+	name = strings.TrimSpace(name)
+	h[name] = append(h[name], strings.TrimSpace(value))
+	return nil
+}
+
+// readSample reads FILE, or stdin for "-".
+func readSample(name string, stdin goio.Reader) ([]byte, error) {
+	if name != "-" {
+		return os.ReadFile(name)
+	}
+	if stdin == nil {
+		stdin = os.Stdin
+	}
+	return goio.ReadAll(stdin)
+}
+
+// ingestCheck shows, offline, what sample payloads published to a subject become
+// under the ingest and dedup sections of SLUICE_CONFIG: each event (as the stages
+// pass it on, with its key), a repeat of an event before it, or the dead letter's
+// reason. It exits non-zero when any sample would be dead-lettered.
+func ingestCheck(args []string, io IO) error {
+	fs := flag.NewFlagSet("ingest check", flag.ContinueOnError)
+	var path string
+	settings.BindConfig(fs, io.Env, &path)
+	subject := fs.String("subject", "", "the subject the samples are published to (events.<source>.<type>)")
+	eachLine := fs.Bool("each-line", false, "publish each non-blank line of FILE as a message of its own (default: FILE is one message)")
+	header := headerFlags{}
+	fs.Var(header, "header", "a NATS header of the messages, Name:value (repeatable)")
+	positional, err := parsePositional(fs, args, io)
+	if err != nil {
+		return err
+	}
+	if len(positional) != 1 || *subject == "" {
+		fmt.Fprintln(io.Stderr, "usage: sluice ingest check FILE --subject SUBJECT [--each-line] [--header Name:value]... [--config SLUICE_CONFIG]  (FILE - reads stdin)")
+		return errUsage
+	}
+	data, err := readSample(positional[0], io.Stdin)
+	if err != nil {
+		return err
+	}
+	f, err := configfile.Load(path)
+	if err != nil {
+		return err
+	}
+	in, err := dedup.LoadIngest(f)
+	if err != nil {
+		return err
+	}
+	w, err := dedup.LoadWindowConfig(f)
+	if err != nil {
+		return err
+	}
+	store := window.NewStore(0)
+	h, err := dedup.NewHandler(dedup.HandlerConfig{Window: w, Ingest: in, Store: store})
+	if err != nil {
+		return err
+	}
+	type sample struct {
+		label   string
+		payload []byte
+	}
+	msgs := []sample{{"message", data}}
+	if *eachLine {
+		msgs = nil
+		for i, line := range bytes.Split(data, []byte("\n")) {
+			if len(bytes.TrimSpace(line)) > 0 {
+				msgs = append(msgs, sample{fmt.Sprintf("line %d", i+1), line})
+			}
+		}
+	}
+	now := time.Now().UTC()
+	first := map[window.Key]string{}
+	dead, n := 0, 0
+	for _, m := range msgs {
+		h.DecideAll(events.Message{Subject: *subject, Header: header, Data: m.payload, Received: now}, func(d dedup.Decision) {
+			n++
+			at := m.label
+			if d.Element != nil {
+				at = fmt.Sprintf("%s, element %d", m.label, d.Element.Index)
+			}
+			switch {
+			case d.Invalid != nil:
+				dead++
+				fmt.Fprintf(io.Stdout, "%s: dead letter: %v\n", at, d.Invalid)
+			case d.Duplicate:
+				fmt.Fprintf(io.Stdout, "%s: repeat of %s (key %s), dropped\n", at, first[d.Key], d.Event.Key)
+			default:
+				store.Add(d.Key, d.Expires, uint64(n), d.Now)
+				first[d.Key] = at
+				b, err := d.Event.Marshal()
+				if err != nil {
+					dead++
+					fmt.Fprintf(io.Stdout, "%s: dead letter: cannot encode event: %v\n", at, err)
+					return
+				}
+				var pretty bytes.Buffer
+				_ = json.Indent(&pretty, b, "  ", "  ")
+				fmt.Fprintf(io.Stdout, "%s: event\n  %s\n", at, pretty.String())
+			}
+		})
+	}
+	if dead > 0 {
+		return fmt.Errorf("%d of %d would go to the DLQ", dead, n)
+	}
+	return nil
+}
