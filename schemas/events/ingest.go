@@ -76,6 +76,21 @@ type Ingest struct {
 	// Mappings apply to the subjects they match; the first match wins. A subject no
 	// mapping matches is read as CloudEvents, one event per message.
 	Mappings []Mapping `yaml:"mappings"`
+	// Schemas is a directory of <type>.json JSON Schemas for the data of event
+	// types, in addition to the embedded ones (schemas/events/types; one of the
+	// directory replaces the embedded schema of its type). They validate data and
+	// define typed tables.
+	Schemas string `yaml:"schemas"`
+}
+
+// TypeSchemas compiles the schemas of event types: the embedded ones and those of
+// the directory Schemas.
+func (in Ingest) TypeSchemas() (*TypeSchemas, error) {
+	ts, err := LoadTypeSchemasWith(in.Schemas)
+	if err != nil {
+		return nil, fmt.Errorf("ingest.schemas: %w", err)
+	}
+	return ts, nil
 }
 
 // Mapping says how the payloads published to subjects matching Subjects become

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path"
 	"sort"
 	"strings"
@@ -31,6 +32,32 @@ func EnvelopeSchema() []byte {
 // is not checked.
 type TypeSchemas struct {
 	byType map[string]*jsonschema.Schema
+	raw    map[string][]byte
+}
+
+// Raw returns the schema document of typ; nil when typ has no schema.
+func (ts *TypeSchemas) Raw(typ string) []byte {
+	if ts == nil {
+		return nil
+	}
+	return ts.raw[typ]
+}
+
+// LoadTypeSchemasWith compiles the embedded schemas and those of dir (a
+// <type>.json per type, as in schemas/events/types); one of dir replaces the
+// embedded schema of its type. An empty dir gives the embedded ones.
+func LoadTypeSchemasWith(dir string) (*TypeSchemas, error) {
+	if dir == "" {
+		return LoadTypeSchemas()
+	}
+	sub, err := fs.Sub(files, "types")
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return nil, fmt.Errorf("schema directory: %w", err)
+	}
+	return compileTypeSchemas(sub, os.DirFS(dir))
 }
 
 // LoadTypeSchemas compiles the per-type schemas embedded from types/<type>.json.
@@ -44,17 +71,35 @@ func LoadTypeSchemas() (*TypeSchemas, error) {
 
 // CompileTypeSchemas compiles every <type>.json file at the top of fsys; the file
 // name without .json is the CloudEvents type it validates.
-func CompileTypeSchemas(fsys fs.FS) (*TypeSchemas, error) {
-	names, err := fs.Glob(fsys, "*.json")
-	if err != nil {
-		return nil, err
+func CompileTypeSchemas(fsys fs.FS) (*TypeSchemas, error) { return compileTypeSchemas(fsys) }
+
+// compileTypeSchemas compiles the <type>.json files of each fsys in turn; a later
+// one's schema of a type replaces an earlier one's.
+func compileTypeSchemas(fsyss ...fs.FS) (*TypeSchemas, error) {
+	type file struct {
+		fsys fs.FS
+		name string
+	}
+	byName := map[string]file{}
+	for _, fsys := range fsyss {
+		names, err := fs.Glob(fsys, "*.json")
+		if err != nil {
+			return nil, err
+		}
+		for _, name := range names {
+			byName[name] = file{fsys, name}
+		}
+	}
+	names := make([]string, 0, len(byName))
+	for name := range byName {
+		names = append(names, name)
 	}
 	sort.Strings(names)
 	c := jsonschema.NewCompiler()
-	ts := &TypeSchemas{byType: make(map[string]*jsonschema.Schema, len(names))}
+	ts := &TypeSchemas{byType: make(map[string]*jsonschema.Schema, len(names)), raw: make(map[string][]byte, len(names))}
 	var errs []error
 	for _, name := range names {
-		b, err := fs.ReadFile(fsys, name)
+		b, err := fs.ReadFile(byName[name].fsys, name)
 		if err != nil {
 			return nil, err
 		}
@@ -73,7 +118,8 @@ func CompileTypeSchemas(fsys fs.FS) (*TypeSchemas, error) {
 			errs = append(errs, fmt.Errorf("schema %s: %w", name, err))
 			continue
 		}
-		ts.byType[strings.TrimSuffix(path.Base(name), ".json")] = sch
+		typ := strings.TrimSuffix(path.Base(name), ".json")
+		ts.byType[typ], ts.raw[typ] = sch, b
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err

@@ -84,6 +84,8 @@ type HandlerConfig struct {
 	Window     WindowConfig
 	// Ingest says how payloads become events (valid: Ingest.Validate).
 	Ingest events.Ingest
+	// Types validate the data of events by type (nil: Ingest.TypeSchemas).
+	Types *events.TypeSchemas
 	// Store, if not nil, holds the keys seen; nil decides without one.
 	Store *window.Store
 	// Clock, if not nil, is told the stream time of each event.
@@ -93,11 +95,14 @@ type HandlerConfig struct {
 	Dropped, NonStandard prometheus.Counter
 }
 
-// NewHandler returns a handler validating with the embedded per-type schemas.
+// NewHandler returns a handler.
 func NewHandler(c HandlerConfig) (*Handler, error) {
-	types, err := events.LoadTypeSchemas()
-	if err != nil {
-		return nil, fmt.Errorf("dedup: %w", err)
+	types := c.Types
+	if types == nil {
+		var err error
+		if types, err = c.Ingest.TypeSchemas(); err != nil {
+			return nil, fmt.Errorf("dedup: %w", err)
+		}
 	}
 	unused := func(p prometheus.Counter) prometheus.Counter {
 		if p == nil {

@@ -24,11 +24,15 @@ type metrics struct {
 	exprErrors       prometheus.Counter
 	republishSkipped prometheus.Counter
 	nonStandard      prometheus.Counter
+	typedRows        *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	return &metrics{
 		nonStandard: dedup.NewNonStandardCounter(reg),
+		typedRows: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",
+		}, []string{"table"})),
 		rows: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_rows_inserted_total", Help: "Rows inserted into the events table.",
 		})),

@@ -67,6 +67,8 @@ type Config struct {
 	Window dedup.WindowConfig
 	// Ingest says how payloads become events.
 	Ingest events.Ingest
+	// Typed are the typed tables filled with events (sink.LoadTypedTables).
+	Typed []*sink.TypedTable
 	// Enrich is the enrich section (Enrich.Stage is not used).
 	Enrich enrich.Config
 	// Alert is the alert section and the rules (Alert.Stream is not used).
@@ -152,6 +154,11 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
 		return err
+	}
+	for _, t := range cfg.Typed {
+		if err := sink.MigrateTyped(ctx, deps.ClickHouse, t); err != nil {
+			return fmt.Errorf("pipeline: %w", err)
+		}
 	}
 	if err := sink.CheckColumns(ctx, deps.ClickHouse, sink.EventsTable()); err != nil {
 		return err
@@ -315,8 +322,11 @@ type run struct {
 	// stored is when every output of input up to seq was last known stored.
 	stored time.Time
 	// hwm is the highest stream_seq in events when the run began: rows up to it may
-	// be there already.
-	hwm uint64
+	// be there already. typedHWM is the same for each typed table (cfg.Typed).
+	hwm      uint64
+	typedHWM []uint64
+	// typedOf is the index in cfg.Typed of each type's table.
+	typedOf map[string]int
 	// pruned: this run listed and deleted the partition's older states once;
 	// older is the state before the previous one, deleted at the next save.
 	pruned bool
@@ -372,6 +382,13 @@ func (r *run) restore(ctx context.Context) error {
 	defer cancel()
 	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM events").Scan(&r.hwm); err != nil {
 		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
+	}
+	r.typedHWM, r.typedOf = make([]uint64, len(r.cfg.Typed)), map[string]int{}
+	for i, t := range r.cfg.Typed {
+		if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM "+t.Name).Scan(&r.typedHWM[i]); err != nil {
+			return fmt.Errorf("pipeline: high-water mark of %s: %w", t.Name, err)
+		}
+		r.typedOf[t.Type] = i
 	}
 	r.log.Info("pipeline state restored", "partition", r.in.id, "stream", r.in.stream, "seq", r.seq, "keys", r.keys.Stats().Keys, "events_hwm", r.hwm, "published_since", len(r.published))
 	// Written at once, so that a crash before the first periodic save does not lose
@@ -589,8 +606,18 @@ type batch struct {
 	preps []prep      // the input, prepared; the rows point into it
 	rows  []row       // in stream order
 	out   []*nats.Msg // dead letters and alert changes
+	// typed holds the rows of each typed table (by index in cfg.Typed), in stream order.
+	typed [][]typedRow
 	// done, if set, is closed once the batch and all before it are stored.
 	done chan error
+}
+
+// typedRow is one row of a typed table: its values, and its sequence and key (the
+// identity the replay check compares).
+type typedRow struct {
+	values []any
+	seq    uint64
+	key    string
 }
 
 // row is one events row and where it comes from.
@@ -865,6 +892,9 @@ type item struct {
 	env    *alert.EventEnv
 	// envRead is what env holds of data: the rules' needs when it was made.
 	envRead *events.DataFields
+	// typed is the event's row in its type's typed table (typedIdx), if it has one.
+	typed    []any
+	typedIdx int
 }
 
 // all returns the message's events.
@@ -973,6 +1003,14 @@ func (r *run) prepareItem(it *item, seq uint64, key string, read events.DataFiel
 		it.rowErr = fmt.Errorf("cannot be a row of events: %w", err)
 		return
 	}
+	if i, ok := r.typedOf[e.Type]; ok {
+		t := r.cfg.Typed[i]
+		if it.typed, err = t.Values(e, seq); err != nil {
+			it.rowErr = fmt.Errorf("cannot be a row of %s: %w", t.Name, err)
+			return
+		}
+		it.typedIdx = i
+	}
 	if read := r.rulesRead.Load(); read != nil {
 		it.env, it.envRead = alert.EnvFor(e, *read), read
 	}
@@ -1010,6 +1048,12 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 		return
 	}
 	b.rows = append(b.rows, row{rec: &it.rec, seq: p.seq, stored: p.received, msg: p.msg, el: d.Element, data: d.Data})
+	if it.typed != nil {
+		if b.typed == nil {
+			b.typed = make([][]typedRow, len(r.cfg.Typed))
+		}
+		b.typed[it.typedIdx] = append(b.typed[it.typedIdx], typedRow{values: it.typed, seq: p.seq, key: d.Event.Key})
+	}
 	if len(r.engine.Rules()) == 0 {
 		return
 	}
@@ -1098,7 +1142,11 @@ func (r *run) recycle(b *batch) {
 	clear(b.preps)
 	clear(b.rows)
 	clear(b.out)
-	*b = batch{preps: b.preps[:0], rows: b.rows[:0], out: b.out[:0]}
+	for i := range b.typed {
+		clear(b.typed[i])
+		b.typed[i] = b.typed[i][:0]
+	}
+	*b = batch{preps: b.preps[:0], rows: b.rows[:0], out: b.out[:0], typed: b.typed}
 	select {
 	case r.spare <- b:
 	default:
@@ -1171,9 +1219,15 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		for i, r := range b.rows {
 			if rerr, bad := refused[i]; bad {
 				w.deadLetter(r.msg, r.el, r.data, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
+				dropTyped(b, r.seq, r.rec.Key)
 				continue
 			}
 			w.m.e2e.Observe(now.Sub(r.stored).Seconds())
+		}
+	}
+	for i, rows := range b.typed {
+		if err := w.storeTyped(ctx, i, rows); err != nil {
+			return err
 		}
 	}
 	for _, m := range b.out {
@@ -1182,6 +1236,57 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		}
 	}
 	return nil
+}
+
+// dropTyped removes the typed row of the event seq, key from b: its events row was
+// refused, and the event is dead-lettered whole.
+func dropTyped(b *batch, seq uint64, key string) {
+	for i := range b.typed {
+		b.typed[i] = slices.DeleteFunc(b.typed[i], func(r typedRow) bool { return r.seq == seq && r.key == key })
+	}
+}
+
+// storeTyped inserts the rows of typed table i not in it already, after the
+// events rows of the same input: a run that stopped between the two finds the
+// events rows present and inserts only these (each table is checked on its own,
+// by stream_seq and key, up to its own high-water mark).
+func (w *writer) storeTyped(ctx context.Context, i int, rows []typedRow) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	t := w.cfg.Typed[i]
+	check := rows[0].seq <= w.typedHWM[i]
+	return w.retry(ctx, "insert", func(ctx context.Context) error {
+		if err := w.claim.Valid(); err != nil {
+			return err
+		}
+		if check {
+			ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+			present, err := sink.Present(ictx, w.ch, t.Name, t.Identity, rows[0].seq, rows[len(rows)-1].seq)
+			cancel()
+			if err != nil {
+				return err
+			}
+			rows = slices.DeleteFunc(rows, func(r typedRow) bool { return slices.Contains(present[r.seq], r.key) })
+			if len(rows) == 0 {
+				return nil
+			}
+		}
+		// A failed insert may have stored the rows; the next try checks first.
+		check = true
+		w.cfg.Crash.At(sink.CrashDuringTypedInsert)
+		values := make([][]any, len(rows))
+		for j, r := range rows {
+			values[j] = r.values
+		}
+		ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
+		defer cancel()
+		if err := sink.Insert(ictx, w.ch, t.Table, values); err != nil {
+			return err
+		}
+		w.m.typedRows.WithLabelValues(t.Name).Add(float64(len(rows)))
+		return nil
+	})
 }
 
 // retry runs f until it succeeds or ctx ends, with a growing pause between tries.

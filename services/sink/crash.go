@@ -15,6 +15,9 @@ const (
 	CrashBeforeInsert = "before-insert" // the batch is pulled and checked, nothing inserted
 	CrashDuringInsert = "during-insert" // a few milliseconds into the insert
 	CrashAfterInsert  = "after-insert"  // the insert returned, no ack sent
+	// CrashDuringTypedInsert: a few milliseconds into the insert into a typed table
+	// (the pipeline inserts its events rows first).
+	CrashDuringTypedInsert = "during-typed-insert"
 )
 
 // Crash is fault injection for the crash tests: at Point, with Probability, the
@@ -32,20 +35,21 @@ func ParseCrash(s string) (Crash, error) {
 	switch {
 	case !ok || err != nil || p < 0 || p > 1:
 		return Crash{}, fmt.Errorf("crash %q: want <point>:<probability from 0 to 1>", s)
-	case point != CrashBeforeInsert && point != CrashDuringInsert && point != CrashAfterInsert:
-		return Crash{}, fmt.Errorf("crash %q: point must be %s, %s or %s", s, CrashBeforeInsert, CrashDuringInsert, CrashAfterInsert)
+	case point != CrashBeforeInsert && point != CrashDuringInsert && point != CrashAfterInsert && point != CrashDuringTypedInsert:
+		return Crash{}, fmt.Errorf("crash %q: point must be %s, %s, %s or %s", s, CrashBeforeInsert, CrashDuringInsert, CrashAfterInsert, CrashDuringTypedInsert)
 	}
 	return Crash{Point: point, Probability: p}, nil
 }
 
-// At kills the process if c says so at point. For CrashDuringInsert it arms a
-// timer and returns; the insert runs on until the kill lands.
+// At kills the process if c says so at point. For CrashDuringInsert and
+// CrashDuringTypedInsert it arms a timer and returns; the insert runs on until the
+// kill lands.
 func (c Crash) At(point string) {
 	if c.Point != point || c.Probability == 0 || rand.Float64() >= c.Probability {
 		return
 	}
 	kill := func() { _ = syscall.Kill(os.Getpid(), syscall.SIGKILL) }
-	if point == CrashDuringInsert {
+	if point == CrashDuringInsert || point == CrashDuringTypedInsert {
 		time.AfterFunc(time.Duration(1+rand.IntN(20))*time.Millisecond, kill)
 		return
 	}

@@ -30,6 +30,7 @@ import (
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // Name is the stage's name in logs, metrics and dead letters.
@@ -48,6 +49,9 @@ type Config struct {
 	// Tables are the names of the tables to fill (default: all of TableNames). A
 	// platform whose events the pipeline service writes leaves out events.
 	Tables []string
+	// Typed are the typed tables of SLUICE_CONFIG (NewTypedTables), filled with
+	// events: only when Tables holds events.
+	Typed []*TypedTable
 	// Crash is fault injection for the crash tests; the zero value in production.
 	Crash Crash
 }
@@ -130,6 +134,17 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
+	if slices.ContainsFunc(tables, func(t *Table) bool { return t.Name == "events" }) {
+		for _, t := range cfg.Typed {
+			if err := MigrateTyped(ctx, deps.ClickHouse, t); err != nil {
+				return fmt.Errorf("sink: %w", err)
+			}
+			if err := ensureTypedConsumer(ctx, js, t); err != nil {
+				return err
+			}
+			tables = append(tables, t.Table)
+		}
+	}
 	m := newMetrics(deps.Registerer)
 	var wg sync.WaitGroup
 	errs := make([]error, len(tables))
@@ -140,6 +155,32 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// ensureTypedConsumer creates the durable consumer of a typed table on ENRICHED:
+// the events sink's settings under the table's name. A new one reads ENRICHED from
+// its start, so a table added later is filled with the events ENRICHED still holds.
+func ensureTypedConsumer(ctx context.Context, js jetstream.JetStream, t *TypedTable) error {
+	topo, err := streams.Load()
+	if err != nil {
+		return err
+	}
+	base, ok := topo.Consumer(streams.Enriched, EventsTable().Consumer)
+	if !ok {
+		return fmt.Errorf("sink: the topology has no consumer %s on %s", EventsTable().Consumer, streams.Enriched)
+	}
+	cc := *base
+	cc.Durable, cc.Name, cc.Description = t.Consumer, "", "fills the typed table "+t.Name
+	if _, err := js.Consumer(ctx, streams.Enriched, t.Consumer); err == nil {
+		return nil
+	}
+	return streams.Retry(ctx, func(ctx context.Context) error {
+		_, err := js.CreateConsumer(ctx, streams.Enriched, cc)
+		if errors.Is(err, jetstream.ErrConsumerExists) {
+			return nil
+		}
+		return err
+	})
 }
 
 // selectTables returns the tables named (all for none).
@@ -302,6 +343,10 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 		}
 		seq := md.Sequence.Stream
 		row, err := w.table.Row(msg, seq)
+		if errors.Is(err, ErrNoRow) {
+			done = append(done, msg)
+			continue
+		}
 		if err != nil {
 			rejected = append(rejected, rejectedMsg{msg, fmt.Sprintf("cannot be a row of %s: %v", name, err)})
 			continue

@@ -173,9 +173,9 @@ func TestInsertEventsInBlocks(t *testing.T) {
 	}
 }
 
-// The same DDL, the sink's column types, its INSERTs and its queries on current
-// ClickHouse (26.5, in-process through chDB).
-func TestTablesOnCurrentClickHouse(t *testing.T) {
+// openChDB opens a chDB session (current ClickHouse, in-process) for the test.
+func openChDB(t *testing.T) *chdb.Session {
+	t.Helper()
 	wd, _ := os.Getwd()
 	lib, err := chdb.Find(wd)
 	if err != nil {
@@ -185,7 +185,14 @@ func TestTablesOnCurrentClickHouse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// The same DDL, the sink's column types, its INSERTs and its queries on current
+// ClickHouse (26.5, in-process through chDB).
+func TestTablesOnCurrentClickHouse(t *testing.T) {
+	s := openChDB(t)
 	q := func(sql string) string {
 		t.Helper()
 		out, err := s.Query(sql, "TSV")

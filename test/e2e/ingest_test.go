@@ -4,7 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,9 +19,13 @@ import (
 
 // ingestConfig maps two producers that do not send CloudEvents: a code host's
 // event archive relayed as newline-delimited JSON, and sensors posting arrays of
-// readings with Unix-millisecond times.
+// readings with Unix-millisecond times; readings get a typed table, from a schema
+// in the user's directory.
 const ingestConfig = `
+typed_tables:
+  types: [reading]
 ingest:
+  schemas: %s
   mappings:
     - name: archive
       subjects: events.archive.>
@@ -39,6 +46,18 @@ ingest:
       time: {field: ts, format: unix_ms}
 `
 
+// readingSchema is the user's schema of a sensor reading's data.
+const readingSchema = `{
+  "type": "object",
+  "required": ["reading_id", "ts", "celsius"],
+  "properties": {
+    "reading_id": {"type": "string"},
+    "ts": {"type": ["integer", "string"]},
+    "celsius": {"type": "number"},
+    "probe": {"type": "object", "properties": {"serial": {"type": "string"}, "depth_cm": {"type": "array", "items": {"type": "integer"}}}}
+  }
+}`
+
 // rawCorpus is what TestRawIngest publishes and what must land.
 type rawCorpus struct {
 	msgs []*nats.Msg
@@ -49,6 +68,9 @@ type rawCorpus struct {
 	// dead-lettered twice: invalid input has no key to know it by).
 	dead        map[string]string
 	deadLetters int
+	// readings and celsius: the unique valid readings and the sum of their values.
+	readings int
+	celsius  float64
 }
 
 func newRawCorpus(seed uint64) *rawCorpus {
@@ -115,8 +137,11 @@ func newRawCorpus(seed uint64) *rawCorpus {
 				elems = append(elems, el)
 				continue
 			}
+			celsius := float64(150+rng.IntN(100)) / 10
 			elems = append(elems, fmt.Sprintf(`{"reading_id":"r%d","ts":%d,"celsius":%.1f,"probe":{"serial":"p-%d","depth_cm":[10,20]}}`,
-				reading, ts, 15+rng.Float64()*10, b))
+				reading, ts, celsius, b))
+			c.readings++
+			c.celsius += celsius
 			c.events[plant+"/r"+fmt.Sprint(reading)] = time.UnixMilli(ts).UTC()
 		}
 		c.msgs = append(c.msgs, &nats.Msg{Subject: "events.sensors." + plant, Data: []byte("[" + strings.Join(elems, ",") + "]")})
@@ -141,7 +166,11 @@ func newRawCorpus(seed uint64) *rawCorpus {
 func TestRawIngest(t *testing.T) {
 	for _, mode := range modes {
 		t.Run(mode.name, func(t *testing.T) {
-			p := newPipeline(t, ingestConfig, nil)
+			dir := t.TempDir()
+			if err := os.WriteFile(filepath.Join(dir, "reading.json"), []byte(readingSchema), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			p := newPipeline(t, fmt.Sprintf(ingestConfig, dir), nil)
 			p.split = mode.split
 			p.start()
 			rawIngest(t, p)
@@ -223,6 +252,21 @@ func rawIngest(t *testing.T, p *pipeline) {
 	rows.Close()
 	if seen != len(c.events) {
 		t.Errorf("read %d expected events, want %d", seen, len(c.events))
+	}
+	// The typed table: each reading once, its columns typed, summed with plain SQL.
+	err = oracle.WaitFor(ctx, time.Minute, func() error {
+		var n, keys, depths uint64
+		var sum float64
+		if err := p.ch.QueryRow(ctx, "SELECT count(), uniqExact(event_key), sum(celsius), sum(length(probe_depth_cm)) FROM reading").Scan(&n, &keys, &sum, &depths); err != nil {
+			return err
+		}
+		if n != uint64(c.readings) || keys != n || math.Abs(sum-c.celsius) > 1e-6 || depths != 2*n {
+			return fmt.Errorf("typed table reading: %d rows, %d keys, sum(celsius) %v, %d depths; want %d readings once, sum %v", n, keys, sum, depths, c.readings, c.celsius)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	dl, err := p.ch.Query(ctx, "SELECT payload, reason FROM dead_letters")
 	if err != nil {

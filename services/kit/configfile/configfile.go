@@ -17,7 +17,7 @@ import (
 )
 
 // Sections lists the top-level keys the file may hold.
-var Sections = []string{"ingest", "dedup", "enrich", "alert", "rules", "notify", "receivers", "routes"}
+var Sections = []string{"ingest", "typed_tables", "dedup", "enrich", "alert", "rules", "notify", "receivers", "routes"}
 
 // File is a parsed config file, kept as YAML nodes until a service decodes its part.
 type File struct {

@@ -77,11 +77,17 @@ func RunStages(ctx context.Context, s Stages) error {
 	if sinkCfg.MaxRows == 0 {
 		sinkCfg = sink.DefaultConfig()
 	}
+	typed, err := sink.LoadTypedTables(s.Config)
+	if err != nil {
+		return err
+	}
+	sinkCfg.Typed = typed
 	ready := func(name string) func() { return func() { s.Ready.Set("stage "+name, nil) } }
 	var runs []stageRun
 	if !s.Split {
 		pipeCfg := pipeline.DefaultConfig()
 		pipeCfg.Window, pipeCfg.Ingest, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, dedupCfg.Ingest, enrichCfg, alertCfg
+		pipeCfg.Typed = typed
 		pipeCfg.Replica = "sluice-up"
 		sinkCfg.Tables = []string{"dead_letters", "alerts"}
 		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))

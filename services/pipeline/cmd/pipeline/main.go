@@ -50,6 +50,9 @@ func main() {
 			if cfg.Ingest, err = dedup.LoadIngest(f); err != nil {
 				return err
 			}
+			if cfg.Typed, err = sink.LoadTypedTables(f); err != nil {
+				return err
+			}
 			if cfg.Enrich.Enrich, err = enrich.LoadEnrichConfig(f); err != nil {
 				return err
 			}

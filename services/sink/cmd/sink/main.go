@@ -23,9 +23,10 @@ func main() {
 		Summary:     "inserts events, alerts and dead letters into ClickHouse in batches, acking after each insert",
 		MetricsAddr: "127.0.0.1:9305",
 		ClickHouse:  true,
+		Config:      true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
 			settings.String(fs, env, &tables, "tables", "SINK_TABLES", strings.Join(sink.TableNames(), ","),
-				"tables to fill, comma-separated (leave out events when the pipeline service writes them)")
+				"tables to fill, comma-separated (leave out events when the pipeline service writes them); with events, the typed tables of SLUICE_CONFIG too")
 			return errors.Join(
 				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "SINK_BATCH_MAX_ROWS", cfg.MaxRows, "most rows in one insert (keep at or under the consumers' max_ack_pending)"),
 				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "SINK_FLUSH_INTERVAL", cfg.FlushInterval, "how long a batch waits to fill before it is inserted"),
@@ -43,6 +44,13 @@ func main() {
 			}
 			if len(cfg.Tables) == 0 {
 				return errors.New("--tables names no table")
+			}
+			f, err := env.ConfigFile()
+			if err != nil {
+				return err
+			}
+			if cfg.Typed, err = sink.LoadTypedTables(f); err != nil {
+				return err
 			}
 			conn, err := chconn.Open(ctx, env.ClickHouse)
 			if err != nil {

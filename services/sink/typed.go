@@ -1,0 +1,520 @@
+package sink
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	gojson "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// Typed tables: for an event type with a JSON Schema, a table with one typed column
+// per property of its data, so that plain SQL reads them (SELECT user,
+// sum(amount) FROM order_created GROUP BY user) instead of visitParamExtract* over
+// the data string. Nested properties are flattened (customer.country becomes
+// customer_country), arrays of scalars are ClickHouse arrays, anything else is its
+// JSON text in a String column. A property that is not required, or sits under one
+// that is not, is Nullable; an array is empty when absent. The writer that inserts
+// an event's events row inserts its typed row too, with the same exactly-once
+// check (stream_seq and the event key). See docs/ingest.md.
+
+// TypedConfig is the typed_tables section of SLUICE_CONFIG.
+type TypedConfig struct {
+	// Types are the event types that get a table; each needs a schema (embedded, or
+	// in the directory ingest.schemas).
+	Types []string `yaml:"types"`
+	// Separator joins the names of nested properties into column names ("_").
+	Separator string `yaml:"separator"`
+}
+
+// LoadTypedConfig reads the typed_tables section of f.
+func LoadTypedConfig(f *configfile.File) (TypedConfig, error) {
+	c := TypedConfig{Separator: "_"}
+	if err := f.Decode("typed_tables", &c); err != nil {
+		return c, err
+	}
+	if !validColumn.MatchString("a" + c.Separator + "b") {
+		return c, fmt.Errorf("typed_tables.separator %q: want letters, digits or underscores", c.Separator)
+	}
+	return c, nil
+}
+
+// LoadTypedTables reads the typed_tables section of f and builds its tables from
+// the schemas (the embedded ones and those of ingest.schemas).
+func LoadTypedTables(f *configfile.File) ([]*TypedTable, error) {
+	c, err := LoadTypedConfig(f)
+	if err != nil || len(c.Types) == 0 {
+		return nil, err
+	}
+	var in events.Ingest
+	if err := f.Decode("ingest", &in); err != nil {
+		return nil, err
+	}
+	types, err := in.TypeSchemas()
+	if err != nil {
+		return nil, err
+	}
+	return NewTypedTables(c, types)
+}
+
+// NewTypedTables builds the tables of c from the schemas in types.
+func NewTypedTables(c TypedConfig, types *events.TypeSchemas) ([]*TypedTable, error) {
+	var (
+		out  []*TypedTable
+		errs []error
+	)
+	names := map[string]string{}
+	for _, typ := range c.Types {
+		raw := types.Raw(typ)
+		if raw == nil {
+			errs = append(errs, fmt.Errorf("typed_tables.types: %q has no schema (add %s.json to the directory ingest.schemas)", typ, typ))
+			continue
+		}
+		t, err := NewTypedTable(typ, raw, c.Separator)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("typed_tables.types: %w", err))
+			continue
+		}
+		if other, ok := names[t.Name]; ok {
+			errs = append(errs, fmt.Errorf("typed_tables.types: %q and %q both make table %s", other, typ, t.Name))
+			continue
+		}
+		names[t.Name] = typ
+		out = append(out, t)
+	}
+	return out, errors.Join(errs...)
+}
+
+// TypedTable is the typed table of one event type.
+type TypedTable struct {
+	*Table
+	// Type is the CloudEvents type whose events fill it.
+	Type  string
+	props []property
+}
+
+// typedFixed are the columns every typed table has before the properties'.
+var typedFixed = []Column{
+	{"event_key", "String"}, {"event_id", "String"}, {"event_source", "String"},
+	{"event_time", "DateTime"}, {"event_time_ms", "UInt16"}, {"stream_seq", "UInt64"},
+}
+
+// property is one column made from the schema.
+type property struct {
+	path     []string
+	kind     kind
+	array    bool
+	nullable bool
+}
+
+type kind int
+
+const (
+	kindString kind = iota
+	kindInt
+	kindFloat
+	kindBool
+	kindJSON // the value's JSON text
+)
+
+func (p property) chType() string {
+	base := [...]string{kindString: "String", kindInt: "Int64", kindFloat: "Float64", kindBool: "UInt8", kindJSON: "String"}[p.kind]
+	switch {
+	case p.array:
+		return "Array(" + base + ")"
+	case p.nullable:
+		return "Nullable(" + base + ")"
+	}
+	return base
+}
+
+var (
+	validColumn = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	notWord     = regexp.MustCompile(`[^A-Za-z0-9_]`)
+)
+
+// TypedTableName is the table of typ: order.created is order_created.
+func TypedTableName(typ string) string {
+	name := notWord.ReplaceAllString(typ, "_")
+	if name == "" || (name[0] >= '0' && name[0] <= '9') {
+		name = "_" + name
+	}
+	return name
+}
+
+// NewTypedTable makes the table of typ from its data's JSON Schema.
+func NewTypedTable(typ string, schema []byte, sep string) (*TypedTable, error) {
+	var root map[string]any
+	if err := json.Unmarshal(schema, &root); err != nil {
+		return nil, fmt.Errorf("schema of %q: %w", typ, err)
+	}
+	if _, ok := root["properties"].(map[string]any); !ok {
+		return nil, fmt.Errorf("schema of %q has no properties: a typed table needs an object schema with properties", typ)
+	}
+	t := &TypedTable{Type: typ}
+	if err := walkSchema(root, nil, false, &t.props); err != nil {
+		return nil, fmt.Errorf("schema of %q: %w", typ, err)
+	}
+	name := TypedTableName(typ)
+	t.Table = &Table{Name: name, Stream: streams.Enriched, Consumer: "typed_" + name, Identity: "event_key",
+		Columns: slices.Clone(typedFixed)}
+	owner := map[string]string{}
+	for _, c := range typedFixed {
+		owner[c.Name] = "sluice's column"
+	}
+	for _, p := range t.props {
+		col := strings.Join(p.path, sep)
+		if !validColumn.MatchString(col) {
+			col = notWord.ReplaceAllString(col, "_")
+			if !validColumn.MatchString(col) {
+				col = "_" + col
+			}
+		}
+		prop := strings.Join(p.path, ".")
+		if other, ok := owner[col]; ok {
+			return nil, fmt.Errorf("schema of %q: property %s and %s both make column %s", typ, prop, other, col)
+		}
+		owner[col] = "property " + prop
+		t.Columns = append(t.Columns, Column{col, p.chType()})
+	}
+	t.Row = func(msg jetstream.Msg, seq uint64) (Row, error) {
+		e, err := events.Unmarshal(msg.Data())
+		if err != nil {
+			return Row{}, err
+		}
+		if e.Type != t.Type {
+			return Row{}, ErrNoRow
+		}
+		vals, err := t.Values(e, seq)
+		return Row{Values: vals, Time: e.Time}, err
+	}
+	return t, nil
+}
+
+// ErrNoRow is Table.Row's answer for a message that has no row in the table (an
+// event of another type): it is acked without one.
+var ErrNoRow = errors.New("no row in this table")
+
+// schemaTypes returns the JSON types a schema allows ("type": a name or a list).
+func schemaTypes(s map[string]any) []string {
+	switch v := s["type"].(type) {
+	case string:
+		return []string{v}
+	case []any:
+		var out []string
+		for _, t := range v {
+			if name, ok := t.(string); ok {
+				out = append(out, name)
+			}
+		}
+		return out
+	}
+	return nil
+}
+
+func walkSchema(s map[string]any, path []string, optional bool, out *[]property) error {
+	props, _ := s["properties"].(map[string]any)
+	required := map[string]bool{}
+	if req, ok := s["required"].([]any); ok {
+		for _, r := range req {
+			if name, ok := r.(string); ok {
+				required[name] = true
+			}
+		}
+	}
+	for _, name := range slices.Sorted(mapsKeys(props)) {
+		sub, _ := props[name].(map[string]any)
+		p := property{path: append(slices.Clip(path), name), kind: kindJSON}
+		types := schemaTypes(sub)
+		p.nullable = optional || !required[name] || slices.Contains(types, "null")
+		types = slices.DeleteFunc(slices.Clone(types), func(t string) bool { return t == "null" })
+		if len(types) == 1 {
+			switch types[0] {
+			case "object":
+				if _, ok := sub["properties"].(map[string]any); ok {
+					if err := walkSchema(sub, p.path, p.nullable, out); err != nil {
+						return err
+					}
+					continue
+				}
+			case "array":
+				p.array, p.nullable = true, false
+				items, _ := sub["items"].(map[string]any)
+				if it := schemaTypes(items); len(it) == 1 {
+					p.kind = scalarKind(it[0])
+				}
+			default:
+				p.kind = scalarKind(types[0])
+			}
+		}
+		*out = append(*out, p)
+	}
+	return nil
+}
+
+func scalarKind(t string) kind {
+	switch t {
+	case "string":
+		return kindString
+	case "integer":
+		return kindInt
+	case "number":
+		return kindFloat
+	case "boolean":
+		return kindBool
+	}
+	return kindJSON
+}
+
+func mapsKeys(m map[string]any) func(func(string) bool) {
+	return func(yield func(string) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+// Values is the typed row of e, stored from stream sequence seq, in Columns' order.
+func (t *TypedTable) Values(e *events.Event, seq uint64) ([]any, error) {
+	if len(e.Data) == 0 {
+		return nil, fmt.Errorf("an event of type %s without data has no row in %s", t.Type, t.Name)
+	}
+	dec := gojson.NewDecoder(bytes.NewReader(e.Data))
+	dec.UseNumber()
+	var doc any
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("data is not JSON: %w", err)
+	}
+	at, ms := splitMillis(e.Time)
+	vals := make([]any, 0, len(t.Columns))
+	vals = append(vals, e.Key, e.ID, e.Source, at, ms, seq)
+	for _, p := range t.props {
+		v, err := p.value(lookupPath(doc, p.path))
+		if err != nil {
+			return nil, fmt.Errorf("property %s: %w", strings.Join(p.path, "."), err)
+		}
+		vals = append(vals, v)
+	}
+	return vals, nil
+}
+
+func lookupPath(doc any, path []string) any {
+	for _, step := range path {
+		obj, ok := doc.(map[string]any)
+		if !ok {
+			return nil
+		}
+		doc = obj[step]
+	}
+	return doc
+}
+
+func (p property) value(v any) (any, error) {
+	if p.array {
+		items, ok := v.([]any)
+		if v != nil && !ok {
+			return nil, fmt.Errorf("is not an array")
+		}
+		return arrayOf(p.kind, items)
+	}
+	if v == nil {
+		if p.nullable {
+			return nullOf(p.kind), nil
+		}
+		return nil, fmt.Errorf("is missing")
+	}
+	x, err := scalar(p.kind, v)
+	if err != nil || !p.nullable {
+		return x, err
+	}
+	switch x := x.(type) {
+	case string:
+		return &x, nil
+	case int64:
+		return &x, nil
+	case float64:
+		return &x, nil
+	case uint8:
+		return &x, nil
+	}
+	return x, nil
+}
+
+func nullOf(k kind) any {
+	switch k {
+	case kindInt:
+		return (*int64)(nil)
+	case kindFloat:
+		return (*float64)(nil)
+	case kindBool:
+		return (*uint8)(nil)
+	}
+	return (*string)(nil)
+}
+
+func scalar(k kind, v any) (any, error) {
+	switch k {
+	case kindString:
+		if s, ok := v.(string); ok {
+			return s, nil
+		}
+		return nil, fmt.Errorf("is %T, not a string", v)
+	case kindInt:
+		n, ok := v.(json.Number)
+		if !ok {
+			return nil, fmt.Errorf("is %T, not an integer", v)
+		}
+		i, err := n.Int64()
+		if err != nil {
+			return nil, fmt.Errorf("%s is not an integer that fits Int64", n)
+		}
+		return i, nil
+	case kindFloat:
+		n, ok := v.(json.Number)
+		if !ok {
+			return nil, fmt.Errorf("is %T, not a number", v)
+		}
+		f, err := n.Float64()
+		if err != nil {
+			return nil, fmt.Errorf("%s does not fit Float64", n)
+		}
+		return f, nil
+	case kindBool:
+		b, ok := v.(bool)
+		if !ok {
+			return nil, fmt.Errorf("is %T, not a boolean", v)
+		}
+		if b {
+			return uint8(1), nil
+		}
+		return uint8(0), nil
+	}
+	b, err := gojson.MarshalWithOption(v, gojson.DisableHTMLEscape())
+	return string(b), err
+}
+
+func arrayOf(k kind, items []any) (any, error) {
+	conv := func(i int, v any) (any, error) {
+		if v == nil {
+			return nil, fmt.Errorf("item %d is null", i)
+		}
+		return scalar(k, v)
+	}
+	var err error
+	fill := func(dst func(any)) {
+		for i, v := range items {
+			var x any
+			if x, err = conv(i, v); err != nil {
+				return
+			}
+			dst(x)
+		}
+	}
+	switch k {
+	case kindInt:
+		out := make([]int64, 0, len(items))
+		fill(func(x any) { out = append(out, x.(int64)) })
+		return out, err
+	case kindFloat:
+		out := make([]float64, 0, len(items))
+		fill(func(x any) { out = append(out, x.(float64)) })
+		return out, err
+	case kindBool:
+		out := make([]uint8, 0, len(items))
+		fill(func(x any) { out = append(out, x.(uint8)) })
+		return out, err
+	}
+	out := make([]string, 0, len(items))
+	fill(func(x any) { out = append(out, x.(string)) })
+	return out, err
+}
+
+// CreateSQL creates the table (if it does not exist): MergeTree, by month of the
+// event time, ordered by event time and key.
+func (t *TypedTable) CreateSQL() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "CREATE TABLE IF NOT EXISTS %s\n(\n", t.Name)
+	for _, c := range t.Columns {
+		fmt.Fprintf(&b, "    `%s` %s,\n", c.Name, c.Type)
+	}
+	b.WriteString("    inserted_at DateTime DEFAULT now()\n)\nENGINE = MergeTree()\nPARTITION BY toYYYYMM(event_time)\nORDER BY (event_time, event_key)")
+	return b.String()
+}
+
+// MigrateTyped creates t, or adds the columns of properties new to its schema. A
+// column whose type the schema changed is an error naming the property: its rows
+// would need rewriting.
+func MigrateTyped(ctx context.Context, conn driver.Conn, t *TypedTable) error {
+	for attempt := 0; ; attempt++ {
+		have, err := tableColumns(ctx, conn, t.Name)
+		if err != nil {
+			return err
+		}
+		if len(have) == 0 {
+			if err := conn.Exec(ctx, t.CreateSQL()); err != nil {
+				return fmt.Errorf("typed table %s: create: %w", t.Name, err)
+			}
+			continue
+		}
+		var errs []error
+		var add []Column
+		for i, c := range t.Columns {
+			got, ok := have[c.Name]
+			switch {
+			case !ok:
+				add = append(add, c)
+			case got != c.Type:
+				what := "column " + c.Name
+				if i >= len(typedFixed) {
+					what = "property " + strings.Join(t.props[i-len(typedFixed)].path, ".")
+				}
+				errs = append(errs, fmt.Errorf("typed table %s: %s is %s in the table and %s in the schema of %q; a changed type needs a new table (rename or drop the old one, docs/ingest.md)",
+					t.Name, what, got, c.Type, t.Type))
+			}
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+		if len(add) == 0 {
+			return nil
+		}
+		for _, c := range add {
+			if err := conn.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD COLUMN `%s` %s", t.Name, c.Name, c.Type)); err != nil {
+				if attempt < 3 { // another worker may have added it meanwhile
+					break
+				}
+				return fmt.Errorf("typed table %s: add column %s: %w", t.Name, c.Name, err)
+			}
+		}
+	}
+}
+
+func tableColumns(ctx context.Context, conn driver.Conn, table string) (map[string]string, error) {
+	rows, err := conn.Query(ctx, "SELECT name, type FROM system.columns WHERE database = currentDatabase() AND table = ?", table)
+	if err != nil {
+		return nil, fmt.Errorf("read columns of %s: %w", table, err)
+	}
+	defer rows.Close()
+	have := map[string]string{}
+	for rows.Next() {
+		var name, typ string
+		if err := rows.Scan(&name, &typ); err != nil {
+			return nil, fmt.Errorf("read columns of %s: %w", table, err)
+		}
+		have[name] = typ
+	}
+	return have, rows.Err()
+}
