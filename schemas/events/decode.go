@@ -559,6 +559,10 @@ func parseTime(s string) (time.Time, error) {
 
 func isNull(raw json.RawMessage) bool { return bytes.Equal(bytes.TrimSpace(raw), []byte("null")) }
 
+// JSONKind names the kind of the JSON value raw for people: "an object", "an
+// array", "a string", "a number", "a boolean", "null".
+func JSONKind(raw []byte) string { return jsonKind(raw) }
+
 func jsonKind(raw []byte) string {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) == 0 {

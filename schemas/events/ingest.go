@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"iter"
 	"math/big"
 	"regexp"
 	"slices"
@@ -332,8 +333,14 @@ func (a *Attr) describe() string {
 // lookup finds the JSON value at path (names and array indexes joined by dots) in
 // doc, a valid JSON value, without decoding the rest.
 func lookup(doc []byte, path string) ([]byte, bool) {
+	return lookupSteps(doc, strings.SplitSeq(path, "."))
+}
+
+// lookupSteps finds the JSON value at path (object member names and array indexes) in
+// doc, a valid JSON value, without decoding the rest: its raw bytes.
+func lookupSteps(doc []byte, path iter.Seq[string]) ([]byte, bool) {
 	v := doc[skipSpace(doc, 0):]
-	for step := range strings.SplitSeq(path, ".") {
+	for step := range path {
 		if len(v) == 0 {
 			return nil, false
 		}
@@ -370,9 +377,45 @@ func unescapedName(name []byte) string {
 	return s
 }
 
+// Members yields the members of raw, a valid JSON object, in order: each name (as
+// written between its quotes, escapes not undone) and raw value. It yields nothing
+// for a value that is not an object.
+func Members(raw []byte) iter.Seq2[[]byte, []byte] {
+	raw = raw[skipSpace(raw, 0):]
+	if len(raw) == 0 || raw[0] != '{' {
+		return func(func([]byte, []byte) bool) {}
+	}
+	return objectMembers(raw)
+}
+
+// MemberName is a name Members yielded, its escapes undone.
+func MemberName(name []byte) string {
+	if plainName(name) {
+		return string(name)
+	}
+	return unescapedName(name)
+}
+
+// Unquote decodes raw, a valid JSON value, if it is a string.
+func Unquote(raw []byte) (string, bool) {
+	if len(raw) == 0 {
+		return "", false
+	}
+	return jsonString(raw)
+}
+
+// Elements yields the elements of raw, a valid JSON array, with their indexes.
+func Elements(raw []byte) iter.Seq2[int, []byte] {
+	raw = raw[skipSpace(raw, 0):]
+	if len(raw) == 0 || raw[0] != '[' {
+		return func(func(int, []byte) bool) {}
+	}
+	return arrayElements(raw)
+}
+
 // arrayElements yields the elements of the JSON array b (valid JSON, b[0] its
 // opening bracket) with their indexes.
-func arrayElements(b []byte) func(yield func(int, []byte) bool) {
+func arrayElements(b []byte) iter.Seq2[int, []byte] {
 	return func(yield func(int, []byte) bool) {
 		i := skipSpace(b, 1)
 		for n := 0; i < len(b) && b[i] != ']'; n++ {

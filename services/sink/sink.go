@@ -574,6 +574,9 @@ func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
 
 // Insert inserts rows into t in one batch.
 func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
+	if t.Columnar {
+		return insertColumns(ctx, ch, t, rows)
+	}
 	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
 	if err != nil {
 		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)

@@ -33,6 +33,9 @@ type Table struct {
 	// Identity, if set, is a String column that identifies what a row records (the
 	// event key); the replay check compares it as well as the stream sequence.
 	Identity string
+	// Columnar inserts a column at a time: each value must be of the Go type its
+	// column takes (see insertColumns).
+	Columnar bool
 }
 
 // identity returns the value of the Identity column in values.

@@ -1,17 +1,18 @@
 package sink
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/big"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	gojson "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/events"
@@ -102,6 +103,47 @@ type TypedTable struct {
 	// Type is the CloudEvents type whose events fill it.
 	Type  string
 	props []property
+	// root finds the properties in data in one pass over it.
+	root *node
+}
+
+// node is one object level of the schema: the properties and objects under it, by
+// member name.
+type node struct {
+	children map[string]*node
+	prop     int // index in props; -1 for an object with properties under it
+}
+
+func (n *node) add(path []string, prop int) {
+	for _, step := range path {
+		if n.children == nil {
+			n.children = map[string]*node{}
+		}
+		c, ok := n.children[step]
+		if !ok {
+			c = &node{prop: -1}
+			n.children[step] = c
+		}
+		n = c
+	}
+	n.prop = prop
+}
+
+// find stores in raws the raw value of each property under n found in obj.
+func (n *node) find(obj []byte, raws [][]byte) {
+	for name, v := range events.Members(obj) {
+		c, ok := n.children[string(name)]
+		if !ok {
+			if c, ok = n.children[events.MemberName(name)]; !ok {
+				continue
+			}
+		}
+		if c.prop >= 0 {
+			raws[c.prop] = v
+		} else {
+			c.find(v, raws)
+		}
+	}
 }
 
 // typedFixed are the columns every typed table has before the properties'.
@@ -168,7 +210,11 @@ func NewTypedTable(typ string, schema []byte, sep string) (*TypedTable, error) {
 	}
 	name := TypedTableName(typ)
 	t.Table = &Table{Name: name, Stream: streams.Enriched, Consumer: "typed_" + name, Identity: "event_key",
-		Columns: slices.Clone(typedFixed)}
+		Columns: slices.Clone(typedFixed), Columnar: true}
+	t.root = &node{prop: -1}
+	for i, p := range t.props {
+		t.root.add(p.path, i)
+	}
 	owner := map[string]string{}
 	for _, c := range typedFixed {
 		owner[c.Name] = "sluice's column"
@@ -288,21 +334,23 @@ func mapsKeys(m map[string]any) func(func(string) bool) {
 }
 
 // Values is the typed row of e, stored from stream sequence seq, in Columns' order.
+// It reads the properties' values from the data's JSON text in one pass, without
+// decoding the rest.
 func (t *TypedTable) Values(e *events.Event, seq uint64) ([]any, error) {
 	if len(e.Data) == 0 {
 		return nil, fmt.Errorf("an event of type %s without data has no row in %s", t.Type, t.Name)
 	}
-	dec := gojson.NewDecoder(bytes.NewReader(e.Data))
-	dec.UseNumber()
-	var doc any
-	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("data is not JSON: %w", err)
-	}
 	at, ms := splitMillis(e.Time)
 	vals := make([]any, 0, len(t.Columns))
 	vals = append(vals, e.Key, e.ID, e.Source, at, ms, seq)
-	for _, p := range t.props {
-		v, err := p.value(lookupPath(doc, p.path))
+	raws := make([][]byte, len(t.props))
+	t.root.find(e.Data, raws)
+	for i, p := range t.props {
+		raw := raws[i]
+		if raw != nil && isNull(raw) {
+			raw = nil
+		}
+		v, err := p.value(raw)
 		if err != nil {
 			return nil, fmt.Errorf("property %s: %w", strings.Join(p.path, "."), err)
 		}
@@ -311,32 +359,23 @@ func (t *TypedTable) Values(e *events.Event, seq uint64) ([]any, error) {
 	return vals, nil
 }
 
-func lookupPath(doc any, path []string) any {
-	for _, step := range path {
-		obj, ok := doc.(map[string]any)
-		if !ok {
-			return nil
-		}
-		doc = obj[step]
-	}
-	return doc
-}
+func isNull(raw []byte) bool { return string(raw) == "null" }
 
-func (p property) value(v any) (any, error) {
+// value converts raw, a JSON value (nil: absent or null), to p's column.
+func (p property) value(raw []byte) (any, error) {
 	if p.array {
-		items, ok := v.([]any)
-		if v != nil && !ok {
-			return nil, fmt.Errorf("is not an array")
+		if raw != nil && raw[0] != '[' {
+			return nil, fmt.Errorf("is %s, not an array", events.JSONKind(raw))
 		}
-		return arrayOf(p.kind, items)
+		return arrayOf(p.kind, raw)
 	}
-	if v == nil {
+	if raw == nil {
 		if p.nullable {
 			return nullOf(p.kind), nil
 		}
 		return nil, fmt.Errorf("is missing")
 	}
-	x, err := scalar(p.kind, v)
+	x, err := scalar(p.kind, raw)
 	if err != nil || !p.nullable {
 		return x, err
 	}
@@ -365,59 +404,60 @@ func nullOf(k kind) any {
 	return (*string)(nil)
 }
 
-func scalar(k kind, v any) (any, error) {
+func isNumber(raw []byte) bool { return raw[0] == '-' || (raw[0] >= '0' && raw[0] <= '9') }
+
+func scalar(k kind, raw []byte) (any, error) {
 	switch k {
 	case kindString:
-		if s, ok := v.(string); ok {
+		if s, ok := events.Unquote(raw); ok {
 			return s, nil
 		}
-		return nil, fmt.Errorf("is %T, not a string", v)
+		return nil, fmt.Errorf("is %s, not a string", events.JSONKind(raw))
 	case kindInt:
-		n, ok := v.(json.Number)
-		if !ok {
-			return nil, fmt.Errorf("is %T, not an integer", v)
+		if !isNumber(raw) {
+			return nil, fmt.Errorf("is %s, not an integer", events.JSONKind(raw))
 		}
-		i, err := n.Int64()
-		if err != nil {
-			return nil, fmt.Errorf("%s is not an integer that fits Int64", n)
+		if i, err := strconv.ParseInt(string(raw), 10, 64); err == nil {
+			return i, nil
 		}
-		return i, nil
+		// JSON Schema's integers include 1.0 and 1e3.
+		r, ok := new(big.Rat).SetString(string(raw))
+		if !ok || !r.IsInt() || !r.Num().IsInt64() || len(raw) > 400 {
+			return nil, fmt.Errorf("%s is not an integer that fits Int64", raw)
+		}
+		return r.Num().Int64(), nil
 	case kindFloat:
-		n, ok := v.(json.Number)
-		if !ok {
-			return nil, fmt.Errorf("is %T, not a number", v)
+		if !isNumber(raw) {
+			return nil, fmt.Errorf("is %s, not a number", events.JSONKind(raw))
 		}
-		f, err := n.Float64()
+		f, err := strconv.ParseFloat(string(raw), 64)
 		if err != nil {
-			return nil, fmt.Errorf("%s does not fit Float64", n)
+			return nil, fmt.Errorf("%s does not fit Float64", raw)
 		}
 		return f, nil
 	case kindBool:
-		b, ok := v.(bool)
-		if !ok {
-			return nil, fmt.Errorf("is %T, not a boolean", v)
-		}
-		if b {
+		switch string(raw) {
+		case "true":
 			return uint8(1), nil
+		case "false":
+			return uint8(0), nil
 		}
-		return uint8(0), nil
+		return nil, fmt.Errorf("is %s, not a boolean", events.JSONKind(raw))
 	}
-	b, err := gojson.MarshalWithOption(v, gojson.DisableHTMLEscape())
-	return string(b), err
+	return string(raw), nil // its JSON text
 }
 
-func arrayOf(k kind, items []any) (any, error) {
-	conv := func(i int, v any) (any, error) {
-		if v == nil {
-			return nil, fmt.Errorf("item %d is null", i)
-		}
-		return scalar(k, v)
-	}
+func arrayOf(k kind, raw []byte) (any, error) {
 	var err error
 	fill := func(dst func(any)) {
-		for i, v := range items {
+		for i, el := range events.Elements(raw) {
+			if isNull(el) {
+				err = fmt.Errorf("item %d is null", i)
+				return
+			}
 			var x any
-			if x, err = conv(i, v); err != nil {
+			if x, err = scalar(k, el); err != nil {
+				err = fmt.Errorf("item %d: %w", i, err)
 				return
 			}
 			dst(x)
@@ -425,19 +465,19 @@ func arrayOf(k kind, items []any) (any, error) {
 	}
 	switch k {
 	case kindInt:
-		out := make([]int64, 0, len(items))
+		out := []int64{}
 		fill(func(x any) { out = append(out, x.(int64)) })
 		return out, err
 	case kindFloat:
-		out := make([]float64, 0, len(items))
+		out := []float64{}
 		fill(func(x any) { out = append(out, x.(float64)) })
 		return out, err
 	case kindBool:
-		out := make([]uint8, 0, len(items))
+		out := []uint8{}
 		fill(func(x any) { out = append(out, x.(uint8)) })
 		return out, err
 	}
-	out := make([]string, 0, len(items))
+	out := []string{}
 	fill(func(x any) { out = append(out, x.(string)) })
 	return out, err
 }
@@ -517,4 +557,88 @@ func tableColumns(ctx context.Context, conn driver.Conn, table string) (map[stri
 		have[name] = typ
 	}
 	return have, rows.Err()
+}
+
+// insertColumns inserts rows into t a column at a time, each column's values
+// gathered into a slice of its Go type: several times cheaper than appending row by
+// row (clickhouse-go converts each value of a row through reflection).
+func insertColumns(ctx context.Context, conn driver.Conn, t *Table, rows [][]any) error {
+	b, err := conn.PrepareBatch(keepInsertWhole(ctx), t.InsertSQL())
+	if err != nil {
+		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
+	}
+	defer func() { _ = b.Abort() }()
+	// insertBlockRows at a time, as InsertEvents does: the driver reuses one
+	// block's buffers.
+	for lo := 0; lo < len(rows); lo += insertBlockRows {
+		if lo > 0 {
+			if err := b.Flush(); err != nil {
+				return fmt.Errorf("insert into %s: %w", t.Name, err)
+			}
+		}
+		block := rows[lo:min(lo+insertBlockRows, len(rows))]
+		for i, c := range t.Columns {
+			col, err := gather(c.Type, block, i)
+			if err != nil {
+				return fmt.Errorf("insert into %s: column %s: %w", t.Name, c.Name, err)
+			}
+			if err := b.Column(i).Append(col); err != nil {
+				return fmt.Errorf("append to %s.%s: %w", t.Name, c.Name, err)
+			}
+		}
+	}
+	if err := b.Send(); err != nil {
+		return fmt.Errorf("insert into %s: %w", t.Name, err)
+	}
+	return nil
+}
+
+// gather is column i of rows as a slice of the Go type of chType.
+func gather(chType string, rows [][]any, i int) (any, error) {
+	switch chType {
+	case "String":
+		return gatherAs[string](rows, i)
+	case "Nullable(String)":
+		return gatherAs[*string](rows, i)
+	case "Int64":
+		return gatherAs[int64](rows, i)
+	case "Nullable(Int64)":
+		return gatherAs[*int64](rows, i)
+	case "Float64":
+		return gatherAs[float64](rows, i)
+	case "Nullable(Float64)":
+		return gatherAs[*float64](rows, i)
+	case "UInt8":
+		return gatherAs[uint8](rows, i)
+	case "Nullable(UInt8)":
+		return gatherAs[*uint8](rows, i)
+	case "UInt16":
+		return gatherAs[uint16](rows, i)
+	case "UInt64":
+		return gatherAs[uint64](rows, i)
+	case "DateTime":
+		return gatherAs[time.Time](rows, i)
+	case "Array(String)":
+		return gatherAs[[]string](rows, i)
+	case "Array(Int64)":
+		return gatherAs[[]int64](rows, i)
+	case "Array(Float64)":
+		return gatherAs[[]float64](rows, i)
+	case "Array(UInt8)":
+		return gatherAs[[]uint8](rows, i)
+	}
+	return nil, fmt.Errorf("no columnar insert for type %s", chType)
+}
+
+func gatherAs[T any](rows [][]any, i int) ([]T, error) {
+	out := make([]T, len(rows))
+	for j, r := range rows {
+		v, ok := r[i].(T)
+		if !ok {
+			var want T
+			return nil, fmt.Errorf("row %d holds %T, want %T", j, r[i], want)
+		}
+		out[j] = v
+	}
+	return out, nil
 }

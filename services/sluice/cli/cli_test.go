@@ -154,6 +154,17 @@ ingest:
 	if code != 1 || !strings.Contains(out, "line 1: event") || !strings.Contains(out, `line 3: dead letter: invalid event: member "user" is not a valid CloudEvents extension attribute`) {
 		t.Fatalf("each line: exit %d\n%s", code, out)
 	}
+	// The README's raw-JSON step, under examples/sluice.yaml.
+	push := filepath.Join(dir, "push.json")
+	if err := os.WriteFile(push, []byte(`{"id":"28791465122","type":"PushEvent","actor":{"login":"ada"},"repo":{"name":"ada/engine"},"created_at":"2023-05-01T12:00:03Z"}`+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut = runCLI("ingest", "check", push, "--subject", "events.archive.raw", "--config", "../../../examples/sluice.yaml")
+	for _, want := range []string{`"id": "28791465122"`, `"source": "archive"`, `"type": "PushEvent"`, `"subject": "ada/engine"`, `"time": "2023-05-01T12:00:03Z"`, `"login": "ada"`} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("README sample: exit %d, want %q in\n%s%s", code, want, out, errOut)
+		}
+	}
 	if code, _, errOut := runCLI("ingest", "check", sample); code != 2 || !strings.Contains(errOut, "usage: sluice ingest check") {
 		t.Fatalf("no subject: exit %d %s", code, errOut)
 	}
