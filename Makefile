@@ -10,6 +10,7 @@ MODULE_DIRS := schemas streams services/kit services/dedup services/enrich servi
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CHDB_VERSION := 26.5.3
 CHDB_LIB := .tools/chdb/node_modules/@chdb/lib-linux-x64-gnu/libchdb.so
+COMPOSE_VERSION := v2.40.3
 BINARIES := sluice dedup enrich alert notify sink pipeline
 # `make up` and `make listen` share a demo signing secret; set your own for real use.
 # Only those two targets see these (the tests set their own).
@@ -18,12 +19,13 @@ WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
 up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
-.PHONY: up listen test fuzz deps clickhouse chdb nettools build vet modules bench clean help
+.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker compose-plugin build vet modules bench clean help
 FUZZTIME ?= 10s
 
 help:
 	@echo "make up     install what is missing, then run NATS + every stage (+ a local ClickHouse if none answers)"
 	@echo "make test   install what is missing, then vet and run every test"
+	@echo "make test-compose  only the compose suite (test/compose: compose.yaml with images built here)"
 	@echo "make listen a local webhook receiver on 127.0.0.1:8080 that checks signatures"
 	@echo "make build  build bin/{$(BINARIES)}"
 	@echo "make bench  run the benchmarks (not part of make test)"
@@ -42,6 +44,10 @@ test: deps vet modules
 	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 40m $(MODULES)
 	$(MAKE) fuzz
 
+## test-compose: the compose suite alone.
+test-compose: docker
+	cd test && $(GO) test -count=1 -timeout 30m -v ./compose/
+
 ## fuzz: each fuzz target for FUZZTIME (the saved corpora run in every make test too).
 # Go 1.26's fuzz coordinator can report "context deadline exceeded" when FUZZTIME ends
 # while a worker is mid-input (golang/go#75804, fixed in Go 1.27): such a run, with no
@@ -58,7 +64,25 @@ fuzz:
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
-deps: clickhouse chdb nettools
+deps: clickhouse chdb nettools docker
+
+# The compose suite's needs: Debian's docker.io and debootstrap (its ClickHouse image
+# is a Debian root filesystem), the compose plugin (not packaged in bookworm: built from
+# the Go module proxy), and a running dockerd (test/compose/dockerd.sh starts one if
+# none answers; .ci/run stops it).
+docker:
+	@if command -v dockerd >/dev/null && command -v debootstrap >/dev/null; then :; else \
+		echo "installing docker.io and debootstrap from Debian's archive"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker.io debootstrap >/dev/null; \
+	fi
+	@docker compose version >/dev/null 2>&1 || $(MAKE) compose-plugin
+	@$(SUDO) test/compose/dockerd.sh start
+
+compose-plugin:
+	@echo "building docker compose $(COMPOSE_VERSION) from the Go module proxy into ~/.docker/cli-plugins"
+	@dir=$$(cd "$$(mktemp -d)" && GOWORK=off $(GO) mod download -json github.com/docker/compose/v2@$(COMPOSE_VERSION) | sed -n 's/.*"Dir": "\(.*\)",/\1/p'); \
+	test -n "$$dir" && rm -rf .tools/compose-src && mkdir -p .tools "$$HOME/.docker/cli-plugins" && cp -r "$$dir" .tools/compose-src && \
+	chmod -R u+w .tools/compose-src && cd .tools/compose-src && GOWORK=off $(GO) build -ldflags "-X github.com/docker/compose/v2/internal.Version=$(COMPOSE_VERSION)" -o "$$HOME/.docker/cli-plugins/docker-compose" ./cmd
 
 # ip and iptables, for the NATS cluster tests (test/procs: a node cut off in a network
 # namespace).

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -48,6 +49,34 @@ func Open(ctx context.Context, s settings.ClickHouse) (driver.Conn, error) {
 		return nil, fmt.Errorf("clickhouse at %s: %w", s.Addr, err)
 	}
 	return conn, nil
+}
+
+// Wait opens s as Open does, waiting while ClickHouse cannot be reached (not started
+// yet, restarting, its host name not resolving yet): report gets each failure (for
+// readiness; nil once connected), the log says it, and it tries again after a pause
+// growing to 5 s. An error ClickHouse itself answered (a wrong password, no
+// permission) is returned at once, as is ctx's end: waiting mends neither.
+func Wait(ctx context.Context, s settings.ClickHouse, report func(error), log *slog.Logger) (driver.Conn, error) {
+	pause := 250 * time.Millisecond
+	for {
+		conn, err := Open(ctx, s)
+		if err == nil {
+			report(nil)
+			return conn, nil
+		}
+		var ex *clickhouse.Exception
+		if errors.As(err, &ex) {
+			return nil, err
+		}
+		report(err)
+		log.Warn("ClickHouse cannot be reached yet; waiting", "addr", s.Addr, "retry_in", pause, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("clickhouse at %s: %w (while waiting: %v)", s.Addr, ctx.Err(), err)
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 5*time.Second)
+	}
 }
 
 func dial(s settings.ClickHouse, db string) (driver.Conn, error) {

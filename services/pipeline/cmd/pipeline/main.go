@@ -72,7 +72,12 @@ func main() {
 					return fmt.Errorf("SLUICE_TEST_CRASH: %w", err)
 				}
 			}
-			conn, err := chconn.Open(ctx, env.ClickHouse)
+			// ClickHouse may not answer yet (starting beside this service): wait,
+			// not ready meanwhile, rather than exit into a restart loop.
+			conn, err := chconn.Wait(ctx, env.ClickHouse, func(err error) { env.Ready.Set("clickhouse", err) }, env.Log)
+			if ctx.Err() != nil {
+				return nil
+			}
 			if err != nil {
 				return err
 			}

@@ -1,0 +1,287 @@
+package compose
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/notify"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/streams"
+	"github.com/sluicehq/sluice/test/oracle"
+)
+
+// demoSecret is compose.yaml's default WEBHOOK_SECRET.
+const demoSecret = "whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ=="
+
+// hook is a webhook receiver on the host, reached from the notify container as
+// test-host (host-gateway): it counts alerts by webhook-id, and badly signed ones.
+type hook struct {
+	srv  *http.Server
+	port int
+	mu   sync.Mutex
+	ids  map[string]int
+	bad  int
+}
+
+func newHook(t *testing.T) *hook {
+	t.Helper()
+	secret, err := notify.ParseSecret(demoSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Every address: the containers come from the Docker bridge.
+	ln, err := net.Listen("tcp", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &hook{ids: map[string]int{}, port: ln.Addr().(*net.TCPAddr).Port}
+	h.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if err := notify.Verify(secret, r.Header, body, time.Now(), 5*time.Minute); err != nil {
+			h.bad++
+			return
+		}
+		h.ids[r.Header.Get(notify.HeaderID)]++
+	})}
+	go func() { _ = h.srv.Serve(ln) }()
+	t.Cleanup(func() { _ = h.srv.Close() })
+	return h
+}
+
+func (h *hook) counts() (ids, bad int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.ids), h.bad
+}
+
+// freePort is a loopback port free now, for a published port that must stay the
+// same across container restarts.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// TestComposeStack brings compose.yaml up and runs the end-to-end oracle through it
+// from outside (publishes as the nats CLI does, with repeats and invalid input; a
+// rule firing to a webhook receiver on the host), with faults: docker kill of the
+// pipeline, notify, NATS and ClickHouse mid-run, each started again; docker compose
+// down and up with the named volumes (repeats of what came before are still
+// dropped); a config error (the pipeline exits saying what is wrong, in docker
+// compose logs); ClickHouse not ready (the pipeline waits, /readyz says why, no
+// crash loop). Every unique event lands once, every invalid one in dead_letters,
+// every alert reaches the receiver signed.
+func TestComposeStack(t *testing.T) {
+	s := newStack(t, "stack")
+	h := newHook(t)
+	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)),
+		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)))
+	good := fmt.Sprintf(`rules:
+  - name: every-thousandth
+    filter: 'int(data.n) %% 1000 == 0'
+    severity: info
+receivers:
+  - {name: hook, url: "http://test-host:%d/hook", secret_env: [WEBHOOK_SECRET], allow_private: true}
+`, h.port)
+	s.writeConfig(good)
+	s.up()
+	ctx := context.Background()
+	nc, err := nats.Connect("nats://"+s.addr("nats", 4222), nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := openClickHouse(t, s.addr("clickhouse", 9000))
+	// Input stored before the pipeline first has state is a replay, whose alerts reach
+	// no receiver (docs/alerting.md): publish once it has.
+	poll.Until(t, 2*time.Minute, func() error {
+		kv, err := js.KeyValue(ctx, pipeline.Bucket)
+		if err != nil {
+			return err
+		}
+		o, err := partition.Owner(ctx, kv, 0)
+		if err == nil && o.State == "" {
+			err = errors.New("no pipeline state saved yet")
+		}
+		return err
+	})
+
+	m := oracle.NewManifest(oracle.Spec{Total: 24_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 41})
+	m.MayRepeat = map[string]int{}
+	part := func(i, n int) *oracle.Manifest {
+		sub := *m
+		per := len(m.Publishes) / n
+		sub.Publishes = m.Publishes[i*per : min((i+1)*per, len(m.Publishes))]
+		if i == n-1 {
+			sub.Publishes = m.Publishes[i*per:]
+		}
+		return &sub
+	}
+	const parts = 6
+	publish := func(p *oracle.Manifest) error {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+		defer cancel()
+		// About 4,000 publishes a second, so each part outlasts its fault (the pause
+		// paces the producer; it waits on no condition).
+		return p.PublishAcked(pctx, js, 200, func() { time.Sleep(50 * time.Millisecond) })
+	}
+	if err := publish(part(0, parts)); err != nil {
+		t.Fatal(err)
+	}
+	// Each fault mid-run: a part is being published when the service is killed.
+	for i, service := range []string{"pipeline", "notify", "nats", "clickhouse"} {
+		done := make(chan error, 1)
+		go func() { done <- publish(part(i+1, parts)) }()
+		time.Sleep(time.Second) // the fault's timing: into the part, not a condition
+		s.kill(service)
+		s.up(service)
+		if err := <-done; err != nil {
+			t.Fatalf("publishing while %s was killed: %v", service, err)
+		}
+		t.Logf("killed and started %s", service)
+	}
+	// Down and up with the named volumes: the state and the tables stay. Repeats of
+	// the first part, published again, are still dropped.
+	s.saveLogs("before-down")
+	s.must("down", "--timeout", "10")
+	s.up()
+	ch = openClickHouse(t, s.addr("clickhouse", 9000))
+	again := part(0, parts)
+	again.Publishes = nil
+	for _, p := range part(0, parts).Publishes {
+		if p.Event >= 0 {
+			p.Repeat = true
+			again.Publishes = append(again.Publishes, p)
+		}
+	}
+	if err := publish(again); err != nil {
+		t.Fatal(err)
+	}
+	if err := publish(part(parts-1, parts)); err != nil {
+		t.Fatal(err)
+	}
+	wantAlerts := (len(m.Events) + 999) / 1000 // data.n is the event's index
+	err = oracle.WaitFor(ctx, 5*time.Minute, func() error {
+		c, err := oracle.ReadCounts(ctx, ch)
+		if err != nil {
+			return err
+		}
+		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
+			return fmt.Errorf("events %d/%d, dead letters %d/%d", c.Events, len(m.Events), c.DeadLetters, len(m.Invalid))
+		}
+		if ids, _ := h.counts(); ids < wantAlerts {
+			var stored, replayed uint64
+			_ = ch.QueryRow(ctx, "SELECT count(), countIf(replay = 1) FROM alerts").Scan(&stored, &replayed)
+			return fmt.Errorf("%d/%d alerts at the receiver (the alerts table: %d, %d of them marked replay)", ids, wantAlerts, stored, replayed)
+		}
+		for _, c := range [][2]string{{streams.Alerts, "notify"}, {streams.Alerts, "sink"}, {streams.DLQ, "sink"}} {
+			if err := natstest.Idle(ctx, js, c[0], c[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Check(ctx, ch); err != nil {
+		t.Fatal(err)
+	}
+	if ids, bad := h.counts(); ids != wantAlerts || bad != 0 {
+		t.Fatalf("receiver: %d alerts (want %d), %d badly signed", ids, wantAlerts, bad)
+	}
+
+	t.Run("config error", func(t *testing.T) {
+		s.writeConfig("ingest:\n  mappings:\n    - {subjects: 'events..x', envelope: raw}\n")
+		defer func() {
+			s.writeConfig(good)
+			s.must("up", "--detach", "--no-deps", "--force-recreate", "--wait", "pipeline")
+		}()
+		s.must("up", "--detach", "--no-deps", "--force-recreate", "pipeline")
+		// The services log JSON (LOG_FORMAT=json in compose.yaml): quotes come escaped.
+		want := `ingest.mappings[0]: subjects \"events..x\" is not a subject pattern`
+		poll.Until(t, 2*time.Minute, func() error {
+			logs := s.must("logs", "--no-color", "pipeline")
+			if !strings.Contains(logs, want) {
+				return fmt.Errorf("docker compose logs pipeline does not say %q yet", want)
+			}
+			return nil
+		})
+		if code := s.inspect("pipeline", "{{.State.ExitCode}}"); code == "0" {
+			t.Fatalf("the pipeline exited with 0 on a config error")
+		}
+	})
+
+	t.Run("clickhouse not ready", func(t *testing.T) {
+		s.must("stop", "clickhouse")
+		s.must("restart", "pipeline")
+		readyz := "http://" + s.addr("pipeline", 9306) + "/readyz"
+		restarts := s.inspect("pipeline", "{{.RestartCount}}")
+		poll.Until(t, 2*time.Minute, func() error {
+			code, body := get(readyz)
+			if code != http.StatusServiceUnavailable || !strings.Contains(strings.ToLower(body), "clickhouse") {
+				return fmt.Errorf("/readyz: %d %q, want 503 naming ClickHouse", code, body)
+			}
+			return nil
+		})
+		s.must("start", "clickhouse")
+		poll.Until(t, 3*time.Minute, func() error {
+			if code, body := get(readyz); code != http.StatusOK {
+				return fmt.Errorf("/readyz: %d %q", code, body)
+			}
+			return nil
+		})
+		if now := s.inspect("pipeline", "{{.RestartCount}}"); now != restarts {
+			t.Fatalf("the pipeline restarted %s times while ClickHouse was down (was %s): a crash loop", now, restarts)
+		}
+	})
+}
+
+func get(url string) (int, string) {
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// openClickHouse connects to the stack's ClickHouse, waiting for it to answer.
+func openClickHouse(t *testing.T, addr string) driver.Conn {
+	t.Helper()
+	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: "sluice", Username: "default"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	poll.Until(t, 2*time.Minute, func() error { return conn.Ping(context.Background()) })
+	return conn
+}
