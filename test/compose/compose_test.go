@@ -2,6 +2,8 @@ package compose
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -96,8 +98,9 @@ func freePort(t *testing.T) int {
 func TestComposeStack(t *testing.T) {
 	s := newStack(t, "stack")
 	h := newHook(t)
+	password := randomSecret(t)
 	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)),
-		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)))
+		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)), "CLICKHOUSE_PASSWORD="+password)
 	good := fmt.Sprintf(`rules:
   - name: every-thousandth
     filter: 'int(data.n) %% 1000 == 0'
@@ -117,7 +120,7 @@ receivers:
 	if err != nil {
 		t.Fatal(err)
 	}
-	ch := openClickHouse(t, s.addr("clickhouse", 9000))
+	ch := openClickHouse(t, s.addr("clickhouse", 9000), password)
 	// Input stored before the pipeline first has state is a replay, whose alerts reach
 	// no receiver (docs/alerting.md): publish once it has.
 	poll.Until(t, 2*time.Minute, func() error {
@@ -171,7 +174,7 @@ receivers:
 	s.saveLogs("before-down")
 	s.must("down", "--timeout", "10")
 	s.up()
-	ch = openClickHouse(t, s.addr("clickhouse", 9000))
+	ch = openClickHouse(t, s.addr("clickhouse", 9000), password)
 	again := part(0, parts)
 	again.Publishes = nil
 	for _, p := range part(0, parts).Publishes {
@@ -216,6 +219,25 @@ receivers:
 	if ids, bad := h.counts(); ids != wantAlerts || bad != 0 {
 		t.Fatalf("receiver: %d alerts (want %d), %d badly signed", ids, wantAlerts, bad)
 	}
+
+	t.Run("secrets", func(t *testing.T) {
+		// ClickHouse refuses its open default user and a wrong password.
+		for _, auth := range []clickhouse.Auth{{Database: "sluice", Username: "default"}, {Database: "sluice", Username: "sluice", Password: "wrong"}} {
+			conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{s.addr("clickhouse", 9000)}, Auth: auth})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = conn.Ping(ctx)
+			conn.Close()
+			if err == nil {
+				t.Fatalf("ClickHouse took user %q with password %q", auth.Username, auth.Password)
+			}
+		}
+		// The password is in no container's log.
+		if logs := s.must("logs", "--no-color"); strings.Contains(logs, password) {
+			t.Fatal("the ClickHouse password appears in docker compose logs")
+		}
+	})
 
 	t.Run("config error", func(t *testing.T) {
 		s.writeConfig("ingest:\n  mappings:\n    - {subjects: 'events..x', envelope: raw}\n")
@@ -274,10 +296,20 @@ func get(url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-// openClickHouse connects to the stack's ClickHouse, waiting for it to answer.
-func openClickHouse(t *testing.T, addr string) driver.Conn {
+// randomSecret is a password made for one run.
+func randomSecret(t *testing.T) string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// openClickHouse connects to the stack's ClickHouse as compose.yaml's user, waiting
+// for it to answer.
+func openClickHouse(t *testing.T, addr, password string) driver.Conn {
 	t.Helper()
-	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: "sluice", Username: "default"}})
+	conn, err := clickhouse.Open(&clickhouse.Options{Addr: []string{addr}, Auth: clickhouse.Auth{Database: "sluice", Username: "sluice", Password: password}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,8 @@ package compose
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -26,7 +28,12 @@ var scratchImages = map[string]string{
 	"sink":     "github.com/sluicehq/sluice/services/sink/cmd/sink",
 }
 
-const clickhouseImage = "sluice-test/clickhouse:local"
+// clickhouseImage is the ClickHouse image's tag: named after what the suite puts in
+// it, so a change of those makes a new image.
+var clickhouseImage = func() string {
+	sum := sha256.Sum256([]byte(clickhouseConfig + clickhouseEntrypoint))
+	return "sluice-test/clickhouse:" + hex.EncodeToString(sum[:6])
+}()
 
 func buildImages() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
@@ -86,10 +93,37 @@ func buildClickHouse(ctx context.Context, dir string) error {
 	if err := os.WriteFile(filepath.Join(confd, "docker.xml"), []byte(clickhouseConfig), 0o644); err != nil {
 		return err
 	}
-	cmd := fmt.Sprintf("tar -C %q -c . | docker import --change 'CMD [\"/usr/sbin/clickhouse-server\", \"--config-file=/etc/clickhouse-server/config.xml\"]' - %s", root, clickhouseImage)
+	if err := os.WriteFile(filepath.Join(root, "entrypoint.sh"), []byte(clickhouseEntrypoint), 0o755); err != nil {
+		return err
+	}
+	cmd := fmt.Sprintf("tar -C %q -c . | docker import --change 'CMD [\"/entrypoint.sh\"]' - %s", root, clickhouseImage)
 	_, err := run(ctx, nil, "sh", "-c", cmd)
 	return err
 }
+
+// clickhouseEntrypoint starts the server as the official image does with
+// CLICKHOUSE_USER and CLICKHOUSE_PASSWORD: that user, with that password, in place of
+// the default user (open, without a password).
+const clickhouseEntrypoint = `#!/bin/sh
+set -e
+if [ -n "$CLICKHOUSE_PASSWORD" ]; then
+	user=${CLICKHOUSE_USER:-default}
+	hash=$(printf '%s' "$CLICKHOUSE_PASSWORD" | sha256sum | cut -d' ' -f1)
+	mkdir -p /etc/clickhouse-server/users.d
+	cat > /etc/clickhouse-server/users.d/sluice-user.xml <<XML
+<yandex><users>
+    <default remove="remove"/>
+    <$user>
+        <password_sha256_hex>$hash</password_sha256_hex>
+        <networks><ip>::/0</ip></networks>
+        <profile>default</profile>
+        <quota>default</quota>
+    </$user>
+</users></yandex>
+XML
+fi
+exec /usr/sbin/clickhouse-server --config-file=/etc/clickhouse-server/config.xml
+`
 
 // debianMirror is the first Debian archive the machine's apt uses.
 func debianMirror() string {

@@ -93,7 +93,8 @@ func (s *stack) compose(args ...string) (string, error) {
 	defer cancel()
 	base := []string{"compose", "--project-name", s.project, "--project-directory", repoRoot,
 		"-f", filepath.Join(repoRoot, "compose.yaml"), "-f", filepath.Join(repoRoot, "test", "compose", "compose.override.yaml")}
-	return run(ctx, append([]string{"SLUICE_TEST_CONFIG_DIR=" + s.ConfigDir}, s.env...), "docker", append(base, args...)...)
+	env := append([]string{"SLUICE_TEST_CONFIG_DIR=" + s.ConfigDir, "SLUICE_TEST_CLICKHOUSE_IMAGE=" + clickhouseImage}, s.env...)
+	return run(ctx, env, "docker", append(base, args...)...)
 }
 
 // must runs docker compose and fails the test on an error.
