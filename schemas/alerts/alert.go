@@ -85,3 +85,10 @@ func Decode(b []byte) (*Alert, error) {
 	}
 	return &a, nil
 }
+
+// MsgID is the Nats-Msg-Id of the ALERTS message of a: one per alert, status and
+// start, so a republication of the same change is dropped by ALERTS' duplicate
+// window and recognised by stages that restart.
+func MsgID(a *Alert) string {
+	return fmt.Sprintf("alert:%s:%s:%d", a.Fingerprint, a.Status, a.StartsAt.UnixMilli())
+}

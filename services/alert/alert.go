@@ -402,7 +402,7 @@ func ChangeMsg(a *alerts.Alert) (*nats.Msg, error) {
 		return nil, err
 	}
 	m := nats.NewMsg(a.Subject())
-	m.Header.Set(nats.MsgIdHdr, MsgID(a))
+	m.Header.Set(nats.MsgIdHdr, alerts.MsgID(a))
 	m.Data = body
 	return m, nil
 }
@@ -411,7 +411,7 @@ func ChangeMsg(a *alerts.Alert) (*nats.Msg, error) {
 func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
 	for _, a := range out {
 		a.Replay = replay
-		id := MsgID(a)
+		id := alerts.MsgID(a)
 		if s.published[id] {
 			s.m.skipped.Inc()
 			continue

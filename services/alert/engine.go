@@ -2,7 +2,6 @@ package alert
 
 import (
 	"encoding/json"
-	"fmt"
 	"maps"
 	"math"
 	"slices"
@@ -667,10 +666,4 @@ func floorDiv(a, b int64) int64 {
 		q--
 	}
 	return q
-}
-
-// MsgID is the Nats-Msg-Id of an alert change: the same change computed twice (a
-// retry, a restart that re-reads input, a second replica) has the same id.
-func MsgID(a *alerts.Alert) string {
-	return fmt.Sprintf("alert:%s:%s:%d", a.Fingerprint, a.Status, a.StartsAt.UnixMilli())
 }

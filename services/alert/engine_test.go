@@ -251,10 +251,10 @@ func TestWindowAnnotations(t *testing.T) {
 	a := out[0]
 	want := "3 failed logins for u1 in 1m0s (over 1)"
 	if a.Annotations["summary"] != want || a.Labels["team"] != "security" || a.Labels["user"] != "u1" || a.Labels["severity"] != "critical" ||
-		a.Value == nil || *a.Value != 3 || !strings.HasPrefix(MsgID(a), "alert:"+a.Fingerprint+":firing:") {
+		a.Value == nil || *a.Value != 3 || !strings.HasPrefix(alerts.MsgID(a), "alert:"+a.Fingerprint+":firing:") {
 		t.Fatalf("alert = %+v (summary %q)", a, a.Annotations["summary"])
 	}
-	if out[1].Fingerprint != a.Fingerprint || MsgID(out[1]) == MsgID(a) {
+	if out[1].Fingerprint != a.Fingerprint || alerts.MsgID(out[1]) == alerts.MsgID(a) {
 		t.Fatal("a resolution keeps the fingerprint and has its own message id")
 	}
 }

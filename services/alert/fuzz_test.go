@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
 )
 
@@ -73,7 +74,7 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 		for _, env := range envs {
 			got, _ := e.Observe(env)
 			for _, a := range got {
-				out = append(out, MsgID(a))
+				out = append(out, alerts.MsgID(a))
 			}
 		}
 		return out

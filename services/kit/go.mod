@@ -35,6 +35,7 @@ require (
 	github.com/prometheus/procfs v0.22.0 // indirect
 	github.com/segmentio/asm v1.2.1 // indirect
 	github.com/shopspring/decimal v1.5.0 // indirect
+	github.com/sluicehq/sluice/schemas v0.0.0
 	github.com/sluicehq/sluice/streams v0.0.0
 	go.opentelemetry.io/otel v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect
@@ -45,3 +46,5 @@ require (
 )
 
 replace github.com/sluicehq/sluice/streams => ../../streams
+
+replace github.com/sluicehq/sluice/schemas => ../../schemas

@@ -1092,7 +1092,7 @@ func (r *run) deadLetter(msg jetstream.Msg, el *events.Element, data []byte, rea
 func (r *run) emit(out []*alerts.Alert, replay bool, b *batch) {
 	for _, a := range out {
 		a.Replay = replay
-		id := alert.MsgID(a)
+		id := alerts.MsgID(a)
 		if r.published[id] {
 			r.m.republishSkipped.Inc()
 			continue

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/deadletters"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/streams"
@@ -367,27 +368,27 @@ func deadLetterRow(msg jetstream.Msg, seq uint64) (Row, error) {
 		headers = string(b)
 	}
 	received := stage.ReceivedOf(msg)
-	if t, err := time.Parse(time.RFC3339Nano, h.Get(stage.HeaderReceivedAt)); err == nil {
+	if t, err := time.Parse(time.RFC3339Nano, h.Get(deadletters.HeaderReceivedAt)); err == nil {
 		received = t
 	}
 	rt, rtMs := splitMillis(received)
-	srcSeq, _ := strconv.ParseUint(h.Get(stage.HeaderStreamSeq), 10, 64)
-	subject := h.Get(stage.HeaderSubject)
+	srcSeq, _ := strconv.ParseUint(h.Get(deadletters.HeaderStreamSeq), 10, 64)
+	subject := h.Get(deadletters.HeaderSubject)
 	if subject == "" {
 		subject = msg.Subject()
 	}
-	stageName := h.Get(stage.HeaderStage)
+	stageName := h.Get(deadletters.HeaderStage)
 	if stageName == "" {
-		stageName = strings.TrimPrefix(msg.Subject(), stage.DLQPrefix)
+		stageName = strings.TrimPrefix(msg.Subject(), deadletters.SubjectPrefix)
 	}
-	reason := h.Get(stage.HeaderReason)
+	reason := h.Get(deadletters.HeaderReason)
 	if reason == "" {
-		reason = "no reason given (published to the DLQ without a " + stage.HeaderReason + " header)"
+		reason = "no reason given (published to the DLQ without a " + deadletters.HeaderReason + " header)"
 	}
 	return Row{Time: received, Values: []any{
 		stageName, reason, subject, headers,
 		string(msg.Data()), rt, rtMs,
-		h.Get(stage.HeaderStream), srcSeq, seq,
+		h.Get(deadletters.HeaderStream), srcSeq, seq,
 	}}, nil
 }
 

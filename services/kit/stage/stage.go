@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sluicehq/sluice/schemas/deadletters"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 )
 
@@ -309,18 +310,16 @@ func (f failed) Err() <-chan error {
 }
 func (f failed) Msg() *nats.Msg { return &nats.Msg{} }
 
-// Dead-letter headers and subject.
+// Dead-letter headers and subject: the contract of schemas/deadletters.
 const (
-	DLQPrefix        = "dlq."
-	HeaderReason     = "Sluice-Reason"
-	HeaderStage      = "Sluice-Stage"
-	HeaderSubject    = "Sluice-Subject"
-	HeaderStream     = "Sluice-Stream"
-	HeaderStreamSeq  = "Sluice-Stream-Seq"
-	HeaderReceivedAt = "Sluice-Received"
-	// HeaderElement is the index of an event in its batch message: on a dead letter
-	// of one element, and on the copy of one element the keying step makes.
-	HeaderElement = "Sluice-Element"
+	DLQPrefix        = deadletters.SubjectPrefix
+	HeaderReason     = deadletters.HeaderReason
+	HeaderStage      = deadletters.HeaderStage
+	HeaderSubject    = deadletters.HeaderSubject
+	HeaderStream     = deadletters.HeaderStream
+	HeaderStreamSeq  = deadletters.HeaderStreamSeq
+	HeaderReceivedAt = deadletters.HeaderReceivedAt
+	HeaderElement    = deadletters.HeaderElement
 )
 
 // DeadLetter returns the DLQ message for msg: the original payload and headers plus
@@ -340,23 +339,22 @@ func ElementDeadLetter(stage string, msg jetstream.Msg, index int, data []byte, 
 }
 
 func deadLetter(stage string, msg jetstream.Msg, element int, data []byte, reason string, maxPayload int64) *nats.Msg {
-	out := nats.NewMsg(DLQPrefix + stage)
+	out := nats.NewMsg(deadletters.Subject(stage))
 	for k, v := range msg.Headers() {
 		if strings.HasPrefix(k, "Nats-") {
 			continue
 		}
 		out.Header[k] = v
 	}
-	id := "dlq:" + stage + ":" + msg.Subject()
+	id := deadletters.UnplacedID(stage, msg.Subject(), element)
 	if md, err := msg.Metadata(); err == nil {
 		out.Header.Set(HeaderStream, md.Stream)
 		out.Header.Set(HeaderStreamSeq, strconv.FormatUint(md.Sequence.Stream, 10))
 		out.Header.Set(HeaderReceivedAt, md.Timestamp.UTC().Format(time.RFC3339Nano))
-		id = "dlq:" + md.Stream + ":" + strconv.FormatUint(md.Sequence.Stream, 10)
+		id = deadletters.ID(md.Stream, md.Sequence.Stream, element)
 	}
 	if element >= 0 {
 		out.Header.Set(HeaderElement, strconv.Itoa(element))
-		id += ":" + strconv.Itoa(element)
 	}
 	out.Header.Set(HeaderStage, stage)
 	out.Header.Set(HeaderSubject, msg.Subject())
