@@ -140,3 +140,52 @@ func TestProcessKeyRule(t *testing.T) {
 		t.Fatalf("Validate = %v", err)
 	}
 }
+
+// Raw events are keyed by their mapped id, or by a key rule's fields of their data,
+// and the elements of a batch each by their own; a repeat is dropped as for
+// CloudEvents.
+func TestRawKeys(t *testing.T) {
+	w := DefaultWindowConfig()
+	w.MinHold = 10 * time.Minute
+	w.Keys = []KeyRule{{Subjects: "events.meters.>", Fields: []string{"data.meter", "data.at"}}}
+	in := events.Ingest{Mappings: []events.Mapping{
+		{Subjects: "events.orders.>", Envelope: events.EnvelopeRaw, Batch: events.BatchNDJSON, ID: &events.Attr{Field: "order"}},
+		{Subjects: "events.meters.>", Envelope: events.EnvelopeRaw, Batch: events.BatchArray},
+	}}
+	if err := in.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	store := window.NewStore(0)
+	h, err := NewHandler(HandlerConfig{MaxPayload: 1 << 20, Window: w, Ingest: in, Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	// decide decides every event of a message, adding the first occurrences to the
+	// store, and returns how many were new, repeats and invalid.
+	decide := func(subject, payload string) (fresh, repeats, bad int) {
+		h.DecideAll(events.Message{Subject: subject, Data: []byte(payload), Received: now}, func(d Decision) {
+			switch {
+			case d.Invalid != nil:
+				bad++
+			case d.Duplicate:
+				repeats++
+			default:
+				fresh++
+				store.Add(d.Key, d.Expires, 1, d.Now)
+			}
+		})
+		return
+	}
+	if f, r, b := decide("events.orders.eu", "{\"order\":\"o1\",\"n\":1}\n{\"order\":\"o2\"}\n{\"n\":3}"); f != 2 || r != 0 || b != 1 {
+		t.Fatalf("first batch: %d new, %d repeats, %d invalid", f, r, b)
+	}
+	// The same orders in another batch, another shape: repeats by their ids.
+	if f, r, b := decide("events.orders.eu", "{\"order\":\"o2\",\"n\":9}\n{\"order\":\"o1\"}\n{\"order\":\"o3\"}"); f != 1 || r != 2 || b != 0 {
+		t.Fatalf("second batch: %d new, %d repeats, %d invalid", f, r, b)
+	}
+	// Key fields of the data: the same meter and time is a repeat whatever else differs.
+	if f, r, b := decide("events.meters.x", `[{"meter":"m1","at":1,"kwh":3},{"meter":"m1","at":2,"kwh":4},{"meter":"m1","at":1,"kwh":5},{"at":3}]`); f != 2 || r != 1 || b != 1 {
+		t.Fatalf("meters: %d new, %d repeats, %d invalid", f, r, b)
+	}
+}
