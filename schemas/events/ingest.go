@@ -333,14 +333,8 @@ func (a *Attr) describe() string {
 // lookup finds the JSON value at path (names and array indexes joined by dots) in
 // doc, a valid JSON value, without decoding the rest.
 func lookup(doc []byte, path string) ([]byte, bool) {
-	return lookupSteps(doc, strings.SplitSeq(path, "."))
-}
-
-// lookupSteps finds the JSON value at path (object member names and array indexes) in
-// doc, a valid JSON value, without decoding the rest: its raw bytes.
-func lookupSteps(doc []byte, path iter.Seq[string]) ([]byte, bool) {
 	v := doc[skipSpace(doc, 0):]
-	for step := range path {
+	for step := range strings.SplitSeq(path, ".") {
 		if len(v) == 0 {
 			return nil, false
 		}

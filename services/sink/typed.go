@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/big"
 	"regexp"
 	"slices"
@@ -279,7 +280,7 @@ func walkSchema(s map[string]any, path []string, optional bool, out *[]property)
 			}
 		}
 	}
-	for _, name := range slices.Sorted(mapsKeys(props)) {
+	for _, name := range slices.Sorted(maps.Keys(props)) {
 		sub, _ := props[name].(map[string]any)
 		p := property{path: append(slices.Clip(path), name), kind: kindJSON}
 		types := schemaTypes(sub)
@@ -321,16 +322,6 @@ func scalarKind(t string) kind {
 		return kindBool
 	}
 	return kindJSON
-}
-
-func mapsKeys(m map[string]any) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 // Values is the typed row of e, stored from stream sequence seq, in Columns' order.
@@ -420,10 +411,15 @@ func scalar(k kind, raw []byte) (any, error) {
 		if i, err := strconv.ParseInt(string(raw), 10, 64); err == nil {
 			return i, nil
 		}
-		// JSON Schema's integers include 1.0 and 1e3.
+		// JSON Schema's integers include 1.0 and 1e3. The exponent is bounded before
+		// big.Rat sees it: 1e999999999 would take gigabytes.
+		notInt := fmt.Errorf("%s is not an integer that fits Int64", raw)
+		if e := strings.IndexAny(string(raw), "eE"); len(raw) > 400 || (e >= 0 && len(strings.TrimLeft(string(raw[e+1:]), "+-")) > 2) {
+			return nil, notInt
+		}
 		r, ok := new(big.Rat).SetString(string(raw))
-		if !ok || !r.IsInt() || !r.Num().IsInt64() || len(raw) > 400 {
-			return nil, fmt.Errorf("%s is not an integer that fits Int64", raw)
+		if !ok || !r.IsInt() || !r.Num().IsInt64() {
+			return nil, notInt
 		}
 		return r.Num().Int64(), nil
 	case kindFloat:
@@ -448,38 +444,31 @@ func scalar(k kind, raw []byte) (any, error) {
 }
 
 func arrayOf(k kind, raw []byte) (any, error) {
-	var err error
-	fill := func(dst func(any)) {
-		for i, el := range events.Elements(raw) {
-			if isNull(el) {
-				err = fmt.Errorf("item %d is null", i)
-				return
-			}
-			var x any
-			if x, err = scalar(k, el); err != nil {
-				err = fmt.Errorf("item %d: %w", i, err)
-				return
-			}
-			dst(x)
-		}
-	}
 	switch k {
 	case kindInt:
-		out := []int64{}
-		fill(func(x any) { out = append(out, x.(int64)) })
-		return out, err
+		return items[int64](k, raw)
 	case kindFloat:
-		out := []float64{}
-		fill(func(x any) { out = append(out, x.(float64)) })
-		return out, err
+		return items[float64](k, raw)
 	case kindBool:
-		out := []uint8{}
-		fill(func(x any) { out = append(out, x.(uint8)) })
-		return out, err
+		return items[uint8](k, raw)
 	}
-	out := []string{}
-	fill(func(x any) { out = append(out, x.(string)) })
-	return out, err
+	return items[string](k, raw)
+}
+
+// items converts the elements of raw, a JSON array, to k's Go type T.
+func items[T any](k kind, raw []byte) ([]T, error) {
+	out := []T{}
+	for i, el := range events.Elements(raw) {
+		if isNull(el) {
+			return nil, fmt.Errorf("item %d is null", i)
+		}
+		x, err := scalar(k, el)
+		if err != nil {
+			return nil, fmt.Errorf("item %d: %w", i, err)
+		}
+		out = append(out, x.(T))
+	}
+	return out, nil
 }
 
 // CreateSQL creates the table (if it does not exist): MergeTree, by month of the

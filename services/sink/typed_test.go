@@ -52,8 +52,10 @@ func TestTypedTableFromSchema(t *testing.T) {
 		t.Fatalf("values %v", got)
 	}
 	for data, reason := range map[string]string{
-		`{"order_id":"o1","amount":1,"items":1.5}`:  "property items: 1.5 is not an integer that fits Int64",
-		`{"order_id":"o1","amount":1,"items":1e30}`: "property items: 1e30 is not an integer that fits Int64",
+		`{"order_id":"o1","amount":1,"items":1.5}`:         "property items: 1.5 is not an integer that fits Int64",
+		`{"order_id":"o1","amount":1,"items":1e30}`:        "property items: 1e30 is not an integer that fits Int64",
+		`{"order_id":"o1","amount":1,"items":1e999999999}`: "property items: 1e999999999 is not an integer that fits Int64",
+		`{"order_id":"o1","amount":1,"items":3e2}`:         "",
 		`{"amount":1}`: "property order_id: is missing",
 		`{"order_id":"o1","amount":1,"skus":["a",2]}`:  "property skus: item 1: is a number, not a string",
 		`{"order_id":"o1","amount":1,"skus":[null]}`:   "property skus: item 0 is null",
