@@ -468,6 +468,10 @@ func (r *run) olderState(ctx context.Context, name string) (string, []byte, erro
 // pruneStates deletes the partition's state objects but keep and prev; on a run's
 // first save it lists them all, after that it deletes the one before prev.
 func (r *run) pruneStates(ctx context.Context, keep, prev string) {
+	// Cleanup that a stop must not cut short: a delete cancelled halfway would leave
+	// a state no later save of this run deletes.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
 	var drop []string
 	if !r.pruned {
 		names, err := r.partitionStates(ctx)
