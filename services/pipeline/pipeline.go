@@ -328,9 +328,12 @@ type run struct {
 	// typedOf is the index in cfg.Typed of each type's table.
 	typedOf map[string]int
 	// pruned: this run listed and deleted the partition's older states once;
-	// older is the state before the previous one, deleted at the next save.
+	// older is the state before the previous one, deleted at the next save;
+	// unsure are states whose save failed in a way that may have written them
+	// (a timeout, a stop), deleted once a later save of this run succeeds.
 	pruned bool
 	older  string
+	unsure []string
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -466,7 +469,8 @@ func (r *run) olderState(ctx context.Context, name string) (string, []byte, erro
 }
 
 // pruneStates deletes the partition's state objects but keep and prev; on a run's
-// first save it lists them all, after that it deletes the one before prev.
+// first save it lists them all, after that it deletes the one before prev and those
+// of failed saves.
 func (r *run) pruneStates(ctx context.Context, keep, prev string) {
 	// Cleanup that a stop must not cut short: a delete cancelled halfway would leave
 	// a state no later save of this run deletes.
@@ -488,7 +492,12 @@ func (r *run) pruneStates(ctx context.Context, keep, prev string) {
 	} else if r.older != "" && r.older != keep && r.older != prev {
 		drop = []string{r.older}
 	}
-	r.older = prev
+	for _, name := range r.unsure {
+		if name != keep && name != prev && !slices.Contains(drop, name) {
+			drop = append(drop, name)
+		}
+	}
+	r.older, r.unsure = prev, nil
 	for _, name := range drop {
 		if err := r.store.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
 			r.log.Warn("delete an older state", "object", name, "err", err)
@@ -584,14 +593,18 @@ func (r *run) write(ctx context.Context) error {
 	*r.saves++
 	name := stateName(r.in.id, r.claim.Gen, *r.saves)
 	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&buf)); err != nil {
+		r.unsure = append(r.unsure, name)
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
 	if err := r.claim.SetState(ctx, name); err != nil {
 		// Only a refused compare-and-set says the claim does not point at name. A
 		// write that timed out or was cancelled may have been applied: name may be
-		// the partition's state now, and must stay.
+		// the partition's state now, and stays until a later save of this run
+		// succeeds (that write would be refused had this one been applied).
 		if errors.Is(err, partition.ErrLost) {
 			_ = r.store.Delete(context.WithoutCancel(ctx), name)
+		} else {
+			r.unsure = append(r.unsure, name)
 		}
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}

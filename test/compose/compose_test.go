@@ -255,8 +255,19 @@ receivers:
 			}
 			return nil
 		})
-		if code := s.inspect("pipeline", "{{.State.ExitCode}}"); code == "0" {
-			t.Fatalf("the pipeline exited with 0 on a config error")
+		// The log line comes before the exit, and a restart resets the exit
+		// code while the container runs: read it while the container is down
+		// (exited, or restarting under compose's restart policy).
+		var state string
+		poll.Until(t, 2*time.Minute, func() error {
+			state = s.inspect("pipeline", "{{.State.Status}} {{.State.ExitCode}}")
+			if !strings.HasPrefix(state, "exited ") && !strings.HasPrefix(state, "restarting ") {
+				return fmt.Errorf("the pipeline's container is %q, not down yet", state)
+			}
+			return nil
+		})
+		if strings.HasSuffix(state, " 0") {
+			t.Fatalf("the pipeline exited with 0 on a config error (%s)", state)
 		}
 	})
 
