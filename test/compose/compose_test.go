@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -86,125 +87,123 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// TestComposeStack brings compose.yaml up and runs the end-to-end oracle through it
-// from outside (publishes as the nats CLI does, with repeats and invalid input; a
-// rule firing to a webhook receiver on the host), with faults: docker kill of the
-// pipeline, notify, NATS and ClickHouse mid-run, each started again; docker compose
-// down and up with the named volumes (repeats of what came before are still
-// dropped); a config error (the pipeline exits saying what is wrong, in docker
-// compose logs); ClickHouse not ready (the pipeline waits, /readyz says why, no
-// crash loop). Every unique event lands once, every invalid one in dead_letters,
-// every alert reaches the receiver signed.
-func TestComposeStack(t *testing.T) {
-	s := newStack(t, "stack")
-	h := newHook(t)
-	password := randomSecret(t)
-	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)),
-		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)), "CLICKHOUSE_PASSWORD="+password)
-	good := fmt.Sprintf(`rules:
+// oracleRun is the end-to-end oracle through a stack: a manifest published in parts
+// by a producer, checked in ClickHouse and at the webhook receiver.
+type oracleRun struct {
+	s     *stack
+	h     *hook
+	m     *oracle.Manifest
+	parts int
+	// pjs publishes as the producer user; js reads the streams as admin.
+	pjs, js jetstream.JetStream
+}
+
+// hookConfig is a SLUICE_CONFIG whose rule fires on every thousandth event, to the
+// receiver h.
+func hookConfig(h *hook) string {
+	return fmt.Sprintf(`rules:
   - name: every-thousandth
     filter: 'int(data.n) %% 1000 == 0'
     severity: info
 receivers:
   - {name: hook, url: "http://test-host:%d/hook", secret_env: [WEBHOOK_SECRET], allow_private: true}
 `, h.port)
-	s.writeConfig(good)
-	s.up()
-	ctx := context.Background()
-	nc, err := nats.Connect("nats://"+s.addr("nats", 4222), nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond))
+}
+
+// newOracleRun connects to the stack up now and waits until the pipeline saved
+// its first state: input stored before that is a replay, whose alerts reach no
+// receiver (docs/alerting.md).
+func newOracleRun(t *testing.T, s *stack, h *hook, spec oracle.Spec, parts int) *oracleRun {
+	t.Helper()
+	// Events come from a producer; the checks read the streams as an operator.
+	producer, err := s.connect("producer", nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncTimeout(10*time.Second))
+	t.Cleanup(producer.Close)
+	pjs, err := jetstream.New(producer, jetstream.WithPublishAsyncTimeout(10*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ch := openClickHouse(t, s.addr("clickhouse", 9000), password)
-	// Input stored before the pipeline first has state is a replay, whose alerts reach
-	// no receiver (docs/alerting.md): publish once it has.
+	nc, err := s.connect("admin", nats.MaxReconnects(-1), nats.ReconnectWait(500*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	poll.Until(t, 2*time.Minute, func() error {
-		kv, err := js.KeyValue(ctx, pipeline.Bucket)
+		kv, err := js.KeyValue(context.Background(), pipeline.Bucket)
 		if err != nil {
 			return err
 		}
-		o, err := partition.Owner(ctx, kv, 0)
+		o, err := partition.Owner(context.Background(), kv, 0)
 		if err == nil && o.State == "" {
 			err = errors.New("no pipeline state saved yet")
 		}
 		return err
 	})
-
-	m := oracle.NewManifest(oracle.Spec{Total: 24_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 41})
+	m := oracle.NewManifest(spec)
 	m.MayRepeat = map[string]int{}
-	part := func(i, n int) *oracle.Manifest {
-		sub := *m
-		per := len(m.Publishes) / n
-		sub.Publishes = m.Publishes[i*per : min((i+1)*per, len(m.Publishes))]
-		if i == n-1 {
-			sub.Publishes = m.Publishes[i*per:]
-		}
-		return &sub
+	return &oracleRun{s: s, h: h, m: m, parts: parts, pjs: pjs, js: js}
+}
+
+// part is the i-th of r.parts parts of the manifest.
+func (r *oracleRun) part(i int) *oracle.Manifest {
+	sub := *r.m
+	per := len(r.m.Publishes) / r.parts
+	sub.Publishes = r.m.Publishes[i*per : min((i+1)*per, len(r.m.Publishes))]
+	if i == r.parts-1 {
+		sub.Publishes = r.m.Publishes[i*per:]
 	}
-	const parts = 6
-	publish := func(p *oracle.Manifest) error {
-		pctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-		defer cancel()
-		// About 4,000 publishes a second, so each part outlasts its fault (the pause
-		// paces the producer; it waits on no condition).
-		return p.PublishAcked(pctx, js, 200, func() { time.Sleep(50 * time.Millisecond) })
+	return &sub
+}
+
+// publish publishes p as the producer, each message until acknowledged.
+func (r *oracleRun) publish(p *oracle.Manifest) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	// About 4,000 publishes a second, so each part outlasts its fault (the pause
+	// paces the producer; it waits on no condition).
+	return p.PublishAcked(ctx, r.pjs, 200, func() { time.Sleep(50 * time.Millisecond) })
+}
+
+// during publishes part i while fault runs, a second into it.
+func (r *oracleRun) during(t *testing.T, i int, what string, fault func()) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- r.publish(r.part(i)) }()
+	time.Sleep(time.Second) // the fault's timing: into the part, not a condition
+	fault()
+	if err := <-done; err != nil {
+		t.Fatalf("publishing while %s: %v", what, err)
 	}
-	if err := publish(part(0, parts)); err != nil {
-		t.Fatal(err)
-	}
-	// Each fault mid-run: a part is being published when the service is killed.
-	for i, service := range []string{"pipeline", "notify", "nats", "clickhouse"} {
-		done := make(chan error, 1)
-		go func() { done <- publish(part(i+1, parts)) }()
-		time.Sleep(time.Second) // the fault's timing: into the part, not a condition
-		s.kill(service)
-		s.up(service)
-		if err := <-done; err != nil {
-			t.Fatalf("publishing while %s was killed: %v", service, err)
-		}
-		t.Logf("killed and started %s", service)
-	}
-	// Down and up with the named volumes: the state and the tables stay. Repeats of
-	// the first part, published again, are still dropped.
-	s.saveLogs("before-down")
-	s.must("down", "--timeout", "10")
-	s.up()
-	ch = openClickHouse(t, s.addr("clickhouse", 9000), password)
-	again := part(0, parts)
-	again.Publishes = nil
-	for _, p := range part(0, parts).Publishes {
-		if p.Event >= 0 {
-			p.Repeat = true
-			again.Publishes = append(again.Publishes, p)
-		}
-	}
-	if err := publish(again); err != nil {
-		t.Fatal(err)
-	}
-	if err := publish(part(parts-1, parts)); err != nil {
-		t.Fatal(err)
-	}
-	wantAlerts := (len(m.Events) + 999) / 1000 // data.n is the event's index
-	err = oracle.WaitFor(ctx, 5*time.Minute, func() error {
+	t.Logf("%s", what)
+}
+
+// check waits until everything published is stored and every alert delivered,
+// then checks ClickHouse against the manifest and the receiver's counts.
+func (r *oracleRun) check(t *testing.T, ch driver.Conn) {
+	t.Helper()
+	ctx := context.Background()
+	wantAlerts := (len(r.m.Events) + 999) / 1000 // data.n is the event's index
+	err := oracle.WaitFor(ctx, 5*time.Minute, func() error {
 		c, err := oracle.ReadCounts(ctx, ch)
 		if err != nil {
 			return err
 		}
-		if c.Events < uint64(len(m.Events)) || c.DeadLetters < uint64(len(m.Invalid)) {
-			return fmt.Errorf("events %d/%d, dead letters %d/%d", c.Events, len(m.Events), c.DeadLetters, len(m.Invalid))
+		if c.Events < uint64(len(r.m.Events)) || c.DeadLetters < uint64(len(r.m.Invalid)) {
+			return fmt.Errorf("events %d/%d, dead letters %d/%d", c.Events, len(r.m.Events), c.DeadLetters, len(r.m.Invalid))
 		}
-		if ids, _ := h.counts(); ids < wantAlerts {
+		if ids, _ := r.h.counts(); ids < wantAlerts {
 			var stored, replayed uint64
 			_ = ch.QueryRow(ctx, "SELECT count(), countIf(replay = 1) FROM alerts").Scan(&stored, &replayed)
 			return fmt.Errorf("%d/%d alerts at the receiver (the alerts table: %d, %d of them marked replay)", ids, wantAlerts, stored, replayed)
 		}
 		for _, c := range [][2]string{{streams.Alerts, "notify"}, {streams.Alerts, "sink"}, {streams.DLQ, "sink"}} {
-			if err := natstest.Idle(ctx, js, c[0], c[1]); err != nil {
+			if err := natstest.Idle(ctx, r.js, c[0], c[1]); err != nil {
 				return err
 			}
 		}
@@ -213,12 +212,71 @@ receivers:
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Check(ctx, ch); err != nil {
+	if err := r.m.Check(ctx, ch); err != nil {
 		t.Fatal(err)
 	}
-	if ids, bad := h.counts(); ids != wantAlerts || bad != 0 {
+	if ids, bad := r.h.counts(); ids != wantAlerts || bad != 0 {
 		t.Fatalf("receiver: %d alerts (want %d), %d badly signed", ids, wantAlerts, bad)
 	}
+}
+
+// TestComposeStack brings compose.yaml up and runs the end-to-end oracle through it
+// from outside (publishes as the nats CLI does, as the producer user, with repeats
+// and invalid input; a rule firing to a webhook receiver on the host), with faults:
+// docker kill of the pipeline, notify, NATS and ClickHouse mid-run, each started
+// again; docker compose down and up with the named volumes (repeats of what came
+// before are still dropped); a config error (the pipeline exits saying what is
+// wrong, in docker compose logs); ClickHouse not ready (the pipeline waits, /readyz
+// says why, no crash loop). Every unique event lands once, every invalid one in
+// dead_letters, every alert reaches the receiver signed. Then what secures it: NATS
+// takes TLS clients with a password only, each user only its own subjects, and no
+// secret is in the logs.
+func TestComposeStack(t *testing.T) {
+	s := newStack(t, "stack")
+	h := newHook(t)
+	password := s.Passwords["CLICKHOUSE_PASSWORD"]
+	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)),
+		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)))
+	good := hookConfig(h)
+	s.writeConfig(good)
+	s.up()
+	ctx := context.Background()
+	ch := openClickHouse(t, s.addr("clickhouse", 9000), password)
+	const parts = 6
+	r := newOracleRun(t, s, h, oracle.Spec{Total: 24_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 41}, parts)
+	if err := r.publish(r.part(0)); err != nil {
+		t.Fatal(err)
+	}
+	// Each fault mid-run: a part is being published when the service is killed.
+	for i, service := range []string{"pipeline", "notify", "nats", "clickhouse"} {
+		r.during(t, i+1, "killed and started "+service, func() {
+			s.kill(service)
+			s.up(service)
+		})
+	}
+	// Down and up with the named volumes: the state and the tables stay. Repeats of
+	// the first part, published again, are still dropped.
+	s.noViolations("nats")
+	s.saveLogs("before-down")
+	s.must("down", "--timeout", "10")
+	s.up()
+	ch = openClickHouse(t, s.addr("clickhouse", 9000), password)
+	again := r.part(0)
+	again.Publishes = nil
+	for _, p := range r.part(0).Publishes {
+		if p.Event >= 0 {
+			p.Repeat = true
+			again.Publishes = append(again.Publishes, p)
+		}
+	}
+	if err := r.publish(again); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.publish(r.part(parts - 1)); err != nil {
+		t.Fatal(err)
+	}
+	r.check(t, ch)
+	s.noViolations("nats")
 
 	t.Run("secrets", func(t *testing.T) {
 		// ClickHouse refuses its open default user and a wrong password.
@@ -233,9 +291,83 @@ receivers:
 				t.Fatalf("ClickHouse took user %q with password %q", auth.Username, auth.Password)
 			}
 		}
-		// The password is in no container's log.
-		if logs := s.must("logs", "--no-color"); strings.Contains(logs, password) {
-			t.Fatal("the ClickHouse password appears in docker compose logs")
+		// No password is in any container's log.
+		logs := s.must("logs", "--no-color")
+		for name, secret := range s.Passwords {
+			if strings.Contains(logs, secret) {
+				t.Fatalf("%s appears in docker compose logs", name)
+			}
+		}
+	})
+
+	t.Run("nats", func(t *testing.T) {
+		addr := s.addr("nats", 4222)
+		// A plaintext client, a TLS client without a user, and a wrong password are
+		// refused.
+		if nc, err := nats.Connect("nats://"+addr, nats.MaxReconnects(0)); err == nil {
+			nc.Close()
+			t.Fatal("NATS took a plaintext client")
+		}
+		ca := nats.RootCAs(filepath.Join(s.CertsDir, "ca.pem"))
+		if nc, err := nats.Connect("tls://"+addr, ca, nats.MaxReconnects(0)); err == nil || !errors.Is(err, nats.ErrAuthorization) {
+			if nc != nil {
+				nc.Close()
+			}
+			t.Fatalf("a TLS client without a user: %v, want an authorization error", err)
+		}
+		if nc, err := nats.Connect("tls://"+addr, ca, nats.UserInfo("pipeline", "wrong"), nats.MaxReconnects(0)); err == nil || !errors.Is(err, nats.ErrAuthorization) {
+			if nc != nil {
+				nc.Close()
+			}
+			t.Fatalf("a wrong password: %v, want an authorization error", err)
+		}
+		// A client that does not know the CA does not take the server.
+		if nc, err := nats.Connect("tls://"+addr, nats.UserInfo("producer", s.Passwords["NATS_PRODUCER_PASSWORD"]), nats.MaxReconnects(0)); err == nil {
+			nc.Close()
+			t.Fatal("a client without the CA trusted the server")
+		}
+		// Each user is refused what is not its own: the server answers a subscribe
+		// or publish outside the user's permissions with a permissions violation.
+		for _, c := range []struct{ user, sub, pub string }{
+			{user: "producer", sub: "events.>"},
+			{user: "producer", pub: "alerts.forged"},
+			{user: "producer", pub: "$JS.API.STREAM.INFO.EVENTS"},
+			{user: "notify", sub: "events.>"},
+			{user: "notify", pub: "$JS.API.CONSUMER.MSG.NEXT.EVENTS.dedup"},
+			{user: "sink", pub: "alerts.forged"},
+			{user: "sink", pub: "$JS.API.STREAM.DELETE.EVENTS"},
+			{user: "pipeline", sub: "notify.>"},
+			{user: "pipeline", pub: "$JS.API.STREAM.PURGE.EVENTS"},
+			{user: "pipeline", pub: "$KV.sluice_notify.lease"},
+		} {
+			violations := make(chan error, 4)
+			nc, err := s.connect(c.user, nats.MaxReconnects(0), nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				violations <- err
+			}))
+			if err != nil {
+				t.Fatalf("%s: %v", c.user, err)
+			}
+			if c.sub != "" {
+				_, err = nc.SubscribeSync(c.sub)
+			} else {
+				err = nc.Publish(c.pub, []byte("{}"))
+			}
+			if err == nil {
+				err = nc.Flush()
+			}
+			if err != nil {
+				nc.Close()
+				t.Fatal(err)
+			}
+			select {
+			case err := <-violations:
+				if !errors.Is(err, nats.ErrPermissionViolation) {
+					t.Fatalf("%s, subscribe %q publish %q: %v, want a permissions violation", c.user, c.sub, c.pub, err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatalf("%s, subscribe %q publish %q: no permissions violation within 30 s", c.user, c.sub, c.pub)
+			}
+			nc.Close()
 		}
 	})
 

@@ -26,7 +26,12 @@ var scratchImages = map[string]string{
 	"pipeline": "github.com/sluicehq/sluice/services/pipeline/cmd/pipeline",
 	"notify":   "github.com/sluicehq/sluice/services/notify/cmd/notify",
 	"sink":     "github.com/sluicehq/sluice/services/sink/cmd/sink",
+	"sluice":   "github.com/sluicehq/sluice/services/sluice/cmd/sluice",
 }
+
+// rootImages run as root: nats-server reads the certs step's keys, which are
+// root's (as in the official image, which runs as root).
+var rootImages = map[string]bool{"nats": true}
 
 // clickhouseImage is the ClickHouse image's tag: named after what the suite puts in
 // it, so a change of those makes a new image.
@@ -51,8 +56,12 @@ func buildImages() error {
 		if _, err := run(ctx, []string{"CGO_ENABLED=0"}, "go", "build", "-trimpath", "-o", filepath.Join(ctxDir, "service"), pkg); err != nil {
 			return err
 		}
+		uid := "65532"
+		if rootImages[name] {
+			uid = "0"
+		}
 		if _, err := run(ctx, nil, "docker", "build", "--quiet", "-f", filepath.Join(repoRoot, "test", "compose", "Dockerfile.scratch"),
-			"-t", "sluice-test/"+name+":local", ctxDir); err != nil {
+			"--build-arg", "UID="+uid, "-t", "sluice-test/"+name+":local", ctxDir); err != nil {
 			return err
 		}
 	}

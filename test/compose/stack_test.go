@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/sluicehq/sluice/services/kit/poll"
 )
 
@@ -62,15 +64,40 @@ type stack struct {
 	project string
 	// ConfigDir is mounted at /etc/sluice-test in the pipeline and notify containers.
 	ConfigDir string
-	// env is what the override reads (the published ports).
+	// CertsDir is SLUICE_CERTS_DIR: the certs step writes the CA and NATS's
+	// certificate there.
+	CertsDir string
+	// Passwords are the stack's secrets, by variable (as deploy/secrets.sh writes
+	// them to .env): made for this run.
+	Passwords map[string]string
+	// env is what compose.yaml and the override read (the published ports, the
+	// passwords).
 	env []string
+	// files are the compose files, after compose.yaml.
+	files []string
+	// urls are the NATS client addresses connect uses (empty: the nats service's).
+	urls []string
 }
 
-func newStack(t *testing.T, name string) *stack {
+// secrets are the variables deploy/secrets.sh sets.
+var secrets = []string{"CLICKHOUSE_PASSWORD", "NATS_ADMIN_PASSWORD", "NATS_PRODUCER_PASSWORD",
+	"NATS_PIPELINE_PASSWORD", "NATS_NOTIFY_PASSWORD", "NATS_SINK_PASSWORD"}
+
+// newStack is compose.yaml with the suite's override, then files (relative to the
+// repository).
+func newStack(t *testing.T, name string, files ...string) *stack {
 	t.Helper()
-	s := &stack{t: t, project: "sluice-test-" + name, ConfigDir: t.TempDir()}
-	if err := os.Chmod(s.ConfigDir, 0o755); err != nil {
-		t.Fatal(err)
+	s := &stack{t: t, project: "sluice-test-" + name, ConfigDir: t.TempDir(), CertsDir: t.TempDir(), Passwords: map[string]string{},
+		files: append([]string{"test/compose/compose.override.yaml"}, files...)}
+	for _, dir := range []string{s.ConfigDir, s.CertsDir} {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.env = append(s.env, "SLUICE_CERTS_DIR="+s.CertsDir)
+	for _, name := range secrets {
+		s.Passwords[name] = randomSecret(t)
+		s.env = append(s.env, name+"="+s.Passwords[name])
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -91,10 +118,48 @@ func newStack(t *testing.T, name string) *stack {
 func (s *stack) compose(args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	base := []string{"compose", "--project-name", s.project, "--project-directory", repoRoot,
-		"-f", filepath.Join(repoRoot, "compose.yaml"), "-f", filepath.Join(repoRoot, "test", "compose", "compose.override.yaml")}
+	base := []string{"compose", "--project-name", s.project, "--project-directory", repoRoot, "-f", filepath.Join(repoRoot, "compose.yaml")}
+	for _, f := range s.files {
+		base = append(base, "-f", filepath.Join(repoRoot, f))
+	}
 	env := append([]string{"SLUICE_TEST_CONFIG_DIR=" + s.ConfigDir, "SLUICE_TEST_CLICKHOUSE_IMAGE=" + clickhouseImage}, s.env...)
 	return run(ctx, env, "docker", append(base, args...)...)
+}
+
+// connect connects to the stack's NATS as user (admin, producer, pipeline, notify or
+// sink) over TLS, verifying the server with the certs step's CA.
+func (s *stack) connect(user string, opts ...nats.Option) (*nats.Conn, error) {
+	s.t.Helper()
+	opts = append([]nats.Option{nats.RootCAs(filepath.Join(s.CertsDir, "ca.pem")),
+		nats.UserInfo(user, s.Passwords["NATS_"+strings.ToUpper(user)+"_PASSWORD"])}, opts...)
+	urls := s.urls
+	if len(urls) == 0 {
+		urls = []string{s.addr("nats", 4222)}
+	}
+	return nats.Connect("tls://"+strings.Join(urls, ",tls://"), opts...)
+}
+
+// noViolations fails the test when a NATS node of the stack logged a permissions
+// violation: the services must run within their users' permissions.
+func (s *stack) noViolations(nodes ...string) {
+	s.t.Helper()
+	for _, line := range strings.Split(s.must(append([]string{"logs", "--no-color"}, nodes...)...), "\n") {
+		if strings.Contains(line, "Violation") {
+			s.t.Fatalf("NATS refused a service something its user may not do (deploy/nats/auth.conf): %s", line)
+		}
+	}
+}
+
+// docker runs a docker command (not compose), failing the test on an error.
+func (s *stack) docker(args ...string) string {
+	s.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := run(ctx, nil, "docker", args...)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return out
 }
 
 // must runs docker compose and fails the test on an error.

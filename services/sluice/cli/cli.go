@@ -22,6 +22,7 @@ import (
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/certs"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natsconn"
@@ -38,8 +39,10 @@ const usage = `sluice: an event platform on NATS JetStream.
 Usage:
   sluice up                 run NATS (embedded), the stages and, if needed, a local ClickHouse
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
-  sluice streams apply [--replicas N]
+  sluice streams apply [--replicas N] [--wait D]
                             create or update the streams and consumers on NATS_URL
+  sluice certs [--dir DIR] [--hosts H,...]
+                            make a CA and a NATS server certificate where missing (compose's TLS)
   sluice rules check FILE   validate the rules of a config file offline
   sluice ingest check FILE --subject SUBJECT [--each-line]
                             show offline what sample payloads become (events, repeats, dead letters)
@@ -82,6 +85,8 @@ func Main(args []string, io IO) int {
 		err = migrate(ctx, rest, io)
 	case cmd == "streams" && len(rest) > 0 && rest[0] == "apply":
 		err = streamsApply(ctx, rest[1:], io)
+	case cmd == "certs":
+		err = makeCerts(rest, io)
 	case cmd == "ingest" && len(rest) > 0 && rest[0] == "check":
 		err = ingestCheck(rest[1:], io)
 	case cmd == "rules" && len(rest) > 0 && rest[0] == "check":
@@ -207,6 +212,7 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 	if err := bindReplicas(fs, io.Env, &replicas, "every stream"); err != nil {
 		return err
 	}
+	wait := fs.Duration("wait", 0, "how long to wait for NATS to answer (a setup step started with the server)")
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
@@ -214,7 +220,7 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	log, _ := telemetry.NewLogger(io.Stderr, "warn", "text")
-	nc, err := natsconn.Connect(n, "sluice-cli", log)
+	nc, err := natsconn.ConnectWait(ctx, n, "sluice-cli", log, *wait)
 	if err != nil {
 		return err
 	}
@@ -227,6 +233,32 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 		copies = fmt.Sprintf("%d replicas", replicas)
 	}
 	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%s)\n", n.URL, copies)
+	return nil
+}
+
+// makeCerts makes the TLS files of compose's NATS where they are missing or stale.
+func makeCerts(args []string, io IO) error {
+	fs := flag.NewFlagSet("certs", flag.ContinueOnError)
+	dir := fs.String("dir", "certs", "directory of ca.pem, ca-key.pem, server.pem and server-key.pem")
+	hosts := fs.String("hosts", "nats,nats-2,nats-3,localhost,127.0.0.1,::1", "comma-separated names and addresses the server certificate is for (clients connect to one of these)")
+	if err := parse(fs, args, io, 0); err != nil {
+		return err
+	}
+	var names []string
+	for h := range strings.SplitSeq(*hosts, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			names = append(names, h)
+		}
+	}
+	wrote, err := certs.Ensure(*dir, names, time.Now())
+	if err != nil {
+		return err
+	}
+	if len(wrote) == 0 {
+		fmt.Fprintf(io.Stdout, "%s: the CA and the server certificate are in place\n", *dir)
+		return nil
+	}
+	fmt.Fprintf(io.Stdout, "%s: wrote %s\n", *dir, strings.Join(wrote, ", "))
 	return nil
 }
 

@@ -169,3 +169,17 @@ ingest:
 		t.Fatalf("no subject: exit %d %s", code, errOut)
 	}
 }
+
+func TestCerts(t *testing.T) {
+	dir := t.TempDir() + "/certs"
+	code, out, errOut := runCLI("certs", "--dir", dir, "--hosts", "nats, localhost,127.0.0.1")
+	if code != 0 || !strings.Contains(out, "wrote ca.pem, ca-key.pem, server.pem, server-key.pem") {
+		t.Fatalf("exit %d, %q %q", code, out, errOut)
+	}
+	if code, out, _ := runCLI("certs", "--dir", dir, "--hosts", "nats,localhost"); code != 0 || !strings.Contains(out, "in place") {
+		t.Fatalf("second run: exit %d, %q", code, out)
+	}
+	if code, _, errOut := runCLI("certs", "--dir", dir, "--hosts", " , "); code != 1 || !strings.Contains(errOut, "at least one host") {
+		t.Fatalf("no hosts: exit %d, %q", code, errOut)
+	}
+}
