@@ -10,8 +10,10 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -325,6 +327,22 @@ func TestComposeStack(t *testing.T) {
 		if nc, err := nats.Connect("tls://"+addr, nats.UserInfo("producer", s.Passwords["NATS_PRODUCER_PASSWORD"]), nats.MaxReconnects(0)); err == nil {
 			nc.Close()
 			t.Fatal("a client without the CA trusted the server")
+		}
+		// The keys are root's alone; the services run as another user, so they
+		// cannot read them.
+		for _, f := range []string{"ca-key.pem", "server-key.pem"} {
+			info, err := os.Stat(filepath.Join(s.CertsDir, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st, ok := info.Sys().(*syscall.Stat_t); info.Mode().Perm() != 0o600 || !ok || st.Uid != 0 {
+				t.Fatalf("%s: mode %v, owner %v; want 0600 and root", f, info.Mode().Perm(), info.Sys())
+			}
+		}
+		for _, service := range []string{"pipeline", "notify", "sink"} {
+			if user := s.inspect(service, "{{.Config.User}}"); user == "" || user == "0" || strings.HasPrefix(user, "0:") || strings.HasPrefix(user, "root") {
+				t.Fatalf("%s runs as %q, which can read the keys", service, user)
+			}
 		}
 		// Each user is refused what is not its own: the server answers a subscribe
 		// or publish outside the user's permissions with a permissions violation.
