@@ -442,7 +442,11 @@ func jsonString(raw []byte) (string, bool) {
 func decodeObject(payload []byte) (map[string]json.RawMessage, error) {
 	trimmed := bytes.TrimSpace(payload)
 	if trimmed[0] != '{' {
-		return nil, invalid("payload is %s, not a JSON object", jsonKind(trimmed))
+		if kind := jsonKind(trimmed); kind != notJSON {
+			return nil, invalid("payload is %s, not a JSON object", kind)
+		}
+		var v any
+		return nil, invalid("payload is not JSON: %v", json.Unmarshal(trimmed, &v))
 	}
 	var attrs map[string]json.RawMessage
 	// Valid input is checked by validJSON (strict, no allocation) and split by
@@ -568,6 +572,10 @@ func jsonKind(raw []byte) string {
 	if len(raw) == 0 {
 		return "nothing"
 	}
+	// The first byte names the kind of valid JSON only ("nope" is not null).
+	if !validJSON(raw) {
+		return notJSON
+	}
 	switch raw[0] {
 	case '{':
 		return "an object"
@@ -583,9 +591,11 @@ func jsonKind(raw []byte) string {
 		if raw[0] == '-' || (raw[0] >= '0' && raw[0] <= '9') {
 			return "a number"
 		}
-		return "not JSON"
+		return notJSON
 	}
 }
+
+const notJSON = "not JSON"
 
 func invalidUTF8Offset(b []byte) int {
 	for i := 0; i < len(b); {

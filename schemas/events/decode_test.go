@@ -46,6 +46,8 @@ func TestDecode(t *testing.T) {
 		{name: "empty payload", subject: "events.a.b", data: "", wantReason: "payload is empty"},
 		{name: "truncated JSON", subject: "events.a.b", data: `{"id":"1",`, wantReason: "not valid JSON"},
 		{name: "not an object", subject: "events.a.b", data: `[1,2]`, wantReason: "an array, not a JSON object"},
+		{name: "not JSON, starting as null does", subject: "events.a.b", data: `nope`, wantReason: "payload is not JSON: invalid character"},
+		{name: "not JSON, starting as true does", subject: "events.a.b", data: `tru`, wantReason: "payload is not JSON"},
 		{name: "trailing data", subject: "events.a.b", data: `{"id":"1"} {}`, wantReason: "data after the JSON object"},
 		{name: "invalid UTF-8", subject: "events.a.b", data: "{\"id\":\"\xff\"}", wantReason: "not valid UTF-8 at byte 7"},
 		{name: "id wrong type", subject: "events.a.b", data: `{"id":5}`, wantReason: `attribute "id" must be a string, got a number`},

@@ -41,7 +41,7 @@ import (
 // Name is the stage's name in logs, metrics and dead letters.
 const Name = "notify"
 
-// StateBucket holds the groups (group.<key>) and disabled receivers
+// StateBucket holds the groups (group.<key>), failing receivers (failing.<name>) and disabled receivers
 // (disabled.<receiver>).
 const StateBucket = "sluice_notify"
 
@@ -428,6 +428,8 @@ type deliverer struct {
 	mu         sync.Mutex
 	// lastErr is the last error of each notification being retried, by sequence.
 	lastErr map[uint64]string
+	// failing is this deliverer's record of the receiver failing (nil: it is not).
+	failing *Failing
 }
 
 // maxLastErrors bounds the last errors a deliverer remembers.
@@ -485,6 +487,7 @@ func (d *deliverer) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg,
 		d.mu.Lock()
 		delete(d.lastErr, seq)
 		d.mu.Unlock()
+		d.delivered(ctx)
 		return nil, nil
 	case errors.Is(err, ErrGone):
 		why := fmt.Sprintf("410 Gone at %s", time.Now().UTC().Format(time.RFC3339))
@@ -504,6 +507,7 @@ func (d *deliverer) handle(ctx context.Context, msg jetstream.Msg) ([]*nats.Msg,
 		}
 		d.lastErr[seq] = err.Error()
 		d.mu.Unlock()
+		d.failed(ctx, err)
 		return nil, err
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -274,6 +275,52 @@ func TestReceiverDownThenUp(t *testing.T) {
 	if dl := deadLetters(t, js); len(dl) != 0 {
 		t.Fatalf("dead letters: %q", dl)
 	}
+}
+
+// A receiver failing is recorded in the state bucket with its last error while it
+// fails (what `sluice status` shows as backing off), and cleared once a delivery
+// succeeds.
+func TestFailingReceiverRecorded(t *testing.T) {
+	nc, js := setup(t)
+	var up atomic.Bool
+	h := newHook(t, func(n int, w http.ResponseWriter) bool {
+		if !up.Load() {
+			http.Error(w, "down for maintenance", http.StatusServiceUnavailable)
+			return false
+		}
+		return true
+	})
+	startNotify(t, nc, hookConfig(h, ""))
+	publishAlert(t, js, alert("logins", "firing", 1, "user", "u1"))
+	kv, err := js.KeyValue(context.Background(), StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, time.Minute, func() error {
+		rs, err := ReadReceivers(context.Background(), kv)
+		if err != nil {
+			return err
+		}
+		f := rs["hook"].Failing
+		if f == nil || f.Attempts < 2 || !strings.Contains(f.Error, "503") || f.Since.After(f.At) {
+			return fmt.Errorf("receivers %+v, failing %+v", rs, f)
+		}
+		return nil
+	})
+	up.Store(true)
+	poll.Until(t, time.Minute, func() error {
+		if got, _ := h.delivered(); len(got) != 1 {
+			return fmt.Errorf("%d delivered", len(got))
+		}
+		rs, err := ReadReceivers(context.Background(), kv)
+		if err != nil {
+			return err
+		}
+		if len(rs) != 0 {
+			return fmt.Errorf("receivers after a delivery: %+v", rs)
+		}
+		return nil
+	})
 }
 
 // 410 Gone disables the receiver: that notification and the next go to the DLQ

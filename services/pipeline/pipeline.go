@@ -174,7 +174,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 		return fmt.Errorf("pipeline: state bucket %s: %w", Bucket, err)
 	}
 	kv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{
-		Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, and each partition's claim (owner and state).", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+		Bucket: Bucket, Description: "The pipeline workers: heartbeats, the partition count, each partition's claim (owner and state) and progress.", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
 		return fmt.Errorf("pipeline: lease bucket %s: %w", Bucket, err)
@@ -185,7 +185,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	defer live.Close()
-	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, live: live, log: log,
+	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, kv: kv, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
 	keyer, err := p.newKeyer()
 	if err != nil {
@@ -211,6 +211,7 @@ type pipeline struct {
 	js         jetstream.JetStream
 	ch         driver.Conn
 	store      jetstream.ObjectStore
+	kv         jetstream.KeyValue
 	live       *enrich.Live
 	log        *slog.Logger
 	m          *metrics
@@ -334,6 +335,8 @@ type run struct {
 	pruned bool
 	older  string
 	unsure []string
+	// lastProgress is the progress reported at the last save.
+	lastProgress *Progress
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -612,6 +615,7 @@ func (r *run) write(ctx context.Context) error {
 	// older ones go (all of them, on a run's first save: a run that ended
 	// abruptly may have left some).
 	r.pruneStates(ctx, name, prev)
+	r.reportProgress(ctx, time.Now().UTC())
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(r.seq))
 	return nil

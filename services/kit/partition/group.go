@@ -379,6 +379,20 @@ type Ownership struct {
 	State string
 }
 
+// Count is the partition count the group in kv records; ErrKeyNotFound (wrapped)
+// when no worker has joined yet.
+func Count(ctx context.Context, kv jetstream.KeyValue) (int, error) {
+	e, err := kv.Get(ctx, countKey)
+	if err != nil {
+		return 0, fmt.Errorf("partition: the partition count: %w", err)
+	}
+	n, err := strconv.Atoi(string(e.Value()))
+	if err != nil {
+		return 0, fmt.Errorf("partition: the partition count %q: %w", e.Value(), err)
+	}
+	return n, nil
+}
+
 // Owner reads partition p's claim from kv; jetstream.ErrKeyNotFound when no worker
 // ever claimed it.
 func Owner(ctx context.Context, kv jetstream.KeyValue, p int) (Ownership, error) {

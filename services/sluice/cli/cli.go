@@ -39,6 +39,9 @@ const usage = `sluice: an event platform on NATS JetStream.
 Usage:
   sluice up                 run NATS (embedded), the stages and, if needed, a local ClickHouse
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
+  sluice status [--watch] [--json]
+                            partitions, consumers, ClickHouse, dead letters, alerts and
+                            receivers at a glance; exits 1 when something is unhealthy
   sluice streams apply [--replicas N] [--wait D]
                             create or update the streams and consumers on NATS_URL
   sluice certs [--dir DIR] [--hosts H,...]
@@ -85,6 +88,8 @@ func Main(args []string, io IO) int {
 		err = migrate(ctx, rest, io)
 	case cmd == "streams" && len(rest) > 0 && rest[0] == "apply":
 		err = streamsApply(ctx, rest[1:], io)
+	case cmd == "status":
+		err = statusCmd(ctx, rest, io)
 	case cmd == "certs":
 		err = makeCerts(rest, io)
 	case cmd == "ingest" && len(rest) > 0 && rest[0] == "check":
@@ -117,6 +122,8 @@ func Main(args []string, io IO) int {
 		return 0
 	case errors.Is(err, errUsage):
 		return 2
+	case errors.Is(err, errUnhealthy):
+		return 1
 	default:
 		fmt.Fprintln(io.Stderr, "sluice:", err)
 		return 1

@@ -1,14 +1,16 @@
 package cli
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
-
-	"bytes"
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"strings"
 	"testing"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
 )
 
 func runCLI(args ...string) (int, string, string) {
@@ -181,5 +183,37 @@ func TestCerts(t *testing.T) {
 	}
 	if code, _, errOut := runCLI("certs", "--dir", dir, "--hosts", " , "); code != 1 || !strings.Contains(errOut, "at least one host") {
 		t.Fatalf("no hosts: exit %d, %q", code, errOut)
+	}
+}
+
+// status against NATS with the streams applied and a ClickHouse that does not
+// answer: unhealthy, exit 1, saying why, as text and as JSON.
+func TestStatusUnhealthy(t *testing.T) {
+	ns := natstest.Run(t)
+	if code, _, errOut := runCLI("streams", "apply", "--nats-url", ns.URL); code != 0 {
+		t.Fatalf("apply: exit %d: %s", code, errOut)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := l.Addr().String()
+	l.Close()
+	code, out, errOut := runCLI("status", "--nats-url", ns.URL, "--clickhouse-addr", closed)
+	if code != 1 || !strings.Contains(out, "UNHEALTHY") || !strings.Contains(out, "ClickHouse at "+closed) {
+		t.Fatalf("exit %d:\n%s%s", code, out, errOut)
+	}
+	code, out, errOut = runCLI("status", "--json", "--nats-url", ns.URL, "--clickhouse-addr", closed)
+	var report struct {
+		Healthy    bool
+		Problems   []string
+		Streams    []struct{ Name string }
+		ClickHouse struct{ Reachable bool }
+	}
+	if err := json.Unmarshal([]byte(out), &report); code != 1 || err != nil || report.Healthy || report.ClickHouse.Reachable || len(report.Streams) == 0 {
+		t.Fatalf("--json: exit %d, %v: %s%s", code, err, out, errOut)
+	}
+	if code, _, errOut := runCLI("status", "--nats-url", ns.URL, "--max-lag", "0s"); code != 1 || !strings.Contains(errOut, "must be positive") {
+		t.Fatalf("--max-lag 0s: exit %d: %s", code, errOut)
 	}
 }

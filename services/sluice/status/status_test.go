@@ -1,0 +1,289 @@
+package status
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/chserver"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/sluice/platform"
+)
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// The platform (`sluice up`: embedded NATS, its own ClickHouse, the pipeline,
+// notify and the sink) takes valid, repeated and invalid events and fires alerts to
+// a receiver nobody answers. Status sees the partition owned and caught up, the
+// dead letters ClickHouse holds by reason, the alerts firing, the receiver backing
+// off with its error; healthy with generous limits, unhealthy (naming the receiver)
+// with a tight one, and unhealthy when ClickHouse does not answer.
+func TestCollect(t *testing.T) {
+	if _, err := chserver.Binary(); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	natsAddr, chAddr := freeAddr(t), freeAddr(t)
+	nobody := freeAddr(t) // a receiver that refuses connections
+	config := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(config, []byte(fmt.Sprintf(`rules:
+  - name: big-order
+    filter: 'type == "order.created" && data.amount > 1000'
+    group_by: [id]
+    severity: warning
+receivers:
+  - {name: ops, url: "http://%s/hook", secret_env: [WEBHOOK_SECRET], allow_private: true}
+`, nobody)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	chs := settings.ClickHouse{Addr: chAddr, Database: "sluice", User: "default"}
+	cfg := platform.UpConfig{
+		DataDir: dir, NATSListen: natsAddr, ClickHouse: chs,
+		Service: settings.Service{ShutdownTimeout: 20 * time.Second, ApplyTopology: true, ConfigPath: config},
+		Env: func(k string) (string, bool) {
+			if k == "WEBHOOK_SECRET" {
+				return "whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==", true
+			}
+			return "", false
+		},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+	go func() { done <- platform.Up(ctx, cfg, log, prometheus.NewRegistry()) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Up: %v", err)
+		}
+	})
+
+	var nc *nats.Conn
+	poll.Until(t, time.Minute, func() (err error) {
+		nc, err = nats.Connect("nats://" + natsAddr)
+		return err
+	})
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var db driver.Conn
+	poll.Until(t, time.Minute, func() (err error) {
+		db, err = chconn.Open(context.Background(), chs)
+		return err
+	})
+	defer db.Close()
+
+	// The pipeline saves its state once before input counts as live (alerts of
+	// earlier input are a replay, sent nowhere).
+	poll.Until(t, 2*time.Minute, func() error {
+		r, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+		if err != nil {
+			return err
+		}
+		if len(r.Partitions) != 1 || r.Partitions[0].SavedAt.IsZero() {
+			return fmt.Errorf("partitions %+v", r.Partitions)
+		}
+		return nil
+	})
+	publish := func(subject, body string) {
+		t.Helper()
+		if err := nc.Publish(subject, []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 50 {
+		body := fmt.Sprintf(`{"specversion":"1.0","id":"o-%d","source":"shop","type":"order.created","data":{"order_id":"o-%d","amount":%d}}`, i, i, i*100)
+		publish("events.shop.order", body)
+		if i%10 == 0 {
+			publish("events.shop.order", body) // a repeat
+		}
+	}
+	for i := range 3 {
+		publish("events.shop.order", fmt.Sprintf(`{"specversion":"1.0","id":"x-%d","source":"shop","type":"order.created","data":{"order_id":"x","amount":-1}}`, i)) // against order.created's schema
+	}
+	publish("events.shop.order", `not json`)
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Everything lands; the state is saved past it.
+	var r *Report
+	poll.Until(t, 2*time.Minute, func() error {
+		var events, dead uint64
+		if err := db.QueryRow(context.Background(), "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
+			return err
+		}
+		if events != 50 || dead != 4 {
+			return fmt.Errorf("%d events, %d dead letters", events, dead)
+		}
+		r, err = Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+		if err != nil {
+			return err
+		}
+		if p := r.Partitions[0]; p.Pending != 0 || len(r.Receivers) != 1 || r.Receivers[0].State != BackingOff {
+			return fmt.Errorf("partition %+v, receivers %+v", p, r.Receivers)
+		}
+		return nil
+	})
+	if !r.Healthy || len(r.Problems) != 0 {
+		t.Fatalf("unhealthy with an hour's limits: %v", r.Problems)
+	}
+	var last uint64
+	for _, s := range r.Streams {
+		if s.Name == "EVENTS" {
+			last = s.LastSeq
+		}
+	}
+	if p := r.Partitions[0]; p.Worker == "" || p.Seq != last || p.StoredAt.IsZero() || last != 59 {
+		t.Fatalf("partition %+v, EVENTS last %d; want owned, at 59", p, last)
+	}
+	if !r.ClickHouse.Reachable || r.ClickHouse.LastInsert["events"].IsZero() || r.ClickHouse.LastInsert["dead_letters"].IsZero() {
+		t.Fatalf("ClickHouse %+v", r.ClickHouse)
+	}
+	// Dead letters by reason, as ClickHouse counts them.
+	if r.DeadLettersHour != 4 {
+		t.Fatalf("%d dead letters in the last hour, want 4", r.DeadLettersHour)
+	}
+	byReason := map[string]uint64{}
+	rows, err := db.Query(context.Background(), "SELECT reason, count() FROM dead_letters GROUP BY reason")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var reason string
+		var n uint64
+		if err := rows.Scan(&reason, &n); err != nil {
+			t.Fatal(err)
+		}
+		byReason[reason] = n
+	}
+	rows.Close()
+	if len(r.DeadLetters) != len(byReason) || len(byReason) < 2 {
+		t.Fatalf("dead letters %+v, ClickHouse %v", r.DeadLetters, byReason)
+	}
+	for _, d := range r.DeadLetters {
+		if byReason[d.Reason] != d.Count || d.Stage != "pipeline" {
+			t.Fatalf("dead letters %+v, ClickHouse %v", r.DeadLetters, byReason)
+		}
+	}
+	// Amounts above 1000: o-11 ... o-49, one group each.
+	if len(r.Firing) != 1 || r.Firing[0].Rule != "big-order" || r.Firing[0].Count != 39 {
+		t.Fatalf("firing %+v, want big-order 39", r.Firing)
+	}
+	if rc := r.Receivers[0]; rc.Name != "ops" || rc.Pending == 0 || !strings.Contains(rc.LastError, "refused") || rc.Since.IsZero() {
+		t.Fatalf("receiver %+v", rc)
+	}
+	var text bytes.Buffer
+	if err := r.Text(&text); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("sluice status:\n%s", text.String())
+	for _, want := range []string{"healthy", "big-order 39", "Dead letters in the last hour: 4", "ops", "backing off"} {
+		if !strings.Contains(text.String(), want) {
+			t.Fatalf("the text lacks %q:\n%s", want, text.String())
+		}
+	}
+
+	// Tight limits: the receiver's notifications wait and it fails for longer.
+	tight, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Millisecond, MaxStateAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tight.Healthy || !strings.Contains(strings.Join(tight.Problems, "\n"), "receiver ops: failing for") ||
+		!strings.Contains(strings.Join(tight.Problems, "\n"), "consumer deliver_ops of NOTIFY") {
+		t.Fatalf("tight limits: healthy %v, problems %v", tight.Healthy, tight.Problems)
+	}
+	// ClickHouse not answering (a port nobody listens on).
+	down := settings.ClickHouse{Addr: freeAddr(t), Database: "sluice", User: "default"}
+	_, chErr := chconn.Open(context.Background(), down)
+	gone, err := Collect(context.Background(), js, nil, down.Addr, chErr, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if gone.Healthy || gone.ClickHouse.Reachable || !strings.Contains(strings.Join(gone.Problems, "\n"), "ClickHouse at "+down.Addr) {
+		t.Fatalf("ClickHouse down: healthy %v, %+v, problems %v", gone.Healthy, gone.ClickHouse, gone.Problems)
+	}
+}
+
+// behind counts what an input (all of a stream, or a filter of it) holds after a
+// position, and how long ago the oldest of that was stored.
+func TestBehind(t *testing.T) {
+	srv := natstest.Run(t)
+	_, js := srv.Connect(t)
+	ctx := context.Background()
+	st, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"in.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if _, err := js.Publish(ctx, fmt.Sprintf("in.%d", i%2), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.Info(ctx); err != nil { // refresh the cached state
+		t.Fatal(err)
+	}
+	first, err := st.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	later := first.Time.Add(time.Minute)
+	for _, c := range []struct {
+		filter  string
+		seq     uint64
+		pending uint64
+		oldest  uint64 // the sequence of the oldest pending message
+	}{
+		{"", 0, 10, 1}, {"", 4, 6, 5}, {"", 10, 0, 0},
+		{"in.1", 0, 5, 2}, {"in.1", 2, 4, 4}, {"in.0", 8, 1, 9}, {"in.0", 9, 0, 0},
+	} {
+		pending, lag, err := behind(ctx, st, c.filter, c.seq, later)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := 0.0
+		if c.oldest > 0 {
+			m, err := st.GetMsg(ctx, c.oldest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want = later.Sub(m.Time).Seconds()
+		}
+		if pending != c.pending || lag != want {
+			t.Fatalf("filter %q after %d: %d pending, lag %v; want %d, %v", c.filter, c.seq, pending, lag, c.pending, want)
+		}
+	}
+	// The counting consumers are gone.
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Consumers != 0 {
+		t.Fatalf("%d consumers left", info.State.Consumers)
+	}
+}

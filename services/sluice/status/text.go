@@ -1,0 +1,123 @@
+package status
+
+import (
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Text writes the report for people: one screen, problems first.
+func (r *Report) Text(w io.Writer) error {
+	var b strings.Builder
+	verdict := "healthy"
+	if !r.Healthy {
+		verdict = fmt.Sprintf("UNHEALTHY (%d)", len(r.Problems))
+	}
+	fmt.Fprintf(&b, "sluice status  %s  %s\n", r.At.Format("2006-01-02 15:04:05 MST"), verdict)
+	for _, p := range r.Problems {
+		fmt.Fprintf(&b, "  ! %s\n", p)
+	}
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	if len(r.Partitions) > 0 {
+		fmt.Fprintln(tw, "\nPARTITION\tWORKER\tINPUT/S\tBEHIND\tLAG\tLAST STORED\tSTATE SAVED")
+		for _, p := range r.Partitions {
+			worker := p.Worker
+			if worker == "" {
+				worker = "(none)"
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%.1f\t%d\t%s\t%s\t%s\n", p.Partition, worker, p.Rate, p.Pending, lag(p.LagSeconds), ago(r.At, p.StoredAt), ago(r.At, p.SavedAt))
+		}
+	}
+	var used, unused []Consumer
+	for _, c := range r.Consumers {
+		if c.Unused {
+			unused = append(unused, c)
+		} else {
+			used = append(used, c)
+		}
+	}
+	if len(used) > 0 {
+		fmt.Fprintln(tw, "\nSTREAM\tCONSUMER\tINPUT/S\tBEHIND\tACK PENDING\tLAG\tLAST DELIVERED")
+		for _, c := range used {
+			rate := "-"
+			if c.Rate != nil {
+				rate = fmt.Sprintf("%.1f", *c.Rate)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", c.Stream, c.Name, rate, c.Pending, c.AckPending, lag(c.LagSeconds), ago(r.At, c.LastActive))
+		}
+	}
+	tw.Flush()
+	if len(unused) > 0 {
+		names := make([]string, len(unused))
+		for i, c := range unused {
+			names[i] = c.Stream + "/" + c.Name
+		}
+		fmt.Fprintf(&b, "(never read, not judged: %s)\n", strings.Join(names, ", "))
+	}
+	ch := "unreachable: " + r.ClickHouse.Error
+	if r.ClickHouse.Reachable {
+		var parts []string
+		for _, t := range []string{"events", "dead_letters", "alerts"} {
+			parts = append(parts, t+" "+ago(r.At, r.ClickHouse.LastInsert[t]))
+		}
+		ch = "reachable; last insert: " + strings.Join(parts, ", ")
+	}
+	fmt.Fprintf(&b, "\nClickHouse %s: %s\n", r.ClickHouse.Addr, ch)
+	fmt.Fprintf(&b, "\nDead letters in the last hour: %d\n", r.DeadLettersHour)
+	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	for _, d := range r.DeadLetters {
+		fmt.Fprintf(tw, "  %d\t%s\t%s\n", d.Count, d.Stage, oneLine(d.Reason, 100))
+	}
+	tw.Flush()
+	firing := "none"
+	if len(r.Firing) > 0 {
+		var parts []string
+		for _, f := range r.Firing {
+			parts = append(parts, fmt.Sprintf("%s %d", f.Rule, f.Count))
+		}
+		firing = strings.Join(parts, ", ")
+	}
+	fmt.Fprintf(&b, "\nAlerts firing: %s\n", firing)
+	if len(r.Receivers) > 0 {
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "\nRECEIVER\tSTATE\tPENDING\tSINCE\tLAST ERROR")
+		for _, rc := range r.Receivers {
+			last := rc.LastError
+			if rc.Disabled != "" {
+				last = rc.Disabled
+			}
+			since := ""
+			if !rc.Since.IsZero() {
+				since = ago(r.At, rc.Since)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", rc.Name, rc.State, rc.Pending, since, oneLine(last, 80))
+		}
+		tw.Flush()
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func lag(s float64) string {
+	if s == 0 {
+		return "-"
+	}
+	return seconds(s).Round(100 * time.Millisecond).String()
+}
+
+func ago(now, t time.Time) string {
+	if t.IsZero() || t.Unix() <= 0 {
+		return "never"
+	}
+	return now.Sub(t).Round(time.Second).String() + " ago"
+}
+
+func oneLine(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) > n {
+		s = s[:n-1] + "…"
+	}
+	return s
+}
