@@ -371,6 +371,18 @@ func (r *Report) receivers(ctx context.Context, js jetstream.JetStream, opts Opt
 	return nil
 }
 
+// The queries status runs, on ClickHouse 18.16 and current releases alike.
+const (
+	// lastInsertQuery, then a table's name.
+	lastInsertQuery  = "SELECT count(), max(inserted_at) FROM "
+	deadLettersQuery = `SELECT stage, reason, count() AS n FROM dead_letters WHERE received_at >= now() - 3600
+GROUP BY stage, reason ORDER BY n DESC, stage, reason`
+	// An alert fires while its fingerprint's last row says so.
+	firingQuery = `SELECT rule, count() AS n FROM (
+    SELECT fingerprint, any(rule) AS rule, argMax(status, stream_seq) AS last FROM alerts GROUP BY fingerprint
+) WHERE last = 'firing' GROUP BY rule ORDER BY n DESC, rule`
+)
+
 // clickhouse reads the tables' last inserts, the last hour's dead letters and the
 // alerts firing.
 func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
@@ -391,7 +403,7 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 	for _, table := range []string{"events", "dead_letters", "alerts"} {
 		var rows uint64
 		var last time.Time
-		if err := ch.QueryRow(ctx, "SELECT count(), max(inserted_at) FROM "+table).Scan(&rows, &last); err != nil {
+		if err := ch.QueryRow(ctx, lastInsertQuery+table).Scan(&rows, &last); err != nil {
 			fail(fmt.Errorf("table %s: %w", table, err))
 			return
 		}
@@ -399,9 +411,7 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 			r.ClickHouse.LastInsert[table] = last.UTC()
 		}
 	}
-	q := `SELECT stage, reason, count() AS n FROM dead_letters WHERE received_at >= now() - 3600
-GROUP BY stage, reason ORDER BY n DESC, stage, reason`
-	rows, err := ch.Query(ctx, q)
+	rows, err := ch.Query(ctx, deadLettersQuery)
 	if err != nil {
 		fail(fmt.Errorf("dead letters: %w", err))
 		return
@@ -419,11 +429,7 @@ GROUP BY stage, reason ORDER BY n DESC, stage, reason`
 		}
 	}
 	rows.Close()
-	// An alert fires while its fingerprint's last row says so.
-	q = `SELECT rule, count() AS n FROM (
-    SELECT fingerprint, any(rule) AS rule, argMax(status, stream_seq) AS last FROM alerts GROUP BY fingerprint
-) WHERE last = 'firing' GROUP BY rule ORDER BY n DESC, rule`
-	rows, err = ch.Query(ctx, q)
+	rows, err = ch.Query(ctx, firingQuery)
 	if err != nil {
 		fail(fmt.Errorf("alerts: %w", err))
 		return

@@ -1,0 +1,57 @@
+package status
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/services/kit/chdb"
+)
+
+// The queries status runs, on current ClickHouse (26.5, in-process through chDB),
+// against the tables the migrations make (TestCollect runs them on 18.16).
+func TestQueriesOnCurrentClickHouse(t *testing.T) {
+	wd, _ := os.Getwd()
+	lib, err := chdb.Find(wd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := chdb.Open(lib, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	q := func(sql string) string {
+		t.Helper()
+		out, err := s.Query(sql, "TSV")
+		if err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return strings.TrimSpace(out)
+	}
+	q("CREATE DATABASE IF NOT EXISTS sluice")
+	q("USE sluice")
+	ms, err := chmigrate.Migrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		for _, stmt := range m.Statements {
+			q(stmt)
+		}
+	}
+	q(`INSERT INTO dead_letters (stage, reason, received_at, stream_seq) VALUES
+ ('pipeline', 'bad', now(), 1), ('pipeline', 'bad', now(), 2), ('sink', 'worse', now(), 3), ('pipeline', 'old', now() - 7200, 4)`)
+	q(`INSERT INTO alerts (fingerprint, rule, status, starts_at, stream_seq) VALUES
+ ('a', 'r1', 'firing', now(), 1), ('a', 'r1', 'resolved', now(), 2), ('b', 'r1', 'firing', now(), 3), ('c', 'r2', 'firing', now(), 4)`)
+	if got := q(lastInsertQuery + "dead_letters"); !strings.HasPrefix(got, "4\t") {
+		t.Fatalf("last insert: %q", got)
+	}
+	if got, want := q(deadLettersQuery), "pipeline\tbad\t2\nsink\tworse\t1"; got != want {
+		t.Fatalf("dead letters:\n%s\nwant\n%s", got, want)
+	}
+	if got, want := q(firingQuery), "r1\t1\nr2\t1"; got != want {
+		t.Fatalf("firing:\n%s\nwant\n%s", got, want)
+	}
+}
