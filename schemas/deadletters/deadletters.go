@@ -4,7 +4,7 @@
 //
 // A dead letter is published to dlq.<stage>. Its payload is the input's own (or, for
 // one event of a batch message, that element's), its headers are the input's (but
-// Nats-*) plus the ones below, and its Nats-Msg-Id is ID: derived from the input's
+// Nats-*; its Nats-Msg-Id is kept as HeaderMsgID) plus the ones below, and its Nats-Msg-Id is ID: derived from the input's
 // stream position, so a retry is not a second dead letter.
 package deadletters
 
@@ -28,6 +28,10 @@ const (
 	// HeaderElement is the index of an event in its batch message: on the dead
 	// letter of one element (and on the keying step's copy of one element).
 	HeaderElement = "Sluice-Element"
+	// HeaderMsgID is the input's own Nats-Msg-Id (a dead letter has its own), on
+	// the dead letter of a whole message: a replay publishes with it again, so the
+	// event keeps its key.
+	HeaderMsgID = "Sluice-Msg-Id"
 )
 
 // Subject is the subject of stage's dead letters.
@@ -52,3 +56,11 @@ func withElement(id string, element int) string {
 	}
 	return id
 }
+
+// HeaderReplayOf marks input that `sluice dlq replay` published again: the DLQ
+// sequence of the dead letter it replays.
+const HeaderReplayOf = "Sluice-Replay-Of"
+
+// ReplayID is the Nats-Msg-Id of a replay of the dead letter at seq in the DLQ: a
+// replay published twice within its stream's duplicate window is stored once.
+func ReplayID(seq uint64) string { return "replay:DLQ:" + strconv.FormatUint(seq, 10) }

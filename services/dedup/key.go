@@ -12,6 +12,7 @@ import (
 
 	json "github.com/goccy/go-json"
 
+	"github.com/sluicehq/sluice/schemas/deadletters"
 	"github.com/sluicehq/sluice/schemas/events"
 )
 
@@ -21,7 +22,8 @@ import (
 //
 // In order of precedence:
 //  0. for subjects with a key rule (dedup.keys), the rule's fields ("f", see FieldsKey);
-//  1. the producer's Nats-Msg-Id header ("m");
+//  1. the producer's Nats-Msg-Id header ("m"; on a dead letter's replay, the one
+//     the dead letter kept);
 //  2. the CloudEvents source and id ("e");
 //  3. for an event without id, its content: the NATS subject, the ce-* headers and
 //     the payload as published ("c").
@@ -45,19 +47,29 @@ func Key(e *events.Event, m events.Message) string {
 		if e.ID != "" {
 			return keyOf("e", e.Source, e.ID)
 		}
-		batch := headerValue(m.Header, "Nats-Msg-Id")
+		batch := producerID(m.Header)
 		if batch == "" {
 			batch = contentKey(events.Message{Subject: m.Subject, Header: m.Header, Data: el.Batch})
 		}
 		return keyOf("b", batch, strconv.Itoa(el.Index))
 	}
-	if id := headerValue(m.Header, "Nats-Msg-Id"); id != "" {
+	if id := producerID(m.Header); id != "" {
 		return keyOf("m", id)
 	}
 	if e.ID != "" {
 		return keyOf("e", e.Source, e.ID)
 	}
 	return contentKey(m)
+}
+
+// producerID is the producer's Nats-Msg-Id; on input `sluice dlq replay` published
+// again, the one its dead letter kept (deadletters.HeaderMsgID), for which the
+// replay's own Nats-Msg-Id stands in.
+func producerID(h map[string][]string) string {
+	if headerValue(h, deadletters.HeaderReplayOf) != "" {
+		return headerValue(h, deadletters.HeaderMsgID) // empty: the input had none
+	}
+	return headerValue(h, "Nats-Msg-Id")
 }
 
 func contentKey(m events.Message) string {

@@ -30,6 +30,12 @@ func TestKey(t *testing.T) {
 		{"structured and binary of one event", key("events.a.b", nil, `{"id":"1","source":"s"}`), key("events.a.b", map[string][]string{"ce-id": {"1"}, "ce-source": {"s"}}, `{}`)},
 		{"Nats-Msg-Id wins over the body", key("events.a.b", map[string][]string{"Nats-Msg-Id": {"m"}}, `{"id":"1"}`), key("events.a.b", map[string][]string{"Nats-Msg-Id": {"m"}}, `{"id":"2"}`)},
 		{"no id: same content", key("events.a.b", nil, `{"data":{"x":1}}`), key("events.a.b", nil, `{"data":{"x":1}}`)},
+		{"a replay keeps its input's Nats-Msg-Id", key("events.a.b", map[string][]string{"Nats-Msg-Id": {"m"}}, `{"id":"1"}`),
+			key("events.a.b", map[string][]string{"Nats-Msg-Id": {"replay:DLQ:7"}, "Sluice-Msg-Id": {"m"}, "Sluice-Replay-Of": {"7"}}, `{"id":"1"}`)},
+		{"a replay without one: its content", key("events.a.b", nil, `{"data":{"x":1}}`),
+			key("events.a.b", map[string][]string{"Nats-Msg-Id": {"replay:DLQ:7"}, "Sluice-Replay-Of": {"7"}}, `{"data":{"x":1}}`)},
+		{"a replay without one: its id", key("events.a.b", nil, `{"id":"1","source":"s"}`),
+			key("events.a.b", map[string][]string{"Nats-Msg-Id": {"replay:DLQ:7"}, "Sluice-Replay-Of": {"7"}}, `{"id":"1","source":"s"}`)},
 	}
 	for _, tt := range same {
 		if tt.a != tt.b {

@@ -358,7 +358,9 @@ func deadLetterRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	h := msg.Headers()
 	others := map[string][]string{}
 	for k, v := range h {
-		if !strings.HasPrefix(k, "Sluice-") {
+		// The dead letter's own headers are columns; the input's id stays, for a
+		// replay (sluice dlq replay).
+		if !strings.HasPrefix(k, "Sluice-") || k == deadletters.HeaderMsgID {
 			others[k] = v
 		}
 	}

@@ -355,6 +355,9 @@ func deadLetter(stage string, msg jetstream.Msg, element int, data []byte, reaso
 	}
 	if element >= 0 {
 		out.Header.Set(HeaderElement, strconv.Itoa(element))
+	} else if msgID := msg.Headers().Get(nats.MsgIdHdr); msgID != "" && out.Header.Get(deadletters.HeaderMsgID) == "" {
+		// (A replay's input carries its first input's id already.)
+		out.Header.Set(deadletters.HeaderMsgID, msgID)
 	}
 	out.Header.Set(HeaderStage, stage)
 	out.Header.Set(HeaderSubject, msg.Subject())

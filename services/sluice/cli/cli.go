@@ -39,6 +39,9 @@ const usage = `sluice: an event platform on NATS JetStream.
 Usage:
   sluice up                 run NATS (embedded), the stages and, if needed, a local ClickHouse
   sluice migrate            apply the ClickHouse migrations to CLICKHOUSE_ADDR
+  sluice dlq list|show|replay
+                            dead letters by stage, reason, subject and time; replay puts
+                            them back where they came from (after fixing what refused them)
   sluice status [--watch] [--json]
                             partitions, consumers, ClickHouse, dead letters, alerts and
                             receivers at a glance; exits 1 when something is unhealthy
@@ -88,6 +91,12 @@ func Main(args []string, io IO) int {
 		err = migrate(ctx, rest, io)
 	case cmd == "streams" && len(rest) > 0 && rest[0] == "apply":
 		err = streamsApply(ctx, rest[1:], io)
+	case cmd == "dlq" && len(rest) > 0 && rest[0] == "list":
+		err = dlqList(ctx, rest[1:], io)
+	case cmd == "dlq" && len(rest) > 0 && rest[0] == "show":
+		err = dlqShow(ctx, rest[1:], io)
+	case cmd == "dlq" && len(rest) > 0 && rest[0] == "replay":
+		err = dlqReplay(ctx, rest[1:], io)
 	case cmd == "status":
 		err = statusCmd(ctx, rest, io)
 	case cmd == "certs":

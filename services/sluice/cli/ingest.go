@@ -43,6 +43,29 @@ func readSample(name string, stdin goio.Reader) ([]byte, error) {
 	return goio.ReadAll(stdin)
 }
 
+// ingestHandler is the ingest and dedup steps of the config at path, offline, with
+// a store of its own.
+func ingestHandler(path string) (*dedup.Handler, *window.Store, error) {
+	f, err := configfile.Load(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	in, err := dedup.LoadIngest(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	w, err := dedup.LoadWindowConfig(f)
+	if err != nil {
+		return nil, nil, err
+	}
+	store := window.NewStore(0)
+	h, err := dedup.NewHandler(dedup.HandlerConfig{Window: w, Ingest: in, Store: store})
+	if err != nil {
+		return nil, nil, err
+	}
+	return h, store, nil
+}
+
 // ingestCheck shows, offline, what sample payloads published to a subject become
 // under the ingest and dedup sections of SLUICE_CONFIG: each event (as the stages
 // pass it on, with its key), a repeat of an event before it, or the dead letter's
@@ -67,20 +90,7 @@ func ingestCheck(args []string, io IO) error {
 	if err != nil {
 		return err
 	}
-	f, err := configfile.Load(path)
-	if err != nil {
-		return err
-	}
-	in, err := dedup.LoadIngest(f)
-	if err != nil {
-		return err
-	}
-	w, err := dedup.LoadWindowConfig(f)
-	if err != nil {
-		return err
-	}
-	store := window.NewStore(0)
-	h, err := dedup.NewHandler(dedup.HandlerConfig{Window: w, Ingest: in, Store: store})
+	h, store, err := ingestHandler(path)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -19,17 +18,8 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 )
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 // sluice up with nothing answering at CLICKHOUSE_ADDR: it starts clickhouse-server
 // under the data dir, NATS on its listen address, and every stage; an event
@@ -40,7 +30,7 @@ func TestUpStartsEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	natsAddr, chAddr, metricsAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	natsAddr, chAddr, metricsAddr := testnet.FreeAddr(t), testnet.FreeAddr(t), testnet.FreeAddr(t)
 	cfg := UpConfig{
 		DataDir:    dir,
 		NATSListen: natsAddr,
@@ -122,8 +112,8 @@ func TestUpWithoutClickHouseSaysHowToInstall(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
 	cfg := UpConfig{
 		DataDir:    t.TempDir(),
-		NATSListen: freeAddr(t),
-		ClickHouse: settings.ClickHouse{Addr: freeAddr(t), Database: "sluice"},
+		NATSListen: testnet.FreeAddr(t),
+		ClickHouse: settings.ClickHouse{Addr: testnet.FreeAddr(t), Database: "sluice"},
 		Env:        func(string) (string, bool) { return "", false },
 	}
 	err := Up(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())

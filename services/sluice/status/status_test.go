@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,18 +21,9 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/sluice/platform"
 )
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 // The platform (`sluice up`: embedded NATS, its own ClickHouse, the pipeline,
 // notify and the sink) takes valid, repeated and invalid events and fires alerts to
@@ -46,8 +36,8 @@ func TestCollect(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	natsAddr, chAddr := freeAddr(t), freeAddr(t)
-	nobody := freeAddr(t) // a receiver that refuses connections
+	natsAddr, chAddr := testnet.FreeAddr(t), testnet.FreeAddr(t)
+	nobody := testnet.FreeAddr(t) // a receiver that refuses connections
 	config := filepath.Join(dir, "sluice.yaml")
 	if err := os.WriteFile(config, []byte(fmt.Sprintf(`rules:
   - name: big-order
@@ -219,7 +209,7 @@ receivers:
 		t.Fatalf("tight limits: healthy %v, problems %v", tight.Healthy, tight.Problems)
 	}
 	// ClickHouse not answering (a port nobody listens on).
-	down := settings.ClickHouse{Addr: freeAddr(t), Database: "sluice", User: "default"}
+	down := settings.ClickHouse{Addr: testnet.FreeAddr(t), Database: "sluice", User: "default"}
 	_, chErr := chconn.Open(context.Background(), down)
 	gone, err := Collect(context.Background(), js, nil, down.Addr, chErr, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
 	if err != nil {

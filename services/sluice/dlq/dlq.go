@@ -1,0 +1,317 @@
+// Package dlq finds dead letters in ClickHouse (`sluice dlq list|show`) and puts
+// them back where they came from (`sluice dlq replay`), recording each replay in
+// dead_letter_replays.
+package dlq
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/schemas/deadletters"
+	"github.com/sluicehq/sluice/services/kit/partition"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// Filter selects dead letters; zero fields select everything.
+type Filter struct {
+	Stage string
+	// Reason matches a part of the reason, whatever its case.
+	Reason string
+	// Subject is the subject the input was published to: a NATS pattern
+	// (events.shop.*, events.>).
+	Subject      string
+	Since, Until time.Time
+	// Seqs are dead letters by their DLQ sequence (stream_seq in dead_letters).
+	Seqs  []uint64
+	Limit int
+}
+
+// Letter is one dead letter, and what its replays became.
+type Letter struct {
+	Seq          uint64              `json:"seq"`
+	Stage        string              `json:"stage"`
+	Reason       string              `json:"reason"`
+	Subject      string              `json:"subject"`
+	ReceivedAt   time.Time           `json:"received_at"`
+	SourceStream string              `json:"source_stream"`
+	SourceSeq    uint64              `json:"source_seq"`
+	Headers      map[string][]string `json:"headers,omitempty"`
+	Payload      string              `json:"payload"`
+	Replays      []Replay            `json:"replays,omitempty"`
+}
+
+// Replay is one replay of a dead letter and what became of it.
+type Replay struct {
+	At           time.Time `json:"at"`
+	TargetStream string    `json:"target_stream"`
+	TargetSeq    uint64    `json:"target_seq"`
+	Duplicate    bool      `json:"duplicate"`
+	// Outcome: stored (a row in events), dead again (with its reason), or pending
+	// (not decided yet, or dropped as a repeat of an event already stored).
+	Outcome string `json:"outcome"`
+}
+
+// Outcomes of a replay.
+const (
+	Stored    = "stored"
+	DeadAgain = "dead again"
+	Pending   = "pending or a repeat"
+	Published = "published"
+)
+
+// Select reads the dead letters f selects, oldest first, with their replays.
+func Select(ctx context.Context, ch driver.Conn, f Filter) ([]Letter, error) {
+	var where []string
+	var args []any
+	if f.Stage != "" {
+		where, args = append(where, "stage = ?"), append(args, f.Stage)
+	}
+	if f.Reason != "" {
+		where, args = append(where, "positionCaseInsensitive(reason, ?) > 0"), append(args, f.Reason)
+	}
+	if f.Subject != "" {
+		// SQL narrows by the pattern's literal start; Go matches the pattern.
+		prefix := f.Subject
+		if i := strings.IndexAny(prefix, "*>"); i >= 0 {
+			prefix = prefix[:i]
+		}
+		where, args = append(where, "startsWith(nats_subject, ?)"), append(args, prefix)
+	}
+	if !f.Since.IsZero() {
+		where, args = append(where, "received_at >= ?"), append(args, f.Since.UTC().Truncate(time.Second))
+	}
+	if !f.Until.IsZero() {
+		where, args = append(where, "received_at < ?"), append(args, f.Until.UTC().Truncate(time.Second))
+	}
+	if len(f.Seqs) > 0 {
+		where = append(where, "stream_seq IN ("+uintList(f.Seqs)+")")
+	}
+	q := `SELECT stream_seq, stage, reason, nats_subject, headers, payload, received_at, received_at_ms, source_stream, source_seq
+FROM dead_letters`
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	q += " ORDER BY received_at, received_at_ms, stream_seq LIMIT 1 BY stream_seq"
+	rows, err := ch.Query(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+	}
+	defer rows.Close()
+	var out []Letter
+	for rows.Next() {
+		var l Letter
+		var headers string
+		var ms uint16
+		if err := rows.Scan(&l.Seq, &l.Stage, &l.Reason, &l.Subject, &headers, &l.Payload, &l.ReceivedAt, &ms, &l.SourceStream, &l.SourceSeq); err != nil {
+			return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+		}
+		if f.Subject != "" && !subjectMatches(f.Subject, l.Subject) {
+			continue
+		}
+		l.ReceivedAt = l.ReceivedAt.UTC().Add(time.Duration(ms) * time.Millisecond)
+		if headers != "" {
+			_ = json.Unmarshal([]byte(headers), &l.Headers)
+		}
+		out = append(out, l)
+		if f.Limit > 0 && len(out) == f.Limit {
+			break
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+	}
+	return out, history(ctx, ch, out)
+}
+
+// history fills in each letter's replays and their outcomes.
+func history(ctx context.Context, ch driver.Conn, letters []Letter) error {
+	if len(letters) == 0 {
+		return nil
+	}
+	bySeq := map[uint64]*Letter{}
+	seqs := make([]uint64, len(letters))
+	for i := range letters {
+		bySeq[letters[i].Seq], seqs[i] = &letters[i], letters[i].Seq
+	}
+	rows, err := ch.Query(ctx, `SELECT dlq_seq, replayed_at, target_stream, target_seq, duplicate FROM dead_letter_replays
+WHERE dlq_seq IN (`+uintList(seqs)+`) ORDER BY replayed_at`)
+	if err != nil {
+		return fmt.Errorf("dlq: read dead_letter_replays: %w", err)
+	}
+	var targets []uint64
+	for rows.Next() {
+		var seq uint64
+		var r Replay
+		var dup uint8
+		if err := rows.Scan(&seq, &r.At, &r.TargetStream, &r.TargetSeq, &dup); err != nil {
+			rows.Close()
+			return fmt.Errorf("dlq: read dead_letter_replays: %w", err)
+		}
+		r.At, r.Duplicate, r.Outcome = r.At.UTC(), dup == 1, Published
+		if r.TargetStream == streams.Events {
+			r.Outcome = Pending
+			targets = append(targets, r.TargetSeq)
+		}
+		bySeq[seq].Replays = append(bySeq[seq].Replays, r)
+	}
+	rows.Close()
+	if len(targets) == 0 {
+		return nil
+	}
+	// What each replay into EVENTS became: a row of events, or a new dead letter.
+	outcome := map[uint64]string{}
+	rows, err = ch.Query(ctx, "SELECT DISTINCT stream_seq FROM events WHERE stream_seq IN ("+uintList(targets)+")")
+	if err != nil {
+		return fmt.Errorf("dlq: read events: %w", err)
+	}
+	for rows.Next() {
+		var s uint64
+		if err := rows.Scan(&s); err != nil {
+			rows.Close()
+			return fmt.Errorf("dlq: read events: %w", err)
+		}
+		outcome[s] = Stored
+	}
+	rows.Close()
+	rows, err = ch.Query(ctx, "SELECT source_seq, any(reason) FROM dead_letters WHERE source_stream = ? AND source_seq IN ("+uintList(targets)+") GROUP BY source_seq", streams.Events)
+	if err != nil {
+		return fmt.Errorf("dlq: read dead_letters: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var s uint64
+		var reason string
+		if err := rows.Scan(&s, &reason); err != nil {
+			return fmt.Errorf("dlq: read dead_letters: %w", err)
+		}
+		if outcome[s] == "" {
+			outcome[s] = DeadAgain + ": " + reason
+		}
+	}
+	for i := range letters {
+		for j, r := range letters[i].Replays {
+			if o := outcome[r.TargetSeq]; o != "" && r.TargetStream == streams.Events {
+				letters[i].Replays[j].Outcome = o
+			}
+		}
+	}
+	return rows.Err()
+}
+
+// Message is what replaying l publishes: its input's subject, payload and headers
+// (those the DLQ message carries, when the DLQ stream still holds it; else those
+// dead_letters kept), without the dead letter's own headers, marked as a replay of
+// it, with a Nats-Msg-Id of the replay's (a second replay within the stream's
+// duplicate window is dropped as one) and the input's own id, when it had one, in
+// deadletters.HeaderMsgID. The input's key comes from that id or from its payload,
+// as it did, so an event that meanwhile landed is dropped as a repeat.
+func Message(ctx context.Context, js jetstream.JetStream, l Letter) (*nats.Msg, error) {
+	msg := nats.NewMsg(l.Subject)
+	header := nats.Header(l.Headers)
+	data := []byte(l.Payload)
+	if dlq, err := js.Stream(ctx, streams.DLQ); err == nil {
+		if m, err := dlq.GetMsg(ctx, l.Seq); err == nil {
+			header, data = m.Header, m.Data
+		} else if !errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil, fmt.Errorf("dlq: dead letter %d: %w", l.Seq, err)
+		}
+	} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, fmt.Errorf("dlq: stream %s: %w", streams.DLQ, err)
+	}
+	keyed := false
+	if _, original, err := partition.Parse(l.Subject); err == nil {
+		// The keying step's copy (more than one partition): back to the subject the
+		// producer used, through EVENTS and the keying step again.
+		msg.Subject, keyed = original, true
+	}
+	for k, v := range header {
+		if !own(k) && !(keyed && (k == pipeline.HeaderKey || k == pipeline.HeaderReceived || k == pipeline.HeaderEventsSeq)) {
+			msg.Header[k] = v
+		}
+	}
+	// The input's own id, which may be its key, travels as HeaderMsgID (dedup keys
+	// by it); the message's id is the replay's, so the stream's duplicate window
+	// drops a second replay, not the first.
+	msg.Header.Set(deadletters.HeaderReplayOf, strconv.FormatUint(l.Seq, 10))
+	msg.Header.Set(nats.MsgIdHdr, deadletters.ReplayID(l.Seq))
+	msg.Data = data
+	return msg, nil
+}
+
+// own tells the dead letter's own headers (and NATS's) from its input's.
+func own(h string) bool {
+	switch h {
+	case deadletters.HeaderReason, deadletters.HeaderStage, deadletters.HeaderSubject, deadletters.HeaderStream,
+		deadletters.HeaderStreamSeq, deadletters.HeaderReceivedAt, deadletters.HeaderElement, deadletters.HeaderReplayOf:
+		return true
+	}
+	return strings.HasPrefix(h, "Nats-")
+}
+
+// Record writes replays to dead_letter_replays, one row per published letter.
+func Record(ctx context.Context, ch driver.Conn, rows []RecordRow) error {
+	if len(rows) == 0 {
+		return nil
+	}
+	batch, err := ch.PrepareBatch(ctx, "INSERT INTO dead_letter_replays (dlq_seq, replayed_at, nats_subject, target_stream, target_seq, duplicate)")
+	if err != nil {
+		return fmt.Errorf("dlq: record replays: %w", err)
+	}
+	for _, r := range rows {
+		dup := uint8(0)
+		if r.Duplicate {
+			dup = 1
+		}
+		if err := batch.Append(r.Seq, r.At.UTC().Truncate(time.Second), r.Subject, r.Stream, r.TargetSeq, dup); err != nil {
+			return fmt.Errorf("dlq: record replays: %w", err)
+		}
+	}
+	if err := batch.Send(); err != nil {
+		return fmt.Errorf("dlq: record replays: %w", err)
+	}
+	return nil
+}
+
+// RecordRow is one replay to record.
+type RecordRow struct {
+	Seq       uint64
+	At        time.Time
+	Subject   string
+	Stream    string
+	TargetSeq uint64
+	Duplicate bool
+}
+
+// uintList is numbers as an SQL list (bound as one parameter, a slice is an Array,
+// which ClickHouse 18.16's IN does not take).
+func uintList(ns []uint64) string {
+	parts := make([]string, len(ns))
+	for i, n := range ns {
+		parts[i] = strconv.FormatUint(n, 10)
+	}
+	return strings.Join(parts, ",")
+}
+
+// subjectMatches tells whether subject matches the NATS pattern.
+func subjectMatches(pattern, subject string) bool {
+	p, s := strings.Split(pattern, "."), strings.Split(subject, ".")
+	for i, tok := range p {
+		if tok == ">" {
+			return len(s) > i
+		}
+		if i >= len(s) || (tok != "*" && tok != s[i]) {
+			return false
+		}
+	}
+	return len(p) == len(s)
+}
