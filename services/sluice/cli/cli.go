@@ -42,6 +42,9 @@ Usage:
   sluice dlq list|show|replay
                             dead letters by stage, reason, subject and time; replay puts
                             them back where they came from (after fixing what refused them)
+  sluice import FILE... --subject SUBJECT [--rate N]
+                            backfill JSON lines (gzip or not) into EVENTS; a second run
+                            goes on after the last acknowledged line
   sluice status [--watch] [--json]
                             partitions, consumers, ClickHouse, dead letters, alerts and
                             receivers at a glance; exits 1 when something is unhealthy
@@ -97,6 +100,8 @@ func Main(args []string, io IO) int {
 		err = dlqShow(ctx, rest[1:], io)
 	case cmd == "dlq" && len(rest) > 0 && rest[0] == "replay":
 		err = dlqReplay(ctx, rest[1:], io)
+	case cmd == "import":
+		err = importCmd(ctx, rest, io)
 	case cmd == "status":
 		err = statusCmd(ctx, rest, io)
 	case cmd == "certs":

@@ -18,9 +18,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/chconn"
-	"github.com/sluicehq/sluice/services/kit/natsconn"
 	"github.com/sluicehq/sluice/services/kit/settings"
-	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/sluice/dlq"
 )
 
@@ -216,16 +214,11 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return err
 	}
-	log, _ := telemetry.NewLogger(io.Stderr, "error", "text")
-	nc, err := natsconn.Connect(n, "sluice-dlq", log)
+	js, closeNATS, err := connectJS(n, io)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+	defer closeNATS()
 	if *dryRun {
 		return dlqDryRun(ctx, js, configPath, letters, io)
 	}

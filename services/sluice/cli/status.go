@@ -9,12 +9,9 @@ import (
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
-	"github.com/sluicehq/sluice/services/kit/natsconn"
 	"github.com/sluicehq/sluice/services/kit/settings"
-	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/sluice/status"
 )
 
@@ -41,16 +38,11 @@ func statusCmd(ctx context.Context, args []string, io IO) error {
 	if *interval <= 0 || opts.MaxLag <= 0 || opts.MaxStateAge <= 0 {
 		return fmt.Errorf("status: --interval, --max-lag and --max-state-age must be positive")
 	}
-	log, _ := telemetry.NewLogger(io.Stderr, "error", "text")
-	nc, err := natsconn.Connect(n, "sluice-status", log)
+	js, closeNATS, err := connectJS(n, io)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return err
-	}
+	defer closeNATS()
 	var ch driver.Conn
 	defer func() {
 		if ch != nil {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,23 +11,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
-	"github.com/sluicehq/sluice/services/kit/chconn"
-	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
-	"github.com/sluicehq/sluice/services/kit/settings"
-	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/sluice/cli"
 	"github.com/sluicehq/sluice/services/sluice/dlq"
-	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
 )
 
 // mapping is an ingest mapping for events.iot.>: raw JSON whose time is in ts, in
@@ -53,11 +46,7 @@ func mapping(format string) string {
 // keys (one had a Nats-Msg-Id); a second replay adds nothing; one whose ts is no
 // time at all fails again with its new reason; the history says all of it.
 func TestReplayAfterFix(t *testing.T) {
-	if _, err := chserver.Binary(); err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
-	natsAddr, chAddr := testnet.FreeAddr(t), testnet.FreeAddr(t)
 	config := filepath.Join(dir, "sluice.yaml")
 	write := func(s string) {
 		t.Helper()
@@ -65,37 +54,10 @@ func TestReplayAfterFix(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	chs := settings.ClickHouse{Addr: chAddr, Database: "sluice", User: "default"}
-	start := func() func() {
-		cfg := platform.UpConfig{DataDir: dir, NATSListen: natsAddr, ClickHouse: chs,
-			Service: settings.Service{ShutdownTimeout: 20 * time.Second, ApplyTopology: true, ConfigPath: config},
-			Env:     func(string) (string, bool) { return "", false }}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
-		go func() { done <- platform.Up(ctx, cfg, log, prometheus.NewRegistry()) }()
-		return func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Up: %v", err)
-			}
-		}
-	}
 	write(mapping("unix"))
-	stop := start()
-	defer func() { stop() }()
-	var nc *nats.Conn
-	poll.Until(t, time.Minute, func() (err error) {
-		nc, err = nats.Connect("nats://"+natsAddr, nats.MaxReconnects(-1))
-		return err
-	})
-	defer nc.Close()
-	var db driver.Conn
-	poll.Until(t, time.Minute, func() (err error) {
-		db, err = chconn.Open(context.Background(), chs)
-		return err
-	})
-	defer db.Close()
+	p := platformtest.Start(t, config, nil)
+	nc, _ := p.Connect(t)
+	db := p.DB(t)
 	// counts are the rows of events and dead_letters (a failed query counts
 	// nothing: the tables come with the platform's start).
 	counts := func() (events, dead uint64) {
@@ -103,14 +65,6 @@ func TestReplayAfterFix(t *testing.T) {
 		_ = db.QueryRow(context.Background(), "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead)
 		return events, dead
 	}
-	// Input counts as live once the pipeline saved its first state.
-	poll.Until(t, 2*time.Minute, func() error {
-		var tables uint64
-		if err := db.QueryRow(context.Background(), "SELECT count() FROM system.tables WHERE database = 'sluice' AND name = 'dead_letter_replays'").Scan(&tables); err != nil || tables != 1 {
-			return fmt.Errorf("no dead_letter_replays table yet (%v)", err)
-		}
-		return nil
-	})
 	publish := func(subject, body, msgID string) {
 		t.Helper()
 		m := nats.NewMsg(subject)
@@ -154,7 +108,7 @@ func TestReplayAfterFix(t *testing.T) {
 		t.Fatalf("subject events.iot: %d letters, want none", len(none))
 	}
 
-	env := map[string]string{"NATS_URL": "nats://" + natsAddr, "CLICKHOUSE_ADDR": chAddr, "SLUICE_CONFIG": config}
+	env := map[string]string{"NATS_URL": p.NATSURL, "CLICKHOUSE_ADDR": p.ClickHouse.Addr, "SLUICE_CONFIG": config}
 	run := func(args ...string) (int, string, string) {
 		var out, errOut bytes.Buffer
 		code := cli.Main(args, cli.IO{Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok }, Stdout: &out, Stderr: &errOut})
@@ -180,8 +134,7 @@ func TestReplayAfterFix(t *testing.T) {
 	}
 
 	// The fix deployed: the platform restarted with it.
-	stop()
-	stop = start()
+	p.Restart()
 	poll.Until(t, 2*time.Minute, func() error {
 		if e, _ := counts(); e != 1 {
 			return fmt.Errorf("ClickHouse not back yet")

@@ -4,25 +4,20 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
-	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/testnet"
-	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
 )
 
 // The platform (`sluice up`: embedded NATS, its own ClickHouse, the pipeline,
@@ -32,11 +27,7 @@ import (
 // off with its error; healthy with generous limits, unhealthy (naming the receiver)
 // with a tight one, and unhealthy when ClickHouse does not answer.
 func TestCollect(t *testing.T) {
-	if _, err := chserver.Binary(); err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
-	natsAddr, chAddr := testnet.FreeAddr(t), testnet.FreeAddr(t)
 	nobody := testnet.FreeAddr(t) // a receiver that refuses connections
 	config := filepath.Join(dir, "sluice.yaml")
 	if err := os.WriteFile(config, []byte(fmt.Sprintf(`rules:
@@ -49,44 +40,10 @@ receivers:
 `, nobody)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	chs := settings.ClickHouse{Addr: chAddr, Database: "sluice", User: "default"}
-	cfg := platform.UpConfig{
-		DataDir: dir, NATSListen: natsAddr, ClickHouse: chs,
-		Service: settings.Service{ShutdownTimeout: 20 * time.Second, ApplyTopology: true, ConfigPath: config},
-		Env: func(k string) (string, bool) {
-			if k == "WEBHOOK_SECRET" {
-				return "whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==", true
-			}
-			return "", false
-		},
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
-	go func() { done <- platform.Up(ctx, cfg, log, prometheus.NewRegistry()) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Up: %v", err)
-		}
-	})
-
-	var nc *nats.Conn
-	poll.Until(t, time.Minute, func() (err error) {
-		nc, err = nats.Connect("nats://" + natsAddr)
-		return err
-	})
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var db driver.Conn
-	poll.Until(t, time.Minute, func() (err error) {
-		db, err = chconn.Open(context.Background(), chs)
-		return err
-	})
-	defer db.Close()
+	p := platformtest.Start(t, config, map[string]string{"WEBHOOK_SECRET": "whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ=="})
+	nc, js := p.Connect(t)
+	db := p.DB(t)
+	chs := p.ClickHouse
 
 	// The pipeline saves its state once before input counts as live (alerts of
 	// earlier input are a replay, sent nowhere).
@@ -131,6 +88,7 @@ receivers:
 		if events != 50 || dead != 4 {
 			return fmt.Errorf("%d events, %d dead letters", events, dead)
 		}
+		var err error
 		r, err = Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
 		if err != nil {
 			return err

@@ -1,0 +1,205 @@
+// Package backfill publishes historical events from JSON-lines files into EVENTS
+// (`sluice import`), at a set rate, resuming after an interruption.
+package backfill
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/time/rate"
+)
+
+// Bucket holds each file's checkpoint: the lines of it JetStream acknowledged.
+const Bucket = "sluice_imports"
+
+// Options is how files are imported.
+type Options struct {
+	// Subject every line is published to (an ingest mapping may match it).
+	Subject string
+	// Rate is events a second at most; 0 is as fast as JetStream acknowledges.
+	Rate float64
+	// InFlight is how many publishes wait for their acknowledgement at once.
+	InFlight int
+	// Restart ignores checkpoints: every line is published again (dedup still
+	// drops those its window holds).
+	Restart bool
+}
+
+// Progress is where an import is, for display.
+type Progress struct {
+	File string
+	// Lines published and acknowledged (skipped ones included), of which Skipped
+	// were acknowledged by an earlier run.
+	Lines, Skipped int64
+	// Read and Size are bytes of the file (compressed, as stored).
+	Read, Size int64
+	Done       bool
+}
+
+// checkpoint is a file's record in Bucket.
+type checkpoint struct {
+	File  string    `json:"file"`
+	Lines int64     `json:"lines"`
+	At    time.Time `json:"at"`
+}
+
+// Import publishes every non-blank line of each file (gzip is recognised by its
+// magic bytes) to opts.Subject, reporting to progress, and records in kv after each
+// acknowledged batch how many lines of the file are done; a second run skips those.
+// Lines after the last checkpoint (in flight at an interruption) are published
+// again: each event's key (its id, or its content) makes dedup drop them.
+func Import(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, files []string, opts Options, progress func(Progress)) error {
+	if opts.Subject == "" {
+		return errors.New("import: a subject is needed (--subject; an ingest mapping may match it)")
+	}
+	if opts.InFlight <= 0 {
+		opts.InFlight = 256
+	}
+	limit := rate.NewLimiter(rate.Inf, 1)
+	if opts.Rate > 0 {
+		limit = rate.NewLimiter(rate.Limit(opts.Rate), max(1, int(opts.Rate/10)))
+	}
+	for _, file := range files {
+		if err := importFile(ctx, js, kv, file, opts, limit, progress); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, file string, opts Options, limit *rate.Limiter, progress func(Progress)) error {
+	id, size, err := fileID(file)
+	if err != nil {
+		return err
+	}
+	var done int64
+	if !opts.Restart {
+		if e, err := kv.Get(ctx, id); err == nil {
+			var c checkpoint
+			if err := json.Unmarshal(e.Value(), &c); err != nil {
+				return fmt.Errorf("import: checkpoint of %s: %w", file, err)
+			}
+			done = c.Lines
+		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return fmt.Errorf("import: checkpoint of %s: %w", file, err)
+		}
+	}
+	f, err := os.Open(file)
+	if err != nil {
+		return fmt.Errorf("import: %w", err)
+	}
+	defer f.Close()
+	counted := &countingReader{r: f}
+	br := bufio.NewReaderSize(counted, 1<<16)
+	var r io.Reader = br
+	if magic, _ := br.Peek(2); len(magic) == 2 && magic[0] == 0x1f && magic[1] == 0x8b {
+		gz, err := gzip.NewReader(br)
+		if err != nil {
+			return fmt.Errorf("import: %s: %w", file, err)
+		}
+		defer gz.Close()
+		r = gz
+	}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 1<<20), 64<<20)
+	p := Progress{File: file, Size: size, Skipped: done}
+	var line, acked int64
+	var pending []jetstream.PubAckFuture
+	var pendingLines []int64
+	// settle waits for the publishes in flight, then records the checkpoint.
+	settle := func() error {
+		for i, f := range pending {
+			select {
+			case <-f.Ok():
+			case err := <-f.Err():
+				return fmt.Errorf("import: %s line %d: %w", file, pendingLines[i], err)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if len(pendingLines) > 0 {
+			acked = pendingLines[len(pendingLines)-1]
+		}
+		pending, pendingLines = pending[:0], pendingLines[:0]
+		b, _ := json.Marshal(checkpoint{File: file, Lines: acked, At: time.Now().UTC()})
+		if _, err := kv.Put(ctx, id, b); err != nil {
+			return fmt.Errorf("import: checkpoint of %s: %w", file, err)
+		}
+		p.Lines, p.Read = max(acked, done), counted.n
+		progress(p)
+		return nil
+	}
+	for sc.Scan() {
+		line++
+		if line <= done || len(bytes.TrimSpace(sc.Bytes())) == 0 {
+			continue
+		}
+		if err := limit.Wait(ctx); err != nil {
+			return err
+		}
+		msg := nats.NewMsg(opts.Subject)
+		msg.Data = bytes.Clone(sc.Bytes())
+		f, err := js.PublishMsgAsync(msg)
+		if err != nil {
+			return fmt.Errorf("import: %s line %d: %w", file, line, err)
+		}
+		pending, pendingLines = append(pending, f), append(pendingLines, line)
+		if len(pending) >= opts.InFlight {
+			if err := settle(); err != nil {
+				return err
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("import: %s line %d: %w", file, line+1, err)
+	}
+	if err := settle(); err != nil {
+		return err
+	}
+	p.Lines, p.Read, p.Done = max(line, done), size, true
+	progress(p)
+	return nil
+}
+
+// fileID names a file's checkpoint by its content (the first MiB and the size):
+// the same file under another name resumes, a changed one starts over.
+func fileID(file string) (string, int64, error) {
+	f, err := os.Open(file)
+	if err != nil {
+		return "", 0, fmt.Errorf("import: %w", err)
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return "", 0, fmt.Errorf("import: %w", err)
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "%d\n", info.Size())
+	if _, err := io.CopyN(h, f, 1<<20); err != nil && !errors.Is(err, io.EOF) {
+		return "", 0, fmt.Errorf("import: %s: %w", file, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16]), info.Size(), nil
+}
+
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n += int64(n)
+	return n, err
+}

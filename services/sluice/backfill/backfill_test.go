@@ -1,0 +1,174 @@
+package backfill_test
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/sluice/backfill"
+	"github.com/sluicehq/sluice/services/sluice/cli"
+	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// A month of history, gzipped JSON lines with blank and invalid lines among them,
+// imported into the platform (`sluice up`), interrupted a third of the way, run
+// again: every event lands once (the second run goes on after the checkpoint; what
+// was in flight is dropped by dedup), the invalid lines are dead letters, and a
+// third run publishes nothing. The plain progress lines say where it is.
+func TestImportInterruptedAndAgain(t *testing.T) {
+	dir := t.TempDir()
+	p := platformtest.Start(t, "", nil)
+
+	// The file: 3,000 events of last month, a blank line every 100, an invalid one
+	// every 1,000.
+	const n = 3000
+	var raw bytes.Buffer
+	month := time.Now().UTC().AddDate(0, -1, 0)
+	for i := range n {
+		fmt.Fprintf(&raw, `{"specversion":"1.0","id":"h-%d","source":"history","type":"page.view","time":%q,"data":{"n":%d}}`+"\n",
+			i, month.Add(time.Duration(i)*time.Minute).Format(time.RFC3339), i)
+		if i%100 == 0 {
+			raw.WriteString("\n")
+		}
+		if i%1000 == 0 {
+			raw.WriteString(`{"specversion":"1.0","id":"bad` + fmt.Sprint(i) + `"` + "\n") // truncated
+		}
+	}
+	file := filepath.Join(dir, "history.jsonl.gz")
+	var gz bytes.Buffer
+	w := gzip.NewWriter(&gz)
+	_, _ = w.Write(raw.Bytes())
+	_ = w.Close()
+	if err := os.WriteFile(file, gz.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	_, js := p.Connect(t)
+	db := p.DB(t)
+	kv, err := streams.KeyValue(context.Background(), js, jetstream.KeyValueConfig{Bucket: backfill.Bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The first run, cut off once a thousand lines are acknowledged.
+	ictx, stop := context.WithCancel(context.Background())
+	err = backfill.Import(ictx, js, kv, []string{file}, backfill.Options{Subject: "events.history.view", InFlight: 100}, func(p backfill.Progress) {
+		if p.Lines >= 1000 {
+			stop()
+		}
+	})
+	stop()
+	if err == nil {
+		t.Fatal("the cut-off run did not say so")
+	}
+	events := func() (uint64, uint64) {
+		var ev, dl uint64
+		_ = db.QueryRow(context.Background(), "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&ev, &dl)
+		return ev, dl
+	}
+
+	// Again, through the command (not a terminal: progress lines).
+	env := map[string]string{"NATS_URL": p.NATSURL}
+	run := func(args ...string) (int, string, string) {
+		var out, errOut bytes.Buffer
+		code := cli.Main(args, cli.IO{Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok }, Stdout: &out, Stderr: &errOut})
+		return code, out.String(), errOut.String()
+	}
+	code, out, errOut := run("import", file, "--subject", "events.history.view")
+	if code != 0 || !strings.Contains(out, "100% read") {
+		t.Fatalf("second run: exit %d\n%s%s", code, out, errOut)
+	}
+	var total, earlier int
+	if _, err := fmt.Sscanf(out[strings.LastIndex(out, "import "):], "import "+file+": %d lines done (%d by an earlier run)", &total, &earlier); err != nil || earlier < 1000 || total != n+n/100+n/1000 {
+		t.Fatalf("second run's last line (%v): %s", err, out)
+	}
+	poll.Until(t, 2*time.Minute, func() error {
+		if ev, dl := events(); ev != n || dl != n/1000 {
+			return fmt.Errorf("%d events, %d dead letters; want %d and %d", ev, dl, n, n/1000)
+		}
+		return nil
+	})
+	var ids, oldest uint64
+	if err := db.QueryRow(context.Background(), "SELECT uniqExact(id), toUInt64(min(event_time)) FROM events").Scan(&ids, &oldest); err != nil || ids != n || oldest != uint64(month.Unix()) {
+		t.Fatalf("%d distinct ids, oldest %d (%v); want %d from %d", ids, oldest, err, n, month.Unix())
+	}
+
+	// A third run: the checkpoint says it is all done; nothing is published.
+	st, err := js.Stream(context.Background(), streams.Events)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := st.CachedInfo().State.LastSeq
+	if code, out, errOut := run("import", file, "--subject", "events.history.view"); code != 0 || !strings.Contains(out, fmt.Sprintf("(%d by an earlier run)", total)) {
+		t.Fatalf("third run: exit %d\n%s%s", code, out, errOut)
+	}
+	info, err := st.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.LastSeq != before {
+		t.Fatalf("the third run published %d messages", info.State.LastSeq-before)
+	}
+	if code, _, errOut := run("import", file); code != 2 || !strings.Contains(errOut, "--subject") {
+		t.Fatalf("no subject: exit %d: %s", code, errOut)
+	}
+}
+
+// --rate holds the import to that many events a second.
+func TestImportRate(t *testing.T) {
+	srv := natsStream(t)
+	file := filepath.Join(t.TempDir(), "few.jsonl")
+	var b strings.Builder
+	for i := range 300 {
+		fmt.Fprintf(&b, `{"id":"%d"}`+"\n", i)
+	}
+	if err := os.WriteFile(file, []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := backfill.Import(context.Background(), srv.js, srv.kv, []string{file}, backfill.Options{Subject: "events.a.b", Rate: 200}, func(backfill.Progress) {}); err != nil {
+		t.Fatal(err)
+	}
+	// 300 at 200 a second, after a burst of 20: at least 1.4 s.
+	if took := time.Since(start); took < 1400*time.Millisecond {
+		t.Fatalf("300 events at --rate 200 took %s", took)
+	}
+	info, err := srv.st.Info(context.Background())
+	if err != nil || info.State.Msgs != 300 {
+		t.Fatalf("%v: %+v", err, info)
+	}
+}
+
+type natsFixture struct {
+	js jetstream.JetStream
+	kv jetstream.KeyValue
+	st jetstream.Stream
+}
+
+// natsStream is an embedded NATS with an EVENTS-like stream and the checkpoint
+// bucket.
+func natsStream(t *testing.T) natsFixture {
+	t.Helper()
+	_, js := natstest.Run(t).Connect(t)
+	ctx := context.Background()
+	st, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"events.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: backfill.Bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return natsFixture{js: js, kv: kv, st: st}
+}
