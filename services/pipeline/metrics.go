@@ -25,11 +25,15 @@ type metrics struct {
 	republishSkipped prometheus.Counter
 	nonStandard      prometheus.Counter
 	typedRows        *prometheus.CounterVec
+	stalled          *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	return &metrics{
 		nonStandard: dedup.NewNonStandardCounter(reg),
+		stalled: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_stalled", Help: "1 while a partition holds input and stored none of it for PIPELINE_STALL_AFTER (the watchdog), by partition.",
+		}, []string{"partition"})),
 		typedRows: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",
 		}, []string{"table"})),

@@ -81,6 +81,9 @@ type Config struct {
 	InsertTimeout time.Duration
 	// SnapshotInterval is how often the state is saved.
 	SnapshotInterval time.Duration
+	// StallAfter: a partition holding input that stores none of it this long is
+	// reported stalled (watchdog).
+	StallAfter time.Duration
 	// Partitions divides the input among workers (1: every worker reads EVENTS
 	// whole, one at a time; more: a keying step copies EVENTS into PARTITIONS by
 	// event key, and each partition has one owner). All workers must agree.
@@ -108,7 +111,7 @@ func DefaultConfig() Config {
 	return Config{Replica: fmt.Sprintf("%s-%d", strings.ReplaceAll(host, ".", "_"), os.Getpid()),
 		Window: dedup.DefaultWindowConfig(), Enrich: enrich.DefaultConfig(), Alert: alert.DefaultConfig(),
 		MaxRows: 20_000, FlushInterval: 200 * time.Millisecond, InsertTimeout: time.Minute,
-		SnapshotInterval: 10 * time.Second, LeaseTTL: 8 * time.Second, Partitions: 1,
+		SnapshotInterval: 10 * time.Second, StallAfter: 2 * time.Minute, LeaseTTL: 8 * time.Second, Partitions: 1,
 	}
 }
 
@@ -133,7 +136,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 }
 
 func runWorker(ctx context.Context, cfg Config, deps Deps) error {
-	if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 || cfg.SnapshotInterval <= 0 || cfg.LeaseTTL <= 0 {
+	if cfg.MaxRows <= 0 || cfg.FlushInterval <= 0 || cfg.InsertTimeout <= 0 || cfg.SnapshotInterval <= 0 || cfg.StallAfter <= 0 || cfg.LeaseTTL <= 0 {
 		return errors.New("pipeline: batch size, flush interval, insert timeout, snapshot interval and lease TTL must be positive")
 	}
 	if cfg.Partitions < 1 || cfg.Partitions > maxPartitions {
@@ -337,6 +340,8 @@ type run struct {
 	unsure []string
 	// lastProgress is the progress reported at the last save.
 	lastProgress *Progress
+	// dog watches that input read is stored.
+	dog watchdog
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -722,6 +727,7 @@ func (r *run) run(ctx context.Context) error {
 				})
 		})
 	}
+	wg.Go(func() { r.watch(inCtx) })
 	r.ready.Set(r.in.name, nil)
 	r.log.Info("pipeline running", "partition", r.in.id, "stream", r.in.stream, "from_seq", r.seq+1, "rules", len(r.engine.Rules()))
 
@@ -884,6 +890,7 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			}
 		}
 		flush.Stop()
+		r.dog.read(len(b))
 		select {
 		case out <- b:
 		case <-ctx.Done():
@@ -1139,6 +1146,9 @@ type writer struct {
 func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 	for b := range batches {
 		err := w.store(ctx, b)
+		if err == nil {
+			w.dog.stored(len(b.preps), time.Now())
+		}
 		if err == nil && b.done != nil {
 			err = w.pub.Settle(ctx)
 		}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
@@ -531,4 +533,78 @@ ingest:
 	if partitions != uint64(rows) {
 		t.Fatalf("rows share %d input sequences, want one each (each element its own copy in PARTITIONS)", partitions)
 	}
+}
+
+// The watchdog: ClickHouse hung (SIGSTOP: it takes connections and never answers)
+// while input waits. After stall_after the partition is reported stalled on
+// /readyz and in sluice_pipeline_stalled; when ClickHouse resumes (SIGCONT) both
+// clear, and every event lands once.
+func TestWatchdogStalledPartition(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	srv := chtest.Start(t)
+	_, ch := chtest.Database(t, srv)
+	f := &fixture{nc: nc, js: js, ch: ch}
+	cfg := testConfig(t, "a")
+	cfg.StallAfter, cfg.InsertTimeout = time.Second, 500*time.Millisecond
+	ready, reg := &telemetry.Readiness{}, prometheus.NewRegistry()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, cfg, Deps{NATS: nc, ClickHouse: ch, Logger: testLog, Ready: ready, Registerer: reg})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	stalled := func() float64 {
+		mfs, _ := reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() == "sluice_pipeline_stalled" {
+				for _, m := range mf.GetMetric() {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+		return -1
+	}
+	u1, i1, r1 := f.input(t, 1, 200)
+	f.waitFor(t, u1, i1, r1)
+	if stalled() != 0 || ready.Check() != nil {
+		t.Fatalf("stalled %v, ready %v before any fault", stalled(), ready.Check())
+	}
+	if err := srv.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			_ = srv.Signal(syscall.SIGCONT)
+		}
+	}()
+	u2, i2, r2 := f.input(t, 201, 200)
+	poll.Until(t, time.Minute, func() error {
+		err := ready.Check()
+		if stalled() != 1 || err == nil || !strings.Contains(err.Error(), "partition 0 holds") {
+			return fmt.Errorf("stalled %v, ready %v", stalled(), err)
+		}
+		return nil
+	})
+	if err := srv.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	resumed = true
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	poll.Until(t, time.Minute, func() error {
+		if err := ready.Check(); stalled() != 0 || err != nil {
+			return fmt.Errorf("stalled %v, ready %v after ClickHouse resumed", stalled(), err)
+		}
+		return nil
+	})
+	f.check(t, u1+u2, i1+i2, r1+r2)
 }

@@ -29,6 +29,12 @@ type Server struct {
 	err  error
 }
 
+// Signal sends sig to the server process: SIGSTOP makes a server that takes
+// connections and never answers (a test's hung server), SIGCONT resumes it.
+func (s *Server) Signal(sig os.Signal) error {
+	return s.cmd.Process.Signal(sig)
+}
+
 // Binary returns the command that runs a server: clickhouse-server (Debian's
 // package), or `clickhouse server` (the single binary of current releases).
 func Binary() ([]string, error) {
