@@ -79,13 +79,14 @@ func Select(ctx context.Context, ch driver.Conn, f Filter) ([]Letter, error) {
 	if f.Reason != "" {
 		where, args = append(where, "positionCaseInsensitive(reason, ?) > 0"), append(args, f.Reason)
 	}
-	if f.Subject != "" {
+	wildcard := strings.ContainsAny(f.Subject, "*>")
+	switch {
+	case wildcard:
 		// SQL narrows by the pattern's literal start; Go matches the pattern.
-		prefix := f.Subject
-		if i := strings.IndexAny(prefix, "*>"); i >= 0 {
-			prefix = prefix[:i]
-		}
+		prefix := f.Subject[:strings.IndexAny(f.Subject, "*>")]
 		where, args = append(where, "startsWith(nats_subject, ?)"), append(args, prefix)
+	case f.Subject != "":
+		where, args = append(where, "nats_subject = ?"), append(args, f.Subject)
 	}
 	if !f.Since.IsZero() {
 		where, args = append(where, "received_at >= ?"), append(args, f.Since.UTC().Truncate(time.Second))
@@ -102,6 +103,9 @@ FROM dead_letters`
 		q += " WHERE " + strings.Join(where, " AND ")
 	}
 	q += " ORDER BY received_at, received_at_ms, stream_seq LIMIT 1 BY stream_seq"
+	if f.Limit > 0 && !wildcard {
+		q += " LIMIT " + strconv.Itoa(f.Limit)
+	}
 	rows, err := ch.Query(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
@@ -115,7 +119,7 @@ FROM dead_letters`
 		if err := rows.Scan(&l.Seq, &l.Stage, &l.Reason, &l.Subject, &headers, &l.Payload, &l.ReceivedAt, &ms, &l.SourceStream, &l.SourceSeq); err != nil {
 			return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
 		}
-		if f.Subject != "" && !subjectMatches(f.Subject, l.Subject) {
+		if wildcard && !subjectMatches(f.Subject, l.Subject) {
 			continue
 		}
 		l.ReceivedAt = l.ReceivedAt.UTC().Add(time.Duration(ms) * time.Millisecond)

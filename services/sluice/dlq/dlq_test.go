@@ -104,6 +104,9 @@ func TestReplayAfterFix(t *testing.T) {
 	if few, _ := dlq.Select(ctx, db, dlq.Filter{Subject: "events.iot.*", Limit: 2}); len(few) != 2 {
 		t.Fatalf("limit 2: %d letters", len(few))
 	}
+	if exact, _ := dlq.Select(ctx, db, dlq.Filter{Subject: "events.iot.temp", Limit: 3}); len(exact) != 3 || exact[0].Seq != letters[0].Seq {
+		t.Fatalf("subject events.iot.temp, limit 3: %+v", exact)
+	}
 	if none, _ := dlq.Select(ctx, db, dlq.Filter{Subject: "events.iot"}); len(none) != 0 {
 		t.Fatalf("subject events.iot: %d letters, want none", len(none))
 	}
