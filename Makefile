@@ -19,7 +19,7 @@ WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
 up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
-.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker compose-plugin build vet modules bench clean help
+.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker promtool compose-plugin build vet modules bench clean help
 FUZZTIME ?= 10s
 
 help:
@@ -64,7 +64,14 @@ fuzz:
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
-deps: clickhouse chdb nettools docker
+deps: clickhouse chdb nettools docker promtool
+
+# promtool (Debian's prometheus package) checks deploy/prometheus/sluice-rules.yml.
+promtool:
+	@if command -v promtool >/dev/null; then :; else \
+		echo "installing prometheus (for promtool) from Debian's archive"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	fi
 
 # The compose suite's needs: Debian's docker.io and debootstrap (its ClickHouse image
 # is a Debian root filesystem), the compose plugin (not packaged in bookworm: built from

@@ -26,11 +26,15 @@ type metrics struct {
 	nonStandard      prometheus.Counter
 	typedRows        *prometheus.CounterVec
 	stalled          *prometheus.GaugeVec
+	savedAt          *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	return &metrics{
 		nonStandard: dedup.NewNonStandardCounter(reg),
+		savedAt: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_state_saved_timestamp_seconds", Help: "When the partition's state was last saved (Unix seconds), by partition.",
+		}, []string{"partition"})),
 		stalled: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "sluice_pipeline_stalled", Help: "1 while a partition holds input and stored none of it for PIPELINE_STALL_AFTER (the watchdog), by partition.",
 		}, []string{"partition"})),
@@ -82,5 +86,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		republishSkipped: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_republish_skipped_total", Help: "Alert changes recomputed after a restart that were already published.",
 		})),
+	}
+}
+
+// forget drops a partition's gauges once this worker no longer runs it: another
+// worker reports it now, and a stale value here would read as stuck.
+func (m *metrics) forget(partition string) {
+	for _, g := range []*prometheus.GaugeVec{m.lag, m.snapshotSeq, m.savedAt, m.stalled} {
+		g.DeleteLabelValues(partition)
 	}
 }

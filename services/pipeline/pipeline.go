@@ -243,6 +243,7 @@ func startSeq(at string, last uint64) (uint64, error) {
 func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	in := p.input(claim.Partition)
 	defer p.ready.Set(in.name, nil) // a partition handed over is not this worker's to report
+	defer p.m.forget(in.label)      // nor its gauges
 	saves := 0
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
 		r := &run{pipeline: p, in: in, claim: claim, saves: &saves, spare: make(chan *batch, 2)}
@@ -623,6 +624,7 @@ func (r *run) write(ctx context.Context) error {
 	r.reportProgress(ctx, time.Now().UTC())
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(r.seq))
+	r.m.savedAt.WithLabelValues(r.in.label).SetToCurrentTime()
 	return nil
 }
 

@@ -31,7 +31,7 @@ func (r *run) watch(ctx context.Context) {
 	check := fmt.Sprintf("partition %d progress", r.in.id)
 	defer r.ready.Set(check, nil)
 	gauge := r.m.stalled.WithLabelValues(r.in.label)
-	defer gauge.Set(0)
+	gauge.Set(0)
 	r.dog.progress.Store(time.Now().UnixNano())
 	tick := time.NewTicker(max(after/4, 10*time.Millisecond))
 	defer tick.Stop()

@@ -16,6 +16,7 @@ require (
 	github.com/sluicehq/sluice/services/pipeline v0.0.0
 	github.com/sluicehq/sluice/services/sink v0.0.0
 	github.com/sluicehq/sluice/streams v0.0.0
+	go.yaml.in/yaml/v3 v3.0.6
 	golang.org/x/term v0.47.0
 	golang.org/x/time v0.16.0
 )
@@ -56,7 +57,6 @@ require (
 	github.com/ua-parser/uap-go v0.0.0-20260529044130-17c35e68e58c // indirect
 	go.opentelemetry.io/otel v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect
-	go.yaml.in/yaml/v3 v3.0.6 // indirect
 	go4.org/netipx v0.0.0-20260823151212-3075585bcbeb // indirect
 	golang.org/x/crypto v0.58.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect

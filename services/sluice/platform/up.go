@@ -35,8 +35,15 @@ type UpConfig struct {
 	Split bool
 }
 
+// Registry is where the stages register their metrics and /metrics reads them (a
+// *prometheus.Registry).
+type Registry interface {
+	prometheus.Registerer
+	prometheus.Gatherer
+}
+
 // Up runs the whole platform in this process until ctx is done.
-func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg *prometheus.Registry) error {
+func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg Registry) error {
 	file, err := configfile.Load(cfg.Service.ConfigPath)
 	if err != nil {
 		return err
