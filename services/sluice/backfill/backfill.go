@@ -115,7 +115,9 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 1<<20), 64<<20)
 	p := Progress{File: file, Size: size, Skipped: done}
-	var line, acked int64
+	// acked is the last line acknowledged (or done before); recorded is what the
+	// checkpoint says.
+	line, acked, recorded := int64(0), done, done
 	var pending []jetstream.PubAckFuture
 	var pendingLines []int64
 	// settle waits for the publishes in flight, then records the checkpoint.
@@ -133,11 +135,14 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 			acked = pendingLines[len(pendingLines)-1]
 		}
 		pending, pendingLines = pending[:0], pendingLines[:0]
-		b, _ := json.Marshal(checkpoint{File: file, Lines: acked, At: time.Now().UTC()})
-		if _, err := kv.Put(ctx, id, b); err != nil {
-			return fmt.Errorf("import: checkpoint of %s: %w", file, err)
+		if acked > recorded {
+			b, _ := json.Marshal(checkpoint{File: file, Lines: acked, At: time.Now().UTC()})
+			if _, err := kv.Put(ctx, id, b); err != nil {
+				return fmt.Errorf("import: checkpoint of %s: %w", file, err)
+			}
+			recorded = acked
 		}
-		p.Lines, p.Read = max(acked, done), counted.n
+		p.Lines, p.Read = acked, counted.n
 		progress(p)
 		return nil
 	}

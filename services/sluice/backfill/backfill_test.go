@@ -120,6 +120,20 @@ func TestImportInterruptedAndAgain(t *testing.T) {
 	if info.State.LastSeq != before {
 		t.Fatalf("the third run published %d messages", info.State.LastSeq-before)
 	}
+	// and left the checkpoint where it was (a fourth run would skip it all too).
+	keys, err := kv.ListKeys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key := range keys.Keys() {
+		e, err := kv.Get(context.Background(), key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(e.Value()), fmt.Sprintf(`"lines":%d`, total)) {
+			t.Fatalf("checkpoint %s after the third run: %s; want %d lines", key, e.Value(), total)
+		}
+	}
 	if code, _, errOut := run("import", file); code != 2 || !strings.Contains(errOut, "--subject") {
 		t.Fatalf("no subject: exit %d: %s", code, errOut)
 	}
