@@ -89,11 +89,12 @@ func (s *stack) owner(r *oracleRun) string {
 // waitOwner waits until a pipeline container holds partition 0 and ok takes it.
 func (s *stack) waitOwner(r *oracleRun, ok func(container string) bool) {
 	s.t.Helper()
-	kv, err := r.js.KeyValue(context.Background(), pipeline.Bucket)
-	if err != nil {
-		s.t.Fatal(err)
-	}
 	poll.Until(s.t, 2*time.Minute, func() error {
+		// Looked up each time: a node just restarted may leave a request unanswered.
+		kv, err := r.js.KeyValue(context.Background(), pipeline.Bucket)
+		if err != nil {
+			return err
+		}
 		o, err := partition.Owner(context.Background(), kv, 0)
 		if err != nil {
 			return err

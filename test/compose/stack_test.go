@@ -99,6 +99,11 @@ func newStack(t *testing.T, name string, files ...string) *stack {
 		s.Passwords[name] = randomSecret(t)
 		s.env = append(s.env, name+"="+s.Passwords[name])
 	}
+	// A run killed before its cleanup leaves its containers and volumes: the
+	// project starts from nothing (old streams and notify state would skew it).
+	if _, err := s.compose("down", "--volumes", "--remove-orphans", "--timeout", "5"); err != nil {
+		t.Fatalf("clear what an earlier run left: %v", err)
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			out, _ := s.compose("logs", "--no-color", "--timestamps")
