@@ -24,7 +24,7 @@ import (
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chconn"
-	"github.com/sluicehq/sluice/services/kit/chdb"
+	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
@@ -173,52 +173,17 @@ func TestInsertEventsInBlocks(t *testing.T) {
 	}
 }
 
-// openChDB opens a chDB session (current ClickHouse, in-process) for the test.
-func openChDB(t *testing.T) *chdb.Session {
-	t.Helper()
-	wd, _ := os.Getwd()
-	lib, err := chdb.Find(wd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := chdb.Open(lib, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Close)
-	return s
-}
-
 // The same DDL, the sink's column types, its INSERTs and its queries on current
 // ClickHouse (26.5, in-process through chDB).
 func TestTablesOnCurrentClickHouse(t *testing.T) {
-	s := openChDB(t)
-	q := func(sql string) string {
-		t.Helper()
-		out, err := s.Query(sql, "TSV")
-		if err != nil {
-			t.Fatalf("%s: %v", sql, err)
-		}
-		return strings.TrimSpace(out)
-	}
+	q := chdbtest.Sluice(t)
 	version := q("SELECT version()")
 	t.Logf("ClickHouse %s", version)
-	q("CREATE DATABASE IF NOT EXISTS sluice")
-	q("USE sluice")
 	// The settings that keep an insert whole are known here too, and take its values.
 	for name, v := range wholeInsertSettings() {
 		q(fmt.Sprintf("SET %s = %d", name, v))
 		if got := q(fmt.Sprintf("SELECT value FROM system.settings WHERE name = '%s'", name)); got != fmt.Sprint(v) {
 			t.Fatalf("setting %s is %q on ClickHouse %s, want %d", name, got, version, v)
-		}
-	}
-	ms, err := chmigrate.Migrations()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, m := range ms {
-		for _, stmt := range m.Statements {
-			q(stmt)
 		}
 	}
 	for _, tbl := range Tables() {

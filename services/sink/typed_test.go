@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 )
 
@@ -150,19 +151,16 @@ func TestTypedTableMigrations(t *testing.T) {
 	}
 
 	// The same DDL and query on current ClickHouse.
-	s := openChDB(t)
-	for _, q := range []string{
+	q := chdbtest.Sluice(t)
+	for _, stmt := range []string{
 		"CREATE DATABASE IF NOT EXISTS typed", "USE typed", orderTable(t).CreateSQL(), v1.CreateSQL(),
 		"ALTER TABLE shop_refund ADD COLUMN `reason` Nullable(String)", "ALTER TABLE shop_refund ADD COLUMN `tags` Array(Int64)",
 		"INSERT INTO shop_refund (event_key, event_id, event_source, event_time, event_time_ms, stream_seq, amount, order_id, reason, tags) VALUES ('k', 'r', 's', toDateTime('2026-11-30 10:00:00'), 5, 9, 2.5, 'o', NULL, [1,2,3])",
 	} {
-		if _, err := s.Query(q, "TSV"); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
+		q(stmt)
 	}
-	out, err := s.Query("SELECT order_id, sum(amount), sum(length(tags)) FROM shop_refund GROUP BY order_id", "TSV")
-	if err != nil || strings.TrimSpace(out) != "o\t2.5\t3" {
-		t.Fatalf("current ClickHouse: %q %v", out, err)
+	if out := q("SELECT order_id, sum(amount), sum(length(tags)) FROM shop_refund GROUP BY order_id"); out != "o\t2.5\t3" {
+		t.Fatalf("current ClickHouse: %q", out)
 	}
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/notify"
 )
 
@@ -79,7 +80,7 @@ receivers:
 		b.Fatal(err)
 	}
 	for range b.N {
-		port := freePort(b)
+		port := testnet.FreePort(b)
 		url := "nats://127.0.0.1:" + strconv.Itoa(port)
 		start(b, "nats-server", filepath.Join(dir, "nats-server"), nil, "-js", "-sd", b.TempDir(), "-a", "127.0.0.1", "-p", strconv.Itoa(port))
 		var nc *nats.Conn

@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,18 +23,10 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/procstat"
 )
-
-func freePort(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
 
 func build(t testing.TB, dir string, pkgs map[string]string) {
 	for name, pkg := range pkgs {
@@ -280,7 +271,7 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 // when someUnknown (1% of lookups miss; not 99: event() makes every 20th publish a
 // repeat).
 func startNATS(b *testing.B, dir string, someUnknown bool) (*proc, string, *nats.Conn, jetstream.JetStream) {
-	port := freePort(b)
+	port := testnet.FreePort(b)
 	url := "nats://127.0.0.1:" + strconv.Itoa(port)
 	natsProc := start(b, "nats-server", filepath.Join(dir, "nats-server"), nil, "-js", "-sd", b.TempDir(), "-a", "127.0.0.1", "-p", strconv.Itoa(port))
 	var nc *nats.Conn

@@ -9,6 +9,7 @@ import (
 
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/test/oracle"
 )
@@ -23,8 +24,8 @@ import (
 func TestComposeCluster(t *testing.T) {
 	s := newStack(t, "cluster", "compose.cluster.yaml", "test/compose/compose.cluster.override.yaml")
 	h := newHook(t)
-	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_NATS2_PORT=%d", freePort(t)),
-		fmt.Sprintf("SLUICE_TEST_NATS3_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)))
+	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", testnet.FreePort(t)), fmt.Sprintf("SLUICE_TEST_NATS2_PORT=%d", testnet.FreePort(t)),
+		fmt.Sprintf("SLUICE_TEST_NATS3_PORT=%d", testnet.FreePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", testnet.FreePort(t)))
 	s.writeConfig(hookConfig(h))
 	s.up()
 	s.urls = []string{s.addr("nats", 4222), s.addr("nats-2", 4222), s.addr("nats-3", 4222)}

@@ -25,6 +25,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/notify"
 	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/streams"
@@ -75,18 +76,6 @@ func (h *hook) counts() (ids, bad int) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return len(h.ids), h.bad
-}
-
-// freePort is a loopback port free now, for a published port that must stay the
-// same across container restarts.
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 // oracleRun is the end-to-end oracle through a stack: a manifest published in parts
@@ -237,8 +226,8 @@ func TestComposeStack(t *testing.T) {
 	s := newStack(t, "stack")
 	h := newHook(t)
 	password := s.Passwords["CLICKHOUSE_PASSWORD"]
-	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", freePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", freePort(t)),
-		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", freePort(t)))
+	s.env = append(s.env, fmt.Sprintf("SLUICE_TEST_NATS_PORT=%d", testnet.FreePort(t)), fmt.Sprintf("SLUICE_TEST_CLICKHOUSE_PORT=%d", testnet.FreePort(t)),
+		fmt.Sprintf("SLUICE_TEST_PIPELINE_PORT=%d", testnet.FreePort(t)))
 	good := hookConfig(h)
 	s.writeConfig(good)
 	s.up()

@@ -21,6 +21,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/oracle"
@@ -85,7 +86,7 @@ func runCluster(t *testing.T) *natsCluster {
 	ports := make([][3]int, 3) // client, cluster, monitor
 	for i := range ports {
 		for j := range 3 {
-			_, p, _ := net.SplitHostPort(freeAddr(t))
+			_, p, _ := net.SplitHostPort(testnet.FreeAddr(t))
 			ports[i][j], _ = strconv.Atoi(p)
 		}
 	}

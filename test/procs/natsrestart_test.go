@@ -28,6 +28,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/services/sluice/platform"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -114,7 +115,7 @@ func runNATS(t *testing.T) *natsProcess {
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
 		t.Fatalf("build nats-server: %v\n%s", err, out)
 	}
-	_, portText, _ := net.SplitHostPort(freeAddr(t))
+	_, portText, _ := net.SplitHostPort(testnet.FreeAddr(t))
 	port, _ := strconv.Atoi(portText)
 	n := &natsProcess{bin: bin, store: filepath.Join(dir, "store"), port: port}
 	n.start(t)
@@ -148,7 +149,7 @@ func TestNATSKill9(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
 		t.Fatalf("build nats-server: %v\n%s", err, out)
 	}
-	_, portText, _ := net.SplitHostPort(freeAddr(t))
+	_, portText, _ := net.SplitHostPort(testnet.FreeAddr(t))
 	p, _ := strconv.Atoi(portText)
 	srv := &natsProcess{bin: bin, store: filepath.Join(dir, "store"), port: p}
 	srv.start(t)
@@ -271,14 +272,4 @@ func TestNATSKill9(t *testing.T) {
 		}
 		t.Fatalf("count()=%d uniqExact(id)=%d, want %d each", n, unique, total)
 	}
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/sluice/dlq"
+	"github.com/sluicehq/sluice/services/sluice/status"
 )
 
 // dlqFlags are the filters list and replay share.
@@ -124,7 +125,7 @@ func dlqList(ctx context.Context, args []string, io IO) error {
 		if n := len(l.Replays); n > 0 {
 			replayed = fmt.Sprintf("%d× (%s)", n, l.Replays[n-1].Outcome)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", l.Seq, l.ReceivedAt.Format(time.RFC3339), l.Stage, l.Subject, oneLine(replayed, 60), oneLine(l.Reason, 120))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", l.Seq, l.ReceivedAt.Format(time.RFC3339), l.Stage, l.Subject, status.OneLine(replayed, 60), status.OneLine(l.Reason, 120))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -299,13 +300,4 @@ func dlqDryRun(ctx context.Context, js jetstream.JetStream, path string, letters
 	}
 	fmt.Fprintf(io.Stdout, "%d dead letter(s); nothing published (--dry-run)\n", len(letters))
 	return nil
-}
-
-// oneLine makes s one line of at most n bytes.
-func oneLine(s string, n int) string {
-	s = strings.Join(strings.Fields(s), " ")
-	if len(s) > n {
-		s = s[:n-1] + "…"
-	}
-	return s
 }

@@ -1,46 +1,16 @@
 package status
 
 import (
-	"os"
 	"strings"
 	"testing"
 
-	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
-	"github.com/sluicehq/sluice/services/kit/chdb"
+	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
 )
 
 // The queries status runs, on current ClickHouse (26.5, in-process through chDB),
 // against the tables the migrations make (TestCollect runs them on 18.16).
 func TestQueriesOnCurrentClickHouse(t *testing.T) {
-	wd, _ := os.Getwd()
-	lib, err := chdb.Find(wd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := chdb.Open(lib, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	q := func(sql string) string {
-		t.Helper()
-		out, err := s.Query(sql, "TSV")
-		if err != nil {
-			t.Fatalf("%s: %v", sql, err)
-		}
-		return strings.TrimSpace(out)
-	}
-	q("CREATE DATABASE IF NOT EXISTS sluice")
-	q("USE sluice")
-	ms, err := chmigrate.Migrations()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, m := range ms {
-		for _, stmt := range m.Statements {
-			q(stmt)
-		}
-	}
+	q := chdbtest.Sluice(t)
 	q(`INSERT INTO dead_letters (stage, reason, received_at, stream_seq) VALUES
  ('pipeline', 'bad', now(), 1), ('pipeline', 'bad', now(), 2), ('sink', 'worse', now(), 3), ('pipeline', 'old', now() - 7200, 4)`)
 	q(`INSERT INTO alerts (fingerprint, rule, status, starts_at, stream_seq) VALUES

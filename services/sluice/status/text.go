@@ -6,6 +6,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 )
 
 // Text writes the report for people: one screen, problems first.
@@ -68,7 +69,7 @@ func (r *Report) Text(w io.Writer) error {
 	fmt.Fprintf(&b, "\nDead letters in the last hour: %d\n", r.DeadLettersHour)
 	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	for _, d := range r.DeadLetters {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\n", d.Count, d.Stage, oneLine(d.Reason, 100))
+		fmt.Fprintf(tw, "  %d\t%s\t%s\n", d.Count, d.Stage, OneLine(d.Reason, 100))
 	}
 	tw.Flush()
 	firing := "none"
@@ -92,7 +93,7 @@ func (r *Report) Text(w io.Writer) error {
 			if !rc.Since.IsZero() {
 				since = ago(r.At, rc.Since)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", rc.Name, rc.State, rc.Pending, since, oneLine(last, 80))
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", rc.Name, rc.State, rc.Pending, since, OneLine(last, 80))
 		}
 		tw.Flush()
 	}
@@ -114,10 +115,16 @@ func ago(now, t time.Time) string {
 	return now.Sub(t).Round(time.Second).String() + " ago"
 }
 
-func oneLine(s string, n int) string {
+// OneLine makes s one line of at most n bytes for a table cell, cut at a
+// character's start and marked with "…" where it was cut.
+func OneLine(s string, n int) string {
 	s = strings.Join(strings.Fields(s), " ")
-	if len(s) > n {
-		s = s[:n-1] + "…"
+	if len(s) <= n {
+		return s
 	}
-	return s
+	cut := n - len("…")
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:max(cut, 0)] + "…"
 }
