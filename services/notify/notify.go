@@ -154,7 +154,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	s := &stageRun{js: js, state: state, log: log, m: m, silences: silences, wake: make(chan struct{}, 1)}
 	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "replica", cfg.Replica)
 
-	errc := make(chan error, len(cfg.Receivers)+1)
+	errc := make(chan error, len(cfg.Receivers))
 	for _, rc := range cfg.Receivers {
 		d := &deliverer{rc: rc, js: js, state: state, disabled: disabled, log: deps.Logger.With("receiver", rc.Name), m: m,
 			maxPayload: deps.NATS.MaxPayload(), lastErr: map[uint64]string{}}
@@ -170,11 +170,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	// Every replica delivers; one at a time routes and flushes, holding the lease.
 	l := &lease.Lease{KV: state, Key: "lease.router", Holder: cfg.Replica, TTL: cfg.LeaseTTL, What: "routes alerts", Log: log}
 	wg.Go(func() {
-		l.Run(ctx, func(ctx context.Context) {
-			if err := s.lead(ctx, cfg, deps); err != nil && ctx.Err() == nil {
-				errc <- err
-			}
-		})
+		l.Run(ctx, func(ctx context.Context) { s.leadUntilDone(ctx, cfg, deps) })
 	})
 	select {
 	case <-ctx.Done():
@@ -182,6 +178,31 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	case err := <-errc:
 		cancel()
 		return err
+	}
+}
+
+// leadUntilDone runs lead until ctx ends, starting it again after a backoff when
+// it fails: a cluster electing leaders answers nothing for seconds, which must not
+// end routing (nor the process) while this replica holds the lease.
+func (s *stageRun) leadUntilDone(ctx context.Context, cfg Config, deps Deps) {
+	const maxBackoff = 30 * time.Second
+	backoff := time.Second
+	for {
+		started := time.Now()
+		err := s.lead(ctx, cfg, deps)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(started) > maxBackoff {
+			backoff = time.Second
+		}
+		s.log.Error("routing stopped; starting it again", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
 	}
 }
 
@@ -202,6 +223,11 @@ func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	// The flusher ends with the router, whatever ends it: a router that failed
+	// (its consumer not found while the cluster elects) must not leave lead
+	// waiting for a flusher that only a lost lease would stop.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	wg.Go(func() { s.flushLoop(ctx, cfg.FlushEvery) })
 	return router.Run(ctx, nil)
 }

@@ -571,3 +571,67 @@ func TestRetryAfter(t *testing.T) {
 		}
 	}
 }
+
+// syncBuffer is a log destination tests read while the stage writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A router that cannot start (its ALERTS consumer is missing, as while a cluster
+// elects its leader) is started again, and routes once it can; it neither ends
+// notify nor waits for ever.
+func TestRouterStartsAgain(t *testing.T) {
+	nc, js := setup(t)
+	ctx := context.Background()
+	if err := js.DeleteConsumer(ctx, streams.Alerts, "notify"); err != nil {
+		t.Fatal(err)
+	}
+	h := newHook(t, nil)
+	f, err := configfile.Parse("test.yaml", []byte(hookConfig(h, "")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(runCtx, cfg, Deps{NATS: nc, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Registerer: prometheus.NewRegistry()})
+	}()
+	poll.Until(t, 30*time.Second, func() error {
+		select {
+		case err := <-done:
+			t.Fatalf("notify ended: %v", err)
+		default:
+		}
+		if !strings.Contains(logs.String(), "routing stopped; starting it again") {
+			return errors.New("the router has not failed yet")
+		}
+		return nil
+	})
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	publishAlert(t, js, alert("logins", "firing", 0, "user", "u0"))
+	h.waitEachUserOnce(t, 1)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}

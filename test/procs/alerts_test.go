@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,19 +25,30 @@ import (
 const hookSecret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 // signedHook is a webhook receiver that counts requests by webhook-id and those
-// whose signature does not verify.
+// whose signature does not verify; gate, if set, answers each request first and
+// says whether to count it (false: it answered otherwise).
 type signedHook struct {
 	*httptest.Server
-	mu  sync.Mutex
-	ids map[string]int
-	bad int
+	mu   sync.Mutex
+	ids  map[string]int
+	bad  int
+	gate func(w http.ResponseWriter) bool
 }
 
-func newSignedHook(t *testing.T) *signedHook {
-	s, _ := notify.ParseSecret(hookSecret)
-	h := &signedHook{ids: map[string]int{}}
+func newSignedHook(t *testing.T) *signedHook { return newGatedHook(t, nil) }
+
+func newGatedHook(t *testing.T, gate func(w http.ResponseWriter) bool) *signedHook {
+	t.Helper()
+	s, err := notify.ParseSecret(hookSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &signedHook{ids: map[string]int{}, gate: gate}
 	h.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
+		if h.gate != nil && !h.gate(w) {
+			return
+		}
 		h.mu.Lock()
 		defer h.mu.Unlock()
 		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
@@ -54,6 +66,14 @@ func (h *signedHook) counts() (ids, bad int) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return len(h.ids), h.bad
+}
+
+// deliveries returns the deliveries of each webhook-id (a copy) and how many
+// requests were badly signed.
+func (h *signedHook) deliveries() (map[string]int, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return maps.Clone(h.ids), h.bad
 }
 
 // writeAlertConfig writes a SLUICE_CONFIG in dir with a rule firing for one event

@@ -2,6 +2,7 @@ package procs
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -134,6 +135,17 @@ cluster {
 	return c
 }
 
+// connect connects to the nodes at urls (reconnecting for ever; closed when the
+// test ends) and applies sluice's topology with every stream in three copies.
+func (c *natsCluster) connect(t *testing.T, urls string) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, js := dial(t, urls)
+	if err := service.ApplyTopology(context.Background(), nc, 3); err != nil {
+		t.Fatal(err)
+	}
+	return nc, js
+}
+
 // urls is every node's client URL, comma-separated, as NATS_URL takes them.
 func (c *natsCluster) urls() string {
 	var u []string
@@ -242,16 +254,8 @@ func TestClusterFaults(t *testing.T) {
 	// off cuts off worker 2 alone (the nodes do not advertise each other to
 	// clients: a client reconnects only to the servers it was given).
 	majority := cl.nodes[0].url() + "," + cl.nodes[1].url()
-	nc, err := nats.Connect(majority, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, _ := jetstream.New(nc)
+	_, js := cl.connect(t, majority)
 	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc, 3); err != nil {
-		t.Fatal(err)
-	}
 	topo := shortAckWaits(t, js)
 	cfgPath := filepath.Join(dir, "sluice.yaml")
 	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
@@ -386,4 +390,38 @@ func streamNames(topo *streams.Topology) []string {
 		names = append(names, s.Config.Name)
 	}
 	return names
+}
+
+// connectedTo is the index of the node a client connection named name is
+// connected to, from the nodes' /connz.
+func (c *natsCluster) connectedTo(t *testing.T, name string) int {
+	t.Helper()
+	client := &http.Client{Timeout: 2 * time.Second}
+	var at int
+	poll.Until(t, time.Minute, func() error {
+		for i, m := range c.monitors {
+			resp, err := client.Get(m + "/connz?limit=1024")
+			if err != nil {
+				continue // a node down answers nothing; the others may
+			}
+			var connz struct {
+				Connections []struct {
+					Name string `json:"name"`
+				} `json:"connections"`
+			}
+			err = json.NewDecoder(resp.Body).Decode(&connz)
+			resp.Body.Close()
+			if err != nil {
+				return fmt.Errorf("node %d: /connz: %w", i, err)
+			}
+			for _, conn := range connz.Connections {
+				if conn.Name == name {
+					at = i
+					return nil
+				}
+			}
+		}
+		return fmt.Errorf("no node has a connection named %s", name)
+	})
+	return at
 }

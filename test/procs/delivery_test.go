@@ -3,13 +3,10 @@ package procs
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -79,34 +76,22 @@ func idle(ctx context.Context, js jetstream.JetStream, topo *streams.Topology) e
 // Fault 4 with every service a process: the receiver answers 500, then times out,
 // then 200. Every alert arrives, each under one webhook-id, signed.
 func TestReceiverDownAsProcesses(t *testing.T) {
-	s, _ := notify.ParseSecret(hookSecret)
 	var (
-		mu    sync.Mutex
-		ids   = map[string]int{}
-		bad   int
 		phase atomic.Int32 // 0: 500s, 1: timeouts, 2: up
 		hits  atomic.Int32
 	)
-	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
+	hook := newGatedHook(t, func(w http.ResponseWriter) bool {
 		hits.Add(1)
 		switch phase.Load() {
 		case 0:
 			http.Error(w, "down", http.StatusInternalServerError)
-			return
+			return false
 		case 1:
 			time.Sleep(700 * time.Millisecond) // beyond the receiver's 300 ms timeout
-			return
+			return false
 		}
-		mu.Lock()
-		defer mu.Unlock()
-		if err := notify.Verify(s, r.Header, body, time.Now(), 5*time.Minute); err != nil {
-			bad++
-			return
-		}
-		ids[r.Header.Get(notify.HeaderID)]++
-	}))
-	defer hook.Close()
+		return true
+	})
 	cfg := fmt.Sprintf("rules:\n  - name: all\n    filter: 'type == \"order.created\"'\nreceivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true, timeout: 300ms}\n", hook.URL)
 	ns, js, topo, _ := startProcessPipeline(t, cfg, nil)
 	nc, _ := ns.connect(t)
@@ -139,19 +124,15 @@ func TestReceiverDownAsProcesses(t *testing.T) {
 	})
 	phase.Store(2)
 	wait(2*time.Minute, func() error {
-		mu.Lock()
-		n := len(ids)
-		mu.Unlock()
-		if n < alerts {
-			return fmt.Errorf("%d of %d alerts delivered", n, alerts)
+		if ids, _ := hook.deliveries(); len(ids) < alerts {
+			return fmt.Errorf("%d of %d alerts delivered", len(ids), alerts)
 		}
 		if err := natstest.Idle(ctx, js, streams.Notify, notify.DelivererConsumer("hook")); err != nil {
 			return err
 		}
 		return idle(ctx, js, topo)
 	})
-	mu.Lock()
-	defer mu.Unlock()
+	ids, bad := hook.deliveries()
 	for id, n := range ids {
 		if n != 1 {
 			t.Errorf("%s delivered %d times", id, n)

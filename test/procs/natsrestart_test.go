@@ -127,7 +127,14 @@ func runNATS(t *testing.T) *natsProcess {
 // across restarts of n.
 func (n *natsProcess) connect(t *testing.T) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
-	nc, err := nats.Connect(n.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	return dial(t, n.url())
+}
+
+// dial connects to urls (comma-separated), reconnecting for ever; the
+// connection is closed when the test ends.
+func dial(t *testing.T, urls string) (*nats.Conn, jetstream.JetStream) {
+	t.Helper()
+	nc, err := nats.Connect(urls, nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
 	}

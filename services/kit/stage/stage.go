@@ -124,7 +124,9 @@ type inflight struct {
 
 // Run consumes until ctx is done, then stops pulling, finishes what it holds (acks
 // what was published, leaves the rest unacked for redelivery) and returns.
-// ready is called once the consumer is bound.
+// ready is called once the consumer is bound. A pull that nats.go ends while ctx
+// lives (its subscription closed under it) is started again after a pause: only
+// ctx ends a stage.
 func (r *Runner) Run(ctx context.Context, ready func()) error {
 	cons, err := r.js.Consumer(ctx, r.cfg.Stream, r.cfg.Consumer)
 	if err != nil {
@@ -141,25 +143,59 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { r.ackLoop(pending) })
 	stopped := make(chan struct{})
-	wg.Go(func() {
-		select {
-		case <-ctx.Done():
-			it.Drain()
-		case <-stopped:
-		}
-	})
 	// A handler slower than the ack wait would see its message redelivered while it
 	// works: a watchdog extends the message's ack timer (InProgress) meanwhile.
 	var working atomic.Pointer[work]
 	if ackWait := cons.CachedInfo().Config.AckWait; ackWait > 0 {
 		wg.Go(func() { watchdog(&working, ackWait/3, stopped) })
 	}
+	for {
+		r.consume(ctx, it, pending, &working)
+		if ctx.Err() != nil {
+			break
+		}
+		r.log.Warn("pull ended while the stage runs; pulling again", "retry_in", time.Second)
+		it = nil
+		for it == nil && ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+				if it, err = cons.Messages(jetstream.PullMaxMessages(r.cfg.PullBatch)); err != nil {
+					r.log.Warn("pull", "err", err)
+				}
+			}
+		}
+		if it == nil {
+			break
+		}
+	}
+	close(stopped)
+	close(pending)
+	wg.Wait()
+	return nil
+}
+
+// consume handles what it yields until the iterator ends: drained when ctx ends,
+// or closed by nats.go.
+func (r *Runner) consume(ctx context.Context, it jetstream.MessagesContext, pending chan<- inflight, working *atomic.Pointer[work]) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	done := make(chan struct{})
+	defer close(done)
+	wg.Go(func() {
+		select {
+		case <-ctx.Done():
+			it.Drain()
+		case <-done:
+			it.Stop()
+		}
+	})
 	in := r.metrics.Messages.WithLabelValues(r.cfg.Name, "in")
 	lag := r.metrics.Lag.WithLabelValues(r.cfg.Name)
 	for {
 		msg, err := it.Next()
 		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-			break
+			return
 		}
 		if err != nil {
 			r.log.Warn("pull", "err", err)
@@ -188,10 +224,6 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 		}
 		pending <- p
 	}
-	close(stopped)
-	close(pending)
-	wg.Wait()
-	return nil
 }
 
 // work is the message a handler is working on, and since when.

@@ -72,3 +72,64 @@ func TestSlowHandlerIsNotRedelivered(t *testing.T) {
 		t.Fatalf("OUT holds %d, want %d", got, total)
 	}
 }
+
+// A pull that nats.go ends while the stage runs (here: its consumer deleted and
+// made again, as an operator might) is started again: the stage goes on handling
+// input rather than returning or waiting for ever.
+func TestPullEndedIsStartedAgain(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"in.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	consumer := jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy}
+	if _, err := js.CreateOrUpdateConsumer(ctx, "IN", consumer); err != nil {
+		t.Fatal(err)
+	}
+	handled := make(chan string, 10)
+	handle := func(msg jetstream.Msg) ([]*nats.Msg, error) {
+		handled <- msg.Subject()
+		return nil, nil
+	}
+	r, err := New(nc, Config{Name: "reopen", Stream: "IN", Consumer: "c"}, handle, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx, nil) }()
+	waitFor := func(subject string) {
+		t.Helper()
+		for {
+			select {
+			case got := <-handled:
+				if got == subject {
+					return
+				}
+			case err := <-done:
+				t.Fatalf("Run returned (%v) while waiting for %s", err, subject)
+			case <-time.After(time.Minute):
+				t.Fatalf("%s not handled within a minute", subject)
+			}
+		}
+	}
+	if _, err := js.Publish(ctx, "in.first", nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("in.first")
+	if err := js.DeleteConsumer(ctx, "IN", "c"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateOrUpdateConsumer(ctx, "IN", consumer); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx, "in.second", nil); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("in.second")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
