@@ -19,7 +19,7 @@ WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
 up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
-.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker promtool compose-plugin build vet modules bench clean help
+.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker promtool chromium compose-plugin build vet modules bench clean help
 FUZZTIME ?= 10s
 
 help:
@@ -64,7 +64,14 @@ fuzz:
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
-deps: clickhouse chdb nettools docker promtool
+deps: clickhouse chdb nettools docker promtool chromium
+
+# Chromium (Debian's) runs the status page's browser test (services/sluice/platform).
+chromium:
+	@if command -v chromium >/dev/null; then :; else \
+		echo "installing chromium (for the status page's browser test) from Debian's archive"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	fi
 
 # promtool (Debian's prometheus package) checks deploy/prometheus/sluice-rules.yml.
 promtool:

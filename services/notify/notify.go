@@ -95,6 +95,7 @@ type metrics struct {
 	sent     *prometheus.CounterVec
 	routed   *prometheus.CounterVec
 	notified *prometheus.CounterVec
+	firing   prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -108,6 +109,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		notified: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_notify_notifications_total", Help: "Notifications queued in NOTIFY, by receiver.",
 		}, []string{"receiver"})),
+		firing: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_notify_alerts_firing", Help: "Alerts firing, as the routing replica holds them (0 on the others: sum over replicas).",
+		})),
 	}
 }
 
@@ -282,6 +286,9 @@ func (s *stageRun) route(maxPayload int64) stage.Handler {
 func (s *stageRun) flushLoop(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	// Only the replica routing counts the alerts firing.
+	defer s.m.firing.Set(0)
+	var counted time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -291,6 +298,12 @@ func (s *stageRun) flushLoop(ctx context.Context, every time.Duration) {
 		}
 		if err := s.flush(ctx); err != nil && ctx.Err() == nil {
 			s.log.Warn("flush", "err", err)
+		}
+		if time.Since(counted) >= time.Second {
+			s.mu.Lock()
+			s.m.firing.Set(float64(s.router.Firing()))
+			s.mu.Unlock()
+			counted = time.Now()
 		}
 	}
 }

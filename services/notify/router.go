@@ -65,6 +65,19 @@ func (r *Router) Add(a *alerts.Alert, now time.Time) (changed []*Group, routed b
 	return changed, routed
 }
 
+// Firing is how many distinct alerts (by fingerprint) the groups hold firing.
+func (r *Router) Firing() int {
+	seen := map[string]struct{}{}
+	for _, g := range r.groups {
+		for _, a := range g.Alerts {
+			if a.Status == alerts.Firing {
+				seen[a.Fingerprint] = struct{}{}
+			}
+		}
+	}
+	return len(seen)
+}
+
 // Outgoing is one notification to send.
 type Outgoing struct {
 	Receiver     *Receiver

@@ -262,3 +262,25 @@ func TestRouteErrors(t *testing.T) {
 		}
 	}
 }
+
+// Firing counts each alert firing once, however many routes' groups hold it.
+func TestRouterFiring(t *testing.T) {
+	routes, err := NewRoutes([]RouteConfig{
+		{Receivers: []string{"hook"}, GroupBy: []string{"alertname"}, Continue: true},
+		{Receivers: []string{"hook"}, GroupBy: []string{"..."}},
+	}, testReceivers(t, ReceiverConfig{Name: "hook"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewRouter(routes, nil, nil)
+	now := time.Unix(1_700_000_000, 0)
+	r.Add(alert("logins", "firing", 0, "user", "a"), now)
+	r.Add(alert("logins", "firing", 0, "user", "b"), now)
+	if got := r.Firing(); got != 2 {
+		t.Fatalf("two alerts firing in two routes: Firing() = %d, want 2", got)
+	}
+	r.Add(alert("logins", "resolved", 0, "user", "a"), now)
+	if got := r.Firing(); got != 1 {
+		t.Fatalf("one resolved: Firing() = %d, want 1", got)
+	}
+}

@@ -8,10 +8,13 @@ import (
 )
 
 type metrics struct {
-	rows             prometheus.Counter
-	replays          prometheus.Counter
-	duplicates       prometheus.Counter
-	dead             prometheus.Counter
+	rows       prometheus.Counter
+	replays    prometheus.Counter
+	duplicates prometheus.Counter
+	dead       *prometheus.CounterVec
+	events     *prometheus.CounterVec
+	// types and reasons bound the labels events and dead take from input.
+	types, reasons   *telemetry.LabelCap
 	errors           *prometheus.CounterVec
 	insert           prometheus.Histogram
 	e2e              prometheus.Histogram
@@ -50,9 +53,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		duplicates: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_duplicates_total", Help: "Repeats dropped: their key was held in the dedup window.",
 		})),
-		dead: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "sluice_pipeline_dead_letters_total", Help: "Input sent to the DLQ.",
-		})),
+		dead: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_dead_letters_total", Help: "Input sent to the DLQ, by reason: its first clause (up to the first colon); the first 32 distinct, later ones as other.",
+		}, []string{"reason"})),
+		events: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_events_total", Help: "Events by type (the first 100 distinct, later ones as other; none: no type read) and outcome: stored (inserted), repeat (dropped by dedup), dead_letter.",
+		}, []string{"type", "outcome"})),
+		types:   &telemetry.LabelCap{Max: 100},
+		reasons: &telemetry.LabelCap{Max: 32},
 		errors: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_clickhouse_errors_total", Help: "Failed ClickHouse operations, by op (insert, check), each retried.",
 		}, []string{"op"})),
@@ -89,10 +97,36 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 }
 
+// Outcomes of sluice_pipeline_events_total.
+const (
+	outcomeStored = "stored"
+	outcomeRepeat = "repeat"
+	outcomeDead   = "dead_letter"
+)
+
+// event counts n events of type typ with outcome.
+func (m *metrics) event(typ, outcome string, n int) {
+	m.events.WithLabelValues(m.types.Value(typ), outcome).Add(float64(n))
+}
+
+// deadLetter counts a dead letter of type typ with reason.
+func (m *metrics) deadLetter(typ, reason string) {
+	m.dead.WithLabelValues(m.reasons.Value(telemetry.ReasonClass(reason))).Inc()
+	m.event(typ, outcomeDead, 1)
+}
+
 // forget drops a partition's gauges once this worker no longer runs it: another
 // worker reports it now, and a stale value here would read as stuck.
 func (m *metrics) forget(partition string) {
 	for _, g := range []*prometheus.GaugeVec{m.lag, m.snapshotSeq, m.savedAt, m.stalled} {
 		g.DeleteLabelValues(partition)
 	}
+}
+
+// typeOf is the event type of d, "" when it has none (invalid input).
+func typeOf(d *dedup.Decision) string {
+	if d.Event == nil {
+		return ""
+	}
+	return d.Event.Type
 }

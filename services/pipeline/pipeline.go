@@ -703,7 +703,7 @@ func (r *run) run(ctx context.Context) error {
 	defer closeBatches()
 	writerDone := make(chan struct{})
 	var writerErr error
-	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log)}
+	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log), types: map[string]int{}}
 	wg.Go(func() {
 		defer close(writerDone)
 		writerErr = w.write(wctx, batches)
@@ -1066,15 +1066,16 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	r.clock = max(r.clock, d.Now)
 	switch {
 	case d.Invalid != nil:
-		r.deadLetter(p.msg, d.Element, d.Data, d.Invalid.Error(), b)
+		r.deadLetter(p.msg, d.Element, d.Data, typeOf(&d), d.Invalid.Error(), b)
 		return
 	case r.keys.Seen(d.Key, d.Now):
 		r.m.duplicates.Inc()
+		r.m.event(typeOf(&d), outcomeRepeat, 1)
 		return
 	}
 	r.keys.Add(d.Key, d.Expires, p.seq, d.Now)
 	if it.rowErr != nil {
-		r.deadLetter(p.msg, d.Element, d.Data, it.rowErr.Error(), b)
+		r.deadLetter(p.msg, d.Element, d.Data, d.Event.Type, it.rowErr.Error(), b)
 		return
 	}
 	b.rows = append(b.rows, row{rec: &it.rec, seq: p.seq, stored: p.received, msg: p.msg, el: d.Element, data: d.Data})
@@ -1103,8 +1104,9 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 }
 
 // deadLetter adds the dead letter of msg (or of its batch element el, whose
-// payload is data) to b, unless it was stored before a restart.
-func (r *run) deadLetter(msg jetstream.Msg, el *events.Element, data []byte, reason string, b *batch) {
+// payload is data; of event type typ, if known) to b, unless it was stored before
+// a restart.
+func (r *run) deadLetter(msg jetstream.Msg, el *events.Element, data []byte, typ, reason string, b *batch) {
 	var dl *nats.Msg
 	if el != nil {
 		dl = stage.ElementDeadLetter(Name, msg, el.Index, data, reason, r.maxPayload)
@@ -1114,7 +1116,7 @@ func (r *run) deadLetter(msg jetstream.Msg, el *events.Element, data []byte, rea
 	if r.published[dl.Header.Get(nats.MsgIdHdr)] {
 		return
 	}
-	r.m.dead.Inc()
+	r.m.deadLetter(typ, reason)
 	b.out = append(b.out, dl)
 }
 
@@ -1143,6 +1145,8 @@ type writer struct {
 	pub *jspub.Publisher
 	// cols holds the rows of one insert; reused by each.
 	cols sink.EventColumns
+	// types counts the rows of one insert by event type; reused by each.
+	types map[string]int
 }
 
 func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
@@ -1249,13 +1253,18 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		now := time.Now()
 		w.m.insert.Observe(now.Sub(start).Seconds())
 		w.m.rows.Add(float64(len(b.rows) - len(refused)))
+		clear(w.types)
 		for i, r := range b.rows {
 			if rerr, bad := refused[i]; bad {
-				w.deadLetter(r.msg, r.el, r.data, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
+				w.deadLetter(r.msg, r.el, r.data, r.rec.Type, fmt.Sprintf("ClickHouse refused the row for events: %v", rerr), b)
 				dropTyped(b, r.seq, r.rec.Key)
 				continue
 			}
+			w.types[r.rec.Type]++
 			w.m.e2e.Observe(now.Sub(r.stored).Seconds())
+		}
+		for typ, n := range w.types {
+			w.m.event(typ, outcomeStored, n)
 		}
 	}
 	for i, rows := range b.typed {

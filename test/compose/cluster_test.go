@@ -18,7 +18,8 @@ import (
 // NATS nodes, every stream and bucket in three copies, two pipeline workers) and
 // runs the oracle through it while containers are cut off the network (docker
 // network disconnect: a NATS node; the pipeline worker that holds the partition,
-// whose claim the other takes over) and killed (the worker holding the partition). Every unique event lands once, every invalid one
+// whose claim the other takes over) and killed (the first NATS node, and the
+// worker holding the partition). Every unique event lands once, every invalid one
 // in dead_letters, every alert reaches the receiver once.
 func TestComposeCluster(t *testing.T) {
 	s := newStack(t, "cluster", "compose.cluster.yaml", "test/compose/compose.cluster.override.yaml")
@@ -29,7 +30,7 @@ func TestComposeCluster(t *testing.T) {
 	s.up()
 	s.urls = []string{s.addr("nats", 4222), s.addr("nats-2", 4222), s.addr("nats-3", 4222)}
 	ch := openClickHouse(t, s.addr("clickhouse", 9000), s.Passwords["CLICKHOUSE_PASSWORD"])
-	const parts = 5
+	const parts = 6
 	r := newOracleRun(t, s, h, oracle.Spec{Total: 24_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 43}, parts)
 
 	// Every stream is in three copies on three nodes.
@@ -60,11 +61,11 @@ func TestComposeCluster(t *testing.T) {
 		time.Sleep(10 * time.Second) // the cut-off worker stays away a while longer
 		s.docker("network", "connect", "--alias", "pipeline", network, worker)
 	})
-	// Not yet: docker kill of a NATS node. notify's routing stops for good after it
-	// (its connection moves to another node, then its ALERTS consumer delivers
-	// nothing more; seen in 2 of 5 runs). The closing note of 2026-11-30 has the
-	// evidence; the procs cluster tests kill nodes under the pipeline.
-	r.during(t, 3, "killed the worker holding the partition", func() {
+	r.during(t, 3, "killed and started nats (the first node)", func() {
+		s.kill("nats")
+		s.up("nats")
+	})
+	r.during(t, 4, "killed the worker holding the partition", func() {
 		worker := s.owner(r)
 		s.docker("kill", "--signal", "SIGKILL", worker)
 		s.waitOwner(r, func(c string) bool { return c != worker })

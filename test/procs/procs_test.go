@@ -43,7 +43,7 @@ func build(t *testing.T) string {
 	return dir
 }
 
-var metricsAddr = regexp.MustCompile(`msg="serving /metrics, /healthz, /readyz".* addr=(127\.0\.0\.1:[0-9]+)`)
+var metricsAddr = regexp.MustCompile(`msg="serving /metrics, /healthz, /readyz[^"]*".* addr=(127\.0\.0\.1:[0-9]+)`)
 
 // syncWriter lets a process write its output while the test reads it.
 type syncWriter struct {

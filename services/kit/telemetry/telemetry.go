@@ -17,6 +17,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/sluicehq/sluice/services/kit/telemetry/dashboard"
 )
 
 // NewLogger returns a logger writing to w at level (debug, info, warn, error) in
@@ -81,6 +83,7 @@ func (r *Readiness) Check() error {
 // Handler serves /metrics from g, /healthz, and /readyz from ready.
 func Handler(g prometheus.Gatherer, ready *Readiness) http.Handler {
 	mux := http.NewServeMux()
+	dashboard.Register(mux, g)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
@@ -107,7 +110,7 @@ func Serve(ctx context.Context, addr string, g prometheus.Gatherer, ready *Readi
 		return fmt.Errorf("metrics listener: %w", err)
 	}
 	srv := &http.Server{Handler: Handler(g, ready), ReadHeaderTimeout: 5 * time.Second}
-	log.Info("serving /metrics, /healthz, /readyz", "addr", ln.Addr().String())
+	log.Info("serving /metrics, /healthz, /readyz and the status page /", "addr", ln.Addr().String())
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {

@@ -23,6 +23,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	statuspage "github.com/sluicehq/sluice/services/kit/telemetry/dashboard"
 	"github.com/sluicehq/sluice/services/kit/testnet"
 )
 
@@ -74,7 +75,7 @@ func (r *recorder) MustRegister(cs ...prometheus.Collector) {
 	}
 }
 
-// Every metric the alerting rules and the Grafana dashboard name is one the
+// Every metric the alerting rules, the Grafana dashboard and the status page name is one the
 // services register (the platform with the pipeline stage, then with the split
 // stages), histograms by their _bucket, _sum and _count series.
 func TestOpsMetricsExist(t *testing.T) {
@@ -153,6 +154,10 @@ func TestOpsMetricsExist(t *testing.T) {
 			used = append(used, name.FindAllString(tg.Expr, -1)...)
 		}
 	}
+	// The status page's panels too.
+	for _, p := range statuspage.Panels() {
+		used = append(used, p.Metrics...)
+	}
 	slices.Sort(used)
 	for _, n := range slices.Compact(used) {
 		base := n
@@ -162,7 +167,7 @@ func TestOpsMetricsExist(t *testing.T) {
 			}
 		}
 		if !registered[base] {
-			t.Errorf("%s is named by deploy/ but no service registers it", n)
+			t.Errorf("%s is named by deploy/ or the status page but no service registers it", n)
 		}
 	}
 	if len(used) < 10 {
