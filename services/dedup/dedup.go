@@ -63,6 +63,8 @@ type Deps struct {
 	Registerer prometheus.Registerer
 	// Ready is called once the stage consumes.
 	Ready func()
+	// Readiness is the process's /readyz, where a stall is reported (nil: not).
+	Readiness *telemetry.Readiness
 }
 
 // Handler validates and keys events, and drops the keys its store holds.
@@ -357,6 +359,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	h.log = log
 	stageCfg := cfg.Stage
 	stageCfg.OnDuplicate = dropped.WithLabelValues("stream").Inc
+	stageCfg.Ready = deps.Readiness
 	r, err := stage.New(deps.NATS, stageCfg, h.Handle, deps.Logger, deps.Registerer)
 	if err != nil {
 		return err

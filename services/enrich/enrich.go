@@ -63,6 +63,8 @@ type Deps struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 	Ready      func()
+	// Readiness is the process's /readyz, where a stall is reported (nil: not).
+	Readiness *telemetry.Readiness
 }
 
 // Handler enriches events with the current rules.
@@ -199,6 +201,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	defer live.Close()
+	cfg.Stage.Ready = deps.Readiness
 	r, err := stage.New(deps.NATS, cfg.Stage, (&Handler{live: live, maxPayload: deps.NATS.MaxPayload()}).Handle, deps.Logger, deps.Registerer)
 	if err != nil {
 		return err

@@ -12,6 +12,8 @@ require (
 
 require github.com/ebitengine/purego v0.11.3
 
+require github.com/kylelemons/godebug v1.1.0 // indirect
+
 require (
 	github.com/ClickHouse/ch-go v0.74.0 // indirect
 	github.com/andybalholm/brotli v1.2.6 // indirect

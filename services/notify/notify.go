@@ -63,6 +63,8 @@ type Config struct {
 	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0: as
 	// they are, 1 when created).
 	Replicas int
+	// StallAfter is the router's and each deliverer's watchdog (see stage.Config).
+	StallAfter time.Duration
 }
 
 // DefaultConfig has no receivers.
@@ -89,6 +91,8 @@ type Deps struct {
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 	Ready      func()
+	// Readiness is the process's /readyz, where a stall is reported (nil: not).
+	Readiness *telemetry.Readiness
 }
 
 type metrics struct {
@@ -162,7 +166,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	for _, rc := range cfg.Receivers {
 		d := &deliverer{rc: rc, js: js, state: state, disabled: disabled, log: deps.Logger.With("receiver", rc.Name), m: m,
 			maxPayload: deps.NATS.MaxPayload(), lastErr: map[uint64]string{}}
-		runner, err := d.runner(ctx, deps.NATS, deps.Registerer)
+		runner, err := d.runner(ctx, deps.NATS, deps.Registerer, stage.Config{Ready: deps.Readiness, StallAfter: cfg.StallAfter})
 		if err != nil {
 			return err
 		}
@@ -220,7 +224,8 @@ func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
 	s.router = NewRouter(cfg.Routes, cfg.inhibit, groups)
 	s.mu.Unlock()
 	s.log.Info("routing", "groups", len(groups))
-	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64},
+	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64, Ready: deps.Readiness,
+		StallAfter: cfg.StallAfter},
 		s.route(deps.NATS.MaxPayload()), deps.Logger, deps.Registerer)
 	if err != nil {
 		return err
@@ -477,7 +482,8 @@ const maxLastErrors = 10_000
 // DelivererConsumer is the durable consumer of a receiver's NOTIFY messages.
 func DelivererConsumer(receiver string) string { return "deliver_" + receiver }
 
-func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Registerer) (*stage.Runner, error) {
+// runner is the deliverer's stage runner; watch holds its watchdog's settings.
+func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Registerer, watch stage.Config) (*stage.Runner, error) {
 	name := DelivererConsumer(d.rc.Name)
 	_, err := d.js.CreateOrUpdateConsumer(ctx, streams.Notify, jetstream.ConsumerConfig{
 		Durable: name, Description: "Delivers notifications to receiver " + d.rc.Name + ".",
@@ -488,7 +494,8 @@ func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Re
 	if err != nil {
 		return nil, fmt.Errorf("notify: consumer %s: %w", name, err)
 	}
-	return stage.New(nc, stage.Config{Name: Name + "_" + d.rc.Name, Stream: streams.Notify, Consumer: name, MaxInFlight: 1, PullBatch: 1},
+	return stage.New(nc, stage.Config{Name: Name + "_" + d.rc.Name, Stream: streams.Notify, Consumer: name, MaxInFlight: 1, PullBatch: 1,
+		Ready: watch.Ready, StallAfter: watch.StallAfter},
 		func(msg jetstream.Msg) ([]*nats.Msg, error) { return d.handle(ctx, msg) }, d.log, reg)
 }
 

@@ -52,6 +52,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/kit/watchdog"
 	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -342,7 +343,7 @@ type run struct {
 	// lastProgress is the progress reported at the last save.
 	lastProgress *Progress
 	// dog watches that input read is stored.
-	dog watchdog
+	dog watchdog.Dog
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -892,7 +893,7 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			}
 		}
 		flush.Stop()
-		r.dog.read(len(b))
+		r.dog.Read(len(b))
 		select {
 		case out <- b:
 		case <-ctx.Done():
@@ -1153,7 +1154,7 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 	for b := range batches {
 		err := w.store(ctx, b)
 		if err == nil {
-			w.dog.stored(len(b.preps), time.Now())
+			w.dog.Done(len(b.preps), time.Now())
 		}
 		if err == nil && b.done != nil {
 			err = w.pub.Settle(ctx)

@@ -22,6 +22,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/deadletters"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/kit/watchdog"
 )
 
 // Handler processes one input and returns the messages to publish before the input
@@ -45,6 +46,12 @@ type Config struct {
 	// OnDuplicate, if set, is called for each output the stream refused as a
 	// duplicate (its Nats-Msg-Id was inside the stream's duplicate window).
 	OnDuplicate func()
+	// StallAfter: a stage holding input that finishes (acks or naks) none of it
+	// this long is reported stalled: in sluice_stage_stalled, the log and, when
+	// Ready is set, its check "stage <name> progress". Default 2 minutes.
+	StallAfter time.Duration
+	// Ready is the process's /readyz (nil: the stall is not reported there).
+	Ready *telemetry.Readiness
 	// Slow is fault injection for tests (SLUICE_TEST_SLOW); zero in production.
 	Slow Slow
 }
@@ -59,12 +66,16 @@ func (c *Config) defaults() {
 	if c.PublishTimeout <= 0 {
 		c.PublishTimeout = DefaultPublishTimeout
 	}
+	if c.StallAfter <= 0 {
+		c.StallAfter = DefaultStallAfter
+	}
 }
 
 // Metrics counts what stages do, labelled by stage.
 type Metrics struct {
 	Messages *prometheus.CounterVec
 	Lag      *prometheus.GaugeVec
+	Stalled  *prometheus.GaugeVec
 }
 
 // NewMetrics returns the stage metrics registered with reg (nil: not exported).
@@ -78,6 +89,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "sluice_stage_consumer_lag",
 			Help: "Messages in the stage's input stream not yet delivered to its consumer, as of the last message.",
 		}, []string{"stage"})),
+		Stalled: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_stage_stalled",
+			Help: "1 while a stage holds input and finished none of it for its stall_after (the watchdog).",
+		}, []string{"stage"})),
 	}
 }
 
@@ -88,7 +103,13 @@ type Runner struct {
 	handle  Handler
 	log     *slog.Logger
 	metrics *Metrics
+	// dog counts input held and finished, for the stall watch.
+	dog watchdog.Dog
 }
+
+// DefaultStallAfter is how long a stage may hold input and finish none of it
+// before its watchdog reports it stalled.
+const DefaultStallAfter = 2 * time.Minute
 
 // DefaultPublishTimeout is how long an asynchronous publish waits for its ack before
 // it fails (and is published again). Without a timeout, nats.go waits for ever: an
@@ -144,11 +165,13 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 	wg.Go(func() { r.ackLoop(pending) })
 	stopped := make(chan struct{})
 	// A handler slower than the ack wait would see its message redelivered while it
-	// works: a watchdog extends the message's ack timer (InProgress) meanwhile.
+	// works: keepAlive extends the message's ack timer (InProgress) meanwhile.
 	var working atomic.Pointer[work]
 	if ackWait := cons.CachedInfo().Config.AckWait; ackWait > 0 {
-		wg.Go(func() { watchdog(&working, ackWait/3, stopped) })
+		wg.Go(func() { keepAlive(&working, ackWait/3, stopped) })
 	}
+	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	wg.Go(func() { r.watchStall(watchCtx) })
 	for {
 		r.consume(ctx, it, pending, &working)
 		if ctx.Err() != nil {
@@ -171,8 +194,35 @@ func (r *Runner) Run(ctx context.Context, ready func()) error {
 	}
 	close(stopped)
 	close(pending)
+	stopWatch()
 	wg.Wait()
 	return nil
+}
+
+// watchStall reports the stage stalled while it holds input and finishes none,
+// until ctx ends.
+func (r *Runner) watchStall(ctx context.Context) {
+	check := "stage " + r.cfg.Name + " progress"
+	gauge := r.metrics.Stalled.WithLabelValues(r.cfg.Name)
+	gauge.Set(0)
+	defer func() {
+		gauge.Set(0)
+		if r.cfg.Ready != nil {
+			r.cfg.Ready.Set(check, nil)
+		}
+	}()
+	r.dog.Watch(ctx, r.cfg.StallAfter, "stage "+r.cfg.Name, "finished", func(err error) {
+		if r.cfg.Ready != nil {
+			r.cfg.Ready.Set(check, err)
+		}
+		if err != nil {
+			gauge.Set(1)
+			r.log.Error("stage stalled", "err", err)
+			return
+		}
+		gauge.Set(0)
+		r.log.Info("stage moves again")
+	})
 }
 
 // consume handles what it yields until the iterator ends: drained when ctx ends,
@@ -202,6 +252,7 @@ func (r *Runner) consume(ctx context.Context, it jetstream.MessagesContext, pend
 			continue
 		}
 		in.Inc()
+		r.dog.Read(1)
 		if md, err := msg.Metadata(); err == nil {
 			lag.Set(float64(md.NumPending))
 		}
@@ -209,6 +260,7 @@ func (r *Runner) consume(ctx context.Context, it jetstream.MessagesContext, pend
 		outs, err := r.handle(msg)
 		working.Store(nil)
 		if err != nil {
+			r.dog.Done(1, time.Now())
 			r.nak(msg, err)
 			continue
 		}
@@ -232,9 +284,9 @@ type work struct {
 	since time.Time
 }
 
-// watchdog sends InProgress for the message in work every period while its
+// keepAlive sends InProgress for the message in work every period while its
 // handler has been at it longer than period, until stopped is closed.
-func watchdog(working *atomic.Pointer[work], period time.Duration, stopped <-chan struct{}) {
+func keepAlive(working *atomic.Pointer[work], period time.Duration, stopped <-chan struct{}) {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
@@ -274,6 +326,7 @@ func (r *Runner) ackLoop(pending <-chan inflight) {
 				failure = err
 			}
 		}
+		r.dog.Done(1, time.Now())
 		if failure != nil {
 			r.nak(p.msg, fmt.Errorf("publish: %w", failure))
 			continue

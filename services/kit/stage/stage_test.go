@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -12,9 +13,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
 )
 
 // A handler slower than the ack wait on some messages: the runner keeps those
@@ -128,6 +131,59 @@ func TestPullEndedIsStartedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("in.second")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A handler that never returns stalls the stage: /readyz and sluice_stage_stalled
+// say so after StallAfter, and both clear once it finishes.
+func TestStallReported(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"in.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateOrUpdateConsumer(ctx, "IN", jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy}); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	handle := func(msg jetstream.Msg) ([]*nats.Msg, error) {
+		<-release
+		return nil, nil
+	}
+	ready := &telemetry.Readiness{}
+	reg := prometheus.NewRegistry()
+	r, err := New(nc, Config{Name: "wedged", Stream: "IN", Consumer: "c", StallAfter: 200 * time.Millisecond, Ready: ready},
+		handle, slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- r.Run(runCtx, nil) }()
+	stalled := func() float64 {
+		return testutil.ToFloat64(r.metrics.Stalled.WithLabelValues("wedged"))
+	}
+	if _, err := js.Publish(ctx, "in.x", nil); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, time.Minute, func() error {
+		err := ready.Check()
+		if err == nil || !strings.Contains(err.Error(), "stage wedged holds 1 messages and finished none") || stalled() != 1 {
+			return fmt.Errorf("ready %v, stalled %v", err, stalled())
+		}
+		return nil
+	})
+	close(release)
+	poll.Until(t, time.Minute, func() error {
+		if err := ready.Check(); err != nil || stalled() != 0 {
+			return fmt.Errorf("after the handler returned: ready %v, stalled %v", err, stalled())
+		}
+		return nil
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -40,7 +40,7 @@ func TestPrometheusRules(t *testing.T) {
 	if err != nil {
 		t.Fatalf("promtool check rules: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "SUCCESS: 6 rules found") {
+	if !strings.Contains(string(out), "SUCCESS: 7 rules found") {
 		t.Fatalf("promtool check rules: %s", out)
 	}
 }

@@ -96,7 +96,7 @@ func RunStages(ctx context.Context, s Stages) error {
 				return pipeline.Run(ctx, pipeCfg, pipeline.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
 			}},
 			{notify.Name, func(ctx context.Context) error {
-				return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name)})
+				return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name), Readiness: s.Ready})
 			}},
 			{sink.Name, func(ctx context.Context) error {
 				return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
@@ -109,16 +109,16 @@ func RunStages(ctx context.Context, s Stages) error {
 	}
 	runs = []stageRun{
 		{dedup.Name, func(ctx context.Context) error {
-			return dedup.Run(ctx, dedupCfg, dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name)})
+			return dedup.Run(ctx, dedupCfg, dedup.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(dedup.Name), Readiness: s.Ready})
 		}},
 		{enrich.Name, func(ctx context.Context) error {
-			return enrich.Run(ctx, enrichCfg, enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name)})
+			return enrich.Run(ctx, enrichCfg, enrich.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(enrich.Name), Readiness: s.Ready})
 		}},
 		{alert.Name, func(ctx context.Context) error {
 			return alert.Run(ctx, alertCfg, alert.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(alert.Name)})
 		}},
 		{notify.Name, func(ctx context.Context) error {
-			return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name)})
+			return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name), Readiness: s.Ready})
 		}},
 		{sink.Name, func(ctx context.Context) error {
 			return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
