@@ -211,17 +211,17 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer ch.Close()
-	letters, err := dlq.Select(ctx, ch, f)
-	if err != nil {
-		return err
-	}
 	js, closeNATS, err := connectJS(n, io)
 	if err != nil {
 		return err
 	}
 	defer closeNATS()
 	if *dryRun {
-		return dlqDryRun(ctx, js, configPath, letters, io)
+		h, _, err := ingestHandler(configPath)
+		if err != nil {
+			return err
+		}
+		return dlq.Each(ctx, ch, f, replayPage, func(letters []dlq.Letter) error { return dlqDryRun(ctx, js, h, letters, io) })
 	}
 	// Each is published and acknowledged, then recorded (a batch at a time): an
 	// interrupted replay leaves every dead letter in place, and running it again
@@ -233,29 +233,32 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 		record = record[:0]
 		return err
 	}
-	for _, l := range letters {
-		msg, err := dlq.Message(ctx, js, l)
-		if err != nil {
-			return errors.Join(err, flush())
-		}
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		ack, err := js.PublishMsg(pctx, msg)
-		cancel()
-		if err != nil {
-			return errors.Join(fmt.Errorf("dlq replay: dead letter %d to %s: %w", l.Seq, l.Subject, err), flush())
-		}
-		published++
-		if ack.Duplicate {
-			duplicates++
-		}
-		record = append(record, dlq.RecordRow{Seq: l.Seq, At: time.Now(), Subject: msg.Subject, Stream: ack.Stream, TargetSeq: ack.Sequence, Duplicate: ack.Duplicate})
-		if len(record) == 100 {
-			if err := flush(); err != nil {
+	err = dlq.Each(ctx, ch, f, replayPage, func(letters []dlq.Letter) error {
+		for _, l := range letters {
+			msg, err := dlq.Message(ctx, js, l)
+			if err != nil {
 				return err
 			}
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			ack, err := js.PublishMsg(pctx, msg)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("dlq replay: dead letter %d to %s: %w", l.Seq, l.Subject, err)
+			}
+			published++
+			if ack.Duplicate {
+				duplicates++
+			}
+			record = append(record, dlq.RecordRow{Seq: l.Seq, At: time.Now(), Subject: msg.Subject, Stream: ack.Stream, TargetSeq: ack.Sequence, Duplicate: ack.Duplicate})
+			if len(record) == 100 {
+				if err := flush(); err != nil {
+					return err
+				}
+			}
 		}
-	}
-	if err := flush(); err != nil {
+		return nil
+	})
+	if err := errors.Join(err, flush()); err != nil {
 		return err
 	}
 	fmt.Fprintf(io.Stdout, "replayed %d dead letter(s)", published)
@@ -266,13 +269,12 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	return nil
 }
 
+// replayPage is how many dead letters replay reads (and holds) at a time.
+const replayPage = 500
+
 // dlqDryRun shows what replaying letters would publish and, for events, what the
-// ingest step of the config at path makes of each now.
-func dlqDryRun(ctx context.Context, js jetstream.JetStream, path string, letters []dlq.Letter, io IO) error {
-	h, _, err := ingestHandler(path)
-	if err != nil {
-		return err
-	}
+// ingest step h (of the config) makes of each now.
+func dlqDryRun(ctx context.Context, js jetstream.JetStream, h *dedup.Handler, letters []dlq.Letter, io IO) error {
 	for _, l := range letters {
 		msg, err := dlq.Message(ctx, js, l)
 		if err != nil {

@@ -71,6 +71,59 @@ const (
 
 // Select reads the dead letters f selects, oldest first, with their replays.
 func Select(ctx context.Context, ch driver.Conn, f Filter) ([]Letter, error) {
+	var out []Letter
+	err := Each(ctx, ch, f, 10_000, func(page []Letter) error {
+		out = append(out, page...)
+		return nil
+	})
+	return out, err
+}
+
+// position is where a page of dead letters ended, in their order.
+type position struct {
+	receivedAt time.Time // whole seconds, as stored
+	ms         uint16
+	seq        uint64
+}
+
+// Each calls fn with the dead letters f selects, oldest first, with their
+// replays, at most page at a time, until they (or f.Limit) run out or fn fails:
+// a replay of millions holds one page in memory.
+func Each(ctx context.Context, ch driver.Conn, f Filter, page int, fn func([]Letter) error) error {
+	var after *position
+	left := f.Limit
+	for {
+		letters, last, read, err := selectPage(ctx, ch, f, after, page)
+		if err != nil {
+			return err
+		}
+		if left > 0 && len(letters) > left {
+			letters = letters[:left]
+		}
+		if len(letters) > 0 {
+			if err := history(ctx, ch, letters); err != nil {
+				return err
+			}
+			if err := fn(letters); err != nil {
+				return err
+			}
+		}
+		if left > 0 {
+			if left -= len(letters); left == 0 {
+				return nil
+			}
+		}
+		if read < page {
+			return nil
+		}
+		after = &last
+	}
+}
+
+// selectPage reads at most n rows of dead_letters after the position after (nil:
+// from the first), and returns those f selects, where the rows read ended, and
+// how many were read.
+func selectPage(ctx context.Context, ch driver.Conn, f Filter, after *position, n int) ([]Letter, position, int, error) {
 	var where []string
 	var args []any
 	if f.Stage != "" {
@@ -97,44 +150,47 @@ func Select(ctx context.Context, ch driver.Conn, f Filter) ([]Letter, error) {
 	if len(f.Seqs) > 0 {
 		where = append(where, "stream_seq IN ("+uintList(f.Seqs)+")")
 	}
+	if after != nil {
+		// After the last row read, in the order below (spelled out: no tuple
+		// comparison needed of the server).
+		where = append(where, "(received_at > ? OR (received_at = ? AND (received_at_ms > ? OR (received_at_ms = ? AND stream_seq > ?))))")
+		args = append(args, after.receivedAt, after.receivedAt, after.ms, after.ms, after.seq)
+	}
 	q := `SELECT stream_seq, stage, reason, nats_subject, headers, payload, received_at, received_at_ms, source_stream, source_seq
 FROM dead_letters`
 	if len(where) > 0 {
 		q += " WHERE " + strings.Join(where, " AND ")
 	}
-	q += " ORDER BY received_at, received_at_ms, stream_seq LIMIT 1 BY stream_seq"
-	if f.Limit > 0 && !wildcard {
-		q += " LIMIT " + strconv.Itoa(f.Limit)
-	}
+	q += " ORDER BY received_at, received_at_ms, stream_seq LIMIT 1 BY stream_seq LIMIT " + strconv.Itoa(n)
+	var last position
 	rows, err := ch.Query(ctx, q, args...)
 	if err != nil {
-		return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+		return nil, last, 0, fmt.Errorf("dlq: read dead_letters: %w", err)
 	}
 	defer rows.Close()
 	var out []Letter
+	read := 0
 	for rows.Next() {
 		var l Letter
 		var headers string
-		var ms uint16
-		if err := rows.Scan(&l.Seq, &l.Stage, &l.Reason, &l.Subject, &headers, &l.Payload, &l.ReceivedAt, &ms, &l.SourceStream, &l.SourceSeq); err != nil {
-			return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+		if err := rows.Scan(&l.Seq, &l.Stage, &l.Reason, &l.Subject, &headers, &l.Payload, &last.receivedAt, &last.ms, &l.SourceStream, &l.SourceSeq); err != nil {
+			return nil, last, 0, fmt.Errorf("dlq: read dead_letters: %w", err)
 		}
+		read++
+		last.seq = l.Seq
 		if wildcard && !subjectMatches(f.Subject, l.Subject) {
 			continue
 		}
-		l.ReceivedAt = l.ReceivedAt.UTC().Add(time.Duration(ms) * time.Millisecond)
+		l.ReceivedAt = last.receivedAt.UTC().Add(time.Duration(last.ms) * time.Millisecond)
 		if headers != "" {
 			_ = json.Unmarshal([]byte(headers), &l.Headers)
 		}
 		out = append(out, l)
-		if f.Limit > 0 && len(out) == f.Limit {
-			break
-		}
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("dlq: read dead_letters: %w", err)
+		return nil, last, 0, fmt.Errorf("dlq: read dead_letters: %w", err)
 	}
-	return out, history(ctx, ch, out)
+	return out, last, read, nil
 }
 
 // history fills in each letter's replays and their outcomes.

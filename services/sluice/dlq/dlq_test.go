@@ -110,6 +110,34 @@ func TestReplayAfterFix(t *testing.T) {
 	if none, _ := dlq.Select(ctx, db, dlq.Filter{Subject: "events.iot"}); len(none) != 0 {
 		t.Fatalf("subject events.iot: %d letters, want none", len(none))
 	}
+	// A page at a time: the same letters in the same order, a limit across pages.
+	for _, f := range []dlq.Filter{{}, {Subject: "events.iot.*", Limit: 3}, {Stage: "pipeline", Reason: "FIELD TS", Subject: "events.iot.>", Limit: 5}} {
+		whole, err := dlq.Select(ctx, db, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var paged []uint64
+		pages := 0
+		if err := dlq.Each(ctx, db, f, 2, func(page []dlq.Letter) error {
+			pages++
+			if len(page) > 2 {
+				t.Errorf("a page of %d, want at most 2", len(page))
+			}
+			for _, l := range page {
+				paged = append(paged, l.Seq)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		var want []uint64
+		for _, l := range whole {
+			want = append(want, l.Seq)
+		}
+		if fmt.Sprint(paged) != fmt.Sprint(want) || pages < len(want)/2 {
+			t.Fatalf("%+v in pages of 2 (%d pages): %v, want %v", f, pages, paged, want)
+		}
+	}
 
 	env := map[string]string{"NATS_URL": p.NATSURL, "CLICKHOUSE_ADDR": p.ClickHouse.Addr, "SLUICE_CONFIG": config}
 	run := func(args ...string) (int, string, string) {
