@@ -126,7 +126,7 @@ func BindClickHouse(fs *flag.FlagSet, env Lookup, c *ClickHouse) {
 // service's default for METRICS_ADDR.
 func BindService(fs *flag.FlagSet, env Lookup, s *Service, metricsAddr string) error {
 	b := binder{fs, env}
-	b.str(&s.MetricsAddr, "metrics-addr", "METRICS_ADDR", metricsAddr, "address serving /metrics, /healthz and /readyz (empty: off)")
+	b.str(&s.MetricsAddr, "metrics-addr", "METRICS_ADDR", metricsAddr, "address serving the status page (/), /metrics, /healthz and /readyz (empty: off)")
 	b.str(&s.LogLevel, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 	b.str(&s.LogFormat, "log-format", "LOG_FORMAT", "text", "text or json")
 	if err := b.boolean(&s.ApplyTopology, "apply-topology", "SLUICE_APPLY_TOPOLOGY", true, "create or update the streams and consumers of streams/ at start (false: they are managed elsewhere, e.g. with the nats CLI)"); err != nil {
