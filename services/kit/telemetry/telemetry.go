@@ -1,5 +1,6 @@
 // Package telemetry holds what every service exposes: a slog logger, and an HTTP
-// server for /metrics (Prometheus), /healthz and /readyz.
+// server for the status page (/, package dashboard), /metrics (Prometheus), /healthz
+// and /readyz.
 package telemetry
 
 import (
