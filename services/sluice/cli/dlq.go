@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -41,6 +42,17 @@ func bindDLQFilter(fs *flag.FlagSet, d *dlqFlags, limit int) {
 }
 
 // filter completes the filter from the flags.
+// open is the filter of d as of now and a connection to ClickHouse (the caller
+// closes it).
+func (d *dlqFlags) open(ctx context.Context, chs settings.ClickHouse) (dlq.Filter, driver.Conn, error) {
+	f, err := d.filter(time.Now())
+	if err != nil {
+		return f, nil, err
+	}
+	ch, err := chconn.Open(ctx, chs)
+	return f, ch, err
+}
+
 func (d *dlqFlags) filter(now time.Time) (dlq.Filter, error) {
 	f := d.f
 	var err error
@@ -96,11 +108,7 @@ func dlqList(ctx context.Context, args []string, io IO) error {
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
-	f, err := d.filter(time.Now())
-	if err != nil {
-		return err
-	}
-	ch, err := chconn.Open(ctx, chs)
+	f, ch, err := d.open(ctx, chs)
 	if err != nil {
 		return err
 	}
@@ -202,11 +210,7 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	if !d.selective() && !*all {
 		return errors.New("dlq replay: select dead letters (--stage, --reason, --subject, --since, --until, --seq) or pass --all")
 	}
-	f, err := d.filter(time.Now())
-	if err != nil {
-		return err
-	}
-	ch, err := chconn.Open(ctx, chs)
+	f, ch, err := d.open(ctx, chs)
 	if err != nil {
 		return err
 	}

@@ -124,7 +124,7 @@ receivers:
 		if err := nc.Flush(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(400 * time.Millisecond)
+		time.Sleep(400 * time.Millisecond) // the producer's pace (the charts' shape), not a wait for a condition
 	}
 
 	conn, err := chconn.Open(ctx, cfg.ClickHouse)
