@@ -331,6 +331,9 @@ type run struct {
 	// be there already. typedHWM is the same for each typed table (cfg.Typed).
 	hwm      uint64
 	typedHWM []uint64
+	// fence drops this run's inserts in the server once a later owner fenced the
+	// partition.
+	fence *sink.Fence
 	// typedOf is the index in cfg.Typed of each type's table.
 	typedOf map[string]int
 	// pruned: this run listed and deleted the partition's older states once;
@@ -393,6 +396,17 @@ func (r *run) restore(ctx context.Context) error {
 	}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.InsertTimeout)
 	defer cancel()
+	// Fenced first: an earlier owner's insert that reaches the server from now on
+	// stores nothing, and those that passed already are stored when NewFence
+	// returns, so the high-water marks read next are final for every earlier owner.
+	var running uint64
+	if r.fence, running, err = sink.NewFence(qctx, r.ch, uint32(r.in.id), r.claim.Gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
+		return fmt.Errorf("pipeline: %w", err)
+	}
+	if running > 0 {
+		r.log.Warn("an earlier owner of the partition is still sending inserts (a paused process or a cut network); they will store nothing",
+			"partition", r.in.id, "inserts", running, "waited", r.cfg.LeaseTTL)
+	}
 	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM events").Scan(&r.hwm); err != nil {
 		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
 	}
@@ -1237,7 +1251,7 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 				}
 				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 				defer cancel()
-				return sink.InsertEvents(ictx, w.ch, &w.cols)
+				return sink.InsertEventsFenced(ictx, w.ch, &w.cols, w.fence)
 			}, func(n int, err error) {
 				w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
 			})
@@ -1324,7 +1338,7 @@ func (w *writer) storeTyped(ctx context.Context, i int, rows []typedRow) error {
 		}
 		ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 		defer cancel()
-		if err := sink.Insert(ictx, w.ch, t.Table, values); err != nil {
+		if err := sink.InsertTypedFenced(ictx, w.ch, t, values, w.fence); err != nil {
 			return err
 		}
 		w.m.typedRows.WithLabelValues(t.Name).Add(float64(len(rows)))

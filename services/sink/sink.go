@@ -575,7 +575,7 @@ func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
 // Insert inserts rows into t in one batch.
 func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
 	if t.Columnar {
-		return insertColumns(ctx, ch, t, rows)
+		return insertColumns(ctx, ch, t, rows, nil)
 	}
 	b, err := ch.PrepareBatch(ctx, t.InsertSQL())
 	if err != nil {
@@ -616,30 +616,55 @@ func wholeInsertSettings() clickhouse.Settings {
 // InsertEvents inserts the rows of c into events in one INSERT, column by column,
 // insertBlockRows at a time.
 func InsertEvents(ctx context.Context, ch driver.Conn, c *EventColumns) error {
-	return insertEvents(ctx, ch, c, insertBlockRows)
+	return insertEvents(ctx, ch, c, insertBlockRows, nil)
 }
 
-func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int) error {
+// InsertEventsFenced inserts the rows of c as InsertEvents does, through f
+// (events_fenced): the server stores them only while f's generation is its
+// partition's newest.
+func InsertEventsFenced(ctx context.Context, ch driver.Conn, c *EventColumns, f *Fence) error {
+	return insertEvents(f.Context(ctx), ch, c, insertBlockRows, f)
+}
+
+func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int, f *Fence) error {
 	t := EventsTable()
-	b, err := ch.PrepareBatch(keepInsertWhole(ctx), t.InsertSQL())
+	name, names := t.Name, t.columnNames()
+	var (
+		parts []uint32
+		gens  []uint64
+	)
+	if f != nil {
+		name, names = fencedEvents, append(names, "partition", "gen")
+		n := min(blockRows, c.Len())
+		parts, gens = make([]uint32, n), make([]uint64, n)
+		for i := range n {
+			parts[i], gens[i] = f.Partition, f.Gen
+		}
+	}
+	b, err := ch.PrepareBatch(keepInsertWhole(ctx), "INSERT INTO "+name+" ("+strings.Join(names, ", ")+")")
 	if err != nil {
-		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
+		return fmt.Errorf("prepare insert into %s: %w", name, err)
 	}
 	defer b.Abort()
 	for lo := 0; lo < c.Len(); lo += blockRows {
 		if lo > 0 {
 			if err := b.Flush(); err != nil {
-				return fmt.Errorf("insert into %s: %w", t.Name, err)
+				return fmt.Errorf("insert into %s: %w", name, err)
 			}
 		}
-		for i, col := range c.columns(lo, min(lo+blockRows, c.Len())) {
+		hi := min(lo+blockRows, c.Len())
+		cols := c.columns(lo, hi)
+		if f != nil {
+			cols = append(cols, parts[:hi-lo], gens[:hi-lo])
+		}
+		for i, col := range cols {
 			if err := b.Column(i).Append(col); err != nil {
-				return fmt.Errorf("append to %s.%s: %w", t.Name, t.Columns[i].Name, err)
+				return fmt.Errorf("append to %s.%s: %w", name, names[i], err)
 			}
 		}
 	}
 	if err := b.Send(); err != nil {
-		return fmt.Errorf("insert into %s: %w", t.Name, err)
+		return fmt.Errorf("insert into %s: %w", name, err)
 	}
 	return nil
 }

@@ -62,11 +62,15 @@ type Column struct{ Name, Type string }
 
 // InsertSQL is the INSERT that names every column.
 func (t *Table) InsertSQL() string {
+	return "INSERT INTO " + t.Name + " (" + strings.Join(t.columnNames(), ", ") + ")"
+}
+
+func (t *Table) columnNames() []string {
 	names := make([]string, len(t.Columns))
 	for i, c := range t.Columns {
 		names[i] = c.Name
 	}
-	return "INSERT INTO " + t.Name + " (" + strings.Join(names, ", ") + ")"
+	return names
 }
 
 // Tables are the tables the sink fills.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"maps"
 	"math/big"
 	"regexp"
@@ -483,7 +484,38 @@ func (t *TypedTable) CreateSQL() string {
 	return b.String()
 }
 
-// MigrateTyped creates t, or adds the columns of properties new to its schema. A
+// fencedNames are the Null table the pipeline inserts t's rows into and its
+// materialized view into t (see Fence), named by a hash of t's columns: a schema
+// that gains properties gets a new pair, and workers that still run the old schema
+// go on with theirs (on 18.16 its view refuses their inserts once t has columns it
+// does not name, and they retry until restarted with the new schema).
+func (t *TypedTable) fencedNames() (table, view string) {
+	h := fnv.New32a()
+	for _, c := range t.Columns {
+		h.Write([]byte(c.Name + " " + c.Type + "\n"))
+	}
+	sum := fmt.Sprintf("%08x", h.Sum32())
+	return t.Name + "_fenced_" + sum, t.Name + "_fence_" + sum
+}
+
+// FencedSQL creates the fence of t: a Null table with t's columns and the fence's
+// partition and generation, and a materialized view that passes into t the rows of
+// each partition's newest generation.
+func (t *TypedTable) FencedSQL() []string {
+	table, view := t.fencedNames()
+	var cols, names strings.Builder
+	for _, c := range t.Columns {
+		fmt.Fprintf(&cols, "    `%s` %s,\n", c.Name, c.Type)
+		fmt.Fprintf(&names, "`%s`, ", c.Name)
+	}
+	return []string{
+		fmt.Sprintf("CREATE TABLE IF NOT EXISTS %s\n(\n%s    partition UInt32,\n    gen UInt64\n)\nENGINE = Null", table, cols.String()),
+		fmt.Sprintf("CREATE MATERIALIZED VIEW IF NOT EXISTS %s TO %s AS\nSELECT %snow() AS inserted_at\nFROM %s\nWHERE %s", view, t.Name, names.String(), table, fenceFilter),
+	}
+}
+
+// MigrateTyped creates t, or adds the columns of properties new to its schema, and
+// the Null table and view the pipeline inserts t's rows through (FencedSQL). A
 // column whose type the schema changed is an error naming the property: its rows
 // would need rewriting.
 func MigrateTyped(ctx context.Context, conn driver.Conn, t *TypedTable) error {
@@ -518,6 +550,11 @@ func MigrateTyped(ctx context.Context, conn driver.Conn, t *TypedTable) error {
 			return err
 		}
 		if len(add) == 0 {
+			for _, stmt := range t.FencedSQL() {
+				if err := conn.Exec(ctx, stmt); err != nil {
+					return fmt.Errorf("typed table %s: fence: %w", t.Name, err)
+				}
+			}
 			return nil
 		}
 		for _, c := range add {
@@ -551,7 +588,10 @@ func tableColumns(ctx context.Context, conn driver.Conn, table string) (map[stri
 // insertColumns inserts rows into t a column at a time, each column's values
 // gathered into a slice of its Go type: several times cheaper than appending row by
 // row (clickhouse-go converts each value of a row through reflection).
-func insertColumns(ctx context.Context, conn driver.Conn, t *Table, rows [][]any) error {
+//
+// extra, if set, gives the values of t's last columns, not in rows, for a block of
+// n rows (the same for every row: a fence's partition and generation).
+func insertColumns(ctx context.Context, conn driver.Conn, t *Table, rows [][]any, extra func(n int) []any) error {
 	b, err := conn.PrepareBatch(keepInsertWhole(ctx), t.InsertSQL())
 	if err != nil {
 		return fmt.Errorf("prepare insert into %s: %w", t.Name, err)
@@ -566,9 +606,15 @@ func insertColumns(ctx context.Context, conn driver.Conn, t *Table, rows [][]any
 			}
 		}
 		block := rows[lo:min(lo+insertBlockRows, len(rows))]
+		var more []any
+		if extra != nil {
+			more = extra(len(block))
+		}
 		for i, c := range t.Columns {
-			col, err := gather(c.Type, block, i)
-			if err != nil {
+			var col any
+			if j := i - (len(t.Columns) - len(more)); j >= 0 {
+				col = more[j]
+			} else if col, err = gather(c.Type, block, i); err != nil {
 				return fmt.Errorf("insert into %s: column %s: %w", t.Name, c.Name, err)
 			}
 			if err := b.Column(i).Append(col); err != nil {

@@ -11,12 +11,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/oracle"
@@ -29,25 +31,8 @@ import (
 // one in dead_letters, and each partition ends owned by a running worker.
 func TestPartitionedWorkersKill9(t *testing.T) {
 	const partitions = 8
-	bin := build(t)
-	dir := t.TempDir()
-	ns := runNATS(t)
-	srv := chtest.Start(t)
-	chs, conn := chtest.Database(t, srv)
-	nc, js := ns.connect(t)
-	ctx := context.Background()
-	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
-		t.Fatal(err)
-	}
-	topo := shortAckWaits(t, js)
-	cfgPath := filepath.Join(dir, "sluice.yaml")
-	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	start := func(name string, env ...string) *process {
-		return startProcess(t, bin, dir, name, append([]string{"NATS_URL=" + ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
-			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
-	}
+	r := newWorkerRig(t)
+	ctx, conn, js, topo, start := context.Background(), r.conn, r.js, r.topo, r.start
 	worker := func(i int) *process {
 		return start("pipeline", fmt.Sprintf("PIPELINE_REPLICA=w%d", i), fmt.Sprintf("SLUICE_PARTITIONS=%d", partitions),
 			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms")
@@ -109,6 +94,42 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	if err := oracle.WaitFor(ctx, time.Minute, ownedBy(ctx, kv, partitions, "w1", "w2", "w3")); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// workerRig is what a test of pipeline worker processes starts with: the binaries,
+// a nats-server process with the topology applied (short ack waits), a ClickHouse
+// database and a config file with a dedup window of an hour.
+type workerRig struct {
+	ns    *natsProcess
+	chs   settings.ClickHouse
+	conn  driver.Conn
+	js    jetstream.JetStream
+	topo  *streams.Topology
+	start func(name string, env ...string) *process
+}
+
+func newWorkerRig(t *testing.T) *workerRig {
+	t.Helper()
+	bin := build(t)
+	dir := t.TempDir()
+	r := &workerRig{ns: runNATS(t)}
+	srv := chtest.Start(t)
+	r.chs, r.conn = chtest.Database(t, srv)
+	nc, js := r.ns.connect(t)
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	r.js, r.topo = js, shortAckWaits(t, js)
+	cfgPath := filepath.Join(dir, "sluice.yaml")
+	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// env comes last: a variable it sets again wins.
+	r.start = func(name string, env ...string) *process {
+		return startProcess(t, bin, dir, name, append([]string{"NATS_URL=" + r.ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
+			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + r.chs.Addr, "CLICKHOUSE_DATABASE=" + r.chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
+	}
+	return r
 }
 
 // ownedBy returns a condition: each of the partitions is owned by one of workers.

@@ -1,0 +1,128 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
+
+// Fence is one ownership of a partition as ClickHouse sees it: the generation of
+// the claim (a NATS KV revision, higher for every later owner) recorded in
+// partition_fences. Events inserted through it (InsertEventsFenced) go into
+// events_fenced, whose materialized view stores them in events only while Gen is
+// the partition's newest generation: once a later owner recorded its own, what this
+// one still sends is dropped by the server, however late it arrives.
+//
+// Every insert made through a Fence carries a query id naming the database,
+// partition and generation, so that the next owner can wait (in NewFence) for the
+// inserts that were already running when it recorded its generation: those passed
+// the filter before the new row was there.
+type Fence struct {
+	Partition uint32
+	Gen       uint64
+	// prefix of this partition's query ids (sluice/<database>/p<partition>/), and
+	// the number of the next one.
+	prefix string
+	n      atomic.Uint64
+}
+
+// FenceTable is the table of the partitions' generations; fencedEvents the Null
+// table whose materialized view passes the rows of the newest ones to events.
+const (
+	FenceTable   = "partition_fences"
+	fencedEvents = "events_fenced"
+)
+
+// fenceFilter keeps the rows of each partition's newest generation (the same
+// condition as events_fence's, in migration 0004).
+const fenceFilter = "(partition, gen) IN (SELECT partition, max(gen) FROM " + FenceTable + " GROUP BY partition)"
+
+var fenceTable = &Table{Name: FenceTable, Columns: []Column{{"partition", "UInt32"}, {"gen", "UInt64"}, {"worker", "String"}}}
+
+// NewFence records gen as partition's newest generation, then waits, up to settle,
+// until no insert of an older generation of the partition is running in the server,
+// and returns how many still are.
+//
+// An insert's rows pass the filter, or not, when the server has all of them (the
+// blocks of one insert are squashed into one), and are stored just after. So an
+// insert still receiving data when the generation is recorded will be dropped, and
+// one past that point is stored within moments: once the wait is over, the table's
+// high-water mark, read next by the caller, is final for every earlier owner. The
+// server cannot tell the two apart, nor kill an insert that waits for data (18.16),
+// so an earlier owner stalled in the middle of sending one (a paused process, a
+// cut network) is waited for only until settle, and its insert is dropped when it
+// ends.
+//
+// NewFence fails when the table holds a newer generation than gen: another owner
+// took the partition over meanwhile, or the claims' KV bucket was made anew and its
+// revisions began again (then every insert would be dropped; the error says what to
+// do).
+func NewFence(ctx context.Context, ch driver.Conn, partition uint32, gen uint64, worker string, settle time.Duration) (f *Fence, running uint64, err error) {
+	var db string
+	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
+		return nil, 0, fmt.Errorf("fence partition %d: %w", partition, err)
+	}
+	f = &Fence{Partition: partition, Gen: gen, prefix: "sluice/" + db + "/p" + strconv.FormatUint(uint64(partition), 10) + "/"}
+	if err := Insert(ctx, ch, fenceTable, [][]any{{partition, gen, worker}}); err != nil {
+		return nil, 0, fmt.Errorf("fence partition %d: record generation %d: %w", partition, gen, err)
+	}
+	var newest uint64
+	if err := ch.QueryRow(ctx, "SELECT max(gen) FROM "+FenceTable+" WHERE partition = ?", partition).Scan(&newest); err != nil {
+		return nil, 0, fmt.Errorf("fence partition %d: %w", partition, err)
+	}
+	if newest != gen {
+		return nil, 0, fmt.Errorf("fence partition %d: %s records generation %d, newer than this claim's %d: another worker owns the partition now, or the pipeline's KV bucket was made anew and its revisions began again (then, with every worker stopped, run `ALTER TABLE %s DELETE WHERE partition = %d`; docs/exactly-once.md)",
+			partition, FenceTable, newest, gen, FenceTable, partition)
+	}
+	// Query ids of older generations of this partition, as a LIKE pattern and its
+	// exception (this generation's own).
+	like, own := escapeLike(f.prefix)+"g%", escapeLike(f.prefix+"g"+strconv.FormatUint(gen, 10)+"/")+"%"
+	deadline := time.Now().Add(settle)
+	for {
+		err := ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND query_id NOT LIKE ?", like, own).Scan(&running)
+		if err != nil {
+			return nil, 0, fmt.Errorf("fence partition %d: running inserts: %w", partition, err)
+		}
+		if running == 0 || !time.Now().Before(deadline) {
+			return f, running, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, 0, fmt.Errorf("fence partition %d: %d inserts of an earlier owner still running: %w", partition, running, ctx.Err())
+		case <-time.After(min(100*time.Millisecond, settle/10)):
+		}
+	}
+}
+
+// escapeLike quotes LIKE's wildcards in s.
+func escapeLike(s string) string {
+	return strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(s)
+}
+
+// Context gives ctx's query this fence's next query id.
+func (f *Fence) Context(ctx context.Context) context.Context {
+	id := f.prefix + "g" + strconv.FormatUint(f.Gen, 10) + "/" + strconv.FormatUint(f.n.Add(1), 10)
+	return clickhouse.Context(ctx, clickhouse.WithQueryID(id))
+}
+
+// InsertTypedFenced inserts rows into typed table t through f (its fenced table,
+// FencedSQL): the server stores them only while f's generation is its partition's
+// newest.
+func InsertTypedFenced(ctx context.Context, ch driver.Conn, t *TypedTable, rows [][]any, f *Fence) error {
+	name, _ := t.fencedNames()
+	fenced := &Table{Name: name, Columns: append(slices.Clone(t.Columns), Column{"partition", "UInt32"}, Column{"gen", "UInt64"}), Columnar: true}
+	return insertColumns(f.Context(ctx), ch, fenced, rows, func(n int) []any {
+		parts, gens := make([]uint32, n), make([]uint64, n)
+		for i := range n {
+			parts[i], gens[i] = f.Partition, f.Gen
+		}
+		return []any{parts, gens}
+	})
+}
