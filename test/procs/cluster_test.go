@@ -50,37 +50,12 @@ const (
 // needs root and iproute2 and iptables (apt-get install iproute2 iptables).
 func runCluster(t *testing.T) *natsCluster {
 	t.Helper()
-	for _, tool := range []string{"ip", "iptables"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("the cluster tests need %s (as root): apt-get install -y iproute2 iptables: %v", tool, err)
-		}
-	}
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "nats-server")
 	if out, err := exec.Command("go", "build", "-o", bin, "github.com/nats-io/nats-server/v2").CombinedOutput(); err != nil {
 		t.Fatalf("build nats-server: %v\n%s", err, out)
 	}
-	// What a killed earlier run left behind goes first.
-	_ = exec.Command("ip", "netns", "del", clusterNetns).Run()
-	_ = exec.Command("ip", "link", "del", clusterVeth).Run()
-	for _, args := range [][]string{
-		{"netns", "add", clusterNetns},
-		{"link", "add", clusterVeth, "type", "veth", "peer", "name", clusterVeth + "p"},
-		{"link", "set", clusterVeth + "p", "netns", clusterNetns},
-		{"addr", "add", clusterHostIP + "/24", "dev", clusterVeth},
-		{"link", "set", clusterVeth, "up"},
-		{"netns", "exec", clusterNetns, "ip", "addr", "add", clusterNSIP + "/24", "dev", clusterVeth + "p"},
-		{"netns", "exec", clusterNetns, "ip", "link", "set", clusterVeth + "p", "up"},
-		{"netns", "exec", clusterNetns, "ip", "link", "set", "lo", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s (the cluster tests need root)", strings.Join(args, " "), err, out)
-		}
-	}
-	t.Cleanup(func() {
-		_ = exec.Command("ip", "netns", "del", clusterNetns).Run()
-		_ = exec.Command("ip", "link", "del", clusterVeth).Run()
-	})
+	vethNamespace(t, clusterNetns, clusterVeth, clusterHostIP, clusterNSIP)
 
 	c := &natsCluster{netns: clusterNetns}
 	hosts := []string{clusterHostIP, clusterHostIP, clusterNSIP}

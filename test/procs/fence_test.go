@@ -28,7 +28,7 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	// (until the pause): a batch of a few thousand events takes seconds to send.
 	workers, links := map[string]*process{}, map[string]*link{}
 	for _, name := range []string{"w0", "w1"} {
-		links[name] = slowLink(t, r.chs.Addr, 64<<10)
+		links[name] = newLink(t, "127.0.0.1:0", r.chs.Addr, 64<<10)
 		workers[name] = start("pipeline", "PIPELINE_REPLICA="+name, "CLICKHOUSE_ADDR="+links[name].addr,
 			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms", "PIPELINE_FLUSH_INTERVAL=1s", "PIPELINE_INSERT_TIMEOUT=5m")
 	}
@@ -156,7 +156,7 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 }
 
 // link forwards connections to a server, passing at most rate bytes a second
-// towards it (the answers at full speed) until unlimit.
+// towards it (the answers at full speed) until unlimit; rate 0 is no limit.
 type link struct {
 	addr string
 	rate atomic.Int64 // 0: unlimited
@@ -164,10 +164,11 @@ type link struct {
 
 func (l *link) unlimit() { l.rate.Store(0) }
 
-// slowLink is a link to target at rate bytes a second, until t ends.
-func slowLink(t *testing.T, target string, rate int64) *link {
+// newLink is a link listening on listen (host:port; port 0 picks one) to target at
+// rate bytes a second, until t ends.
+func newLink(t *testing.T, listen, target string, rate int64) *link {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -100,12 +100,16 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 // a nats-server process with the topology applied (short ack waits), a ClickHouse
 // database and a config file with a dedup window of an hour.
 type workerRig struct {
-	ns    *natsProcess
-	chs   settings.ClickHouse
-	conn  driver.Conn
-	js    jetstream.JetStream
-	topo  *streams.Topology
-	start func(name string, env ...string) *process
+	ns   *natsProcess
+	chs  settings.ClickHouse
+	conn driver.Conn
+	js   jetstream.JetStream
+	topo *streams.Topology
+	// start runs a service as a process, startIn in a network namespace; env adds to
+	// (and overrides) what every process gets.
+	start   func(name string, env ...string) *process
+	startIn func(netns, name string, env ...string) *process
+	env     func(env []string) []string
 }
 
 func newWorkerRig(t *testing.T) *workerRig {
@@ -125,9 +129,13 @@ func newWorkerRig(t *testing.T) *workerRig {
 		t.Fatal(err)
 	}
 	// env comes last: a variable it sets again wins.
-	r.start = func(name string, env ...string) *process {
-		return startProcess(t, bin, dir, name, append([]string{"NATS_URL=" + r.ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
-			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + r.chs.Addr, "CLICKHOUSE_DATABASE=" + r.chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
+	r.env = func(env []string) []string {
+		return append([]string{"NATS_URL=" + r.ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
+			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + r.chs.Addr, "CLICKHOUSE_DATABASE=" + r.chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...)
+	}
+	r.start = func(name string, env ...string) *process { return startProcess(t, bin, dir, name, r.env(env)) }
+	r.startIn = func(netns, name string, env ...string) *process {
+		return startProcessIn(t, netns, bin, dir, name, r.env(env))
 	}
 	return r
 }

@@ -173,7 +173,19 @@ type process struct {
 // a log file of its own in dir; it is killed when t ends.
 func startProcess(t *testing.T, bin, dir, name string, env []string) *process {
 	t.Helper()
-	c := exec.Command(filepath.Join(bin, name))
+	return startCommand(t, dir, name, env, filepath.Join(bin, name))
+}
+
+// startProcessIn is startProcess in network namespace netns (ip netns exec runs the
+// program in place: the process is the program's).
+func startProcessIn(t *testing.T, netns, bin, dir, name string, env []string) *process {
+	t.Helper()
+	return startCommand(t, dir, name, env, "ip", "netns", "exec", netns, filepath.Join(bin, name))
+}
+
+func startCommand(t *testing.T, dir, name string, env []string, argv ...string) *process {
+	t.Helper()
+	c := exec.Command(argv[0], argv[1:]...)
 	c.Env = append(cleanEnv(), env...)
 	logPath := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
 	logFile, err := os.Create(logPath)
