@@ -243,7 +243,7 @@ func TestTypedTableFence(t *testing.T) {
 // The fence on current ClickHouse (26.5 through chDB): the same DDL keeps only the
 // newest generation's rows.
 func TestFenceOnCurrentClickHouse(t *testing.T) {
-	q := chdbtest.Sluice(t)
+	q, try := chdbtest.SluiceSession(t)
 	insert := func(key string, partition, gen int) {
 		q(fmt.Sprintf("INSERT INTO events_fenced (key, stream_seq, event_time, partition, gen) VALUES ('%s', 1, toDateTime('2026-11-21 10:00:00'), %d, %d)", key, partition, gen))
 	}
@@ -277,5 +277,114 @@ func TestFenceOnCurrentClickHouse(t *testing.T) {
 	}
 	if got := q("SELECT groupArray(event_key) FROM shop_refund"); got != "['k']" {
 		t.Fatalf("shop_refund holds %s; want ['k']", got)
+	}
+	// A held month refuses rows, with the reason; a released one takes them.
+	q("INSERT INTO events_holds (month, hold, until, seq) SELECT 202611, 'h', now() + 60, 1")
+	if _, err := try("INSERT INTO events_fenced (key, stream_seq, event_time, partition, gen) VALUES ('held', 1, toDateTime('2026-11-21 10:00:00'), 1, 12)"); err == nil || !strings.Contains(err.Error(), "held while sluice replay") {
+		t.Fatalf("an insert into a held month: %v; want it refused with the reason", err)
+	}
+	q("INSERT INTO events_holds (month, hold, until, seq) SELECT 202611, 'h', toDateTime(0), 2")
+	insert("released", 1, 12)
+	if got := q("SELECT count() FROM events WHERE key IN ('held', 'released')"); got != "1" {
+		t.Fatalf("%s rows of the held and released inserts; want 1", got)
+	}
+}
+
+// A hold on a month makes fenced inserts of its rows fail (the writer retries
+// them) and lets other months' through; it waits for an insert begun before it,
+// which then fails too; released or expired, the month takes inserts again.
+func TestHoldMonth(t *testing.T) {
+	ctx, conn := migrated(t)
+	f, _, err := NewFence(ctx, conn, 0, 1, "w1", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(key string, month time.Month) *EventColumns {
+		var cols EventColumns
+		cols.Append(&EventRecord{Key: key, ID: key, Data: "{}", StreamSeq: 1,
+			EventTime: time.Date(2026, month, 15, 0, 0, 0, 0, time.UTC), ReceivedAt: time.Now()})
+		return &cols
+	}
+	insert := func(key string, month time.Month) error { return InsertEventsFenced(ctx, conn, at(key, month), f) }
+	// An insert begun before the hold: it has sent a row and not its end.
+	b, err := conn.PrepareBatch(keepInsertWhole(f.Context(ctx)), "INSERT INTO "+fencedEvents+" (key, stream_seq, event_time, partition, gen)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Append("open", uint64(1), time.Date(2026, 11, 15, 0, 0, 0, 0, time.UTC), uint32(0), uint64(1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	held := make(chan *Hold, 1)
+	go func() {
+		h, err := HoldMonth(ctx, conn, 202611, "t1", time.Minute)
+		if err != nil {
+			t.Error(err)
+		}
+		held <- h
+	}()
+	select {
+	case <-held:
+		t.Fatal("the hold did not wait for the insert begun before it")
+	case <-time.After(time.Second):
+	}
+	if err := b.Send(); err == nil || !strings.Contains(err.Error(), "held while sluice replay") {
+		t.Fatalf("the insert that ended under the hold: %v; want it refused with the reason", err)
+	}
+	h := <-held
+	if err := insert("nov", time.November); err == nil || !strings.Contains(err.Error(), "held while sluice replay") {
+		t.Fatalf("an insert into the held month: %v; want it refused with the reason", err)
+	}
+	if err := insert("dec", time.December); err != nil {
+		t.Fatalf("an insert into another month: %v", err)
+	}
+	if err := h.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := insert("nov", time.November); err != nil {
+		t.Fatalf("after the release: %v", err)
+	}
+	// A hold nobody renews ends by itself.
+	if _, err := HoldMonth(ctx, conn, 202611, "t2", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := insert("nov2", time.November); err == nil {
+		t.Fatal("an insert under a fresh hold succeeded")
+	}
+	deadline := time.Now().Add(time.Minute)
+	for insert("nov2", time.November) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("a hold of five seconds, not renewed, still holds after a minute")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var keys []string
+	if err := conn.QueryRow(ctx, "SELECT groupArray(key) FROM (SELECT key FROM events ORDER BY key)").Scan(&keys); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(keys, " "); got != "dec nov nov2" {
+		t.Fatalf("events holds %q; want dec nov nov2", got)
+	}
+}
+
+// A held month's refusal is retried whole, not taken for rows at fault.
+func TestHeldMonthIsNoDataError(t *testing.T) {
+	ctx, conn := migrated(t)
+	f, _, err := NewFence(ctx, conn, 0, 1, "w1", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := HoldMonth(ctx, conn, 202611, "t", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = h.Release(ctx) }()
+	var cols EventColumns
+	cols.Append(&EventRecord{Key: "k", ID: "k", Data: "{}", StreamSeq: 1, EventTime: time.Date(2026, 11, 15, 0, 0, 0, 0, time.UTC), ReceivedAt: time.Now()})
+	err = InsertEventsFenced(ctx, conn, &cols, f)
+	if err == nil || isDataError(err) {
+		t.Fatalf("insert into a held month: %v (data error: %v); want an error that is not the data's", err, isDataError(err))
 	}
 }

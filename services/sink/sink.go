@@ -11,6 +11,7 @@
 package sink
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -487,7 +488,9 @@ var dataErrorCodes = map[int32]bool{
 func isDataError(err error) bool {
 	var ex *clickhouse.Exception
 	if errors.As(err, &ex) {
-		return dataErrorCodes[ex.Code]
+		// A held month's refusal comes as a parse error, and is the server's
+		// state, not the rows' fault: retried whole.
+		return dataErrorCodes[ex.Code] && !strings.Contains(ex.Message, heldMonth)
 	}
 	var re *rowError
 	return errors.As(err, &re)
@@ -616,19 +619,26 @@ func wholeInsertSettings() clickhouse.Settings {
 // InsertEvents inserts the rows of c into events in one INSERT, column by column,
 // insertBlockRows at a time.
 func InsertEvents(ctx context.Context, ch driver.Conn, c *EventColumns) error {
-	return insertEvents(ctx, ch, c, insertBlockRows, nil)
+	return insertEvents(ctx, ch, c, insertBlockRows, "", nil)
+}
+
+// InsertEventsInto inserts the rows of c as InsertEvents does, into table, a table
+// with events' columns (a shadow table of `sluice replay`).
+func InsertEventsInto(ctx context.Context, ch driver.Conn, table string, c *EventColumns) error {
+	return insertEvents(ctx, ch, c, insertBlockRows, table, nil)
 }
 
 // InsertEventsFenced inserts the rows of c as InsertEvents does, through f
 // (events_fenced): the server stores them only while f's generation is its
 // partition's newest.
 func InsertEventsFenced(ctx context.Context, ch driver.Conn, c *EventColumns, f *Fence) error {
-	return insertEvents(f.Context(ctx), ch, c, insertBlockRows, f)
+	return insertEvents(f.Context(ctx), ch, c, insertBlockRows, "", f)
 }
 
-func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int, f *Fence) error {
+// insertEvents inserts c into events (or table, when set), through f when set.
+func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int, table string, f *Fence) error {
 	t := EventsTable()
-	name, names := t.Name, t.columnNames()
+	name, names := cmp.Or(table, t.Name), t.columnNames()
 	var (
 		parts []uint32
 		gens  []uint64

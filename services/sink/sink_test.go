@@ -154,7 +154,7 @@ func TestInsertEventsInBlocks(t *testing.T) {
 			EventTime: time.Unix(1_800_000_000, 0), ReceivedAt: time.Unix(1_800_000_000, 0)})
 	}
 	small := clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"min_insert_block_size_rows": 1}))
-	if err := insertEvents(small, conn, &cols, 3, nil); err != nil {
+	if err := insertEvents(small, conn, &cols, 3, "", nil); err != nil {
 		t.Fatal(err)
 	}
 	var rows, seqs, sum uint64

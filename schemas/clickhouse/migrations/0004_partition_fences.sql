@@ -6,6 +6,12 @@
 -- worker sent before it lost the partition, and that reaches the server after the
 -- next owner took over, stores nothing. The filter runs in the server, on
 -- revisions, not on any clock.
+--
+-- The view also refuses (the insert fails, and the pipeline retries it) rows of a
+-- month that `sluice replay` holds in events_holds while it swaps the month's rows
+-- (ALTER TABLE ... REPLACE PARTITION): no live row is lost to the swap. A hold
+-- lasts until its last row's `until` (the tool renews it), so a hold whose tool
+-- died ends by itself.
 
 CREATE TABLE IF NOT EXISTS partition_fences
 (
@@ -16,6 +22,16 @@ CREATE TABLE IF NOT EXISTS partition_fences
 )
 ENGINE = MergeTree()
 ORDER BY (partition, gen);
+
+CREATE TABLE IF NOT EXISTS events_holds
+(
+    month UInt32,
+    hold  String,
+    until DateTime,
+    seq   UInt64
+)
+ENGINE = MergeTree()
+ORDER BY (month, hold, seq);
 
 CREATE TABLE IF NOT EXISTS events_fenced
 (
@@ -53,4 +69,6 @@ SELECT key, id, source, type, subject, specversion, datacontenttype, dataschema,
        nats_subject, geo_country, geo_asn, geo_as_org, ua_browser, ua_os, ua_device,
        enrichment, stream_seq, now() AS inserted_at
 FROM events_fenced
-WHERE (partition, gen) IN (SELECT partition, max(gen) FROM partition_fences GROUP BY partition);
+WHERE (partition, gen) IN (SELECT partition, max(gen) FROM partition_fences GROUP BY partition)
+  AND toUInt8(if(toYYYYMM(event_time) IN (SELECT month FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now()),
+                 'events: this month is held while sluice replay swaps its rows; the insert is retried', '0')) = 0;

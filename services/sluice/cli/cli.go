@@ -45,6 +45,9 @@ Usage:
   sluice import FILE... --subject SUBJECT [--rate N]
                             backfill JSON lines (gzip or not) into EVENTS; a second run
                             goes on after the last acknowledged line
+  sluice replay --from SEQ|TIME [--to SEQ|TIME] [--dry-run]
+                            re-run the enrichment of SLUICE_CONFIG on a range of EVENTS and
+                            replace the rows it changes, month by month, while ingestion goes on
   sluice status [--watch] [--json]
                             partitions, consumers, ClickHouse, dead letters, alerts and
                             receivers at a glance; exits 1 when something is unhealthy
@@ -102,6 +105,8 @@ func Main(args []string, io IO) int {
 		err = dlqReplay(ctx, rest[1:], io)
 	case cmd == "import":
 		err = importCmd(ctx, rest, io)
+	case cmd == "replay":
+		err = replayCmd(ctx, rest, io)
 	case cmd == "status":
 		err = statusCmd(ctx, rest, io)
 	case cmd == "certs":

@@ -50,20 +50,23 @@ func ingestHandler(path string) (*dedup.Handler, *window.Store, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	store := window.NewStore(0)
+	h, err := configHandler(f, store)
+	return h, store, err
+}
+
+// configHandler is the ingest step of config file f, deciding repeats by store
+// (nil: none).
+func configHandler(f *configfile.File, store *window.Store) (*dedup.Handler, error) {
 	in, err := dedup.LoadIngest(f)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	w, err := dedup.LoadWindowConfig(f)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	store := window.NewStore(0)
-	h, err := dedup.NewHandler(dedup.HandlerConfig{Window: w, Ingest: in, Store: store})
-	if err != nil {
-		return nil, nil, err
-	}
-	return h, store, nil
+	return dedup.NewHandler(dedup.HandlerConfig{Window: w, Ingest: in, Store: store})
 }
 
 // ingestCheck shows, offline, what sample payloads published to a subject become

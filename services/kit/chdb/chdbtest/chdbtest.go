@@ -16,6 +16,14 @@ import (
 // query function: sql's TSV result, trimmed, failing t on an error.
 func Sluice(t testing.TB) func(sql string) string {
 	t.Helper()
+	q, _ := SluiceSession(t)
+	return q
+}
+
+// SluiceSession is Sluice, with also a query function that returns the error (for
+// statements a test expects to fail).
+func SluiceSession(t testing.TB) (q func(sql string) string, try func(sql string) (string, error)) {
+	t.Helper()
 	wd, _ := os.Getwd()
 	lib, err := chdb.Find(wd)
 	if err != nil {
@@ -26,13 +34,17 @@ func Sluice(t testing.TB) func(sql string) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	q := func(sql string) string {
-		t.Helper()
+	try = func(sql string) (string, error) {
 		out, err := s.Query(sql, "TSV")
+		return strings.TrimSpace(out), err
+	}
+	q = func(sql string) string {
+		t.Helper()
+		out, err := try(sql)
 		if err != nil {
 			t.Fatalf("%s: %v", sql, err)
 		}
-		return strings.TrimSpace(out)
+		return out
 	}
 	q("CREATE DATABASE IF NOT EXISTS sluice")
 	q("USE sluice")
@@ -45,5 +57,5 @@ func Sluice(t testing.TB) func(sql string) string {
 			q(stmt)
 		}
 	}
-	return q
+	return q, try
 }

@@ -1,0 +1,86 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+)
+
+// Hold is a hold on one month of the events table (a row of events_holds): while
+// it lasts, every insert through a fence (InsertEventsFenced) that has a row of
+// the month fails, and its writer retries it. It lasts until the `until` of its
+// last row (server time), which Renew moves on and Release ends: a hold whose
+// holder died ends by itself.
+type Hold struct {
+	Month uint32
+	ID    string
+	ch    driver.Conn
+	ttl   time.Duration
+}
+
+// heldMonth is in the error of an insert into a held month (migration 0004's
+// view raises it).
+const heldMonth = "this month is held while sluice replay swaps its rows"
+
+var holdID = regexp.MustCompile(`^[-_a-zA-Z0-9]+$`)
+
+// HoldMonth records a hold on month (YYYYMM) for ttl, then waits until the fenced
+// inserts that were running before it are over (they may have passed the check
+// before the hold was there): from then on no row of the month is added through
+// a fence until the hold ends.
+func HoldMonth(ctx context.Context, ch driver.Conn, month uint32, id string, ttl time.Duration) (*Hold, error) {
+	if !holdID.MatchString(id) {
+		return nil, fmt.Errorf("hold %d: id %q: want letters, digits, '-' and '_'", month, id)
+	}
+	h := &Hold{Month: month, ID: id, ch: ch, ttl: ttl}
+	if err := h.set(ctx, ttl); err != nil {
+		return nil, err
+	}
+	held := time.Now()
+	var db string
+	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
+		return nil, fmt.Errorf("hold %d: %w", month, err)
+	}
+	like := escapeLike("sluice/"+db+"/p") + "%"
+	for {
+		// Running since before the hold was recorded: longer than the time since.
+		var running uint64
+		err := ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND elapsed >= ?", like, time.Since(held).Seconds()).Scan(&running)
+		if err != nil {
+			return nil, fmt.Errorf("hold %d: running inserts: %w", month, err)
+		}
+		if running == 0 {
+			return h, nil
+		}
+		select {
+		case <-ctx.Done():
+			_ = h.Release(context.WithoutCancel(ctx))
+			return nil, fmt.Errorf("hold %d: %d inserts begun before it still running: %w", month, running, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Renew makes the hold last ttl from now (server time).
+func (h *Hold) Renew(ctx context.Context) error { return h.set(ctx, h.ttl) }
+
+// Release ends the hold.
+func (h *Hold) Release(ctx context.Context) error { return h.set(ctx, 0) }
+
+// set records the hold's end, ttl from now on the server's clock (0: now, which
+// ends it), as its newest row.
+func (h *Hold) set(ctx context.Context, ttl time.Duration) error {
+	until := "toDateTime(0)"
+	if ttl > 0 {
+		until = "now() + " + strconv.Itoa(int((ttl+time.Second-1)/time.Second))
+	}
+	q := fmt.Sprintf("INSERT INTO events_holds (month, hold, until, seq) SELECT %d, '%s', %s, %d", h.Month, h.ID, until, time.Now().UnixNano())
+	if err := h.ch.Exec(ctx, q); err != nil {
+		return fmt.Errorf("hold %d: %w", h.Month, err)
+	}
+	return nil
+}

@@ -1,0 +1,406 @@
+// Package reprocess re-runs the pipeline's enrichment on a range of EVENTS with the
+// current configuration and replaces the rows of events it changes, a month (a
+// partition of the table) at a time, while live ingestion goes on: `sluice replay`.
+//
+// For each month it holds the month (events_holds: the pipeline's fenced inserts of
+// the month's rows fail and are retried meanwhile), copies the month's other rows
+// into a shadow table, adds the rebuilt rows, checks that the shadow has exactly
+// as many rows as the month, and swaps it in with ALTER TABLE events REPLACE
+// PARTITION, atomically: a plain SELECT count() sees each event once throughout.
+// The rows of events a run does not replace are untouched; an interrupted run
+// leaves the table as it was (the hold ends by itself) or with some months done.
+package reprocess
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/sink"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// Range is a range of EVENTS: from a sequence or a time (inclusive), to a
+// sequence or a time (inclusive); zero values are the stream's first and last.
+type Range struct {
+	FromSeq, ToSeq   uint64
+	FromTime, ToTime time.Time
+}
+
+// Config is what a reprocessing run needs.
+type Config struct {
+	Range Range
+	// Handler decodes, validates and keys events as the pipeline does (the ingest
+	// and dedup sections of the config; no store: it decides no repeats).
+	Handler *dedup.Handler
+	// Enrich is the current enrichment.
+	Enrich *enrich.Live
+	// HoldTTL is how long a month's hold lasts unrenewed (renewed every third of it).
+	HoldTTL time.Duration
+	// Chunk is how many events are rebuilt and replaced at a time (their rows are
+	// held in memory).
+	Chunk int
+	// DryRun rebuilds and compares, and replaces nothing.
+	DryRun bool
+	Log    *slog.Logger
+}
+
+// Report is what a run found and did.
+type Report struct {
+	// Messages read from EVENTS, and the events in them; Invalid could not be
+	// events rows (dead letters then, or now under the current config).
+	Messages, Events, Invalid int
+	// Missing have no row in events (repeats, dead letters, not stored yet);
+	// Ambiguous have more than one (stored again after their dedup window), and
+	// Moved an event time other than their row's (the config reads it differently
+	// now): both are left as they are.
+	Missing, Ambiguous, Moved int
+	// Months are the months of the rows found, in order.
+	Months []Month
+}
+
+// Month is one month's part of a run.
+type Month struct {
+	Month uint32 // YYYYMM
+	// Rows found for the range's events; Changed the rows whose rebuilt values
+	// differ (data, enrichment and its columns); Replaced is Changed, unless a dry
+	// run (0).
+	Rows, Changed, Replaced int
+}
+
+func (r *Report) month(m uint32) *Month {
+	i, found := slices.BinarySearchFunc(r.Months, m, func(x Month, m uint32) int { return int(x.Month) - int(m) })
+	if !found {
+		r.Months = slices.Insert(r.Months, i, Month{Month: m})
+	}
+	return &r.Months[i]
+}
+
+// tablePrefix names the tables a run makes (and drops).
+const tablePrefix = "sluice_replay_"
+
+// Run reprocesses cfg.Range: reads it from EVENTS, rebuilds each event's row with
+// the current configuration, and replaces the rows that changed.
+func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config) (Report, error) {
+	var rep Report
+	if cfg.Chunk <= 0 || cfg.HoldTTL <= 0 {
+		return rep, errors.New("reprocess: chunk and hold TTL must be positive")
+	}
+	id := runID()
+	defer dropTables(context.WithoutCancel(ctx), ch, id)
+	chunk := map[string]sink.EventRecord{}
+	flush := func() error {
+		if len(chunk) == 0 {
+			return nil
+		}
+		err := replace(ctx, ch, cfg, id, chunk, &rep)
+		clear(chunk)
+		return err
+	}
+	err := read(ctx, js, cfg.Range, func(msg jetstream.Msg, md *jetstream.MsgMetadata) error {
+		rep.Messages++
+		cfg.Handler.DecideAll(events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp}, func(d dedup.Decision) {
+			if d.Invalid != nil {
+				rep.Invalid++
+				return
+			}
+			e := d.Event
+			_, _ = e.DecodeDataFields(cfg.Enrich.DataFields())
+			cfg.Enrich.Enrich(e)
+			rec, err := sink.EventRecordOf(e, 0)
+			if err != nil {
+				rep.Invalid++
+				return
+			}
+			rep.Events++
+			if _, seen := chunk[rec.Key]; !seen { // a repeat: its first is the stored one
+				chunk[rec.Key] = rec
+			}
+		})
+		if len(chunk) >= cfg.Chunk {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
+	}
+	return rep, err
+}
+
+func runID() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// read calls fn for each message of EVENTS in r, in order.
+func read(ctx context.Context, js jetstream.JetStream, r Range, fn func(jetstream.Msg, *jetstream.MsgMetadata) error) error {
+	stream, err := js.Stream(ctx, streams.Events)
+	if err != nil {
+		return fmt.Errorf("reprocess: stream %s: %w", streams.Events, err)
+	}
+	info := stream.CachedInfo()
+	last := info.State.LastSeq
+	if r.ToSeq > 0 {
+		last = min(last, r.ToSeq)
+	}
+	if info.State.Msgs == 0 || last < max(r.FromSeq, info.State.FirstSeq) {
+		return nil
+	}
+	oc := jetstream.OrderedConsumerConfig{DeliverPolicy: jetstream.DeliverAllPolicy}
+	switch {
+	case !r.FromTime.IsZero():
+		oc.DeliverPolicy, oc.OptStartTime = jetstream.DeliverByStartTimePolicy, &r.FromTime
+	case r.FromSeq > 0:
+		oc.DeliverPolicy, oc.OptStartSeq = jetstream.DeliverByStartSequencePolicy, r.FromSeq
+	}
+	cons, err := js.OrderedConsumer(ctx, streams.Events, oc)
+	if err != nil {
+		return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
+	}
+	it, err := cons.Messages()
+	if err != nil {
+		return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
+	}
+	defer it.Stop()
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
+		}
+		md, err := msg.Metadata()
+		if err != nil {
+			return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
+		}
+		seq := md.Sequence.Stream
+		if seq > last || (!r.ToTime.IsZero() && md.Timestamp.After(r.ToTime)) {
+			return nil
+		}
+		if err := fn(msg, md); err != nil {
+			return err
+		}
+		if seq == last {
+			return nil
+		}
+	}
+}
+
+// stored is a row of events found for a rebuilt one.
+type stored struct {
+	month uint32
+	seq   uint64
+	time  time.Time
+	// values are the ones a rebuild may change, as compareKey renders them.
+	values string
+}
+
+// compared are the columns a rebuild may change: data (masks), enrichment and
+// the columns made from it.
+const compared = "concat(data, '\\x00', enrichment, '\\x00', geo_country, '\\x00', toString(geo_asn), '\\x00', geo_as_org, '\\x00', ua_browser, '\\x00', ua_os, '\\x00', ua_device)"
+
+func compareKey(r *sink.EventRecord) string {
+	return strings.Join([]string{r.Data, r.Enrichment, r.GeoCountry, fmt.Sprint(r.GeoASN), r.GeoASOrg, r.UABrowser, r.UAOS, r.UADevice}, "\x00")
+}
+
+// replace finds the rows of chunk's events, and replaces those whose rebuilt
+// values differ, month by month.
+func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk map[string]sink.EventRecord, rep *Report) error {
+	candidates, keys := tablePrefix+id+"_candidates", tablePrefix+id+"_keys"
+	if err := fillKeys(ctx, ch, candidates, func(yield func(string) bool) {
+		for k := range chunk {
+			if !yield(k) {
+				return
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	rows, err := ch.Query(ctx, "SELECT key, any(toYYYYMM(event_time)), any(stream_seq), any(event_time), any("+compared+"), count() FROM events WHERE key IN (SELECT key FROM "+candidates+") GROUP BY key")
+	if err != nil {
+		return fmt.Errorf("reprocess: rows of the range: %w", err)
+	}
+	found := map[string]stored{}
+	for rows.Next() {
+		var (
+			key string
+			s   stored
+			n   uint64
+		)
+		if err := rows.Scan(&key, &s.month, &s.seq, &s.time, &s.values, &n); err != nil {
+			rows.Close()
+			return fmt.Errorf("reprocess: rows of the range: %w", err)
+		}
+		if n > 1 {
+			rep.Ambiguous++
+			continue
+		}
+		found[key] = s
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("reprocess: rows of the range: %w", err)
+	}
+	rep.Missing += len(chunk) - len(found)
+	// The changed rows of each month, with their stored stream_seq.
+	changed := map[uint32][]*sink.EventRecord{}
+	for key, s := range found {
+		m := rep.month(s.month)
+		m.Rows++
+		rec := chunk[key]
+		if !rec.EventTime.Equal(s.time) {
+			// Its row would belong to another month: the swap of this one would
+			// lose it.
+			rep.Moved++
+			continue
+		}
+		if compareKey(&rec) == s.values {
+			continue
+		}
+		m.Changed++
+		rec.StreamSeq = s.seq
+		changed[s.month] = append(changed[s.month], &rec)
+	}
+	if cfg.DryRun {
+		return nil
+	}
+	for _, month := range slices.Sorted(func(yield func(uint32) bool) {
+		for m := range changed {
+			if !yield(m) {
+				return
+			}
+		}
+	}) {
+		recs := changed[month]
+		if err := fillKeys(ctx, ch, keys, func(yield func(string) bool) {
+			for _, r := range recs {
+				if !yield(r.Key) {
+					return
+				}
+			}
+		}); err != nil {
+			return err
+		}
+		if err := swapMonth(ctx, ch, cfg, id, month, keys, recs); err != nil {
+			return err
+		}
+		rep.month(month).Replaced += len(recs)
+		cfg.Log.Info("replaced the changed rows of a month", "month", month, "rows", len(recs))
+	}
+	return nil
+}
+
+// fillKeys makes table anew (a Memory table of keys) with keys in it.
+func fillKeys(ctx context.Context, ch driver.Conn, table string, keys func(func(string) bool)) error {
+	if err := ch.Exec(ctx, "DROP TABLE IF EXISTS "+table); err != nil {
+		return fmt.Errorf("reprocess: %w", err)
+	}
+	if err := ch.Exec(ctx, "CREATE TABLE "+table+" (key String) ENGINE = Memory"); err != nil {
+		return fmt.Errorf("reprocess: %w", err)
+	}
+	b, err := ch.PrepareBatch(ctx, "INSERT INTO "+table+" (key)")
+	if err != nil {
+		return fmt.Errorf("reprocess: %w", err)
+	}
+	defer func() { _ = b.Abort() }()
+	var col []string
+	for k := range keys {
+		col = append(col, k)
+	}
+	if err := b.Column(0).Append(col); err != nil {
+		return fmt.Errorf("reprocess: %w", err)
+	}
+	if err := b.Send(); err != nil {
+		return fmt.Errorf("reprocess: keys: %w", err)
+	}
+	return nil
+}
+
+// swapMonth replaces the rows of keys (in table keys) in month by recs, under a
+// hold of the month.
+func swapMonth(ctx context.Context, ch driver.Conn, cfg Config, id string, month uint32, keys string, recs []*sink.EventRecord) (err error) {
+	hold, err := sink.HoldMonth(ctx, ch, month, id, cfg.HoldTTL)
+	if err != nil {
+		return fmt.Errorf("reprocess: %w", err)
+	}
+	// Renewed until the swap is over; released then, whatever happened.
+	renewCtx, stopRenew := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		t := time.NewTicker(cfg.HoldTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-renewCtx.Done():
+				return
+			case <-t.C:
+				if err := hold.Renew(renewCtx); err != nil && renewCtx.Err() == nil {
+					cfg.Log.Warn("renew the hold of a month", "month", month, "err", err)
+				}
+			}
+		}
+	})
+	defer func() {
+		stopRenew()
+		wg.Wait()
+		if rerr := hold.Release(context.WithoutCancel(ctx)); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("reprocess: release month %d (it ends by itself within %s): %w", month, cfg.HoldTTL, rerr))
+		}
+	}()
+	shadow := tablePrefix + id + "_shadow"
+	p := fmt.Sprint(month)
+	for _, q := range []string{
+		"DROP TABLE IF EXISTS " + shadow,
+		"CREATE TABLE " + shadow + " AS events",
+		"INSERT INTO " + shadow + " SELECT * FROM events WHERE toYYYYMM(event_time) = " + p + " AND key NOT IN (SELECT key FROM " + keys + ")",
+	} {
+		if err := ch.Exec(ctx, q); err != nil {
+			return fmt.Errorf("reprocess: month %d: %w", month, err)
+		}
+	}
+	var cols sink.EventColumns
+	for _, r := range recs {
+		cols.Append(r)
+	}
+	if err := sink.InsertEventsInto(ctx, ch, shadow, &cols); err != nil {
+		return fmt.Errorf("reprocess: month %d: %w", month, err)
+	}
+	// The month cannot change under the hold; if it did (an insert not through the
+	// pipeline's fence, such as the split stages' sink), the swap would lose rows.
+	var have, want uint64
+	if err := ch.QueryRow(ctx, "SELECT (SELECT count() FROM "+shadow+"), (SELECT count() FROM events WHERE toYYYYMM(event_time) = "+p+")").Scan(&have, &want); err != nil {
+		return fmt.Errorf("reprocess: month %d: %w", month, err)
+	}
+	if have != want {
+		return fmt.Errorf("reprocess: month %d: the shadow has %d rows and events %d: the month changed under the hold (rows inserted other than through the pipeline's fence, such as by the split stages' sink?); nothing replaced", month, have, want)
+	}
+	if err := ch.Exec(ctx, "ALTER TABLE events REPLACE PARTITION "+p+" FROM "+shadow); err != nil {
+		return fmt.Errorf("reprocess: month %d: swap: %w", month, err)
+	}
+	return ch.Exec(ctx, "DROP TABLE IF EXISTS "+shadow)
+}
+
+// dropTables drops the tables of run id.
+func dropTables(ctx context.Context, ch driver.Conn, id string) {
+	for _, suffix := range []string{"_candidates", "_keys", "_shadow"} {
+		_ = ch.Exec(ctx, "DROP TABLE IF EXISTS "+tablePrefix+id+suffix)
+	}
+}
