@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
@@ -29,7 +30,7 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 	settings.BindConfig(fs, io.Env, &configPath)
 	from := fs.String("from", "", "first EVENTS message of the range: a stream sequence, an RFC 3339 time, or a duration ago (1h); required")
 	to := fs.String("to", "", "last EVENTS message of the range: a sequence, a time or a duration ago (default: the stream's last)")
-	dryRun := fs.Bool("dry-run", false, "rebuild and compare, and say per month how many rows would change; replace nothing")
+	dryRun := fs.Bool("dry-run", false, "rebuild and compare, and say per month how many rows would change; replace and publish nothing")
 	holdTTL := fs.Duration("hold-ttl", time.Minute, "how long a month's hold outlives this command if it dies (the pipeline's inserts of the month wait meanwhile)")
 	chunk := fs.Int("chunk", 100_000, "events rebuilt and replaced at a time (held in memory; each chunk rewrites the months it touches)")
 	if err := parse(fs, args, io, 0); err != nil {
@@ -62,6 +63,10 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	ecfg.Secrets = io.Env
+	rules, err := alert.LoadRules(f)
+	if err != nil {
+		return err
+	}
 	log, _ := telemetry.NewLogger(io.Stderr, "info", "text")
 	js, closeNATS, err := connectJS(n, io)
 	if err != nil {
@@ -78,7 +83,7 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer ch.Close()
-	rep, err := reprocess.Run(ctx, js, ch, reprocess.Config{Range: r, Handler: h, Enrich: live, HoldTTL: *holdTTL, Chunk: *chunk, DryRun: *dryRun, Log: log})
+	rep, err := reprocess.Run(ctx, js, ch, reprocess.Config{Range: r, Handler: h, Enrich: live, HoldTTL: *holdTTL, Chunk: *chunk, Rules: rules, DryRun: *dryRun, Log: log})
 	verb := "replaced"
 	if *dryRun {
 		verb = "would replace"
@@ -90,6 +95,13 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 			changed = m.Replaced
 		}
 		fmt.Fprintf(io.Stdout, "month %d: %d row(s) found, %s %d that the current config changes\n", m.Month, m.Rows, verb, changed)
+	}
+	if len(rules) > 0 {
+		what := "published to ALERTS marked replay (notify sends them only to receivers with send_replayed)"
+		if *dryRun {
+			what = "not published (dry run)"
+		}
+		fmt.Fprintf(io.Stdout, "the rules raised %d alert change(s) on the range's stored events, %s\n", rep.Alerts, what)
 	}
 	if rep.Missing > 0 {
 		fmt.Fprintf(io.Stdout, "%d event(s) without a row (repeats, dead letters, or not stored yet): left alone\n", rep.Missing)

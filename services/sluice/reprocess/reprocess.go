@@ -27,6 +27,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/sink"
@@ -53,7 +54,11 @@ type Config struct {
 	// Chunk is how many events are rebuilt and replaced at a time (their rows are
 	// held in memory).
 	Chunk int
-	// DryRun rebuilds and compares, and replaces nothing.
+	// Rules, if any, are evaluated afresh on the range's stored events, in stream
+	// order; the alert changes they raise are published to ALERTS marked replay
+	// (notify sends them only to receivers with send_replayed).
+	Rules []*alert.Rule
+	// DryRun rebuilds and compares, and replaces and publishes nothing.
 	DryRun bool
 	Log    *slog.Logger
 }
@@ -70,6 +75,8 @@ type Report struct {
 	Missing, Ambiguous, Moved int
 	// Months are the months of the rows found, in order.
 	Months []Month
+	// Alerts are the alert changes the rules raised (published unless a dry run).
+	Alerts int
 }
 
 // Month is one month's part of a run.
@@ -102,11 +109,18 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 	id := runID()
 	defer dropTables(context.WithoutCancel(ctx), ch, id)
 	chunk := map[string]sink.EventRecord{}
+	var rules *ruleRun
+	if len(cfg.Rules) > 0 {
+		rules = &ruleRun{engine: alert.NewEngine(cfg.Rules, nil), read: alert.DataFields(cfg.Rules), envs: map[string]*alert.EventEnv{}}
+	}
 	flush := func() error {
 		if len(chunk) == 0 {
 			return nil
 		}
-		err := replace(ctx, ch, cfg, id, chunk, &rep)
+		stored, err := replace(ctx, ch, cfg, id, chunk, &rep)
+		if err == nil && rules != nil {
+			err = rules.observe(ctx, js, stored, cfg.DryRun, &rep)
+		}
 		clear(chunk)
 		return err
 	}
@@ -128,6 +142,10 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 			rep.Events++
 			if _, seen := chunk[rec.Key]; !seen { // a repeat: its first is the stored one
 				chunk[rec.Key] = rec
+				if rules != nil {
+					rules.order = append(rules.order, rec.Key)
+					rules.envs[rec.Key] = alert.EnvFor(e, rules.read)
+				}
 			}
 		})
 		if len(chunk) >= cfg.Chunk {
@@ -223,7 +241,9 @@ func compareKey(r *sink.EventRecord) string {
 
 // replace finds the rows of chunk's events, and replaces those whose rebuilt
 // values differ, month by month.
-func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk map[string]sink.EventRecord, rep *Report) error {
+//
+// It returns the keys that have a row: the events the pipeline stored.
+func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk map[string]sink.EventRecord, rep *Report) (map[string]bool, error) {
 	candidates, keys := tablePrefix+id+"_candidates", tablePrefix+id+"_keys"
 	if err := fillKeys(ctx, ch, candidates, func(yield func(string) bool) {
 		for k := range chunk {
@@ -232,13 +252,13 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 			}
 		}
 	}); err != nil {
-		return err
+		return nil, err
 	}
 	rows, err := ch.Query(ctx, "SELECT key, any(toYYYYMM(event_time)), any(stream_seq), any(event_time), any("+compared+"), count() FROM events WHERE key IN (SELECT key FROM "+candidates+") GROUP BY key")
 	if err != nil {
-		return fmt.Errorf("reprocess: rows of the range: %w", err)
+		return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
 	}
-	found := map[string]stored{}
+	found, hasRow := map[string]stored{}, map[string]bool{}
 	for rows.Next() {
 		var (
 			key string
@@ -247,8 +267,9 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 		)
 		if err := rows.Scan(&key, &s.month, &s.seq, &s.time, &s.values, &n); err != nil {
 			rows.Close()
-			return fmt.Errorf("reprocess: rows of the range: %w", err)
+			return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
 		}
+		hasRow[key] = true
 		if n > 1 {
 			rep.Ambiguous++
 			continue
@@ -257,9 +278,9 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return fmt.Errorf("reprocess: rows of the range: %w", err)
+		return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
 	}
-	rep.Missing += len(chunk) - len(found)
+	rep.Missing += len(chunk) - len(hasRow)
 	// The changed rows of each month, with their stored stream_seq.
 	changed := map[uint32][]*sink.EventRecord{}
 	for key, s := range found {
@@ -280,7 +301,7 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 		changed[s.month] = append(changed[s.month], &rec)
 	}
 	if cfg.DryRun {
-		return nil
+		return hasRow, nil
 	}
 	for _, month := range slices.Sorted(func(yield func(uint32) bool) {
 		for m := range changed {
@@ -297,15 +318,15 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 				}
 			}
 		}); err != nil {
-			return err
+			return nil, err
 		}
 		if err := swapMonth(ctx, ch, cfg, id, month, keys, recs); err != nil {
-			return err
+			return nil, err
 		}
 		rep.month(month).Replaced += len(recs)
 		cfg.Log.Info("replaced the changed rows of a month", "month", month, "rows", len(recs))
 	}
-	return nil
+	return hasRow, nil
 }
 
 // fillKeys makes table anew (a Memory table of keys) with keys in it.
@@ -403,4 +424,48 @@ func dropTables(ctx context.Context, ch driver.Conn, id string) {
 	for _, suffix := range []string{"_candidates", "_keys", "_shadow"} {
 		_ = ch.Exec(ctx, "DROP TABLE IF EXISTS "+tablePrefix+id+suffix)
 	}
+}
+
+// ruleRun evaluates the rules on the stored events of the range, in order.
+type ruleRun struct {
+	engine *alert.Engine
+	read   events.DataFields
+	// order is the keys of the chunk's events in stream order, envs what the rules
+	// see of each.
+	order []string
+	envs  map[string]*alert.EventEnv
+}
+
+// observe runs the rules on the chunk's events that have a row, and publishes
+// what they raise marked replay (unless dry).
+func (r *ruleRun) observe(ctx context.Context, js jetstream.JetStream, stored map[string]bool, dry bool, rep *Report) error {
+	defer func() {
+		r.order = r.order[:0]
+		clear(r.envs)
+	}()
+	for _, key := range r.order {
+		if !stored[key] {
+			continue
+		}
+		out, _ := r.engine.Observe(r.envs[key]) // a filter that fails on an event does not match it
+		clear(r.engine.Late)
+		for _, a := range out {
+			a.Replay = true
+			rep.Alerts++
+			if dry {
+				continue
+			}
+			msg, err := alert.ChangeMsg(a)
+			if err != nil {
+				return fmt.Errorf("reprocess: alert %s: %w", a.Rule, err)
+			}
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			_, err = js.PublishMsg(pctx, msg)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("reprocess: publish alert %s: %w", a.Rule, err)
+			}
+		}
+	}
+	return nil
 }

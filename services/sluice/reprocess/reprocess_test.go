@@ -13,9 +13,11 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/sluice/cli"
 	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
+	"github.com/sluicehq/sluice/streams"
 )
 
 const config = `enrich:
@@ -28,14 +30,20 @@ const config = `enrich:
     - types: [page.view]
       lookups:
         - {table: plans, from: data.user, to: user}
+rules:
+  - name: pro-u3
+    kind: match
+    filter: type == "page.view" && enrichment.user_plan == "pro" && data.user == "u3"
 `
 
 // A bad deploy of an enrichment table, fixed and reprocessed: 3,000 page views of
 // two months are stored with the wrong plan; the table is fixed; `sluice replay`
 // rebuilds them while 3,000 more page views of the same months are published and
 // stored. Afterwards every event is in events once, each of the first 3,000 with
-// the fixed plan, and no hold or table of the run is left. A dry run before says
-// what would change and changes nothing; a second run finds nothing to change.
+// the fixed plan, and no hold or table of the run is left. The rules run on the
+// rebuilt events: a match rule on the fixed plan raises its alerts for the first
+// 3,000 too, marked replay. A dry run before says what would change and changes
+// nothing; a second run finds nothing to change and adds no alert.
 func TestReplayAfterEnrichmentFix(t *testing.T) {
 	dir := t.TempDir()
 	plans := filepath.Join(dir, "plans.csv")
@@ -116,6 +124,15 @@ func TestReplayAfterEnrichmentFix(t *testing.T) {
 	if _, _, pro := plansOf("a-"); pro != 0 {
 		t.Fatalf("the dry run changed %d rows", pro)
 	}
+	// The ten events of user u3 (ids a-0 to a-9) match the rule with the fixed plan.
+	if !strings.Contains(out, "the rules raised 10 alert change(s) on the range's stored events, not published (dry run)") {
+		t.Fatalf("dry run, alerts:\n%s", out)
+	}
+	alertsOf := func(replay int) (n uint64) {
+		t.Helper()
+		_ = db.QueryRow(ctx, "SELECT count() FROM alerts WHERE rule = 'pro-u3' AND replay = ?", uint8(replay)).Scan(&n)
+		return n
+	}
 
 	// Live events of the same months while the replay runs.
 	var wg sync.WaitGroup
@@ -136,6 +153,10 @@ func TestReplayAfterEnrichmentFix(t *testing.T) {
 	poll.Until(t, 2*time.Minute, func() error {
 		if rows, _, _ := plansOf("b-"); rows != n {
 			return fmt.Errorf("%d of %d live rows", rows, n)
+		}
+		// The replay's ten, marked; the live events' ten (b-0 to b-9), not.
+		if replayed, live := alertsOf(1), alertsOf(0); replayed != 10 || live != 10 {
+			return fmt.Errorf("%d replayed and %d live alerts", replayed, live)
 		}
 		return nil
 	})
@@ -170,6 +191,12 @@ func TestReplayAfterEnrichmentFix(t *testing.T) {
 	code, out, errOut = run("replay", "--from", "1", "--to", fmt.Sprint(lastA))
 	if code != 0 || !strings.Contains(out, "month 202611: 1500 row(s) found, replaced 0") {
 		t.Fatalf("second replay: exit %d\n%s%s", code, out, errOut)
+	}
+	// Its alerts are the first's, by id: ALERTS' duplicate window drops them (once
+	// the sink has acked all of ALERTS, it has stored all there is).
+	poll.Until(t, time.Minute, func() error { return natstest.Idle(ctx, js, streams.Alerts, "sink") })
+	if replayed := alertsOf(1); replayed != 10 {
+		t.Fatalf("%d replayed alerts after a second replay; want the first's 10", replayed)
 	}
 }
 
