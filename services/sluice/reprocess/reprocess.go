@@ -190,6 +190,14 @@ func read(ctx context.Context, js jetstream.JetStream, r Range, fn func(jetstrea
 	if err != nil {
 		return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
 	}
+	// A start time after the last message: nothing would ever come.
+	ci, err := cons.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)
+	}
+	if ci.NumPending == 0 {
+		return nil
+	}
 	it, err := cons.Messages()
 	if err != nil {
 		return fmt.Errorf("reprocess: read %s: %w", streams.Events, err)

@@ -117,7 +117,12 @@ func TestReplayAfterEnrichmentFix(t *testing.T) {
 		code := cli.Main(args, cli.IO{Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok }, Stdout: &out, Stderr: &errOut})
 		return code, out.String(), errOut.String()
 	}
-	code, out, errOut := run("replay", "--from", "1", "--to", fmt.Sprint(lastA), "--dry-run")
+	// A range after the last message reads nothing.
+	code, out, errOut := run("replay", "--from", time.Now().Add(time.Hour).Format(time.RFC3339), "--dry-run")
+	if code != 0 || !strings.Contains(out, "read 0 message(s)") {
+		t.Fatalf("a range in the future: exit %d\n%s%s", code, out, errOut)
+	}
+	code, out, errOut = run("replay", "--from", "1", "--to", fmt.Sprint(lastA), "--dry-run")
 	if code != 0 || !strings.Contains(out, "month 202610: 1500 row(s) found, would replace 1500") || !strings.Contains(out, "month 202611: 1500 row(s) found, would replace 1500") {
 		t.Fatalf("dry run: exit %d\n%s%s", code, out, errOut)
 	}
