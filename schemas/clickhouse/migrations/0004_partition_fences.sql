@@ -12,6 +12,13 @@
 -- (ALTER TABLE ... REPLACE PARTITION): no live row is lost to the swap. A hold
 -- lasts until its last row's `until` (the tool renews it), so a hold whose tool
 -- died ends by itself.
+--
+-- A later migration that adds a column to events must not drop and recreate this
+-- view (inserts between the two would store nothing) nor add a second view on
+-- events_fenced (rows would be stored twice): it makes a new pair, events_fenced_2
+-- and its view, and the pipeline's code moves to it; the old pair stays for
+-- workers still running the old code (on 18.16 its view then needs the new column
+-- in its target and refuses their inserts until they are upgraded).
 
 CREATE TABLE IF NOT EXISTS partition_fences
 (
