@@ -24,4 +24,10 @@ func TestQueriesOnCurrentClickHouse(t *testing.T) {
 	if got, want := q(firingQuery), "r1\t1\nr2\t1"; got != want {
 		t.Fatalf("firing:\n%s\nwant\n%s", got, want)
 	}
+	// Two holds of one month and one released: one month held.
+	q(`INSERT INTO events_holds (month, hold, until, seq) VALUES
+ (202611, 'a', now() + 60, 1), (202611, 'b', now() + 60, 1), (202610, 'c', now() + 60, 1), (202610, 'c', toDateTime(0), 2)`)
+	if got := q(heldQuery); got != "[202611]" {
+		t.Fatalf("held: %s, want [202611]", got)
+	}
 }

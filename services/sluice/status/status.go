@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -100,6 +101,9 @@ type ClickHouse struct {
 	Reachable  bool                 `json:"reachable"`
 	Error      string               `json:"error,omitempty"`
 	LastInsert map[string]time.Time `json:"last_insert,omitempty"`
+	// Held are the months (YYYYMM) `sluice replay` holds: the pipeline's inserts of
+	// their rows wait meanwhile (not a problem: it ends by itself).
+	Held []uint32 `json:"held_months,omitempty"`
 }
 
 // DeadLetters counts one stage's dead letters of one reason.
@@ -373,6 +377,8 @@ func (r *Report) receivers(ctx context.Context, js jetstream.JetStream, opts Opt
 
 // The queries status runs, on ClickHouse 18.16 and current releases alike.
 const (
+	// heldQuery is the months sluice replay holds now.
+	heldQuery = "SELECT arraySort(groupUniqArray(month)) FROM (SELECT month FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now())"
 	// lastInsertQuery, then a table's name.
 	lastInsertQuery  = "SELECT count(), max(inserted_at) FROM "
 	deadLettersQuery = `SELECT stage, reason, count() AS n FROM dead_letters WHERE received_at >= now() - 3600
@@ -411,6 +417,11 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 			r.ClickHouse.LastInsert[table] = last.UTC()
 		}
 	}
+	// Before migration 0004 there are no holds (and no table of them).
+	if err := ch.QueryRow(ctx, heldQuery).Scan(&r.ClickHouse.Held); err != nil && !isUnknownTable(err) {
+		fail(fmt.Errorf("holds: %w", err))
+		return
+	}
 	rows, err := ch.Query(ctx, deadLettersQuery)
 	if err != nil {
 		fail(fmt.Errorf("dead letters: %w", err))
@@ -446,3 +457,9 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 }
 
 func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+// isUnknownTable is ClickHouse's UNKNOWN_TABLE (60).
+func isUnknownTable(err error) bool {
+	var ex *clickhouse.Exception
+	return errors.As(err, &ex) && ex.Code == 60
+}

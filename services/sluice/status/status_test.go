@@ -17,6 +17,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/testnet"
+	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
 )
 
@@ -155,6 +156,26 @@ receivers:
 		if !strings.Contains(text.String(), want) {
 			t.Fatalf("the text lacks %q:\n%s", want, text.String())
 		}
+	}
+
+	// A month held by sluice replay is shown, and is no problem.
+	hold, err := sink.HoldMonth(context.Background(), db, 202611, "status-test", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	if err := hold.Release(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	text.Reset()
+	if err := held.Text(&text); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(held.ClickHouse.Held) != "[202611]" || held.Healthy != r.Healthy || !strings.Contains(text.String(), "held by sluice replay (the pipeline's inserts of these months wait): 202611") {
+		t.Fatalf("a held month: %+v, healthy %v:\n%s", held.ClickHouse, held.Healthy, text.String())
 	}
 
 	// Tight limits: the receiver's notifications wait and it fails for longer.

@@ -64,6 +64,13 @@ func (r *Report) Text(w io.Writer) error {
 			parts = append(parts, t+" "+ago(r.At, r.ClickHouse.LastInsert[t]))
 		}
 		ch = "reachable; last insert: " + strings.Join(parts, ", ")
+		if len(r.ClickHouse.Held) > 0 {
+			months := make([]string, len(r.ClickHouse.Held))
+			for i, m := range r.ClickHouse.Held {
+				months[i] = fmt.Sprint(m)
+			}
+			ch += "; held by sluice replay (the pipeline's inserts of these months wait): " + strings.Join(months, ", ")
+		}
 	}
 	fmt.Fprintf(&b, "\nClickHouse %s: %s\n", r.ClickHouse.Addr, ch)
 	fmt.Fprintf(&b, "\nDead letters in the last hour: %d\n", r.DeadLettersHour)
