@@ -17,6 +17,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"slices"
 	"strings"
@@ -109,6 +110,10 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 	id := runID()
 	defer dropTables(context.WithoutCancel(ctx), ch, id)
 	chunk := map[string]sink.EventRecord{}
+	// The keys of the run so far, by a 64-bit hash (8 bytes each, not the key): a
+	// repeat in a later chunk is no first occurrence either. A collision only leaves
+	// an event out of the run (counted as missing).
+	seen, seed := map[uint64]struct{}{}, maphash.MakeSeed()
 	var rules *ruleRun
 	if len(cfg.Rules) > 0 {
 		rules = &ruleRun{engine: alert.NewEngine(cfg.Rules, nil), read: alert.DataFields(cfg.Rules), envs: map[string]*alert.EventEnv{}}
@@ -140,7 +145,9 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 				return
 			}
 			rep.Events++
-			if _, seen := chunk[rec.Key]; !seen { // a repeat: its first is the stored one
+			h := maphash.String(seed, rec.Key)
+			if _, repeat := seen[h]; !repeat { // a repeat: its first is the stored one
+				seen[h] = struct{}{}
 				chunk[rec.Key] = rec
 				if rules != nil {
 					rules.order = append(rules.order, rec.Key)
