@@ -90,7 +90,7 @@ func (k *keyer) consume(ctx context.Context) error {
 		it.Stop()
 	})
 	msgs := make(chan jetstream.Msg, keyBatch)
-	wg.Go(func() { stage.Pump(ctx, it, msgs, k.log) })
+	wg.Go(func() { stage.PumpUntilStale(ctx, it, msgs, k.log) })
 	k.ready.Set("keyer", nil)
 	batch := make([]jetstream.Msg, 0, keyBatch)
 	futures := make([]jetstream.PubAckFuture, 0, keyBatch)
@@ -102,7 +102,7 @@ func (k *keyer) consume(ctx context.Context) error {
 			return nil
 		case m, ok := <-msgs:
 			if !ok {
-				return fmt.Errorf("pipeline: keying step: the input ended")
+				return fmt.Errorf("pipeline: keying step: the input ended (or its heartbeats stopped); pulling anew")
 			}
 			batch = append(batch, m)
 		}

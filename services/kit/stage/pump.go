@@ -13,6 +13,19 @@ import (
 // (the ordered consumer recovers by itself). Run it in a goroutine of its own: a
 // full out holds it, which is the caller's back-pressure.
 func Pump(ctx context.Context, it jetstream.MessagesContext, out chan<- jetstream.Msg, log *slog.Logger) {
+	pump(ctx, it, out, log, false)
+}
+
+// PumpUntilStale is Pump for a durable pull consumer, which also ends when the
+// server's heartbeats stop coming: after its consumer's leader moved, a pull can
+// wait for ever without them (seen in the cluster test after a node's SIGKILL),
+// while a new iterator pulls from the new leader. The caller pulls anew when out
+// closes; what was delivered and not acked comes again after the ack wait.
+func PumpUntilStale(ctx context.Context, it jetstream.MessagesContext, out chan<- jetstream.Msg, log *slog.Logger) {
+	pump(ctx, it, out, log, true)
+}
+
+func pump(ctx context.Context, it jetstream.MessagesContext, out chan<- jetstream.Msg, log *slog.Logger, stale bool) {
 	defer close(out)
 	for {
 		msg, err := it.Next()
@@ -21,6 +34,9 @@ func Pump(ctx context.Context, it jetstream.MessagesContext, out chan<- jetstrea
 				return
 			}
 			log.Warn("read", "err", err)
+			if stale && errors.Is(err, jetstream.ErrNoHeartbeat) {
+				return
+			}
 			continue
 		}
 		select {

@@ -2,6 +2,7 @@ package stage
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -43,5 +44,37 @@ func TestPump(t *testing.T) {
 	}
 	it.Stop()
 	for range out { // drained and closed once the iterator stopped
+	}
+}
+
+// errIterator is an iterator that fails with its errors in turn, then is closed.
+type errIterator struct {
+	jetstream.MessagesContext
+	errs []error
+}
+
+func (e *errIterator) Next(...jetstream.NextOpt) (jetstream.Msg, error) {
+	if len(e.errs) == 0 {
+		return nil, jetstream.ErrMsgIteratorClosed
+	}
+	err := e.errs[0]
+	e.errs = e.errs[1:]
+	return nil, err
+}
+
+// PumpUntilStale ends at the first missed heartbeat (the caller pulls anew); Pump
+// reads on past it.
+func TestPumpUntilStale(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	for _, c := range []struct {
+		pump func(context.Context, jetstream.MessagesContext, chan<- jetstream.Msg, *slog.Logger)
+		left int
+	}{{PumpUntilStale, 1}, {Pump, 0}} {
+		it := &errIterator{errs: []error{errors.New("a passing error"), jetstream.ErrNoHeartbeat, errors.New("a passing error")}}
+		out := make(chan jetstream.Msg)
+		c.pump(context.Background(), it, out, log)
+		if _, open := <-out; open || len(it.errs) != c.left {
+			t.Fatalf("out open %v, %d errors left unread; want closed, %d left", open, len(it.errs), c.left)
+		}
 	}
 }
