@@ -14,6 +14,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
 	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 )
 
 // migrated is a new database on a ClickHouse server of the test's own, with every
@@ -119,20 +120,16 @@ func TestFenceWaitsForRunningInserts(t *testing.T) {
 	}
 	recorded := func(gen uint64) {
 		t.Helper()
-		deadline := time.Now().Add(time.Minute)
-		for {
+		poll.Until(t, time.Minute, func() error {
 			var n uint64
 			if err := conn.QueryRow(ctx, "SELECT count() FROM "+FenceTable+" WHERE gen = ?", gen).Scan(&n); err != nil {
-				t.Fatal(err)
+				return err
 			}
-			if n == 1 {
-				return
+			if n != 1 {
+				return fmt.Errorf("generation %d not recorded", gen)
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("generation %d was never recorded", gen)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 
 	// Ended while the fence waits: the fence returns with none running.
@@ -353,13 +350,7 @@ func TestHoldMonth(t *testing.T) {
 	if err := insert("nov2", time.November); err == nil {
 		t.Fatal("an insert under a fresh hold succeeded")
 	}
-	deadline := time.Now().Add(time.Minute)
-	for insert("nov2", time.November) != nil {
-		if time.Now().After(deadline) {
-			t.Fatal("a hold of five seconds, not renewed, still holds after a minute")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	poll.Until(t, time.Minute, func() error { return insert("nov2", time.November) })
 	var keys []string
 	if err := conn.QueryRow(ctx, "SELECT groupArray(key) FROM (SELECT key FROM events ORDER BY key)").Scan(&keys); err != nil {
 		t.Fatal(err)

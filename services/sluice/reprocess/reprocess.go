@@ -110,9 +110,9 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 	id := runID()
 	defer dropTables(context.WithoutCancel(ctx), ch, id)
 	chunk := map[string]sink.EventRecord{}
-	// The keys of the run so far, by a 64-bit hash (8 bytes each, not the key): a
-	// repeat in a later chunk is no first occurrence either. A collision only leaves
-	// an event out of the run (counted as missing).
+	// The keys of the run so far, by a 64-bit hash (a few tens of bytes each in the
+	// map, not the key itself): a repeat in a later chunk is no first occurrence
+	// either. A collision only leaves an event out of the run (counted as missing).
 	seen, seed := map[uint64]struct{}{}, maphash.MakeSeed()
 	var rules *ruleRun
 	if len(cfg.Rules) > 0 {
