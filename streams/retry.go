@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -16,22 +17,51 @@ const attemptTimeout = 5 * time.Second
 // attempts is how many times Retry asks at most.
 const attempts = 12
 
+// placementPause is how long Retry waits before asking again after a placement
+// refused for an offline peer.
+const placementPause = time.Second
+
+// jsClusterNoPeers is JetStream's error code for a placement that found too few
+// peers; with "peer offline" in its description the peers exist but the meta
+// leader has not heard from them yet (a node just started or restarted).
+const jsClusterNoPeers jetstream.ErrorCode = 10005
+
+// peerOffline reports whether err is a placement refused only because a peer is
+// offline: asked again once the meta leader has heard from it, it succeeds.
+func peerOffline(err error) bool {
+	var api *jetstream.APIError
+	return errors.As(err, &api) && api.ErrorCode == jsClusterNoPeers && strings.Contains(api.Description, "peer offline")
+}
+
 // Retry runs request, asking again when it timed out, until it succeeds, fails
 // otherwise, ctx is done or it timed out attempts times. On a JetStream cluster,
 // requests that create the same stream at once (services starting together each
 // applying the topology or creating a bucket) can all go unanswered although the
 // stream is created (nats-server 2.15.2); asked again, they find it and succeed.
+// A placement refused for an offline peer (a cluster just started, or a node
+// restarting) is asked again after a pause as well.
 func Retry(ctx context.Context, request func(ctx context.Context) error) error {
 	var err error
 	for range attempts {
 		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
 		err = request(actx)
 		cancel()
-		if err == nil || !errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		if peerOffline(err) {
+			select {
+			case <-ctx.Done():
+				return err
+			case <-time.After(placementPause):
+			}
+			continue
+		}
+		if !errors.Is(err, context.DeadlineExceeded) {
 			return err
 		}
 	}
-	return fmt.Errorf("no answer in %d attempts of %s: %w", attempts, attemptTimeout, err)
+	return fmt.Errorf("no success in %d attempts: %w", attempts, err)
 }
 
 // Ensure is Retry for a request that returns a value, such as opening a bucket.

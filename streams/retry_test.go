@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestRetry(t *testing.T) {
@@ -30,6 +32,21 @@ func TestRetry(t *testing.T) {
 	calls = 0
 	if err := Retry(ctx, func(context.Context) error { calls++; return context.DeadlineExceeded }); !errors.Is(err, context.DeadlineExceeded) || calls != attempts {
 		t.Fatalf("never answered: err %v after %d calls", err, calls)
+	}
+	offline := &jetstream.APIError{Code: 400, ErrorCode: jsClusterNoPeers, Description: "no suitable peers for placement, peer offline"}
+	calls = 0
+	if err := Retry(ctx, func(context.Context) error {
+		if calls++; calls < 2 {
+			return fmt.Errorf("create stream: %w", offline)
+		}
+		return nil
+	}); err != nil || calls != 2 {
+		t.Fatalf("placed once the peer is online: err %v after %d calls", err, calls)
+	}
+	tooFew := &jetstream.APIError{Code: 400, ErrorCode: jsClusterNoPeers, Description: "no suitable peers for placement, insufficient resources"}
+	calls = 0
+	if err := Retry(ctx, func(context.Context) error { calls++; return tooFew }); !errors.Is(err, tooFew) || calls != 1 {
+		t.Fatalf("a cluster too small is not asked again: err %v after %d calls", err, calls)
 	}
 	stopped, cancel := context.WithCancel(ctx)
 	cancel()
