@@ -594,18 +594,45 @@ func (r *run) save(ctx context.Context) error {
 // alert changes published since then, and the state written at start must not move
 // that on past what the run before it published.
 func (r *run) write(ctx context.Context) error {
+	st, err := r.capture(r.stored)
+	if err != nil {
+		return err
+	}
+	st.stored = r.stored
+	return r.upload(ctx, st)
+}
+
+// captured is the partition's state at one position, encoded; it is uploaded once
+// every output of input up to that position is stored.
+type captured struct {
+	data bytes.Buffer
+	seq  uint64
+	// stored is when every output up to seq was known stored (for progress).
+	stored time.Time
+}
+
+// capture encodes the state as of r.seq, with since as its SavedAt: a restore
+// looks for dead letters and alert changes published since then (less a margin),
+// so it must be no later than the first output of input after r.seq.
+func (r *run) capture(since time.Time) (*captured, error) {
 	r.keys.Expire(r.clock)
 	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
-		SavedAt: r.stored, Alert: r.engine.State()})
+		SavedAt: since, Alert: r.engine.State()})
 	if err != nil {
-		return fmt.Errorf("pipeline: encode state: %w", err)
+		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}
-	var buf bytes.Buffer
-	buf.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
-	buf.Write(head)
-	if err := r.keys.WriteSnapshot(&buf); err != nil {
-		return fmt.Errorf("pipeline: encode state: %w", err)
+	st := &captured{seq: r.seq}
+	st.data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
+	st.data.Write(head)
+	if err := r.keys.WriteSnapshot(&st.data); err != nil {
+		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}
+	return st, nil
+}
+
+// upload saves a captured state and points the claim at it. Every output up to
+// its position must be stored. Uploads of one run are one at a time.
+func (r *run) upload(ctx context.Context, st *captured) error {
 	start := time.Now()
 	// Each save is an object of its own, named by this ownership (the claim's
 	// generation) and counted; the claim, compare-and-set, then points at it. A
@@ -616,7 +643,7 @@ func (r *run) write(ctx context.Context) error {
 	prev := r.claim.State()
 	*r.saves++
 	name := stateName(r.in.id, r.claim.Gen, *r.saves)
-	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&buf)); err != nil {
+	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&st.data)); err != nil {
 		r.unsure = append(r.unsure, name)
 		return fmt.Errorf("pipeline: save state: %w", err)
 	}
@@ -636,9 +663,9 @@ func (r *run) write(ctx context.Context) error {
 	// older ones go (all of them, on a run's first save: a run that ended
 	// abruptly may have left some).
 	r.pruneStates(ctx, name, prev)
-	r.reportProgress(ctx, time.Now().UTC())
+	r.reportProgress(ctx, st.seq, st.stored, time.Now().UTC())
 	r.m.snapshot.Observe(time.Since(start).Seconds())
-	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(r.seq))
+	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(st.seq))
 	r.m.savedAt.WithLabelValues(r.in.label).SetToCurrentTime()
 	return nil
 }
@@ -653,6 +680,9 @@ type batch struct {
 	typed [][]typedRow
 	// done, if set, is closed once the batch and all before it are stored.
 	done chan error
+	// save, if set, is a state captured after the batch was decided: the writer
+	// hands it to the saver once the batch and all before it are stored.
+	save *captured
 }
 
 // typedRow is one row of a typed table: its values, and its sequence and key (the
@@ -718,7 +748,31 @@ func (r *run) run(ctx context.Context) error {
 	defer closeBatches()
 	writerDone := make(chan struct{})
 	var writerErr error
-	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log), types: map[string]int{}}
+	// The saver uploads the states the writer hands it, while input goes on. A
+	// stop lets an upload in flight end (a cancelled claim write leaves it unsure
+	// whether the claim moved) within its time, then the final save supersedes it.
+	saves := make(chan *captured, 1)
+	var saving atomic.Bool // a state is captured and not yet uploaded
+	saverCtx, stopSaver := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopSaver()
+	saverQuit, saverDone := make(chan struct{}), make(chan struct{})
+	wg.Go(func() {
+		defer close(saverDone)
+		for {
+			select {
+			case <-saverQuit:
+				return
+			case <-saverCtx.Done():
+				return
+			case st := <-saves:
+				if err := r.upload(saverCtx, st); err != nil && saverCtx.Err() == nil {
+					r.log.Warn("save state", "partition", r.in.id, "err", err)
+				}
+				saving.Store(false)
+			}
+		}
+	})
+	w := &writer{run: r, pub: jspub.New(r.js, 4096, r.log), types: map[string]int{}, saves: saves}
 	wg.Go(func() {
 		defer close(writerDone)
 		writerErr = w.write(wctx, batches)
@@ -786,6 +840,13 @@ func (r *run) run(ctx context.Context) error {
 			err = errors.Join(fmt.Errorf("pipeline: stopping: output not stored in time: %w", sctx.Err()), <-stored)
 		}
 		stopWriter()
+		close(saverQuit)
+		select {
+		case <-saverDone:
+		case <-sctx.Done():
+			stopSaver()
+			<-saverDone
+		}
 		if err == nil {
 			err = r.save(sctx)
 		}
@@ -838,12 +899,21 @@ func (r *run) run(ctx context.Context) error {
 			}
 			r.log.Info("alert rules reloaded", "rules", len(rules))
 		case <-snapTick.C:
-			// Store everything decided so far, then save the state at that point.
-			if err := send(&batch{}, true); err != nil {
-				return stop(err)
+			// Capture the state as of what is decided, and go on deciding: the
+			// writer hands it to the saver once everything decided before it is
+			// stored (input is not held up by the save; a save still in flight
+			// skips this one).
+			if !saving.CompareAndSwap(false, true) {
+				continue
 			}
-			if err := r.save(ctx); err != nil {
-				r.log.Warn("save state", "err", err)
+			st, err := r.capture(time.Now().UTC())
+			if err != nil {
+				saving.Store(false)
+				r.log.Warn("save state", "partition", r.in.id, "err", err)
+				continue
+			}
+			if err := send(&batch{save: st}, false); err != nil {
+				return stop(err)
 			}
 		}
 	}
@@ -1158,6 +1228,8 @@ func (r *run) emit(out []*alerts.Alert, replay bool, b *batch) {
 type writer struct {
 	*run
 	pub *jspub.Publisher
+	// saves takes captured states to the saver, one at a time.
+	saves chan<- *captured
 	// cols holds the rows of one insert; reused by each.
 	cols sink.EventColumns
 	// types counts the rows of one insert by event type; reused by each.
@@ -1170,8 +1242,12 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 		if err == nil {
 			w.dog.Done(len(b.preps), time.Now())
 		}
-		if err == nil && b.done != nil {
+		if err == nil && (b.done != nil || b.save != nil) {
 			err = w.pub.Settle(ctx)
+		}
+		if err == nil && b.save != nil {
+			b.save.stored = time.Now().UTC()
+			w.saves <- b.save // never blocks: the decide loop captures one at a time
 		}
 		if b.done != nil {
 			b.done <- err

@@ -562,10 +562,10 @@ func TestWatchdogStalledPartition(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	stalled := func() float64 {
+	gauge := func(name string) float64 {
 		mfs, _ := reg.Gather()
 		for _, mf := range mfs {
-			if mf.GetName() == "sluice_pipeline_stalled" {
+			if mf.GetName() == name {
 				for _, m := range mf.GetMetric() {
 					return m.GetGauge().GetValue()
 				}
@@ -573,11 +573,20 @@ func TestWatchdogStalledPartition(t *testing.T) {
 		}
 		return -1
 	}
+	stalled := func() float64 { return gauge("sluice_pipeline_stalled") }
+	// savedSeq is the EVENTS sequence of the last state saved.
+	savedSeq := func() float64 { return gauge("sluice_pipeline_snapshot_sequence") }
 	u1, i1, r1 := f.input(t, 1, 200)
 	f.waitFor(t, u1, i1, r1)
 	if stalled() != 0 || ready.Check() != nil {
 		t.Fatalf("stalled %v, ready %v before any fault", stalled(), ready.Check())
 	}
+	poll.Until(t, time.Minute, func() error {
+		if s := savedSeq(); s != 200 {
+			return fmt.Errorf("state saved at sequence %v, want 200", s)
+		}
+		return nil
+	})
 	if err := srv.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -595,6 +604,11 @@ func TestWatchdogStalledPartition(t *testing.T) {
 		}
 		return nil
 	})
+	// The second input is decided (states are captured past it every 100 ms) but
+	// not stored: no state saved may cover it, or a crash now would lose it.
+	if s := savedSeq(); s != 200 {
+		t.Fatalf("while ClickHouse is stopped a state was saved at sequence %v, past the last stored (200)", s)
+	}
 	if err := srv.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
 	}
@@ -603,6 +617,9 @@ func TestWatchdogStalledPartition(t *testing.T) {
 	poll.Until(t, time.Minute, func() error {
 		if err := ready.Check(); stalled() != 0 || err != nil {
 			return fmt.Errorf("stalled %v, ready %v after ClickHouse resumed", stalled(), err)
+		}
+		if s := savedSeq(); s != 400 {
+			return fmt.Errorf("state saved at sequence %v after ClickHouse resumed, want 400", s)
 		}
 		return nil
 	})

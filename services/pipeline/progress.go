@@ -36,11 +36,11 @@ type Progress struct {
 
 // reportProgress records the partition's progress after a save. A failure is only
 // logged: status reads an older record, and the next save writes it again.
-func (r *run) reportProgress(ctx context.Context, saved time.Time) {
+func (r *run) reportProgress(ctx context.Context, seq uint64, stored, saved time.Time) {
 	p := Progress{Partition: r.in.id, Worker: r.cfg.Replica, Stream: r.in.stream, Filter: r.in.filter,
-		Seq: r.seq, StoredAt: r.stored, SavedAt: saved}
-	if prev := r.lastProgress; prev != nil && saved.After(prev.SavedAt) && r.seq >= prev.Seq {
-		p.Rate = float64(r.seq-prev.Seq) / saved.Sub(prev.SavedAt).Seconds()
+		Seq: seq, StoredAt: stored, SavedAt: saved}
+	if prev := r.lastProgress; prev != nil && saved.After(prev.SavedAt) && seq >= prev.Seq {
+		p.Rate = float64(seq-prev.Seq) / saved.Sub(prev.SavedAt).Seconds()
 	}
 	r.lastProgress = &p
 	b, _ := json.Marshal(p)
