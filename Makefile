@@ -62,6 +62,7 @@ fuzz:
 	@cd schemas && $(call FUZZ,FuzzIngest,./events/)
 	@cd services/alert && $(call FUZZ,FuzzRule,.)
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
+	@cd services/alert && $(call FUZZ,FuzzPartitionedOrder,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
 deps: clickhouse chdb nettools docker promtool chromium
