@@ -19,13 +19,11 @@ package pipeline
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"runtime"
@@ -245,9 +243,10 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	in := p.input(claim.Partition)
 	defer p.ready.Set(in.name, nil) // a partition handed over is not this worker's to report
 	defer p.m.forget(in.label)      // nor its gauges
-	saves := 0
+	// The claim's states, kept across the runs of this ownership.
+	states := partition.NewStates(p.store, claim, "state", p.log)
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, in: in, claim: claim, saves: &saves, spare: make(chan *batch, 2)}
+		r := &run{pipeline: p, in: in, claim: claim, states: states, spare: make(chan *batch, 2)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
@@ -308,9 +307,8 @@ type run struct {
 	*pipeline
 	in    input
 	claim *partition.Claim
-	// saves counts the states written under this claim, by every run of it (their
-	// object names: each unique).
-	saves   *int
+	// states are the claim's saved states, shared by every run of it.
+	states  *partition.States
 	created time.Time
 	seq     uint64 // last EVENTS sequence decided
 	clock   uint32
@@ -336,13 +334,6 @@ type run struct {
 	fence *sink.Fence
 	// typedOf is the index in cfg.Typed of each type's table.
 	typedOf map[string]int
-	// pruned: this run listed and deleted the partition's older states once;
-	// older is the state before the previous one, deleted at the next save;
-	// unsure are states whose save failed in a way that may have written them
-	// (a timeout, a stop), deleted once a later save of this run succeeds.
-	pruned bool
-	older  string
-	unsure []string
 	// lastProgress is the progress reported at the last save.
 	lastProgress *Progress
 	// dog watches that input read is stored.
@@ -424,111 +415,6 @@ func (r *run) restore(ctx context.Context) error {
 	return r.write(ctx)
 }
 
-// stateName is the object of a partition's save number n under claim generation gen.
-func stateName(partition int, gen uint64, n int) string {
-	return fmt.Sprintf("state.%d.%d.%d", partition, gen, n)
-}
-
-// parseStateName is stateName's inverse; ok is false for another partition's name.
-func parseStateName(name string, partition int) (gen uint64, n int, ok bool) {
-	var p int
-	if _, err := fmt.Sscanf(name, "state.%d.%d.%d", &p, &gen, &n); err != nil || p != partition || stateName(p, gen, n) != name {
-		return 0, 0, false
-	}
-	return gen, n, true
-}
-
-// partitionStates lists the partition's state objects, newest (highest
-// generation, then save number) first.
-func (r *run) partitionStates(ctx context.Context) ([]string, error) {
-	infos, err := r.store.List(ctx)
-	if errors.Is(err, jetstream.ErrNoObjectsFound) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	type state struct {
-		name string
-		gen  uint64
-		n    int
-	}
-	var states []state
-	for _, info := range infos {
-		if gen, n, ok := parseStateName(info.Name, r.in.id); ok {
-			states = append(states, state{info.Name, gen, n})
-		}
-	}
-	slices.SortFunc(states, func(a, b state) int {
-		if c := cmp.Compare(b.gen, a.gen); c != 0 {
-			return c
-		}
-		return cmp.Compare(b.n, a.n)
-	})
-	names := make([]string, len(states))
-	for i, s := range states {
-		names[i] = s.name
-	}
-	return names, nil
-}
-
-// olderState reads the newest of the partition's states older than name that can
-// be read.
-func (r *run) olderState(ctx context.Context, name string) (string, []byte, error) {
-	names, err := r.partitionStates(ctx)
-	if err != nil {
-		return "", nil, err
-	}
-	gen, n, _ := parseStateName(name, r.in.id)
-	for _, candidate := range names {
-		cg, cn, _ := parseStateName(candidate, r.in.id)
-		if cg > gen || (cg == gen && cn >= n) {
-			continue
-		}
-		if b, err := r.store.GetBytes(ctx, candidate); err == nil {
-			return candidate, b, nil
-		}
-	}
-	return "", nil, nil
-}
-
-// pruneStates deletes the partition's state objects but keep and prev; on a run's
-// first save it lists them all, after that it deletes the one before prev and those
-// of failed saves.
-func (r *run) pruneStates(ctx context.Context, keep, prev string) {
-	// Cleanup that a stop must not cut short: a delete cancelled halfway would leave
-	// a state no later save of this run deletes.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	defer cancel()
-	var drop []string
-	if !r.pruned {
-		names, err := r.partitionStates(ctx)
-		if err != nil {
-			r.log.Warn("list the older states", "partition", r.in.id, "err", err)
-			return
-		}
-		for _, name := range names {
-			if name != keep && name != prev {
-				drop = append(drop, name)
-			}
-		}
-		r.pruned = true
-	} else if r.older != "" && r.older != keep && r.older != prev {
-		drop = []string{r.older}
-	}
-	for _, name := range r.unsure {
-		if name != keep && name != prev && !slices.Contains(drop, name) {
-			drop = append(drop, name)
-		}
-	}
-	r.older, r.unsure = prev, nil
-	for _, name := range drop {
-		if err := r.store.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
-			r.log.Warn("delete an older state", "object", name, "err", err)
-		}
-	}
-}
-
 // legacyState is the one state object of releases before partitions; a single
 // partition takes it over.
 const legacyState = "state"
@@ -536,31 +422,16 @@ const legacyState = "state"
 // load reads the snapshot the claim points at; nil when there is none, or it is of
 // another stream.
 func (r *run) load(ctx context.Context) (*snapshot, error) {
-	name := r.claim.State()
-	if name == "" && r.cfg.Partitions == 1 {
-		name = legacyState
+	legacy := ""
+	if r.cfg.Partitions == 1 {
+		legacy = legacyState
 	}
-	if name == "" {
-		return nil, nil
-	}
-	b, err := r.store.GetBytes(ctx, name)
-	if (errors.Is(err, jetstream.ErrObjectNotFound) || errors.Is(err, jetstream.ErrDigestMismatch)) && name != legacyState {
-		// The state the claim points at cannot be read: go on from the one before
-		// it (kept for this), as a restart from an older state does (the input
-		// after it comes again; what is already stored is found and not repeated).
-		if older, ob, oerr := r.olderState(ctx, name); oerr == nil && older != "" {
-			r.log.Warn("the partition's state cannot be read; restoring the one before it", "partition", r.in.id, "state", name, "err", err, "older", older)
-			b, err = ob, nil
-		}
-	}
-	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		if name != legacyState {
-			return nil, fmt.Errorf("pipeline: partition %d's state %s is missing from %s", r.in.id, name, Bucket)
-		}
-		return nil, nil
-	}
+	b, err := r.states.Load(ctx, legacy)
 	if err != nil {
-		return nil, fmt.Errorf("pipeline: read state: %w", err)
+		return nil, fmt.Errorf("pipeline: %w", err)
+	}
+	if b == nil {
+		return nil, nil
 	}
 	if len(b) < 4 || int(binary.BigEndian.Uint32(b)) > len(b)-4 {
 		return nil, fmt.Errorf("pipeline: the state in %s is truncated (delete it to start over)", Bucket)
@@ -634,35 +505,9 @@ func (r *run) capture(since time.Time) (*captured, error) {
 // its position must be stored. Uploads of one run are one at a time.
 func (r *run) upload(ctx context.Context, st *captured) error {
 	start := time.Now()
-	// Each save is an object of its own, named by this ownership (the claim's
-	// generation) and counted; the claim, compare-and-set, then points at it. A
-	// worker that lost the partition can write an object, never the pointer.
-	if err := r.claim.Valid(); err != nil {
-		return err
+	if err := r.states.Save(ctx, &st.data); err != nil {
+		return fmt.Errorf("pipeline: %w", err)
 	}
-	prev := r.claim.State()
-	*r.saves++
-	name := stateName(r.in.id, r.claim.Gen, *r.saves)
-	if _, err := r.store.Put(ctx, jetstream.ObjectMeta{Name: name}, io.Reader(&st.data)); err != nil {
-		r.unsure = append(r.unsure, name)
-		return fmt.Errorf("pipeline: save state: %w", err)
-	}
-	if err := r.claim.SetState(ctx, name); err != nil {
-		// Only a refused compare-and-set says the claim does not point at name. A
-		// write that timed out or was cancelled may have been applied: name may be
-		// the partition's state now, and stays until a later save of this run
-		// succeeds (that write would be refused had this one been applied).
-		if errors.Is(err, partition.ErrLost) {
-			_ = r.store.Delete(context.WithoutCancel(ctx), name)
-		} else {
-			r.unsure = append(r.unsure, name)
-		}
-		return fmt.Errorf("pipeline: save state: %w", err)
-	}
-	// The state before this one stays, for a restore that cannot read this one;
-	// older ones go (all of them, on a run's first save: a run that ended
-	// abruptly may have left some).
-	r.pruneStates(ctx, name, prev)
 	r.reportProgress(ctx, st.seq, st.stored, time.Now().UTC())
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(st.seq))

@@ -1,0 +1,125 @@
+package partition_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
+)
+
+// A claim's states: each save a new object the claim points at, the one before
+// kept, older ones deleted; a state that cannot be read gives way to the one
+// before it; a worker whose claim was taken over writes no pointer and leaves no
+// object.
+func TestStates(t *testing.T) {
+	ctx := context.Background()
+	_, js := natstest.Run(t).Connect(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_states"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "test_states"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	claims := make(chan *partition.Claim, 1)
+	gctx, cancel := context.WithCancel(ctx)
+	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: log}
+	done := make(chan error, 1)
+	go func() {
+		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
+			claims <- c
+			<-ctx.Done()
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	var c *partition.Claim
+	select {
+	case c = <-claims:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the partition was never claimed")
+	}
+	names := func() []string {
+		infos, err := store.List(ctx)
+		if errors.Is(err, jetstream.ErrNoObjectsFound) {
+			return nil
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, info := range infos {
+			out = append(out, info.Name)
+		}
+		slices.Sort(out)
+		return out
+	}
+	// A leftover of another owner, and a legacy object.
+	if _, err := store.PutString(ctx, "state.0.1.7", "left over"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.PutString(ctx, "legacy", "legacy state"); err != nil {
+		t.Fatal(err)
+	}
+	s := partition.NewStates(store, c, "state", log)
+	if b, err := s.Load(ctx, ""); err != nil || b != nil {
+		t.Fatalf("a claim with no state loads %q, %v; want nothing", b, err)
+	}
+	if b, err := s.Load(ctx, "legacy"); err != nil || string(b) != "legacy state" {
+		t.Fatalf("with a legacy object: %q, %v", b, err)
+	}
+	for _, v := range []string{"one", "two", "three"} {
+		if err := s.Save(ctx, strings.NewReader(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gen := c.Gen
+	want := []string{"legacy", stateName(gen, 2), stateName(gen, 3)}
+	slices.Sort(want)
+	if got := names(); !slices.Equal(got, want) {
+		t.Fatalf("objects after three saves: %q, want %q", got, want)
+	}
+	if c.State() != stateName(gen, 3) {
+		t.Fatalf("the claim points at %q", c.State())
+	}
+	if b, err := s.Load(ctx, ""); err != nil || string(b) != "three" {
+		t.Fatalf("load: %q, %v", b, err)
+	}
+	// The newest lost: the one before it.
+	if err := store.Delete(ctx, stateName(gen, 3)); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := s.Load(ctx, ""); err != nil || string(b) != "two" {
+		t.Fatalf("the newest state lost, load: %q, %v; want the one before", b, err)
+	}
+	// Taken over behind this worker's back: its next save fails and leaves nothing.
+	e, err := kv.Get(ctx, "partition.0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Update(ctx, "partition.0", e.Value(), e.Revision()); err != nil {
+		t.Fatal(err)
+	}
+	before := names()
+	if err := s.Save(ctx, bytes.NewReader([]byte("late"))); !errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a save after the claim moved: %v, want ErrLost", err)
+	}
+	if got := names(); !slices.Equal(got, before) {
+		t.Fatalf("a refused save left objects: %q, before %q", got, before)
+	}
+}
+
+func stateName(gen uint64, n int) string {
+	return "state.0." + strconv.FormatUint(gen, 10) + "." + strconv.Itoa(n)
+}
