@@ -32,6 +32,9 @@ const (
 	Notify   = "NOTIFY"
 	// Partitions is EVENTS divided by key, for pipeline workers sharing the work.
 	Partitions = "PARTITIONS"
+	// Rules is the rule input of partitioned pipeline workers, for the one alert
+	// runner that evaluates every partition's.
+	Rules = "RULES"
 )
 
 // Stream is one stream file.

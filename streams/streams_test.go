@@ -52,7 +52,7 @@ func TestFilesLoadAsIsThroughTheJetStreamAPI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(topo.Streams) != 7 || len(topo.Consumers) != 7 {
+	if len(topo.Streams) != 8 || len(topo.Consumers) != 7 {
 		t.Fatalf("loaded %d streams and %d consumers", len(topo.Streams), len(topo.Consumers))
 	}
 	request := func(subject string, body []byte) {

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -85,6 +86,43 @@ func Decode(b []byte) (*Alert, error) {
 	}
 	return &a, nil
 }
+
+// RuleInputSubject is the RULES subject of partition p's rule input: the
+// enriched events of the partition that a rule's filter matches, evaluated by one
+// alert runner for every partition.
+func RuleInputSubject(p int) string { return fmt.Sprintf("rules.%d", p) }
+
+// RuleInputMsgID is the Nats-Msg-Id of the rule input of the event at sequence
+// seq of stream (element, from 0, of a batch message; -1 for a message that is
+// one event): a partition's owner that decides the input again after a restart
+// publishes the same id, which RULES' duplicate window and the owner's own check
+// drop.
+func RuleInputMsgID(stream string, seq uint64, element int) string {
+	if element < 0 {
+		return fmt.Sprintf("rule:%s:%d", stream, seq)
+	}
+	return fmt.Sprintf("rule:%s:%d:%d", stream, seq, element)
+}
+
+// HeaderProgress, on a rule input message without a body, is the latest event
+// time (RFC 3339, nanoseconds) of the partition's input decided so far, or of its
+// idle time: the alert runner closes a window only once every partition's
+// progress has passed it.
+const HeaderProgress = "Sluice-Progress"
+
+// RuleInputPartition is the partition of a RULES subject (RuleInputSubject).
+func RuleInputPartition(subject string) (int, error) {
+	rest, ok := strings.CutPrefix(subject, "rules.")
+	p, err := strconv.Atoi(rest)
+	if !ok || err != nil || p < 0 {
+		return 0, fmt.Errorf("subject %q is not rules.<partition>", subject)
+	}
+	return p, nil
+}
+
+// HeaderReplay, set to "true" on rule input, marks input decided again after
+// sluice had no state: alert changes it causes are replays (Alert.Replay).
+const HeaderReplay = "Sluice-Replay"
 
 // MsgID is the Nats-Msg-Id of the ALERTS message of a: one per alert, status and
 // start, so a republication of the same change is dropped by ALERTS' duplicate

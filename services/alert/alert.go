@@ -75,6 +75,10 @@ type Config struct {
 	ConfigPath string
 	// Stream is the input stream (ENRICHED).
 	Stream string
+	// Partitions, when not 0, is how many partitions the input interleaves (the
+	// partitioned pipeline's RULES: rule input and progress, by partition): a window
+	// closes once every partition's progress passed it, and no idle time is added.
+	Partitions int
 	// Replicas is how many copies a NATS cluster keeps of the state bucket (0: as
 	// it is, 1 when created).
 	Replicas int
@@ -106,6 +110,34 @@ type Deps struct {
 	Registerer prometheus.Registerer
 	Ready      func()
 }
+
+// StateStore keeps the stage's snapshot.
+type StateStore interface {
+	// Load reads the snapshot; nil when there is none.
+	Load(ctx context.Context) ([]byte, error)
+	// Save replaces the snapshot.
+	Save(ctx context.Context, snapshot []byte) error
+	// Valid is nil while the stage may write (publish and save).
+	Valid() error
+}
+
+// objectState is the split stage's snapshot: the object "state" of its bucket.
+type objectState struct{ store jetstream.ObjectStore }
+
+func (o objectState) Load(ctx context.Context) ([]byte, error) {
+	b, err := o.store.GetBytes(ctx, "state")
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return nil, nil
+	}
+	return b, err
+}
+
+func (o objectState) Save(ctx context.Context, snapshot []byte) error {
+	_, err := o.store.PutBytes(ctx, "state", snapshot)
+	return err
+}
+
+func (objectState) Valid() error { return nil }
 
 // snapshot is what the state bucket holds.
 type snapshot struct {
@@ -160,7 +192,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 type stageRun struct {
 	cfg     Config
 	js      jetstream.JetStream
-	store   jetstream.ObjectStore
+	state   StateStore
 	log     *slog.Logger
 	m       *metrics
 	engine  *Engine
@@ -174,12 +206,14 @@ type stageRun struct {
 	maxPayload int64
 	// settled is when every change up to seq was last known published.
 	settled time.Time
+	// invalid, once set, is why the run may no longer write.
+	invalid error
 }
 
-// Run runs the stage until ctx is done, then saves its state.
+// Run runs the stage until ctx is done, then saves its state, in the object
+// "state" of the bucket sluice_alert.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
-	log := deps.Logger.With("stage", Name)
-	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096), jetstream.WithPublishAsyncTimeout(stage.DefaultPublishTimeout))
+	js, err := jetstream.New(deps.NATS)
 	if err != nil {
 		return fmt.Errorf("alert: %w", err)
 	}
@@ -189,7 +223,20 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)
 	}
-	s := &stageRun{cfg: cfg, js: js, store: store, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(),
+	return RunWith(ctx, cfg, deps, objectState{store})
+}
+
+// RunWith runs the rules on cfg.Stream until ctx is done or state stops being
+// valid (the runner's claim moved to another worker), keeping its snapshot in
+// state; at the end it saves its state. It is the alert runner both the split
+// alert stage and the partitioned pipeline's rule runner run.
+func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error {
+	log := deps.Logger.With("stage", Name)
+	js, err := jetstream.New(deps.NATS, jetstream.WithPublishAsyncMaxPending(4096), jetstream.WithPublishAsyncTimeout(stage.DefaultPublishTimeout))
+	if err != nil {
+		return fmt.Errorf("alert: %w", err)
+	}
+	s := &stageRun{cfg: cfg, js: js, state: state, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(),
 		pub: jspub.New(js, 1000, log)}
 	if err := s.restore(ctx); err != nil {
 		return err
@@ -206,11 +253,11 @@ func (s *stageRun) restore(ctx context.Context) error {
 	info := stream.CachedInfo()
 	s.created = info.Created
 	var snap snapshot
-	b, err := s.store.GetBytes(ctx, "state")
+	b, err := s.state.Load(ctx)
 	switch {
-	case errors.Is(err, jetstream.ErrObjectNotFound):
 	case err != nil:
 		return fmt.Errorf("alert: read state: %w", err)
+	case b == nil:
 	default:
 		if err := json.Unmarshal(b, &snap); err != nil {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
@@ -233,6 +280,9 @@ func (s *stageRun) restore(ctx context.Context) error {
 	}
 	s.seq, s.replay = snap.Seq, snap.ReplayUntil
 	s.engine = NewEngine(s.cfg.Rules, snap.State)
+	if s.cfg.Partitions > 0 {
+		s.engine.Partition(s.cfg.Partitions)
+	}
 	s.published = map[string]bool{}
 	if !snap.SavedAt.IsZero() {
 		if s.published, err = jspub.PublishedSince(ctx, s.js, streams.Alerts, snap.SavedAt.Add(-5*time.Second)); err != nil {
@@ -275,6 +325,13 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 	defer tick.Stop()
 	lastInput, lastTick := time.Now(), time.Now()
 	for {
+		if s.invalid != nil {
+			// Another runner took over: stop without saving.
+			it.Stop()
+			for range msgs {
+			}
+			return s.invalid
+		}
 		select {
 		case <-ctx.Done():
 			it.Stop()
@@ -288,7 +345,7 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			lastInput = time.Now()
 			s.handle(ctx, msg)
 		case now := <-tick.C:
-			if now.Sub(lastInput) >= s.cfg.IdleAfter && len(msgs) == 0 {
+			if s.cfg.Partitions == 0 && now.Sub(lastInput) >= s.cfg.IdleAfter && len(msgs) == 0 {
 				since := lastTick
 				if lastInput.After(since) {
 					since = lastInput
@@ -301,6 +358,10 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			s.log.Info("alert rules reloaded", "rules", len(rules))
 		case <-snap.C:
 			if err := s.save(ctx); err != nil {
+				if err := s.state.Valid(); err != nil {
+					s.invalid = fmt.Errorf("alert: %w", err)
+					continue
+				}
 				s.log.Warn("save state", "err", err)
 			}
 		}
@@ -350,6 +411,23 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 	}
 	s.seq = md.Sequence.Stream
 	s.m.lastSeq.Set(float64(s.seq))
+	replay := s.seq <= s.replay || msg.Headers().Get(alerts.HeaderReplay) == "true"
+	part := -1
+	if s.cfg.Partitions > 0 {
+		if part, err = alerts.RuleInputPartition(msg.Subject()); err != nil {
+			s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPayload))
+			return
+		}
+		if at := msg.Headers().Get(alerts.HeaderProgress); at != "" {
+			t, err := time.Parse(time.RFC3339Nano, at)
+			if err != nil {
+				s.publish(ctx, stage.DeadLetter(Name, msg, fmt.Sprintf("header %s: %v", alerts.HeaderProgress, err), s.maxPayload))
+				return
+			}
+			s.emit(ctx, s.engine.Progress(part, t), replay)
+			return
+		}
+	}
 	if len(s.engine.Rules()) == 0 {
 		return
 	}
@@ -358,7 +436,15 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 		s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPayload))
 		return
 	}
-	out, errs := s.engine.Observe(Env(e))
+	var (
+		out  []*alerts.Alert
+		errs []error
+	)
+	if part >= 0 {
+		out, errs = s.engine.ObserveIn(part, Env(e))
+	} else {
+		out, errs = s.engine.Observe(Env(e))
+	}
 	for _, err := range errs {
 		s.m.filter.Inc()
 		s.log.Debug("expression did not evaluate", "key", e.Key, "err", err)
@@ -368,7 +454,7 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 		delete(s.engine.Late, rule)
 	}
 	s.m.maxEvent.Set(float64(s.engine.State().MaxTime.UnixMilli()) / 1e3)
-	s.emit(ctx, out, s.seq <= s.replay)
+	s.emit(ctx, out, replay)
 }
 
 // Env returns what filters see of e.
@@ -427,6 +513,13 @@ func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
 }
 
 func (s *stageRun) publish(ctx context.Context, m *nats.Msg) {
+	if s.invalid != nil {
+		return
+	}
+	if err := s.state.Valid(); err != nil {
+		s.invalid = fmt.Errorf("alert: %w", err)
+		return
+	}
 	if err := s.pub.Publish(ctx, m); err != nil {
 		s.log.Warn("publish", "subject", m.Subject, "err", err)
 	}
@@ -452,7 +545,7 @@ func (s *stageRun) write(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("alert: encode state: %w", err)
 	}
-	if _, err := s.store.PutBytes(ctx, "state", b); err != nil {
+	if err := s.state.Save(ctx, b); err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
 	return nil

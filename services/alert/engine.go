@@ -2,6 +2,7 @@ package alert
 
 import (
 	"encoding/json"
+	"fmt"
 	"maps"
 	"math"
 	"slices"
@@ -49,8 +50,11 @@ type groupOf struct {
 
 // State is the engine's durable state.
 type State struct {
-	// MaxTime is the latest event time seen (advanced by Idle when input stops).
+	// MaxTime is the latest event time seen (advanced by Idle when input stops); for
+	// partitioned input (Partition), the least of the partitions' latest times.
 	MaxTime time.Time `json:"max_time"`
+	// Partitions holds each partition's latest time, for partitioned input.
+	Partitions []time.Time `json:"partitions,omitempty"`
 	// Rules holds each windowed rule's state, by name.
 	Rules map[string]*RuleState `json:"rules"`
 }
@@ -86,6 +90,8 @@ type GroupState struct {
 	// count is how many events the ring holds (kept by bucket and Observe; not
 	// saved: UnmarshalJSON sums the buckets).
 	count float64
+	// ringed: Buckets is a ring (not as restored), of the rule's size or grown.
+	ringed bool
 }
 
 // Bucket aggregates the events of the step starting at Start (unix ns).
@@ -195,6 +201,67 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 // match alerts, resolved absences, and the transitions of every window the
 // event's time lets close.
 func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
+	return e.observe(-1, env)
+}
+
+// Partition makes the engine's latest time the least of n partitions' latest
+// times, each moved on by its events (ObserveIn) and its progress (Progress): a
+// window closes only once the input of every partition has passed it, so input
+// interleaved from n partitions, each in its own order, gives the alerts the
+// stream in its order would, whatever the interleaving. A state of another count
+// starts the partitions' times anew.
+func (e *Engine) Partition(n int) {
+	if len(e.st.Partitions) != n {
+		e.st.Partitions = make([]time.Time, n)
+	}
+}
+
+// ObserveIn is Observe for an event of partition p (see Partition).
+func (e *Engine) ObserveIn(p int, env *EventEnv) ([]*alerts.Alert, []error) {
+	if p < 0 || p >= len(e.st.Partitions) {
+		return nil, []error{fmt.Errorf("alert: partition %d of %d", p, len(e.st.Partitions))}
+	}
+	return e.observe(p, env)
+}
+
+// Progress moves partition p's latest time on to t, as an event of p at t that no
+// rule matches would, and returns the alerts of the windows that closes.
+func (e *Engine) Progress(p int, t time.Time) []*alerts.Alert {
+	if p < 0 || p >= len(e.st.Partitions) {
+		return nil
+	}
+	e.moveTime(p, t)
+	return e.advance()
+}
+
+// moveTime moves the latest time on for an event (or progress) at t of partition
+// p (-1: input that is not partitioned).
+func (e *Engine) moveTime(p int, t time.Time) {
+	if p < 0 {
+		if t.After(e.st.MaxTime) {
+			e.st.MaxTime = t
+		}
+		return
+	}
+	parts := e.st.Partitions
+	if t.After(parts[p]) {
+		parts[p] = t
+	}
+	least := parts[0]
+	for _, pt := range parts {
+		if pt.IsZero() {
+			return // a partition not heard from holds every window open
+		}
+		if pt.Before(least) {
+			least = pt
+		}
+	}
+	if least.After(e.st.MaxTime) {
+		e.st.MaxTime = least
+	}
+}
+
+func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 	var (
 		out  []*alerts.Alert
 		errs []error
@@ -237,9 +304,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 			e.adds = append(e.adds, add{r, e.states[i], key, values, v})
 		}
 	}
-	if env.Time.After(e.st.MaxTime) {
-		e.st.MaxTime = env.Time
-	}
+	e.moveTime(p, env.Time)
 	// Windows the event's time closes are evaluated before it is counted: it never
 	// belongs to them (its step starts at or after the watermark's), and the ring
 	// of buckets then only ever holds steps still to be evaluated.
@@ -260,7 +325,7 @@ func (e *Engine) Observe(env *EventEnv) ([]*alerts.Alert, []error) {
 			rs.First, rs.HasFirst = b, true
 		}
 		g := rs.group(r, a.key, a.values)
-		g.bucket(b, step, r.ring()).add(a.value)
+		g.bucket(b, step, r.ring(), rs.keepFrom(r)).add(a.value)
 		g.count++
 	}
 	clear(e.adds)
@@ -512,30 +577,71 @@ func (r *Rule) span() int64 {
 	return int64(r.Window)
 }
 
-// bucket returns the ring slot for the step starting at start, emptied if it held
-// an older step.
-func (g *GroupState) bucket(start, step, n int64) *Bucket {
-	if int64(len(g.Buckets)) != n {
-		ring := make([]Bucket, n)
-		for _, b := range g.Buckets {
-			if b.N > 0 {
-				ring[floorMod(b.Start/step, n)] = b
-			}
-		}
-		g.Buckets, g.count = ring, 0
-		for _, b := range ring {
-			g.count += b.N
-		}
+// keepFrom is the start of the oldest step a window still to be evaluated reads
+// (every step before the first evaluation).
+func (rs *RuleState) keepFrom(r *Rule) int64 {
+	if rs.Evaluated == 0 {
+		return math.MinInt64
 	}
-	b := &g.Buckets[floorMod(start/step, n)]
-	if b.Start != start {
+	return rs.Evaluated + int64(r.Step) - r.span()
+}
+
+// bucket returns the ring slot for the step starting at start, emptied if it held
+// an older step that no window to come reads (keep: the oldest step one reads).
+// A ring of n slots holds every step the windows need while the input's times
+// stay within the lateness of the latest; partitioned input (Engine.Partition)
+// can run further ahead of the windows evaluated, and the ring then grows rather
+// than drop a step still to be evaluated.
+func (g *GroupState) bucket(start, step, n, keep int64) *Bucket {
+	if !g.ringed || int64(len(g.Buckets)) < n {
+		g.resize(max(n, int64(len(g.Buckets))), step, keep)
+	}
+	for {
+		size := int64(len(g.Buckets))
+		b := &g.Buckets[floorMod(start/step, size)]
+		if b.Start == start {
+			break
+		}
+		if b.N > 0 && b.Start >= keep {
+			g.resize(2*size, step, keep)
+			continue
+		}
 		g.count -= b.N
 		*b = Bucket{Start: start}
+		break
 	}
+	b := &g.Buckets[floorMod(start/step, int64(len(g.Buckets)))]
 	if start > g.Latest {
 		g.Latest = start
 	}
 	return b
+}
+
+// resize makes the buckets a ring of at least size slots holding every step with
+// events from keep on (doubling size until they fit).
+func (g *GroupState) resize(size, step, keep int64) {
+	for ; ; size *= 2 {
+		ring := make([]Bucket, size)
+		fits := true
+		for _, b := range g.Buckets {
+			if b.N == 0 || b.Start < keep {
+				continue
+			}
+			slot := &ring[floorMod(b.Start/step, size)]
+			if slot.N > 0 {
+				fits = false
+				break
+			}
+			*slot = b
+		}
+		if fits {
+			g.Buckets, g.count, g.ringed = ring, 0, true
+			for _, b := range ring {
+				g.count += b.N
+			}
+			return
+		}
+	}
 }
 
 func floorMod(a, n int64) int64 {

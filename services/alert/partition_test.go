@@ -12,15 +12,16 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 )
 
-// FuzzPartitionedOrder holds one engine fed the interleaved output of P
-// partitions to the same engine fed the stream in its own order (the oracle).
-// The input is divided by event key, as the pipeline's partitions divide it; each
-// partition keeps the stream's order, and the partitions are interleaved in any
-// way that makes no event later than the rules' allowed lateness (the event's time
-// no more than that behind the latest time seen): every alert change must then be
-// the same, with the same id, in the same order for each fingerprint. This is
-// what makes the rules of a partitioned pipeline exact when one engine evaluates
-// the rule input its partitions republish (docs/scaling.md).
+// FuzzPartitionedOrder holds the engine fed P partitions' input, interleaved, to
+// the engine fed the stream in its own order (the oracle). The input is divided by
+// event key, as the pipeline's partitions divide it; each partition keeps the
+// stream's order; the partitions are interleaved in any way (one partition may run
+// far ahead of another). The partitioned engine (Partition) gets the events a
+// rule's filter matches (ObserveIn) and the time of the others (Progress), as the
+// alert runner gets a partitioned pipeline's rule input and progress. Every alert
+// change must be the same, with the same id, in the same order for each
+// fingerprint, whenever the stream itself has no event later than the rules'
+// allowed lateness (docs/scaling.md).
 func FuzzPartitionedOrder(f *testing.F) {
 	f.Add(uint8(4), []byte{0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 2, 200, 1, 3, 5}, []byte{3, 1, 4, 1, 5, 9, 2, 6})
 	f.Add(uint8(2), []byte{2, 0, 255, 2, 0, 1, 1, 1, 128, 0, 0, 0, 0, 1, 3, 0, 1, 3, 0, 1, 3}, []byte{1, 1, 1, 0, 0, 0})
@@ -61,73 +62,91 @@ func FuzzPartitionedOrder(f *testing.F) {
 			q := h.Sum64() % uint64(p)
 			queues[q] = append(queues[q], i)
 		}
-		// An interleaving: the choices pick among the partitions whose next event
-		// is not late; when none is, the one with the oldest next event.
-		var merged []*EventEnv
-		latest = time.Time{}
+		// An interleaving: the choices pick the partition whose next event comes.
+		type fromPartition struct {
+			p   int
+			env *EventEnv
+		}
+		var merged []fromPartition
 		for c := 0; ; c++ {
-			var ok, all []int
+			var open []int
 			for q := range queues {
-				if len(queues[q]) == 0 {
-					continue
-				}
-				all = append(all, q)
-				if !times[queues[q][0]].Before(latest.Add(-lateness)) {
-					ok = append(ok, q)
+				if len(queues[q]) > 0 {
+					open = append(open, q)
 				}
 			}
-			if len(all) == 0 {
+			if len(open) == 0 {
 				break
 			}
-			var q int
-			if len(ok) > 0 {
-				pick := 0
-				if len(choices) > 0 {
-					pick = int(choices[c%len(choices)])
-				}
-				q = ok[pick%len(ok)]
-			} else {
-				q = slices.MinFunc(all, func(a, b int) int { return times[queues[a][0]].Compare(times[queues[b][0]]) })
+			pick := 0
+			if len(choices) > 0 {
+				pick = int(choices[c%len(choices)]) + c/len(choices)
 			}
-			i := queues[q][0]
+			q := open[pick%len(open)]
+			merged = append(merged, fromPartition{q, stream[queues[q][0]]})
 			queues[q] = queues[q][1:]
-			merged = append(merged, stream[i])
-			latest = later(latest, times[i])
 		}
+		end := latest.Add(time.Hour)
+		collect := func(byFingerprint map[string][]string, out []*alerts.Alert) {
+			for _, a := range out {
+				byFingerprint[a.Fingerprint] = append(byFingerprint[a.Fingerprint], alerts.MsgID(a))
+			}
+		}
+		// The oracle: one engine, the stream in order, then an hour of idle time.
 		run := func(envs []*EventEnv) (map[string][]string, int) {
 			e := NewEngine(rules, nil)
 			byFingerprint := map[string][]string{}
-			add := func(out []*alerts.Alert) {
-				for _, a := range out {
-					byFingerprint[a.Fingerprint] = append(byFingerprint[a.Fingerprint], alerts.MsgID(a))
-				}
-			}
 			for _, env := range envs {
 				out, _ := e.Observe(env)
-				add(out)
+				collect(byFingerprint, out)
 			}
-			add(e.Idle(time.Hour))
+			collect(byFingerprint, e.Idle(end.Sub(e.State().MaxTime)))
 			late := 0
 			for _, n := range e.Late {
 				late += n
 			}
 			return byFingerprint, late
 		}
-		want, wantLate := run(stream)
-		got, late := run(merged)
-		if wantLate != 0 {
-			t.Fatalf("the stream itself has %d late events", wantLate)
+		// The partitioned engine, restarted from its saved state halfway.
+		e := NewEngine(rules, nil)
+		e.Partition(p)
+		matcher := NewMatcher(rules)
+		got := map[string][]string{}
+		for i, in := range merged {
+			if i == len(merged)/2 {
+				e = restart(t, e, rules)
+				e.Partition(p)
+			}
+			if matcher.Any(in.env) {
+				out, _ := e.ObserveIn(in.p, in.env)
+				collect(got, out)
+			} else {
+				collect(got, e.Progress(in.p, in.env.Time))
+			}
 		}
+		for q := range p {
+			collect(got, e.Progress(q, end))
+		}
+		want, late := run(stream)
 		if late != 0 {
-			// The interleaving could not keep every event within the lateness (a
-			// partition's next event was too old whichever came first): outside what
-			// the rules promise.
-			return
+			t.Fatalf("the stream itself has %d late events", late)
+		}
+		if late := sum(e.Late); late != 0 {
+			t.Fatalf("%d events late in the partitioned engine", late)
 		}
 		if !maps.EqualFunc(got, want, slices.Equal) {
-			t.Fatalf("partitions interleaved within the allowed lateness give other alert changes:\n got %q\nwant %q", got, want)
+			t.Fatalf("%d partitions interleaved give other alert changes:\n got %q\nwant %q", p, got, want)
 		}
 	})
+}
+
+// sum is the total of m's counts.
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
 }
 
 // later is the later of a and b.

@@ -525,6 +525,30 @@ func (r *Rule) Matches(m *vm.VM, env *EventEnv) (bool, error) {
 	return r.matches(m, env, nil, 0)
 }
 
+// Matcher tells the events that one of a set of rules' filters matches: the
+// rule input a partitioned pipeline hands the alert runner. A filter that fails
+// on an event does not match it, as in the engine. Not safe for concurrent use.
+type Matcher struct {
+	rules []*Rule
+	vm    vm.VM
+}
+
+// NewMatcher returns a Matcher for rules.
+func NewMatcher(rules []*Rule) *Matcher { return &Matcher{rules: rules} }
+
+// Rules returns the rules m matches.
+func (m *Matcher) Rules() []*Rule { return m.rules }
+
+// Any reports whether one of the rules' filters matches env.
+func (m *Matcher) Any(env *EventEnv) bool {
+	for _, r := range m.rules {
+		if ok, err := r.Matches(&m.vm, env); ok && err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // sharedField is the value of a field path, read once for every rule comparing it
 // on the same event.
 type sharedField struct {

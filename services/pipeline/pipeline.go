@@ -141,13 +141,6 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if cfg.Partitions < 1 || cfg.Partitions > maxPartitions {
 		return fmt.Errorf("pipeline: partitions must be between 1 and %d, got %d", maxPartitions, cfg.Partitions)
 	}
-	if cfg.Partitions > 1 && len(cfg.Alert.Rules) > 0 {
-		// A rule's group (per user, per device) is not aligned with the partitions:
-		// evaluated per partition, a count over a user's events would see only part
-		// of them. Until rule input is regrouped by group key, refuse rather than
-		// alert wrongly.
-		return fmt.Errorf("pipeline: %d alert rules are configured, and alert rules need partitions: 1 for now (a rule's groups cross partitions; docs/scaling.md)", len(cfg.Alert.Rules))
-	}
 	if err := cfg.Window.Validate(); err != nil {
 		return err
 	}
@@ -201,8 +194,81 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if keyer != nil {
 		wg.Go(func() { keyer.run(ctx) })
 	}
-	return g.Run(ctx, p.lead)
+	if cfg.Partitions == 1 {
+		return g.Run(ctx, p.lead)
+	}
+	// A rule's group (per user, per device) is not aligned with the partitions: each
+	// partition hands the events its rules' filters match to RULES, and one alert
+	// runner, claimed like a partition of a group of one, evaluates them all.
+	rkv, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{
+		Bucket: RulesBucket, Description: "The pipeline workers' alert runner: heartbeats and its claim (owner and state).", Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+	})
+	if err != nil {
+		return fmt.Errorf("pipeline: rules bucket %s: %w", RulesBucket, err)
+	}
+	rules := &partition.Group{KV: rkv, Partitions: 1, Worker: cfg.Replica, TTL: cfg.LeaseTTL, Log: log.With("group", "rules")}
+	errs := make(chan error, 1)
+	wg.Go(func() {
+		err := rules.Run(ctx, func(ctx context.Context, claim *partition.Claim) { p.runRules(ctx, claim, deps) })
+		if ctx.Err() == nil {
+			errs <- err
+			cancel()
+		}
+	})
+	err = g.Run(ctx, p.lead)
+	select {
+	case rerr := <-errs:
+		return errors.Join(err, rerr)
+	default:
+		return err
+	}
 }
+
+// RulesBucket is the KV bucket of the partitioned pipeline's alert runner claim.
+const RulesBucket = "sluice_rules"
+
+// runRules runs the alert runner on RULES while this worker holds its claim,
+// starting again after a failure, its state saved in the pipeline's object store
+// (objects rules.0.<gen>.<n>) and pointed at by the claim.
+func (p *pipeline) runRules(ctx context.Context, claim *partition.Claim, deps Deps) {
+	const check = "alert runner"
+	defer p.ready.Set(check, nil)
+	cfg := p.cfg.Alert
+	cfg.Stream, cfg.Replicas, cfg.Partitions = streams.Rules, p.cfg.Replicas, p.cfg.Partitions
+	state := claimedState{partition.NewStates(p.store, claim, "rules", p.log), claim}
+	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
+		err := alert.RunWith(ctx, cfg, alert.Deps{NATS: deps.NATS, Logger: p.log, Registerer: deps.Registerer,
+			Ready: func() { p.ready.Set(check, nil) }}, state)
+		if ctx.Err() != nil {
+			return
+		}
+		if errors.Is(err, partition.ErrLost) {
+			p.log.Warn("the alert runner's claim is lost; stopping it", "err", err)
+			return
+		}
+		delay := stage.Backoff(attempt)
+		p.ready.Set(check, err)
+		p.log.Error("the alert runner stopped; starting again from its state", "retry_in", delay, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(delay):
+		}
+	}
+}
+
+// claimedState keeps the alert runner's state under its claim.
+type claimedState struct {
+	states *partition.States
+	claim  *partition.Claim
+}
+
+func (c claimedState) Load(ctx context.Context) ([]byte, error) { return c.states.Load(ctx, "") }
+
+func (c claimedState) Save(ctx context.Context, b []byte) error {
+	return c.states.Save(ctx, bytes.NewReader(b))
+}
+
+func (c claimedState) Valid() error { return c.claim.Valid() }
 
 // maxPartitions bounds the partition count: each partition is a claim renewed
 // every quarter TTL and a filtered consumer.
@@ -320,7 +386,13 @@ type run struct {
 	// set before the engine gets the rules, read by the preparing goroutines.
 	rulesRead atomic.Pointer[events.DataFields]
 	engine    *alert.Engine
-	published map[string]bool // DLQ and ALERTS ids stored since the snapshot
+	// matcher, with more than one partition, picks the rule input handed to the
+	// alert runner (RULES); the engine then has no rules.
+	matcher *alert.Matcher
+	// progress is the latest event time of the unique events decided (moved on by
+	// idle time); progressSent is the last handed to the alert runner.
+	progress, progressSent time.Time
+	published              map[string]bool // DLQ, ALERTS and RULES ids stored since the snapshot
 	// spare holds the memory of stored batches, for batches to come.
 	spare chan *batch
 	// stored is when every output of input up to seq was last known stored.
@@ -363,8 +435,13 @@ func (r *run) restore(ctx context.Context) error {
 		r.log.Warn("input after the state's position has aged out of its stream; dedup and windows miss it", "stream", r.in.stream, "partition", r.in.id, "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
-	r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
-	r.readRules(r.engine.Rules())
+	if r.cfg.Partitions > 1 {
+		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
+		r.readRules(r.matcher.Rules())
+	} else {
+		r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
+		r.readRules(r.engine.Rules())
+	}
 	r.prepDedup, err = dedup.NewHandler(dedup.HandlerConfig{MaxPayload: r.maxPayload, Window: r.cfg.Window, Ingest: r.cfg.Ingest, NonStandard: r.m.nonStandard})
 	if err != nil {
 		return err
@@ -376,7 +453,7 @@ func (r *run) restore(ctx context.Context) error {
 		since = snap.SavedAt.Add(-5 * time.Second)
 	}
 	r.published = map[string]bool{}
-	for _, s := range []string{streams.Alerts, streams.DLQ} {
+	for _, s := range []string{streams.Alerts, streams.DLQ, streams.Rules} {
 		ids, err := jspub.PublishedSince(ctx, r.js, s, since)
 		if err != nil {
 			return fmt.Errorf("pipeline: %w", err)
@@ -719,6 +796,7 @@ func (r *run) run(ctx context.Context) error {
 			for i := range b.preps {
 				r.decide(&b.preps[i], b)
 			}
+			r.sendProgress(b)
 			if err := send(b, false); err != nil {
 				return stop(err)
 			}
@@ -728,18 +806,30 @@ func (r *run) run(ctx context.Context) error {
 				if lastInput.After(since) {
 					since = lastInput
 				}
-				if err := r.emitNow(r.engine.Idle(now.Sub(since)), send); err != nil {
+				if r.matcher != nil {
+					// The partition's progress moves on with idle time, as one engine's
+					// latest time would (from now, for a partition that had no input).
+					if r.progress.IsZero() {
+						r.progress = now.UTC()
+					} else {
+						r.progress = r.progress.Add(now.Sub(since))
+					}
+					b := &batch{}
+					if r.sendProgress(b) {
+						if err := send(b, false); err != nil {
+							return stop(err)
+						}
+					}
+				} else if err := r.emitNow(r.engine.Idle(now.Sub(since)), send); err != nil {
 					return stop(err)
 				}
 			}
 			lastIdle = now
 		case rules := <-reloads:
-			if r.cfg.Partitions > 1 && len(rules) > 0 {
-				r.log.Error("alert rules need partitions: 1 for now (a rule's groups cross partitions; docs/scaling.md); the reloaded rules are left out", "rules", len(rules), "partitions", r.cfg.Partitions)
-				rules = nil
-			}
 			r.readRules(rules)
-			if err := r.emitNow(r.engine.SetRules(rules), send); err != nil {
+			if r.matcher != nil {
+				r.matcher = alert.NewMatcher(rules)
+			} else if err := r.emitNow(r.engine.SetRules(rules), send); err != nil {
 				return stop(err)
 			}
 			r.log.Info("alert rules reloaded", "rules", len(rules))
@@ -1015,12 +1105,25 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 		}
 		b.typed[it.typedIdx] = append(b.typed[it.typedIdx], typedRow{values: it.typed, seq: p.seq, key: d.Event.Key})
 	}
-	if len(r.engine.Rules()) == 0 {
+	rules := r.engine.Rules()
+	if r.matcher != nil {
+		rules = r.matcher.Rules()
+		if d.Event.Time.After(r.progress) {
+			r.progress = d.Event.Time
+		}
+	}
+	if len(rules) == 0 {
 		return
 	}
 	env := it.env
 	if read := r.rulesRead.Load(); it.envRead != read { // rules were loaded after the message was prepared
 		env = alert.EnvFor(d.Event, *read)
+	}
+	if r.matcher != nil {
+		if r.matcher.Any(env) {
+			r.ruleInput(p, &d, b)
+		}
+		return
 	}
 	out, errs := r.engine.Observe(env)
 	for range errs {
@@ -1031,6 +1134,47 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 		delete(r.engine.Late, rule)
 	}
 	r.emit(out, p.seq <= r.replay, b)
+}
+
+// sendProgress adds the partition's progress for the alert runner to b when it
+// moved on since the last (and there are rules), and reports whether it did.
+func (r *run) sendProgress(b *batch) bool {
+	if r.matcher == nil || len(r.matcher.Rules()) == 0 || !r.progress.After(r.progressSent) {
+		return false
+	}
+	m := nats.NewMsg(alerts.RuleInputSubject(r.in.id))
+	m.Header.Set(alerts.HeaderProgress, r.progress.UTC().Format(time.RFC3339Nano))
+	if r.seq <= r.replay {
+		m.Header.Set(alerts.HeaderReplay, "true")
+	}
+	b.out = append(b.out, m)
+	r.progressSent = r.progress
+	return true
+}
+
+// ruleInput adds the rule input of d (its event, enriched) to b, unless it was
+// stored before a restart.
+func (r *run) ruleInput(p *prep, d *dedup.Decision, b *batch) {
+	el := -1
+	if d.Element != nil {
+		el = d.Element.Index
+	}
+	id := alerts.RuleInputMsgID(r.in.stream, p.seq, el)
+	if r.published[id] {
+		return
+	}
+	body, err := d.Event.Marshal()
+	if err != nil {
+		r.log.Error("encode rule input", "key", d.Event.Key, "err", err)
+		return
+	}
+	m := nats.NewMsg(alerts.RuleInputSubject(r.in.id))
+	m.Header.Set(nats.MsgIdHdr, id)
+	if p.seq <= r.replay {
+		m.Header.Set(alerts.HeaderReplay, "true")
+	}
+	m.Data = body
+	b.out = append(b.out, m)
 }
 
 // deadLetter adds the dead letter of msg (or of its batch element el, whose

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/events"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
@@ -468,12 +469,6 @@ func TestPartitionedWorkers(t *testing.T) {
 		}
 		return nil
 	})
-	// More than one partition needs rules that do not cross them.
-	cfg := testConfig(t, "d")
-	cfg.Partitions = 4
-	if err := Run(context.Background(), cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Logger: testLog, Ready: &telemetry.Readiness{}}); err == nil || !strings.Contains(err.Error(), "partitions: 1") {
-		t.Fatalf("rules with 4 partitions: %v", err)
-	}
 }
 
 // Batches of raw JSON across partitions: the keying step copies each element of a
@@ -624,4 +619,124 @@ func TestWatchdogStalledPartition(t *testing.T) {
 		return nil
 	})
 	f.check(t, u1+u2, i1+i2, r1+r2)
+}
+
+// Alert rules across partitions: workers sharing four partitions hand the events
+// their rules match, and their progress, to RULES, and the one alert runner
+// (claimed by one worker, handed over when it stops) evaluates them. The alert
+// changes — match alerts and a per-user threshold whose users cross partitions —
+// are, by id, those of one engine fed the input in order (the oracle), each stored
+// once. The rules' allowed lateness covers the disorder the keying step makes when
+// two workers copy the input at once (docs/scaling.md).
+func TestPartitionedRules(t *testing.T) {
+	const yaml = `
+alert:
+  idle_after: 1h
+rules:
+  - name: refund
+    kind: match
+    filter: type == "test.refunded"
+  - name: failed-logins
+    kind: threshold
+    filter: type == "login.failed"
+    group_by: [data.user]
+    window: 1s
+    step: 100ms
+    allowed_lateness: 15s
+    op: ">"
+    threshold: 3
+`
+	// Failed logins of seven users in bursts, refunds, other events; event time
+	// moves on 10 ms an event. Last, 40 events an hour later that no rule matches
+	// close every window (in every partition).
+	at := time.Date(2026, 11, 22, 3, 0, 0, 0, time.UTC)
+	body := func(i int) []byte {
+		typ, when := "test.created", at.Add(time.Duration(i)*10*time.Millisecond)
+		switch {
+		case i >= 1200:
+			when = at.Add(time.Hour)
+		case i%7 == 0:
+			typ = "test.refunded"
+		case i%40 < 12:
+			typ = "login.failed"
+		}
+		return fmt.Appendf(nil, `{"id":"e-%d","source":"shop","type":%q,"time":%q,"data":{"user":"u%d","n":%d}}`,
+			i, typ, when.Format(time.RFC3339Nano), i%40%7, i)
+	}
+	cfg, _ := configFrom(t, "oracle", yaml)
+	oracle := alert.NewEngine(cfg.Alert.Rules, nil)
+	var want []string
+	for i := range 1240 {
+		e, err := events.Unmarshal(body(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Key = dedup.Key(e, events.Message{Subject: "events.shop.order"})
+		out, _ := oracle.Observe(alert.Env(e))
+		for _, a := range out {
+			want = append(want, alerts.MsgID(a))
+		}
+	}
+	f := setup(t)
+	start := func(name string) func() {
+		cfg, _ := configFrom(t, name, yaml)
+		cfg.Alert.ConfigPath = ""
+		cfg.Partitions, cfg.LeaseTTL = 4, 2*time.Second
+		return f.start(t, cfg)
+	}
+	publish := func(from, to int) {
+		for i := from; i < to; i++ {
+			if _, err := f.js.Publish(context.Background(), "events.shop.order", body(i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	stopA := start("a")
+	start("b")
+	publish(0, 600)
+	f.waitFor(t, 600, 0, 0)
+	stopA() // hands its partitions, and the alert runner if it held it, to b
+	start("c")
+	publish(600, 1200)
+	f.waitFor(t, 1200, 0, 0)
+	publish(1200, 1240)
+	f.waitFor(t, 1240, 0, 0)
+	var got []string
+	poll.Until(t, time.Minute, func() error {
+		var err error
+		if got, err = streamIDs(f.js, streams.Alerts); err != nil {
+			return err
+		}
+		if len(got) < len(want) {
+			return fmt.Errorf("%d of %d alert changes", len(got), len(want))
+		}
+		return nil
+	})
+	slices.Sort(want)
+	slices.Sort(got)
+	if len(want) < 20 || !slices.Equal(got, want) {
+		t.Fatalf("4 partitions gave %d alert changes, the oracle %d:\n got %q\nwant %q", len(got), len(want), got, want)
+	}
+}
+
+// streamIDs is the Nats-Msg-Id of every message in stream.
+func streamIDs(js jetstream.JetStream, stream string) ([]string, error) {
+	ctx := context.Background()
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			return nil, err
+		}
+		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
+	}
+	return ids, nil
 }
