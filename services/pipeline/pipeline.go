@@ -550,10 +550,12 @@ func (r *run) write(ctx context.Context) error {
 	return r.upload(ctx, st)
 }
 
-// captured is the partition's state at one position, encoded; it is uploaded once
-// every output of input up to that position is stored.
+// captured is the partition's state at one position: its header encoded, its
+// dedup keys a copy (encoded by the saver); it is uploaded once every output of
+// input up to that position is stored.
 type captured struct {
-	data bytes.Buffer
+	head []byte
+	keys *window.Store
 	seq  uint64
 	// stored is when every output up to seq was known stored (for progress).
 	stored time.Time
@@ -569,20 +571,20 @@ func (r *run) capture(since time.Time) (*captured, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}
-	st := &captured{seq: r.seq}
-	st.data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
-	st.data.Write(head)
-	if err := r.keys.WriteSnapshot(&st.data); err != nil {
-		return nil, fmt.Errorf("pipeline: encode state: %w", err)
-	}
-	return st, nil
+	return &captured{head: head, keys: r.keys.Clone(), seq: r.seq}, nil
 }
 
 // upload saves a captured state and points the claim at it. Every output up to
 // its position must be stored. Uploads of one run are one at a time.
 func (r *run) upload(ctx context.Context, st *captured) error {
 	start := time.Now()
-	if err := r.states.Save(ctx, &st.data); err != nil {
+	var data bytes.Buffer
+	data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(st.head))))
+	data.Write(st.head)
+	if err := st.keys.WriteSnapshot(&data); err != nil {
+		return fmt.Errorf("pipeline: encode state: %w", err)
+	}
+	if err := r.states.Save(ctx, &data); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
 	r.reportProgress(ctx, st.seq, st.stored, time.Now().UTC())

@@ -34,6 +34,15 @@ func (s *Store) SetOrigin(origin uint64) {
 // NewStore returns an empty store holding at most maxKeys keys (0: no bound).
 func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys} }
 
+// Clone returns a copy of the store (a copy of its table's two arrays: a few
+// milliseconds a million keys), for a snapshot written while this store goes on.
+func (s *Store) Clone() *Store {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	c := &Store{t: s.t.clone(), maxKeys: s.maxKeys, lastSeq: s.lastSeq, evicted: s.evicted, horizon: s.horizon, origin: s.origin}
+	return c
+}
+
 // Reset empties the store, keeping its cap and origin.
 func (s *Store) Reset() {
 	s.mu.Lock()

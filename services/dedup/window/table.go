@@ -9,6 +9,7 @@ package window
 
 import (
 	"math/bits"
+	"slices"
 )
 
 // Key is a 128-bit event key.
@@ -30,6 +31,11 @@ const (
 	minSlots    = 16
 	slotBytes   = 16 + 4
 )
+
+// clone returns a copy of t.
+func (t *Table) clone() Table {
+	return Table{keys: slices.Clone(t.keys), exp: slices.Clone(t.exp), n: t.n}
+}
 
 // Len is the number of keys held.
 func (t *Table) Len() int { return t.n }
