@@ -453,7 +453,11 @@ func (r *run) restore(ctx context.Context) error {
 		since = snap.SavedAt.Add(-5 * time.Second)
 	}
 	r.published = map[string]bool{}
-	for _, s := range []string{streams.Alerts, streams.DLQ, streams.Rules} {
+	outputs := []string{streams.Alerts, streams.DLQ}
+	if r.matcher != nil {
+		outputs = append(outputs, streams.Rules)
+	}
+	for _, s := range outputs {
 		ids, err := jspub.PublishedSince(ctx, r.js, s, since)
 		if err != nil {
 			return fmt.Errorf("pipeline: %w", err)
