@@ -208,8 +208,9 @@ func (c *natsCluster) heal(t *testing.T) {
 	}
 }
 
-// TestClusterFaults runs three pipeline workers sharing eight partitions, and the
-// sink, on a 3-node JetStream cluster with every stream and bucket in three copies
+// TestClusterFaults runs three pipeline workers sharing eight partitions, with a
+// match rule evaluated by their one alert runner, the sink and notify (a signed
+// webhook), on a 3-node JetStream cluster with every stream and bucket in three copies
 // (SLUICE_STREAM_REPLICAS=3), while 300,000 publishes (repeats and invalid input
 // among them) flow. Meanwhile: the node leading EVENTS is SIGKILLed and restarted;
 // a worker is SIGKILLed and restarted; node 2 — the only server worker 2 knows — is
@@ -217,7 +218,8 @@ func (c *natsCluster) heal(t *testing.T) {
 // off worker 2 while it lasts; then the node leading the keying step's
 // consumer is SIGKILLed and restarted. Every unique event lands in ClickHouse once
 // (worker 2, back on the network, wrote nothing after losing its partitions),
-// every invalid one in dead_letters, and each partition ends owned by a worker.
+// every invalid one in dead_letters, every alert once in the alerts table and once
+// (by webhook-id) at the webhook, and each partition ends owned by a worker.
 func TestClusterFaults(t *testing.T) {
 	const partitions = 8
 	bin := build(t)
@@ -232,8 +234,13 @@ func TestClusterFaults(t *testing.T) {
 	_, js := cl.connect(t, majority)
 	ctx := context.Background()
 	topo := shortAckWaits(t, js)
+	// One event in a thousand fires a match rule, evaluated across the partitions
+	// by the workers' one alert runner, and reaches a signed webhook through notify.
+	hook := newSignedHook(t)
 	cfgPath := filepath.Join(dir, "sluice.yaml")
-	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
+	cfg := fmt.Sprintf("dedup:\n  window: 1h\nrules:\n  - name: every-thousandth\n    filter: 'int(data.n) %% 1000 == 0'\n    severity: info\n"+
+		"receivers:\n  - {name: hook, url: %q, secret_env: [HOOK_SECRET], allow_private: true}\n", hook.URL)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	start := func(name, url string, env ...string) *process {
@@ -249,6 +256,7 @@ func TestClusterFaults(t *testing.T) {
 			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms")
 	}
 	start("sink", majority, "SINK_TABLES=dead_letters,alerts")
+	start("notify", majority, "HOOK_SECRET="+hookSecret)
 	workers := []*process{worker(0), worker(1), worker(2)}
 	alive := func(i int) {
 		t.Helper()
@@ -347,7 +355,7 @@ func TestClusterFaults(t *testing.T) {
 	if err := <-published; err != nil {
 		t.Fatal(err)
 	}
-	waitDrained(t, ctx, conn, js, readBy(topo, []string{"pipeline", "sink"}), m, nil, 0)
+	waitDrained(t, ctx, conn, js, readBy(topo, []string{"pipeline", "sink", "notify"}), m, hook, (len(m.Events)+999)/1000)
 	if err := natstest.Idle(ctx, js, streams.Events, "partitioner"); err != nil {
 		t.Fatal(err)
 	}
