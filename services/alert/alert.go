@@ -449,10 +449,7 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 		s.m.filter.Inc()
 		s.log.Debug("expression did not evaluate", "key", e.Key, "err", err)
 	}
-	for rule, n := range s.engine.Late {
-		s.m.late.WithLabelValues(rule).Add(float64(n))
-		delete(s.engine.Late, rule)
-	}
+	s.engine.DrainLate(func(rule string, n int) { s.m.late.WithLabelValues(rule).Add(float64(n)) })
 	s.m.maxEvent.Set(float64(s.engine.State().MaxTime.UnixMilli()) / 1e3)
 	s.emit(ctx, out, replay)
 }

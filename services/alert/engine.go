@@ -25,8 +25,9 @@ import (
 type Engine struct {
 	rules []*Rule
 	st    *State
-	// Late counts events that arrived after their window was evaluated, by rule.
-	Late map[string]int
+	// late counts events that arrived after their window was evaluated, by rule,
+	// since the last DrainLate.
+	late map[string]int
 	adds []add
 	// states holds each rule's state, in rules' order (nil for match rules).
 	states []*RuleState
@@ -122,7 +123,7 @@ func NewEngine(rules []*Rule, st *State) *Engine {
 	if st.Rules == nil {
 		st.Rules = map[string]*RuleState{}
 	}
-	e := &Engine{st: st, Late: map[string]int{}}
+	e := &Engine{st: st, late: map[string]int{}}
 	e.SetRules(rules)
 	return e
 }
@@ -195,6 +196,16 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		e.states[i] = e.st.Rules[r.Name]
 	}
 	return out
+}
+
+// DrainLate calls f with each rule's count of late events since the last call
+// (events that arrived after a window holding them was evaluated), then forgets
+// them.
+func (e *Engine) DrainLate(f func(rule string, n int)) {
+	for rule, n := range e.late {
+		f(rule, n)
+	}
+	clear(e.late)
 }
 
 // Observe evaluates env (an event at env.Time) and returns the alerts it causes:
@@ -316,7 +327,7 @@ func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 		if rs.Evaluated != 0 && b+step <= rs.Evaluated {
 			// Late: a window holding the event was evaluated already. It still counts
 			// in the windows to come, unless none of them holds it.
-			e.Late[r.Name]++
+			e.late[r.Name]++
 			if b+r.span() <= rs.Evaluated {
 				continue
 			}

@@ -152,12 +152,12 @@ func TestLateEvents(t *testing.T) {
 	e := NewEngine(mustRules(t, rule), nil)
 	out := feed(t, e, logins("u2", 0, 101))
 	out = append(out, feed(t, e, logins("u1", 5, 5, 5))...) // every window holding 5 s was evaluated
-	if len(out) != 0 || e.Late["failed-logins"] != 3 {
-		t.Fatalf("out %q, late %d; want nothing and 3 late", show(out, "user"), e.Late["failed-logins"])
+	if len(out) != 0 || e.late["failed-logins"] != 3 {
+		t.Fatalf("out %q, late %d; want nothing and 3 late", show(out, "user"), e.late["failed-logins"])
 	}
 	out = feed(t, e, logins("u1", 95, 95, 95, 200)) // late for the window ending at 100, in time for 110
-	if got := show(out, "user"); !slices.Equal(got, []string{"firing u1 110", "resolved u1 110-160"}) || e.Late["failed-logins"] != 6 {
-		t.Fatalf("got %q, %d late", got, e.Late["failed-logins"])
+	if got := show(out, "user"); !slices.Equal(got, []string{"firing u1 110", "resolved u1 110-160"}) || e.late["failed-logins"] != 6 {
+		t.Fatalf("got %q, %d late", got, e.late["failed-logins"])
 	}
 }
 

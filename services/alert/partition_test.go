@@ -102,7 +102,7 @@ func FuzzPartitionedOrder(f *testing.F) {
 			}
 			collect(byFingerprint, e.Idle(end.Sub(e.State().MaxTime)))
 			late := 0
-			for _, n := range e.Late {
+			for _, n := range e.late {
 				late += n
 			}
 			return byFingerprint, late
@@ -131,7 +131,7 @@ func FuzzPartitionedOrder(f *testing.F) {
 		if late != 0 {
 			t.Fatalf("the stream itself has %d late events", late)
 		}
-		if late := sum(e.Late); late != 0 {
+		if late := sum(e.late); late != 0 {
 			t.Fatalf("%d events late in the partitioned engine", late)
 		}
 		if !maps.EqualFunc(got, want, slices.Equal) {

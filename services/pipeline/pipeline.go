@@ -1135,10 +1135,7 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	for range errs {
 		r.m.exprErrors.Inc()
 	}
-	for rule, n := range r.engine.Late {
-		r.m.late.WithLabelValues(rule).Add(float64(n))
-		delete(r.engine.Late, rule)
-	}
+	r.engine.DrainLate(func(rule string, n int) { r.m.late.WithLabelValues(rule).Add(float64(n)) })
 	r.emit(out, p.seq <= r.replay, b)
 }
 

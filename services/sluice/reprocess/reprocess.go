@@ -463,7 +463,7 @@ func (r *ruleRun) observe(ctx context.Context, js jetstream.JetStream, stored ma
 			continue
 		}
 		out, _ := r.engine.Observe(r.envs[key]) // a filter that fails on an event does not match it
-		clear(r.engine.Late)
+		r.engine.DrainLate(func(string, int) {})
 		for _, a := range out {
 			a.Replay = true
 			rep.Alerts++
