@@ -46,6 +46,7 @@ import (
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/jspub"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/stage"
@@ -100,7 +101,7 @@ type Config struct {
 	// as they are, 1 when created).
 	Replicas int
 	// Crash is fault injection for the crash tests; zero in production.
-	Crash sink.Crash
+	Crash crash.Injection
 }
 
 // DefaultConfig gives batches of up to 20,000 events, flushed within 200 ms, and
@@ -1287,8 +1288,8 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		}
 	}
 	if len(b.rows) > 0 {
-		w.cfg.Crash.At(sink.CrashBeforeInsert)
-		w.cfg.Crash.At(sink.CrashDuringInsert)
+		w.cfg.Crash.At(crash.BeforeInsert)
+		w.cfg.Crash.At(crash.DuringInsert)
 		start := time.Now()
 		var (
 			refused map[int]error
@@ -1329,7 +1330,7 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		if err != nil {
 			return err
 		}
-		w.cfg.Crash.At(sink.CrashAfterInsert)
+		w.cfg.Crash.At(crash.AfterInsert)
 		if err := w.claim.Valid(); err != nil {
 			return err
 		}
@@ -1399,7 +1400,7 @@ func (w *writer) storeTyped(ctx context.Context, i int, rows []typedRow) error {
 		}
 		// A failed insert may have stored the rows; the next try checks first.
 		check = true
-		w.cfg.Crash.At(sink.CrashDuringTypedInsert)
+		w.cfg.Crash.At(crash.DuringTypedInsert)
 		values := make([][]any, len(rows))
 		for j, r := range rows {
 			values[j] = r.values

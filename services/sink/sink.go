@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -54,7 +55,7 @@ type Config struct {
 	// events: only when Tables holds events.
 	Typed []*TypedTable
 	// Crash is fault injection for the crash tests; the zero value in production.
-	Crash Crash
+	Crash crash.Injection
 }
 
 // DefaultConfig gives about two inserts per second per table under high load and
@@ -380,8 +381,8 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 		}
 	}
 	if len(rows) > 0 {
-		w.cfg.Crash.At(CrashBeforeInsert)
-		w.cfg.Crash.At(CrashDuringInsert)
+		w.cfg.Crash.At(crash.BeforeInsert)
+		w.cfg.Crash.At(crash.DuringInsert)
 		start := time.Now()
 		refused, err := w.insertIsolating(ctx, rows, &timers{batch: batch, since: fetched})
 		if err != nil {
@@ -389,7 +390,7 @@ func (w *writer) flush(ctx, runCtx context.Context, batch []jetstream.Msg, fetch
 			w.fail(runCtx, batch, errorKind(err), err)
 			return
 		}
-		w.cfg.Crash.At(CrashAfterInsert)
+		w.cfg.Crash.At(crash.AfterInsert)
 		for _, msg := range inserted {
 			if md, err := msg.Metadata(); err == nil {
 				w.hwm = max(w.hwm, md.Sequence.Stream)

@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/service"
-	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/test/oracle"
 )
 
@@ -60,7 +60,7 @@ func TestTypedTableKill9(t *testing.T) {
 		return start("pipeline", "PIPELINE_LEASE_TTL=2s", "PIPELINE_SNAPSHOT_INTERVAL=500ms", "PIPELINE_BATCH_MAX_ROWS=2000", "SLUICE_TEST_CRASH="+crash)
 	}
 	start("sink", "SINK_TABLES=dead_letters,alerts")
-	points := []string{sink.CrashBeforeInsert, sink.CrashDuringInsert, sink.CrashAfterInsert, sink.CrashDuringTypedInsert}
+	points := []string{crash.BeforeInsert, crash.DuringInsert, crash.AfterInsert, crash.DuringTypedInsert}
 	victim := pipeline(points[0] + ":0.3")
 
 	m := oracle.NewManifest(oracle.Spec{Total: 30_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 31})

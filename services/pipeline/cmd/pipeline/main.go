@@ -13,6 +13,7 @@ import (
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/pipeline"
@@ -69,7 +70,7 @@ func main() {
 			}
 			// Fault injection for the crash tests (test/procs); unset in production.
 			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH"); ok {
-				if cfg.Crash, err = sink.ParseCrash(v); err != nil {
+				if cfg.Crash, err = crash.Parse(v); err != nil {
 					return fmt.Errorf("SLUICE_TEST_CRASH: %w", err)
 				}
 			}

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/sink"
@@ -64,11 +65,11 @@ func main() {
 			defer conn.Close()
 			// Fault injection for the crash tests (test/procs); unset in production.
 			if v, ok := os.LookupEnv("SLUICE_TEST_CRASH"); ok {
-				crash, err := sink.ParseCrash(v)
+				inj, err := crash.Parse(v)
 				if err != nil {
 					return fmt.Errorf("SLUICE_TEST_CRASH: %w", err)
 				}
-				cfg.Crash = crash
+				cfg.Crash = inj
 			}
 			return sink.Run(ctx, cfg, sink.Deps{
 				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
