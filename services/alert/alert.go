@@ -313,7 +313,9 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	if s.cfg.ConfigPath != "" {
-		wg.Go(func() { s.watch(watchCtx, reloads) })
+		// Noted before the stage reports ready: a change made after that is seen.
+		w := configfile.NewWatcher(s.cfg.ConfigPath)
+		wg.Go(func() { s.watch(watchCtx, w, reloads) })
 	}
 	if ready != nil {
 		ready()
@@ -368,8 +370,8 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 	}
 }
 
-func (s *stageRun) watch(ctx context.Context, reloads chan<- []*Rule) {
-	WatchRules(ctx, s.cfg.ConfigPath, s.cfg.ReloadInterval, s.log, func(result string) { s.m.reloads.WithLabelValues(result).Inc() },
+func (s *stageRun) watch(ctx context.Context, w *configfile.Watcher, reloads chan<- []*Rule) {
+	WatchRules(ctx, w, s.cfg.ReloadInterval, s.log, func(result string) { s.m.reloads.WithLabelValues(result).Inc() },
 		func(rules []*Rule) {
 			select {
 			case reloads <- rules:
@@ -378,15 +380,15 @@ func (s *stageRun) watch(ctx context.Context, reloads chan<- []*Rule) {
 		})
 }
 
-// WatchRules calls apply with the rules of the file at path each time it changes,
-// and counted with "ok" or "failed". Rules that do not compile are logged and left
+// WatchRules calls apply with the rules of w's file each time it changes, and
+// counted with "ok" or "failed". Rules that do not compile are logged and left
 // out; a file that does not load keeps the running rules.
-func WatchRules(ctx context.Context, path string, every time.Duration, log *slog.Logger, counted func(result string), apply func([]*Rule)) {
-	configfile.Watch(ctx, path, every, func(f *configfile.File) {
+func WatchRules(ctx context.Context, w *configfile.Watcher, every time.Duration, log *slog.Logger, counted func(result string), apply func([]*Rule)) {
+	w.Run(ctx, every, func(f *configfile.File) {
 		rules, err := LoadRules(f)
 		var re *RuleError
 		if err != nil && !errors.As(err, &re) {
-			log.Error("the changed config did not load; the running rules stay", "config", path, "err", err)
+			log.Error("the changed config did not load; the running rules stay", "config", w.Path(), "err", err)
 			counted("failed")
 			return
 		}
@@ -398,7 +400,7 @@ func WatchRules(ctx context.Context, path string, every time.Duration, log *slog
 		}
 		apply(rules)
 	}, func(err error) {
-		log.Error("the changed config did not load; the running rules stay", "config", path, "err", err)
+		log.Error("the changed config did not load; the running rules stay", "config", w.Path(), "err", err)
 		counted("failed")
 	})
 }

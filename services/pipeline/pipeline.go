@@ -46,6 +46,7 @@ import (
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/jspub"
 	"github.com/sluicehq/sluice/services/kit/partition"
@@ -716,8 +717,10 @@ func (r *run) run(ctx context.Context) error {
 
 	reloads := make(chan []*alert.Rule)
 	if r.cfg.Alert.ConfigPath != "" {
+		// Noted before the partition reports ready: a change made after that is seen.
+		w := configfile.NewWatcher(r.cfg.Alert.ConfigPath)
 		wg.Go(func() {
-			alert.WatchRules(inCtx, r.cfg.Alert.ConfigPath, r.cfg.Alert.ReloadInterval, r.log,
+			alert.WatchRules(inCtx, w, r.cfg.Alert.ReloadInterval, r.log,
 				func(result string) { r.m.reloads.WithLabelValues(result).Inc() },
 				func(rules []*alert.Rule) {
 					select {
