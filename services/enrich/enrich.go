@@ -152,8 +152,10 @@ func Start(ctx context.Context, cfg Config, js jetstream.JetStream, log *slog.Lo
 	l.current.Store(rt)
 	log.Info("enrich rules loaded", "rules", len(cfg.Enrich.Rules), "tables", len(cfg.Enrich.Tables), "geo", len(cfg.Enrich.Geo))
 	if cfg.ConfigPath != "" {
+		// Noted before Start returns: a change made after that is seen.
+		w := configfile.NewWatcher(cfg.ConfigPath)
 		l.wg.Go(func() {
-			watchConfig(ctx, cfg.ConfigPath, cfg.Enrich.ReloadInterval, log, func(ec EnrichConfig) error {
+			watchConfig(ctx, w, cfg.Enrich.ReloadInterval, log, func(ec EnrichConfig) error {
 				next, err := start(ec)
 				if err != nil {
 					return err
@@ -209,15 +211,15 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	return r.Run(ctx, deps.Ready)
 }
 
-// watchConfig calls apply with the enrich section each time the file at path
-// changes; a file that does not parse or validate is logged and the running config
-// stays.
-func watchConfig(ctx context.Context, path string, every time.Duration, log *slog.Logger, apply func(EnrichConfig) error, counted func(result string)) {
+// watchConfig calls apply with the enrich section each time w's file changes; a
+// file that does not parse or validate is logged and the running config stays.
+func watchConfig(ctx context.Context, w *configfile.Watcher, every time.Duration, log *slog.Logger, apply func(EnrichConfig) error, counted func(result string)) {
+	path := w.Path()
 	failed := func(err error) {
 		log.Error("the changed config did not load; the running enrich config stays", "config", path, "err", err)
 		counted("failed")
 	}
-	configfile.Watch(ctx, path, every, func(f *configfile.File) {
+	w.Run(ctx, every, func(f *configfile.File) {
 		ec, err := LoadEnrichConfig(f)
 		if err == nil {
 			err = apply(ec)
