@@ -6,16 +6,11 @@ import (
 	"time"
 )
 
-// Watch calls changed with the newly parsed file each time the file at path
-// changes (by modification time or size), checking every period, until ctx is done.
-// A file that does not parse is passed to failed and the watch goes on. Changes
-// are counted from when Watch is called; NewWatcher fixes that point before the
-// watching goroutine starts.
-func Watch(ctx context.Context, path string, every time.Duration, changed func(*File), failed func(error)) {
-	NewWatcher(path).Run(ctx, every, changed, failed)
-}
-
-// Watcher watches one file for changes made after NewWatcher.
+// Watcher watches one file for changes made after NewWatcher: Run calls changed
+// with the newly parsed file each time it changes (by modification time or size),
+// checking every period, until ctx is done; a file that does not parse is passed
+// to failed and the watch goes on. NewWatcher, called before the goroutine that
+// runs it starts, fixes from when changes count.
 type Watcher struct {
 	path string
 	last os.FileInfo
@@ -30,7 +25,7 @@ func NewWatcher(path string) *Watcher {
 // Path is the file watched.
 func (w *Watcher) Path() string { return w.path }
 
-// Run is Watch for the changes after NewWatcher.
+// Run watches until ctx is done.
 func (w *Watcher) Run(ctx context.Context, every time.Duration, changed func(*File), failed func(error)) {
 	t := time.NewTicker(every)
 	defer t.Stop()
