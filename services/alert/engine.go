@@ -524,16 +524,18 @@ func (r *Rule) aggregate(g *GroupState, from, to int64) (float64, bool) {
 	switch step, n := int64(r.Step), int64(len(g.Buckets)); {
 	case g.Latest < from:
 		// No event in the range: skip the ring.
-	case n == r.ring():
-		// A full ring holds step s at s/step mod n, with a slot for each step of
-		// the range: only those slots are read.
+	case g.ringed && n == r.ring():
+		// A ring of the rule's size holds step s at s/step mod n, with a slot for
+		// each step of the range: only those slots are read. (A ring as restored is
+		// a list of the steps with events, whatever its length: a grown ring's
+		// list can have the rule's size and no slot order.)
 		for s := from; s < to; s += step {
 			if b := &g.Buckets[floorMod(s/step, n)]; b.Start == s {
 				acc.merge(b)
 			}
 		}
 	default:
-		// A ring as restored (only steps with events, in no slot order).
+		// A ring as restored (only steps with events, in no slot order), or grown.
 		for i := range g.Buckets {
 			if b := &g.Buckets[i]; b.Start >= from && b.Start < to {
 				acc.merge(b)
