@@ -416,7 +416,10 @@ func (s *stageRun) handle(ctx context.Context, msg jetstream.Msg) {
 	replay := s.seq <= s.replay || msg.Headers().Get(alerts.HeaderReplay) == "true"
 	part := -1
 	if s.cfg.Partitions > 0 {
-		if part, err = alerts.RuleInputPartition(msg.Subject()); err != nil {
+		if part, err = alerts.RuleInputPartition(msg.Subject()); err == nil && part >= s.cfg.Partitions {
+			err = fmt.Errorf("rule input of partition %d, and the workers have %d partitions (SLUICE_PARTITIONS changed without the cut-over of docs/scaling.md?)", part, s.cfg.Partitions)
+		}
+		if err != nil {
 			s.publish(ctx, stage.DeadLetter(Name, msg, err.Error(), s.maxPayload))
 			return
 		}
