@@ -29,6 +29,7 @@ type metrics struct {
 	nonStandard      prometheus.Counter
 	typedRows        *prometheus.CounterVec
 	stalled          *prometheus.GaugeVec
+	stallRestarts    *prometheus.CounterVec
 	savedAt          *prometheus.GaugeVec
 }
 
@@ -40,6 +41,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"partition"})),
 		stalled: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "sluice_pipeline_stalled", Help: "1 while a partition holds input and stored none of it for PIPELINE_STALL_AFTER (the watchdog), by partition.",
+		}, []string{"partition"})),
+		stallRestarts: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_pipeline_stall_restarts_total", Help: "Runs of a partition ended and started again because it stalled (PIPELINE_STALL_RESTART), by partition.",
 		}, []string{"partition"})),
 		typedRows: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",

@@ -85,6 +85,10 @@ type Config struct {
 	// StallAfter: a partition holding input that stores none of it this long is
 	// reported stalled (watchdog).
 	StallAfter time.Duration
+	// StallRestart: a stalled partition's run also ends and starts again from its
+	// state (a new consumer and writer; an insert or publish in flight is
+	// cancelled), as after any failure of the run.
+	StallRestart bool
 	// Partitions divides the input among workers (1: every worker reads EVENTS
 	// whole, one at a time; more: a keying step copies EVENTS into PARTITIONS by
 	// event key, and each partition has one owner). All workers must agree.
@@ -314,7 +318,7 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	// The claim's states, kept across the runs of this ownership.
 	states := partition.NewStates(p.store, claim, "state", p.log)
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, in: in, claim: claim, states: states, spare: make(chan *batch, 2)}
+		r := &run{pipeline: p, in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
@@ -412,6 +416,8 @@ type run struct {
 	lastProgress *Progress
 	// dog watches that input read is stored.
 	dog watchdog.Dog
+	// stalled carries the watchdog's report to the run when cfg.StallRestart.
+	stalled chan error
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -745,6 +751,8 @@ func (r *run) run(ctx context.Context) error {
 		case batches <- b:
 		case <-writerDone:
 			return writerFailed()
+		case err := <-r.stalled: // the writer holds up this hand-off
+			return r.stallRestart(err)
 		}
 		if !wait {
 			return nil
@@ -797,6 +805,8 @@ func (r *run) run(ctx context.Context) error {
 			return stop(nil)
 		case <-writerDone:
 			return writerFailed()
+		case err := <-r.stalled:
+			return stop(r.stallRestart(err))
 		case b, ok := <-prepared:
 			if !ok {
 				return stop(errors.New("pipeline: the input ended"))
@@ -862,6 +872,13 @@ func (r *run) run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// stallRestart is the error that ends a run the watchdog found stalled
+// (cfg.StallRestart), counted.
+func (r *run) stallRestart(stalled error) error {
+	r.m.stallRestarts.WithLabelValues(r.in.label).Inc()
+	return fmt.Errorf("pipeline: %w; its run starts again (stall_restart)", stalled)
 }
 
 // readRules notes what rules read of events' data, for the messages prepared

@@ -22,12 +22,14 @@ import (
 
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -557,17 +559,7 @@ func TestWatchdogStalledPartition(t *testing.T) {
 			t.Error(err)
 		}
 	}()
-	gauge := func(name string) float64 {
-		mfs, _ := reg.Gather()
-		for _, mf := range mfs {
-			if mf.GetName() == name {
-				for _, m := range mf.GetMetric() {
-					return m.GetGauge().GetValue()
-				}
-			}
-		}
-		return -1
-	}
+	gauge := func(name string) float64 { return metricValue(reg, name) }
 	stalled := func() float64 { return gauge("sluice_pipeline_stalled") }
 	// savedSeq is the EVENTS sequence of the last state saved.
 	savedSeq := func() float64 { return gauge("sluice_pipeline_snapshot_sequence") }
@@ -739,4 +731,73 @@ func streamIDs(js jetstream.JetStream, stream string) ([]string, error) {
 		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
 	}
 	return ids, nil
+}
+
+// With StallRestart, a partition whose insert never returns (its ClickHouse
+// connection gone silent: no bytes, no close, and no insert timeout to end it)
+// ends its run and starts again on fresh connections: every event once.
+func TestWatchdogRestartsStalledPartition(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	srv := chtest.Start(t)
+	s, ch := chtest.Database(t, srv)
+	f := &fixture{nc: nc, js: js, ch: ch}
+	// The pipeline reaches ClickHouse through a proxy whose open connections the
+	// test silences.
+	proxy := testnet.NewFreezer(t, srv.Addr)
+	s.Addr = proxy.Addr()
+	viaProxy, err := chconn.Open(context.Background(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer viaProxy.Close()
+	cfg := testConfig(t, "a")
+	cfg.StallAfter, cfg.StallRestart, cfg.InsertTimeout = time.Second, true, time.Hour
+	ready, reg := &telemetry.Readiness{}, prometheus.NewRegistry()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, cfg, Deps{NATS: nc, ClickHouse: viaProxy, Logger: testLog, Ready: ready, Registerer: reg})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
+	u1, i1, r1 := f.input(t, 1, 200)
+	f.waitFor(t, u1, i1, r1)
+	if n := restarts(); n != 0 {
+		t.Fatalf("%v stall restarts before any fault", n)
+	}
+	proxy.FreezeOpen()
+	u2, i2, r2 := f.input(t, 201, 200)
+	// The insert of the second input hangs on a silenced connection; only the
+	// restart ends it.
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	if n := restarts(); n < 1 {
+		t.Fatalf("the second input is stored with %v stall restarts: want at least one", n)
+	}
+	f.check(t, u1+u2, i1+i2, r1+r2)
+}
+
+// metricValue is the value of reg's gauge or counter name (its first series), -1
+// when it has none.
+func metricValue(reg prometheus.Gatherer, name string) float64 {
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				if c := m.GetCounter(); c != nil {
+					return c.GetValue()
+				}
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	return -1
 }

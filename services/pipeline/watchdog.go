@@ -8,7 +8,9 @@ import (
 // watch reports the partition stalled — holding input, storing none of it for
 // cfg.StallAfter (an insert or a publish that never returns, a step wedged) — on
 // /readyz (check "partition <p> progress"), in sluice_pipeline_stalled and in the
-// log, and clears all three when it moves again; until ctx ends.
+// log, and clears all three when it moves again; until ctx ends. With
+// cfg.StallRestart it also hands the report to the run, which ends and starts
+// again.
 func (r *run) watch(ctx context.Context) {
 	check := fmt.Sprintf("partition %d progress", r.in.id)
 	defer r.ready.Set(check, nil)
@@ -18,7 +20,13 @@ func (r *run) watch(ctx context.Context) {
 		r.ready.Set(check, err)
 		if err != nil {
 			gauge.Set(1)
-			r.log.Error("partition stalled", "partition", r.in.id, "err", err)
+			r.log.Error("partition stalled", "partition", r.in.id, "err", err, "restart", r.cfg.StallRestart)
+			if r.cfg.StallRestart {
+				select {
+				case r.stalled <- err:
+				default:
+				}
+			}
 			return
 		}
 		gauge.Set(0)

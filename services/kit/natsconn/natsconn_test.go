@@ -2,74 +2,21 @@ package natsconn
 
 import (
 	"log/slog"
-	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 )
-
-// freezer forwards connections to target until frozen; then it passes no more
-// bytes either way and closes nothing, as a dead host or a cut network does.
-type freezer struct {
-	ln     net.Listener
-	target string
-	frozen atomic.Bool
-	wg     sync.WaitGroup
-}
-
-func newFreezer(t *testing.T, target string) *freezer {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &freezer{ln: ln, target: target}
-	f.wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			for _, pair := range [][2]net.Conn{{c, up}, {up, c}} {
-				f.wg.Go(func() {
-					defer pair[1].Close()
-					buf := make([]byte, 32<<10)
-					for {
-						n, err := pair[0].Read(buf)
-						if err != nil {
-							return
-						}
-						if f.frozen.Load() {
-							continue // swallowed: the peer hears nothing more
-						}
-						if _, err := pair[1].Write(buf[:n]); err != nil {
-							return
-						}
-					}
-				})
-			}
-			t.Cleanup(func() { c.Close(); up.Close() })
-		}
-	})
-	t.Cleanup(func() { ln.Close(); f.wg.Wait() })
-	return f
-}
 
 // A server that goes silent is given up within a few pings (the client then
 // reconnects elsewhere), not after nats.go's default of minutes.
 func TestSilentServerIsLeft(t *testing.T) {
 	ns := natstest.Run(t)
-	f := newFreezer(t, strings.TrimPrefix(ns.URL, "nats://"))
+	f := testnet.NewFreezer(t, strings.TrimPrefix(ns.URL, "nats://"))
 	disconnected := make(chan struct{})
 	var once sync.Once
 	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) {
@@ -78,7 +25,7 @@ func TestSilentServerIsLeft(t *testing.T) {
 		}
 	}), nil))
 	const ping = 100 * time.Millisecond
-	nc, err := connect(settings.NATS{URL: "nats://" + f.ln.Addr().String()}, "test", log, ping)
+	nc, err := connect(settings.NATS{URL: "nats://" + f.Addr()}, "test", log, ping)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +33,7 @@ func TestSilentServerIsLeft(t *testing.T) {
 	if err := nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	f.frozen.Store(true)
+	f.FreezeOpen()
 	frozenAt := time.Now()
 	select {
 	case <-disconnected:

@@ -37,6 +37,7 @@ func main() {
 				settings.Duration(fs, env, &cfg.InsertTimeout, "insert-timeout", "PIPELINE_INSERT_TIMEOUT", cfg.InsertTimeout, "longest an insert may take"),
 				settings.Duration(fs, env, &cfg.SnapshotInterval, "snapshot-interval", "PIPELINE_SNAPSHOT_INTERVAL", cfg.SnapshotInterval, "how often the state (dedup keys, alert windows, position) is saved"),
 				settings.Duration(fs, env, &cfg.StallAfter, "stall-after", "PIPELINE_STALL_AFTER", cfg.StallAfter, "a partition that holds input and stores none of it this long is reported stalled (/readyz, sluice_pipeline_stalled)"),
+				settings.Bool(fs, env, &cfg.StallRestart, "stall-restart", "PIPELINE_STALL_RESTART", cfg.StallRestart, "a stalled partition's run also ends and starts again from its state (a new consumer and writer)"),
 				settings.Duration(fs, env, &cfg.LeaseTTL, "lease-ttl", "PIPELINE_LEASE_TTL", cfg.LeaseTTL, "how long a partition's claim lasts unrenewed: another worker takes the partition over this long after its owner dies"),
 				settings.Int(fs, env, &cfg.Partitions, "partitions", "SLUICE_PARTITIONS", cfg.Partitions, "partitions of the input, the same for every worker: 1 (every worker reads EVENTS whole, one at a time) or more (a keying step divides EVENTS by event key; each partition has one owner; see docs/scaling.md)"),
 			)
