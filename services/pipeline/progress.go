@@ -54,26 +54,70 @@ func (r *run) reportProgress(ctx context.Context, seq uint64, stored, saved time
 // ReadProgress reads every partition's last reported progress from kv (the
 // pipeline's bucket, Bucket), by partition.
 func ReadProgress(ctx context.Context, kv jetstream.KeyValue) (map[int]Progress, error) {
-	lister, err := kv.ListKeysFiltered(ctx, progressPrefix+"*")
+	return readRecords[Progress](ctx, kv, progressPrefix, "progress")
+}
+
+// readRecords reads the JSON records under prefix+<partition> in kv, by partition.
+func readRecords[T any](ctx context.Context, kv jetstream.KeyValue, prefix, what string) (map[int]T, error) {
+	lister, err := kv.ListKeysFiltered(ctx, prefix+"*")
 	if err != nil {
-		return nil, fmt.Errorf("pipeline: progress: %w", err)
+		return nil, fmt.Errorf("pipeline: %s: %w", what, err)
 	}
-	out := map[int]Progress{}
+	out := map[int]T{}
 	for key := range lister.Keys() {
 		e, err := kv.Get(ctx, key)
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("pipeline: progress %s: %w", key, err)
+			return nil, fmt.Errorf("pipeline: %s %s: %w", what, key, err)
 		}
-		var p Progress
-		if err := json.Unmarshal(e.Value(), &p); err != nil {
-			return nil, fmt.Errorf("pipeline: progress %s: %w", key, err)
+		var v T
+		if err := json.Unmarshal(e.Value(), &v); err != nil {
+			return nil, fmt.Errorf("pipeline: %s %s: %w", what, key, err)
 		}
-		if n, err := strconv.Atoi(strings.TrimPrefix(key, progressPrefix)); err == nil {
-			out[n] = p
+		if n, err := strconv.Atoi(strings.TrimPrefix(key, prefix)); err == nil {
+			out[n] = v
 		}
 	}
 	return out, nil
+}
+
+// stallPrefix, then the partition, keys a partition's Stall in Bucket while its
+// watchdog finds it stalled.
+const stallPrefix = "stalled."
+
+// Stall is a partition's watchdog report, for `sluice status`: which worker found
+// it stalled, why, and since when. It is deleted when the partition moves again
+// and when a run of it starts (a worker killed while stalled leaves its record to
+// the next owner).
+type Stall struct {
+	Partition int       `json:"partition"`
+	Worker    string    `json:"worker"`
+	Reason    string    `json:"reason"`
+	Since     time.Time `json:"since"`
+}
+
+// reportStall records (err set) or clears (nil) the partition's stall. A failure is
+// only logged: /readyz and the gauge say it too.
+func (r *run) reportStall(ctx context.Context, stalled error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.LeaseTTL/3)
+	defer cancel()
+	key := stallPrefix + strconv.Itoa(r.in.id)
+	var err error
+	if stalled == nil {
+		err = r.kv.Delete(ctx, key)
+	} else {
+		b, _ := json.Marshal(Stall{Partition: r.in.id, Worker: r.cfg.Replica, Reason: stalled.Error(), Since: time.Now().UTC()})
+		_, err = r.kv.Put(ctx, key, b)
+	}
+	if err != nil && ctx.Err() == nil {
+		r.log.Warn("report stall", "partition", r.in.id, "err", err)
+	}
+}
+
+// ReadStalls reads the partitions' stall records from kv (the pipeline's bucket,
+// Bucket), by partition.
+func ReadStalls(ctx context.Context, kv jetstream.KeyValue) (map[int]Stall, error) {
+	return readRecords[Stall](ctx, kv, stallPrefix, "stall")
 }

@@ -74,6 +74,10 @@ type Partition struct {
 	// when its state was saved (both zero before its first save).
 	StoredAt time.Time `json:"stored_at"`
 	SavedAt  time.Time `json:"saved_at"`
+	// Stalled is the watchdog's report while the partition holds input and stores
+	// none of it (PIPELINE_STALL_AFTER); empty otherwise.
+	Stalled      string    `json:"stalled,omitempty"`
+	StalledSince time.Time `json:"stalled_since,omitzero"`
 }
 
 // Consumer is a durable consumer: a split stage, the sink, notify, a receiver's
@@ -200,6 +204,10 @@ func (r *Report) partitions(ctx context.Context, js jetstream.JetStream, handles
 	if err != nil {
 		return err
 	}
+	stalls, err := pipeline.ReadStalls(ctx, kv)
+	if err != nil {
+		return err
+	}
 	for id := range n {
 		p := Partition{Partition: id}
 		own, err := partition.Owner(ctx, kv, id)
@@ -209,6 +217,10 @@ func (r *Report) partitions(ctx context.Context, js jetstream.JetStream, handles
 		p.Worker = own.Worker
 		if p.Worker == "" {
 			r.problem("partition %d: no worker holds it", id)
+		}
+		if s, ok := stalls[id]; ok {
+			p.Stalled, p.StalledSince = s.Reason, s.Since
+			r.problem("partition %d: stalled since %s (worker %s): %s", id, s.Since.Format(time.RFC3339), s.Worker, s.Reason)
 		}
 		pr, ok := progress[id]
 		if !ok {

@@ -3,20 +3,28 @@ package status
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/kit/testnet"
+	"github.com/sluicehq/sluice/services/pipeline"
 	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/services/sluice/platform/platformtest"
 )
@@ -255,4 +263,108 @@ func TestBehind(t *testing.T) {
 	if info.State.Consumers != 0 {
 		t.Fatalf("%d consumers left", info.State.Consumers)
 	}
+}
+
+// A partition whose inserts hang (its ClickHouse stopped with SIGSTOP) is shown
+// stalled, with the watchdog's reason, until it stores again.
+func TestCollectStalledPartition(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	srv := chtest.Start(t)
+	_, ch := chtest.Database(t, srv)
+	cfg := pipeline.DefaultConfig()
+	cfg.Replica, cfg.LeaseTTL, cfg.SnapshotInterval = "w1", time.Second, 100*time.Millisecond
+	cfg.StallAfter, cfg.InsertTimeout = time.Second, 500*time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	go func() {
+		done <- pipeline.Run(ctx, cfg, pipeline.Deps{NATS: nc, ClickHouse: ch, Logger: log, Ready: &telemetry.Readiness{}})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	publish := func(from int) {
+		t.Helper()
+		for i := from; i < from+20; i++ {
+			body := fmt.Sprintf(`{"specversion":"1.0","id":"e-%d","source":"shop","type":"order.created","data":{"order_id":"o","amount":1}}`, i)
+			if _, err := js.Publish(context.Background(), "events.shop.order", []byte(body)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// ClickHouse is not asked: status reports it unreachable and goes on.
+	collect := func() (*Report, error) {
+		return Collect(context.Background(), js, nil, srv.Addr, errors.New("not asked"), Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	}
+	stalled := func(r *Report) string {
+		for _, p := range r.Problems {
+			if strings.HasPrefix(p, "partition 0: stalled") {
+				return p
+			}
+		}
+		return ""
+	}
+	publish(0)
+	poll.Until(t, time.Minute, func() error {
+		r, err := collect()
+		if err != nil {
+			return err
+		}
+		if len(r.Partitions) != 1 || r.Partitions[0].Seq != 20 {
+			return fmt.Errorf("partitions %+v, want one at 20", r.Partitions)
+		}
+		if s := stalled(r); s != "" || r.Partitions[0].Stalled != "" {
+			t.Fatalf("stalled before any fault: %s", s)
+		}
+		return nil
+	})
+	if err := srv.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			_ = srv.Signal(syscall.SIGCONT)
+		}
+	}()
+	publish(20)
+	var r *Report
+	poll.Until(t, time.Minute, func() error {
+		var err error
+		if r, err = collect(); err != nil {
+			return err
+		}
+		if s := stalled(r); !strings.Contains(s, "(worker w1): partition 0 holds 20 messages and stored none") || r.Partitions[0].StalledSince.IsZero() {
+			return fmt.Errorf("problems %v, partition %+v", r.Problems, r.Partitions)
+		}
+		return nil
+	})
+	var text bytes.Buffer
+	if err := r.Text(&text); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(text.String(), "STALLED") {
+		t.Fatalf("the text does not show the stall:\n%s", text.String())
+	}
+	if err := srv.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	resumed = true
+	poll.Until(t, time.Minute, func() error {
+		r, err := collect()
+		if err != nil {
+			return err
+		}
+		if s := stalled(r); s != "" || r.Partitions[0].Seq != 40 {
+			return fmt.Errorf("after ClickHouse resumed: %s, partition %+v", s, r.Partitions[0])
+		}
+		return nil
+	})
 }

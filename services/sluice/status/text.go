@@ -28,7 +28,11 @@ func (r *Report) Text(w io.Writer) error {
 			if worker == "" {
 				worker = "(none)"
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%.1f\t%d\t%s\t%s\t%s\n", p.Partition, worker, p.Rate, p.Pending, lag(p.LagSeconds), ago(r.At, p.StoredAt), ago(r.At, p.SavedAt))
+			stored := ago(r.At, p.StoredAt)
+			if p.Stalled != "" {
+				stored += " STALLED"
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%.1f\t%d\t%s\t%s\t%s\n", p.Partition, worker, p.Rate, p.Pending, lag(p.LagSeconds), stored, ago(r.At, p.SavedAt))
 		}
 	}
 	var used, unused []Consumer
