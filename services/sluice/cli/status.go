@@ -32,11 +32,12 @@ func statusCmd(ctx context.Context, args []string, io IO) error {
 	var opts status.Options
 	fs.DurationVar(&opts.MaxLag, "max-lag", 5*time.Minute, "unhealthy when unprocessed input is older than this, or a receiver fails longer")
 	fs.DurationVar(&opts.MaxStateAge, "max-state-age", 5*time.Minute, "unhealthy when a partition's state was saved longer ago")
+	fs.DurationVar(&opts.StallAfter, "stall-after", 2*time.Minute, "unhealthy when a consumer holds unacknowledged messages and acknowledged or delivered none this long (the stages' STAGE_STALL_AFTER)")
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
-	if *interval <= 0 || opts.MaxLag <= 0 || opts.MaxStateAge <= 0 {
-		return fmt.Errorf("status: --interval, --max-lag and --max-state-age must be positive")
+	if *interval <= 0 || opts.MaxLag <= 0 || opts.MaxStateAge <= 0 || opts.StallAfter <= 0 {
+		return fmt.Errorf("status: --interval, --max-lag, --max-state-age and --stall-after must be positive")
 	}
 	js, closeNATS, err := connectJS(n, io)
 	if err != nil {

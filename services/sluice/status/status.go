@@ -30,6 +30,9 @@ type Options struct {
 	MaxLag time.Duration
 	// MaxStateAge: a partition whose state was saved longer ago is unhealthy.
 	MaxStateAge time.Duration
+	// StallAfter: a consumer holding unacknowledged messages that has neither
+	// acknowledged nor delivered any for this long is stalled (0: not judged).
+	StallAfter time.Duration
 	// Previous, if set, is the report before, for consumers' input rates.
 	Previous *Report
 }
@@ -94,6 +97,11 @@ type Consumer struct {
 	Rate       *float64  `json:"rate,omitempty"`
 	Delivered  uint64    `json:"delivered_seq"`
 	LastActive time.Time `json:"last_active"`
+	// Stalled: it holds unacknowledged messages and has neither acknowledged nor
+	// delivered any for Options.StallAfter (a stuck stage or consumer).
+	Stalled bool `json:"stalled,omitempty"`
+	// LastAck is when its acknowledged floor last moved (zero: never).
+	LastAck time.Time `json:"last_ack,omitzero"`
 	// Unused: nothing ever read from it, and nothing is waiting to (a consumer
 	// of the other deployment shape: the split stages' under the fused pipeline).
 	Unused bool `json:"unused"`
@@ -174,6 +182,7 @@ func Collect(ctx context.Context, js jetstream.JetStream, ch driver.Conn, chAddr
 	if err := r.receivers(ctx, js, opts); err != nil {
 		return nil, err
 	}
+	r.stalls(opts)
 	r.clickhouse(ctx, ch, chErr)
 	r.Healthy = len(r.Problems) == 0
 	return r, nil
@@ -330,10 +339,44 @@ func (r *Report) consumers(ctx context.Context, handles map[string]jetstream.Str
 					r.problem("consumer %s of %s: %d messages behind, the oldest stored %s ago (more than %s)", info.Name, name, c.Pending+uint64(c.AckPending), lag.Round(time.Second), opts.MaxLag)
 				}
 			}
+			if info.AckFloor.Last != nil {
+				c.LastAck = *info.AckFloor.Last
+			}
 			r.Consumers = append(r.Consumers, c)
 		}
 	}
 	return nil
+}
+
+// stalls marks each consumer that holds unacknowledged messages and has neither
+// acknowledged nor delivered any for opts.StallAfter (redeliveries of naked
+// messages are work going on). A receiver's deliverer is left out while the
+// receiver backs off or is disabled: its naks wait out the receiver's delays
+// (Retry-After up to an hour), and the receiver's own state says so.
+func (r *Report) stalls(opts Options) {
+	if opts.StallAfter <= 0 {
+		return
+	}
+	waiting := map[string]bool{}
+	for _, rc := range r.Receivers {
+		if rc.State == BackingOff || rc.State == Disabled {
+			waiting[notify.DelivererConsumer(rc.Name)] = true
+		}
+	}
+	for i := range r.Consumers {
+		c := &r.Consumers[i]
+		if c.AckPending == 0 || (c.Stream == streams.Notify && waiting[c.Name]) {
+			continue
+		}
+		last := c.LastActive
+		if c.LastAck.After(last) {
+			last = c.LastAck
+		}
+		if idle := r.At.Sub(last); idle > opts.StallAfter {
+			c.Stalled = true
+			r.problem("consumer %s of %s: stalled: holds %d unacknowledged messages and acknowledged or delivered none for %s (more than %s)", c.Name, c.Stream, c.AckPending, idle.Round(time.Second), opts.StallAfter)
+		}
+	}
 }
 
 // receivers reads each receiver's deliverer (NOTIFY's deliver_<name> consumers,

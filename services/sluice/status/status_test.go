@@ -187,12 +187,15 @@ receivers:
 	}
 
 	// Tight limits: the receiver's notifications wait and it fails for longer.
-	tight, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Millisecond, MaxStateAge: time.Hour})
+	// The receiver's deliverer holds naked notifications while it backs off: that
+	// is the receiver's state, not a stalled consumer.
+	tight, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Millisecond, MaxStateAge: time.Hour, StallAfter: time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if tight.Healthy || !strings.Contains(strings.Join(tight.Problems, "\n"), "receiver ops: failing for") ||
-		!strings.Contains(strings.Join(tight.Problems, "\n"), "consumer deliver_ops of NOTIFY") {
+		!strings.Contains(strings.Join(tight.Problems, "\n"), "consumer deliver_ops of NOTIFY") ||
+		strings.Contains(strings.Join(tight.Problems, "\n"), "deliver_ops of NOTIFY: stalled") {
 		t.Fatalf("tight limits: healthy %v, problems %v", tight.Healthy, tight.Problems)
 	}
 	// ClickHouse not answering (a port nobody listens on).
@@ -367,4 +370,68 @@ func TestCollectStalledPartition(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// A consumer that took messages and acknowledges none (a stage wedged in its
+// handler) is shown stalled once it has acknowledged and delivered nothing for
+// StallAfter, and not once it acknowledges them.
+func TestCollectStalledConsumer(t *testing.T) {
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	ctx := context.Background()
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.CreateOrUpdateConsumer(ctx, "EVENTS", jetstream.ConsumerConfig{Durable: "wedged", AckPolicy: jetstream.AckExplicitPolicy, AckWait: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := js.Publish(ctx, "events.shop.order", fmt.Appendf(nil, `{"id":"%d"}`, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	batch, err := cons.Fetch(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []jetstream.Msg
+	for msg := range batch.Messages() {
+		held = append(held, msg)
+	}
+	if len(held) != 3 {
+		t.Fatalf("fetched %d of 3", len(held))
+	}
+	collect := func() (*Report, Consumer) {
+		t.Helper()
+		r, err := Collect(ctx, js, nil, "127.0.0.1:1", errors.New("not asked"), Options{MaxLag: time.Hour, MaxStateAge: time.Hour, StallAfter: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range r.Consumers {
+			if c.Name == "wedged" {
+				return r, c
+			}
+		}
+		t.Fatalf("no consumer wedged in %+v", r.Consumers)
+		return nil, Consumer{}
+	}
+	if r, c := collect(); c.Stalled || strings.Contains(strings.Join(r.Problems, "\n"), "consumer wedged of EVENTS: stalled") {
+		t.Fatalf("stalled right after delivery: %+v %v", c, r.Problems)
+	}
+	poll.Until(t, time.Minute, func() error {
+		r, c := collect()
+		if !c.Stalled || !strings.Contains(strings.Join(r.Problems, "\n"), "consumer wedged of EVENTS: stalled: holds 3 unacknowledged messages") {
+			return fmt.Errorf("consumer %+v, problems %v", c, r.Problems)
+		}
+		return nil
+	})
+	for _, msg := range held {
+		if err := msg.DoubleAck(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r, c := collect(); c.Stalled || strings.Contains(strings.Join(r.Problems, "\n"), "wedged") {
+		t.Fatalf("stalled after acknowledging: %+v %v", c, r.Problems)
+	}
 }

@@ -50,7 +50,11 @@ func (r *Report) Text(w io.Writer) error {
 			if c.Rate != nil {
 				rate = fmt.Sprintf("%.1f", *c.Rate)
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", c.Stream, c.Name, rate, c.Pending, c.AckPending, lag(c.LagSeconds), ago(r.At, c.LastActive))
+			delivered := ago(r.At, c.LastActive)
+			if c.Stalled {
+				delivered += " STALLED"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", c.Stream, c.Name, rate, c.Pending, c.AckPending, lag(c.LagSeconds), delivered)
 		}
 	}
 	tw.Flush()
