@@ -19,7 +19,7 @@ WEBHOOK_SECRET ?= whsec_c2x1aWNlLWRlbW8tc2VjcmV0LWNoYW5nZS1tZQ==
 up listen: export SLUICE_CONFIG := $(SLUICE_CONFIG)
 up listen: export WEBHOOK_SECRET := $(WEBHOOK_SECRET)
 
-.PHONY: up listen test test-compose fuzz deps clickhouse chdb nettools docker promtool chromium compose-plugin build vet modules bench clean help
+.PHONY: up listen test test-compose fuzz deps clickhouse zookeeper chdb nettools docker promtool chromium compose-plugin build vet modules bench clean help
 FUZZTIME ?= 10s
 
 help:
@@ -65,7 +65,7 @@ fuzz:
 	@cd services/alert && $(call FUZZ,FuzzPartitionedOrder,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
-deps: clickhouse chdb nettools docker promtool chromium
+deps: clickhouse zookeeper chdb nettools docker promtool chromium
 
 # Chromium (Debian's) runs the status page's browser test (services/sluice/platform).
 chromium:
@@ -105,6 +105,14 @@ nettools:
 	@if command -v ip >/dev/null && command -v iptables >/dev/null; then :; else \
 		echo "installing iproute2 and iptables from Debian's archive"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2 iptables >/dev/null; \
+	fi
+
+# Debian's zookeeper (with java) for the ClickHouse cluster tests (kit/chcluster:
+# replicated tables need ZooKeeper or Keeper).
+zookeeper:
+	@if test -f /usr/share/java/zookeeper.jar && command -v java >/dev/null; then :; else \
+		echo "installing zookeeper (for the ClickHouse cluster tests) from Debian's archive"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends zookeeper >/dev/null; \
 	fi
 
 # Debian's clickhouse-server (18.16 on bookworm) when no ClickHouse is installed.

@@ -125,16 +125,39 @@ func columnExists(ex *clickhouse.Exception, stmt string) bool {
 // are safe: CREATE statements use IF NOT EXISTS, and an ADD COLUMN (18.16 has no IF
 // NOT EXISTS there) that finds its column added is taken as done.
 func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
+	return MigrateTo(ctx, conn, Target{}, log)
+}
+
+// MigrateTo is Migrate on t: on a cluster every statement runs ON CLUSTER (see
+// Target.ForCluster), schema_migrations is one replicated table for the whole
+// cluster (each migration recorded once), and every node is then checked to hold
+// every table (CheckNodes).
+func MigrateTo(ctx context.Context, conn driver.Conn, t Target, log *slog.Logger) error {
 	ms, err := Migrations()
 	if err != nil {
 		return err
 	}
-	return Apply(ctx, conn, ms, log)
+	if err := Apply(ctx, conn, t, ms, log); err != nil {
+		return err
+	}
+	if t.Cluster != "" {
+		return CheckNodes(ctx, conn, t, ms)
+	}
+	return nil
 }
 
-// Apply applies the migrations ms that are not yet recorded.
-func Apply(ctx context.Context, conn driver.Conn, ms []Migration, log *slog.Logger) error {
-	if err := conn.Exec(ctx, createMigrationsTable); err != nil {
+// Apply applies the migrations ms that are not yet recorded, on t.
+func Apply(ctx context.Context, conn driver.Conn, t Target, ms []Migration, log *slog.Logger) error {
+	create := createMigrationsTable
+	if t.Cluster != "" {
+		if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+quote(t.Database)+" ON CLUSTER "+quote(t.Cluster)); err != nil {
+			return fmt.Errorf("migrate: create database %s on cluster %s: %w", t.Database, t.Cluster, err)
+		}
+		// One table for the cluster: every node a replica of it.
+		create = strings.Replace(create, "schema_migrations\n", quote(t.Database)+".schema_migrations ON CLUSTER "+quote(t.Cluster)+"\n", 1)
+		create = strings.Replace(create, "ENGINE = MergeTree()", fmt.Sprintf("ENGINE = ReplicatedMergeTree('/clickhouse/tables/all/%s.schema_migrations', '{replica}')", t.Database), 1)
+	}
+	if err := conn.Exec(ctx, create); err != nil {
 		return fmt.Errorf("migrate: create schema_migrations: %w", err)
 	}
 	applied, err := Applied(ctx, conn)
@@ -149,15 +172,21 @@ func Apply(ctx context.Context, conn driver.Conn, ms []Migration, log *slog.Logg
 			continue
 		}
 		for i, stmt := range m.Statements {
-			if err := conn.Exec(ctx, stmt); err != nil {
-				var ex *clickhouse.Exception
-				if errors.As(err, &ex) && columnExists(ex, stmt) {
-					// Another replica is applying the same migration (ADD COLUMN has no IF
-					// NOT EXISTS on 18.16): the column is there, as wanted.
-					log.Info("column already added", "migration", m.Name, "statement", i+1)
-					continue
-				}
+			stmts, err := t.ForCluster(stmt)
+			if err != nil {
 				return fmt.Errorf("migrate %s: statement %d: %w", m.Name, i+1, err)
+			}
+			for _, stmt := range stmts {
+				if err := conn.Exec(ctx, stmt); err != nil {
+					var ex *clickhouse.Exception
+					if errors.As(err, &ex) && columnExists(ex, stmt) {
+						// Another replica is applying the same migration (ADD COLUMN has no IF
+						// NOT EXISTS on 18.16): the column is there, as wanted.
+						log.Info("column already added", "migration", m.Name, "statement", i+1)
+						continue
+					}
+					return fmt.Errorf("migrate %s: statement %d: %w", m.Name, i+1, err)
+				}
 			}
 		}
 		if err := record(ctx, conn, m); err != nil {

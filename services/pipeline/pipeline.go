@@ -40,12 +40,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
-	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/jspub"
@@ -124,6 +124,9 @@ func DefaultConfig() Config {
 type Deps struct {
 	NATS       *nats.Conn
 	ClickHouse driver.Conn
+	// Shards are where each partition's rows go on a ClickHouse cluster
+	// (chconn.OpenShards); nil: one server, ClickHouse.
+	Shards     *chconn.Shards
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 	Ready      *telemetry.Readiness
@@ -153,8 +156,9 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if _, err := startSeq(cfg.StartAt, 0); err != nil {
 		return err
 	}
-	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
-		return err
+	shards, target, err := sink.Prepare(ctx, deps.ClickHouse, deps.Shards, len(cfg.Typed), deps.Logger)
+	if err != nil {
+		return fmt.Errorf("pipeline: %w", err)
 	}
 	for _, t := range cfg.Typed {
 		if err := sink.MigrateTyped(ctx, deps.ClickHouse, t); err != nil {
@@ -186,7 +190,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	defer live.Close()
-	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, store: store, kv: kv, live: live, log: log,
+	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, shards: shards, events: target.LocalName("events"), store: store, kv: kv, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
 	keyer, err := p.newKeyer()
 	if err != nil {
@@ -281,9 +285,14 @@ func (c claimedState) Valid() error { return c.claim.Valid() }
 const maxPartitions = 1024
 
 type pipeline struct {
-	cfg        Config
-	js         jetstream.JetStream
+	cfg Config
+	js  jetstream.JetStream
+	// ch is the server the worker started on; each partition's run writes to
+	// its shard (shards.For) and the events table there (events: events, or
+	// events_local on a cluster).
 	ch         driver.Conn
+	shards     *chconn.Shards
+	events     string
 	store      jetstream.ObjectStore
 	kv         jetstream.KeyValue
 	live       *enrich.Live
@@ -318,7 +327,7 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	// The claim's states, kept across the runs of this ownership.
 	states := partition.NewStates(p.store, claim, "state", p.log)
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1)}
+		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1)}
 		err := r.run(ctx)
 		if ctx.Err() != nil {
 			return
@@ -377,6 +386,8 @@ func (p *pipeline) input(id int) input {
 // ctx ends.
 type run struct {
 	*pipeline
+	// ch reaches the partition's shard (on one server, pipeline.ch).
+	ch    driver.Conn
 	in    input
 	claim *partition.Claim
 	// states are the claim's saved states, shared by every run of it.
@@ -480,15 +491,26 @@ func (r *run) restore(ctx context.Context) error {
 	// stores nothing, and those that passed already are stored when NewFence
 	// returns, so the high-water marks read next are final for every earlier owner.
 	var running uint64
-	if r.fence, running, err = sink.NewFence(qctx, r.ch, uint32(r.in.id), r.claim.Gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
+	var unreached int
+	var replicas []driver.Conn
+	if r.shards.Cluster != "" {
+		replicas = r.shards.Replicas(r.in.id)
+	}
+	if r.fence, running, unreached, err = sink.NewFenceOn(qctx, r.ch, replicas, uint32(r.in.id), r.claim.Gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
 	if running > 0 {
 		r.log.Warn("an earlier owner of the partition is still sending inserts (a paused process or a cut network); they will store nothing",
 			"partition", r.in.id, "inserts", running, "waited", r.cfg.LeaseTTL)
 	}
-	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM events").Scan(&r.hwm); err != nil {
-		return fmt.Errorf("pipeline: high-water mark of events: %w", err)
+	if unreached > 0 {
+		r.log.Warn("replicas of the partition's shard did not answer the fence; they are left out", "partition", r.in.id, "replicas", unreached)
+	}
+	if err := r.syncReplica(qctx, r.ch); err != nil {
+		return err
+	}
+	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM "+r.events).Scan(&r.hwm); err != nil {
+		return fmt.Errorf("pipeline: high-water mark of %s: %w", r.events, err)
 	}
 	r.typedHWM, r.typedOf = make([]uint64, len(r.cfg.Typed)), map[string]int{}
 	for i, t := range r.cfg.Typed {
@@ -1458,6 +1480,21 @@ func (w *writer) retry(ctx context.Context, kind string, f func(context.Context)
 	}
 }
 
+// syncReplica, on a cluster, has the replica ch reaches fetch every part of the
+// events table its shard holds (SYSTEM SYNC REPLICA), so that what it reads next
+// includes every insert acknowledged by any replica of the shard: one acknowledged
+// by a replica that is down now makes this wait, and fail, until it is back. On
+// one server it does nothing.
+func (p *pipeline) syncReplica(ctx context.Context, ch driver.Conn) error {
+	if p.shards.Cluster == "" {
+		return nil
+	}
+	if err := ch.Exec(ctx, "SYSTEM SYNC REPLICA "+p.events); err != nil {
+		return fmt.Errorf("pipeline: sync replica %s: %w", p.events, err)
+	}
+	return nil
+}
+
 // dropPresent removes from b the rows the events table holds already (same
 // stream_seq and key): rows a run before this one inserted, or a failed insert of
 // this one stored before it failed.
@@ -1467,7 +1504,10 @@ func (w *writer) dropPresent(ctx context.Context, b *batch) error {
 	if len(b.rows) == 0 {
 		return nil
 	}
-	present, err := sink.Present(ctx, w.ch, "events", "key", b.rows[0].seq, b.rows[len(b.rows)-1].seq)
+	if err := w.syncReplica(ctx, w.ch); err != nil {
+		return err
+	}
+	present, err := sink.Present(ctx, w.ch, w.events, "key", b.rows[0].seq, b.rows[len(b.rows)-1].seq)
 	if err != nil {
 		return err
 	}

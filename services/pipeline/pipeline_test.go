@@ -39,6 +39,9 @@ type fixture struct {
 	nc *nats.Conn
 	js jetstream.JetStream
 	ch driver.Conn
+	// shards, set for a ClickHouse cluster: the workers write through them, and
+	// ch reads the Distributed tables.
+	shards *chconn.Shards
 }
 
 func setup(t *testing.T) *fixture {
@@ -96,7 +99,7 @@ func (f *fixture) start(t *testing.T, cfg Config) func() {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Logger: testLog, Ready: &telemetry.Readiness{}})
+		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Shards: f.shards, Logger: testLog, Ready: &telemetry.Readiness{}})
 	}()
 	stopped := false
 	stop := func() {

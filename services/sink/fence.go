@@ -65,37 +65,72 @@ var fenceTable = &Table{Name: FenceTable, Columns: []Column{{"partition", "UInt3
 // revisions began again (then every insert would be dropped; the error says what to
 // do).
 func NewFence(ctx context.Context, ch driver.Conn, partition uint32, gen uint64, worker string, settle time.Duration) (f *Fence, running uint64, err error) {
+	f, running, _, err = NewFenceOn(ctx, ch, nil, partition, gen, worker, settle)
+	return f, running, err
+}
+
+// NewFenceOn is NewFence on a shard of a cluster: ch reaches the shard (any
+// replica), replicas each of its replicas. Once the generation is recorded, each
+// replica is made to fetch it (SYSTEM SYNC REPLICA: from then on its view drops
+// the earlier owners' rows too) and is waited on for the earlier owners' running
+// inserts. A replica that does not answer within settle is left out and counted
+// in unreached: it takes no insert while down, but once back it may take an
+// earlier owner's insert before it has fetched the new generation
+// (docs/exactly-once.md). replicas nil: one server, ch.
+func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, partition uint32, gen uint64, worker string, settle time.Duration) (f *Fence, running uint64, unreached int, err error) {
 	var db string
 	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
-		return nil, 0, fmt.Errorf("fence partition %d: %w", partition, err)
+		return nil, 0, 0, fmt.Errorf("fence partition %d: %w", partition, err)
 	}
 	f = &Fence{Partition: partition, Gen: gen, prefix: "sluice/" + db + "/p" + strconv.FormatUint(uint64(partition), 10) + "/"}
 	if err := Insert(ctx, ch, fenceTable, [][]any{{partition, gen, worker}}); err != nil {
-		return nil, 0, fmt.Errorf("fence partition %d: record generation %d: %w", partition, gen, err)
+		return nil, 0, 0, fmt.Errorf("fence partition %d: record generation %d: %w", partition, gen, err)
 	}
 	var newest uint64
 	if err := ch.QueryRow(ctx, "SELECT max(gen) FROM "+FenceTable+" WHERE partition = ?", partition).Scan(&newest); err != nil {
-		return nil, 0, fmt.Errorf("fence partition %d: %w", partition, err)
+		return nil, 0, 0, fmt.Errorf("fence partition %d: %w", partition, err)
 	}
 	if newest != gen {
-		return nil, 0, fmt.Errorf("fence partition %d: %s records generation %d, newer than this claim's %d: another worker owns the partition now, or the pipeline's KV bucket was made anew and its revisions began again (then, with every worker stopped, run `ALTER TABLE %s DELETE WHERE partition = %d`; docs/exactly-once.md)",
+		return nil, 0, 0, fmt.Errorf("fence partition %d: %s records generation %d, newer than this claim's %d: another worker owns the partition now, or the pipeline's KV bucket was made anew and its revisions began again (then, with every worker stopped, run `ALTER TABLE %s DELETE WHERE partition = %d`; docs/exactly-once.md)",
 			partition, FenceTable, newest, gen, FenceTable, partition)
+	}
+	waitOn := []driver.Conn{ch}
+	if replicas != nil {
+		waitOn = nil
+		for _, rc := range replicas {
+			sctx, cancel := context.WithTimeout(ctx, settle)
+			err := rc.Exec(sctx, "SYSTEM SYNC REPLICA "+FenceTable)
+			cancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, 0, 0, fmt.Errorf("fence partition %d: %w", partition, ctx.Err())
+				}
+				unreached++
+				continue
+			}
+			waitOn = append(waitOn, rc)
+		}
 	}
 	// Query ids of older generations of this partition, as a LIKE pattern and its
 	// exception (this generation's own).
 	like, own := escapeLike(f.prefix)+"g%", escapeLike(f.prefix+"g"+strconv.FormatUint(gen, 10)+"/")+"%"
 	deadline := time.Now().Add(settle)
 	for {
-		err := ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND query_id NOT LIKE ?", like, own).Scan(&running)
-		if err != nil {
-			return nil, 0, fmt.Errorf("fence partition %d: running inserts: %w", partition, err)
+		running = 0
+		for _, c := range waitOn {
+			var n uint64
+			err := c.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND query_id NOT LIKE ?", like, own).Scan(&n)
+			if err != nil {
+				return nil, 0, 0, fmt.Errorf("fence partition %d: running inserts: %w", partition, err)
+			}
+			running += n
 		}
 		if running == 0 || !time.Now().Before(deadline) {
-			return f, running, nil
+			return f, running, unreached, nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, 0, fmt.Errorf("fence partition %d: %d inserts of an earlier owner still running: %w", partition, running, ctx.Err())
+			return nil, 0, 0, fmt.Errorf("fence partition %d: %d inserts of an earlier owner still running: %w", partition, running, ctx.Err())
 		case <-time.After(min(100*time.Millisecond, settle/10)):
 		}
 	}

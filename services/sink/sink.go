@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -68,6 +69,10 @@ func DefaultConfig() Config {
 type Deps struct {
 	NATS       *nats.Conn
 	ClickHouse driver.Conn
+	// Shards, on a ClickHouse cluster (chconn.OpenShards): the sink writes to
+	// the local tables of the first shard (partition 0's, as the pipeline's
+	// layout with one partition would); nil: one server, ClickHouse.
+	Shards     *chconn.Shards
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
 	// Ready reports readiness by condition name.
@@ -118,10 +123,32 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 }
 
+// Prepare applies the migrations where the writers write — conn's server, or
+// every node of shards' cluster — and returns shards (OneServer(conn) when nil)
+// and the target (the cluster and conn's database). Typed tables (typed of them)
+// are refused on a cluster.
+func Prepare(ctx context.Context, conn driver.Conn, shards *chconn.Shards, typed int, log *slog.Logger) (*chconn.Shards, chmigrate.Target, error) {
+	if shards == nil {
+		shards = chconn.OneServer(conn)
+	}
+	target := chmigrate.Target{Cluster: shards.Cluster}
+	if err := conn.QueryRow(ctx, "SELECT currentDatabase()").Scan(&target.Database); err != nil {
+		return nil, target, err
+	}
+	if err := chmigrate.MigrateTo(ctx, conn, target, log); err != nil {
+		return nil, target, err
+	}
+	if target.Cluster != "" && typed > 0 {
+		return nil, target, fmt.Errorf("typed tables (ingest.types) are not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet", target.Cluster)
+	}
+	return shards, target, nil
+}
+
 // Run applies the migrations, checks the tables, and fills them until ctx is done.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
-	if err := chmigrate.Migrate(ctx, deps.ClickHouse, deps.Logger); err != nil {
-		return err
+	shards, target, err := Prepare(ctx, deps.ClickHouse, deps.Shards, len(cfg.Typed), deps.Logger)
+	if err != nil {
+		return fmt.Errorf("sink: %w", err)
 	}
 	tables, err := selectTables(cfg.Tables)
 	if err != nil {
@@ -151,7 +178,9 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	var wg sync.WaitGroup
 	errs := make([]error, len(tables))
 	for i, t := range tables {
-		w := &writer{cfg: cfg, table: t, js: js, ch: deps.ClickHouse, m: m, ready: deps.Ready,
+		into := *t
+		into.Name = target.LocalName(t.Name)
+		w := &writer{cfg: cfg, table: t, into: &into, replicated: target.Cluster != "", js: js, ch: shards.For(0), m: m, ready: deps.Ready,
 			maxPayload: deps.NATS.MaxPayload(), log: deps.Logger.With("stage", Name, "table", t.Name)}
 		wg.Go(func() { errs[i] = w.run(ctx) })
 	}
@@ -238,8 +267,12 @@ func CheckColumns(ctx context.Context, conn driver.Conn, t *Table) error {
 }
 
 type writer struct {
-	cfg        Config
-	table      *Table
+	cfg   Config
+	table *Table
+	// into is table as inserted into and read: itself, or on a cluster its local
+	// table on the shard ch reaches (replicated: read after SYSTEM SYNC REPLICA).
+	into       *Table
+	replicated bool
 	js         jetstream.JetStream
 	ch         driver.Conn
 	m          *metrics
@@ -573,7 +606,7 @@ func (w *writer) insert(ctx context.Context, rows [][]any, t *timers) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	return Insert(ctx, w.ch, w.table, rows)
+	return Insert(ctx, w.ch, w.into, rows)
 }
 
 // Insert inserts rows into t in one batch.
@@ -705,7 +738,10 @@ func (w *writer) present(ctx context.Context, suspects []suspect) (map[int]bool,
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	found, err := Present(ctx, w.ch, w.table.Name, identity, lo, hi)
+	if err := w.syncReplica(ctx); err != nil {
+		return nil, err
+	}
+	found, err := Present(ctx, w.ch, w.into.Name, identity, lo, hi)
 	if err != nil {
 		return nil, err
 	}
@@ -742,6 +778,20 @@ func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi
 	return out, rows.Err()
 }
 
+// syncReplica, on a cluster, has the replica w.ch reaches fetch every part its
+// shard's other replicas acknowledged (SYSTEM SYNC REPLICA), so that the read
+// after it sees them; it waits, and fails, while such a part's only copy is on a
+// replica that is down.
+func (w *writer) syncReplica(ctx context.Context) error {
+	if !w.replicated {
+		return nil
+	}
+	if err := w.ch.Exec(ctx, "SYSTEM SYNC REPLICA "+w.into.Name); err != nil {
+		return fmt.Errorf("sync replica %s: %w", w.into.Name, err)
+	}
+	return nil
+}
+
 // refreshHighWater reads the highest stream sequence in the table when this writer
 // has not read it since it (re)connected to NATS. JetStream keeps a consumer's
 // delivery state in memory between flushes, so after the server crashes it can
@@ -768,9 +818,12 @@ func (w *writer) refreshHighWater(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
+	if err := w.syncReplica(ctx); err != nil {
+		return err
+	}
 	var hwm uint64
-	if err := w.ch.QueryRow(ctx, "SELECT max(stream_seq) FROM "+w.table.Name).Scan(&hwm); err != nil {
-		return fmt.Errorf("high-water mark of %s: %w", w.table.Name, err)
+	if err := w.ch.QueryRow(ctx, "SELECT max(stream_seq) FROM "+w.into.Name).Scan(&hwm); err != nil {
+		return fmt.Errorf("high-water mark of %s: %w", w.into.Name, err)
 	}
 	w.hwm, w.hwmGen, w.hwmRead = max(w.hwm, hwm), gen, true
 	return nil

@@ -80,19 +80,8 @@ func Wait(ctx context.Context, s settings.ClickHouse, report func(error), log *s
 }
 
 func dial(s settings.ClickHouse, db string) (driver.Conn, error) {
-	conn, err := clickhouse.Open(&clickhouse.Options{
-		Addr:         []string{s.Addr},
-		Protocol:     clickhouse.Native,
-		Auth:         clickhouse.Auth{Database: db, Username: s.User, Password: s.Password},
-		DialTimeout:  5 * time.Second,
-		ReadTimeout:  60 * time.Second,
-		MaxOpenConns: 8,
-		MaxIdleConns: 4,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("clickhouse at %s: %w", s.Addr, err)
-	}
-	return conn, nil
+	s.Database = db
+	return dialAddrs(s, []string{s.Addr})
 }
 
 func quoteIdent(s string) string { return "`" + escapeBackticks(s) + "`" }

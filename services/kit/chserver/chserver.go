@@ -51,8 +51,15 @@ func Binary() ([]string, error) {
 // free port), and waits until it answers. The process is stopped by Stop, or when
 // ctx is cancelled.
 func Start(ctx context.Context, dir string, port int) (*Server, error) {
+	return StartWith(ctx, dir, port, "")
+}
+
+// StartWith is Start with extra server configuration: XML elements added inside
+// the config's root (a cluster's zookeeper, remote_servers, macros,
+// interserver_http_port).
+func StartWith(ctx context.Context, dir string, port int, extra string) (*Server, error) {
 	if port != 0 {
-		return start(ctx, dir, port)
+		return start(ctx, dir, port, extra)
 	}
 	// A free port can be taken by another process before the server binds it; try
 	// a few.
@@ -63,7 +70,7 @@ func Start(ctx context.Context, dir string, port int) (*Server, error) {
 			return nil, err
 		}
 		var s *Server
-		if s, err = start(ctx, dir, p); err == nil {
+		if s, err = start(ctx, dir, p, extra); err == nil {
 			return s, nil
 		}
 		if errors.Is(err, ErrNotInstalled) || ctx.Err() != nil {
@@ -73,7 +80,7 @@ func Start(ctx context.Context, dir string, port int) (*Server, error) {
 	return nil, err
 }
 
-func start(ctx context.Context, dir string, port int) (*Server, error) {
+func start(ctx context.Context, dir string, port int, extra string) (*Server, error) {
 	bin, err := Binary()
 	if err != nil {
 		return nil, err
@@ -88,7 +95,7 @@ func start(ctx context.Context, dir string, port int) (*Server, error) {
 		}
 	}
 	cfgPath := filepath.Join(dir, "config.xml")
-	if err := os.WriteFile(cfgPath, []byte(configXML(dir, port)), 0o644); err != nil {
+	if err := os.WriteFile(cfgPath, []byte(configXML(dir, port, extra)), 0o644); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(filepath.Join(dir, "users.xml"), []byte(usersXML), 0o644); err != nil {
@@ -184,7 +191,7 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-func configXML(dir string, port int) string {
+func configXML(dir string, port int, extra string) string {
 	return fmt.Sprintf(`<?xml version="1.0"?>
 <!-- written by sluice; a local server for development and tests -->
 <yandex>
@@ -202,8 +209,9 @@ func configXML(dir string, port int) string {
   <timezone>UTC</timezone>
   <mlock_executable>false</mlock_executable>
   <users_config>users.xml</users_config>
+%[3]s
 </yandex>
-`, dir, port)
+`, dir, port, extra)
 }
 
 const usersXML = `<?xml version="1.0"?>

@@ -31,6 +31,9 @@ type ClickHouse struct {
 	Database string
 	User     string
 	Password string
+	// Cluster names a cluster of the servers' remote_servers: tables are
+	// replicated and sharded on it (docs/production.md); empty: one server.
+	Cluster string
 }
 
 // Service holds what every service takes besides its connections.
@@ -120,6 +123,7 @@ func BindClickHouse(fs *flag.FlagSet, env Lookup, c *ClickHouse) {
 	b.str(&c.Database, "clickhouse-database", "CLICKHOUSE_DATABASE", DefaultDatabase, "ClickHouse database")
 	b.str(&c.User, "clickhouse-user", "CLICKHOUSE_USER", "default", "ClickHouse user")
 	b.str(&c.Password, "clickhouse-password", "CLICKHOUSE_PASSWORD", "", "ClickHouse password")
+	b.str(&c.Cluster, "clickhouse-cluster", "CLICKHOUSE_CLUSTER", "", "a cluster of the ClickHouse servers' remote_servers: replicated local tables on every node, Distributed tables to query, each partition's rows written to one shard (empty: one server)")
 }
 
 // BindService registers the common service flags on fs. metricsAddr is the

@@ -223,8 +223,12 @@ func migrate(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer conn.Close()
-	if err := chmigrate.Migrate(ctx, conn, log); err != nil {
+	if err := chmigrate.MigrateTo(ctx, conn, chmigrate.Target{Cluster: ch.Cluster, Database: ch.Database}, log); err != nil {
 		return err
+	}
+	if ch.Cluster != "" {
+		fmt.Fprintf(io.Stdout, "database %s on every node of cluster %s is up to date\n", ch.Database, ch.Cluster)
+		return nil
 	}
 	fmt.Fprintf(io.Stdout, "database %s on %s is up to date\n", ch.Database, ch.Addr)
 	return nil

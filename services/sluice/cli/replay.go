@@ -36,6 +36,9 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
+	if chs.Cluster != "" {
+		return fmt.Errorf("replay: not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet: it swaps a month's rows with REPLACE PARTITION on one server's events table", chs.Cluster)
+	}
 	if *from == "" {
 		fmt.Fprintln(io.Stderr, "sluice replay: --from is required")
 		fs.Usage()

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -318,10 +319,20 @@ func own(h string) bool {
 	return strings.HasPrefix(h, "Nats-")
 }
 
-// Record writes replays to dead_letter_replays, one row per published letter.
+// Record writes replays to dead_letter_replays, one row per published letter. On
+// a cluster that is a Distributed table: the insert is synchronous
+// (insert_distributed_sync), acknowledged once the rows are on a replica of
+// their shard, never queued on the node first.
 func Record(ctx context.Context, ch driver.Conn, rows []RecordRow) error {
 	if len(rows) == 0 {
 		return nil
+	}
+	var engine string
+	if err := ch.QueryRow(ctx, "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'dead_letter_replays'").Scan(&engine); err != nil {
+		return fmt.Errorf("dlq: record replays: %w", err)
+	}
+	if engine == "Distributed" {
+		ctx = clickhouse.Context(ctx, clickhouse.WithSettings(clickhouse.Settings{"insert_distributed_sync": 1}))
 	}
 	batch, err := ch.PrepareBatch(ctx, "INSERT INTO dead_letter_replays (dlq_seq, replayed_at, nats_subject, target_stream, target_seq, duplicate)")
 	if err != nil {

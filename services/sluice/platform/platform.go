@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/notify"
@@ -27,6 +28,8 @@ import (
 type Stages struct {
 	NATS       *nats.Conn
 	ClickHouse driver.Conn
+	// Shards are a ClickHouse cluster's (chconn.OpenShards); nil: one server.
+	Shards *chconn.Shards
 	// Config is the parsed SLUICE_CONFIG (rules, receivers, enrichment).
 	Config *configfile.File
 	// Env reads secrets named by the config.
@@ -93,13 +96,13 @@ func RunStages(ctx context.Context, s Stages) error {
 		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))
 		runs = []stageRun{
 			{pipeline.Name, func(ctx context.Context) error {
-				return pipeline.Run(ctx, pipeCfg, pipeline.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+				return pipeline.Run(ctx, pipeCfg, pipeline.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Shards: s.Shards, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
 			}},
 			{notify.Name, func(ctx context.Context) error {
 				return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name), Readiness: s.Ready})
 			}},
 			{sink.Name, func(ctx context.Context) error {
-				return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+				return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Shards: s.Shards, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
 			}},
 		}
 		return runAll(ctx, runs)
@@ -121,7 +124,7 @@ func RunStages(ctx context.Context, s Stages) error {
 			return notify.Run(ctx, notifyCfg, notify.Deps{NATS: s.NATS, Logger: s.Log, Registerer: s.Registerer, Ready: ready(notify.Name), Readiness: s.Ready})
 		}},
 		{sink.Name, func(ctx context.Context) error {
-			return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
+			return sink.Run(ctx, sinkCfg, sink.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Shards: s.Shards, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})
 		}},
 	}
 	return runAll(ctx, runs)

@@ -77,6 +77,11 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg Registry) error
 		return err
 	}
 	defer conn.Close()
+	shards, err := chconn.OpenShards(ctx, conn, cfg.ClickHouse)
+	if err != nil {
+		return err
+	}
+	defer shards.Close()
 
 	nc, err := nats.Connect("", nats.InProcessServer(srv), nats.Name("sluice-up"))
 	if err != nil {
@@ -91,7 +96,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg Registry) error
 	ready := &telemetry.Readiness{}
 	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {
 		return RunStages(ctx, Stages{
-			NATS: nc, ClickHouse: conn, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split,
+			NATS: nc, ClickHouse: conn, Shards: shards, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split,
 			Log: log, Registerer: reg, Ready: ready,
 		})
 	})

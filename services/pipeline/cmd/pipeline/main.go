@@ -85,8 +85,13 @@ func main() {
 				return err
 			}
 			defer conn.Close()
+			shards, err := chconn.OpenShards(ctx, conn, env.ClickHouse)
+			if err != nil {
+				return err
+			}
+			defer shards.Close()
 			return pipeline.Run(ctx, cfg, pipeline.Deps{
-				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
+				NATS: env.NATS, ClickHouse: conn, Shards: shards, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
 			})
 		},
 	}, os.Args[1:], os.LookupEnv, os.Stderr))
