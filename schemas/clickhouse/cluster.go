@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -33,14 +34,7 @@ func (t Target) LocalName(table string) string {
 	return table
 }
 
-func isDistributed(table string) bool {
-	for _, d := range Distributed {
-		if d == table {
-			return true
-		}
-	}
-	return false
-}
+func isDistributed(table string) bool { return slices.Contains(Distributed, table) }
 
 var (
 	createTable = regexp.MustCompile(`(?s)^CREATE TABLE IF NOT EXISTS (\w+)\s*\n(.*)$`)
@@ -128,7 +122,7 @@ func (t Target) Tables(ms []Migration) ([]string, error) {
 				return nil, err
 			}
 			for _, s := range stmts {
-				if n := createdName.FindStringSubmatch(s); n != nil {
+				if n := createdName.FindStringSubmatch(s); n != nil && !slices.Contains(out, n[1]) {
 					out = append(out, n[1])
 				}
 			}
@@ -139,15 +133,17 @@ func (t Target) Tables(ms []Migration) ([]string, error) {
 
 // CheckNodes checks that every node of t's cluster holds every table and view of
 // ms in t.Database (drift: a node added later, or one that missed a distributed
-// DDL task), reading each node's system.tables through remote().
-func CheckNodes(ctx context.Context, conn driver.Conn, t Target, ms []Migration) error {
+// DDL task), reading each node's system.tables through remote(). A node that does
+// not answer is not checked: it is named in unchecked (a worker starting while a
+// replica is down must not fail for it).
+func CheckNodes(ctx context.Context, conn driver.Conn, t Target, ms []Migration) (unchecked []string, err error) {
 	want, err := t.Tables(ms)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	rows, err := conn.Query(ctx, "SELECT host_name, port FROM system.clusters WHERE cluster = ?", t.Cluster)
 	if err != nil {
-		return fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
+		return nil, fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
 	}
 	var hosts []string
 	for rows.Next() {
@@ -155,33 +151,27 @@ func CheckNodes(ctx context.Context, conn driver.Conn, t Target, ms []Migration)
 		var port uint16
 		if err := rows.Scan(&host, &port); err != nil {
 			rows.Close()
-			return fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
+			return nil, fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
 		}
 		hosts = append(hosts, net.JoinHostPort(host, strconv.Itoa(int(port))))
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
+		return nil, fmt.Errorf("migrate: cluster %s: %w", t.Cluster, err)
 	}
 	if len(hosts) == 0 {
-		return fmt.Errorf("migrate: cluster %s is not in this server's remote_servers (system.clusters)", t.Cluster)
+		return nil, fmt.Errorf("migrate: cluster %s is not in this server's remote_servers (system.clusters)", t.Cluster)
 	}
 	var drift []string
 	for _, host := range hosts {
-		have := map[string]bool{}
-		rows, err := conn.Query(ctx, fmt.Sprintf("SELECT name FROM remote('%s', system.tables) WHERE database = ?", host), t.Database)
+		have, err := nodeTables(ctx, conn, host, t.Database)
 		if err != nil {
-			return fmt.Errorf("migrate: node %s: %w", host, err)
-		}
-		for rows.Next() {
-			var name string
-			if err := rows.Scan(&name); err != nil {
-				rows.Close()
-				return fmt.Errorf("migrate: node %s: %w", host, err)
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
 			}
-			have[name] = true
+			unchecked = append(unchecked, fmt.Sprintf("%s (%v)", host, err))
+			continue
 		}
-		rows.Close()
 		var missing []string
 		for _, name := range want {
 			if !have[name] {
@@ -193,7 +183,25 @@ func CheckNodes(ctx context.Context, conn driver.Conn, t Target, ms []Migration)
 		}
 	}
 	if len(drift) > 0 {
-		return fmt.Errorf("migrate: cluster %s drifted: %s", t.Cluster, strings.Join(drift, "; "))
+		return unchecked, fmt.Errorf("migrate: cluster %s drifted: %s", t.Cluster, strings.Join(drift, "; "))
 	}
-	return nil
+	return unchecked, nil
+}
+
+// nodeTables are the tables of database db on the node at host, read through conn.
+func nodeTables(ctx context.Context, conn driver.Conn, host, db string) (map[string]bool, error) {
+	rows, err := conn.Query(ctx, fmt.Sprintf("SELECT name FROM remote('%s', system.tables) WHERE database = ?", host), db)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	have := map[string]bool{}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, err
+		}
+		have[name] = true
+	}
+	return have, rows.Err()
 }

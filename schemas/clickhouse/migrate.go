@@ -5,6 +5,7 @@ package clickhouse
 import (
 	"context"
 	"crypto/sha256"
+	"database/sql"
 	"embed"
 	"encoding/hex"
 	"errors"
@@ -130,8 +131,9 @@ func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
 
 // MigrateTo is Migrate on t: on a cluster every statement runs ON CLUSTER (see
 // Target.ForCluster), schema_migrations is one replicated table for the whole
-// cluster (each migration recorded once), and every node is then checked to hold
-// every table (CheckNodes).
+// cluster (each migration recorded once), and every node that answers is then
+// checked to hold every table (CheckNodes). A migration still to apply needs
+// every node up (a distributed DDL task waits for each).
 func MigrateTo(ctx context.Context, conn driver.Conn, t Target, log *slog.Logger) error {
 	ms, err := Migrations()
 	if err != nil {
@@ -141,24 +143,62 @@ func MigrateTo(ctx context.Context, conn driver.Conn, t Target, log *slog.Logger
 		return err
 	}
 	if t.Cluster != "" {
-		return CheckNodes(ctx, conn, t, ms)
+		unchecked, err := CheckNodes(ctx, conn, t, ms)
+		for _, node := range unchecked {
+			log.Warn("a node of the cluster did not answer; its tables are not checked", "cluster", t.Cluster, "node", node)
+		}
+		return err
 	}
 	return nil
 }
 
 // Apply applies the migrations ms that are not yet recorded, on t.
 func Apply(ctx context.Context, conn driver.Conn, t Target, ms []Migration, log *slog.Logger) error {
-	create := createMigrationsTable
-	if t.Cluster != "" {
-		if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+quote(t.Database)+" ON CLUSTER "+quote(t.Cluster)); err != nil {
-			return fmt.Errorf("migrate: create database %s on cluster %s: %w", t.Database, t.Cluster, err)
+	// schema_migrations' engine tells whether the database was set up for one
+	// server or a cluster (empty: not set up yet).
+	engineOf := func() (string, error) {
+		var engine string
+		err := conn.QueryRow(ctx, "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'schema_migrations'").Scan(&engine)
+		if errors.Is(err, sql.ErrNoRows) {
+			return "", nil
 		}
-		// One table for the cluster: every node a replica of it.
-		create = strings.Replace(create, "schema_migrations\n", quote(t.Database)+".schema_migrations ON CLUSTER "+quote(t.Cluster)+"\n", 1)
-		create = strings.Replace(create, "ENGINE = MergeTree()", fmt.Sprintf("ENGINE = ReplicatedMergeTree('/clickhouse/tables/all/%s.schema_migrations', '{replica}')", t.Database), 1)
+		if err != nil {
+			return "", fmt.Errorf("migrate: read schema_migrations: %w", err)
+		}
+		return engine, nil
 	}
-	if err := conn.Exec(ctx, create); err != nil {
-		return fmt.Errorf("migrate: create schema_migrations: %w", err)
+	engine, err := engineOf()
+	if err != nil {
+		return err
+	}
+	if engine == "" {
+		// Created once. On a cluster a distributed DDL task waits for every node,
+		// so a database set up already does not ask again (a worker starting while
+		// a replica is down must not wait for it).
+		create := createMigrationsTable
+		if t.Cluster != "" {
+			if err := conn.Exec(ctx, "CREATE DATABASE IF NOT EXISTS "+quote(t.Database)+" ON CLUSTER "+quote(t.Cluster)); err != nil {
+				return fmt.Errorf("migrate: create database %s on cluster %s: %w", t.Database, t.Cluster, err)
+			}
+			// One table for the cluster: every node a replica of it.
+			create = strings.Replace(create, "schema_migrations\n", quote(t.Database)+".schema_migrations ON CLUSTER "+quote(t.Cluster)+"\n", 1)
+			create = strings.Replace(create, "ENGINE = MergeTree()", fmt.Sprintf("ENGINE = ReplicatedMergeTree('/clickhouse/tables/all/%s.schema_migrations', '{replica}')", t.Database), 1)
+		}
+		if err := conn.Exec(ctx, create); err != nil {
+			return fmt.Errorf("migrate: create schema_migrations: %w", err)
+		}
+		if engine, err = engineOf(); err != nil {
+			return err
+		}
+	}
+	// A database set up for one server and a cluster's take different tables:
+	// writing with the other setting would miss them (or insert through
+	// Distributed tables).
+	switch replicated := strings.HasPrefix(engine, "Replicated"); {
+	case t.Cluster != "" && !replicated:
+		return fmt.Errorf("migrate: the database was set up for one server (schema_migrations is %s), not for cluster %s: unset CLICKHOUSE_CLUSTER, or set the cluster up in a new database", engine, t.Cluster)
+	case t.Cluster == "" && replicated:
+		return fmt.Errorf("migrate: the database was set up on a ClickHouse cluster (schema_migrations is %s): set CLICKHOUSE_CLUSTER to its cluster's name", engine)
 	}
 	applied, err := Applied(ctx, conn)
 	if err != nil {

@@ -174,9 +174,12 @@ func TestInsertEventsInBlocks(t *testing.T) {
 }
 
 // The same DDL, the sink's column types, its INSERTs and its queries on current
-// ClickHouse (26.5, in-process through chDB).
+// ClickHouse (26.5, in-process through chDB); the cluster's DDL parses there
+// (checkClusterDDL, in this test's chDB session: a chDB session per test is one
+// more library start in the test process).
 func TestTablesOnCurrentClickHouse(t *testing.T) {
-	q := chdbtest.Sluice(t)
+	q, try := chdbtest.SluiceSession(t)
+	checkClusterDDL(t, try)
 	version := q("SELECT version()")
 	t.Logf("ClickHouse %s", version)
 	// The settings that keep an insert whole are known here too, and take its values.

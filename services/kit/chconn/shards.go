@@ -38,7 +38,7 @@ func OpenShards(ctx context.Context, conn driver.Conn, s settings.ClickHouse) (*
 	if s.Cluster == "" {
 		return OneServer(conn), nil
 	}
-	rows, err := conn.Query(ctx, "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num", s.Cluster)
+	rows, err := conn.Query(ctx, "SELECT shard_num, host_name, port FROM system.clusters WHERE cluster = ? ORDER BY shard_num, replica_num", s.Cluster)
 	if err != nil {
 		return nil, fmt.Errorf("clickhouse cluster %s: %w", s.Cluster, err)
 	}

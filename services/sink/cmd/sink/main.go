@@ -71,8 +71,13 @@ func main() {
 				}
 				cfg.Crash = inj
 			}
+			shards, err := chconn.OpenShards(ctx, conn, env.ClickHouse)
+			if err != nil {
+				return err
+			}
+			defer shards.Close()
 			return sink.Run(ctx, cfg, sink.Deps{
-				NATS: env.NATS, ClickHouse: conn, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
+				NATS: env.NATS, ClickHouse: conn, Shards: shards, Logger: env.Log, Registerer: env.Registerer, Ready: env.Ready,
 			})
 		},
 	}, os.Args[1:], os.LookupEnv, os.Stderr))
