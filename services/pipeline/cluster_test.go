@@ -16,9 +16,9 @@ import (
 
 // Two workers on four partitions write to a ClickHouse cluster of 2 shards × 2
 // replicas (18.16, ZooKeeper): each partition's rows go to the local tables of its
-// shard, and the first replica of shard 1 is SIGKILLed while they insert (its
+// shard, and the first replica of the second shard is SIGKILLed while they insert (its
 // inserts fail over to the other replica) and started again; then ZooKeeper is
-// stopped (replicated tables go read-only) and started again. Read through the
+// stopped for 30 s (replicated tables go read-only) and started again. Read through the
 // Distributed table every unique event is there once, and each shard's replicas
 // end up holding the same rows.
 func TestClusterShards(t *testing.T) {
@@ -76,6 +76,7 @@ func TestClusterShards(t *testing.T) {
 	// ZooKeeper stopped: replicated tables take no inserts (read-only); the
 	// workers retry, and go on once it is back.
 	c.ZK.Stop()
+	zkStopped := time.Now()
 	u4, i4, _ := f.input(t, 5001, 1000)
 	poll.Until(t, time.Minute, func() error {
 		var readonly uint8
@@ -87,6 +88,7 @@ func TestClusterShards(t *testing.T) {
 		}
 		return nil
 	})
+	time.Sleep(time.Until(zkStopped.Add(30 * time.Second))) // the fault's length: 30 s without ZooKeeper
 	if c.ZK, err = c.ZK.Restart(ctx); err != nil {
 		t.Fatal(err)
 	}
