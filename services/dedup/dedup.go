@@ -224,6 +224,19 @@ func (h *Handler) decide(m events.Message) Decision {
 	return Decision{Event: e, Key: k, Expires: expires, Now: now}
 }
 
+// Admit is the ordered half of a decision made without a store (a Handler whose
+// HandlerConfig has no Store, deciding in parallel): whether keys hold d's key in
+// its window already (a repeat), and, when not, holding it from now on as the
+// first occurrence at input sequence seq. Decisions must be admitted in input
+// order; d must be valid.
+func Admit(keys *window.Store, d *Decision, seq uint64) (repeat bool) {
+	if keys.Seen(d.Key, d.Now) {
+		return true
+	}
+	keys.Add(d.Key, d.Expires, seq, d.Now)
+	return false
+}
+
 // Process decides what happens to a message that is one event and encodes the
 // UNIQUE message of a first occurrence.
 func (h *Handler) Process(m events.Message) Result {

@@ -464,3 +464,22 @@ func TestSnapshotOfAnotherStreamIsIgnored(t *testing.T) {
 		t.Fatalf("UNIQUE of the new stream holds %d, want 1: the old snapshot's key dropped the event", got)
 	}
 }
+
+// Admit holds a key from its first occurrence to the end of its window: a repeat
+// inside it is one, after it the key is a first occurrence again.
+func TestAdmit(t *testing.T) {
+	keys := window.NewStore(0)
+	k := window.Key{Hi: 1, Lo: 2}
+	first := Decision{Key: k, Now: 100, Expires: 160}
+	if Admit(keys, &first, 1) {
+		t.Fatal("a first occurrence taken for a repeat")
+	}
+	again := Decision{Key: k, Now: 159, Expires: 219}
+	if !Admit(keys, &again, 2) {
+		t.Fatal("a repeat inside the window admitted")
+	}
+	later := Decision{Key: k, Now: 161, Expires: 221}
+	if Admit(keys, &later, 3) {
+		t.Fatal("the key after its window taken for a repeat")
+	}
+}

@@ -1137,12 +1137,11 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	case d.Invalid != nil:
 		r.deadLetter(p.msg, d.Element, d.Data, typeOf(&d), d.Invalid.Error(), b)
 		return
-	case r.keys.Seen(d.Key, d.Now):
+	case dedup.Admit(r.keys, &d, p.seq):
 		r.m.duplicates.Inc()
 		r.m.event(typeOf(&d), outcomeRepeat, 1)
 		return
 	}
-	r.keys.Add(d.Key, d.Expires, p.seq, d.Now)
 	if it.rowErr != nil {
 		r.deadLetter(p.msg, d.Element, d.Data, d.Event.Type, it.rowErr.Error(), b)
 		return
