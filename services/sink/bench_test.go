@@ -28,7 +28,7 @@ func BenchmarkInsertEvents(b *testing.B) {
 		b.Fatal(err)
 	}
 	tbl := EventsTable()
-	w := &writer{cfg: DefaultConfig(), table: tbl, ch: conn, m: newMetrics(prometheus.NewRegistry()), ready: &telemetry.Readiness{}, log: testLog}
+	w := &writer{cfg: DefaultConfig(), table: tbl, into: tbl, ch: conn, m: newMetrics(prometheus.NewRegistry()), ready: &telemetry.Readiness{}, log: testLog}
 	rows := make([][]any, rowsPerBatch)
 	for i := range rows {
 		row, err := eventRowOf(enrichedEvent(i), uint64(i+1))

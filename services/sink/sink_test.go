@@ -263,7 +263,8 @@ func TestExactlyOnceAfterCrashBetweenInsertAndAck(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := newMetrics(prometheus.NewRegistry())
-	first := &writer{cfg: DefaultConfig(), table: EventsTable(), js: js, ch: conn, m: m, ready: &telemetry.Readiness{}, log: testLog}
+	events := EventsTable()
+	first := &writer{cfg: DefaultConfig(), table: events, into: events, js: js, ch: conn, m: m, ready: &telemetry.Readiness{}, log: testLog}
 	var rows [][]any
 	for msg := range batch.Messages() {
 		row, err := first.table.Row(msg, seqOf(t, msg))
