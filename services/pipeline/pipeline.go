@@ -1398,6 +1398,17 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 		}
 	}
 	for _, m := range b.out {
+		if m.Header.Get(alerts.HeaderProgress) != "" {
+			// A progress message tells the alert runner that the partition's rule
+			// input up to it is in RULES: it goes only once every publish before it
+			// is stored. (Asynchronous publishes can fail one by one, when a node
+			// leading RULES dies, and are published again at the next settle: a
+			// rule input retried after a later progress would be late for its
+			// windows.)
+			if err := w.pub.Settle(ctx); err != nil {
+				return fmt.Errorf("pipeline: publish before progress: %w", err)
+			}
+		}
 		if err := w.pub.Publish(ctx, m); err != nil {
 			return fmt.Errorf("pipeline: publish %s: %w", m.Subject, err)
 		}
