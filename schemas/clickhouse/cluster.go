@@ -49,7 +49,8 @@ var (
 // /clickhouse/tables/{shard}/<db>.<table>) and, when users query it, a local table
 // <name>_local with a Distributed table <name> over it; a materialized view writes
 // to the local table; an ALTER of a Distributed table alters the local table and
-// makes the Distributed one again over it. On one server (no cluster) stmt is returned as it is.
+// makes the Distributed one again over it. On one server (no cluster) stmt is
+// returned as it is.
 func (t Target) ForCluster(stmt string) ([]string, error) {
 	if t.Cluster == "" {
 		return []string{stmt}, nil
