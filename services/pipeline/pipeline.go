@@ -492,10 +492,7 @@ func (r *run) restore(ctx context.Context) error {
 	// returns, so the high-water marks read next are final for every earlier owner.
 	var running uint64
 	var unreached int
-	var replicas []driver.Conn
-	if r.shards.Cluster != "" {
-		replicas = r.shards.Replicas(r.in.id)
-	}
+	replicas := r.shards.Replicas(r.in.id)
 	if r.fence, running, unreached, err = sink.NewFenceOn(qctx, r.ch, replicas, uint32(r.in.id), r.claim.Gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
@@ -506,10 +503,11 @@ func (r *run) restore(ctx context.Context) error {
 	if unreached > 0 {
 		r.log.Warn("replicas of the partition's shard did not answer the fence; they are left out", "partition", r.in.id, "replicas", unreached)
 	}
-	if err := r.syncReplica(qctx, r.ch); err != nil {
-		return err
+	rd, err := sink.ReadReplica(qctx, r.ch, replicas, r.events)
+	if err != nil {
+		return fmt.Errorf("pipeline: %w", err)
 	}
-	if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM "+r.events).Scan(&r.hwm); err != nil {
+	if err := rd.QueryRow(qctx, "SELECT max(stream_seq) FROM "+r.events).Scan(&r.hwm); err != nil {
 		return fmt.Errorf("pipeline: high-water mark of %s: %w", r.events, err)
 	}
 	r.typedHWM, r.typedOf = make([]uint64, len(r.cfg.Typed)), map[string]int{}
@@ -1490,21 +1488,6 @@ func (w *writer) retry(ctx context.Context, kind string, f func(context.Context)
 	}
 }
 
-// syncReplica, on a cluster, has the replica ch reaches fetch every part of the
-// events table its shard holds (SYSTEM SYNC REPLICA), so that what it reads next
-// includes every insert acknowledged by any replica of the shard: one acknowledged
-// by a replica that is down now makes this wait, and fail, until it is back. On
-// one server it does nothing.
-func (p *pipeline) syncReplica(ctx context.Context, ch driver.Conn) error {
-	if p.shards.Cluster == "" {
-		return nil
-	}
-	if err := ch.Exec(ctx, "SYSTEM SYNC REPLICA "+p.events); err != nil {
-		return fmt.Errorf("pipeline: sync replica %s: %w", p.events, err)
-	}
-	return nil
-}
-
 // dropPresent removes from b the rows the events table holds already (same
 // stream_seq and key): rows a run before this one inserted, or a failed insert of
 // this one stored before it failed.
@@ -1514,10 +1497,11 @@ func (w *writer) dropPresent(ctx context.Context, b *batch) error {
 	if len(b.rows) == 0 {
 		return nil
 	}
-	if err := w.syncReplica(ctx, w.ch); err != nil {
-		return err
+	rd, err := sink.ReadReplica(ctx, w.ch, w.shards.Replicas(w.in.id), w.events)
+	if err != nil {
+		return fmt.Errorf("pipeline: %w", err)
 	}
-	present, err := sink.Present(ctx, w.ch, w.events, "key", b.rows[0].seq, b.rows[len(b.rows)-1].seq)
+	present, err := sink.Present(ctx, rd, w.events, "key", b.rows[0].seq, b.rows[len(b.rows)-1].seq)
 	if err != nil {
 		return err
 	}

@@ -132,14 +132,14 @@ func Prepare(ctx context.Context, conn driver.Conn, shards *chconn.Shards, typed
 		shards = chconn.OneServer(conn)
 	}
 	target := chmigrate.Target{Cluster: shards.Cluster}
+	if target.Cluster != "" && typed > 0 {
+		return nil, target, fmt.Errorf("typed tables (ingest.types) are not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet", target.Cluster)
+	}
 	if err := conn.QueryRow(ctx, "SELECT currentDatabase()").Scan(&target.Database); err != nil {
 		return nil, target, err
 	}
 	if err := chmigrate.MigrateTo(ctx, conn, target, log); err != nil {
 		return nil, target, err
-	}
-	if target.Cluster != "" && typed > 0 {
-		return nil, target, fmt.Errorf("typed tables (ingest.types) are not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet", target.Cluster)
 	}
 	return shards, target, nil
 }
@@ -180,7 +180,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	for i, t := range tables {
 		into := *t
 		into.Name = target.LocalName(t.Name)
-		w := &writer{cfg: cfg, table: t, into: &into, replicated: target.Cluster != "", js: js, ch: shards.For(0), m: m, ready: deps.Ready,
+		w := &writer{cfg: cfg, table: t, into: &into, replicas: shards.Replicas(0), js: js, ch: shards.For(0), m: m, ready: deps.Ready,
 			maxPayload: deps.NATS.MaxPayload(), log: deps.Logger.With("stage", Name, "table", t.Name)}
 		wg.Go(func() { errs[i] = w.run(ctx) })
 	}
@@ -270,9 +270,10 @@ type writer struct {
 	cfg   Config
 	table *Table
 	// into is table as inserted into and read: itself, or on a cluster its local
-	// table on the shard ch reaches (replicated: read after SYSTEM SYNC REPLICA).
+	// table on the shard ch reaches, whose replicas (nil on one server) are
+	// where the checks read (ReadReplica).
 	into       *Table
-	replicated bool
+	replicas   []driver.Conn
 	js         jetstream.JetStream
 	ch         driver.Conn
 	m          *metrics
@@ -738,10 +739,11 @@ func (w *writer) present(ctx context.Context, suspects []suspect) (map[int]bool,
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	if err := w.syncReplica(ctx); err != nil {
+	rd, err := ReadReplica(ctx, w.ch, w.replicas, w.into.Name)
+	if err != nil {
 		return nil, err
 	}
-	found, err := Present(ctx, w.ch, w.into.Name, identity, lo, hi)
+	found, err := Present(ctx, rd, w.into.Name, identity, lo, hi)
 	if err != nil {
 		return nil, err
 	}
@@ -778,18 +780,28 @@ func Present(ctx context.Context, ch driver.Conn, table, identity string, lo, hi
 	return out, rows.Err()
 }
 
-// syncReplica, on a cluster, has the replica w.ch reaches fetch every part its
-// shard's other replicas acknowledged (SYSTEM SYNC REPLICA), so that the read
-// after it sees them; it waits, and fails, while such a part's only copy is on a
-// replica that is down.
-func (w *writer) syncReplica(ctx context.Context) error {
-	if !w.replicated {
-		return nil
+// ReadReplica is where a read that must see every insert acknowledged in a shard
+// goes: on one server (replicas nil) ch; on a cluster the first of the shard's
+// replicas that fetched every part of table the shard's log holds (SYSTEM SYNC
+// REPLICA), through its own connection, so that the read reaches that replica and
+// not whichever one a failing-over connection picks next. A sync waits, and fails
+// when ctx ends, while such a part's only copy is on a replica that is down.
+func ReadReplica(ctx context.Context, ch driver.Conn, replicas []driver.Conn, table string) (driver.Conn, error) {
+	if replicas == nil {
+		return ch, nil
 	}
-	if err := w.ch.Exec(ctx, "SYSTEM SYNC REPLICA "+w.into.Name); err != nil {
-		return fmt.Errorf("sync replica %s: %w", w.into.Name, err)
+	var errs []error
+	for _, rc := range replicas {
+		err := rc.Exec(ctx, "SYSTEM SYNC REPLICA "+table)
+		if err == nil {
+			return rc, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
 	}
-	return nil
+	return nil, fmt.Errorf("sync replica %s: no replica of the shard is in sync: %w", table, errors.Join(errs...))
 }
 
 // refreshHighWater reads the highest stream sequence in the table when this writer
@@ -818,11 +830,12 @@ func (w *writer) refreshHighWater(ctx context.Context) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 	defer cancel()
-	if err := w.syncReplica(ctx); err != nil {
+	rd, err := ReadReplica(ctx, w.ch, w.replicas, w.into.Name)
+	if err != nil {
 		return err
 	}
 	var hwm uint64
-	if err := w.ch.QueryRow(ctx, "SELECT max(stream_seq) FROM "+w.into.Name).Scan(&hwm); err != nil {
+	if err := rd.QueryRow(ctx, "SELECT max(stream_seq) FROM "+w.into.Name).Scan(&hwm); err != nil {
 		return fmt.Errorf("high-water mark of %s: %w", w.into.Name, err)
 	}
 	w.hwm, w.hwmGen, w.hwmRead = max(w.hwm, hwm), gen, true

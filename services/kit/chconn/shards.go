@@ -28,7 +28,7 @@ type Shards struct {
 
 // OneServer is the Shards of one server: conn for everything.
 func OneServer(conn driver.Conn) *Shards {
-	return &Shards{shards: []driver.Conn{conn}, replicas: [][]driver.Conn{{conn}}}
+	return &Shards{shards: []driver.Conn{conn}}
 }
 
 // OpenShards reads s.Cluster's shards and replicas from system.clusters through
@@ -101,8 +101,14 @@ func (s *Shards) Shard(partition int) int { return partition % len(s.shards) }
 // answers.
 func (s *Shards) For(partition int) driver.Conn { return s.shards[s.Shard(partition)] }
 
-// Replicas are a connection to each replica of partition's shard.
-func (s *Shards) Replicas(partition int) []driver.Conn { return s.replicas[s.Shard(partition)] }
+// Replicas are a connection to each replica of partition's shard, in order; nil
+// on one server.
+func (s *Shards) Replicas(partition int) []driver.Conn {
+	if s.replicas == nil {
+		return nil
+	}
+	return s.replicas[s.Shard(partition)]
+}
 
 // Close closes the connections OpenShards opened.
 func (s *Shards) Close() {
