@@ -11,11 +11,10 @@ import (
 // FreezeOpen is called pass no more bytes either way and are closed by nothing, as
 // over a dead host or a cut network; connections made later pass as before.
 type Freezer struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	open   []*atomic.Bool // each connection's frozen flag
-	wg     sync.WaitGroup
+	ln   net.Listener
+	mu   sync.Mutex
+	open []*atomic.Bool // each connection's frozen flag
+	wg   sync.WaitGroup
 }
 
 // NewFreezer listens on a loopback port and forwards each connection to target
@@ -26,7 +25,7 @@ func NewFreezer(t testing.TB, target string) *Freezer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &Freezer{ln: ln, target: target}
+	f := &Freezer{ln: ln}
 	var conns []net.Conn
 	f.wg.Go(func() {
 		for {
