@@ -224,17 +224,21 @@ func (h *Handler) decide(m events.Message) Decision {
 	return Decision{Event: e, Key: k, Expires: expires, Now: now}
 }
 
+// Keys are the keys a dedup step decides with: in memory (window.Store) or on
+// disk (window.Disk).
+type Keys interface {
+	// Admit reports whether k is held inside its window at now (a repeat); when
+	// not, it holds k until exp as first seen at input sequence seq.
+	Admit(k window.Key, exp uint32, seq uint64, now uint32) (repeat bool, err error)
+}
+
 // Admit is the ordered half of a decision made without a store (a Handler whose
 // HandlerConfig has no Store, deciding in parallel): whether keys hold d's key in
 // its window already (a repeat), and, when not, holding it from now on as the
 // first occurrence at input sequence seq. Decisions must be admitted in input
 // order; d must be valid.
-func Admit(keys *window.Store, d *Decision, seq uint64) (repeat bool) {
-	if keys.Seen(d.Key, d.Now) {
-		return true
-	}
-	keys.Add(d.Key, d.Expires, seq, d.Now)
-	return false
+func Admit(keys Keys, d *Decision, seq uint64) (repeat bool, err error) {
+	return keys.Admit(d.Key, d.Expires, seq, d.Now)
 }
 
 // Process decides what happens to a message that is one event and encodes the

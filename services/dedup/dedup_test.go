@@ -466,20 +466,31 @@ func TestSnapshotOfAnotherStreamIsIgnored(t *testing.T) {
 }
 
 // Admit holds a key from its first occurrence to the end of its window: a repeat
-// inside it is one, after it the key is a first occurrence again.
+// inside it is one, after it the key is a first occurrence again; in memory and on
+// disk alike.
 func TestAdmit(t *testing.T) {
-	keys := window.NewStore(0)
-	k := window.Key{Hi: 1, Lo: 2}
-	first := Decision{Key: k, Now: 100, Expires: 160}
-	if Admit(keys, &first, 1) {
-		t.Fatal("a first occurrence taken for a repeat")
+	disk, err := window.OpenDisk(t.TempDir(), 0, window.DefaultDiskOptions())
+	if err != nil {
+		t.Fatal(err)
 	}
-	again := Decision{Key: k, Now: 159, Expires: 219}
-	if !Admit(keys, &again, 2) {
-		t.Fatal("a repeat inside the window admitted")
-	}
-	later := Decision{Key: k, Now: 161, Expires: 221}
-	if Admit(keys, &later, 3) {
-		t.Fatal("the key after its window taken for a repeat")
+	t.Cleanup(func() { disk.Close() })
+	for name, keys := range map[string]Keys{"memory": window.NewStore(0), "disk": disk} {
+		admit := func(d Decision, seq uint64) bool {
+			repeat, err := Admit(keys, &d, seq)
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			return repeat
+		}
+		k := window.Key{Hi: 1, Lo: 2}
+		if admit(Decision{Key: k, Now: 100, Expires: 160}, 1) {
+			t.Fatalf("%s: a first occurrence taken for a repeat", name)
+		}
+		if !admit(Decision{Key: k, Now: 159, Expires: 219}, 2) {
+			t.Fatalf("%s: a repeat inside the window admitted", name)
+		}
+		if admit(Decision{Key: k, Now: 161, Expires: 221}, 3) {
+			t.Fatalf("%s: the key after its window taken for a repeat", name)
+		}
 	}
 }

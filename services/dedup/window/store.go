@@ -80,6 +80,24 @@ func (s *Store) Add(k Key, exp uint32, seq uint64, now uint32) {
 	s.t.Put(k, exp)
 }
 
+// Admit reports whether k is held inside its window at now (a repeat); when it is
+// not, it holds k until exp as first seen at seq (Add). The error is always nil.
+func (s *Store) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
+	if s.Seen(k, now) {
+		return true, nil
+	}
+	s.Add(k, exp, seq, now)
+	return false, nil
+}
+
+// Range calls f for every key held and not expired at now, until f returns false.
+func (s *Store) Range(now uint32, f func(k Key, exp uint32) bool) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	s.t.Range(func(k Key, exp uint32) bool { return exp <= now || f(k, exp) })
+	return nil
+}
+
 // Expire removes the keys whose window ended at or before now.
 func (s *Store) Expire(now uint32) int {
 	s.mu.Lock()

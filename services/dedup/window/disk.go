@@ -1,0 +1,409 @@
+package window
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
+)
+
+// Disk holds the keys in an embedded LSM (Pebble) on local disk, for windows whose
+// keys do not fit in memory. Memory is bounded by the block cache, Pebble's
+// memtables and the recent keys: those added since the last capture are held in a
+// hash table in memory (the overlay) and reach Pebble only when a checkpoint is
+// written. A key's lookup reads the overlays, then Pebble's bloom filters (in the
+// cache) and, for a key held or a filter's false positive, a block. The answer is
+// exact: a filter only says where to look.
+//
+// Layout in Pebble: k<key> → expiry; e<expiry><key> → empty, the expiry index that
+// lets a checkpoint remove expired keys by a range scan of only them, never a scan
+// of the state.
+//
+// The local files are a cache, not the only copy: a checkpoint flushes them into
+// files to be uploaded, and a new owner restores from such files. A checkpoint holds
+// exactly the keys of the capture it is for, though input goes on while it is
+// written: Freeze sets the overlay of the keys added until the capture aside, new
+// keys go to a new overlay, and Checkpoint writes the set-aside one into Pebble
+// before it flushes and copies Pebble's files.
+type Disk struct {
+	db *pebble.DB
+	// recent are the keys added since the last Freeze (the deciding goroutine's
+	// own); frozen, while a checkpoint is pending, those added before it, read by
+	// the deciding goroutine and written into Pebble by Checkpoint.
+	recent Table
+	frozen atomic.Pointer[frozen]
+	// horizon: keys expiring at or before it are absent (set by Expire, moves only on).
+	horizon atomic.Uint32
+	n       atomic.Int64 // keys in Pebble
+	lastSeq atomic.Uint64
+	mu      sync.Mutex // Freeze and Checkpoint
+}
+
+// frozen is an overlay set aside at a capture, and the capture's horizon.
+type frozen struct {
+	t       Table
+	horizon uint32
+}
+
+// DiskOptions sizes a Disk store.
+type DiskOptions struct {
+	// CacheBytes is the block cache (filters and hot blocks); MemTableBytes each of
+	// Pebble's memtables.
+	CacheBytes, MemTableBytes int64
+	Logger                    *slog.Logger
+}
+
+// DefaultDiskOptions: a 256 MiB block cache, 32 MiB memtables.
+func DefaultDiskOptions() DiskOptions {
+	return DiskOptions{CacheBytes: 256 << 20, MemTableBytes: 32 << 20}
+}
+
+const (
+	prefixKey    = 'k'
+	prefixExpiry = 'e'
+)
+
+// metaKey holds the count of keys in Pebble as of the checkpoint.
+var metaKey = []byte("m")
+
+// OpenDisk opens the store in dir: empty, or the files of a checkpoint, whose
+// capture's clock was horizon (keys expiring by then are absent).
+func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
+	def := DefaultDiskOptions()
+	o.CacheBytes, o.MemTableBytes = cmpOr(o.CacheBytes, def.CacheBytes), cmpOr(o.MemTableBytes, def.MemTableBytes)
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	opts := &pebble.Options{
+		CacheSize:    o.CacheBytes,
+		MemTableSize: uint64(o.MemTableBytes),
+		// The files are a cache of the uploaded checkpoints, and each checkpoint
+		// flushes first: a write-ahead log would protect nothing.
+		DisableWAL: true,
+		Logger:     pebbleLogger{log.With("component", "pebble")},
+	}
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	opts.EnsureDefaults()
+	db, err := pebble.Open(dir, opts)
+	if err != nil {
+		return nil, fmt.Errorf("open the dedup keys in %s: %w", dir, err)
+	}
+	d := &Disk{db: db}
+	d.horizon.Store(horizon)
+	v, closer, err := db.Get(metaKey)
+	switch {
+	case err == nil:
+		if len(v) == 8 {
+			d.n.Store(int64(binary.BigEndian.Uint64(v)))
+		}
+		closer.Close()
+	case !errors.Is(err, pebble.ErrNotFound):
+		db.Close()
+		return nil, fmt.Errorf("read the dedup keys' metadata in %s: %w", dir, err)
+	}
+	return d, nil
+}
+
+func cmpOr(v, def int64) int64 {
+	if v > 0 {
+		return v
+	}
+	return def
+}
+
+func keyOf(buf []byte, k Key) []byte {
+	buf[0] = prefixKey
+	binary.BigEndian.PutUint64(buf[1:9], k.Hi)
+	binary.BigEndian.PutUint64(buf[9:17], k.Lo)
+	return buf[:17]
+}
+
+func expiryKey(buf []byte, exp uint32, k Key) []byte {
+	buf[0] = prefixExpiry
+	binary.BigEndian.PutUint32(buf[1:5], exp)
+	binary.BigEndian.PutUint64(buf[5:13], k.Hi)
+	binary.BigEndian.PutUint64(buf[13:21], k.Lo)
+	return buf[:21]
+}
+
+// stored returns k's expiry in Pebble (0: none).
+func (d *Disk) stored(k Key) (uint32, error) {
+	var kb [17]byte
+	v, closer, err := d.db.Get(keyOf(kb[:], k))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer closer.Close()
+	if len(v) != 4 {
+		return 0, nil
+	}
+	return binary.BigEndian.Uint32(v), nil
+}
+
+// held reports whether k is held at now, looking newest first: the recent keys,
+// those set aside, Pebble. As in memory, where each capture removes the keys
+// expired by then, a key held since before the last capture (Expire) is held only
+// if it expires after that capture's horizon too.
+func (d *Disk) held(k Key, now uint32) (bool, error) {
+	if e := d.recent.Get(k); e != 0 {
+		return e > now, nil
+	}
+	now = max(now, d.horizon.Load())
+	if f := d.frozen.Load(); f != nil {
+		if e := f.t.Get(k); e != 0 {
+			return e > now, nil
+		}
+	}
+	e, err := d.stored(k)
+	return e > now, err
+}
+
+// Admit reports whether k is held inside its window at now (a repeat); when it is
+// not, it holds k until exp, as first seen at input sequence seq. A key whose
+// window has already ended at now is not held. Admit, Expire and Freeze are called
+// by one goroutine, in input order.
+func (d *Disk) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
+	held, err := d.held(k, now)
+	if err != nil {
+		return false, fmt.Errorf("dedup keys: %w", err)
+	}
+	if held {
+		return true, nil
+	}
+	d.lastSeq.Store(max(d.lastSeq.Load(), seq))
+	if exp > now {
+		d.recent.Put(k, exp)
+	}
+	return false, nil
+}
+
+// Expire removes the keys whose window ended at or before now: from memory at
+// once, from Pebble (and what is set aside for it) at the next checkpoint, absent
+// until then.
+func (d *Disk) Expire(now uint32) int {
+	d.horizon.Store(max(d.horizon.Load(), now))
+	return d.recent.Expire(now)
+}
+
+// Freeze sets the keys added until now aside for the next Checkpoint, which will
+// hold exactly the keys held now, without those expired by the horizon (Expire). A
+// Freeze before the last one's Checkpoint adds to what it set aside.
+func (d *Disk) Freeze() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f := &frozen{horizon: d.horizon.Load()}
+	if old := d.frozen.Load(); old != nil {
+		f.t = old.t.clone()
+		d.recent.Range(func(k Key, exp uint32) bool { f.t.Put(k, exp); return true })
+	} else {
+		f.t = d.recent
+	}
+	d.frozen.Store(f)
+	d.recent = Table{}
+}
+
+// Checkpoint writes the keys set aside by the last Freeze into Pebble, removes the
+// keys expired by that capture's horizon, flushes, and writes a checkpoint into dir
+// (which must not exist). It returns the files' names, relative to dir.
+func (d *Disk) Checkpoint(dir string) ([]string, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f := d.frozen.Load()
+	if f == nil {
+		return nil, errors.New("dedup keys: a checkpoint without a capture")
+	}
+	if err := d.apply(&f.t); err != nil {
+		return nil, fmt.Errorf("dedup keys: write the recent keys: %w", err)
+	}
+	// Pebble holds them now; lookups go there.
+	d.frozen.Store(nil)
+	if err := d.sweep(f.horizon); err != nil {
+		return nil, fmt.Errorf("dedup keys: remove expired keys: %w", err)
+	}
+	var v [8]byte
+	binary.BigEndian.PutUint64(v[:], uint64(max(0, d.n.Load())))
+	if err := d.db.Set(metaKey, v[:], pebble.NoSync); err != nil {
+		return nil, fmt.Errorf("dedup keys: write the key count: %w", err)
+	}
+	if err := d.db.Flush(); err != nil {
+		return nil, fmt.Errorf("dedup keys: flush: %w", err)
+	}
+	if err := d.db.Checkpoint(dir); err != nil {
+		return nil, fmt.Errorf("dedup keys: checkpoint: %w", err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("dedup keys: checkpoint: %w", err)
+	}
+	var names []string
+	for _, e := range entries {
+		if e.Type().IsRegular() {
+			names = append(names, e.Name())
+		}
+	}
+	return names, nil
+}
+
+// apply writes t's keys into Pebble, in batches.
+func (d *Disk) apply(t *Table) error {
+	b := d.db.NewBatch()
+	defer func() { b.Close() }()
+	var err error
+	t.Range(func(k Key, exp uint32) bool {
+		var old uint32
+		if old, err = d.stored(k); err != nil {
+			return false
+		}
+		if old == 0 {
+			d.n.Add(1)
+		}
+		var kb [17]byte
+		var eb [21]byte
+		var v [4]byte
+		binary.BigEndian.PutUint32(v[:], exp)
+		_ = b.Set(keyOf(kb[:], k), v[:], nil)
+		_ = b.Set(expiryKey(eb[:], exp, k), nil, nil)
+		if b.Count() >= 20_000 {
+			if err = b.Commit(pebble.NoSync); err != nil {
+				return false
+			}
+			b.Close()
+			b = d.db.NewBatch()
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return b.Commit(pebble.NoSync)
+}
+
+// sweep removes the keys that expired at or before h, by the expiry index.
+func (d *Disk) sweep(h uint32) error {
+	var lo, hi [5]byte
+	lo[0], hi[0] = prefixExpiry, prefixExpiry
+	binary.BigEndian.PutUint32(hi[1:], h+1)
+	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: hi[:]})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	b := d.db.NewBatch()
+	defer func() { b.Close() }()
+	for it.First(); it.Valid(); it.Next() {
+		ek := it.Key()
+		k := Key{binary.BigEndian.Uint64(ek[5:13]), binary.BigEndian.Uint64(ek[13:21])}
+		exp, err := d.stored(k)
+		if err != nil {
+			return err
+		}
+		// A key added again later has a later expiry (and its own index entry).
+		if exp != 0 && exp <= h {
+			var kb [17]byte
+			_ = b.Delete(keyOf(kb[:], k), nil)
+			d.n.Add(-1)
+		}
+		if b.Count() >= 20_000 {
+			if err := b.Commit(pebble.NoSync); err != nil {
+				return err
+			}
+			b.Close()
+			b = d.db.NewBatch()
+		}
+	}
+	if err := it.Error(); err != nil {
+		return err
+	}
+	_ = b.DeleteRange(lo[:], hi[:], nil)
+	return b.Commit(pebble.NoSync)
+}
+
+// Immutable reports whether a file of a checkpoint never changes once written (the
+// LSM's tables and blob files): uploaded once, cached locally by hard link.
+func Immutable(name string) bool {
+	n := len(name)
+	return n > 4 && (name[n-4:] == ".sst" || (n > 5 && name[n-5:] == ".blob"))
+}
+
+// Range calls f for every key held at now (as held does), until f returns false.
+func (d *Disk) Range(now uint32, f func(k Key, exp uint32) bool) error {
+	seen := func(k Key) bool {
+		if d.recent.Get(k) != 0 {
+			return true
+		}
+		fr := d.frozen.Load()
+		return fr != nil && fr.t.Get(k) != 0
+	}
+	more := true
+	d.recent.Range(func(k Key, exp uint32) bool {
+		more = exp <= now || f(k, exp)
+		return more
+	})
+	now = max(now, d.horizon.Load()) // older than the last capture
+	if fr := d.frozen.Load(); fr != nil && more {
+		fr.t.Range(func(k Key, exp uint32) bool {
+			more = exp <= now || d.recent.Get(k) != 0 || f(k, exp)
+			return more
+		})
+	}
+	if !more {
+		return nil
+	}
+	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixKey}, UpperBound: []byte{prefixKey + 1}})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		kb, v := it.Key(), it.Value()
+		if len(kb) != 17 || len(v) != 4 {
+			continue
+		}
+		k := Key{binary.BigEndian.Uint64(kb[1:9]), binary.BigEndian.Uint64(kb[9:17])}
+		if exp := binary.BigEndian.Uint32(v); exp > now && !seen(k) && !f(k, exp) {
+			break
+		}
+	}
+	return it.Error()
+}
+
+// Stats returns the store's figures: Keys held (a key in memory and in Pebble, and
+// one expired but not yet removed, count once each: an estimate), Bytes the disk
+// space.
+func (d *Disk) Stats() Stats {
+	n := int(max(0, d.n.Load())) + d.recent.Len()
+	if f := d.frozen.Load(); f != nil {
+		n += f.t.Len()
+	}
+	return Stats{Keys: n, Bytes: int(d.db.Metrics().DiskSpaceUsage()), LastSeq: d.lastSeq.Load()}
+}
+
+// Close closes the store; its files stay.
+func (d *Disk) Close() error { return d.db.Close() }
+
+// pebbleLogger writes Pebble's messages to slog.
+type pebbleLogger struct{ log *slog.Logger }
+
+func (l pebbleLogger) Infof(format string, args ...any) {
+	l.log.Debug(fmt.Sprintf(format, args...))
+}
+
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.log.Error(fmt.Sprintf(format, args...))
+}
+
+func (l pebbleLogger) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf(format, args...))
+}
