@@ -1,0 +1,261 @@
+package partition
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// File is one file of a checkpoint and the object that holds its content.
+type File struct {
+	Name   string `json:"name"`
+	Object string `json:"object"`
+	Size   int64  `json:"size"`
+}
+
+// Files keeps the files of a claim's incremental checkpoints in an object store:
+// a file that never changes once written (immutable) is uploaded once and named in
+// every checkpoint that holds it; the others are uploaded with each checkpoint. So
+// what a checkpoint uploads is what changed since the one before.
+//
+// Objects are named <prefix>.<partition>.<gen>.<nonce>.<n>.<file>: the claim's
+// generation, a nonce drawn per Files and a count, so that no object is written
+// twice, by two writers (an owner that lost the partition and its successor, or
+// two runs of one claim) or by two checkpoints (a file that changes). Files deletes only objects of generations up to its claim's that the
+// checkpoints it keeps do not name.
+//
+// A checkpoint is a list of Files, saved by the caller in its state (States); Keep
+// says which checkpoints the saved states name, after each save.
+type Files struct {
+	store     jetstream.ObjectStore
+	claim     *Claim
+	prefix    string
+	nonce     string
+	uploads   int
+	immutable func(name string) bool
+	log       *slog.Logger
+	// uploaded are the immutable files uploaded or restored, by name; fresh the
+	// objects uploaded since the last Keep.
+	uploaded map[string]File
+	fresh    []string
+	// kept are the checkpoints the saved states name (the newest last); pruned
+	// tells whether the objects left by earlier owners were listed once.
+	kept   [][]File
+	pruned bool
+}
+
+// NewFiles keeps claim's checkpoint files in store as objects named
+// prefix.<partition>.<gen>.<nonce>.<n>.<file>; immutable tells the files that never
+// change once written.
+func NewFiles(store jetstream.ObjectStore, claim *Claim, prefix string, immutable func(name string) bool, log *slog.Logger) *Files {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return &Files{store: store, claim: claim, prefix: prefix, nonce: hex.EncodeToString(b[:]), immutable: immutable, log: log, uploaded: map[string]File{}}
+}
+
+func (f *Files) object(name string) string {
+	f.uploads++
+	return fmt.Sprintf("%s.%d.%d.%s.%d.%s", f.prefix, f.claim.Partition, f.claim.Gen, f.nonce, f.uploads, name)
+}
+
+// gen returns the generation of one of the partition's objects.
+func (f *Files) gen(object string) (uint64, bool) {
+	head := fmt.Sprintf("%s.%d.", f.prefix, f.claim.Partition)
+	if !strings.HasPrefix(object, head) {
+		return 0, false
+	}
+	var gen uint64
+	if _, err := fmt.Sscanf(object[len(head):], "%d.", &gen); err != nil {
+		return 0, false
+	}
+	return gen, true
+}
+
+// Upload uploads the files of the checkpoint in dir that are not uploaded yet and
+// returns the checkpoint's list. The list is not the partition's state until the
+// caller saves it.
+func (f *Files) Upload(ctx context.Context, dir string, names []string) ([]File, error) {
+	if err := f.claim.Valid(); err != nil {
+		return nil, err
+	}
+	files := make([]File, 0, len(names))
+	for _, name := range names {
+		if up, ok := f.uploaded[name]; ok && f.immutable(name) {
+			files = append(files, up)
+			continue
+		}
+		file, err := f.upload(ctx, dir, name)
+		if err != nil {
+			return nil, err
+		}
+		if f.immutable(name) {
+			f.uploaded[name] = file
+		}
+		f.fresh = append(f.fresh, file.Object)
+		files = append(files, file)
+	}
+	return files, nil
+}
+
+func (f *Files) upload(ctx context.Context, dir, name string) (File, error) {
+	r, err := os.Open(filepath.Join(dir, name))
+	if err != nil {
+		return File{}, fmt.Errorf("upload checkpoint file: %w", err)
+	}
+	defer r.Close()
+	info, err := r.Stat()
+	if err != nil {
+		return File{}, fmt.Errorf("upload checkpoint file: %w", err)
+	}
+	object := f.object(name)
+	if _, err := f.store.Put(ctx, jetstream.ObjectMeta{Name: object}, r); err != nil {
+		return File{}, fmt.Errorf("upload checkpoint file %s: %w", name, err)
+	}
+	return File{Name: name, Object: object, Size: info.Size()}, nil
+}
+
+// Restore writes the files of a checkpoint into dir (created empty). An immutable
+// file found in cache (by object name) is linked from there instead of downloaded;
+// those downloaded are linked into cache for the next restore on this machine,
+// which keeps only the checkpoint's files. The files restored are uploaded already.
+func (f *Files) Restore(ctx context.Context, files []File, dir, cache string) error {
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("restore checkpoint: %w", err)
+	}
+	for _, d := range []string{dir, cache} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("restore checkpoint: %w", err)
+		}
+	}
+	keep := map[string]bool{}
+	for _, file := range files {
+		path := filepath.Join(dir, file.Name)
+		if !f.immutable(file.Name) {
+			if err := f.download(ctx, file, path); err != nil {
+				return err
+			}
+			continue
+		}
+		keep[file.Object] = true
+		cached := filepath.Join(cache, file.Object)
+		if info, err := os.Stat(cached); err != nil || info.Size() != file.Size {
+			if err := f.download(ctx, file, cached); err != nil {
+				return err
+			}
+		}
+		if err := os.Link(cached, path); err != nil {
+			return fmt.Errorf("restore checkpoint: %w", err)
+		}
+		f.uploaded[file.Name] = file
+	}
+	f.kept = [][]File{files}
+	entries, err := os.ReadDir(cache)
+	if err != nil {
+		return fmt.Errorf("restore checkpoint: %w", err)
+	}
+	for _, e := range entries {
+		if !keep[e.Name()] {
+			_ = os.Remove(filepath.Join(cache, e.Name()))
+		}
+	}
+	return nil
+}
+
+// download writes an object to path, through a temporary file, checking its size.
+func (f *Files) download(ctx context.Context, file File, path string) error {
+	r, err := f.store.Get(ctx, file.Object)
+	if err != nil {
+		return fmt.Errorf("restore checkpoint file %s: %w", file.Name, err)
+	}
+	defer r.Close()
+	tmp := path + ".part"
+	w, err := os.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("restore checkpoint file %s: %w", file.Name, err)
+	}
+	n, err := io.Copy(w, r)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil && n != file.Size {
+		err = fmt.Errorf("%d bytes, want %d", n, file.Size)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("restore checkpoint file %s: %w", file.Name, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("restore checkpoint file %s: %w", file.Name, err)
+	}
+	return nil
+}
+
+// Keep is told, after each save of a state, the checkpoint it names. The last two
+// are kept (with the one restored, as States keeps two states); the objects of the
+// checkpoint before them, and those uploaded for a save that failed, are deleted
+// unless a kept one names them. At the first call, every object of the partition
+// of a generation up to the claim's that the kept ones do not name is deleted: an
+// owner that ended abruptly may have left some.
+func (f *Files) Keep(ctx context.Context, files []File) {
+	var dropped []File
+	f.kept = append(f.kept, files)
+	if len(f.kept) > 2 {
+		dropped = f.kept[0]
+		f.kept = f.kept[len(f.kept)-2:]
+	}
+	named := map[string]bool{}
+	for _, cp := range f.kept {
+		for _, file := range cp {
+			named[file.Object] = true
+		}
+	}
+	for name, file := range f.uploaded {
+		if !named[file.Object] {
+			delete(f.uploaded, name) // a file compacted away: its name is not used again
+		}
+	}
+	// Cleanup a stop must not cut short.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	drop := map[string]bool{}
+	if !f.pruned {
+		infos, err := f.store.List(ctx)
+		if err != nil && !errors.Is(err, jetstream.ErrNoObjectsFound) {
+			f.log.Warn("list the older checkpoint files", "partition", f.claim.Partition, "err", err)
+			return
+		}
+		for _, info := range infos {
+			if gen, ok := f.gen(info.Name); ok && gen <= f.claim.Gen {
+				drop[info.Name] = true
+			}
+		}
+		f.pruned = true
+	}
+	for _, file := range dropped {
+		drop[file.Object] = true
+	}
+	for _, object := range f.fresh {
+		drop[object] = true
+	}
+	f.fresh = nil
+	for _, name := range slices.Sorted(maps.Keys(drop)) {
+		if named[name] {
+			continue
+		}
+		if err := f.store.Delete(ctx, name); err != nil && !errors.Is(err, jetstream.ErrObjectNotFound) {
+			f.log.Warn("delete an older checkpoint file", "object", name, "err", err)
+		}
+	}
+}

@@ -1,0 +1,164 @@
+package partition_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
+)
+
+// Incremental checkpoints: an immutable file is uploaded once however many
+// checkpoints name it, the others with each; a restore writes the checkpoint's
+// files back (immutable ones linked from the local cache when there); objects no
+// kept checkpoint names are deleted, those of a later generation never.
+func TestFiles(t *testing.T) {
+	ctx := context.Background()
+	_, js := natstest.Run(t).Connect(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_files"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "test_files"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	claims := make(chan *partition.Claim, 1)
+	gctx, cancel := context.WithCancel(ctx)
+	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: log}
+	done := make(chan error, 1)
+	go func() {
+		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
+			claims <- c
+			<-ctx.Done()
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	var c *partition.Claim
+	select {
+	case c = <-claims:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the partition was never claimed")
+	}
+	objects := func() []string {
+		infos, err := store.List(ctx)
+		if errors.Is(err, jetstream.ErrNoObjectsFound) {
+			return nil
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, info := range infos {
+			names = append(names, info.Name)
+		}
+		slices.Sort(names)
+		return names
+	}
+	immutable := func(name string) bool { return strings.HasSuffix(name, ".sst") }
+	write := func(dir string, files map[string]string) []string {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for name, body := range files {
+			if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		return names
+	}
+	// An object of a later generation (a successor's) is never deleted.
+	successor := "keys.0.999.abc.1.000001.sst"
+	if _, err := store.PutString(ctx, successor, "theirs"); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	files := partition.NewFiles(store, c, "keys", immutable, log)
+	dir1 := filepath.Join(root, "c1")
+	cp1, err := files.Upload(ctx, dir1, write(dir1, map[string]string{"000001.sst": "one", "MANIFEST-1": "m1"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files.Keep(ctx, cp1)
+	dir2 := filepath.Join(root, "c2")
+	cp2, err := files.Upload(ctx, dir2, write(dir2, map[string]string{"000001.sst": "one", "000002.sst": "two", "MANIFEST-1": "m2"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files.Keep(ctx, cp2)
+	if cp2[0] != cp1[0] {
+		t.Fatalf("000001.sst uploaded again: %v, then %v", cp1[0], cp2[0])
+	}
+	if got := len(objects()); got != 5 { // 000001, 000002, two MANIFESTs, the successor's
+		t.Fatalf("%d objects after two checkpoints, want 5: %v", got, objects())
+	}
+	// The third: 000001 compacted away; the first checkpoint's files go, but for
+	// what the second names.
+	dir3 := filepath.Join(root, "c3")
+	cp3, err := files.Upload(ctx, dir3, write(dir3, map[string]string{"000002.sst": "two", "000003.sst": "three", "MANIFEST-1": "m3"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files.Keep(ctx, cp3)
+	want := []string{}
+	for _, cp := range [][]partition.File{cp2, cp3} {
+		for _, f := range cp {
+			if !slices.Contains(want, f.Object) {
+				want = append(want, f.Object)
+			}
+		}
+	}
+	want = append(want, successor)
+	slices.Sort(want)
+	if got := objects(); !slices.Equal(got, want) {
+		t.Fatalf("objects %v, want %v", got, want)
+	}
+	// Restore on another machine (an empty cache), then again on this one (the
+	// immutable files linked from the cache, not downloaded).
+	for _, round := range []string{"empty cache", "warm cache"} {
+		dir, cache := filepath.Join(root, "restored"), filepath.Join(root, "cache")
+		next := partition.NewFiles(store, c, "keys", immutable, log)
+		if err := next.Restore(ctx, cp3, dir, cache); err != nil {
+			t.Fatalf("%s: %v", round, err)
+		}
+		want := map[string]string{"000002.sst": "two", "000003.sst": "three", "MANIFEST-1": "m3"}
+		if round == "warm cache" {
+			// The cache's copy, changed below, proves it was linked, not downloaded.
+			want["000003.sst"] = "THREE"
+		}
+		for name, body := range want {
+			if b, err := os.ReadFile(filepath.Join(dir, name)); err != nil || string(b) != body {
+				t.Fatalf("%s: %s restored as %q (%v), want %q", round, name, b, err, body)
+			}
+		}
+		// A restored immutable file is not uploaded again.
+		cp, err := next.Upload(ctx, dir, []string{"000002.sst", "000003.sst", "MANIFEST-1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cp[0] != cp3[0] || cp[1] != cp3[1] || cp[2] == cp3[2] {
+			t.Fatalf("%s: after a restore, uploaded %v; the checkpoint was %v", round, cp, cp3)
+		}
+		if round == "empty cache" {
+			if err := os.Remove(filepath.Join(dir, "000003.sst")); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(cache, cp3[1].Object), []byte("THREE"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
