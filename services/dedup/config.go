@@ -36,9 +36,31 @@ type WindowConfig struct {
 	Windows []SubjectWindow `yaml:"windows"`
 	// Keys key the events of matching subjects by fields; the first match wins.
 	Keys []KeyRule `yaml:"keys"`
+	// Store is where the pipeline keeps the keys: memory (StoreMemory, the default)
+	// or disk (StoreDisk); Disk sizes the disk store.
+	Store string     `yaml:"store"`
+	Disk  DiskConfig `yaml:"disk"`
 	// MinHold is UNIQUE's duplicate window, read from the stream at start: a key is
 	// held at least this long after it was received, and no window may be shorter.
 	MinHold time.Duration `yaml:"-"`
+}
+
+// Key stores (dedup.store).
+const (
+	StoreMemory = "memory"
+	StoreDisk   = "disk"
+)
+
+// DiskConfig is dedup.disk: where and with how much memory the pipeline keeps its
+// keys on disk (docs/dedup.md#keys-on-disk).
+type DiskConfig struct {
+	// Dir holds each partition's keys (<dir>/<partition>); empty: the data dir's
+	// pipeline/keys.
+	Dir string `yaml:"dir"`
+	// CacheMB is the block cache (bloom filters and hot blocks) per partition;
+	// MemTableMB each of its LSM's memtables.
+	CacheMB    int `yaml:"cache_mb"`
+	MemTableMB int `yaml:"memtable_mb"`
 }
 
 // SubjectWindow is a window for the events published to subjects matching Subjects
@@ -51,7 +73,8 @@ type SubjectWindow struct {
 // DefaultWindowConfig holds keys 24 h by receive time, without a cap, and snapshots
 // every 30 s.
 func DefaultWindowConfig() WindowConfig {
-	return WindowConfig{Window: 24 * time.Hour, Time: ReceiveTime, SnapshotInterval: 30 * time.Second}
+	return WindowConfig{Window: 24 * time.Hour, Time: ReceiveTime, SnapshotInterval: 30 * time.Second,
+		Store: StoreMemory, Disk: DiskConfig{CacheMB: 256, MemTableMB: 32}}
 }
 
 // LoadWindowConfig reads the dedup section of f over the defaults.
@@ -82,6 +105,12 @@ func (c WindowConfig) Validate() error {
 	}
 	if c.Time != ReceiveTime && c.Time != EventTime {
 		errs = append(errs, fmt.Errorf("dedup.time must be %q or %q, got %q", ReceiveTime, EventTime, c.Time))
+	}
+	if c.Store != StoreMemory && c.Store != StoreDisk {
+		errs = append(errs, fmt.Errorf("dedup.store must be %q or %q, got %q", StoreMemory, StoreDisk, c.Store))
+	}
+	if c.Disk.CacheMB <= 0 || c.Disk.MemTableMB <= 0 {
+		errs = append(errs, fmt.Errorf("dedup.disk.cache_mb and memtable_mb must be positive, got %d and %d", c.Disk.CacheMB, c.Disk.MemTableMB))
 	}
 	if c.MaxKeys < 0 {
 		errs = append(errs, fmt.Errorf("dedup.max_keys must not be negative"))

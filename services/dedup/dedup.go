@@ -15,6 +15,7 @@ package dedup
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -316,6 +317,9 @@ func DeadLetter(stageName string, msg jetstream.Msg, d Decision, maxPayload int6
 func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err := cfg.Window.Validate(); err != nil {
 		return err
+	}
+	if cfg.Window.Store == StoreDisk {
+		return errors.New("dedup: dedup.store: disk is the pipeline's (the default stage); the split dedup stage keeps its keys in memory (docs/dedup.md#keys-on-disk)")
 	}
 	js, err := jetstream.New(deps.NATS)
 	if err != nil {

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -43,7 +44,6 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
-	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/configfile"
@@ -105,6 +105,9 @@ type Config struct {
 	// Replicas is how many copies a NATS cluster keeps of the stage's buckets (0:
 	// as they are, 1 when created).
 	Replicas int
+	// DataDir holds local state: the dedup keys on disk (dedup.store: disk), under
+	// pipeline/keys unless dedup.disk.dir says where.
+	DataDir string
 	// Crash is fault injection for the crash tests; zero in production.
 	Crash crash.Injection
 }
@@ -152,6 +155,12 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	if err := cfg.Window.Validate(); err != nil {
 		return err
+	}
+	if cfg.Window.Disk.Dir == "" && cfg.DataDir != "" {
+		cfg.Window.Disk.Dir = filepath.Join(cfg.DataDir, "pipeline", "keys")
+	}
+	if cfg.Window.Store == dedup.StoreDisk && cfg.Window.Disk.Dir == "" {
+		return errNoKeysDir
 	}
 	if _, err := startSeq(cfg.StartAt, 0); err != nil {
 		return err
@@ -329,6 +338,11 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
 		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1)}
 		err := r.run(ctx)
+		if r.keys != nil {
+			if cerr := r.keys.Close(); cerr != nil {
+				p.log.Warn("close the dedup keys", "partition", in.id, "err", cerr)
+			}
+		}
 		if ctx.Err() != nil {
 			return
 		}
@@ -396,7 +410,7 @@ type run struct {
 	seq     uint64 // last EVENTS sequence decided
 	clock   uint32
 	replay  uint64
-	keys    *window.Store
+	keys    keyStore
 	// prepDedup decodes and keys, without a store: the keys are checked in order.
 	prepDedup *dedup.Handler
 	// rulesRead is what the rules read of events' data (nil: there are no rules);
@@ -429,6 +443,8 @@ type run struct {
 	dog watchdog.Dog
 	// stalled carries the watchdog's report to the run when cfg.StallRestart.
 	stalled chan error
+	// keysErr, once set, ends the run: the dedup keys failed.
+	keysErr error
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -438,9 +454,7 @@ func (r *run) restore(ctx context.Context) error {
 	}
 	info := stream.CachedInfo()
 	r.created = info.Created
-	r.keys = window.NewStore(r.cfg.Window.MaxKeys)
-	r.keys.SetOrigin(uint64(r.created.UnixNano()))
-	snap, err := r.load(ctx)
+	snap, savedKeys, err := r.load(ctx)
 	if err != nil {
 		return err
 	}
@@ -454,6 +468,9 @@ func (r *run) restore(ctx context.Context) error {
 		r.log.Warn("input after the state's position has aged out of its stream; dedup and windows miss it", "stream", r.in.stream, "partition", r.in.id, "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
+	if r.keys, err = r.openKeys(ctx, savedKeys, snap.Clock); err != nil {
+		return err
+	}
 	if r.cfg.Partitions > 1 {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
@@ -528,38 +545,35 @@ func (r *run) restore(ctx context.Context) error {
 // partition takes it over.
 const legacyState = "state"
 
-// load reads the snapshot the claim points at; nil when there is none, or it is of
-// another stream.
-func (r *run) load(ctx context.Context) (*snapshot, error) {
+// load reads the snapshot the claim points at and the keys part that follows its
+// header; nil when there is none, or it is of another stream.
+func (r *run) load(ctx context.Context) (*snapshot, []byte, error) {
 	legacy := ""
 	if r.cfg.Partitions == 1 {
 		legacy = legacyState
 	}
 	b, err := r.states.Load(ctx, legacy)
 	if err != nil {
-		return nil, fmt.Errorf("pipeline: %w", err)
+		return nil, nil, fmt.Errorf("pipeline: %w", err)
 	}
 	if b == nil {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if len(b) < 4 || int(binary.BigEndian.Uint32(b)) > len(b)-4 {
-		return nil, fmt.Errorf("pipeline: the state in %s is truncated (delete it to start over)", Bucket)
+		return nil, nil, fmt.Errorf("pipeline: the state in %s is truncated (delete it to start over)", Bucket)
 	}
 	n := binary.BigEndian.Uint32(b)
 	var snap snapshot
 	if err := json.Unmarshal(b[4:4+n], &snap); err != nil {
-		return nil, fmt.Errorf("pipeline: the state in %s does not decode (delete it to start over): %w", Bucket, err)
+		return nil, nil, fmt.Errorf("pipeline: the state in %s does not decode (delete it to start over): %w", Bucket, err)
 	}
 	if !snap.StreamCreated.Equal(r.created) {
 		r.log.Warn("the state is of an earlier EVENTS stream; starting over")
-		return nil, nil
+		return nil, nil, nil
 	}
 	// Keys are dropped as of the snapshot's own time, not now: the input after it
 	// is decided at its own (earlier) times, as it was before the restart.
-	if _, err := r.keys.ReadSnapshot(bytes.NewReader(b[4+n:]), snap.Clock); err != nil {
-		return nil, fmt.Errorf("pipeline: the dedup keys in %s: %w (delete the state to start over)", Bucket, err)
-	}
-	return &snap, nil
+	return &snap, b[4+n:], nil
 }
 
 // save writes the state as of r.seq. Every output of input up to r.seq must be
@@ -583,11 +597,11 @@ func (r *run) write(ctx context.Context) error {
 }
 
 // captured is the partition's state at one position: its header encoded, its
-// dedup keys a copy (encoded by the saver); it is uploaded once every output of
+// dedup keys captured (written by the saver); it is uploaded once every output of
 // input up to that position is stored.
 type captured struct {
 	head []byte
-	keys *window.Store
+	keys keysCapture
 	seq  uint64
 	// stored is when every output up to seq was known stored (for progress).
 	stored time.Time
@@ -603,7 +617,7 @@ func (r *run) capture(since time.Time) (*captured, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}
-	return &captured{head: head, keys: r.keys.Clone(), seq: r.seq}, nil
+	return &captured{head: head, keys: r.keys.capture(), seq: r.seq}, nil
 }
 
 // upload saves a captured state and points the claim at it. Every output up to
@@ -613,12 +627,13 @@ func (r *run) upload(ctx context.Context, st *captured) error {
 	var data bytes.Buffer
 	data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(st.head))))
 	data.Write(st.head)
-	if err := st.keys.WriteSnapshot(&data); err != nil {
+	if err := st.keys.encode(ctx, &data); err != nil {
 		return fmt.Errorf("pipeline: encode state: %w", err)
 	}
 	if err := r.states.Save(ctx, &data); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
+	st.keys.saved(ctx)
 	r.reportProgress(ctx, st.seq, st.stored, time.Now().UTC())
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(st.seq))
@@ -835,6 +850,11 @@ func (r *run) run(ctx context.Context) error {
 			b.rows = slices.Grow(b.rows, len(b.preps))
 			for i := range b.preps {
 				r.decide(&b.preps[i], b)
+			}
+			if r.keysErr != nil {
+				// As a crash: nothing of this batch is written and no state saved past
+				// what is stored; the run starts again from its last state.
+				return fmt.Errorf("pipeline: partition %d: %w", r.in.id, r.keysErr)
 			}
 			r.sendProgress(b)
 			if err := send(b, false); err != nil {
@@ -1135,7 +1155,13 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	case d.Invalid != nil:
 		r.deadLetter(p.msg, d.Element, d.Data, typeOf(&d), d.Invalid.Error(), b)
 		return
-	case dedup.Admit(r.keys, &d, p.seq):
+	}
+	if repeat, err := dedup.Admit(r.keys, &d, p.seq); err != nil {
+		// The keys cannot be read or written (a disk store's disk): the run ends
+		// and starts again from its state.
+		r.keysErr = err
+		return
+	} else if repeat {
 		r.m.duplicates.Inc()
 		r.m.event(typeOf(&d), outcomeRepeat, 1)
 		return

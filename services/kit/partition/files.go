@@ -3,6 +3,7 @@ package partition
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ type File struct {
 	Name   string `json:"name"`
 	Object string `json:"object"`
 	Size   int64  `json:"size"`
+	SHA256 string `json:"sha256"`
 }
 
 // Files keeps the files of a claim's incremental checkpoints in an object store:
@@ -45,7 +47,9 @@ type Files struct {
 	nonce     string
 	uploads   int
 	immutable func(name string) bool
-	log       *slog.Logger
+	// cache holds this machine's copies of immutable files, by object name.
+	cache string
+	log   *slog.Logger
 	// uploaded are the immutable files uploaded or restored, by name; fresh the
 	// objects uploaded since the last Keep.
 	uploaded map[string]File
@@ -58,11 +62,12 @@ type Files struct {
 
 // NewFiles keeps claim's checkpoint files in store as objects named
 // prefix.<partition>.<gen>.<nonce>.<n>.<file>; immutable tells the files that never
-// change once written.
-func NewFiles(store jetstream.ObjectStore, claim *Claim, prefix string, immutable func(name string) bool, log *slog.Logger) *Files {
+// change once written, which are also kept in the directory cache (hard links, by
+// object name) for a restore on this machine.
+func NewFiles(store jetstream.ObjectStore, claim *Claim, prefix string, immutable func(name string) bool, cache string, log *slog.Logger) *Files {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
-	return &Files{store: store, claim: claim, prefix: prefix, nonce: hex.EncodeToString(b[:]), immutable: immutable, log: log, uploaded: map[string]File{}}
+	return &Files{store: store, claim: claim, prefix: prefix, nonce: hex.EncodeToString(b[:]), immutable: immutable, cache: cache, log: log, uploaded: map[string]File{}}
 }
 
 func (f *Files) object(name string) string {
@@ -120,21 +125,29 @@ func (f *Files) upload(ctx context.Context, dir, name string) (File, error) {
 		return File{}, fmt.Errorf("upload checkpoint file: %w", err)
 	}
 	object := f.object(name)
-	if _, err := f.store.Put(ctx, jetstream.ObjectMeta{Name: object}, r); err != nil {
+	h := sha256.New()
+	if _, err := f.store.Put(ctx, jetstream.ObjectMeta{Name: object}, io.TeeReader(r, h)); err != nil {
 		return File{}, fmt.Errorf("upload checkpoint file %s: %w", name, err)
 	}
-	return File{Name: name, Object: object, Size: info.Size()}, nil
+	if f.immutable(name) {
+		// A copy for a restore on this machine (best effort: the object is the copy
+		// that counts).
+		if err := os.MkdirAll(f.cache, 0o755); err == nil {
+			_ = os.Link(filepath.Join(dir, name), filepath.Join(f.cache, object))
+		}
+	}
+	return File{Name: name, Object: object, Size: info.Size(), SHA256: hex.EncodeToString(h.Sum(nil))}, nil
 }
 
-// Restore writes the files of a checkpoint into dir (created empty). An immutable
-// file found in cache (by object name) is linked from there instead of downloaded;
-// those downloaded are linked into cache for the next restore on this machine,
-// which keeps only the checkpoint's files. The files restored are uploaded already.
-func (f *Files) Restore(ctx context.Context, files []File, dir, cache string) error {
+// Restore writes the files of a checkpoint into dir (made anew, empty for none).
+// An immutable file this machine has (in the cache, its digest right) is linked
+// from there; the others are downloaded (and cached), their digests checked. The
+// files restored count as uploaded, and the checkpoint as kept.
+func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("restore checkpoint: %w", err)
 	}
-	for _, d := range []string{dir, cache} {
+	for _, d := range []string{dir, f.cache} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return fmt.Errorf("restore checkpoint: %w", err)
 		}
@@ -149,8 +162,11 @@ func (f *Files) Restore(ctx context.Context, files []File, dir, cache string) er
 			continue
 		}
 		keep[file.Object] = true
-		cached := filepath.Join(cache, file.Object)
-		if info, err := os.Stat(cached); err != nil || info.Size() != file.Size {
+		cached := filepath.Join(f.cache, file.Object)
+		if err := check(cached, file); err != nil {
+			if !errors.Is(err, os.ErrNotExist) {
+				f.log.Warn("a local copy of a checkpoint file is damaged; downloading it again", "partition", f.claim.Partition, "file", cached, "err", err)
+			}
 			if err := f.download(ctx, file, cached); err != nil {
 				return err
 			}
@@ -160,20 +176,48 @@ func (f *Files) Restore(ctx context.Context, files []File, dir, cache string) er
 		}
 		f.uploaded[file.Name] = file
 	}
-	f.kept = [][]File{files}
-	entries, err := os.ReadDir(cache)
-	if err != nil {
-		return fmt.Errorf("restore checkpoint: %w", err)
+	if files != nil {
+		f.kept = [][]File{files}
 	}
-	for _, e := range entries {
-		if !keep[e.Name()] {
-			_ = os.Remove(filepath.Join(cache, e.Name()))
-		}
+	f.tidyCache(keep)
+	return nil
+}
+
+// check reports whether the file at path has file's size and digest.
+func check(path string, file File) error {
+	r, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	switch {
+	case err != nil:
+		return err
+	case n != file.Size:
+		return fmt.Errorf("%d bytes, want %d", n, file.Size)
+	case file.SHA256 != "" && hex.EncodeToString(h.Sum(nil)) != file.SHA256:
+		return errors.New("its SHA-256 digest is wrong")
 	}
 	return nil
 }
 
-// download writes an object to path, through a temporary file, checking its size.
+// tidyCache deletes the cached files but those in keep.
+func (f *Files) tidyCache(keep map[string]bool) {
+	entries, err := os.ReadDir(f.cache)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if !keep[e.Name()] {
+			_ = os.Remove(filepath.Join(f.cache, e.Name()))
+		}
+	}
+}
+
+// download writes an object to path, through a temporary file, checking its size
+// and digest.
 func (f *Files) download(ctx context.Context, file File, path string) error {
 	r, err := f.store.Get(ctx, file.Object)
 	if err != nil {
@@ -185,12 +229,12 @@ func (f *Files) download(ctx context.Context, file File, path string) error {
 	if err != nil {
 		return fmt.Errorf("restore checkpoint file %s: %w", file.Name, err)
 	}
-	n, err := io.Copy(w, r)
+	_, err = io.Copy(w, r)
 	if cerr := w.Close(); err == nil {
 		err = cerr
 	}
-	if err == nil && n != file.Size {
-		err = fmt.Errorf("%d bytes, want %d", n, file.Size)
+	if err == nil {
+		err = check(tmp, file)
 	}
 	if err != nil {
 		_ = os.Remove(tmp)
@@ -250,6 +294,7 @@ func (f *Files) Keep(ctx context.Context, files []File) {
 		drop[object] = true
 	}
 	f.fresh = nil
+	f.tidyCache(named)
 	for _, name := range slices.Sorted(maps.Keys(drop)) {
 		if named[name] {
 			continue

@@ -86,7 +86,7 @@ func TestFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	root := t.TempDir()
-	files := partition.NewFiles(store, c, "keys", immutable, log)
+	files := partition.NewFiles(store, c, "keys", immutable, filepath.Join(root, "cache"), log)
 	dir1 := filepath.Join(root, "c1")
 	cp1, err := files.Upload(ctx, dir1, write(dir1, map[string]string{"000001.sst": "one", "MANIFEST-1": "m1"}))
 	if err != nil {
@@ -126,22 +126,30 @@ func TestFiles(t *testing.T) {
 	if got := objects(); !slices.Equal(got, want) {
 		t.Fatalf("objects %v, want %v", got, want)
 	}
-	// Restore on another machine (an empty cache), then again on this one (the
-	// immutable files linked from the cache, not downloaded).
-	for _, round := range []string{"empty cache", "warm cache"} {
+	// Restore on another machine (an empty cache: everything downloaded), then on
+	// this one, whose cache the uploads filled: immutable files linked from it, but
+	// one damaged there, which is downloaded again.
+	for _, round := range []string{"another machine", "this machine"} {
 		dir, cache := filepath.Join(root, "restored"), filepath.Join(root, "cache")
-		next := partition.NewFiles(store, c, "keys", immutable, log)
-		if err := next.Restore(ctx, cp3, dir, cache); err != nil {
+		if round == "another machine" {
+			cache = filepath.Join(root, "other-cache")
+		} else if err := os.WriteFile(filepath.Join(cache, cp3[1].Object), []byte("THREE"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		next := partition.NewFiles(store, c, "keys", immutable, cache, log)
+		if err := next.Restore(ctx, cp3, dir); err != nil {
 			t.Fatalf("%s: %v", round, err)
 		}
-		want := map[string]string{"000002.sst": "two", "000003.sst": "three", "MANIFEST-1": "m3"}
-		if round == "warm cache" {
-			// The cache's copy, changed below, proves it was linked, not downloaded.
-			want["000003.sst"] = "THREE"
-		}
-		for name, body := range want {
+		for name, body := range map[string]string{"000002.sst": "two", "000003.sst": "three", "MANIFEST-1": "m3"} {
 			if b, err := os.ReadFile(filepath.Join(dir, name)); err != nil || string(b) != body {
 				t.Fatalf("%s: %s restored as %q (%v), want %q", round, name, b, err, body)
+			}
+		}
+		for _, f := range cp3[:2] {
+			a, _ := os.Stat(filepath.Join(dir, f.Name))
+			b, _ := os.Stat(filepath.Join(cache, f.Object))
+			if a == nil || b == nil || !os.SameFile(a, b) {
+				t.Fatalf("%s: %s is not linked from the cache", round, f.Name)
 			}
 		}
 		// A restored immutable file is not uploaded again.
@@ -151,14 +159,6 @@ func TestFiles(t *testing.T) {
 		}
 		if cp[0] != cp3[0] || cp[1] != cp3[1] || cp[2] == cp3[2] {
 			t.Fatalf("%s: after a restore, uploaded %v; the checkpoint was %v", round, cp, cp3)
-		}
-		if round == "empty cache" {
-			if err := os.Remove(filepath.Join(dir, "000003.sst")); err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(filepath.Join(cache, cp3[1].Object), []byte("THREE"), 0o644); err != nil {
-				t.Fatal(err)
-			}
 		}
 	}
 }

@@ -90,7 +90,7 @@ func RunStages(ctx context.Context, s Stages) error {
 	if !s.Split {
 		pipeCfg := pipeline.DefaultConfig()
 		pipeCfg.Window, pipeCfg.Ingest, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, dedupCfg.Ingest, enrichCfg, alertCfg
-		pipeCfg.Typed = typed
+		pipeCfg.Typed, pipeCfg.DataDir = typed, s.DataDir
 		pipeCfg.Replica = "sluice-up"
 		sinkCfg.Tables = []string{"dead_letters", "alerts"}
 		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))

@@ -28,6 +28,7 @@ func main() {
 		MetricsAddr: "127.0.0.1:9306",
 		ClickHouse:  true,
 		Config:      true,
+		DataDir:     true,
 		Flags: func(fs *flag.FlagSet, env settings.Lookup) error {
 			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this worker's name in the group (unique; letters, digits, '-', '_' and '=')")
 			settings.String(fs, env, &cfg.StartAt, "start-at", "PIPELINE_START_AT", "first", "where a pipeline without state starts reading EVENTS: first, end, or a stream sequence")
@@ -59,6 +60,7 @@ func main() {
 			if cfg.Enrich.Enrich, err = enrich.LoadEnrichConfig(f); err != nil {
 				return err
 			}
+			cfg.DataDir = env.Service.DataDir
 			cfg.Enrich.ConfigPath = env.Service.ConfigPath
 			cfg.Enrich.Secrets = os.LookupEnv
 			cfg.Replicas, cfg.Enrich.Replicas = env.Service.Replicas, env.Service.Replicas

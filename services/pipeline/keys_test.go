@@ -1,0 +1,110 @@
+package pipeline
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/dedup"
+)
+
+// Keys on disk (dedup.store: disk) across moves and store changes: partitions
+// restored on another worker from the checkpoints their owner uploaded (an empty
+// local disk), then the store switched to memory and back; at each step the input
+// published again is all repeats, and every unique event lands once.
+func TestKeysOnDisk(t *testing.T) {
+	f := setup(t)
+	worker := func(name, store string) Config {
+		cfg, _ := configFrom(t, name, "")
+		cfg.Partitions = 4
+		cfg.Window.Store, cfg.DataDir = store, t.TempDir()
+		return cfg
+	}
+	// again publishes [from, from+n) again: repeats, but for the invalid ones, which
+	// are dead-lettered again.
+	again := func(from, n int) (invalid int) {
+		_, invalid, _ = f.input(t, from, n)
+		return invalid
+	}
+	u, i, _ := f.input(t, 1, 1000)
+	stopA := f.start(t, worker("a", dedup.StoreDisk))
+	f.waitFor(t, u, i, 0)
+	stopB := f.start(t, worker("b", dedup.StoreDisk))
+	u2, i2, _ := f.input(t, 1001, 1000)
+	u, i = u+u2, i+i2
+	f.waitFor(t, u, i, 0)
+	stopA()
+	i += again(1, 2000)
+	u3, i3, _ := f.input(t, 2001, 500)
+	u, i = u+u3, i+i3
+	f.waitFor(t, u, i, 0)
+	f.check(t, u, i, 0)
+	checkDiskStates(t, f, true)
+	stopB()
+
+	// The same worker with its keys in memory, restored from the disk checkpoints.
+	stopB = f.start(t, worker("b", dedup.StoreMemory))
+	i += again(1, 2500)
+	u4, i4, _ := f.input(t, 2501, 500)
+	u, i = u+u4, i+i4
+	f.waitFor(t, u, i, 0)
+	f.check(t, u, i, 0)
+	checkDiskStates(t, f, false)
+	stopB()
+
+	// And on disk again, from the memory snapshots.
+	f.start(t, worker("b", dedup.StoreDisk))
+	i += again(1, 3000)
+	u5, i5, _ := f.input(t, 3001, 500)
+	u, i = u+u5, i+i5
+	f.waitFor(t, u, i, 0)
+	f.check(t, u, i, 0)
+}
+
+// checkDiskStates checks that each partition's state holds its keys as a disk
+// checkpoint (the keys part: diskMagic and the files) or, with !disk, as a memory
+// snapshot, and that no checkpoint files are left when there are none.
+func checkDiskStates(t *testing.T, f *fixture, disk bool) {
+	t.Helper()
+	ctx := context.Background()
+	store, kv := f.buckets(t)
+	for p := range 4 {
+		e, err := kv.Get(ctx, "partition."+string(rune('0'+p)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := between(string(e.Value()), `"state":"`, `"`)
+		b, err := store.GetBytes(ctx, name)
+		if err != nil {
+			t.Fatalf("partition %d's state %s: %v", p, name, err)
+		}
+		n := binary.BigEndian.Uint32(b)
+		if got := bytes.HasPrefix(b[4+n:], diskMagic); got != disk {
+			t.Fatalf("partition %d's state: keys on disk %v, want %v", p, got, disk)
+		}
+	}
+	infos, err := store.List(ctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoObjectsFound) {
+		t.Fatal(err)
+	}
+	files := 0
+	for _, info := range infos {
+		if strings.HasPrefix(info.Name, "keys.") {
+			files++
+		}
+	}
+	if disk && files == 0 {
+		t.Fatal("no checkpoint files in the object store")
+	}
+}
+
+func between(s, from, to string) string {
+	_, after, _ := strings.Cut(s, from)
+	v, _, _ := strings.Cut(after, to)
+	return v
+}
