@@ -20,12 +20,11 @@ import (
 // by dedup.store.
 type keyStore interface {
 	dedup.Keys
-	// Expire removes the keys whose window ended by now; called at each capture.
-	Expire(now uint32) int
 	Stats() window.Stats
 	Range(now uint32, f func(k window.Key, exp uint32) bool) error
-	// capture takes the keys as they are now, for a state the saver writes later.
-	capture() keysCapture
+	// capture removes the keys whose window ended by now and takes the others as
+	// they are, for a state the saver writes later.
+	capture(now uint32) keysCapture
 	Close() error
 }
 
@@ -43,8 +42,12 @@ var diskMagic = []byte("sldisk01")
 // memKeys are the keys in memory; a capture is a copy of the table.
 type memKeys struct{ *window.Store }
 
-func (m memKeys) capture() keysCapture { return memCapture{m.Clone()} }
-func (m memKeys) Close() error         { return nil }
+func (m memKeys) capture(now uint32) keysCapture {
+	m.Expire(now)
+	return memCapture{m.Clone()}
+}
+
+func (m memKeys) Close() error { return nil }
 
 type memCapture struct{ st *window.Store }
 
@@ -65,8 +68,8 @@ type diskKeys struct {
 	pending []partition.File
 }
 
-func (d *diskKeys) capture() keysCapture {
-	d.Freeze()
+func (d *diskKeys) capture(now uint32) keysCapture {
+	d.Freeze(now)
 	return diskCapture{d}
 }
 

@@ -611,13 +611,12 @@ type captured struct {
 // looks for dead letters and alert changes published since then (less a margin),
 // so it must be no later than the first output of input after r.seq.
 func (r *run) capture(since time.Time) (*captured, error) {
-	r.keys.Expire(r.clock)
 	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
 		SavedAt: since, Alert: r.engine.State()})
 	if err != nil {
 		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}
-	return &captured{head: head, keys: r.keys.capture(), seq: r.seq}, nil
+	return &captured{head: head, keys: r.keys.capture(r.clock), seq: r.seq}, nil
 }
 
 // upload saves a captured state and points the claim at it. Every output up to

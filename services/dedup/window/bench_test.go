@@ -4,7 +4,13 @@ import (
 	"bytes"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // BenchmarkBytesPerKey fills a store with 1M and 10M keys and reports its memory per key.
@@ -65,4 +71,132 @@ func BenchmarkRestore(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkKeysAB is the dedup step on a store of n random keys (not cache
+// friendly), in memory and on disk, same minutes: the per-event work (a lookup and,
+// for the three events in four that are new, an add) with a capture and checkpoint
+// every 1M events, as a 10 s interval at 100k events/s makes them. It reports
+// events/s, bytes per key (memory for the table, disk for Pebble), the process's
+// peak resident memory, and one checkpoint's CPU time after 200,000 new keys (10 s
+// at 20,000 events/s) as a share of one core over 10 s. SLUICE_BENCH_KEYS sets
+// the sizes (default 1000000; docs/benchmarks.md has 100M).
+func BenchmarkKeysAB(b *testing.B) {
+	sizes := []int{1_000_000}
+	if v := os.Getenv("SLUICE_BENCH_KEYS"); v != "" {
+		sizes = nil
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				b.Fatalf("SLUICE_BENCH_KEYS: %v", err)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	for _, n := range sizes {
+		for _, store := range []string{"memory", "disk"} {
+			b.Run(fmt.Sprintf("keys=%d/store=%s", n, store), func(b *testing.B) { benchKeys(b, n, store) })
+		}
+	}
+}
+
+// benchStore is what BenchmarkKeysAB drives.
+type benchStore interface {
+	Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error)
+	Stats() Stats
+}
+
+func benchKeys(b *testing.B, n int, store string) {
+	var s benchStore
+	var disk *Disk
+	dir := b.TempDir()
+	checkpoints := 0
+	checkpoint := func() {
+		if disk == nil {
+			return
+		}
+		disk.Freeze(10)
+		checkpoints++
+		cdir := filepath.Join(dir, fmt.Sprint("c", checkpoints))
+		if _, err := disk.Checkpoint(cdir); err != nil {
+			b.Fatal(err)
+		}
+		os.RemoveAll(cdir)
+	}
+	if store == "disk" {
+		var err error
+		if disk, err = OpenDisk(filepath.Join(dir, "db"), 0, DefaultDiskOptions()); err != nil {
+			b.Fatal(err)
+		}
+		defer disk.Close()
+		s = disk
+	} else {
+		s = NewStore(0)
+	}
+	r := rand.New(rand.NewPCG(1, uint64(n)))
+	const exp = 1_000_000
+	seq := uint64(0)
+	start := time.Now()
+	for i := range n {
+		seq++
+		if _, err := s.Admit(Key{r.Uint64(), r.Uint64()}, exp, seq, 10); err != nil {
+			b.Fatal(err)
+		}
+		if (i+1)%1_000_000 == 0 {
+			checkpoint()
+		}
+	}
+	checkpoint()
+	b.Logf("%s: %d keys filled in %s", store, n, time.Since(start).Round(time.Millisecond))
+	// Repeats are of keys added in this loop (recent ones: memory for the disk
+	// store too) and of the filled ones, drawn again from the same sequence.
+	old := rand.New(rand.NewPCG(1, uint64(n)))
+	const events = 2_000_000
+	b.ResetTimer()
+	for range b.N {
+		for i := range events {
+			seq++
+			k := Key{r.Uint64(), r.Uint64()}
+			if i%4 == 3 {
+				k = Key{old.Uint64(), old.Uint64()}
+			}
+			if _, err := s.Admit(k, exp, seq, 10); err != nil {
+				b.Fatal(err)
+			}
+			if (i+1)%1_000_000 == 0 {
+				checkpoint()
+			}
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N*events)/b.Elapsed().Seconds(), "events/s")
+	st := s.Stats()
+	b.ReportMetric(float64(st.Bytes)/float64(max(1, st.Keys)), "bytes/key")
+	if disk != nil {
+		for range 200_000 {
+			seq++
+			if _, err := s.Admit(Key{r.Uint64(), r.Uint64()}, exp, seq, 10); err != nil {
+				b.Fatal(err)
+			}
+		}
+		before := cpuTime()
+		checkpoint()
+		b.ReportMetric(100*(cpuTime()-before).Seconds()/10, "checkpoint_%core")
+	}
+	b.ReportMetric(float64(peakRSS())/(1<<20), "peak_rss_MiB")
+	b.ReportMetric(0, "ns/op")
+}
+
+// cpuTime is the process's CPU time so far.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// peakRSS is the process's peak resident memory in bytes.
+func peakRSS() int64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return ru.Maxrss << 10
 }

@@ -1,16 +1,23 @@
 package window
 
 import (
+	"cmp"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
+	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 // Disk holds the keys in an embedded LSM (Pebble) on local disk, for windows whose
@@ -32,7 +39,11 @@ import (
 // keys go to a new overlay, and Checkpoint writes the set-aside one into Pebble
 // before it flushes and copies Pebble's files.
 type Disk struct {
-	db *pebble.DB
+	db   *pebble.DB
+	opts *pebble.Options
+	dir  string
+	// ingests counts the tables of recent keys written for Pebble to ingest.
+	ingests int
 	// recent are the keys added since the last Freeze (the deciding goroutine's
 	// own); frozen, while a checkpoint is pending, those added before it, read by
 	// the deciding goroutine and written into Pebble by Checkpoint.
@@ -40,15 +51,17 @@ type Disk struct {
 	frozen atomic.Pointer[frozen]
 	// horizon: keys expiring at or before it are absent (set by Expire, moves only on).
 	horizon atomic.Uint32
-	n       atomic.Int64 // keys in Pebble
+	n       atomic.Int64 // keys held
 	lastSeq atomic.Uint64
 	mu      sync.Mutex // Freeze and Checkpoint
 }
 
-// frozen is an overlay set aside at a capture, and the capture's horizon.
+// frozen is an overlay set aside at a capture, the capture's horizon and the count
+// of keys held then.
 type frozen struct {
 	t       Table
 	horizon uint32
+	n       int64
 }
 
 // DiskOptions sizes a Disk store.
@@ -97,7 +110,7 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open the dedup keys in %s: %w", dir, err)
 	}
-	d := &Disk{db: db}
+	d := &Disk{db: db, opts: opts, dir: dir}
 	d.horizon.Store(horizon)
 	v, closer, err := db.Get(metaKey)
 	switch {
@@ -153,21 +166,22 @@ func (d *Disk) stored(k Key) (uint32, error) {
 }
 
 // held reports whether k is held at now, looking newest first: the recent keys,
-// those set aside, Pebble. As in memory, where each capture removes the keys
-// expired by then, a key held since before the last capture (Expire) is held only
-// if it expires after that capture's horizon too.
-func (d *Disk) held(k Key, now uint32) (bool, error) {
+// those set aside, Pebble; known whether any of them has k at all. As in memory,
+// where each capture removes the keys expired by then, a key held since before the
+// last capture (Expire) is held only if it expires after that capture's horizon
+// too.
+func (d *Disk) held(k Key, now uint32) (held, known bool, err error) {
 	if e := d.recent.Get(k); e != 0 {
-		return e > now, nil
+		return e > now, true, nil
 	}
 	now = max(now, d.horizon.Load())
 	if f := d.frozen.Load(); f != nil {
 		if e := f.t.Get(k); e != 0 {
-			return e > now, nil
+			return e > now, true, nil
 		}
 	}
 	e, err := d.stored(k)
-	return e > now, err
+	return e > now, e != 0, err
 }
 
 // Admit reports whether k is held inside its window at now (a repeat); when it is
@@ -175,7 +189,7 @@ func (d *Disk) held(k Key, now uint32) (bool, error) {
 // window has already ended at now is not held. Admit, Expire and Freeze are called
 // by one goroutine, in input order.
 func (d *Disk) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
-	held, err := d.held(k, now)
+	held, known, err := d.held(k, now)
 	if err != nil {
 		return false, fmt.Errorf("dedup keys: %w", err)
 	}
@@ -184,26 +198,23 @@ func (d *Disk) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
 	}
 	d.lastSeq.Store(max(d.lastSeq.Load(), seq))
 	if exp > now {
+		if !known {
+			d.n.Add(1)
+		}
 		d.recent.Put(k, exp)
 	}
 	return false, nil
 }
 
-// Expire removes the keys whose window ended at or before now: from memory at
-// once, from Pebble (and what is set aside for it) at the next checkpoint, absent
-// until then.
-func (d *Disk) Expire(now uint32) int {
-	d.horizon.Store(max(d.horizon.Load(), now))
-	return d.recent.Expire(now)
-}
-
-// Freeze sets the keys added until now aside for the next Checkpoint, which will
-// hold exactly the keys held now, without those expired by the horizon (Expire). A
-// Freeze before the last one's Checkpoint adds to what it set aside.
-func (d *Disk) Freeze() {
+// Freeze is a capture at now: the keys whose window ended by now are absent from
+// then on (removed from the files at the next checkpoint), and the keys added until
+// now are set aside for the next Checkpoint, which will hold exactly the keys held
+// now. A Freeze before the last one's Checkpoint adds to what it set aside.
+func (d *Disk) Freeze(now uint32) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	f := &frozen{horizon: d.horizon.Load()}
+	d.horizon.Store(max(d.horizon.Load(), now))
+	f := &frozen{horizon: d.horizon.Load(), n: d.n.Load()}
 	if old := d.frozen.Load(); old != nil {
 		f.t = old.t.clone()
 		d.recent.Range(func(k Key, exp uint32) bool { f.t.Put(k, exp); return true })
@@ -229,11 +240,14 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	}
 	// Pebble holds them now; lookups go there.
 	d.frozen.Store(nil)
-	if err := d.sweep(f.horizon); err != nil {
+	removed, err := d.sweep(f.horizon)
+	if err != nil {
 		return nil, fmt.Errorf("dedup keys: remove expired keys: %w", err)
 	}
+	// The count as at the capture, less the keys removed now (the files hold no
+	// key added after it).
 	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], uint64(max(0, d.n.Load())))
+	binary.BigEndian.PutUint64(v[:], uint64(max(0, f.n-removed)))
 	if err := d.db.Set(metaKey, v[:], pebble.NoSync); err != nil {
 		return nil, fmt.Errorf("dedup keys: write the key count: %w", err)
 	}
@@ -256,78 +270,107 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	return names, nil
 }
 
-// apply writes t's keys into Pebble, in batches.
+// apply writes t's keys into Pebble: sorted into a table that Pebble ingests (no
+// memtable, no flush), the expiry index's entries first.
 func (d *Disk) apply(t *Table) error {
-	b := d.db.NewBatch()
-	defer func() { b.Close() }()
-	var err error
+	if t.Len() == 0 {
+		return nil
+	}
+	type entry struct {
+		k   Key
+		exp uint32
+	}
+	entries := make([]entry, 0, t.Len())
 	t.Range(func(k Key, exp uint32) bool {
-		var old uint32
-		if old, err = d.stored(k); err != nil {
-			return false
-		}
-		if old == 0 {
-			d.n.Add(1)
-		}
-		var kb [17]byte
-		var eb [21]byte
-		var v [4]byte
-		binary.BigEndian.PutUint32(v[:], exp)
-		_ = b.Set(keyOf(kb[:], k), v[:], nil)
-		_ = b.Set(expiryKey(eb[:], exp, k), nil, nil)
-		if b.Count() >= 20_000 {
-			if err = b.Commit(pebble.NoSync); err != nil {
-				return false
-			}
-			b.Close()
-			b = d.db.NewBatch()
-		}
+		entries = append(entries, entry{k, exp})
 		return true
 	})
+	d.ingests++
+	path := filepath.Join(d.dir, fmt.Sprintf("recent-%d.sst", d.ingests))
+	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return err
 	}
-	return b.Commit(pebble.NoSync)
+	// On success, Ingest moves the file into the LSM.
+	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), d.opts.MakeWriterOptions(0, d.db.FormatMajorVersion().MaxTableFormat()))
+	var kb [17]byte
+	var eb [21]byte
+	var v [4]byte
+	slices.SortFunc(entries, func(a, b entry) int {
+		return cmp.Or(cmp.Compare(a.exp, b.exp), cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo))
+	})
+	for _, e := range entries {
+		if err := w.Set(expiryKey(eb[:], e.exp, e.k), nil); err != nil {
+			w.Close()
+			return err
+		}
+	}
+	slices.SortFunc(entries, func(a, b entry) int {
+		return cmp.Or(cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo))
+	})
+	for _, e := range entries {
+		binary.BigEndian.PutUint32(v[:], e.exp)
+		if err := w.Set(keyOf(kb[:], e.k), v[:]); err != nil {
+			w.Close()
+			return err
+		}
+	}
+	if err := w.Close(); err != nil { // syncs the file
+		_ = os.Remove(path)
+		return err
+	}
+	if err := d.db.Ingest(context.Background(), []string{path}); err != nil {
+		_ = os.Remove(path)
+		return err
+	}
+	return nil
 }
 
-// sweep removes the keys that expired at or before h, by the expiry index.
-func (d *Disk) sweep(h uint32) error {
+// sweep removes the keys that expired at or before h, by the expiry index, and
+// returns how many.
+func (d *Disk) sweep(h uint32) (int64, error) {
 	var lo, hi [5]byte
 	lo[0], hi[0] = prefixExpiry, prefixExpiry
 	binary.BigEndian.PutUint32(hi[1:], h+1)
 	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: hi[:]})
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer it.Close()
 	b := d.db.NewBatch()
 	defer func() { b.Close() }()
+	var removed int64
 	for it.First(); it.Valid(); it.Next() {
 		ek := it.Key()
 		k := Key{binary.BigEndian.Uint64(ek[5:13]), binary.BigEndian.Uint64(ek[13:21])}
 		exp, err := d.stored(k)
 		if err != nil {
-			return err
+			return removed, err
 		}
-		// A key added again later has a later expiry (and its own index entry).
-		if exp != 0 && exp <= h {
+		// Only the index entry of the key's own expiry removes it: a key added
+		// again later has a later one.
+		if exp == binary.BigEndian.Uint32(ek[1:5]) {
 			var kb [17]byte
 			_ = b.Delete(keyOf(kb[:], k), nil)
-			d.n.Add(-1)
+			removed++
 		}
 		if b.Count() >= 20_000 {
 			if err := b.Commit(pebble.NoSync); err != nil {
-				return err
+				return removed, err
 			}
 			b.Close()
 			b = d.db.NewBatch()
 		}
 	}
 	if err := it.Error(); err != nil {
-		return err
+		return removed, err
 	}
 	_ = b.DeleteRange(lo[:], hi[:], nil)
-	return b.Commit(pebble.NoSync)
+	if err := b.Commit(pebble.NoSync); err != nil {
+		return removed, err
+	}
+	d.n.Add(-removed)
+	return removed, nil
 }
 
 // Immutable reports whether a file of a checkpoint never changes once written (the
@@ -379,15 +422,11 @@ func (d *Disk) Range(now uint32, f func(k Key, exp uint32) bool) error {
 	return it.Error()
 }
 
-// Stats returns the store's figures: Keys held (a key in memory and in Pebble, and
-// one expired but not yet removed, count once each: an estimate), Bytes the disk
+// Stats returns the store's figures: Keys held (counted as added and removed; a
+// key whose window ended counts until a checkpoint removes it), Bytes the disk
 // space.
 func (d *Disk) Stats() Stats {
-	n := int(max(0, d.n.Load())) + d.recent.Len()
-	if f := d.frozen.Load(); f != nil {
-		n += f.t.Len()
-	}
-	return Stats{Keys: n, Bytes: int(d.db.Metrics().DiskSpaceUsage()), LastSeq: d.lastSeq.Load()}
+	return Stats{Keys: int(max(0, d.n.Load())), Bytes: int(d.db.Metrics().DiskSpaceUsage()), LastSeq: d.lastSeq.Load()}
 }
 
 // Close closes the store; its files stay.

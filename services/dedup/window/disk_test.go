@@ -102,8 +102,7 @@ func diskRestoreExact(t *testing.T, seed uint64) {
 		case pending == nil && rng.IntN(40) == 0:
 			// A capture: the memory store is copied, the disk's horizon set; its files
 			// are written a few positions later.
-			disk.Expire(clock)
-			disk.Freeze()
+			disk.Freeze(clock)
 			mem.Expire(clock)
 			var b bytes.Buffer
 			if err := mem.WriteSnapshot(&b); err != nil {
@@ -167,9 +166,8 @@ func diskRestoreExact(t *testing.T, seed uint64) {
 	}
 }
 
-// Checkpoint removes expired keys by the expiry index: the files shrink back
-// after the keys' windows end, and a key whose window ended is absent at once
-// after Expire, before any checkpoint.
+// Checkpoint removes expired keys by the expiry index, and a key whose window
+// ended by a capture is absent at once, before any checkpoint.
 func TestDiskExpiry(t *testing.T) {
 	disk, err := OpenDisk(t.TempDir(), 0, DiskOptions{CacheBytes: 1 << 20, MemTableBytes: 1 << 20})
 	if err != nil {
@@ -187,14 +185,13 @@ func TestDiskExpiry(t *testing.T) {
 	if repeat, _ := disk.Admit(Key{1, 1}, 500, 30_000, 60); !repeat {
 		t.Fatal("a key inside its window not taken for a repeat")
 	}
-	disk.Expire(104)
+	disk.Freeze(104)
 	for _, k := range []Key{{1, 1}, {4, 4}} {
 		if repeat, _ := disk.Admit(k, 300+uint32(k.Lo), 30_001, 60); repeat {
 			t.Fatalf("key %d, expired at the horizon, taken for a repeat", k.Lo)
 		}
 	}
-	disk.Expire(200)
-	disk.Freeze()
+	disk.Freeze(200)
 	if _, err := disk.Checkpoint(filepath.Join(t.TempDir(), "c1")); err != nil {
 		t.Fatal(err)
 	}
