@@ -78,12 +78,12 @@ type diskCapture struct{ d *diskKeys }
 func (c diskCapture) encode(ctx context.Context, w io.Writer) error {
 	dir := filepath.Join(c.d.dir, "checkpoint")
 	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("dedup keys: %w", err)
+		return fmt.Errorf("%w: %w", errKeysDisk, err)
 	}
 	defer os.RemoveAll(dir)
 	names, err := c.d.Checkpoint(dir)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errKeysDisk, err)
 	}
 	files, err := c.d.files.Upload(ctx, dir, names)
 	if err != nil {
@@ -184,6 +184,9 @@ func (r *run) openDisk(ctx context.Context, files []partition.File, clock uint32
 	}
 	return &diskKeys{Disk: d, dir: dir, temp: temp, files: f}, nil
 }
+
+// errKeysDisk: the disk under the dedup keys failed a checkpoint.
+var errKeysDisk = errors.New("the dedup keys' disk failed")
 
 // errNoKeysDir: dedup.store is disk, and no directory is set for it.
 var errNoKeysDir = errors.New("pipeline: dedup.store: disk needs a directory: dedup.disk.dir, or SLUICE_DATA_DIR (--data-dir)")

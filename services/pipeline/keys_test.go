@@ -5,12 +5,19 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/telemetry"
 )
 
 // Keys on disk (dedup.store: disk) across moves and store changes: partitions
@@ -107,4 +114,73 @@ func between(s, from, to string) string {
 	_, after, _ := strings.Cut(s, from)
 	v, _, _ := strings.Cut(after, to)
 	return v
+}
+
+// The keys' disk full (a 4 MiB tmpfs, filled): the partition's checkpoint fails
+// with ENOSPC, its run ends without saving and it reports not ready with the
+// reason; its state does not move on while the disk is full; once space returns
+// it goes on by itself, and every event lands once.
+func TestKeysDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test mounts a tmpfs: run it as root (CI does)")
+	}
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=4m"); err != nil {
+		t.Fatalf("mount a tmpfs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	f := setup(t)
+	cfg, _ := configFrom(t, "a", "")
+	cfg.Window.Store, cfg.Window.Disk.Dir = dedup.StoreDisk, dir
+	ready := &telemetry.Readiness{}
+	f.startWith(t, cfg, ready)
+	u, i, _ := f.input(t, 1, 1000)
+	f.waitFor(t, u, i, 0)
+	_, kv := f.buckets(t)
+	_, before := f.claimState(t, kv)
+
+	// Fill the disk.
+	filler, err := os.Create(filepath.Join(dir, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	for {
+		if _, err := filler.Write(chunk); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	filler.Close()
+	u2, i2, _ := f.input(t, 1001, 20_000)
+	u, i = u+u2, i+i2
+	poll.Until(t, time.Minute, func() error {
+		if err := ready.Check(); err == nil || !strings.Contains(err.Error(), "no space left on device") {
+			return fmt.Errorf("readiness: %v", err)
+		}
+		return nil
+	})
+	if _, now := f.claimState(t, kv); now != before {
+		t.Fatalf("a state was saved (%s, before %s) while the keys' disk was full", now, before)
+	}
+
+	// Space again: it goes on by itself.
+	if err := os.Remove(filepath.Join(dir, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	f.waitFor(t, u, i, 0)
+	poll.Until(t, time.Minute, func() error { return ready.Check() })
+	// A new state is saved, and the input published again is all repeats.
+	poll.Until(t, time.Minute, func() error {
+		if _, now := f.claimState(t, kv); now == before {
+			return errors.New("no state saved since the disk had space again")
+		}
+		return nil
+	})
+	_, i3, _ := f.input(t, 1, 21_000)
+	i += i3
+	f.waitFor(t, u, i, 0)
+	f.check(t, u, i, 0)
 }

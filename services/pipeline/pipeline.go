@@ -722,6 +722,7 @@ func (r *run) run(ctx context.Context) error {
 	// stop lets an upload in flight end (a cancelled claim write leaves it unsure
 	// whether the claim moved) within its time, then the final save supersedes it.
 	saves := make(chan *captured, 1)
+	keysFailed := make(chan error, 1)
 	var saving atomic.Bool // a state is captured and not yet uploaded
 	saverCtx, stopSaver := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopSaver()
@@ -735,10 +736,20 @@ func (r *run) run(ctx context.Context) error {
 			case <-saverCtx.Done():
 				return
 			case st := <-saves:
-				if err := r.upload(saverCtx, st); err != nil && saverCtx.Err() == nil {
+				err := r.upload(saverCtx, st)
+				if err != nil && saverCtx.Err() == nil {
 					r.log.Warn("save state", "partition", r.in.id, "err", err)
 				}
 				saving.Store(false)
+				if errors.Is(err, errKeysDisk) {
+					// The keys' disk failed (full, or an I/O error): the run ends as
+					// after a crash, holding nothing more in memory; it starts again
+					// from its last state, not ready meanwhile.
+					select {
+					case keysFailed <- err:
+					default:
+					}
+				}
 			}
 		}
 	})
@@ -841,6 +852,8 @@ func (r *run) run(ctx context.Context) error {
 			return writerFailed()
 		case err := <-r.stalled:
 			return stop(r.stallRestart(err))
+		case err := <-keysFailed:
+			return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
 		case b, ok := <-prepared:
 			if !ok {
 				return stop(errors.New("pipeline: the input ended"))

@@ -96,10 +96,16 @@ func configFrom(t *testing.T, replica, yaml string) (Config, string) {
 // start runs the stage; the returned func stops it and waits.
 func (f *fixture) start(t *testing.T, cfg Config) func() {
 	t.Helper()
+	return f.startWith(t, cfg, &telemetry.Readiness{})
+}
+
+// startWith is start reporting readiness to ready.
+func (f *fixture) startWith(t *testing.T, cfg Config, ready *telemetry.Readiness) func() {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Shards: f.shards, Logger: testLog, Ready: &telemetry.Readiness{}})
+		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Shards: f.shards, Logger: testLog, Ready: ready})
 	}()
 	stopped := false
 	stop := func() {
