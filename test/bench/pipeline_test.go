@@ -180,7 +180,8 @@ func BenchmarkProductionStages(b *testing.B) {
 // straight into ClickHouse) moves the same events before the services start and again
 // after they stop; the ratio is sluice's rate to the mean of the two (the machine's
 // speed drifts over a run: measuring the baseline on both sides of it keeps the drift
-// out of the ratio). Both raw rates are reported.
+// out of the ratio). Both raw rates are reported. BENCH_DEDUP_STORE=disk keeps the
+// pipeline's dedup keys on disk (dedup.store).
 func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 	total := 1_000_000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_EVENTS")); err == nil && v > 0 {
@@ -189,7 +190,11 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 	dir := b.TempDir()
 	build(b, dir, binaries)
 	cfgPath := filepath.Join(dir, "sluice.yaml")
-	if err := os.WriteFile(cfgPath, fmt.Appendf(nil, benchConfig, benchRules()), 0o644); err != nil {
+	cfg := fmt.Appendf(nil, benchConfig, benchRules())
+	if store := os.Getenv("BENCH_DEDUP_STORE"); store != "" {
+		cfg = fmt.Appendf(cfg, "dedup:\n  store: %s\n", store)
+	}
+	if err := os.WriteFile(cfgPath, cfg, 0o644); err != nil {
 		b.Fatal(err)
 	}
 	for range b.N {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -29,13 +30,28 @@ import (
 // among them) flow; a worker is SIGKILLed four times (and started again), a fourth
 // worker joins and one stops cleanly. Every unique event lands once, every invalid
 // one in dead_letters, and each partition ends owned by a running worker.
-func TestPartitionedWorkersKill9(t *testing.T) {
+func TestPartitionedWorkersKill9(t *testing.T) { partitionedWorkersKill9(t, "memory") }
+
+// TestPartitionedWorkersKill9Disk is TestPartitionedWorkersKill9 with the dedup
+// keys on disk (dedup.store: disk), each worker its own data dir, kept across its
+// restarts like a machine's disk: SIGKILL lands during writes, compactions and
+// checkpoint uploads (a checkpoint every 500 ms), partitions move to workers whose
+// disks never held them.
+func TestPartitionedWorkersKill9Disk(t *testing.T) { partitionedWorkersKill9(t, "disk") }
+
+func partitionedWorkersKill9(t *testing.T, store string) {
 	const partitions = 8
 	r := newWorkerRig(t)
 	ctx, conn, js, topo, start := context.Background(), r.conn, r.js, r.topo, r.start
+	cfgPath := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n  store: "+store+"\n  disk:\n    cache_mb: 16\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dataDirs := t.TempDir()
 	worker := func(i int) *process {
 		return start("pipeline", fmt.Sprintf("PIPELINE_REPLICA=w%d", i), fmt.Sprintf("SLUICE_PARTITIONS=%d", partitions),
-			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms")
+			"PIPELINE_LEASE_TTL=3s", "PIPELINE_SNAPSHOT_INTERVAL=500ms", "SLUICE_CONFIG="+cfgPath,
+			"SLUICE_DATA_DIR="+filepath.Join(dataDirs, fmt.Sprint("w", i)))
 	}
 	start("sink", "SINK_TABLES=dead_letters,alerts")
 	workers := map[int]*process{0: worker(0), 1: worker(1), 2: worker(2)}
@@ -93,6 +109,20 @@ func TestPartitionedWorkersKill9(t *testing.T) {
 	}
 	if err := oracle.WaitFor(ctx, time.Minute, ownedBy(ctx, kv, partitions, "w1", "w2", "w3")); err != nil {
 		t.Fatal(err)
+	}
+	if store == "disk" {
+		// The keys went through checkpoints on disk.
+		objects, err := js.ObjectStore(ctx, pipeline.Bucket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		infos, err := objects.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.ContainsFunc(infos, func(o *jetstream.ObjectInfo) bool { return strings.HasPrefix(o.Name, "keys.") }) {
+			t.Fatal("no checkpoint files of keys on disk in the object store")
+		}
 	}
 }
 

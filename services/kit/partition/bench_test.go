@@ -1,0 +1,79 @@
+package partition_test
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
+)
+
+// BenchmarkFilesRestore restores a checkpoint of 1 GiB (sixteen 64 MiB tables, as
+// an LSM of about 25M keys on disk) from the object store of an embedded
+// nats-server (file storage) onto an empty disk, and reports MB/s: the time to
+// restore a partition is its size on disk over this rate.
+func BenchmarkFilesRestore(b *testing.B) {
+	ctx := context.Background()
+	_, js := natstest.Run(b).Connect(b)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_files"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "bench_files", Storage: jetstream.FileStorage})
+	if err != nil {
+		b.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	claims := make(chan *partition.Claim, 1)
+	gctx, cancel := context.WithCancel(ctx)
+	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 10 * time.Second, Log: log}
+	done := make(chan error, 1)
+	go func() {
+		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
+			claims <- c
+			<-ctx.Done()
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	c := <-claims
+	dir := b.TempDir()
+	src := filepath.Join(dir, "src")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	var names []string
+	buf := make([]byte, 64<<20)
+	for i := range 16 {
+		_, _ = rand.Read(buf)
+		name := fmt.Sprintf("%06d.sst", i)
+		if err := os.WriteFile(filepath.Join(src, name), buf, 0o644); err != nil {
+			b.Fatal(err)
+		}
+		names = append(names, name)
+	}
+	immutable := func(name string) bool { return strings.HasSuffix(name, ".sst") }
+	files, err := partition.NewFiles(store, c, "bench", immutable, filepath.Join(dir, "cache-up"), log).Upload(ctx, src, names)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.SetBytes(16 << 26)
+	b.ResetTimer()
+	for i := range b.N {
+		cache := filepath.Join(dir, fmt.Sprint("cache", i))
+		if err := partition.NewFiles(store, c, "bench", immutable, cache, log).Restore(ctx, files, filepath.Join(dir, "db")); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		os.RemoveAll(cache)
+		b.StartTimer()
+	}
+}
