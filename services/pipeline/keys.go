@@ -172,15 +172,21 @@ func (r *run) openDisk(ctx context.Context, files []partition.File, clock uint32
 		}
 		temp = true
 	}
+	fail := func(err error) (*diskKeys, error) {
+		if temp {
+			_ = os.RemoveAll(dir)
+		}
+		return nil, fmt.Errorf("pipeline: partition %d's dedup keys: %w", r.in.id, err)
+	}
 	f := partition.NewFiles(r.store, r.claim, "keys", window.Immutable, filepath.Join(dir, "cache"), r.log)
 	db := filepath.Join(dir, "db")
 	if err := f.Restore(ctx, files, db); err != nil {
-		return nil, fmt.Errorf("pipeline: partition %d's dedup keys: %w", r.in.id, err)
+		return fail(err)
 	}
 	o := window.DiskOptions{CacheBytes: int64(r.cfg.Window.Disk.CacheMB) << 20, MemTableBytes: int64(r.cfg.Window.Disk.MemTableMB) << 20, Logger: r.log}
 	d, err := window.OpenDisk(db, clock, o)
 	if err != nil {
-		return nil, fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
+		return fail(err)
 	}
 	return &diskKeys{Disk: d, dir: dir, temp: temp, files: f}, nil
 }
