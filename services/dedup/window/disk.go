@@ -95,6 +95,7 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	opts := &pebble.Options{
+		Comparer:     &comparer,
 		CacheSize:    o.CacheBytes,
 		MemTableSize: uint64(o.MemTableBytes),
 		// The files are a cache of the uploaded checkpoints, and each checkpoint
@@ -125,6 +126,22 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 	}
 	return d, nil
 }
+
+// comparer is Pebble's default order with one change: the bloom filters hold the
+// keys' entries only. An expiry index entry's prefix (what a filter holds) is its
+// first byte, the same for them all: they are only ever scanned, and would
+// otherwise take as much filter memory as the keys.
+var comparer = func() pebble.Comparer {
+	c := *pebble.DefaultComparer
+	c.Name = "sluice.dedup.keys.v1"
+	c.Split = func(k []byte) int {
+		if len(k) > 0 && k[0] == prefixExpiry {
+			return 1
+		}
+		return len(k)
+	}
+	return c
+}()
 
 func cmpOr(v, def int64) int64 {
 	if v > 0 {
