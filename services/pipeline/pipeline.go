@@ -468,6 +468,8 @@ func (r *run) restore(ctx context.Context) error {
 		r.log.Warn("input after the state's position has aged out of its stream; dedup and windows miss it", "stream", r.in.stream, "partition", r.in.id, "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
+	// Keys are dropped as of the snapshot's own time, not now: the input after it
+	// is decided at its own (earlier) times, as it was before the restart.
 	if r.keys, err = r.openKeys(ctx, savedKeys, snap.Clock); err != nil {
 		return err
 	}
@@ -571,8 +573,6 @@ func (r *run) load(ctx context.Context) (*snapshot, []byte, error) {
 		r.log.Warn("the state is of an earlier EVENTS stream; starting over")
 		return nil, nil, nil
 	}
-	// Keys are dropped as of the snapshot's own time, not now: the input after it
-	// is decided at its own (earlier) times, as it was before the restart.
 	return &snap, b[4+n:], nil
 }
 
