@@ -31,6 +31,7 @@ type metrics struct {
 	stalled          *prometheus.GaugeVec
 	stallRestarts    *prometheus.CounterVec
 	savedAt          *prometheus.GaugeVec
+	keys, keysBytes  *prometheus.GaugeVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -38,6 +39,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		nonStandard: dedup.NewNonStandardCounter(reg),
 		savedAt: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "sluice_pipeline_state_saved_timestamp_seconds", Help: "When the partition's state was last saved (Unix seconds), by partition.",
+		}, []string{"partition"})),
+		keys: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_dedup_keys", Help: "Dedup keys held at the last state save, by partition.",
+		}, []string{"partition"})),
+		keysBytes: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_dedup_state_bytes", Help: "The dedup keys' size at the last state save, by partition: memory (dedup.store: memory) or local disk (disk).",
 		}, []string{"partition"})),
 		stalled: telemetry.Register(reg, prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "sluice_pipeline_stalled", Help: "1 while a partition holds input and stored none of it for PIPELINE_STALL_AFTER (the watchdog), by partition.",
@@ -122,7 +129,7 @@ func (m *metrics) deadLetter(typ, reason string) {
 // forget drops a partition's gauges once this worker no longer runs it: another
 // worker reports it now, and a stale value here would read as stuck.
 func (m *metrics) forget(partition string) {
-	for _, g := range []*prometheus.GaugeVec{m.lag, m.snapshotSeq, m.savedAt, m.stalled} {
+	for _, g := range []*prometheus.GaugeVec{m.lag, m.snapshotSeq, m.savedAt, m.stalled, m.keys, m.keysBytes} {
 		g.DeleteLabelValues(partition)
 	}
 }

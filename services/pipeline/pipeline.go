@@ -637,6 +637,9 @@ func (r *run) upload(ctx context.Context, st *captured) error {
 	r.m.snapshot.Observe(time.Since(start).Seconds())
 	r.m.snapshotSeq.WithLabelValues(r.in.label).Set(float64(st.seq))
 	r.m.savedAt.WithLabelValues(r.in.label).SetToCurrentTime()
+	keys := r.keys.Stats()
+	r.m.keys.WithLabelValues(r.in.label).Set(float64(keys.Keys))
+	r.m.keysBytes.WithLabelValues(r.in.label).Set(float64(keys.Bytes))
 	return nil
 }
 
