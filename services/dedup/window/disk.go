@@ -1,6 +1,7 @@
 package window
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -54,6 +55,12 @@ type Disk struct {
 	n       atomic.Int64 // keys held
 	lastSeq atomic.Uint64
 	mu      sync.Mutex // Freeze and Checkpoint
+	// gen counts the checkpoints' writes into Pebble; it is the deciding
+	// goroutine's iterator's generation: lookups go through one iterator (prefix
+	// seeks, its tables kept open) made anew once Pebble has new keys.
+	gen   atomic.Uint64
+	it    *pebble.Iterator
+	itGen uint64
 }
 
 // frozen is an overlay set aside at a capture, the capture's horizon and the count
@@ -182,6 +189,31 @@ func (d *Disk) stored(k Key) (uint32, error) {
 	return binary.BigEndian.Uint32(v), nil
 }
 
+// lookup is stored for the deciding goroutine, through its iterator.
+func (d *Disk) lookup(k Key) (uint32, error) {
+	if gen := d.gen.Load(); d.it == nil || d.itGen != gen {
+		if d.it != nil {
+			if err := d.it.Close(); err != nil {
+				return 0, err
+			}
+		}
+		it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixKey}, UpperBound: []byte{prefixKey + 1}, UseL6Filters: true})
+		if err != nil {
+			return 0, err
+		}
+		d.it, d.itGen = it, gen
+	}
+	var kb [17]byte
+	key := keyOf(kb[:], k)
+	if !d.it.SeekPrefixGE(key) {
+		return 0, d.it.Error()
+	}
+	if v := d.it.Value(); len(v) == 4 && bytes.Equal(d.it.Key(), key) {
+		return binary.BigEndian.Uint32(v), nil
+	}
+	return 0, nil
+}
+
 // held reports whether k is held at now, looking newest first: the recent keys,
 // those set aside, Pebble; known whether any of them has k at all. As in memory,
 // where each capture removes the keys expired by then, a key held since before the
@@ -197,7 +229,7 @@ func (d *Disk) held(k Key, now uint32) (held, known bool, err error) {
 			return e > now, true, nil
 		}
 	}
-	e, err := d.stored(k)
+	e, err := d.lookup(k)
 	return e > now, e != 0, err
 }
 
@@ -255,7 +287,8 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	if err := d.apply(&f.t); err != nil {
 		return nil, fmt.Errorf("dedup keys: write the recent keys: %w", err)
 	}
-	// Pebble holds them now; lookups go there.
+	// Pebble holds them now; lookups go there (through a new iterator).
+	d.gen.Add(1)
 	d.frozen.Store(nil)
 	removed, err := d.sweep(f.horizon)
 	if err != nil {
@@ -446,8 +479,14 @@ func (d *Disk) Stats() Stats {
 	return Stats{Keys: int(max(0, d.n.Load())), Bytes: int(d.db.Metrics().DiskSpaceUsage()), LastSeq: d.lastSeq.Load()}
 }
 
-// Close closes the store; its files stay.
-func (d *Disk) Close() error { return d.db.Close() }
+// Close closes the store; its files stay. The deciding goroutine calls it, or
+// none does any more.
+func (d *Disk) Close() error {
+	if d.it != nil {
+		_ = d.it.Close()
+	}
+	return d.db.Close()
+}
 
 // pebbleLogger writes Pebble's messages to slog.
 type pebbleLogger struct{ log *slog.Logger }
