@@ -9,11 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 )
 
@@ -23,28 +19,8 @@ import (
 // restore a partition is its size on disk over this rate.
 func BenchmarkFilesRestore(b *testing.B) {
 	ctx := context.Background()
-	_, js := natstest.Run(b).Connect(b)
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "bench_files"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "bench_files", Storage: jetstream.FileStorage})
-	if err != nil {
-		b.Fatal(err)
-	}
+	_, store, c := claimed(b, "bench_files")
 	log := slog.New(slog.DiscardHandler)
-	claims := make(chan *partition.Claim, 1)
-	gctx, cancel := context.WithCancel(ctx)
-	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 10 * time.Second, Log: log}
-	done := make(chan error, 1)
-	go func() {
-		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
-			claims <- c
-			<-ctx.Done()
-		})
-	}()
-	defer func() { cancel(); <-done }()
-	c := <-claims
 	dir := b.TempDir()
 	src := filepath.Join(dir, "src")
 	if err := os.MkdirAll(src, 0o755); err != nil {

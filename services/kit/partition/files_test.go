@@ -2,18 +2,13 @@ package partition_test
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 )
 
@@ -23,48 +18,9 @@ import (
 // kept checkpoint names are deleted, those of a later generation never.
 func TestFiles(t *testing.T) {
 	ctx := context.Background()
-	_, js := natstest.Run(t).Connect(t)
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_files"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "test_files"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, store, c := claimed(t, "test_files")
 	log := slog.New(slog.DiscardHandler)
-	claims := make(chan *partition.Claim, 1)
-	gctx, cancel := context.WithCancel(ctx)
-	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: log}
-	done := make(chan error, 1)
-	go func() {
-		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
-			claims <- c
-			<-ctx.Done()
-		})
-	}()
-	defer func() { cancel(); <-done }()
-	var c *partition.Claim
-	select {
-	case c = <-claims:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the partition was never claimed")
-	}
-	objects := func() []string {
-		infos, err := store.List(ctx)
-		if errors.Is(err, jetstream.ErrNoObjectsFound) {
-			return nil
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		var names []string
-		for _, info := range infos {
-			names = append(names, info.Name)
-		}
-		slices.Sort(names)
-		return names
-	}
+	objects := func() []string { return objectNames(t, store) }
 	immutable := func(name string) bool { return strings.HasSuffix(name, ".sst") }
 	write := func(dir string, files map[string]string) []string {
 		if err := os.MkdirAll(dir, 0o755); err != nil {

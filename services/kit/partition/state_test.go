@@ -9,11 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 )
 
@@ -23,48 +19,9 @@ import (
 // object.
 func TestStates(t *testing.T) {
 	ctx := context.Background()
-	_, js := natstest.Run(t).Connect(t)
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "test_states"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: "test_states"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	kv, store, c := claimed(t, "test_states")
 	log := slog.New(slog.DiscardHandler)
-	claims := make(chan *partition.Claim, 1)
-	gctx, cancel := context.WithCancel(ctx)
-	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: log}
-	done := make(chan error, 1)
-	go func() {
-		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
-			claims <- c
-			<-ctx.Done()
-		})
-	}()
-	defer func() { cancel(); <-done }()
-	var c *partition.Claim
-	select {
-	case c = <-claims:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the partition was never claimed")
-	}
-	names := func() []string {
-		infos, err := store.List(ctx)
-		if errors.Is(err, jetstream.ErrNoObjectsFound) {
-			return nil
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []string
-		for _, info := range infos {
-			out = append(out, info.Name)
-		}
-		slices.Sort(out)
-		return out
-	}
+	names := func() []string { return objectNames(t, store) }
 	// A leftover of another owner, and a legacy object.
 	if _, err := store.PutString(ctx, "state.0.1.7", "left over"); err != nil {
 		t.Fatal(err)
