@@ -130,8 +130,11 @@ func (r *run) openKeys(ctx context.Context, saved []byte, clock uint32) (keyStor
 	}
 	if r.cfg.Window.Store != dedup.StoreDisk {
 		st, err := mem()
-		if err != nil || files == nil {
-			return memKeys{st}, err
+		if err != nil {
+			return nil, err
+		}
+		if files == nil {
+			return memKeys{st}, nil
 		}
 		// Saved on disk, kept in memory from now on.
 		d, err := r.openDisk(ctx, files, clock)
@@ -139,12 +142,17 @@ func (r *run) openKeys(ctx context.Context, saved []byte, clock uint32) (keyStor
 			return nil, err
 		}
 		defer d.Close()
-		err = d.Range(clock, func(k window.Key, exp uint32) bool { st.Add(k, exp, r.seq, clock); return true })
-		return memKeys{st}, err
+		if err := d.Range(clock, func(k window.Key, exp uint32) bool { st.Add(k, exp, r.seq, clock); return true }); err != nil {
+			return nil, err
+		}
+		return memKeys{st}, nil
 	}
 	d, err := r.openDisk(ctx, files, clock)
-	if err != nil || files != nil || saved == nil {
-		return d, err
+	if err != nil {
+		return nil, err // not d: a nil *diskKeys in a keyStore is not a nil keyStore
+	}
+	if files != nil || saved == nil {
+		return d, nil
 	}
 	// Saved in memory, kept on disk from now on: the next checkpoint writes them.
 	st, err := mem()

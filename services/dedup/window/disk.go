@@ -13,6 +13,8 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
@@ -89,6 +91,9 @@ const (
 	prefixExpiry = 'e'
 )
 
+// minFreeToOpen is the free space OpenDisk asks of the disk.
+const minFreeToOpen = 8 << 20
+
 // metaKey holds the count of keys in Pebble as of the checkpoint.
 var metaKey = []byte("m")
 
@@ -109,11 +114,20 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 		// flushes first: a write-ahead log would protect nothing.
 		DisableWAL: true,
 		Logger:     pebbleLogger{log.With("component", "pebble")},
+		// A background error (a compaction on a full disk) is retried by Pebble
+		// again and again: logged once a minute, with how many there were.
+		EventListener: &pebble.EventListener{BackgroundError: backgroundErrors(log.With("component", "pebble"))},
 	}
 	for i := range opts.Levels {
 		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 	}
 	opts.EnsureDefaults()
+	// Pebble writes its metadata at open; an open that fails on a full disk leaves
+	// its background work running (a data race in Pebble v2.1.7's failure path), so
+	// a disk that is nearly full is refused before.
+	if free, err := freeBytes(dir); err == nil && free < minFreeToOpen {
+		return nil, fmt.Errorf("open the dedup keys in %s: %d bytes free, %d needed: %w", dir, free, minFreeToOpen, syscall.ENOSPC)
+	}
 	db, err := pebble.Open(dir, opts)
 	if err != nil {
 		return nil, fmt.Errorf("open the dedup keys in %s: %w", dir, err)
@@ -275,8 +289,13 @@ func (d *Disk) Freeze(now uint32) {
 }
 
 // Checkpoint writes the keys set aside by the last Freeze into Pebble, removes the
-// keys expired by that capture's horizon, flushes, and writes a checkpoint into dir
-// (which must not exist). It returns the files' names, relative to dir.
+// keys expired by that capture's horizon, and writes a checkpoint into dir (which
+// must not exist). It returns the files' names, relative to dir.
+//
+// Everything a checkpoint changes goes into one table that Pebble ingests: the new
+// keys, the removals, the count. Nothing passes through Pebble's memtable, so
+// nothing needs a flush (which, on a full disk, Pebble would retry without end);
+// a full disk fails the table's own write, and the checkpoint with it.
 func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -284,26 +303,12 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	if f == nil {
 		return nil, errors.New("dedup keys: a checkpoint without a capture")
 	}
-	if err := d.apply(&f.t); err != nil {
+	if err := d.write(f); err != nil {
 		return nil, fmt.Errorf("dedup keys: write the recent keys: %w", err)
 	}
 	// Pebble holds them now; lookups go there (through a new iterator).
 	d.gen.Add(1)
 	d.frozen.Store(nil)
-	removed, err := d.sweep(f.horizon)
-	if err != nil {
-		return nil, fmt.Errorf("dedup keys: remove expired keys: %w", err)
-	}
-	// The count as at the capture, less the keys removed now (the files hold no
-	// key added after it).
-	var v [8]byte
-	binary.BigEndian.PutUint64(v[:], uint64(max(0, f.n-removed)))
-	if err := d.db.Set(metaKey, v[:], pebble.NoSync); err != nil {
-		return nil, fmt.Errorf("dedup keys: write the key count: %w", err)
-	}
-	if err := d.db.Flush(); err != nil {
-		return nil, fmt.Errorf("dedup keys: flush: %w", err)
-	}
 	if err := d.db.Checkpoint(dir); err != nil {
 		return nil, fmt.Errorf("dedup keys: checkpoint: %w", err)
 	}
@@ -320,50 +325,110 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	return names, nil
 }
 
-// apply writes t's keys into Pebble: sorted into a table that Pebble ingests (no
-// memtable, no flush), the expiry index's entries first.
-func (d *Disk) apply(t *Table) error {
-	if t.Len() == 0 {
-		return nil
-	}
+// write writes f into Pebble as one ingested table: the expiry index's entries of
+// f's keys and a range deletion of the index up to f's horizon; f's keys but those
+// expired by the horizon, and the removal of each key whose window ended by the
+// horizon (found by the index, not by a scan of the state) unless f holds it
+// again; the count of keys.
+func (d *Disk) write(f *frozen) error {
 	type entry struct {
 		k   Key
-		exp uint32
+		exp uint32 // 0: remove the key
 	}
-	entries := make([]entry, 0, t.Len())
-	t.Range(func(k Key, exp uint32) bool {
-		entries = append(entries, entry{k, exp})
-		return true
+	entries := make([]entry, 0, f.t.Len())
+	var removed int64
+	var err error
+	f.t.Range(func(k Key, exp uint32) bool {
+		if exp > f.horizon {
+			entries = append(entries, entry{k, exp})
+			return true
+		}
+		// Expired by the capture: not written. A key Pebble holds too is removed
+		// (and counted) below, by its index entry.
+		var old uint32
+		if old, err = d.stored(k); old == 0 {
+			removed++
+		}
+		return err == nil
 	})
+	if err != nil {
+		return err
+	}
+	byExpiry := func(a, b entry) int {
+		return cmp.Or(cmp.Compare(a.exp, b.exp), cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo))
+	}
+	slices.SortFunc(entries, byExpiry)
+	index := len(entries) // entries[:index] have index entries to write
+	// The keys expired by the horizon: only the index entry of a key's own expiry
+	// removes it (a key added again later has a later one).
+	var lo, hi [5]byte
+	lo[0], hi[0] = prefixExpiry, prefixExpiry
+	binary.BigEndian.PutUint32(hi[1:], f.horizon+1)
+	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: hi[:]})
+	if err != nil {
+		return err
+	}
+	for it.First(); it.Valid(); it.Next() {
+		ek := it.Key()
+		k := Key{binary.BigEndian.Uint64(ek[5:13]), binary.BigEndian.Uint64(ek[13:21])}
+		if f.t.Get(k) > f.horizon {
+			continue // held again, written below
+		}
+		exp, err := d.stored(k)
+		if err != nil {
+			it.Close()
+			return err
+		}
+		if exp == binary.BigEndian.Uint32(ek[1:5]) {
+			entries = append(entries, entry{k: k})
+		}
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return err
+	}
+	removed += int64(len(entries) - index)
+
 	d.ingests++
 	path := filepath.Join(d.dir, fmt.Sprintf("recent-%d.sst", d.ingests))
-	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	file, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return err
 	}
 	// On success, Ingest moves the file into the LSM.
-	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), d.opts.MakeWriterOptions(0, d.db.FormatMajorVersion().MaxTableFormat()))
+	w := sstable.NewWriter(objstorageprovider.NewFileWritable(file), d.opts.MakeWriterOptions(0, d.db.FormatMajorVersion().MaxTableFormat()))
+	fail := func(err error) error {
+		_ = w.Close()
+		_ = os.Remove(path)
+		return err
+	}
 	var kb [17]byte
 	var eb [21]byte
-	var v [4]byte
-	slices.SortFunc(entries, func(a, b entry) int {
-		return cmp.Or(cmp.Compare(a.exp, b.exp), cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo))
-	})
-	for _, e := range entries {
+	var v [8]byte
+	for _, e := range entries[:index] {
 		if err := w.Set(expiryKey(eb[:], e.exp, e.k), nil); err != nil {
-			w.Close()
-			return err
+			return fail(err)
 		}
 	}
-	slices.SortFunc(entries, func(a, b entry) int {
-		return cmp.Or(cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo))
-	})
+	if err := w.DeleteRange(lo[:], hi[:]); err != nil {
+		return fail(err)
+	}
+	slices.SortFunc(entries, func(a, b entry) int { return cmp.Or(cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo)) })
 	for _, e := range entries {
-		binary.BigEndian.PutUint32(v[:], e.exp)
-		if err := w.Set(keyOf(kb[:], e.k), v[:]); err != nil {
-			w.Close()
-			return err
+		if e.exp == 0 {
+			err = w.Delete(keyOf(kb[:], e.k))
+		} else {
+			binary.BigEndian.PutUint32(v[:4], e.exp)
+			err = w.Set(keyOf(kb[:], e.k), v[:4])
 		}
+		if err != nil {
+			return fail(err)
+		}
+	}
+	// The count as at the capture, less the keys removed now (the files hold no
+	// key added after it).
+	binary.BigEndian.PutUint64(v[:], uint64(max(0, f.n-removed)))
+	if err := w.Set(metaKey, v[:]); err != nil {
+		return fail(err)
 	}
 	if err := w.Close(); err != nil { // syncs the file
 		_ = os.Remove(path)
@@ -373,54 +438,8 @@ func (d *Disk) apply(t *Table) error {
 		_ = os.Remove(path)
 		return err
 	}
-	return nil
-}
-
-// sweep removes the keys that expired at or before h, by the expiry index, and
-// returns how many.
-func (d *Disk) sweep(h uint32) (int64, error) {
-	var lo, hi [5]byte
-	lo[0], hi[0] = prefixExpiry, prefixExpiry
-	binary.BigEndian.PutUint32(hi[1:], h+1)
-	it, err := d.db.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: hi[:]})
-	if err != nil {
-		return 0, err
-	}
-	defer it.Close()
-	b := d.db.NewBatch()
-	defer func() { b.Close() }()
-	var removed int64
-	for it.First(); it.Valid(); it.Next() {
-		ek := it.Key()
-		k := Key{binary.BigEndian.Uint64(ek[5:13]), binary.BigEndian.Uint64(ek[13:21])}
-		exp, err := d.stored(k)
-		if err != nil {
-			return removed, err
-		}
-		// Only the index entry of the key's own expiry removes it: a key added
-		// again later has a later one.
-		if exp == binary.BigEndian.Uint32(ek[1:5]) {
-			var kb [17]byte
-			_ = b.Delete(keyOf(kb[:], k), nil)
-			removed++
-		}
-		if b.Count() >= 20_000 {
-			if err := b.Commit(pebble.NoSync); err != nil {
-				return removed, err
-			}
-			b.Close()
-			b = d.db.NewBatch()
-		}
-	}
-	if err := it.Error(); err != nil {
-		return removed, err
-	}
-	_ = b.DeleteRange(lo[:], hi[:], nil)
-	if err := b.Commit(pebble.NoSync); err != nil {
-		return removed, err
-	}
 	d.n.Add(-removed)
-	return removed, nil
+	return nil
 }
 
 // Immutable reports whether a file of a checkpoint never changes once written (the
@@ -486,6 +505,23 @@ func (d *Disk) Close() error {
 		_ = d.it.Close()
 	}
 	return d.db.Close()
+}
+
+// backgroundErrors logs Pebble's background errors, at most one a minute.
+func backgroundErrors(log *slog.Logger) func(error) {
+	var mu sync.Mutex
+	var last time.Time
+	var since int
+	return func(err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		since++
+		if time.Since(last) < time.Minute {
+			return
+		}
+		log.Error("the dedup keys' background work failed (Pebble retries it)", "err", err, "errors_since_last_logged", since)
+		last, since = time.Now(), 0
+	}
 }
 
 // pebbleLogger writes Pebble's messages to slog.
