@@ -325,8 +325,8 @@ func (d *Disk) Checkpoint(dir string) ([]string, error) {
 	return names, nil
 }
 
-// write writes f into Pebble as one ingested table: the expiry index's entries of
-// f's keys and a range deletion of the index up to f's horizon; f's keys but those
+// write writes f into Pebble as one ingested table: the removal of the expiry
+// index's entries up to f's horizon and the index entries of f's keys; f's keys but those
 // expired by the horizon, and the removal of each key whose window ended by the
 // horizon (found by the index, not by a scan of the state) unless f holds it
 // again; the count of keys.
@@ -368,8 +368,12 @@ func (d *Disk) write(f *frozen) error {
 	if err != nil {
 		return err
 	}
+	// The index entries up to the horizon go (point deletions: a range deletion
+	// in the table would cost every lookup in it a check).
+	var gone [][21]byte
 	for it.First(); it.Valid(); it.Next() {
 		ek := it.Key()
+		gone = append(gone, [21]byte(ek))
 		k := Key{binary.BigEndian.Uint64(ek[5:13]), binary.BigEndian.Uint64(ek[13:21])}
 		if f.t.Get(k) > f.horizon {
 			continue // held again, written below
@@ -404,13 +408,15 @@ func (d *Disk) write(f *frozen) error {
 	var kb [17]byte
 	var eb [21]byte
 	var v [8]byte
+	for i := range gone { // all before the new entries: they expire after the horizon
+		if err := w.Delete(gone[i][:]); err != nil {
+			return fail(err)
+		}
+	}
 	for _, e := range entries[:index] {
 		if err := w.Set(expiryKey(eb[:], e.exp, e.k), nil); err != nil {
 			return fail(err)
 		}
-	}
-	if err := w.DeleteRange(lo[:], hi[:]); err != nil {
-		return fail(err)
 	}
 	slices.SortFunc(entries, func(a, b entry) int { return cmp.Or(cmp.Compare(a.k.Hi, b.k.Hi), cmp.Compare(a.k.Lo, b.k.Lo)) })
 	for _, e := range entries {
