@@ -35,12 +35,12 @@ import (
 // lets a checkpoint remove expired keys by a range scan of only them, never a scan
 // of the state.
 //
-// The local files are a cache, not the only copy: a checkpoint flushes them into
+// The local files are a cache, not the only copy: a checkpoint writes them into
 // files to be uploaded, and a new owner restores from such files. A checkpoint holds
 // exactly the keys of the capture it is for, though input goes on while it is
 // written: Freeze sets the overlay of the keys added until the capture aside, new
 // keys go to a new overlay, and Checkpoint writes the set-aside one into Pebble
-// before it flushes and copies Pebble's files.
+// (one ingested table) before it takes Pebble's checkpoint.
 type Disk struct {
 	db   *pebble.DB
 	opts *pebble.Options
@@ -52,7 +52,8 @@ type Disk struct {
 	// the deciding goroutine and written into Pebble by Checkpoint.
 	recent Table
 	frozen atomic.Pointer[frozen]
-	// horizon: keys expiring at or before it are absent (set by Expire, moves only on).
+	// horizon: keys held since before the last capture that expire at or before it
+	// are absent (set by Freeze, moves only on).
 	horizon atomic.Uint32
 	n       atomic.Int64 // keys held
 	lastSeq atomic.Uint64
@@ -110,8 +111,9 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 		Comparer:     &comparer,
 		CacheSize:    o.CacheBytes,
 		MemTableSize: uint64(o.MemTableBytes),
-		// The files are a cache of the uploaded checkpoints, and each checkpoint
-		// flushes first: a write-ahead log would protect nothing.
+		// The files are a cache of the uploaded checkpoints, and nothing is written
+		// through the memtable (a checkpoint ingests a table): a write-ahead log
+		// would protect nothing.
 		DisableWAL: true,
 		Logger:     pebbleLogger{log.With("component", "pebble")},
 		// A background error (a compaction on a full disk) is retried by Pebble
@@ -231,7 +233,7 @@ func (d *Disk) lookup(k Key) (uint32, error) {
 // held reports whether k is held at now, looking newest first: the recent keys,
 // those set aside, Pebble; known whether any of them has k at all. As in memory,
 // where each capture removes the keys expired by then, a key held since before the
-// last capture (Expire) is held only if it expires after that capture's horizon
+// last capture (Freeze) is held only if it expires after that capture's horizon
 // too.
 func (d *Disk) held(k Key, now uint32) (held, known bool, err error) {
 	if e := d.recent.Get(k); e != 0 {
@@ -249,7 +251,7 @@ func (d *Disk) held(k Key, now uint32) (held, known bool, err error) {
 
 // Admit reports whether k is held inside its window at now (a repeat); when it is
 // not, it holds k until exp, as first seen at input sequence seq. A key whose
-// window has already ended at now is not held. Admit, Expire and Freeze are called
+// window has already ended at now is not held. Admit and Freeze are called
 // by one goroutine, in input order.
 func (d *Disk) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
 	held, known, err := d.held(k, now)
