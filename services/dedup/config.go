@@ -57,10 +57,8 @@ type DiskConfig struct {
 	// Dir holds each partition's keys (<dir>/<partition>); empty: the data dir's
 	// pipeline/keys.
 	Dir string `yaml:"dir"`
-	// CacheMB is the block cache (bloom filters and hot blocks) per partition;
-	// MemTableMB each of its LSM's memtables.
-	CacheMB    int `yaml:"cache_mb"`
-	MemTableMB int `yaml:"memtable_mb"`
+	// CacheMB is the block cache (bloom filters and hot blocks) per partition.
+	CacheMB int `yaml:"cache_mb"`
 }
 
 // SubjectWindow is a window for the events published to subjects matching Subjects
@@ -74,7 +72,7 @@ type SubjectWindow struct {
 // every 30 s.
 func DefaultWindowConfig() WindowConfig {
 	return WindowConfig{Window: 24 * time.Hour, Time: ReceiveTime, SnapshotInterval: 30 * time.Second,
-		Store: StoreMemory, Disk: DiskConfig{CacheMB: 256, MemTableMB: 32}}
+		Store: StoreMemory, Disk: DiskConfig{CacheMB: 256}}
 }
 
 // LoadWindowConfig reads the dedup section of f over the defaults.
@@ -109,8 +107,8 @@ func (c WindowConfig) Validate() error {
 	if c.Store != StoreMemory && c.Store != StoreDisk {
 		errs = append(errs, fmt.Errorf("dedup.store must be %q or %q, got %q", StoreMemory, StoreDisk, c.Store))
 	}
-	if c.Disk.CacheMB <= 0 || c.Disk.MemTableMB <= 0 {
-		errs = append(errs, fmt.Errorf("dedup.disk.cache_mb and memtable_mb must be positive, got %d and %d", c.Disk.CacheMB, c.Disk.MemTableMB))
+	if c.Disk.CacheMB <= 0 {
+		errs = append(errs, fmt.Errorf("dedup.disk.cache_mb must be positive, got %d", c.Disk.CacheMB))
 	}
 	if c.MaxKeys < 0 {
 		errs = append(errs, fmt.Errorf("dedup.max_keys must not be negative"))

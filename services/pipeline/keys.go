@@ -191,7 +191,7 @@ func (r *run) openDisk(ctx context.Context, files []partition.File, clock uint32
 	if err := f.Restore(ctx, files, db); err != nil {
 		return fail(err)
 	}
-	o := window.DiskOptions{CacheBytes: int64(r.cfg.Window.Disk.CacheMB) << 20, MemTableBytes: int64(r.cfg.Window.Disk.MemTableMB) << 20, Logger: r.log}
+	o := window.DiskOptions{CacheBytes: int64(r.cfg.Window.Disk.CacheMB) << 20, Logger: r.log}
 	d, err := window.OpenDisk(db, clock, o)
 	if err != nil {
 		return fail(err)

@@ -76,15 +76,14 @@ type frozen struct {
 
 // DiskOptions sizes a Disk store.
 type DiskOptions struct {
-	// CacheBytes is the block cache (filters and hot blocks); MemTableBytes each of
-	// Pebble's memtables.
-	CacheBytes, MemTableBytes int64
-	Logger                    *slog.Logger
+	// CacheBytes is the block cache (filters and hot blocks).
+	CacheBytes int64
+	Logger     *slog.Logger
 }
 
-// DefaultDiskOptions: a 256 MiB block cache, 32 MiB memtables.
+// DefaultDiskOptions: a 256 MiB block cache.
 func DefaultDiskOptions() DiskOptions {
-	return DiskOptions{CacheBytes: 256 << 20, MemTableBytes: 32 << 20}
+	return DiskOptions{CacheBytes: 256 << 20}
 }
 
 const (
@@ -102,15 +101,16 @@ var metaKey = []byte("m")
 // capture's clock was horizon (keys expiring by then are absent).
 func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 	def := DefaultDiskOptions()
-	o.CacheBytes, o.MemTableBytes = cmpOr(o.CacheBytes, def.CacheBytes), cmpOr(o.MemTableBytes, def.MemTableBytes)
+	o.CacheBytes = cmpOr(o.CacheBytes, def.CacheBytes)
 	log := o.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	opts := &pebble.Options{
-		Comparer:     &comparer,
-		CacheSize:    o.CacheBytes,
-		MemTableSize: uint64(o.MemTableBytes),
+		Comparer:  &comparer,
+		CacheSize: o.CacheBytes,
+		// Nothing is written through the memtable (a checkpoint ingests a table).
+		MemTableSize: 4 << 20,
 		// The files are a cache of the uploaded checkpoints, and nothing is written
 		// through the memtable (a checkpoint ingests a table): a write-ahead log
 		// would protect nothing.

@@ -71,7 +71,7 @@ func diskRestoreExact(t *testing.T, seed uint64) {
 		dirs++
 		return filepath.Join(root, fmt.Sprint(dirs))
 	}
-	disk, err := OpenDisk(newDir(), 0, DiskOptions{CacheBytes: 1 << 20, MemTableBytes: 256 << 10})
+	disk, err := OpenDisk(newDir(), 0, DiskOptions{CacheBytes: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,7 +148,7 @@ func diskRestoreExact(t *testing.T, seed uint64) {
 				}
 				from, h = last.seq, last.clock
 			}
-			if disk, err = OpenDisk(dir, h, DiskOptions{CacheBytes: 1 << 20, MemTableBytes: 256 << 10}); err != nil {
+			if disk, err = OpenDisk(dir, h, DiskOptions{CacheBytes: 1 << 20}); err != nil {
 				t.Fatal(err)
 			}
 			pending, clock, seq = nil, h, from
@@ -169,7 +169,7 @@ func diskRestoreExact(t *testing.T, seed uint64) {
 // Checkpoint removes expired keys by the expiry index, and a key whose window
 // ended by a capture is absent at once, before any checkpoint.
 func TestDiskExpiry(t *testing.T) {
-	disk, err := OpenDisk(t.TempDir(), 0, DiskOptions{CacheBytes: 1 << 20, MemTableBytes: 1 << 20})
+	disk, err := OpenDisk(t.TempDir(), 0, DiskOptions{CacheBytes: 1 << 20})
 	if err != nil {
 		t.Fatal(err)
 	}
