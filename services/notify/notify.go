@@ -221,7 +221,7 @@ func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	s.mu.Lock()
-	s.router = NewRouter(cfg.Routes, cfg.inhibit, groups)
+	s.router, s.unsaved = NewRouter(cfg.Routes, cfg.inhibit, groups), nil
 	s.mu.Unlock()
 	s.log.Info("routing", "groups", len(groups))
 	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64, Ready: deps.Readiness,
@@ -247,9 +247,14 @@ type stageRun struct {
 	log      *slog.Logger
 	m        *metrics
 	silences *Silences
-	mu       sync.Mutex // guards router and the group keys in state
+	mu       sync.Mutex // guards router, unsaved and the group keys in state
 	router   *Router
-	wake     chan struct{}
+	// unsaved are groups the router changed whose save failed: saved before any
+	// alert is acked. (A redelivered alert the router holds already changes no
+	// group; acking it without saving would lose it when routing restarts from the
+	// bucket.)
+	unsaved map[string]*Group
+	wake    chan struct{}
 }
 
 // route is the router's handler: it adds an alert to its groups and saves them
@@ -273,10 +278,17 @@ func (s *stageRun) route(maxPayload int64) stage.Handler {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
+		if s.unsaved == nil {
+			s.unsaved = map[string]*Group{}
+		}
 		for _, g := range changed {
+			s.unsaved[g.Key] = g
+		}
+		for key, g := range s.unsaved {
 			if err := saveGroup(ctx, s.state, g); err != nil {
 				return nil, err
 			}
+			delete(s.unsaved, key)
 		}
 		if len(changed) > 0 {
 			select {
@@ -349,11 +361,13 @@ func (s *stageRun) flush(ctx context.Context) error {
 		if err := saveGroup(ctx, s.state, g); err != nil {
 			return err
 		}
+		delete(s.unsaved, g.Key)
 	}
 	for _, g := range deleted {
 		if err := s.state.Delete(ctx, "group."+g.Key); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 			return fmt.Errorf("notify: delete group: %w", err)
 		}
+		delete(s.unsaved, g.Key)
 	}
 	return nil
 }

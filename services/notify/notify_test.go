@@ -635,3 +635,73 @@ func TestRouterStartsAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// An alert is acked only once the groups it changed are saved. A save that fails
+// (the bucket refusing it, as while a node is lost) leaves the group changed in
+// memory; the alert comes again and changes nothing the second time, and acking it
+// then would lose it: routing that starts again from the bucket has no trace of it.
+func TestAckedOnlyOnceSaved(t *testing.T) {
+	nc, js := setup(t)
+	ctx := context.Background()
+	h := newHook(t, nil)
+	// A long group_wait: nothing is flushed (and saved by the flush) meanwhile.
+	startNotify(t, nc, hookConfig(h, "routes:\n  - receivers: [hook]\n    group_wait: 1h\n"))
+	bucket, err := js.Stream(ctx, "KV_"+StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := func(size int32) {
+		t.Helper()
+		cfg := bucket.CachedInfo().Config
+		cfg.MaxMsgSize = size
+		if _, err := js.UpdateStream(ctx, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The bucket takes the lease's renewals (under 256 bytes) and refuses the group.
+	limit(256)
+	a := alert("logins", "firing", 0, "user", "u0", "note", strings.Repeat("a long label ", 40))
+	publishAlert(t, js, a)
+	notifyConsumer, err := js.Consumer(ctx, streams.Alerts, "notify")
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 30*time.Second, func() error {
+		info, err := notifyConsumer.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumRedelivered == 0 && info.AckFloor.Stream == 0 {
+			return errors.New("the alert has not come again yet")
+		}
+		return nil
+	})
+	kv, err := js.KeyValue(ctx, StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	saved := func() error {
+		keys, err := kv.ListKeysFiltered(ctx, "group.*")
+		if err != nil {
+			return err
+		}
+		for range keys.Keys() {
+			return nil
+		}
+		return errors.New("no group saved")
+	}
+	if info, err := notifyConsumer.Info(ctx); err != nil {
+		t.Fatal(err)
+	} else if info.AckFloor.Stream > 0 {
+		if err := saved(); err != nil {
+			t.Fatalf("the alert was acked and its group is not in the bucket: %v", err)
+		}
+	}
+	limit(-1)
+	poll.Until(t, 30*time.Second, func() error {
+		if err := natstest.Idle(ctx, js, streams.Alerts, "notify"); err != nil {
+			return err
+		}
+		return saved()
+	})
+}

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -135,6 +136,9 @@ func waitDrained(t *testing.T, ctx context.Context, conn driver.Conn, js jetstre
 		return nil
 	})
 	if err != nil {
+		if hook != nil {
+			t.Logf("where the alerts are: %s", alertTrail(ctx, conn, js))
+		}
 		t.Fatal(err)
 	}
 	if err := m.Check(ctx, conn); err != nil {
@@ -152,6 +156,32 @@ func waitDrained(t *testing.T, ctx context.Context, conn driver.Conn, js jetstre
 	if alertRows != uint64(wantAlerts) || distinct != uint64(wantAlerts) || ids != wantAlerts || bad != 0 {
 		t.Fatalf("alerts: %d rows (%d distinct), %d webhook-ids, %d badly signed; want %d", alertRows, distinct, ids, bad, wantAlerts)
 	}
+}
+
+// alertTrail says how far alert changes got: ALERTS (evaluated), the alerts table
+// (stored by the sink), notify's consumer (routed), NOTIFY and the deliverers'
+// consumers (delivered) — which step lost what a webhook lacks.
+func alertTrail(ctx context.Context, conn driver.Conn, js jetstream.JetStream) string {
+	var b strings.Builder
+	var rows uint64
+	if err := conn.QueryRow(ctx, "SELECT count() FROM alerts").Scan(&rows); err != nil {
+		fmt.Fprintf(&b, "alerts table: %v; ", err)
+	} else {
+		fmt.Fprintf(&b, "alerts table: %d rows; ", rows)
+	}
+	for _, name := range []string{streams.Alerts, streams.Notify} {
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			fmt.Fprintf(&b, "%s: %v; ", name, err)
+			continue
+		}
+		fmt.Fprintf(&b, "%s: %d messages, last seq %d; ", name, s.CachedInfo().State.Msgs, s.CachedInfo().State.LastSeq)
+		for c := range s.ListConsumers(ctx).Info() {
+			fmt.Fprintf(&b, "consumer %s: delivered %d, ack floor %d, %d pending, %d unacked, %d redelivered; ",
+				c.Name, c.Delivered.Stream, c.AckFloor.Stream, c.NumPending, c.NumAckPending, c.NumRedelivered)
+		}
+	}
+	return b.String()
 }
 
 // logDuplicates logs rows stored twice: dead letters of one input, events of one
