@@ -170,6 +170,23 @@ func newWorkerRig(t *testing.T) *workerRig {
 	return r
 }
 
+// restored reports whether every partition's owner saved its state (a run's
+// restore ends by saving it).
+func restored(ctx context.Context, kv jetstream.KeyValue, partitions int) func() error {
+	return func() error {
+		for p := range partitions {
+			o, err := partition.Owner(ctx, kv, p)
+			if err != nil {
+				return err
+			}
+			if o.State == "" {
+				return fmt.Errorf("partition %d (%s) has no state yet", p, o.Worker)
+			}
+		}
+		return nil
+	}
+}
+
 // ownedBy returns a condition: each of the partitions is owned by one of workers.
 func ownedBy(ctx context.Context, kv jetstream.KeyValue, partitions int, workers ...string) func() error {
 	return func() error {
