@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -159,7 +160,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	m := newMetrics(deps.Registerer)
-	s := &stageRun{js: js, state: state, log: log, m: m, silences: silences, wake: make(chan struct{}, 1)}
+	s := &stageRun{js: js, state: state, log: log, m: m, silences: silences, wake: make(chan struct{}, 1), maxPayload: deps.NATS.MaxPayload()}
 	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "replica", cfg.Replica)
 
 	errc := make(chan error, len(cfg.Receivers))
@@ -226,7 +227,7 @@ func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
 	s.log.Info("routing", "groups", len(groups))
 	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64, Ready: deps.Readiness,
 		StallAfter: cfg.StallAfter},
-		s.route(deps.NATS.MaxPayload()), deps.Logger, deps.Registerer)
+		s.route(), deps.Logger, deps.Registerer)
 	if err != nil {
 		return err
 	}
@@ -255,15 +256,17 @@ type stageRun struct {
 	// bucket.)
 	unsaved map[string]*Group
 	wake    chan struct{}
+	// maxPayload is the largest message NATS takes.
+	maxPayload int64
 }
 
 // route is the router's handler: it adds an alert to its groups and saves them
 // before the alert is acked.
-func (s *stageRun) route(maxPayload int64) stage.Handler {
+func (s *stageRun) route() stage.Handler {
 	return func(msg jetstream.Msg) ([]*nats.Msg, error) {
 		a, err := alerts.Decode(msg.Data())
 		if err != nil {
-			return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), maxPayload)}, nil
+			return []*nats.Msg{stage.DeadLetter(Name, msg, err.Error(), s.maxPayload)}, nil
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -284,8 +287,17 @@ func (s *stageRun) route(maxPayload int64) stage.Handler {
 		for _, g := range changed {
 			s.unsaved[g.Key] = g
 		}
+		var tooLarge error
 		for key, g := range s.unsaved {
-			if err := saveGroup(ctx, s.state, g); err != nil {
+			err := saveGroup(ctx, s.state, g, s.maxPayload)
+			switch {
+			case errors.Is(err, errGroupTooLarge):
+				// It never will be saved: the alert goes to the DLQ (it stays in the
+				// group in memory and is notified while routing runs).
+				if slices.Contains(changed, g) {
+					tooLarge = err
+				}
+			case err != nil:
 				return nil, err
 			}
 			delete(s.unsaved, key)
@@ -295,6 +307,10 @@ func (s *stageRun) route(maxPayload int64) stage.Handler {
 			case s.wake <- struct{}{}:
 			default:
 			}
+		}
+		if tooLarge != nil {
+			s.log.Error("alert group too large to save; the alert goes to the DLQ", "err", tooLarge)
+			return []*nats.Msg{stage.DeadLetter(Name, msg, tooLarge.Error(), s.maxPayload)}, nil
 		}
 		return nil, nil
 	}
@@ -337,6 +353,13 @@ func (s *stageRun) flush(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if int64(len(body)) > s.maxPayload-headroom {
+			// It never will be queued; its alerts are in the DLQ (route) and in
+			// ClickHouse's alerts table.
+			s.log.Error("notification too large to queue; not sent (narrow the route's group_by)", "receiver", o.Receiver.Name,
+				"id", o.ID, "bytes", len(body), "max_payload", s.maxPayload)
+			continue
+		}
 		msg := nats.NewMsg("notify." + o.Receiver.Name)
 		msg.Header.Set(nats.MsgIdHdr, o.ID)
 		msg.Header.Set(HeaderNotificationID, o.ID)
@@ -358,7 +381,9 @@ func (s *stageRun) flush(ctx context.Context) error {
 		s.m.notified.WithLabelValues(o.Receiver.Name).Inc()
 	}
 	for _, g := range save {
-		if err := saveGroup(ctx, s.state, g); err != nil {
+		if err := saveGroup(ctx, s.state, g, s.maxPayload); errors.Is(err, errGroupTooLarge) {
+			s.log.Error("alert group too large to save", "err", err)
+		} else if err != nil {
 			return err
 		}
 		delete(s.unsaved, g.Key)
@@ -372,10 +397,20 @@ func (s *stageRun) flush(ctx context.Context) error {
 	return nil
 }
 
-func saveGroup(ctx context.Context, kv jetstream.KeyValue, g *Group) error {
+// headroom is what a message's headers may take of NATS's max_payload.
+const headroom = 4096
+
+// errGroupTooLarge: a group's encoding is more than a NATS message holds.
+var errGroupTooLarge = errors.New("more than a NATS message holds (narrow the route's group_by)")
+
+// saveGroup writes g to kv; errGroupTooLarge if it is over maxPayload bytes.
+func saveGroup(ctx context.Context, kv jetstream.KeyValue, g *Group, maxPayload int64) error {
 	b, err := json.Marshal(g)
 	if err != nil {
 		return fmt.Errorf("notify: encode group: %w", err)
+	}
+	if int64(len(b)) > maxPayload-headroom {
+		return fmt.Errorf("notify: alert group %s is %d bytes, %w", g.Key, len(b), errGroupTooLarge)
 	}
 	if _, err := kv.Put(ctx, "group."+g.Key, b); err != nil {
 		return fmt.Errorf("notify: save group: %w", err)

@@ -705,3 +705,40 @@ func TestAckedOnlyOnceSaved(t *testing.T) {
 		return saved()
 	})
 }
+
+// A group grown past what a NATS message holds can be neither saved nor queued as
+// one notification: the alerts that do not fit go to the DLQ with the reason, and
+// routing goes on for the other groups (it neither retries for ever nor stops).
+func TestGroupTooLarge(t *testing.T) {
+	nc, js := setup(t)
+	ctx := context.Background()
+	h := newHook(t, nil)
+	startNotify(t, nc, hookConfig(h, "routes:\n  - receivers: [hook]\n    group_by: [alertname]\n    group_wait: 100ms\n    group_interval: 100ms\n"))
+	big := strings.Repeat("x", 300_000)
+	for i := range 6 {
+		publishAlert(t, js, alert("wide", "firing", i, "user", fmt.Sprint("u", i), "note", big))
+	}
+	poll.Until(t, 30*time.Second, func() error { return natstest.Idle(ctx, js, streams.Alerts, "notify") })
+	var tooLarge int
+	for _, reason := range deadLetters(t, js) {
+		if strings.Contains(reason, "more than a NATS message holds") {
+			tooLarge++
+		}
+	}
+	// Three alerts of 300 kB fit in a 1 MiB message, with room for the rest.
+	if tooLarge < 3 || tooLarge > 4 {
+		t.Fatalf("%d alerts dead-lettered as too large for their group, want 3 or 4 of 6 (reasons: %q)", tooLarge, deadLetters(t, js))
+	}
+	publishAlert(t, js, alert("narrow", "firing", 0, "user", "u0"))
+	poll.Until(t, 30*time.Second, func() error {
+		got, _ := h.delivered()
+		for _, r := range got {
+			for _, a := range r.payload.Alerts {
+				if a.Labels["alertname"] == "narrow" {
+					return nil
+				}
+			}
+		}
+		return errors.New("the other group's alert has not arrived")
+	})
+}
