@@ -213,13 +213,15 @@ func (c *natsCluster) heal(t *testing.T) {
 // webhook), on a 3-node JetStream cluster with every stream and bucket in three copies
 // (SLUICE_STREAM_REPLICAS=3), while 300,000 publishes (repeats and invalid input
 // among them) flow. Meanwhile: the node leading EVENTS is SIGKILLed and restarted;
-// a worker is SIGKILLed and restarted; node 2 — the only server worker 2 knows — is
-// cut off from everything by dropped packets for 30 s, and every partition must move
-// off worker 2 while it lasts; then the node leading the keying step's
-// consumer is SIGKILLed and restarted. Every unique event lands in ClickHouse once
-// (worker 2, back on the network, wrote nothing after losing its partitions),
-// every invalid one in dead_letters, every alert once in the alerts table and once
-// (by webhook-id) at the webhook, and each partition ends owned by a worker.
+// workers are SIGKILLed and restarted five times in all; a fourth worker joins, and
+// later stops cleanly (its partitions must move within 15 s); node 2 — the only
+// server worker 2 knows — is cut off from everything by dropped packets for 30 s, and
+// every partition must move off worker 2 while it lasts; then the node leading the
+// keying step's consumer is SIGKILLed and restarted. Every unique event lands in
+// ClickHouse once (worker 2, back on the network, wrote nothing after losing its
+// partitions), every invalid one in dead_letters, every alert once in the alerts
+// table and once (by webhook-id) at the webhook, and each partition ends owned by a
+// worker.
 func TestClusterFaults(t *testing.T) {
 	const partitions = 8
 	bin := build(t)
@@ -248,6 +250,7 @@ func TestClusterFaults(t *testing.T) {
 			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + chs.Addr, "CLICKHOUSE_DATABASE=" + chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...))
 	}
 	worker := func(i int) *process {
+		t.Helper()
 		url := majority
 		if i == 2 {
 			url = cl.nodes[2].url()
@@ -257,7 +260,7 @@ func TestClusterFaults(t *testing.T) {
 	}
 	start("sink", majority, "SINK_TABLES=dead_letters,alerts")
 	start("notify", majority, "HOOK_SECRET="+hookSecret)
-	workers := []*process{worker(0), worker(1), worker(2)}
+	workers := map[int]*process{0: worker(0), 1: worker(1), 2: worker(2)}
 	alive := func(i int) {
 		t.Helper()
 		select {
@@ -265,6 +268,16 @@ func TestClusterFaults(t *testing.T) {
 			t.Fatalf("worker %d exited by itself (%v):\n%s", i, workers[i].cmd.ProcessState, workers[i].tail())
 		default:
 		}
+	}
+	kills := 0
+	kill := func(i int) {
+		t.Helper()
+		alive(i)
+		_ = workers[i].cmd.Process.Signal(syscall.SIGKILL)
+		<-workers[i].done
+		workers[i] = worker(i)
+		kills++
+		t.Logf("SIGKILLed worker %d and started it again (kill %d)", i, kills)
 	}
 	var kv jetstream.KeyValue
 	if err := oracle.WaitFor(ctx, time.Minute, func() (err error) {
@@ -305,9 +318,9 @@ func TestClusterFaults(t *testing.T) {
 	defer stopPub()
 	published := make(chan error, 1)
 	go func() {
-		// At most about 5,000 publishes a second, so the run outlasts the faults
+		// At most about 2,500 publishes a second, so the run outlasts the faults
 		// (the pause paces the producer; it waits on no condition).
-		published <- m.PublishAcked(pubCtx, js, 500, func() { time.Sleep(100 * time.Millisecond) })
+		published <- m.PublishAcked(pubCtx, js, 500, func() { time.Sleep(200 * time.Millisecond) })
 	}()
 	// Each fault waits for a share of the events to land, so it falls mid-run.
 	landed := func(percent uint64) {
@@ -340,21 +353,24 @@ func TestClusterFaults(t *testing.T) {
 	cl.restart(t, l)
 	t.Logf("SIGKILLed node %d (leading EVENTS) and started it again", l)
 
+	landed(10)
+	kill(0)
 	landed(15)
-	alive(0)
-	_ = workers[0].cmd.Process.Signal(syscall.SIGKILL)
-	<-workers[0].done
-	workers[0] = worker(0)
-	t.Log("SIGKILLed worker 0 and started it again")
-
+	workers[3] = worker(3)
+	t.Log("worker 3 joined")
+	landed(20)
+	kill(1)
 	landed(25)
+	kill(3)
+
+	landed(30)
 	alive(2)
 	cutAt := time.Now()
 	cl.cut(t)
 	// The hand-over waits for the claims' TTL and, when node 2 led the bucket,
 	// for the election of a new leader (4 to 9 s in nats-server): it must happen
 	// while the cut lasts.
-	if err := oracle.WaitFor(ctx, 25*time.Second, ownedBy(ctx, kv, partitions, "w0", "w1")); err != nil {
+	if err := oracle.WaitFor(ctx, 25*time.Second, ownedBy(ctx, kv, partitions, "w0", "w1", "w3")); err != nil {
 		t.Fatalf("node 2 and worker 2 cut off: the partitions did not move within 25 s: %v", err)
 	}
 	t.Logf("node 2 and worker 2 cut off: every partition moved off worker 2 in %s", time.Since(cutAt).Round(100*time.Millisecond))
@@ -367,6 +383,25 @@ func TestClusterFaults(t *testing.T) {
 	l = leader("partitioner leader", func() (int, error) { return leaderOf(ctx, js, streams.Events, "partitioner") })
 	cl.restart(t, l)
 	t.Logf("SIGKILLed node %d (leading the partitioner consumer) and started it again", l)
+
+	landed(70)
+	kill(0)
+	landed(80)
+	w := workers[3]
+	alive(3)
+	_ = w.cmd.Process.Signal(syscall.SIGTERM)
+	<-w.done
+	if !w.cmd.ProcessState.Success() {
+		t.Fatalf("worker 3 did not stop cleanly (%v):\n%s", w.cmd.ProcessState, w.tail())
+	}
+	delete(workers, 3)
+	stopped := time.Now()
+	if err := oracle.WaitFor(ctx, 15*time.Second, ownedBy(ctx, kv, partitions, "w0", "w1", "w2")); err != nil {
+		t.Fatalf("worker 3 stopped cleanly: its partitions did not move within 15 s: %v", err)
+	}
+	t.Logf("worker 3 stopped cleanly; its partitions moved in %s", time.Since(stopped).Round(100*time.Millisecond))
+	landed(90)
+	kill(2)
 
 	if err := <-published; err != nil {
 		t.Fatal(err)
