@@ -18,6 +18,9 @@ import (
 type Target struct {
 	Cluster  string
 	Database string
+	// Typed names the typed tables (ingest.types): on a cluster each is a
+	// Distributed table over its local table, as the tables of Distributed are.
+	Typed []string
 }
 
 // Distributed are the tables users query. On a cluster each is a Distributed
@@ -28,7 +31,7 @@ var Distributed = []string{"events", "dead_letters", "alerts", "dead_letter_repl
 // LocalName is the table a writer inserts into for table: table itself on one
 // server, its local table on a cluster when table is Distributed.
 func (t Target) LocalName(table string) string {
-	if t.Cluster != "" && isDistributed(table) {
+	if t.Cluster != "" && (isDistributed(table) || slices.Contains(t.Typed, table)) {
 		return table + "_local"
 	}
 	return table

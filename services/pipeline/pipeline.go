@@ -165,14 +165,9 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	if _, err := startSeq(cfg.StartAt, 0); err != nil {
 		return err
 	}
-	shards, target, err := sink.Prepare(ctx, deps.ClickHouse, deps.Shards, len(cfg.Typed), deps.Logger)
+	shards, target, err := sink.Prepare(ctx, deps.ClickHouse, deps.Shards, cfg.Typed, deps.Logger)
 	if err != nil {
 		return fmt.Errorf("pipeline: %w", err)
-	}
-	for _, t := range cfg.Typed {
-		if err := sink.MigrateTyped(ctx, deps.ClickHouse, t); err != nil {
-			return fmt.Errorf("pipeline: %w", err)
-		}
 	}
 	if err := sink.CheckColumns(ctx, deps.ClickHouse, sink.EventsTable()); err != nil {
 		return err
@@ -201,6 +196,9 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	defer live.Close()
 	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, shards: shards, events: target.LocalName("events"), store: store, kv: kv, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
+	for _, t := range cfg.Typed {
+		p.typed = append(p.typed, target.LocalName(t.Name))
+	}
 	keyer, err := p.newKeyer()
 	if err != nil {
 		return err
@@ -299,9 +297,12 @@ type pipeline struct {
 	// ch is the server the worker started on; each partition's run writes to
 	// its shard (shards.For) and the events table there (events: events, or
 	// events_local on a cluster).
-	ch         driver.Conn
-	shards     *chconn.Shards
-	events     string
+	ch     driver.Conn
+	shards *chconn.Shards
+	events string
+	// typed is the table each typed table's rows are in on the shard (cfg.Typed's
+	// order): the typed table, or its local table on a cluster.
+	typed      []string
 	store      jetstream.ObjectStore
 	kv         jetstream.KeyValue
 	live       *enrich.Live
@@ -531,8 +532,12 @@ func (r *run) restore(ctx context.Context) error {
 	}
 	r.typedHWM, r.typedOf = make([]uint64, len(r.cfg.Typed)), map[string]int{}
 	for i, t := range r.cfg.Typed {
-		if err := r.ch.QueryRow(qctx, "SELECT max(stream_seq) FROM "+t.Name).Scan(&r.typedHWM[i]); err != nil {
-			return fmt.Errorf("pipeline: high-water mark of %s: %w", t.Name, err)
+		trd, err := sink.ReadReplica(qctx, r.ch, replicas, r.typed[i])
+		if err != nil {
+			return fmt.Errorf("pipeline: %w", err)
+		}
+		if err := trd.QueryRow(qctx, "SELECT max(stream_seq) FROM "+r.typed[i]).Scan(&r.typedHWM[i]); err != nil {
+			return fmt.Errorf("pipeline: high-water mark of %s: %w", r.typed[i], err)
 		}
 		r.typedOf[t.Type] = i
 	}
@@ -1479,8 +1484,12 @@ func (w *writer) storeTyped(ctx context.Context, i int, rows []typedRow) error {
 		}
 		if check {
 			ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
-			present, err := sink.Present(ictx, w.ch, t.Name, t.Identity, rows[0].seq, rows[len(rows)-1].seq)
-			cancel()
+			defer cancel()
+			rd, err := sink.ReadReplica(ictx, w.ch, w.shards.Replicas(w.in.id), w.typed[i])
+			if err != nil {
+				return fmt.Errorf("pipeline: %w", err)
+			}
+			present, err := sink.Present(ictx, rd, w.typed[i], t.Identity, rows[0].seq, rows[len(rows)-1].seq)
 			if err != nil {
 				return err
 			}

@@ -162,6 +162,104 @@ func checkClusterDDL(t *testing.T, try func(string) (string, error)) {
 	if n <= len(ms) {
 		t.Fatalf("%d statements for %d migrations", n, len(ms))
 	}
+	// A typed table's: created, a column added, its fence.
+	tt := orderTable(t)
+	target.Typed = []string{tt.Name}
+	for _, stmt := range append([]string{tt.CreateSQL(), "ALTER TABLE " + tt.Name + " ADD COLUMN `extra` Nullable(String)"}, tt.FencedSQL()...) {
+		stmts, err := target.ForCluster(stmt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range stmts {
+			if _, err := try("EXPLAIN AST " + s); err != nil {
+				t.Fatalf("typed table %s: current ClickHouse does not parse\n%s\n%v", tt.Name, s, err)
+			}
+		}
+	}
+}
+
+// Typed tables on a 2 × 2 cluster: MigrateTyped makes <name>_local (replicated)
+// and the Distributed <name> and the fence on every node; rows inserted through
+// each shard's fence reach its other replica and read through <name> from any
+// node; a later owner's fence stops an earlier one's rows; a schema that gains a
+// property adds its column on every node, the Distributed table too.
+func TestTypedOnCluster(t *testing.T) {
+	c := chcluster.Start(t, 2, 2)
+	ctx := context.Background()
+	v1, err := NewTypedTable("shop.refund", []byte(`{"type":"object","properties":{"order_id":{"type":"string"}}}`), "_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := chmigrate.Target{Cluster: chcluster.Name, Database: "sluice", Typed: []string{v1.Name}}
+	first := clusterNode(t, c.Nodes[0][0], "sluice")
+	if err := chmigrate.MigrateTo(ctx, first, target, testLog); err != nil {
+		t.Fatal(err)
+	}
+	if err := MigrateTyped(ctx, first, target, v1); err != nil {
+		t.Fatal(err)
+	}
+	// Again from another node: nothing to do.
+	if err := MigrateTyped(ctx, clusterNode(t, c.Nodes[1][1], "sluice"), target, v1); err != nil {
+		t.Fatal(err)
+	}
+	row := func(tbl *TypedTable, key, data string, seq uint64) [][]any { return refundRow(t, tbl, key, data, seq) }
+	// Partition s on shard s, written on its first replica; on shard 1 a later
+	// owner fences the partition and the earlier one's row is dropped.
+	for s := range c.Nodes {
+		conn := clusterNode(t, c.Nodes[s][0], "sluice")
+		f, _, err := NewFence(ctx, conn, uint32(s), 10, "w1", time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := InsertTypedFenced(ctx, conn, v1, row(v1, fmt.Sprint("k", s), `{"order_id":"o"}`, uint64(s+1)), f); err != nil {
+			t.Fatal(err)
+		}
+		if s == 1 {
+			if _, _, err := NewFence(ctx, conn, uint32(s), 11, "w2", time.Second); err != nil {
+				t.Fatal(err)
+			}
+			if err := InsertTypedFenced(ctx, conn, v1, row(v1, "late", `{"order_id":"o"}`, 9), f); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	v2, err := NewTypedTable("shop.refund", []byte(`{"type":"object","properties":{"order_id":{"type":"string"},"reason":{"type":"string"}}}`), "_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := MigrateTyped(ctx, first, target, v2); err != nil {
+		t.Fatal(err)
+	}
+	conn := clusterNode(t, c.Nodes[0][1], "sluice")
+	f, _, err := NewFence(ctx, conn, 0, 12, "w3", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := InsertTypedFenced(ctx, conn, v2, row(v2, "k2", `{"order_id":"o","reason":"r"}`, 3), f); err != nil {
+		t.Fatal(err)
+	}
+	for s, nodes := range c.Nodes {
+		for r, n := range nodes {
+			conn := clusterNode(t, n, "sluice")
+			if err := conn.Exec(ctx, "SYSTEM SYNC REPLICA shop_refund_local"); err != nil {
+				t.Fatal(err)
+			}
+			var engines []string
+			if err := conn.QueryRow(ctx, "SELECT groupArray(engine) FROM (SELECT engine FROM system.tables WHERE database = 'sluice' AND name IN ('shop_refund', 'shop_refund_local') ORDER BY name)").Scan(&engines); err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(engines, " "); got != "Distributed ReplicatedMergeTree" {
+				t.Fatalf("shard %d replica %d: shop_refund and shop_refund_local are %q", s, r, got)
+			}
+			var keys []string
+			if err := conn.QueryRow(ctx, "SELECT groupArray(k) FROM (SELECT concat(event_key, ':', ifNull(reason, '-')) AS k FROM shop_refund ORDER BY event_key)").Scan(&keys); err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(keys, " "); got != "k0:- k1:- k2:r" {
+				t.Fatalf("shard %d replica %d: shop_refund reads %q; want k0:- k1:- k2:r (the fenced row dropped)", s, r, got)
+			}
+		}
+	}
 }
 
 // The sink on a cluster writes its tables' local tables on the first shard (the
@@ -190,10 +288,18 @@ func TestSinkOnCluster(t *testing.T) {
 	if _, err := js.Publish(ctx, "enriched.test.t", []byte(`{"id": 1}`)); err != nil {
 		t.Fatal(err)
 	}
+	// The events of type t also fill a typed table, test_i.
+	typed, err := NewTypedTable("t", []byte(`{"type":"object","properties":{"i":{"type":"integer"}}}`), "_")
+	if err != nil {
+		t.Fatal(err)
+	}
+	typed.Name = "test_i"
+	cfg := DefaultConfig()
+	cfg.Typed = []*TypedTable{typed}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(runCtx, DefaultConfig(), Deps{NATS: nc, ClickHouse: conn, Shards: shards, Logger: testLog, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}})
+		done <- Run(runCtx, cfg, Deps{NATS: nc, ClickHouse: conn, Shards: shards, Logger: testLog, Registerer: prometheus.NewRegistry(), Ready: &telemetry.Readiness{}})
 	}()
 	defer func() {
 		cancel()
@@ -202,17 +308,18 @@ func TestSinkOnCluster(t *testing.T) {
 		}
 	}()
 	poll.Until(t, time.Minute, func() error {
-		var events, dead uint64
-		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters)").Scan(&events, &dead); err != nil {
+		var events, dead, typedRows uint64
+		var sum int64
+		if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events), (SELECT count() FROM dead_letters), (SELECT count() FROM test_i), (SELECT sum(i) FROM test_i)").Scan(&events, &dead, &typedRows, &sum); err != nil {
 			return err
 		}
-		if events != 10 || dead != 1 {
-			return fmt.Errorf("events %d, dead letters %d", events, dead)
+		if events != 10 || dead != 1 || typedRows != 10 || sum != 45 {
+			return fmt.Errorf("events %d, dead letters %d, test_i %d rows of sum(i) %d", events, dead, typedRows, sum)
 		}
 		return nil
 	})
-	var local uint64
-	if err := conn.QueryRow(ctx, "SELECT count() FROM events_local").Scan(&local); err != nil || local != 0 {
-		t.Fatalf("shard 2 holds %d events (%v), want none: the sink writes to the first shard", local, err)
+	var local, localTyped uint64
+	if err := conn.QueryRow(ctx, "SELECT (SELECT count() FROM events_local), (SELECT count() FROM test_i_local)").Scan(&local, &localTyped); err != nil || local != 0 || localTyped != 0 {
+		t.Fatalf("shard 2 holds %d events and %d rows of test_i (%v), want none: the sink writes to the first shard", local, localTyped, err)
 	}
 }

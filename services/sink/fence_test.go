@@ -183,17 +183,10 @@ func TestTypedTableFence(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := MigrateTyped(ctx, conn, v1); err != nil {
+	if err := MigrateTyped(ctx, conn, chmigrate.Target{}, v1); err != nil {
 		t.Fatal(err)
 	}
-	row := func(tbl *TypedTable, key, data string, seq uint64) [][]any {
-		t.Helper()
-		vals, err := tbl.Values(&events.Event{ID: key, Source: "shop", Type: "shop.refund", Key: key, Time: time.Unix(1_764_000_000, 0), Data: json.RawMessage(data)}, seq)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return [][]any{vals}
-	}
+	row := func(tbl *TypedTable, key, data string, seq uint64) [][]any { return refundRow(t, tbl, key, data, seq) }
 	old, _, err := NewFence(ctx, conn, 0, 10, "w1", time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -215,7 +208,7 @@ func TestTypedTableFence(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := MigrateTyped(ctx, conn, v2); err != nil {
+	if err := MigrateTyped(ctx, conn, chmigrate.Target{}, v2); err != nil {
 		t.Fatal(err)
 	}
 	if err := InsertTypedFenced(ctx, conn, v2, row(v2, "k3", `{"order_id":"o3","reason":"r"}`, 3), next); err != nil {
@@ -378,4 +371,15 @@ func TestHeldMonthIsNoDataError(t *testing.T) {
 	if err == nil || isDataError(err) {
 		t.Fatalf("insert into a held month: %v (data error: %v); want an error that is not the data's", err, isDataError(err))
 	}
+}
+
+// refundRow is the row of tbl (a shop.refund typed table) for an event of key and
+// data at stream sequence seq.
+func refundRow(t *testing.T, tbl *TypedTable, key, data string, seq uint64) [][]any {
+	t.Helper()
+	vals, err := tbl.Values(&events.Event{ID: key, Source: "shop", Type: "shop.refund", Key: key, Time: time.Unix(1_764_000_000, 0), Data: json.RawMessage(data)}, seq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return [][]any{vals}
 }

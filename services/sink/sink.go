@@ -124,16 +124,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 }
 
 // Prepare applies the migrations where the writers write — conn's server, or
-// every node of shards' cluster — and returns shards (OneServer(conn) when nil)
-// and the target (the cluster and conn's database). Typed tables (typed of them)
-// are refused on a cluster.
-func Prepare(ctx context.Context, conn driver.Conn, shards *chconn.Shards, typed int, log *slog.Logger) (*chconn.Shards, chmigrate.Target, error) {
+// every node of shards' cluster — then creates or extends the typed tables there
+// (MigrateTyped), and returns shards (OneServer(conn) when nil) and the target
+// (the cluster, conn's database and the typed tables' names).
+func Prepare(ctx context.Context, conn driver.Conn, shards *chconn.Shards, typed []*TypedTable, log *slog.Logger) (*chconn.Shards, chmigrate.Target, error) {
 	if shards == nil {
 		shards = chconn.OneServer(conn)
 	}
 	target := chmigrate.Target{Cluster: shards.Cluster}
-	if target.Cluster != "" && typed > 0 {
-		return nil, target, fmt.Errorf("typed tables (ingest.types) are not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet", target.Cluster)
+	for _, t := range typed {
+		target.Typed = append(target.Typed, t.Name)
 	}
 	if err := conn.QueryRow(ctx, "SELECT currentDatabase()").Scan(&target.Database); err != nil {
 		return nil, target, err
@@ -141,12 +141,21 @@ func Prepare(ctx context.Context, conn driver.Conn, shards *chconn.Shards, typed
 	if err := chmigrate.MigrateTo(ctx, conn, target, log); err != nil {
 		return nil, target, err
 	}
+	for _, t := range typed {
+		if err := MigrateTyped(ctx, conn, target, t); err != nil {
+			return nil, target, err
+		}
+	}
 	return shards, target, nil
 }
 
 // Run applies the migrations, checks the tables, and fills them until ctx is done.
 func Run(ctx context.Context, cfg Config, deps Deps) error {
-	shards, target, err := Prepare(ctx, deps.ClickHouse, deps.Shards, len(cfg.Typed), deps.Logger)
+	var typed []*TypedTable
+	if slices.Contains(cfg.Tables, "events") || len(cfg.Tables) == 0 {
+		typed = cfg.Typed
+	}
+	shards, target, err := Prepare(ctx, deps.ClickHouse, deps.Shards, typed, deps.Logger)
 	if err != nil {
 		return fmt.Errorf("sink: %w", err)
 	}
@@ -165,9 +174,6 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	if slices.ContainsFunc(tables, func(t *Table) bool { return t.Name == "events" }) {
 		for _, t := range cfg.Typed {
-			if err := MigrateTyped(ctx, deps.ClickHouse, t); err != nil {
-				return fmt.Errorf("sink: %w", err)
-			}
 			if err := ensureTypedConsumer(ctx, js, t); err != nil {
 				return err
 			}

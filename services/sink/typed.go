@@ -17,6 +17,7 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go/jetstream"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/streams"
@@ -515,18 +516,32 @@ func (t *TypedTable) FencedSQL() []string {
 }
 
 // MigrateTyped creates t, or adds the columns of properties new to its schema, and
-// the Null table and view the pipeline inserts t's rows through (FencedSQL). A
-// column whose type the schema changed is an error naming the property: its rows
-// would need rewriting.
-func MigrateTyped(ctx context.Context, conn driver.Conn, t *TypedTable) error {
+// the Null table and view the pipeline inserts t's rows through (FencedSQL), on
+// target: one server, or every node of its cluster (each statement as
+// target.ForCluster makes it: t a Distributed table over <name>_local, a
+// ReplicatedMergeTree). A column whose type the schema changed is an error naming
+// the property: its rows would need rewriting.
+func MigrateTyped(ctx context.Context, conn driver.Conn, target chmigrate.Target, t *TypedTable) error {
+	exec := func(what, stmt string) error {
+		stmts, err := target.ForCluster(stmt)
+		if err != nil {
+			return fmt.Errorf("typed table %s: %s: %w", t.Name, what, err)
+		}
+		for _, s := range stmts {
+			if err := conn.Exec(ctx, s); err != nil {
+				return fmt.Errorf("typed table %s: %s: %w", t.Name, what, err)
+			}
+		}
+		return nil
+	}
 	for attempt := 0; ; attempt++ {
-		have, err := tableColumns(ctx, conn, t.Name)
+		have, err := tableColumns(ctx, conn, target.LocalName(t.Name))
 		if err != nil {
 			return err
 		}
 		if len(have) == 0 {
-			if err := conn.Exec(ctx, t.CreateSQL()); err != nil {
-				return fmt.Errorf("typed table %s: create: %w", t.Name, err)
+			if err := exec("create", t.CreateSQL()); err != nil {
+				return err
 			}
 			continue
 		}
@@ -551,18 +566,18 @@ func MigrateTyped(ctx context.Context, conn driver.Conn, t *TypedTable) error {
 		}
 		if len(add) == 0 {
 			for _, stmt := range t.FencedSQL() {
-				if err := conn.Exec(ctx, stmt); err != nil {
-					return fmt.Errorf("typed table %s: fence: %w", t.Name, err)
+				if err := exec("fence", stmt); err != nil {
+					return err
 				}
 			}
 			return nil
 		}
 		for _, c := range add {
-			if err := conn.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD COLUMN `%s` %s", t.Name, c.Name, c.Type)); err != nil {
+			if err := exec("add column "+c.Name, fmt.Sprintf("ALTER TABLE %s ADD COLUMN `%s` %s", t.Name, c.Name, c.Type)); err != nil {
 				if attempt < 3 { // another worker may have added it meanwhile
 					break
 				}
-				return fmt.Errorf("typed table %s: add column %s: %w", t.Name, c.Name, err)
+				return err
 			}
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
 	"github.com/sluicehq/sluice/services/kit/chtest"
@@ -98,7 +99,7 @@ func TestTypedTableMigrations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := MigrateTyped(ctx, conn, v1); err != nil {
+	if err := MigrateTyped(ctx, conn, chmigrate.Target{}, v1); err != nil {
 		t.Fatal(err)
 	}
 	e := &events.Event{ID: "r1", Source: "shop", Type: "shop.refund", Key: "k1", Time: time.Unix(1_764_000_000, 0), Data: json.RawMessage(`{"order_id":"o1","amount":3.5}`)}
@@ -113,7 +114,7 @@ func TestTypedTableMigrations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := MigrateTyped(ctx, conn, v2); err != nil {
+	if err := MigrateTyped(ctx, conn, chmigrate.Target{}, v2); err != nil {
 		t.Fatal(err)
 	}
 	e.Key, e.Data = "k2", json.RawMessage(`{"order_id":"o2","amount":1.5,"reason":"late","tags":[1,2]}`)
@@ -143,7 +144,7 @@ func TestTypedTableMigrations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = MigrateTyped(ctx, conn, v3)
+	err = MigrateTyped(ctx, conn, chmigrate.Target{}, v3)
 	for _, want := range []string{"property amount is Nullable(Float64) in the table and Nullable(String) in the schema", "property order_id is String in the table and Nullable(String)"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("changed types: %v, want it to say %q", err, want)
@@ -186,7 +187,7 @@ func BenchmarkTypedInsert(b *testing.B) {
 	}
 	_, conn := chtest.Database(b, chtest.Start(b))
 	ctx := context.Background()
-	if err := MigrateTyped(ctx, conn, tbl); err != nil {
+	if err := MigrateTyped(ctx, conn, chmigrate.Target{}, tbl); err != nil {
 		b.Fatal(err)
 	}
 	e := &events.Event{ID: "pv-1", Source: "web", Type: "page.view", Key: "k", Time: time.Now(),

@@ -24,11 +24,12 @@ import (
 
 // TestClusterWriterKill9: two pipeline worker processes on four partitions write
 // to a ClickHouse cluster of 2 shards × 2 replicas (18.16, ZooKeeper), the sink
-// its dead letters, while 30,000 publishes flow. Each worker SIGKILLs itself at a
-// point of its insert cycle in turn (before, during, after the insert), six
+// its dead letters, while 30,000 publishes flow; the events also fill a typed
+// table (page.view). Each worker SIGKILLs itself at a point of its insert cycle in
+// turn (before, during, after the events insert, during the typed insert), six
 // times in all, and the first replica of shard 2 is stopped for 60 s meanwhile.
-// Read through the Distributed tables, every unique event is there once and every
-// invalid one in dead_letters.
+// Read through the Distributed tables, every unique event is there once, in events
+// and in page_view, and every invalid one in dead_letters.
 func TestClusterWriterKill9(t *testing.T) {
 	bin := build(t)
 	dir := t.TempDir()
@@ -41,8 +42,15 @@ func TestClusterWriterKill9(t *testing.T) {
 		t.Fatal(err)
 	}
 	topo := shortAckWaits(t, js)
+	schemas := filepath.Join(dir, "types")
+	if err := os.MkdirAll(schemas, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(schemas, "page.view.json"), []byte(pageViewSchema), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfgPath := filepath.Join(dir, "sluice.yaml")
-	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\n"), 0o644); err != nil {
+	if err := os.WriteFile(cfgPath, []byte("dedup:\n  window: 1h\ntyped_tables:\n  types: [page.view]\ningest:\n  schemas: "+schemas+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	start := func(name string, env ...string) *process {
@@ -55,7 +63,7 @@ func TestClusterWriterKill9(t *testing.T) {
 			"PIPELINE_SNAPSHOT_INTERVAL=500ms", "PIPELINE_BATCH_MAX_ROWS=2000", "PIPELINE_INSERT_TIMEOUT=20s", "SLUICE_TEST_CRASH="+crash)
 	}
 	start("sink", "SINK_TABLES=dead_letters,alerts")
-	points := []string{crash.BeforeInsert, crash.DuringInsert, crash.AfterInsert}
+	points := []string{crash.BeforeInsert, crash.DuringInsert, crash.AfterInsert, crash.DuringTypedInsert}
 	workers := []*process{worker(0, points[0]+":0.2"), worker(1, points[1]+":0.2")}
 
 	m := oracle.NewManifest(oracle.Spec{Total: 30_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 37})
@@ -144,7 +152,7 @@ func TestClusterWriterKill9(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, table := range []string{"events_local", "dead_letters_local"} {
+			for _, table := range []string{"events_local", "dead_letters_local", "page_view_local"} {
 				if err := conn.Exec(ctx, "SYSTEM SYNC REPLICA "+table); err != nil {
 					conn.Close()
 					return fmt.Errorf("%s %s: %w", addr, table, err)
@@ -181,6 +189,15 @@ func TestClusterWriterKill9(t *testing.T) {
 	}
 	if err := m.Check(ctx, reader); err != nil {
 		logDuplicates(t, ctx, reader)
+		t.Fatal(err)
+	}
+	err = oracle.WaitFor(ctx, 2*time.Minute, func() error {
+		if err := syncAll(); err != nil {
+			return err
+		}
+		return pageViewOnce(ctx, reader, m)
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/crash"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -96,24 +98,7 @@ func TestTypedTableKill9(t *testing.T) {
 	<-victim.done
 	start("pipeline", "PIPELINE_LEASE_TTL=2s")
 	waitDrained(t, ctx, conn, js, readBy(topo, []string{"pipeline", "sink"}), m, nil, 0)
-	var wantSum int64
-	for i := range m.Events {
-		wantSum += int64(i) // the oracle's data.n is the event's index
-	}
-	err := oracle.WaitFor(ctx, 2*time.Minute, func() error {
-		var (
-			n, keys uint64
-			sum     int64
-		)
-		if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(event_key), sum(n) FROM page_view").Scan(&n, &keys, &sum); err != nil {
-			return err
-		}
-		if n != uint64(len(m.Events)) || keys != n || sum != wantSum {
-			return fmt.Errorf("page_view: count()=%d uniqExact(event_key)=%d sum(n)=%d, want %d events once, sum %d", n, keys, sum, len(m.Events), wantSum)
-		}
-		return nil
-	})
-	if err != nil {
+	if err := oracle.WaitFor(ctx, 2*time.Minute, func() error { return pageViewOnce(ctx, conn, m) }); err != nil {
 		t.Fatal(err)
 	}
 	// Each row of page_view is its event's.
@@ -124,4 +109,24 @@ func TestTypedTableKill9(t *testing.T) {
 	if mismatched != 0 {
 		t.Fatalf("%d rows of page_view have another stream_seq than their events row", mismatched)
 	}
+}
+
+// pageViewOnce checks that page_view (pageViewSchema's typed table) holds each of
+// m's unique events once: its count, its distinct keys and the sum of data.n.
+func pageViewOnce(ctx context.Context, conn driver.Conn, m *oracle.Manifest) error {
+	var wantSum int64
+	for i := range m.Events {
+		wantSum += int64(i) // the oracle's data.n is the event's index
+	}
+	var (
+		n, keys uint64
+		sum     int64
+	)
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(event_key), sum(n) FROM page_view").Scan(&n, &keys, &sum); err != nil {
+		return err
+	}
+	if n != uint64(len(m.Events)) || keys != n || sum != wantSum {
+		return fmt.Errorf("page_view: count()=%d uniqExact(event_key)=%d sum(n)=%d, want %d events once, sum %d", n, keys, sum, len(m.Events), wantSum)
+	}
+	return nil
 }
