@@ -4,6 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
 	"testing"
 	"time"
 
@@ -145,4 +148,64 @@ func BenchmarkEngineProductionRules(b *testing.B) {
 		e.Observe(env)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+}
+
+// BenchmarkEngineGroups: what alert groups cost in memory, the engine's state
+// being in RAM: a per-user count threshold over a minute, evaluated every 10 s,
+// with SLUICE_BENCH_GROUPS users (default 1,000,000) in its window, each with
+// events in two steps of it. Reports the Go heap held per group (after a GC), the
+// state's JSON per group (what a save writes) and the engine's events/s once
+// every group exists.
+func BenchmarkEngineGroups(b *testing.B) {
+	groups := 1_000_000
+	if v := os.Getenv("SLUICE_BENCH_GROUPS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			b.Fatalf("SLUICE_BENCH_GROUPS: %v", err)
+		}
+		groups = n
+	}
+	rules, err := CompileRules([]RuleConfig{{Name: "busy-user", Kind: KindThreshold, Filter: `type == "login"`, GroupBy: []string{"data.user"},
+		Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 1000}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	// 2×groups events over 20 s of event time: every user in two steps.
+	spacing := 20 * time.Second / time.Duration(2*groups)
+	env := func(i int) *EventEnv {
+		return Env(&events.Event{ID: strconv.Itoa(i), Source: "web", Type: "login", Key: strconv.Itoa(i), Time: start.Add(time.Duration(i) * spacing),
+			Data: json.RawMessage(`{"user":"u` + strconv.Itoa(i%groups) + `"}`)})
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	e := NewEngine(rules, nil)
+	for i := range 2 * groups {
+		e.Observe(env(i))
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	held := len(e.State().Rules["busy-user"].Groups)
+	if held != groups {
+		b.Fatalf("%d groups held, want %d", held, groups)
+	}
+	state, err := json.Marshal(e.State())
+	if err != nil {
+		b.Fatal(err)
+	}
+	envs := make([]*EventEnv, 100_000)
+	for i := range envs {
+		envs[i] = env(2*groups + i)
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		env := envs[i%len(envs)]
+		env.Time = start.Add(time.Duration(2*groups+i) * spacing)
+		e.Observe(env)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
+	b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/float64(groups), "heap-bytes/group")
+	b.ReportMetric(float64(len(state))/float64(groups), "state-bytes/group")
+	b.ReportMetric(float64(groups), "groups")
 }

@@ -80,6 +80,7 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 		return out
 	}
 	whole := run(envs, NewEngine(rules, nil))
+	checkRings(t, rules, envs)
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
 	first := run(envs[:half], e)
@@ -89,6 +90,35 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
 	}
 	return whole, e
+}
+
+// checkRings fails t unless an engine whose rings start small gives the alerts
+// (values and annotations too) of one whose rings are the rule's whole ring.
+func checkRings(t *testing.T, rules []*Rule, envs []*EventEnv) {
+	t.Helper()
+	run := func(e *Engine) []string {
+		var out []string
+		add := func(as []*alerts.Alert) {
+			for _, a := range as {
+				b, err := json.Marshal(a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				out = append(out, string(b))
+			}
+		}
+		for _, env := range envs {
+			got, _ := e.Observe(env)
+			add(got)
+		}
+		add(e.Idle(time.Hour))
+		return out
+	}
+	full := NewEngine(rules, nil)
+	full.fullRings = true
+	if small, whole := run(NewEngine(rules, nil)), run(full); !slices.Equal(small, whole) {
+		t.Fatalf("rings that start small give other alerts than whole rings:\n%s\n%s", small, whole)
+	}
 }
 
 // restart saves e's state as JSON and returns a new engine for rules carrying on
