@@ -216,6 +216,22 @@ func TestWindowByEventTimeAndRestart(t *testing.T) {
 	}
 }
 
+// gauge is the value of the gauge name in reg (no labels).
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() == name && len(f.GetMetric()) == 1 {
+			return f.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no gauge %s", name)
+	return 0
+}
+
 func dupCounter(reg *prometheus.Registry, reason string) prometheus.Counter {
 	c := telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sluice_dedup_duplicates_total",
@@ -381,7 +397,8 @@ func TestProcessWindows(t *testing.T) {
 
 // Against JetStream: a repeat inside the window is dropped, a repeat after the
 // window has ended passes. UNIQUE's own duplicate window is cut to 100 ms and the
-// dedup window to 1 s, so the test waits about a second for the window to end.
+// dedup window to 3 s (time enough for a slow machine to decide the first and
+// publish the repeat inside it), so the test waits about 3 s for the window to end.
 func TestRepeatInsideAndOutsideWindow(t *testing.T) {
 	nc, js := setup(t)
 	ctx := context.Background()
@@ -392,7 +409,7 @@ func TestRepeatInsideAndOutsideWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := DefaultConfig()
-	cfg.Window.Window = time.Second
+	cfg.Window.Window = 3 * time.Second
 	reg := prometheus.NewRegistry()
 	stop := runWith(t, nc, cfg, reg)
 	defer stop()
@@ -423,6 +440,14 @@ func TestRepeatInsideAndOutsideWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	expires, _ := strconv.ParseInt(m.Header.Get(HeaderExpires), 10, 64)
+	// The window store learns keys from UNIQUE: once it has applied the first, a
+	// repeat is the store's to drop (before, UNIQUE's own duplicate window would).
+	poll.Until(t, 10*time.Second, func() error {
+		if seq := gauge(t, reg, "sluice_dedup_applied_seq"); seq < 1 {
+			return fmt.Errorf("the store applied UNIQUE up to %g", seq)
+		}
+		return nil
+	})
 	pub() // inside the window
 	waitStored(t, js, 2)
 	waitIdle(t, js)
