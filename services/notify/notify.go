@@ -222,7 +222,7 @@ func (s *stageRun) lead(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	s.mu.Lock()
-	s.router, s.unsaved = NewRouter(cfg.Routes, cfg.inhibit, groups), nil
+	s.router, s.unsaved, s.stale = NewRouter(cfg.Routes, cfg.inhibit, groups), nil, false
 	s.mu.Unlock()
 	s.log.Info("routing", "groups", len(groups))
 	router, err := stage.New(deps.NATS, stage.Config{Name: Name, Stream: streams.Alerts, Consumer: "notify", MaxInFlight: 64, PullBatch: 64, Ready: deps.Readiness,
@@ -255,7 +255,12 @@ type stageRun struct {
 	// group; acking it without saving would lose it when routing restarts from the
 	// bucket.)
 	unsaved map[string]*Group
-	wake    chan struct{}
+	// stale: a flush marked notifications sent that it could not queue (its lead
+	// ended): the router's groups are ahead of NOTIFY, and none may be saved again
+	// (a group saved as sent would never be sent). Routing starts over from the
+	// bucket.
+	stale bool
+	wake  chan struct{}
 	// maxPayload is the largest message NATS takes.
 	maxPayload int64
 }
@@ -270,6 +275,9 @@ func (s *stageRun) route() stage.Handler {
 		}
 		s.mu.Lock()
 		defer s.mu.Unlock()
+		if s.stale {
+			return nil, errStale
+		}
 		changed, routed := s.router.Add(a, time.Now())
 		switch {
 		case !routed:
@@ -347,6 +355,9 @@ func (s *stageRun) flushLoop(ctx context.Context, every time.Duration) {
 func (s *stageRun) flush(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.stale {
+		return errStale
+	}
 	out, save, deleted := s.router.Flush(time.Now(), s.silences.List())
 	for _, o := range out {
 		body, err := Render(o.Receiver.Format, o.Notification)
@@ -375,6 +386,7 @@ func (s *stageRun) flush(ctx context.Context) error {
 			select {
 			case <-time.After(backoff):
 			case <-ctx.Done():
+				s.stale = true
 				return ctx.Err()
 			}
 		}
@@ -396,6 +408,9 @@ func (s *stageRun) flush(ctx context.Context) error {
 	}
 	return nil
 }
+
+// errStale: the router's groups are ahead of what NOTIFY holds (stageRun.stale).
+var errStale = errors.New("notify: routing is starting over from the bucket")
 
 // headroom is what a message's headers may take of NATS's max_payload.
 const headroom = 4096

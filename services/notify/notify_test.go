@@ -742,3 +742,75 @@ func TestGroupTooLarge(t *testing.T) {
 		return errors.New("the other group's alert has not arrived")
 	})
 }
+
+// A flush cut off while it queues (its lead ended) has marked notifications sent
+// that NOTIFY never got: nothing of that router may be saved again — an alert
+// routed into the group afterwards would save it as sent, and routing starting
+// over from the bucket would never send it. The alert is refused (redelivered to
+// the next router) and the bucket keeps the group unsent.
+func TestCutFlushSavesNothing(t *testing.T) {
+	nc, js := setup(t)
+	ctx := context.Background()
+	h := newHook(t, nil)
+	f, err := configfile.Parse("test.yaml", []byte(hookConfig(h, "routes:\n  - receivers: [hook]\n    group_by: [alertname]\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	state, err := streams.KeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: StateBucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &stageRun{js: js, state: state, log: slog.New(slog.DiscardHandler), m: newMetrics(prometheus.NewRegistry()), silences: &Silences{},
+		wake: make(chan struct{}, 1), maxPayload: nc.MaxPayload(), router: NewRouter(cfg.Routes, cfg.inhibit, nil)}
+	route := s.route()
+	// The alerts as the router's consumer gets them.
+	publishAlert(t, js, alert("logins", "firing", 0, "user", "u0"))
+	publishAlert(t, js, alert("logins", "firing", 1, "user", "u1"))
+	cons, err := js.OrderedConsumer(ctx, streams.Alerts, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := cons.Fetch(2, jetstream.FetchMaxWait(5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []jetstream.Msg
+	for m := range batch.Messages() {
+		msgs = append(msgs, m)
+	}
+	if len(msgs) != 2 {
+		t.Fatalf("fetched %d alerts, want 2", len(msgs))
+	}
+	if _, err := route(msgs[0]); err != nil {
+		t.Fatal(err)
+	}
+	// NOTIFY refuses the notification; the flush retries until its lead ends.
+	notifyStream, err := js.Stream(ctx, streams.Notify)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ncfg := notifyStream.CachedInfo().Config
+	ncfg.MaxMsgSize = 16
+	if _, err := js.UpdateStream(ctx, ncfg); err != nil {
+		t.Fatal(err)
+	}
+	fctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	if err := s.flush(fctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("flush with NOTIFY refusing: %v, want the lead's end", err)
+	}
+	if _, err := route(msgs[1]); err == nil {
+		t.Fatal("an alert was routed by a router whose flush was cut off")
+	}
+	groups, err := loadGroups(ctx, state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(groups) != 1 || groups[0].Flushes != 0 || len(groups[0].Sent) != 0 {
+		t.Fatalf("the bucket holds %d groups, the first sent %d times (%v): want one, not sent", len(groups), groups[0].Flushes, groups[0].Sent)
+	}
+}
