@@ -248,7 +248,7 @@ type stageRun struct {
 	log      *slog.Logger
 	m        *metrics
 	silences *Silences
-	mu       sync.Mutex // guards router, unsaved and the group keys in state
+	mu       sync.Mutex // guards router, unsaved, stale and the group keys in state
 	router   *Router
 	// unsaved are groups the router changed whose save failed: saved before any
 	// alert is acked. (A redelivered alert the router holds already changes no
