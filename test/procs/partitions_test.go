@@ -170,35 +170,40 @@ func newWorkerRig(t *testing.T) *workerRig {
 	return r
 }
 
-// restored reports whether every partition's owner saved its state (a run's
-// restore ends by saving it).
-func restored(ctx context.Context, kv jetstream.KeyValue, partitions int) func() error {
+// eachOwner returns a condition: check holds for the claim of each of the
+// partitions.
+func eachOwner(ctx context.Context, kv jetstream.KeyValue, partitions int, check func(p int, o partition.Ownership) error) func() error {
 	return func() error {
 		for p := range partitions {
 			o, err := partition.Owner(ctx, kv, p)
 			if err != nil {
 				return err
 			}
-			if o.State == "" {
-				return fmt.Errorf("partition %d (%s) has no state yet", p, o.Worker)
+			if err := check(p, o); err != nil {
+				return err
 			}
 		}
 		return nil
 	}
 }
 
-// ownedBy returns a condition: each of the partitions is owned by one of workers.
-func ownedBy(ctx context.Context, kv jetstream.KeyValue, partitions int, workers ...string) func() error {
-	return func() error {
-		for p := range partitions {
-			o, err := partition.Owner(ctx, kv, p)
-			if err != nil {
-				return err
-			}
-			if !slices.Contains(workers, o.Worker) {
-				return fmt.Errorf("partition %d owned by %q", p, o.Worker)
-			}
+// restored reports whether every partition's owner saved its state (a run's
+// restore ends by saving it).
+func restored(ctx context.Context, kv jetstream.KeyValue, partitions int) func() error {
+	return eachOwner(ctx, kv, partitions, func(p int, o partition.Ownership) error {
+		if o.State == "" {
+			return fmt.Errorf("partition %d (%s) has no state yet", p, o.Worker)
 		}
 		return nil
-	}
+	})
+}
+
+// ownedBy returns a condition: each of the partitions is owned by one of workers.
+func ownedBy(ctx context.Context, kv jetstream.KeyValue, partitions int, workers ...string) func() error {
+	return eachOwner(ctx, kv, partitions, func(p int, o partition.Ownership) error {
+		if !slices.Contains(workers, o.Worker) {
+			return fmt.Errorf("partition %d owned by %q", p, o.Worker)
+		}
+		return nil
+	})
 }
