@@ -104,6 +104,33 @@ func (t Target) distributed(name string) string {
 		quote(t.Database), name, quote(t.Cluster), t.LocalName(name))
 }
 
+// PlainEngine is the engine clause (from ENGINE on: engine, partition key, sort
+// key) with which ms create table on one server: a table made AS table's local
+// table with it has the same structure, partitions and keys, so that parts can
+// move between the two (REPLACE PARTITION), but none of a replicated engine's
+// ZooKeeper path. It fails when a migration alters the table's keys.
+func PlainEngine(ms []Migration, table string) (string, error) {
+	var engine string
+	for _, m := range ms {
+		for _, stmt := range m.Statements {
+			if c := createTable.FindStringSubmatch(stmt); c != nil && c[1] == table {
+				i := strings.Index(c[2], "ENGINE = ")
+				if i < 0 {
+					return "", fmt.Errorf("migration %d creates %s without an engine", m.Version, table)
+				}
+				engine = strings.TrimSpace(c[2][i:])
+			}
+			if a := alterTable.FindStringSubmatch(stmt); a != nil && a[1] == table && strings.Contains(strings.ToUpper(a[2]), " ORDER BY") {
+				return "", fmt.Errorf("migration %d changes the keys of %s: its plain engine is no longer the one it was created with", m.Version, table)
+			}
+		}
+	}
+	if engine == "" {
+		return "", fmt.Errorf("no migration creates %s", table)
+	}
+	return engine, nil
+}
+
 func firstLine(s string) string {
 	line, _, _ := strings.Cut(s, "\n")
 	return line

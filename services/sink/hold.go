@@ -33,6 +33,18 @@ var holdID = regexp.MustCompile(`^[-_a-zA-Z0-9]+$`)
 // before the hold was there): from then on no row of the month is added through
 // a fence until the hold ends.
 func HoldMonth(ctx context.Context, ch driver.Conn, month uint32, id string, ttl time.Duration) (*Hold, error) {
+	return HoldMonthOn(ctx, ch, nil, month, id, ttl)
+}
+
+// HoldMonthOn is HoldMonth on a shard of a cluster: ch reaches the shard (any
+// replica), replicas each of its replicas. Once the hold is recorded, every
+// replica is made to fetch it (SYSTEM SYNC REPLICA: from then on its view refuses
+// the month's fenced inserts) and is waited on for the fenced inserts it was
+// running before. Every replica must answer: one that is down could take an insert
+// of the month once back, before it has fetched the hold, and the swap would drop
+// that insert's rows; so a replica that does not is an error (the hold is
+// released). replicas nil: one server, ch.
+func HoldMonthOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, month uint32, id string, ttl time.Duration) (*Hold, error) {
 	if !holdID.MatchString(id) {
 		return nil, fmt.Errorf("hold %d: id %q: want letters, digits, '-' and '_'", month, id)
 	}
@@ -40,26 +52,46 @@ func HoldMonth(ctx context.Context, ch driver.Conn, month uint32, id string, ttl
 	if err := h.set(ctx, ttl); err != nil {
 		return nil, err
 	}
+	fail := func(err error) (*Hold, error) {
+		_ = h.Release(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	waitOn := []driver.Conn{ch}
+	if replicas != nil {
+		waitOn = replicas
+		for i, rc := range replicas {
+			sctx, cancel := context.WithTimeout(ctx, ttl/3)
+			err := rc.Exec(sctx, "SYSTEM SYNC REPLICA events_holds")
+			cancel()
+			if err != nil {
+				return fail(fmt.Errorf("hold %d: replica %d of the shard did not fetch the hold (every replica must, or it could take the month's rows during the swap): %w", month, i+1, err))
+			}
+		}
+	}
 	held := time.Now()
 	var db string
 	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
-		return nil, fmt.Errorf("hold %d: %w", month, err)
+		return fail(fmt.Errorf("hold %d: %w", month, err))
 	}
 	like := escapeLike("sluice/"+db+"/p") + "%"
 	for {
-		// Running since before the hold was recorded: longer than the time since.
+		// Running since before the hold was recorded (fetched, on a cluster):
+		// longer than the time since.
 		var running uint64
-		err := ch.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND elapsed >= ?", like, time.Since(held).Seconds()).Scan(&running)
-		if err != nil {
-			return nil, fmt.Errorf("hold %d: running inserts: %w", month, err)
+		for _, c := range waitOn {
+			var n uint64
+			err := c.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND elapsed >= ?", like, time.Since(held).Seconds()).Scan(&n)
+			if err != nil {
+				return fail(fmt.Errorf("hold %d: running inserts: %w", month, err))
+			}
+			running += n
 		}
 		if running == 0 {
 			return h, nil
 		}
 		select {
 		case <-ctx.Done():
-			_ = h.Release(context.WithoutCancel(ctx))
-			return nil, fmt.Errorf("hold %d: %d inserts begun before it still running: %w", month, running, ctx.Err())
+			return fail(fmt.Errorf("hold %d: %d inserts begun before it still running: %w", month, running, ctx.Err()))
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

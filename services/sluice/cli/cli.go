@@ -198,8 +198,15 @@ func up(ctx context.Context, args []string, io IO) error {
 		"run dedup, enrich and alert as stages of their own, each hop a stream, instead of the pipeline stage"); err != nil {
 		return err
 	}
+	if err := settings.Int(fs, io.Env, &cfg.Partitions, "partitions", "SLUICE_PARTITIONS", 1,
+		"partitions of the input, all owned by this one worker: 1, or more to spread the rows over a ClickHouse cluster's shards (partition mod shards) or to let pipeline workers join later (docs/scaling.md)"); err != nil {
+		return err
+	}
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
+	}
+	if cfg.Split && cfg.Partitions != 1 {
+		return fmt.Errorf("up: --partitions %d: the split stages read EVENTS whole (partitions are the pipeline stage's); leave --split-stages or --partitions out", cfg.Partitions)
 	}
 	log, err := telemetry.NewLogger(io.Stderr, cfg.Service.LogLevel, cfg.Service.LogFormat)
 	if err != nil {

@@ -36,9 +36,6 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
-	if chs.Cluster != "" {
-		return fmt.Errorf("replay: not supported on a ClickHouse cluster (CLICKHOUSE_CLUSTER=%s) yet: it swaps a month's rows with REPLACE PARTITION on one server's events table", chs.Cluster)
-	}
 	if *from == "" {
 		fmt.Fprintln(io.Stderr, "sluice replay: --from is required")
 		fs.Usage()
@@ -86,7 +83,12 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	defer ch.Close()
-	rep, err := reprocess.Run(ctx, js, ch, reprocess.Config{Range: r, Handler: h, Enrich: live, HoldTTL: *holdTTL, Chunk: *chunk, Rules: rules, DryRun: *dryRun, Log: log})
+	shards, err := chconn.OpenShards(ctx, ch, chs)
+	if err != nil {
+		return err
+	}
+	defer shards.Close()
+	rep, err := reprocess.Run(ctx, js, shards, reprocess.Config{Range: r, Handler: h, Enrich: live, HoldTTL: *holdTTL, Chunk: *chunk, Rules: rules, DryRun: *dryRun, Log: log})
 	verb := "replaced"
 	if *dryRun {
 		verb = "would replace"

@@ -44,6 +44,9 @@ type Stages struct {
 	// Split runs dedup, enrich and alert as stages of their own, each hop a stream,
 	// and the sink for every table, instead of the pipeline stage.
 	Split bool
+	// Partitions divides the pipeline stage's input (pipeline.Config.Partitions);
+	// this one worker owns them all. 0 is the pipeline's default.
+	Partitions int
 }
 
 // RunStages runs the pipeline stage, notify and the sink (dead letters and alerts)
@@ -92,6 +95,9 @@ func RunStages(ctx context.Context, s Stages) error {
 		pipeCfg.Window, pipeCfg.Ingest, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, dedupCfg.Ingest, enrichCfg, alertCfg
 		pipeCfg.Typed, pipeCfg.DataDir = typed, s.DataDir
 		pipeCfg.Replica = "sluice-up"
+		if s.Partitions > 0 {
+			pipeCfg.Partitions = s.Partitions
+		}
 		sinkCfg.Tables = []string{"dead_letters", "alerts"}
 		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))
 		runs = []stageRun{

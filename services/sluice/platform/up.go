@@ -33,6 +33,8 @@ type UpConfig struct {
 	Env        func(string) (string, bool)
 	// Split runs the split stages instead of the pipeline stage (see Stages).
 	Split bool
+	// Partitions divides the pipeline's input (see Stages); 0 is 1.
+	Partitions int
 }
 
 // Registry is where the stages register their metrics and /metrics reads them (a
@@ -96,7 +98,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg Registry) error
 	ready := &telemetry.Readiness{}
 	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {
 		return RunStages(ctx, Stages{
-			NATS: nc, ClickHouse: conn, Shards: shards, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split,
+			NATS: nc, ClickHouse: conn, Shards: shards, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split, Partitions: cfg.Partitions,
 			Log: log, Registerer: reg, Ready: ready,
 		})
 	})

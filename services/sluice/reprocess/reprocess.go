@@ -9,6 +9,12 @@
 // PARTITION, atomically: a plain SELECT count() sees each event once throughout.
 // The rows of events a run does not replace are untouched; an interrupted run
 // leaves the table as it was (the hold ends by itself) or with some months done.
+//
+// On a ClickHouse cluster it does the same per shard, on the shard's local table
+// (events_local) through one replica that has fetched all the shard holds: the
+// hold is fetched by every replica of the shard before the swap, the shadow is a
+// plain MergeTree table on that replica, and the swap (a replicated REPLACE
+// PARTITION) reaches the other replicas through the shard's log.
 package reprocess
 
 import (
@@ -18,7 +24,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"iter"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -27,10 +35,12 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go/jetstream"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/enrich"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -100,15 +110,23 @@ func (r *Report) month(m uint32) *Month {
 // tablePrefix names the tables a run makes (and drops).
 const tablePrefix = "sluice_replay_"
 
+// syncTimeout bounds the wait for a replica of a shard that holds all the shard's
+// rows, on a cluster.
+const syncTimeout = time.Minute
+
 // Run reprocesses cfg.Range: reads it from EVENTS, rebuilds each event's row with
-// the current configuration, and replaces the rows that changed.
-func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config) (Report, error) {
+// the current configuration, and replaces the rows that changed. shards are where
+// the events rows are: one server (chconn.OneServer) or a cluster's shards.
+func Run(ctx context.Context, js jetstream.JetStream, shards *chconn.Shards, cfg Config) (Report, error) {
 	var rep Report
 	if cfg.Chunk <= 0 || cfg.HoldTTL <= 0 {
 		return rep, errors.New("reprocess: chunk and hold TTL must be positive")
 	}
-	id := runID()
-	defer dropTables(context.WithoutCancel(ctx), ch, id)
+	run, err := newRun(shards, cfg)
+	if err != nil {
+		return rep, err
+	}
+	defer run.dropTables(context.WithoutCancel(ctx))
 	chunk := map[string]sink.EventRecord{}
 	// The keys of the run so far, by a 64-bit hash (a few tens of bytes each in the
 	// map, not the key itself): a repeat in a later chunk is no first occurrence
@@ -122,14 +140,14 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 		if len(chunk) == 0 {
 			return nil
 		}
-		stored, err := replace(ctx, ch, cfg, id, chunk, &rep)
+		stored, err := run.replace(ctx, chunk, &rep)
 		if err == nil && rules != nil {
 			err = rules.observe(ctx, js, stored, cfg.DryRun, &rep)
 		}
 		clear(chunk)
 		return err
 	}
-	err := read(ctx, js, cfg.Range, func(msg jetstream.Msg, md *jetstream.MsgMetadata) error {
+	err = read(ctx, js, cfg.Range, func(msg jetstream.Msg, md *jetstream.MsgMetadata) error {
 		rep.Messages++
 		cfg.Handler.DecideAll(events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp}, func(d dedup.Decision) {
 			if d.Invalid != nil {
@@ -166,10 +184,47 @@ func Run(ctx context.Context, js jetstream.JetStream, ch driver.Conn, cfg Config
 	return rep, err
 }
 
-func runID() string {
+// run is one run's tables and where they are.
+type run struct {
+	cfg Config
+	id  string
+	// events is the table the rows are in (events, or events_local on a
+	// cluster); engine the shadow's engine clause on a cluster (on one server
+	// the shadow copies events' own).
+	events, engine string
+	shards         []*shard
+}
+
+// shard is one shard of the events table (the only one on one server).
+type shard struct {
+	n        int // 1-based, for messages
+	conn     driver.Conn
+	replicas []driver.Conn // nil on one server
+	// rd is the replica the run reads and swaps on (ch on one server), chosen
+	// synced for each chunk; used every connection the run made tables through.
+	rd   driver.Conn
+	used []driver.Conn
+}
+
+func newRun(shards *chconn.Shards, cfg Config) (*run, error) {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
+	target := chmigrate.Target{Cluster: shards.Cluster}
+	r := &run{cfg: cfg, id: hex.EncodeToString(b), events: target.LocalName("events")}
+	if shards.Cluster != "" {
+		ms, err := chmigrate.Migrations()
+		if err != nil {
+			return nil, fmt.Errorf("reprocess: %w", err)
+		}
+		if r.engine, err = chmigrate.PlainEngine(ms, "events"); err != nil {
+			return nil, fmt.Errorf("reprocess: %w", err)
+		}
+	}
+	// Shard i is partition i's (partition modulo the shards).
+	for i := range shards.Count() {
+		r.shards = append(r.shards, &shard{n: i + 1, conn: shards.For(i), replicas: shards.Replicas(i)})
+	}
+	return r, nil
 }
 
 // read calls fn for each message of EVENTS in r, in order.
@@ -239,6 +294,7 @@ func read(ctx context.Context, js jetstream.JetStream, r Range, fn func(jetstrea
 
 // stored is a row of events found for a rebuilt one.
 type stored struct {
+	shard *shard
 	month uint32
 	seq   uint64
 	time  time.Time
@@ -255,49 +311,65 @@ func compareKey(r *sink.EventRecord) string {
 }
 
 // replace finds the rows of chunk's events, and replaces those whose rebuilt
-// values differ, month by month.
+// values differ, month by month (and shard by shard on a cluster).
 //
 // It returns the keys that have a row: the events the pipeline stored.
-func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk map[string]sink.EventRecord, rep *Report) (map[string]bool, error) {
-	candidates, keys := tablePrefix+id+"_candidates", tablePrefix+id+"_keys"
-	if err := fillKeys(ctx, ch, candidates, func(yield func(string) bool) {
-		for k := range chunk {
-			if !yield(k) {
-				return
-			}
+func (r *run) replace(ctx context.Context, chunk map[string]sink.EventRecord, rep *Report) (map[string]bool, error) {
+	candidates, keys := tablePrefix+r.id+"_candidates", tablePrefix+r.id+"_keys"
+	found, hasRow, ambiguous := map[string]stored{}, map[string]bool{}, map[string]bool{}
+	for _, sh := range r.shards {
+		// A replica that holds every row its shard acknowledged (it waits while
+		// a part's only copy is on a replica that is down).
+		sctx, cancel := context.WithTimeout(ctx, syncTimeout)
+		rd, err := sink.ReadReplica(sctx, sh.conn, sh.replicas, r.events)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("reprocess: shard %d: %w", sh.n, err)
 		}
-	}); err != nil {
-		return nil, err
-	}
-	rows, err := ch.Query(ctx, "SELECT key, any(toYYYYMM(event_time)), any(stream_seq), any(event_time), any("+compared+"), count() FROM events WHERE key IN (SELECT key FROM "+candidates+") GROUP BY key")
-	if err != nil {
-		return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
-	}
-	found, hasRow := map[string]stored{}, map[string]bool{}
-	for rows.Next() {
-		var (
-			key string
-			s   stored
-			n   uint64
-		)
-		if err := rows.Scan(&key, &s.month, &s.seq, &s.time, &s.values, &n); err != nil {
-			rows.Close()
+		sh.rd = rd
+		if !slices.Contains(sh.used, rd) {
+			sh.used = append(sh.used, rd)
+		}
+		if err := fillKeys(ctx, rd, candidates, maps.Keys(chunk)); err != nil {
+			return nil, err
+		}
+		rows, err := rd.Query(ctx, "SELECT key, any(toYYYYMM(event_time)), any(stream_seq), any(event_time), any("+compared+"), count() FROM "+r.events+" WHERE key IN (SELECT key FROM "+candidates+") GROUP BY key")
+		if err != nil {
 			return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
 		}
-		hasRow[key] = true
-		if n > 1 {
-			rep.Ambiguous++
-			continue
+		for rows.Next() {
+			var (
+				key string
+				s   stored
+				n   uint64
+			)
+			if err := rows.Scan(&key, &s.month, &s.seq, &s.time, &s.values, &n); err != nil {
+				rows.Close()
+				return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
+			}
+			s.shard = sh
+			if n > 1 || hasRow[key] { // more than one row, here or on two shards
+				ambiguous[key] = true
+			}
+			hasRow[key] = true
+			found[key] = s
 		}
-		found[key] = s
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
+		}
 	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("reprocess: rows of the range: %w", err)
+	for key := range ambiguous {
+		delete(found, key)
 	}
+	rep.Ambiguous += len(ambiguous)
 	rep.Missing += len(chunk) - len(hasRow)
-	// The changed rows of each month, with their stored stream_seq.
-	changed := map[uint32][]*sink.EventRecord{}
+	// The changed rows of each month and shard, with their stored stream_seq.
+	type part struct {
+		month uint32
+		shard *shard
+	}
+	changed := map[part][]*sink.EventRecord{}
 	for key, s := range found {
 		m := rep.month(s.month)
 		m.Rows++
@@ -313,39 +385,40 @@ func replace(ctx context.Context, ch driver.Conn, cfg Config, id string, chunk m
 		}
 		m.Changed++
 		rec.StreamSeq = s.seq
-		changed[s.month] = append(changed[s.month], &rec)
+		p := part{s.month, s.shard}
+		changed[p] = append(changed[p], &rec)
 	}
-	if cfg.DryRun {
+	if r.cfg.DryRun {
 		return hasRow, nil
 	}
-	for _, month := range slices.Sorted(func(yield func(uint32) bool) {
-		for m := range changed {
-			if !yield(m) {
-				return
-			}
+	parts := slices.SortedFunc(maps.Keys(changed), func(a, b part) int {
+		if a.month != b.month {
+			return int(a.month) - int(b.month)
 		}
-	}) {
-		recs := changed[month]
-		if err := fillKeys(ctx, ch, keys, func(yield func(string) bool) {
-			for _, r := range recs {
-				if !yield(r.Key) {
+		return a.shard.n - b.shard.n
+	})
+	for _, p := range parts {
+		recs := changed[p]
+		if err := fillKeys(ctx, p.shard.rd, keys, func(yield func(string) bool) {
+			for _, rec := range recs {
+				if !yield(rec.Key) {
 					return
 				}
 			}
 		}); err != nil {
 			return nil, err
 		}
-		if err := swapMonth(ctx, ch, cfg, id, month, keys, recs); err != nil {
+		if err := r.swapMonth(ctx, p.shard, p.month, keys, recs); err != nil {
 			return nil, err
 		}
-		rep.month(month).Replaced += len(recs)
-		cfg.Log.Info("replaced the changed rows of a month", "month", month, "rows", len(recs))
+		rep.month(p.month).Replaced += len(recs)
+		r.cfg.Log.Info("replaced the changed rows of a month", "month", p.month, "shard", p.shard.n, "rows", len(recs))
 	}
 	return hasRow, nil
 }
 
 // fillKeys makes table anew (a Memory table of keys) with keys in it.
-func fillKeys(ctx context.Context, ch driver.Conn, table string, keys func(func(string) bool)) error {
+func fillKeys(ctx context.Context, ch driver.Conn, table string, keys iter.Seq[string]) error {
 	if err := ch.Exec(ctx, "DROP TABLE IF EXISTS "+table); err != nil {
 		return fmt.Errorf("reprocess: %w", err)
 	}
@@ -357,11 +430,7 @@ func fillKeys(ctx context.Context, ch driver.Conn, table string, keys func(func(
 		return fmt.Errorf("reprocess: %w", err)
 	}
 	defer func() { _ = b.Abort() }()
-	var col []string
-	for k := range keys {
-		col = append(col, k)
-	}
-	if err := b.Column(0).Append(col); err != nil {
+	if err := b.Column(0).Append(slices.Collect(keys)); err != nil {
 		return fmt.Errorf("reprocess: %w", err)
 	}
 	if err := b.Send(); err != nil {
@@ -370,12 +439,13 @@ func fillKeys(ctx context.Context, ch driver.Conn, table string, keys func(func(
 	return nil
 }
 
-// swapMonth replaces the rows of keys (in table keys) in month by recs, under a
-// hold of the month.
-func swapMonth(ctx context.Context, ch driver.Conn, cfg Config, id string, month uint32, keys string, recs []*sink.EventRecord) (err error) {
-	hold, err := sink.HoldMonth(ctx, ch, month, id, cfg.HoldTTL)
+// swapMonth replaces the rows of keys (in table keys) in month of sh by recs,
+// under a hold of the month on the shard.
+func (r *run) swapMonth(ctx context.Context, sh *shard, month uint32, keys string, recs []*sink.EventRecord) (err error) {
+	cfg := r.cfg
+	hold, err := sink.HoldMonthOn(ctx, sh.rd, sh.replicas, month, r.id, cfg.HoldTTL)
 	if err != nil {
-		return fmt.Errorf("reprocess: %w", err)
+		return fmt.Errorf("reprocess: shard %d: %w", sh.n, err)
 	}
 	// Renewed until the swap is over; released then, whatever happened.
 	renewCtx, stopRenew := context.WithCancel(ctx)
@@ -389,7 +459,7 @@ func swapMonth(ctx context.Context, ch driver.Conn, cfg Config, id string, month
 				return
 			case <-t.C:
 				if err := hold.Renew(renewCtx); err != nil && renewCtx.Err() == nil {
-					cfg.Log.Warn("renew the hold of a month", "month", month, "err", err)
+					cfg.Log.Warn("renew the hold of a month", "month", month, "shard", sh.n, "err", err)
 				}
 			}
 		}
@@ -401,43 +471,52 @@ func swapMonth(ctx context.Context, ch driver.Conn, cfg Config, id string, month
 			err = errors.Join(err, fmt.Errorf("reprocess: release month %d (it ends by itself within %s): %w", month, cfg.HoldTTL, rerr))
 		}
 	}()
-	shadow := tablePrefix + id + "_shadow"
+	shadow := tablePrefix + r.id + "_shadow"
 	p := fmt.Sprint(month)
-	for _, q := range []string{
+	stmts := []string{
 		"DROP TABLE IF EXISTS " + shadow,
-		"CREATE TABLE " + shadow + " AS events",
-		"INSERT INTO " + shadow + " SELECT * FROM events WHERE toYYYYMM(event_time) = " + p + " AND key NOT IN (SELECT key FROM " + keys + ")",
-	} {
-		if err := ch.Exec(ctx, q); err != nil {
-			return fmt.Errorf("reprocess: month %d: %w", month, err)
+		"CREATE TABLE " + shadow + " AS " + r.events + " " + r.engine,
+		"INSERT INTO " + shadow + " SELECT * FROM " + r.events + " WHERE toYYYYMM(event_time) = " + p + " AND key NOT IN (SELECT key FROM " + keys + ")",
+	}
+	if sh.replicas != nil {
+		// The rows of the month the other replicas took before the hold.
+		stmts = append([]string{"SYSTEM SYNC REPLICA " + r.events}, stmts...)
+	}
+	for _, q := range stmts {
+		if err := sh.rd.Exec(ctx, q); err != nil {
+			return fmt.Errorf("reprocess: month %d, shard %d: %w", month, sh.n, err)
 		}
 	}
 	var cols sink.EventColumns
-	for _, r := range recs {
-		cols.Append(r)
+	for _, rec := range recs {
+		cols.Append(rec)
 	}
-	if err := sink.InsertEventsInto(ctx, ch, shadow, &cols); err != nil {
-		return fmt.Errorf("reprocess: month %d: %w", month, err)
+	if err := sink.InsertEventsInto(ctx, sh.rd, shadow, &cols); err != nil {
+		return fmt.Errorf("reprocess: month %d, shard %d: %w", month, sh.n, err)
 	}
 	// The month cannot change under the hold; if it did (an insert not through the
 	// pipeline's fence, such as the split stages' sink), the swap would lose rows.
 	var have, want uint64
-	if err := ch.QueryRow(ctx, "SELECT (SELECT count() FROM "+shadow+"), (SELECT count() FROM events WHERE toYYYYMM(event_time) = "+p+")").Scan(&have, &want); err != nil {
-		return fmt.Errorf("reprocess: month %d: %w", month, err)
+	if err := sh.rd.QueryRow(ctx, "SELECT (SELECT count() FROM "+shadow+"), (SELECT count() FROM "+r.events+" WHERE toYYYYMM(event_time) = "+p+")").Scan(&have, &want); err != nil {
+		return fmt.Errorf("reprocess: month %d, shard %d: %w", month, sh.n, err)
 	}
 	if have != want {
-		return fmt.Errorf("reprocess: month %d: the shadow has %d rows and events %d: the month changed under the hold (rows inserted other than through the pipeline's fence, such as by the split stages' sink?); nothing replaced", month, have, want)
+		return fmt.Errorf("reprocess: month %d, shard %d: the shadow has %d rows and %s %d: the month changed under the hold (rows inserted other than through the pipeline's fence, such as by the split stages' sink?); nothing replaced", month, sh.n, have, r.events, want)
 	}
-	if err := ch.Exec(ctx, "ALTER TABLE events REPLACE PARTITION "+p+" FROM "+shadow); err != nil {
-		return fmt.Errorf("reprocess: month %d: swap: %w", month, err)
+	if err := sh.rd.Exec(ctx, "ALTER TABLE "+r.events+" REPLACE PARTITION "+p+" FROM "+shadow); err != nil {
+		return fmt.Errorf("reprocess: month %d, shard %d: swap: %w", month, sh.n, err)
 	}
-	return ch.Exec(ctx, "DROP TABLE IF EXISTS "+shadow)
+	return sh.rd.Exec(ctx, "DROP TABLE IF EXISTS "+shadow)
 }
 
-// dropTables drops the tables of run id.
-func dropTables(ctx context.Context, ch driver.Conn, id string) {
-	for _, suffix := range []string{"_candidates", "_keys", "_shadow"} {
-		_ = ch.Exec(ctx, "DROP TABLE IF EXISTS "+tablePrefix+id+suffix)
+// dropTables drops the run's tables wherever it made them.
+func (r *run) dropTables(ctx context.Context) {
+	for _, sh := range r.shards {
+		for _, c := range sh.used {
+			for _, suffix := range []string{"_candidates", "_keys", "_shadow"} {
+				_ = c.Exec(ctx, "DROP TABLE IF EXISTS "+tablePrefix+r.id+suffix)
+			}
+		}
 	}
 }
 

@@ -35,17 +35,24 @@ type Platform struct {
 }
 
 // Start runs the platform with SLUICE_CONFIG at configPath ("" for none) and env
-// for its other settings; it stops at the test's end. It fails the test with an
-// install hint when clickhouse-server is missing.
+// for its other settings, and its own clickhouse-server; it stops at the test's
+// end. It fails the test with an install hint when clickhouse-server is missing.
 func Start(t testing.TB, configPath string, env map[string]string) *Platform {
 	t.Helper()
 	if _, err := chserver.Binary(); err != nil {
 		t.Fatal(err)
 	}
+	return StartOn(t, configPath, env, settings.ClickHouse{Addr: testnet.FreeAddr(t), Database: "sluice", User: "default"}, 1)
+}
+
+// StartOn is Start writing to the ClickHouse of ch (a running server or a
+// cluster's node, with ch.Cluster set) instead of its own, with the pipeline's
+// input in partitions (`sluice up --partitions`).
+func StartOn(t testing.TB, configPath string, env map[string]string, ch settings.ClickHouse, partitions int) *Platform {
+	t.Helper()
 	natsAddr := testnet.FreeAddr(t)
-	p := &Platform{t: t, NATSURL: "nats://" + natsAddr,
-		ClickHouse: settings.ClickHouse{Addr: testnet.FreeAddr(t), Database: "sluice", User: "default"}}
-	p.cfg = platform.UpConfig{DataDir: t.TempDir(), NATSListen: natsAddr, ClickHouse: p.ClickHouse,
+	p := &Platform{t: t, NATSURL: "nats://" + natsAddr, ClickHouse: ch}
+	p.cfg = platform.UpConfig{DataDir: t.TempDir(), NATSListen: natsAddr, ClickHouse: p.ClickHouse, Partitions: partitions,
 		Service: settings.Service{ShutdownTimeout: 20 * time.Second, ApplyTopology: true, ConfigPath: configPath},
 		Env:     func(k string) (string, bool) { v, ok := env[k]; return v, ok }}
 	p.start()
