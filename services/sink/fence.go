@@ -2,6 +2,9 @@ package sink
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strconv"
@@ -11,6 +14,7 @@ import (
 
 	"github.com/ClickHouse/clickhouse-go/v2"
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/ClickHouse/clickhouse-go/v2/lib/proto"
 )
 
 // Fence is one ownership of a partition as ClickHouse sees it: the generation of
@@ -31,6 +35,43 @@ type Fence struct {
 	// the number of the next one.
 	prefix string
 	n      atomic.Uint64
+	// tokens: every server of the shard takes insert_deduplication_token
+	// (ClickHouse 22.2+), so each events insert through the fence carries one,
+	// made from its rows (token).
+	tokens bool
+}
+
+// tokenSince is the first ClickHouse release that takes insert_deduplication_token.
+var tokenSince = proto.Version{Major: 22, Minor: 2}
+
+// takeTokens reports whether each of conns' servers takes
+// insert_deduplication_token; false when one does not answer (it may be older).
+func takeTokens(conns []driver.Conn) bool {
+	for _, c := range conns {
+		v, err := c.ServerVersion()
+		if err != nil || v.Version.Major < tokenSince.Major || (v.Version.Major == tokenSince.Major && v.Version.Minor < tokenSince.Minor) {
+			return false
+		}
+	}
+	return true
+}
+
+// token is the insert_deduplication_token of an insert of c's rows through f: the
+// database, partition and generation, and a hash of the rows' stream sequences
+// and keys. An insert of the same rows by the same owner (a retry) has the same
+// token, so the server stores it once however many times it arrives; any other
+// insert has another.
+func (f *Fence) token(c *EventColumns) string {
+	h := sha256.New()
+	var b [8]byte
+	for i := range c.Len() {
+		binary.BigEndian.PutUint64(b[:], c.seq[i])
+		h.Write(b[:])
+		binary.BigEndian.PutUint64(b[:], uint64(len(c.str[0][i])))
+		h.Write(b[:])
+		h.Write([]byte(c.str[0][i]))
+	}
+	return f.prefix + "g" + strconv.FormatUint(f.Gen, 10) + "/" + hex.EncodeToString(h.Sum(nil)[:16])
 }
 
 // FenceTable is the table of the partitions' generations; fencedEvents the Null
@@ -126,6 +167,7 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 			running += n
 		}
 		if running == 0 || !time.Now().Before(deadline) {
+			f.tokens = unreached == 0 && takeTokens(waitOn)
 			return f, running, unreached, nil
 		}
 		select {

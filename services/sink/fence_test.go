@@ -230,6 +230,68 @@ func TestTypedTableFence(t *testing.T) {
 	}
 }
 
+// An owner's fence on ClickHouse 18.16 (here) sends no insert_deduplication_token:
+// the server does not know the setting and would refuse every insert that has it
+// (which the test shows by sending it anyway). The token is the same for the same
+// rows and owner, and differs for other rows, another generation or partition.
+func TestDedupTokenByVersion(t *testing.T) {
+	ctx, conn := migrated(t)
+	f, _, err := NewFence(ctx, conn, 0, 7, "w1", time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := conn.ServerVersion()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.tokens {
+		t.Fatalf("a fence on ClickHouse %d.%d takes tokens; the setting arrived in 22.2", v.Version.Major, v.Version.Minor)
+	}
+	if err := InsertEventsFenced(ctx, conn, fenceRows("a1"), f); err != nil {
+		t.Fatal(err)
+	}
+	forced := &Fence{Partition: f.Partition, Gen: f.Gen, prefix: f.prefix, tokens: true}
+	if err := InsertEventsFenced(ctx, conn, fenceRows("a2"), forced); err == nil || !strings.Contains(err.Error(), "insert_deduplication_token") {
+		t.Fatalf("an insert with the token on %d.%d: %v; want it refused for the setting", v.Version.Major, v.Version.Minor, err)
+	}
+	same, other := fenceRows("a", "b"), fenceRows("a", "c")
+	g8 := &Fence{Partition: 0, Gen: 8, prefix: f.prefix}
+	p1 := &Fence{Partition: 1, Gen: 7, prefix: "sluice/" + strings.Split(f.prefix, "/")[1] + "/p1/"}
+	if f.token(same) != f.token(fenceRows("a", "b")) {
+		t.Fatal("two tokens of the same rows differ")
+	}
+	for name, tok := range map[string]string{"other rows": f.token(other), "another generation": g8.token(same), "another partition": p1.token(same)} {
+		if tok == f.token(same) {
+			t.Fatalf("the token of %s is the same: %s", name, tok)
+		}
+	}
+}
+
+// The token on current ClickHouse (26.5 through chDB; its tables are not
+// replicated, so events is given a window of insert hashes as a replicated table
+// has): an insert through the fence's Null table and view sent again with the same
+// token is stored once, though its view stamps another inserted_at; one with
+// another token is stored.
+func TestDedupTokenOnCurrentClickHouse(t *testing.T) {
+	q := chdbtest.Sluice(t)
+	q("ALTER TABLE events MODIFY SETTING non_replicated_deduplication_window = 100")
+	q("INSERT INTO partition_fences (partition, gen, worker) VALUES (1, 10, 'w1')")
+	f := &Fence{Partition: 1, Gen: 10, prefix: "sluice/sluice/p1/"}
+	insert := func(key, token string) {
+		q(fmt.Sprintf("INSERT INTO events_fenced (key, stream_seq, event_time, partition, gen) SETTINGS insert_deduplication_token = '%s', deduplicate_blocks_in_dependent_materialized_views = 1 VALUES ('%s', 1, toDateTime('2026-11-21 10:00:00'), 1, 10)", token, key))
+	}
+	insert("a", f.token(fenceRows("a")))
+	q("SELECT sleep(1)") // the retry's inserted_at is another second
+	insert("a", f.token(fenceRows("a")))
+	insert("b", f.token(fenceRows("b")))
+	if got := q("SELECT groupArray(key) FROM (SELECT key FROM events ORDER BY key)"); got != "['a','b']" {
+		t.Fatalf("events holds %s; want ['a','b']", got)
+	}
+	if got := q("SELECT uniqExact(inserted_at) FROM events WHERE key = 'a'"); got != "1" {
+		t.Fatalf("%s inserted_at values for a", got)
+	}
+}
+
 // The fence on current ClickHouse (26.5 through chDB): the same DDL keeps only the
 // newest generation's rows.
 func TestFenceOnCurrentClickHouse(t *testing.T) {

@@ -692,7 +692,15 @@ func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRow
 			parts[i], gens[i] = f.Partition, f.Gen
 		}
 	}
-	b, err := ch.PrepareBatch(keepInsertWhole(ctx), "INSERT INTO "+name+" ("+strings.Join(names, ", ")+")")
+	settings := wholeInsertSettings()
+	if f != nil && f.tokens {
+		// A retry of these rows (the same token) is stored once, in events and
+		// through the fence's view (docs/exactly-once.md).
+		settings["insert_deduplication_token"] = f.token(c)
+		settings["deduplicate_blocks_in_dependent_materialized_views"] = 1
+	}
+	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
+	b, err := ch.PrepareBatch(ctx, "INSERT INTO "+name+" ("+strings.Join(names, ", ")+")")
 	if err != nil {
 		return fmt.Errorf("prepare insert into %s: %w", name, err)
 	}
