@@ -1,6 +1,7 @@
 package alert
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -72,6 +73,8 @@ type RuleState struct {
 	First    int64                  `json:"first,omitempty"`
 	HasFirst bool                   `json:"has_first,omitempty"`
 	Groups   map[string]*GroupState `json:"groups"`
+	// groupBy are the rule's group labels, for MarshalJSON (set by SetRules).
+	groupBy []string
 	// last is the group of the last event, by its key (nil: none): consecutive
 	// events of one group skip the map.
 	last    *GroupState
@@ -81,6 +84,10 @@ type RuleState struct {
 // GroupState is one group's buckets (threshold, rate), last event (absence) and
 // alert.
 type GroupState struct {
+	// Labels are the group's labels only when its key cannot give them back (a
+	// group_by value holds a NUL, the key's separator); otherwise nil in memory
+	// (Rule.groupLabelsFor reads them from the key) and written from the key in a
+	// snapshot (RuleState.MarshalJSON), as earlier releases read them.
 	Labels map[string]string `json:"labels,omitempty"`
 	// Buckets is a ring of the steps the windows span, by start time; only those
 	// with events are saved.
@@ -164,7 +171,7 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 			rs := e.st.Rules[name]
 			for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
 				if g := rs.Groups[key]; g.FiringSince != 0 {
-					out = append(out, r.resolved(g, e.st.MaxTime.UnixNano(), nil))
+					out = append(out, r.resolved(key, g, e.st.MaxTime.UnixNano(), nil))
 				}
 			}
 		}
@@ -174,8 +181,13 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		if r.Kind != KindMatch && !keep[r.Name] {
 			rs := &RuleState{Version: r.version, Groups: map[string]*GroupState{}}
 			if r.Kind == KindAbsence {
-				for _, g := range r.Groups {
-					rs.Groups[r.groupKey(g)] = &GroupState{Labels: g}
+				for _, labels := range r.Groups {
+					key := r.groupKey(labels)
+					g := &GroupState{}
+					if !r.keyHoldsLabels(key) {
+						g.Labels = labels
+					}
+					rs.Groups[key] = g
 				}
 			}
 			e.st.Rules[r.Name] = rs
@@ -196,7 +208,18 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 	}
 	e.states = make([]*RuleState, len(rules))
 	for i, r := range rules {
-		e.states[i] = e.st.Rules[r.Name]
+		rs := e.st.Rules[r.Name]
+		e.states[i] = rs
+		if rs == nil {
+			continue
+		}
+		rs.groupBy = r.groupLabels
+		// Restored groups whose key holds their labels drop the copy.
+		for key, g := range rs.Groups {
+			if g.Labels != nil && r.keyHoldsLabels(key) {
+				g.Labels = nil
+			}
+		}
 	}
 	return out
 }
@@ -307,7 +330,7 @@ func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 				g.LastSeen = t
 			}
 			if g.FiringSince != 0 {
-				out = append(out, r.resolved(g, max(t, g.FiringSince), nil))
+				out = append(out, r.resolved(key, g, max(t, g.FiringSince), nil))
 			}
 		default:
 			v, err := r.Value(&e.vm, env)
@@ -428,9 +451,9 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 			switch {
 			case holds && g.FiringSince == 0:
 				g.FiringSince = b
-				out = append(out, r.firing(g, value))
+				out = append(out, r.firing(key, g, value))
 			case !holds && g.FiringSince != 0:
-				out = append(out, r.resolved(g, b, &value))
+				out = append(out, r.resolved(key, g, b, &value))
 			}
 			if g.Latest < b+step-span && g.FiringSince == 0 {
 				// No event left in the windows to come.
@@ -467,7 +490,7 @@ func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts
 		}
 		if g.FiringSince == 0 && watermark-g.LastSeen >= int64(r.For) {
 			g.FiringSince = g.LastSeen + int64(r.For)
-			out = append(out, r.firing(g, float64(watermark-g.LastSeen)/1e9))
+			out = append(out, r.firing(key, g, float64(watermark-g.LastSeen)/1e9))
 		}
 	}
 	rs.Evaluated = watermark
@@ -696,6 +719,46 @@ func (g *GroupState) MarshalJSON() ([]byte, error) {
 	return json.Marshal(c)
 }
 
+// MarshalJSON writes the rule's state with every group's labels, those read from
+// its key included (earlier releases read them from the snapshot). The groups are
+// written one at a time: a labelled copy of each lives only while it is encoded.
+func (rs *RuleState) MarshalJSON() ([]byte, error) {
+	type plain RuleState
+	if len(rs.groupBy) == 0 {
+		return json.Marshal((*plain)(rs))
+	}
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, key := range slices.Sorted(maps.Keys(rs.Groups)) {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		k, err := json.Marshal(key)
+		if err != nil {
+			return nil, err
+		}
+		g := rs.Groups[key]
+		if g.Labels == nil {
+			labeled := *g
+			labeled.Labels = labelsOfKey(rs.groupBy, key)
+			g = &labeled
+		}
+		v, err := g.MarshalJSON()
+		if err != nil {
+			return nil, err
+		}
+		buf.Write(k)
+		buf.WriteByte(':')
+		buf.Write(v)
+	}
+	buf.WriteByte('}')
+	// The groups field of plain, shadowed by the encoded groups.
+	return json.Marshal(struct {
+		*plain
+		Groups json.RawMessage `json:"groups"`
+	}{(*plain)(rs), buf.Bytes()})
+}
+
 // UnmarshalJSON restores a saved group, and the count of its buckets: a ring saved
 // with every slot holding events comes back full-size, and the count bound
 // (cannotHold) reads count for it at once.
@@ -717,7 +780,10 @@ func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
 	}
 	g := rs.Groups[key]
 	if g == nil {
-		g = &GroupState{Labels: r.groupLabelsOf(values)}
+		g = &GroupState{}
+		if !r.keyHoldsLabels(key) {
+			g.Labels = r.groupLabelsOf(values)
+		}
 		rs.Groups[key] = g
 	}
 	rs.last, rs.lastKey = g, key
@@ -749,23 +815,25 @@ func (r *Rule) matched(env *EventEnv, group map[string]string) *alerts.Alert {
 	}
 }
 
-func (r *Rule) firing(g *GroupState, value float64) *alerts.Alert {
-	labels := r.labels(g.Labels)
+func (r *Rule) firing(key string, g *GroupState, value float64) *alerts.Alert {
+	group := r.groupLabelsFor(key, g)
+	labels := r.labels(group)
 	return &alerts.Alert{
 		Fingerprint: alerts.Fingerprint(r.Name, labels),
 		Rule:        r.Name,
 		Status:      alerts.Firing,
 		Severity:    r.Severity,
 		Labels:      labels,
-		Annotations: r.Annotate(r.windowData(g, value)),
+		Annotations: r.Annotate(r.windowData(group, value)),
 		StartsAt:    time.Unix(0, g.FiringSince).UTC(),
 		Value:       jsonFloat(value),
 	}
 }
 
-// resolved ends g's alert at t and returns the resolution.
-func (r *Rule) resolved(g *GroupState, t int64, value *float64) *alerts.Alert {
-	labels := r.labels(g.Labels)
+// resolved ends the alert of g (of key) at t and returns the resolution.
+func (r *Rule) resolved(key string, g *GroupState, t int64, value *float64) *alerts.Alert {
+	group := r.groupLabelsFor(key, g)
+	labels := r.labels(group)
 	a := &alerts.Alert{
 		Fingerprint: alerts.Fingerprint(r.Name, labels),
 		Rule:        r.Name,
@@ -780,13 +848,13 @@ func (r *Rule) resolved(g *GroupState, t int64, value *float64) *alerts.Alert {
 		v = *value
 		a.Value = jsonFloat(v)
 	}
-	a.Annotations = r.Annotate(r.windowData(g, v))
+	a.Annotations = r.Annotate(r.windowData(group, v))
 	g.FiringSince = 0
 	return a
 }
 
-func (r *Rule) windowData(g *GroupState, value float64) map[string]any {
-	return map[string]any{"labels": g.Labels, "value": value, "threshold": r.Threshold, "window": r.Window.String(), "rule": r.Name}
+func (r *Rule) windowData(group map[string]string, value float64) map[string]any {
+	return map[string]any{"labels": group, "value": value, "threshold": r.Threshold, "window": r.Window.String(), "rule": r.Name}
 }
 
 // jsonFloat is v, or nil where JSON cannot hold it.

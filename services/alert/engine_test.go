@@ -447,3 +447,70 @@ func TestRestoredFullRing(t *testing.T) {
 		t.Fatal("the rule never fired; the test shows nothing")
 	}
 }
+
+// A group's labels are read from its key (the group_by values joined by NUL) and
+// not kept beside it, unless a value holds a NUL itself (then the key cannot be
+// split back and the group keeps them). Alerts carry the same labels either way,
+// a snapshot writes every group's labels (earlier releases read them from it), and
+// a restart from it gives the same alerts, labels included.
+func TestGroupLabelsFromKey(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "burst", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user", "data.app"},
+		Window: 10 * time.Second, Step: 2 * time.Second, Op: ">", Threshold: 1, AllowedLateness: time.Second},
+		RuleConfig{Name: "quiet", Kind: KindAbsence, Filter: `type == "heartbeat"`, GroupBy: []string{"data.host"}, For: 5 * time.Second,
+			Groups: []map[string]string{{"host": "h1"}}})
+	var envs []*EventEnv
+	for i := range 4 {
+		envs = append(envs,
+			env(in{"login.failed", float64(i), `{"user":"u1","app":"web"}`}),
+			env(in{"login.failed", float64(i) + 0.5, `{"user":"a\u0000b","app":"web"}`}))
+	}
+	envs = append(envs, env(in{"heartbeat", 30, `{"host":"h1"}`}), env(in{"login.failed", 40, `{"user":"u2","app":"api"}`}))
+	_, e := checkRestart(t, rules, envs)
+
+	e = NewEngine(rules, nil)
+	fired := map[string]map[string]string{}
+	for _, ev := range envs[:8] { // the bursts: both fire, by the window ending at 2 s
+		out, _ := e.Observe(ev)
+		for _, a := range out {
+			fired[a.Labels["user"]] = a.Labels
+		}
+	}
+	if fired["u1"]["app"] != "web" || fired["a\x00b"]["app"] != "web" || fired["a\x00b"]["alertname"] != "burst" {
+		t.Fatalf("alerts' labels: %v", fired)
+	}
+	groups := e.State().Rules["burst"].Groups
+	if g := groups["u1\x00web"]; g == nil || g.Labels != nil {
+		t.Fatalf("group u1/web: %+v; want it held without labels", g)
+	}
+	if g := groups["a\x00b\x00web"]; g == nil || g.Labels["user"] != "a\x00b" {
+		t.Fatalf("group a\\x00b/web: %+v; want it held with its labels", g)
+	}
+	if g := e.State().Rules["quiet"].Groups["h1"]; g == nil || g.Labels != nil {
+		t.Fatalf("listed absence group h1: %+v; want it held without labels", g)
+	}
+	b, err := json.Marshal(e.State())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var saved struct {
+		Rules map[string]struct {
+			Groups map[string]struct {
+				Labels map[string]string `json:"labels"`
+			} `json:"groups"`
+		} `json:"rules"`
+	}
+	if err := json.Unmarshal(b, &saved); err != nil {
+		t.Fatal(err)
+	}
+	if l := saved.Rules["burst"].Groups["u1\x00web"].Labels; l["user"] != "u1" || l["app"] != "web" || len(l) != 2 {
+		t.Fatalf("the snapshot's labels of u1/web: %v", l)
+	}
+	if l := saved.Rules["quiet"].Groups["h1"].Labels; l["host"] != "h1" {
+		t.Fatalf("the snapshot's labels of h1: %v", l)
+	}
+	// Restored, the groups drop the labels their keys hold.
+	r := restart(t, e, rules)
+	if g := r.State().Rules["burst"].Groups["u1\x00web"]; g == nil || g.Labels != nil {
+		t.Fatalf("restored group u1/web: %+v; want it held without labels", g)
+	}
+}

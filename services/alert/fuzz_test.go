@@ -65,31 +65,35 @@ func FuzzEngine(f *testing.F) {
 }
 
 // checkRestart fails t unless stopping halfway through envs and carrying on from
-// the saved state (through JSON) gives the alerts of an uninterrupted run; it
-// returns those alerts' ids and the restarted engine.
+// the saved state (through JSON) gives the alerts of an uninterrupted run (as
+// JSON: labels, values and annotations too); it returns those alerts' ids and the
+// restarted engine.
 func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Engine) {
 	t.Helper()
-	run := func(envs []*EventEnv, e *Engine) []string {
-		var out []string
+	run := func(envs []*EventEnv, e *Engine) (ids, all []string) {
 		for _, env := range envs {
 			got, _ := e.Observe(env)
 			for _, a := range got {
-				out = append(out, alerts.MsgID(a))
+				b, err := json.Marshal(a)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ids, all = append(ids, alerts.MsgID(a)), append(all, string(b))
 			}
 		}
-		return out
+		return ids, all
 	}
-	whole := run(envs, NewEngine(rules, nil))
+	ids, whole := run(envs, NewEngine(rules, nil))
 	checkRings(t, rules, envs)
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
-	first := run(envs[:half], e)
+	_, first := run(envs[:half], e)
 	e = restart(t, e, rules)
-	restored := append(first, run(envs[half:], e)...)
-	if !slices.Equal(restored, whole) {
+	_, rest := run(envs[half:], e)
+	if restored := append(first, rest...); !slices.Equal(restored, whole) {
 		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
 	}
-	return whole, e
+	return ids, e
 }
 
 // checkRings fails t unless an engine whose rings start small gives the alerts

@@ -643,6 +643,36 @@ func (r *Rule) groupLabelsOf(values []string) map[string]string {
 	return labels
 }
 
+// keyHoldsLabels reports whether key (group_by values joined by NUL) splits back
+// into the values: none of them held a NUL.
+func (r *Rule) keyHoldsLabels(key string) bool {
+	if len(r.groupLabels) == 0 {
+		return key == ""
+	}
+	return strings.Count(key, "\x00") == len(r.groupLabels)-1
+}
+
+// groupLabelsFor are the group labels of g, of key.
+func (r *Rule) groupLabelsFor(key string, g *GroupState) map[string]string {
+	if g.Labels != nil || len(r.groupLabels) == 0 {
+		return g.Labels
+	}
+	return labelsOfKey(r.groupLabels, key)
+}
+
+// labelsOfKey are the labels names give the values joined by NUL in key.
+func labelsOfKey(names []string, key string) map[string]string {
+	labels := make(map[string]string, len(names))
+	for i, name := range names {
+		v, rest, _ := strings.Cut(key, "\x00")
+		if i == len(names)-1 {
+			v = key
+		}
+		labels[name], key = v, rest
+	}
+	return labels
+}
+
 func (r *Rule) groupKey(labels map[string]string) string {
 	values := make([]string, len(r.groupLabels))
 	for i, l := range r.groupLabels {
