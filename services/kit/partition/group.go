@@ -1,6 +1,7 @@
 package partition
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -76,6 +77,15 @@ type Claim struct {
 	value   claimValue
 	written time.Time // last successful compare-and-set, on this host's clock
 	lost    bool
+	// unsure is the last write that failed without an answer (a timeout): the
+	// server may have applied it, and then the claim's revision is its.
+	unsure *unsureWrite
+}
+
+// unsureWrite is a write of value begun at start whose outcome is unknown.
+type unsureWrite struct {
+	value []byte
+	start time.Time
 }
 
 // State is the state pointer as of the last write.
@@ -105,31 +115,66 @@ func (c *Claim) validLocked() error {
 // SetState points the claim at a newly saved state, compare-and-set: ErrLost when
 // another worker took the partition over.
 func (c *Claim) SetState(ctx context.Context, state string) error {
-	return c.write(ctx, claimValue{Worker: c.g.Worker, State: state})
+	return c.write(ctx, func(claimValue) claimValue { return claimValue{Worker: c.g.Worker, State: state} })
 }
 
-// write sets the claim's value, compare-and-set on its revision.
-func (c *Claim) write(ctx context.Context, v claimValue) error {
+// write sets the claim's value to next of its current one, compare-and-set on its
+// revision.
+func (c *Claim) write(ctx context.Context, next func(cur claimValue) claimValue) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := c.validLocked(); err != nil {
 		return err
 	}
+	v := next(c.value)
 	b, _ := json.Marshal(v)
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, c.g.TTL/3)
 	defer cancel()
 	rev, err := c.g.KV.Update(ctx, claimKey(c.Partition), b, c.rev)
+	if isConflict(err) && c.adoptUnsure(ctx) {
+		// Made again from the adopted value (a renewal keeps its state pointer).
+		v = next(c.value)
+		b, _ = json.Marshal(v)
+		rev, err = c.g.KV.Update(ctx, claimKey(c.Partition), b, c.rev)
+	}
 	if isConflict(err) {
 		c.lost = true
 		return fmt.Errorf("partition %d: %w", c.Partition, ErrLost)
 	}
 	if err != nil {
+		c.unsure = &unsureWrite{value: b, start: start}
 		return fmt.Errorf("partition %d: write claim: %w", c.Partition, err)
 	}
 	// Valid counts from before the write: an observer saw it no sooner than that.
-	c.rev, c.value, c.written = rev, v, start
+	c.rev, c.value, c.written, c.unsure = rev, v, start, nil
 	return nil
+}
+
+// adoptUnsure takes the claim's stored revision as this claim's when the stored
+// value is the one of its last unsure write: that write was applied (its answer
+// lost), and no write since, as only this worker writes a claim naming it. It
+// reports whether it did; a claim adopted counts as written when that write began.
+func (c *Claim) adoptUnsure(ctx context.Context) bool {
+	u := c.unsure
+	if u == nil {
+		return false
+	}
+	c.unsure = nil
+	e, err := c.g.KV.Get(ctx, claimKey(c.Partition))
+	if err != nil || e.Revision() <= c.rev || !bytes.Equal(e.Value(), u.value) {
+		return false
+	}
+	var v claimValue
+	if json.Unmarshal(e.Value(), &v) != nil {
+		return false
+	}
+	c.rev, c.value, c.written = e.Revision(), v, u.start
+	if err := c.validLocked(); err != nil {
+		return false
+	}
+	c.g.Log.Info("a claim write that timed out had been applied: carrying on from it", "partition", c.Partition, "revision", e.Revision())
+	return true
 }
 
 func claimKey(p int) string { return partitionPrefix + strconv.Itoa(p) }
@@ -269,7 +314,7 @@ func (g *Group) balance(ctx context.Context, keys map[string]*seen, mine map[int
 			handing.Go(func() { g.release(ctx, p, o) })
 			continue
 		}
-		if err := o.claim.write(ctx, claimValue{Worker: g.Worker, State: o.claim.State()}); errors.Is(err, ErrLost) {
+		if err := o.claim.write(ctx, func(cur claimValue) claimValue { return claimValue{Worker: g.Worker, State: cur.State} }); errors.Is(err, ErrLost) {
 			g.Log.Warn("lost the partition; stopping its run", "partition", p, "err", err)
 			o.stop()
 			delete(mine, p)
@@ -352,7 +397,7 @@ func (o *owned) stop() {
 // handed over, so that its next owner need not wait for it to go stale.
 func (g *Group) release(ctx context.Context, p int, o *owned) {
 	o.stop()
-	if err := o.claim.write(ctx, claimValue{State: o.claim.State()}); err != nil {
+	if err := o.claim.write(ctx, func(cur claimValue) claimValue { return claimValue{State: cur.State} }); err != nil {
 		g.Log.Warn("hand the partition over", "partition", p, "err", err)
 	}
 }

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -180,5 +182,104 @@ func freeze(t *testing.T, kv jetstream.KeyValue, _ context.Context, cancel conte
 	<-done
 	if err := kv.Delete(context.Background(), "workers.a"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// lossyKV applies a claim's update and loses the answer when told to (a reply
+// lost on the network: the caller times out).
+type lossyKV struct {
+	jetstream.KeyValue
+	lose atomic.Bool
+}
+
+func (k *lossyKV) Update(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
+	r, err := k.KeyValue.Update(ctx, key, value, rev)
+	if err == nil && strings.HasPrefix(key, "partition.") && k.lose.CompareAndSwap(true, false) {
+		return 0, context.DeadlineExceeded
+	}
+	return r, err
+}
+
+// A claim write whose answer was lost but which the server applied does not cost
+// the claim: the next write finds the stored value is the one it sent, carries on
+// from its revision, and keeps the state pointer that write set (a renewal too).
+// A value another worker wrote meanwhile is not taken for it: the claim is lost.
+func TestClaimWriteAnswerLost(t *testing.T) {
+	kv := &lossyKV{KeyValue: bucket(t)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	claims := make(chan *partition.Claim, 1)
+	ended := make(chan struct{})
+	a := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: slog.New(slog.DiscardHandler)}
+	done := make(chan error, 1)
+	go func() {
+		done <- a.Run(ctx, func(ctx context.Context, c *partition.Claim) {
+			claims <- c
+			<-ctx.Done()
+			close(ended)
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	var c *partition.Claim
+	select {
+	case c = <-claims:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a never claimed the partition")
+	}
+	stored := func() (string, uint64) {
+		t.Helper()
+		e, err := kv.Get(ctx, "partition.0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(e.Value()), e.Revision()
+	}
+	kv.lose.Store(true)
+	if err := c.SetState(ctx, "s1"); err == nil || errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a write whose answer is lost: %v; want a timeout", err)
+	}
+	if v, _ := stored(); !strings.Contains(v, `"s1"`) {
+		t.Fatalf("stored %s; the lost write was applied", v)
+	}
+	if err := c.SetState(ctx, "s2"); err != nil {
+		t.Fatalf("the write after it: %v", err)
+	}
+	if v, _ := stored(); c.State() != "s2" || !strings.Contains(v, `"s2"`) {
+		t.Fatalf("state %q, stored %s; want s2", c.State(), v)
+	}
+	// A renewal whose answer is lost, then the renewals after it.
+	_, rev := stored()
+	kv.lose.Store(true)
+	poll.Until(t, 10*time.Second, func() error {
+		if kv.lose.Load() {
+			return errors.New("no renewal yet")
+		}
+		if _, r := stored(); r < rev+2 {
+			return fmt.Errorf("revision %d: no renewal after the lost one yet", r)
+		}
+		return nil
+	})
+	if err := c.Valid(); err != nil {
+		t.Fatalf("after a renewal's answer was lost: %v", err)
+	}
+	if v, _ := stored(); !strings.Contains(v, `"worker":"a"`) || !strings.Contains(v, `"s2"`) {
+		t.Fatalf("stored %s; want a's claim with state s2", v)
+	}
+	select {
+	case <-ended:
+		t.Fatal("the partition was given up")
+	default:
+	}
+	// Lost again, and another worker's value written behind a's back.
+	kv.lose.Store(true)
+	if err := c.SetState(ctx, "s3"); err == nil {
+		t.Fatal("a write whose answer is lost succeeded")
+	}
+	_, rev = stored()
+	if _, err := kv.KeyValue.Update(ctx, "partition.0", []byte(`{"worker":"b","state":"s3"}`), rev); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetState(ctx, "s4"); !errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a write after another worker's: %v; want ErrLost", err)
 	}
 }

@@ -160,8 +160,8 @@ func (s *States) Save(ctx context.Context, state io.Reader) error {
 	if err := s.claim.SetState(ctx, name); err != nil {
 		// Only a refused compare-and-set says the claim does not point at name. A
 		// write that timed out or was cancelled may have been applied: name may be
-		// the partition's state now, and stays until a later save succeeds (that
-		// write would be refused had this one been applied).
+		// the partition's state now, and stays until a later save succeeds (which,
+		// finding this write applied, carries on from it: Claim.write).
 		if errors.Is(err, ErrLost) {
 			_ = s.store.Delete(context.WithoutCancel(ctx), name)
 		} else {
