@@ -11,10 +11,10 @@
 // leaves the table as it was (the hold ends by itself) or with some months done.
 //
 // On a ClickHouse cluster it does the same per shard, on the shard's local table
-// (events_local) through one replica that has fetched all the shard holds: the
-// hold is fetched by every replica of the shard before the swap, the shadow is a
-// plain MergeTree table on that replica, and the swap (a replicated REPLACE
-// PARTITION) reaches the other replicas through the shard's log.
+// (events_local) through one replica that has fetched every part its shard holds
+// (SYSTEM SYNC REPLICA): the hold is fetched by every replica of the shard before
+// the swap, the shadow is a plain MergeTree table on that replica, and the swap (a
+// replicated REPLACE PARTITION) reaches the other replicas through the shard's log.
 package reprocess
 
 import (
@@ -200,8 +200,8 @@ type shard struct {
 	n        int // 1-based, for messages
 	conn     driver.Conn
 	replicas []driver.Conn // nil on one server
-	// rd is the replica the run reads and swaps on (ch on one server), chosen
-	// synced for each chunk; used every connection the run made tables through.
+	// rd is the replica the run reads and swaps on (conn on one server), chosen
+	// synced for each chunk; used is every connection the run made tables through.
 	rd   driver.Conn
 	used []driver.Conn
 }
