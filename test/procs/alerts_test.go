@@ -169,7 +169,15 @@ func alertTrail(ctx context.Context, conn driver.Conn, js jetstream.JetStream) s
 	} else {
 		fmt.Fprintf(&b, "alerts table: %d rows; ", rows)
 	}
-	for _, name := range []string{streams.Alerts, streams.Notify} {
+	b.WriteString(streamTrail(ctx, js, streams.Alerts, streams.Notify))
+	return b.String()
+}
+
+// streamTrail says, for each stream of names, how many messages it holds and how
+// far each of its consumers got.
+func streamTrail(ctx context.Context, js jetstream.JetStream, names ...string) string {
+	var b strings.Builder
+	for _, name := range names {
 		s, err := js.Stream(ctx, name)
 		if err != nil {
 			fmt.Fprintf(&b, "%s: %v; ", name, err)

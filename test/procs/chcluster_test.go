@@ -2,7 +2,6 @@ package procs
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -19,6 +18,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/oracle"
 )
 
@@ -91,12 +91,12 @@ func TestClusterWriterKill9(t *testing.T) {
 			return err
 		}
 		if rows == 0 || dead == 0 {
-			return errors.New("no events or dead letters stored yet")
+			return fmt.Errorf("%d events and %d dead letters stored", rows, dead)
 		}
 		return nil
 	})
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v; %s", err, streamTrail(ctx, js, streams.Events, streams.Partitions, streams.DLQ))
 	}
 	defer reader.Close()
 	// A replica stopped for 60 s while the workers insert and die.
