@@ -135,6 +135,17 @@ func NewEngine(rules []*Rule, st *State) *Engine {
 	}
 	e := &Engine{st: st, late: map[string]int{}}
 	e.SetRules(rules)
+	// Restored groups whose key holds their labels drop the copy (once, here: the
+	// groups made later have none).
+	for i, r := range e.rules {
+		if rs := e.states[i]; rs != nil {
+			for key, g := range rs.Groups {
+				if g.Labels != nil && r.keyHoldsLabels(key) {
+					g.Labels = nil
+				}
+			}
+		}
+	}
 	return e
 }
 
@@ -214,12 +225,6 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 			continue
 		}
 		rs.groupBy = r.groupLabels
-		// Restored groups whose key holds their labels drop the copy.
-		for key, g := range rs.Groups {
-			if g.Labels != nil && r.keyHoldsLabels(key) {
-				g.Labels = nil
-			}
-		}
 	}
 	return out
 }

@@ -74,12 +74,9 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 		for _, env := range envs {
 			got, _ := e.Observe(env)
 			for _, a := range got {
-				b, err := json.Marshal(a)
-				if err != nil {
-					t.Fatal(err)
-				}
-				ids, all = append(ids, alerts.MsgID(a)), append(all, string(b))
+				ids = append(ids, alerts.MsgID(a))
 			}
+			all = append(all, alertsJSON(t, got)...)
 		}
 		return ids, all
 	}
@@ -102,27 +99,31 @@ func checkRings(t *testing.T, rules []*Rule, envs []*EventEnv) {
 	t.Helper()
 	run := func(e *Engine) []string {
 		var out []string
-		add := func(as []*alerts.Alert) {
-			for _, a := range as {
-				b, err := json.Marshal(a)
-				if err != nil {
-					t.Fatal(err)
-				}
-				out = append(out, string(b))
-			}
-		}
 		for _, env := range envs {
 			got, _ := e.Observe(env)
-			add(got)
+			out = append(out, alertsJSON(t, got)...)
 		}
-		add(e.Idle(time.Hour))
-		return out
+		return append(out, alertsJSON(t, e.Idle(time.Hour))...)
 	}
 	full := NewEngine(rules, nil)
 	full.fullRings = true
 	if small, whole := run(NewEngine(rules, nil)), run(full); !slices.Equal(small, whole) {
 		t.Fatalf("rings that start small give other alerts than whole rings:\n%s\n%s", small, whole)
 	}
+}
+
+// alertsJSON is each of as as JSON: labels, values and annotations.
+func alertsJSON(t *testing.T, as []*alerts.Alert) []string {
+	t.Helper()
+	out := make([]string, 0, len(as))
+	for _, a := range as {
+		b, err := json.Marshal(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, string(b))
+	}
+	return out
 }
 
 // restart saves e's state as JSON and returns a new engine for rules carrying on
