@@ -11,13 +11,15 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/schemas/keyed"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/streams"
 )
 
-// Headers of a message the keying step copied into PARTITIONS.
+// Headers of an event the keying step copied into PARTITIONS alone, not in an
+// envelope: one too large for an envelope (and every event, before envelopes).
 const (
 	// HeaderKey is the event's dedup key.
 	HeaderKey = "Sluice-Key"
@@ -31,11 +33,13 @@ const (
 // keyer is the keying step: with more than one partition, every worker runs one on
 // the shared durable consumer "partitioner" of EVENTS. It validates and keys each
 // event, as the pipeline does, and copies it as it was published (subject, headers,
-// payload) to partitioned.<p>.<subject> in PARTITIONS, p the partition of its key;
-// invalid input goes to the DLQ from here, with the reason. It acks its input once
-// the copy (or the dead letter) is stored. It keeps no state: a redelivery after a
-// crash may copy an event twice, and the copy's key, the same, makes the partition's
-// dedup drop the second.
+// payload) with its key into an envelope of its partition p (schemas/keyed): the
+// events of one partition among the up to keyBatch messages it reads at once go in
+// one message, partitioned.<p>.envelope in PARTITIONS, so PARTITIONS stores and
+// delivers one message for many events. Invalid input goes to the DLQ from here,
+// with the reason. It acks its input once the batch's envelopes (and dead letters)
+// are stored. It keeps no state: a redelivery after a crash may copy an event twice,
+// and the copy's key, the same, makes the partition's dedup drop the second.
 type keyer struct {
 	*pipeline
 	decide *dedup.Handler
@@ -93,8 +97,8 @@ func (k *keyer) consume(ctx context.Context) error {
 	wg.Go(func() { stage.PumpUntilStale(ctx, it, msgs, k.log) })
 	k.ready.Set("keyer", nil)
 	batch := make([]jetstream.Msg, 0, keyBatch)
+	var env envelopes
 	futures := make([]jetstream.PubAckFuture, 0, keyBatch)
-	inputs := make([]int, 0, keyBatch) // the input of each future, by index in batch
 	for {
 		batch = batch[:0]
 		select {
@@ -118,17 +122,25 @@ func (k *keyer) consume(ctx context.Context) error {
 				break more
 			}
 		}
-		futures, inputs = futures[:0], inputs[:0]
-		for i, m := range batch {
-			for _, out := range k.copiesOf(m) {
-				f, err := k.js.PublishMsgAsync(out)
-				if err != nil {
-					return fmt.Errorf("pipeline: keying step: publish to %s: %w", out.Subject, err)
-				}
-				futures, inputs = append(futures, f), append(inputs, i)
+		futures = futures[:0]
+		publish := func(out *nats.Msg) error {
+			f, err := k.js.PublishMsgAsync(out)
+			if err != nil {
+				return fmt.Errorf("pipeline: keying step: publish to %s: %w", out.Subject, err)
+			}
+			futures = append(futures, f)
+			return nil
+		}
+		env.reset(k.cfg.Partitions, k.maxPayload)
+		for _, m := range batch {
+			if err := k.key(m, &env, publish); err != nil {
+				return err
 			}
 		}
-		for j, f := range futures {
+		if err := env.flushAll(publish); err != nil {
+			return err
+		}
+		for _, f := range futures {
 			select {
 			case <-f.Ok():
 			case err := <-f.Err():
@@ -138,45 +150,147 @@ func (k *keyer) consume(ctx context.Context) error {
 			case <-ctx.Done():
 				return nil
 			}
-			if j == len(futures)-1 || inputs[j+1] != inputs[j] { // the input's last copy
-				_ = batch[inputs[j]].Ack()
-			}
+		}
+		for _, m := range batch {
+			_ = m.Ack()
 		}
 	}
 }
 
-// copiesOf is what the keying step publishes for m: for each of its events (one,
-// or each element of a batch) its copy in its partition, or a dead letter. A copy
-// of an element holds that element alone, and its index in HeaderElement.
-func (k *keyer) copiesOf(m jetstream.Msg) []*nats.Msg {
+// key keys the events of m (one, or each element of a batch): each goes into its
+// partition's envelope in env, or, invalid, to the DLQ through publish. An event too
+// large for an envelope is copied alone (copyOf).
+func (k *keyer) key(m jetstream.Msg, env *envelopes, publish func(*nats.Msg) error) error {
 	md, err := m.Metadata()
 	if err != nil {
-		return []*nats.Msg{stage.DeadLetter(Name, m, fmt.Sprintf("message without JetStream metadata: %v", err), k.maxPayload)}
+		return publish(stage.DeadLetter(Name, m, fmt.Sprintf("message without JetStream metadata: %v", err), k.maxPayload))
 	}
-	var outs []*nats.Msg
+	var perr error
 	k.decide.DecideAll(events.Message{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Received: md.Timestamp}, func(d dedup.Decision) {
-		if d.Invalid != nil {
-			outs = append(outs, dedup.DeadLetter(Name, m, d, k.maxPayload))
+		if perr != nil {
 			return
 		}
-		out := nats.NewMsg(partition.Subject(partition.Of(d.Event.Key, k.cfg.Partitions), m.Subject()))
-		for h, v := range m.Headers() {
-			// The producer's Nats-Msg-Id is in the key; JetStream need not keep it again.
-			if h != nats.MsgIdHdr {
-				out.Header[h] = v
+		if d.Invalid != nil {
+			perr = publish(dedup.DeadLetter(Name, m, d, k.maxPayload))
+			return
+		}
+		x := keyed.Entry{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Seq: md.Sequence.Stream, Received: md.Timestamp, Key: d.Event.Key, Element: -1}
+		if d.Element != nil {
+			x.Element, x.Data = d.Element.Index, d.Data
+		}
+		p := partition.Of(d.Event.Key, k.cfg.Partitions)
+		if !env.fits(&x) {
+			c := copyOf(p, &x)
+			if size := msgSize(c); size > k.maxPayload {
+				d.Invalid = fmt.Errorf("too large to copy into its partition: %d bytes with its key and position, over the server's max_payload (%d)", size, k.maxPayload)
+				perr = publish(dedup.DeadLetter(Name, m, d, k.maxPayload))
+				return
+			}
+			perr = publish(c)
+			return
+		}
+		perr = env.add(p, &x, publish)
+	})
+	return perr
+}
+
+// envelopes are the keying step's envelopes of one batch, one a partition
+// (schemas/keyed), each published when full and at the batch's end.
+type envelopes struct {
+	enc   []keyed.Encoder
+	limit int
+}
+
+// envelopeEventBytes is what an event is taken to weigh in an envelope, for the
+// partitions' pull buffers.
+const envelopeEventBytes = 512
+
+// envelopeRoom is what an envelope leaves of the server's max_payload for its
+// headers.
+const envelopeRoom = 4 << 10
+
+func (e *envelopes) reset(partitions int, maxPayload int64) {
+	if len(e.enc) != partitions {
+		e.enc = make([]keyed.Encoder, partitions)
+	}
+	for i := range e.enc {
+		e.enc[i].Reset()
+	}
+	e.limit = int(maxPayload) - envelopeRoom
+}
+
+// fits reports whether x fits an envelope alone.
+func (e *envelopes) fits(x *keyed.Entry) bool { return keyed.Size(x)+64 <= e.limit }
+
+// add adds x to partition p's envelope, publishing that envelope first if x would
+// not fit in it.
+func (e *envelopes) add(p int, x *keyed.Entry, publish func(*nats.Msg) error) error {
+	if e.enc[p].Count() > 0 && e.enc[p].Len()+keyed.Size(x) > e.limit {
+		if err := e.flush(p, publish); err != nil {
+			return err
+		}
+	}
+	e.enc[p].Add(x)
+	return nil
+}
+
+func (e *envelopes) flush(p int, publish func(*nats.Msg) error) error {
+	enc := &e.enc[p]
+	if enc.Count() == 0 {
+		return nil
+	}
+	out := nats.NewMsg(partition.Subject(p, keyed.Token))
+	out.Header.Set(keyed.HeaderEnvelope, keyed.Version)
+	out.Header.Set(keyed.HeaderCount, strconv.Itoa(enc.Count()))
+	out.Data = enc.Bytes()
+	enc.Reset()
+	return publish(out)
+}
+
+func (e *envelopes) flushAll(publish func(*nats.Msg) error) error {
+	for p := range e.enc {
+		if err := e.flush(p, publish); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// msgSize is what m weighs against the server's max_payload: its payload and its
+// headers as sent.
+func msgSize(m *nats.Msg) int64 {
+	n := len(m.Data)
+	if len(m.Header) > 0 {
+		n += len("NATS/1.0\r\n\r\n")
+		for k, vs := range m.Header {
+			for _, v := range vs {
+				n += len(k) + len(": \r\n") + len(v)
 			}
 		}
-		out.Header.Set(HeaderKey, d.Event.Key)
-		out.Header.Set(HeaderReceived, md.Timestamp.UTC().Format(time.RFC3339Nano))
-		out.Header.Set(HeaderEventsSeq, strconv.FormatUint(md.Sequence.Stream, 10))
-		out.Data = m.Data()
-		if d.Element != nil {
-			out.Header.Set(stage.HeaderElement, strconv.Itoa(d.Element.Index))
-			out.Data = d.Data
+	}
+	return int64(n)
+}
+
+// copyOf is the copy of one event alone in partition p (an event too large for an
+// envelope): published as it was to EVENTS (subject, headers, payload) to
+// partitioned.<p>.<subject>, its key, receive time and EVENTS sequence in headers.
+// A copy of an element holds that element alone, and its index in HeaderElement.
+func copyOf(p int, x *keyed.Entry) *nats.Msg {
+	out := nats.NewMsg(partition.Subject(p, x.Subject))
+	for h, v := range x.Header {
+		// The producer's Nats-Msg-Id is in the key; JetStream need not keep it again.
+		if h != nats.MsgIdHdr {
+			out.Header[h] = v
 		}
-		outs = append(outs, out)
-	})
-	return outs
+	}
+	out.Header.Set(HeaderKey, x.Key)
+	out.Header.Set(HeaderReceived, x.Received.UTC().Format(time.RFC3339Nano))
+	out.Header.Set(HeaderEventsSeq, strconv.FormatUint(x.Seq, 10))
+	out.Data = x.Data
+	if x.Element >= 0 {
+		out.Header.Set(stage.HeaderElement, strconv.Itoa(x.Element))
+	}
+	return out
 }
 
 // unkeyed is the event a keyed message carries, as it was published to EVENTS, and

@@ -42,6 +42,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/schemas/keyed"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/enrich"
@@ -695,7 +696,13 @@ func (r *run) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("pipeline: read %s: %w", r.in.stream, err)
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(2 * r.cfg.MaxRows))
+	var pull jetstream.PullMessagesOpt = jetstream.PullMaxMessages(2 * r.cfg.MaxRows)
+	if r.in.keyed {
+		// Envelopes hold many events each: the buffer is bounded by bytes, about
+		// two batches of events.
+		pull = jetstream.PullMaxBytes(max(2*r.cfg.MaxRows*envelopeEventBytes, 2*int(r.maxPayload)))
+	}
+	it, err := cons.Messages(pull)
 	if err != nil {
 		return fmt.Errorf("pipeline: read %s: %w", r.in.stream, err)
 	}
@@ -963,8 +970,9 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 	return send(b, false)
 }
 
-// collect reads the input into batches of up to MaxRows messages, each handed on
-// when full or FlushInterval after its first message.
+// collect reads the input into batches of up to MaxRows events (an envelope counts
+// the events it holds), each handed on when full or FlushInterval after its first
+// message.
 func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- []jetstream.Msg) {
 	defer close(out)
 	msgs := make(chan jetstream.Msg, r.cfg.MaxRows)
@@ -982,15 +990,17 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			}
 			b = append(make([]jetstream.Msg, 0, 1024), msg)
 		}
+		n := r.eventsIn(b[0])
 		flush := time.NewTimer(r.cfg.FlushInterval)
 	fill:
-		for len(b) < r.cfg.MaxRows {
+		for n < r.cfg.MaxRows {
 			select {
 			case msg, ok := <-msgs:
 				if !ok {
 					break fill
 				}
 				b = append(b, msg)
+				n += r.eventsIn(msg)
 			case <-flush.C:
 				break fill
 			case <-ctx.Done():
@@ -1008,6 +1018,18 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 	}
 }
 
+// eventsIn is how many events a message of the input holds, as far as a batch's
+// size goes: an envelope's count, else 1.
+func (r *run) eventsIn(msg jetstream.Msg) int {
+	if !r.in.keyed {
+		return 1
+	}
+	if n, err := strconv.Atoi(msg.Headers().Get(keyed.HeaderCount)); err == nil && n > 1 {
+		return n
+	}
+	return 1
+}
+
 // prep is one input message prepared for the decision: its events decoded, keyed,
 // enriched, their rows built. The dedup store is not consulted yet.
 type prep struct {
@@ -1023,7 +1045,14 @@ type prep struct {
 
 // item is one event of an input message, prepared.
 type item struct {
-	d      dedup.Decision
+	d dedup.Decision
+	// src is the message the event came in (or, from an envelope, its entry), for
+	// its dead letter; received is when EVENTS stored it.
+	src      jetstream.Msg
+	received time.Time
+	// id places the event's outputs (rule input) in its message: the element's
+	// index in its batch, the entry's in its envelope, or -1.
+	id     int
 	rec    sink.EventRecord
 	rowErr error
 	env    *alert.EventEnv
@@ -1093,6 +1122,7 @@ func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out cha
 
 func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	p.msg = msg
+	p.one[0].src, p.one[0].id = msg, -1 // for a dead letter of the whole message
 	md, err := msg.Metadata()
 	if err != nil {
 		p.one[0].d.Invalid = fmt.Errorf("message without JetStream metadata: %w", err)
@@ -1101,6 +1131,10 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	p.seq, p.pending, p.received = md.Sequence.Stream, md.NumPending, md.Timestamp
 	m := events.Message{Subject: msg.Subject(), Header: msg.Headers(), Data: msg.Data(), Received: md.Timestamp}
 	var key string
+	if r.in.keyed && msg.Headers().Get(keyed.HeaderEnvelope) != "" {
+		r.prepareEnvelope(msg, p, read)
+		return
+	}
 	if r.in.keyed {
 		if m, key, err = unkeyed(msg); err != nil {
 			p.one[0].d.Invalid = err
@@ -1112,9 +1146,60 @@ func (r *run) prepare(msg jetstream.Msg, p *prep, read events.DataFields) {
 	r.prepDedup.DecideAll(m, func(d dedup.Decision) {
 		it := p.next(n)
 		n++
-		it.d = d
+		it.d, it.src, it.received, it.id = d, msg, p.received, -1
+		if d.Element != nil {
+			it.id = d.Element.Index
+		}
 		r.prepareItem(it, p.seq, key, read)
 	})
+}
+
+// prepareEnvelope prepares the events of an envelope of the keying step
+// (schemas/keyed), each as the event it copied from EVENTS: an event's dead letter
+// is that of its EVENTS message (entryMsg), its outputs' ids are placed by its index
+// in the envelope. An envelope that cannot be read is dead-lettered whole.
+func (r *run) prepareEnvelope(msg jetstream.Msg, p *prep, read events.DataFields) {
+	var entries []keyed.Entry
+	if err := keyed.Decode(msg.Data(), func(_ int, x keyed.Entry) bool {
+		entries = append(entries, x)
+		return true
+	}); err != nil {
+		p.one[0] = item{src: msg, id: -1}
+		p.one[0].d.Invalid = err
+		return
+	}
+	n := 0
+	for i, x := range entries {
+		m := events.Message{Subject: x.Subject, Header: nats.Header(x.Header), Data: x.Data, Received: x.Received}
+		if x.Element >= 0 {
+			m.Element = &events.Element{Index: x.Element}
+		}
+		src := &entryMsg{Msg: msg, x: x}
+		r.prepDedup.DecideAll(m, func(d dedup.Decision) {
+			it := p.next(n)
+			n++
+			it.d, it.src, it.received, it.id = d, src, x.Received, i
+			r.prepareItem(it, p.seq, x.Key, read)
+		})
+	}
+	if n == 0 {
+		p.one[0] = item{src: msg, id: -1}
+		p.one[0].d.Invalid = errors.New("an envelope without events")
+	}
+}
+
+// entryMsg is one event of an envelope as the message EVENTS stored: its subject,
+// headers, payload and position in EVENTS; the rest is the envelope's.
+type entryMsg struct {
+	jetstream.Msg
+	x keyed.Entry
+}
+
+func (e *entryMsg) Subject() string      { return e.x.Subject }
+func (e *entryMsg) Headers() nats.Header { return e.x.Header }
+func (e *entryMsg) Data() []byte         { return e.x.Data }
+func (e *entryMsg) Metadata() (*jetstream.MsgMetadata, error) {
+	return &jetstream.MsgMetadata{Stream: streams.Events, Sequence: jetstream.SequencePair{Stream: e.x.Seq}, Timestamp: e.x.Received}, nil
 }
 
 // prepareItem keys (key, when the keying step made it), enriches and builds the
@@ -1173,7 +1258,7 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	r.clock = max(r.clock, d.Now)
 	switch {
 	case d.Invalid != nil:
-		r.deadLetter(p.msg, d.Element, d.Data, typeOf(&d), d.Invalid.Error(), b)
+		r.deadLetter(it.src, d.Element, d.Data, typeOf(&d), d.Invalid.Error(), b)
 		return
 	}
 	if repeat, err := dedup.Admit(r.keys, &d, p.seq); err != nil {
@@ -1187,10 +1272,10 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 		return
 	}
 	if it.rowErr != nil {
-		r.deadLetter(p.msg, d.Element, d.Data, d.Event.Type, it.rowErr.Error(), b)
+		r.deadLetter(it.src, d.Element, d.Data, d.Event.Type, it.rowErr.Error(), b)
 		return
 	}
-	b.rows = append(b.rows, row{rec: &it.rec, seq: p.seq, stored: p.received, msg: p.msg, el: d.Element, data: d.Data})
+	b.rows = append(b.rows, row{rec: &it.rec, seq: p.seq, stored: it.received, msg: it.src, el: d.Element, data: d.Data})
 	if it.typed != nil {
 		if b.typed == nil {
 			b.typed = make([][]typedRow, len(r.cfg.Typed))
@@ -1213,7 +1298,7 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	}
 	if r.matcher != nil {
 		if r.matcher.Any(env) {
-			r.ruleInput(p, &d, b)
+			r.ruleInput(p, it.id, &d, b)
 		}
 		return
 	}
@@ -1243,11 +1328,7 @@ func (r *run) sendProgress(b *batch) bool {
 
 // ruleInput adds the rule input of d (its event, enriched) to b, unless it was
 // stored before a restart.
-func (r *run) ruleInput(p *prep, d *dedup.Decision, b *batch) {
-	el := -1
-	if d.Element != nil {
-		el = d.Element.Index
-	}
+func (r *run) ruleInput(p *prep, el int, d *dedup.Decision, b *batch) {
 	id := alerts.RuleInputMsgID(r.in.stream, p.seq, el)
 	if r.published[id] {
 		return

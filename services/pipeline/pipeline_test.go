@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/schemas/keyed"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
@@ -26,8 +28,10 @@ import (
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/streams"
@@ -175,6 +179,48 @@ func (f *fixture) streamCount(t *testing.T, stream, subject string) uint64 {
 		n += c
 	}
 	return n
+}
+
+// keyedEntry is an event the keying step copied into PARTITIONS, and the
+// partition its subject names.
+type keyedEntry struct {
+	partition int
+	keyed.Entry
+}
+
+// partitioned reads every event PARTITIONS holds: each entry of each envelope.
+// Every message in it must be an envelope.
+func (f *fixture) partitioned(t *testing.T) []keyedEntry {
+	t.Helper()
+	ctx := context.Background()
+	total := f.streamCount(t, streams.Partitions, "partitioned.>")
+	cons, err := f.js.OrderedConsumer(ctx, streams.Partitions, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []keyedEntry
+	for range total {
+		m, err := cons.Next(jetstream.FetchMaxWait(10 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, token, err := partition.Parse(m.Subject())
+		if err != nil || token != keyed.Token || m.Headers().Get(keyed.HeaderEnvelope) != keyed.Version {
+			t.Fatalf("%s in PARTITIONS is not an envelope (%v)", m.Subject(), err)
+		}
+		n := 0
+		if err := keyed.Decode(m.Data(), func(_ int, x keyed.Entry) bool {
+			out = append(out, keyedEntry{p, x})
+			n++
+			return true
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if got := m.Headers().Get(keyed.HeaderCount); got != strconv.Itoa(n) {
+			t.Fatalf("an envelope of %d events says %s", n, got)
+		}
+	}
+	return out
 }
 
 // waitFor polls until the events table holds want rows and DLQ and ALERTS the
@@ -460,8 +506,15 @@ func TestPartitionedWorkers(t *testing.T) {
 	// Every valid input reached PARTITIONS, repeats included. A worker stopping
 	// mid-batch leaves its keying step's unacked input to be copied again by another
 	// (dedup drops the second copy, as the exact counts above show), so at least once.
-	if got, want := f.streamCount(t, streams.Partitions, "partitioned.>"), uint64(4000-(i1+i2+i3+i4)); got < want {
-		t.Fatalf("PARTITIONS holds %d, want at least %d", got, want)
+	// Each in the partition of its key.
+	copied := f.partitioned(t)
+	if got, want := len(copied), 4000-(i1+i2+i3+i4); got < want {
+		t.Fatalf("PARTITIONS holds %d events, want at least %d", got, want)
+	}
+	for _, x := range copied {
+		if p := partition.Of(x.Key, 4); p != x.partition {
+			t.Fatalf("event %s (key %s) in partition %d, its key's is %d", x.Data, x.Key, x.partition, p)
+		}
 	}
 	// Each partition is owned by one of the workers still running.
 	kv, err := f.js.KeyValue(context.Background(), Bucket)
@@ -532,12 +585,28 @@ ingest:
 	f.start(t, worker("b"))
 	f.waitFor(t, rows, dead, 0)
 	f.check(t, rows, dead, 0)
-	var partitions uint64
-	if err := f.ch.QueryRow(ctx, "SELECT uniqExact(stream_seq) FROM events").Scan(&partitions); err != nil {
-		t.Fatal(err)
+	// The elements of a batch message were copied one by one, each to its key's
+	// partition: a batch's elements are spread over the partitions.
+	spread := map[uint64]map[int]bool{}
+	for _, x := range f.partitioned(t) {
+		if x.Element < 0 {
+			t.Fatalf("a copy of a whole batch message: %s", x.Data)
+		}
+		if p := partition.Of(x.Key, 4); p != x.partition {
+			t.Fatalf("element %d of EVENTS %d (key %s) in partition %d, its key's is %d", x.Element, x.Seq, x.Key, x.partition, p)
+		}
+		if spread[x.Seq] == nil {
+			spread[x.Seq] = map[int]bool{}
+		}
+		spread[x.Seq][x.partition] = true
 	}
-	if partitions != uint64(rows) {
-		t.Fatalf("rows share %d input sequences, want one each (each element its own copy in PARTITIONS)", partitions)
+	if len(spread) != 51 {
+		t.Fatalf("elements of %d EVENTS messages in PARTITIONS, want 51", len(spread))
+	}
+	for seq, ps := range spread {
+		if len(ps) < 2 {
+			t.Fatalf("the elements of EVENTS %d all went to partition(s) %v", seq, ps)
+		}
 	}
 }
 
@@ -809,4 +878,77 @@ func metricValue(reg prometheus.Gatherer, name string) float64 {
 		}
 	}
 	return -1
+}
+
+// An event too large for an envelope is copied into its partition alone (and lands
+// once); one too large even for that, with its key and position, is dead-lettered
+// by the keying step with the reason; the envelopes around them carry the rest.
+func TestPartitionedLargeEvents(t *testing.T) {
+	f := setup(t)
+	ctx := context.Background()
+	limit := f.nc.MaxPayload()
+	body := func(id string, pad int) []byte {
+		head := fmt.Sprintf(`{"id":%q,"source":"shop","type":"test.created","time":"2026-11-22T03:00:00Z","data":{"pad":"`, id)
+		return []byte(head + strings.Repeat("x", pad-len(head)-3) + `"}}`)
+	}
+	for i := range 100 {
+		if _, err := f.js.Publish(ctx, "events.shop.order", body(fmt.Sprintf("small-%d", i), 200)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.js.Publish(ctx, "events.shop.order", body("alone", int(limit)-2048)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.js.Publish(ctx, "events.shop.order", body("too-large", int(limit)-40)); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := configFrom(t, "a", "")
+	cfg.Partitions = 4
+	f.start(t, cfg)
+	f.waitFor(t, 101, 1, 0)
+	f.check(t, 101, 1, 0)
+	var n uint64
+	if err := f.ch.QueryRow(ctx, "SELECT count() FROM events WHERE id = 'alone' AND length(data) > 1000000").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("the large event: %d rows (%v)", n, err)
+	}
+	cons, err := f.js.OrderedConsumer(ctx, streams.DLQ, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := cons.Next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := m.Headers().Get(stage.HeaderReason); !strings.Contains(r, "too large to copy into its partition") {
+		t.Fatalf("dead letter's reason: %q", r)
+	}
+	if got := f.streamCount(t, streams.Partitions, "partitioned.*."+keyed.Token); got == 0 {
+		t.Fatal("no envelopes in PARTITIONS")
+	}
+	if got := f.streamCount(t, streams.Partitions, "partitioned.*.events.>"); got != 1 {
+		t.Fatalf("%d events copied alone, want 1", got)
+	}
+}
+
+// The dead letter of an event from an envelope is that of its EVENTS message: its
+// subject, headers, payload, position and the producer's id.
+func TestEnvelopeEntryDeadLetter(t *testing.T) {
+	x := keyed.Entry{Subject: "events.shop.order", Header: map[string][]string{nats.MsgIdHdr: {"p-1"}, "X-Trace": {"t"}}, Data: []byte(`{"id":1}`),
+		Seq: 42, Received: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC), Key: "shop|p-1", Element: -1}
+	dl := stage.DeadLetter(Name, &entryMsg{x: x}, "cannot be a row", 1<<20)
+	for h, want := range map[string]string{
+		stage.HeaderSubject: x.Subject, stage.HeaderStream: streams.Events, stage.HeaderStreamSeq: "42", "X-Trace": "t",
+		"Sluice-Msg-Id": "p-1", nats.MsgIdHdr: "dlq:EVENTS:42", stage.HeaderReceivedAt: "2026-12-01T00:00:00Z",
+	} {
+		if got := dl.Header.Get(h); got != want {
+			t.Errorf("%s: %q, want %q", h, got, want)
+		}
+	}
+	if string(dl.Data) != `{"id":1}` {
+		t.Errorf("payload %s", dl.Data)
+	}
+	x.Element = 3
+	if el := stage.ElementDeadLetter(Name, &entryMsg{x: x}, 3, x.Data, "bad", 1<<20); el.Header.Get(nats.MsgIdHdr) != "dlq:EVENTS:42:3" {
+		t.Errorf("element's dead letter id %q", el.Header.Get(nats.MsgIdHdr))
+	}
 }
