@@ -32,6 +32,7 @@ type metrics struct {
 	stallRestarts    *prometheus.CounterVec
 	savedAt          *prometheus.GaugeVec
 	keys, keysBytes  *prometheus.GaugeVec
+	combined         prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -55,6 +56,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		typedRows: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",
 		}, []string{"table"})),
+		combined: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_inserts_combined_total", Help: "Events inserts that held the rows of more than one partition's batch (sink.Combiner).",
+		})),
 		rows: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_rows_inserted_total", Help: "Rows inserted into the events table.",
 		})),

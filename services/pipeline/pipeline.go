@@ -197,6 +197,7 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	defer live.Close()
 	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, shards: shards, events: target.LocalName("events"), store: store, kv: kv, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
+	p.inserts = sink.NewCombiner(cfg.MaxRows, p.m.combined.Inc)
 	for _, t := range cfg.Typed {
 		p.typed = append(p.typed, target.LocalName(t.Name))
 	}
@@ -311,6 +312,8 @@ type pipeline struct {
 	m          *metrics
 	maxPayload int64
 	ready      *telemetry.Readiness
+	// inserts joins the partitions' events inserts made at the same time.
+	inserts *sink.Combiner
 }
 
 // startSeq is the first EVENTS sequence a stage without state reads, for StartAt
@@ -1486,7 +1489,7 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 				}
 				ictx, cancel := context.WithTimeout(ctx, w.cfg.InsertTimeout)
 				defer cancel()
-				return sink.InsertEventsFenced(ictx, w.ch, &w.cols, w.fence)
+				return w.inserts.Insert(ictx, w.ch, &w.cols, w.fence)
 			}, func(n int, err error) {
 				w.log.Warn("ClickHouse refused a batch for its data; isolating the rows at fault", "rows", n, "err", err)
 			})

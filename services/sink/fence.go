@@ -31,8 +31,9 @@ import (
 type Fence struct {
 	Partition uint32
 	Gen       uint64
-	// prefix of this partition's query ids (sluice/<database>/p<partition>/), and
-	// the number of the next one.
+	// db is the database; prefix of this partition's query ids
+	// (sluice/<database>/p<partition>/), and the number of the next one.
+	db     string
 	prefix string
 	n      atomic.Uint64
 	// tokens: every server of the shard takes insert_deduplication_token
@@ -123,7 +124,7 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
 		return nil, 0, 0, fmt.Errorf("fence partition %d: %w", partition, err)
 	}
-	f = &Fence{Partition: partition, Gen: gen, prefix: "sluice/" + db + "/p" + strconv.FormatUint(uint64(partition), 10) + "/"}
+	f = &Fence{Partition: partition, Gen: gen, db: db, prefix: "sluice/" + db + "/p" + strconv.FormatUint(uint64(partition), 10) + "/"}
 	if err := Insert(ctx, ch, fenceTable, [][]any{{partition, gen, worker}}); err != nil {
 		return nil, 0, 0, fmt.Errorf("fence partition %d: record generation %d: %w", partition, gen, err)
 	}
@@ -152,9 +153,7 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 			waitOn = append(waitOn, rc)
 		}
 	}
-	// Query ids of older generations of this partition, as a LIKE pattern and its
-	// exception (this generation's own).
-	like, own := escapeLike(f.prefix)+"g%", escapeLike(f.prefix+"g"+strconv.FormatUint(gen, 10)+"/")+"%"
+	like, own := runningLike(db, partition, gen)
 	deadline := time.Now().Add(settle)
 	for {
 		running = 0
@@ -176,6 +175,16 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 		case <-time.After(min(100*time.Millisecond, settle/10)):
 		}
 	}
+}
+
+// runningLike is the query ids of inserts of older generations of partition in db,
+// as a LIKE pattern and its exception (generation gen's own): the ids of inserts
+// through a Fence (sluice/<db>/p<partition>/g<gen>/<n>) and of combined inserts
+// (sluice/<db>/p<a>/g<gen a>/p<b>/g<gen b>/.../c<n>, Combiner).
+func runningLike(db string, partition uint32, gen uint64) (like, own string) {
+	p := "p" + strconv.FormatUint(uint64(partition), 10) + "/g"
+	base := escapeLike("sluice/"+db) + "/%"
+	return base + p + "%", base + p + strconv.FormatUint(gen, 10) + "/%"
 }
 
 // escapeLike quotes LIKE's wildcards in s.

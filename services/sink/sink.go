@@ -673,30 +673,47 @@ func InsertEventsInto(ctx context.Context, ch driver.Conn, table string, c *Even
 // (events_fenced): the server stores them only while f's generation is its
 // partition's newest.
 func InsertEventsFenced(ctx context.Context, ch driver.Conn, c *EventColumns, f *Fence) error {
-	return insertEvents(f.Context(ctx), ch, c, insertBlockRows, "", f)
+	return insertEvents(f.Context(ctx), ch, c, insertBlockRows, "", fencingOf(f, c))
 }
 
-// insertEvents inserts c into events (or table, when set), through f when set.
-func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int, table string, f *Fence) error {
+// fencing is what an insert through events_fenced adds to its rows: each row's
+// partition and generation, and the insert's deduplication token (none: "").
+type fencing struct {
+	parts []uint32
+	gens  []uint64
+	token string
+}
+
+// fencingOf is the fencing of c's rows, all inserted through f.
+func fencingOf(f *Fence, c *EventColumns) *fencing {
+	fz := &fencing{parts: make([]uint32, 0, c.Len()), gens: make([]uint64, 0, c.Len())}
+	fz.add(f, c.Len())
+	if f.tokens {
+		fz.token = f.token(c)
+	}
+	return fz
+}
+
+// add gives the next n rows f's partition and generation.
+func (fz *fencing) add(f *Fence, n int) {
+	for range n {
+		fz.parts, fz.gens = append(fz.parts, f.Partition), append(fz.gens, f.Gen)
+	}
+}
+
+// insertEvents inserts c into events (or table, when set), through events_fenced
+// when fz is set.
+func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRows int, table string, fz *fencing) error {
 	t := EventsTable()
 	name, names := cmp.Or(table, t.Name), t.columnNames()
-	var (
-		parts []uint32
-		gens  []uint64
-	)
-	if f != nil {
+	if fz != nil {
 		name, names = fencedEvents, append(names, "partition", "gen")
-		n := min(blockRows, c.Len())
-		parts, gens = make([]uint32, n), make([]uint64, n)
-		for i := range n {
-			parts[i], gens[i] = f.Partition, f.Gen
-		}
 	}
 	settings := wholeInsertSettings()
-	if f != nil && f.tokens {
+	if fz != nil && fz.token != "" {
 		// A retry of these rows (the same token) is stored once, in events and
 		// through the fence's view (docs/exactly-once.md).
-		settings["insert_deduplication_token"] = f.token(c)
+		settings["insert_deduplication_token"] = fz.token
 		settings["deduplicate_blocks_in_dependent_materialized_views"] = 1
 	}
 	ctx = clickhouse.Context(ctx, clickhouse.WithSettings(settings))
@@ -713,8 +730,8 @@ func insertEvents(ctx context.Context, ch driver.Conn, c *EventColumns, blockRow
 		}
 		hi := min(lo+blockRows, c.Len())
 		cols := c.columns(lo, hi)
-		if f != nil {
-			cols = append(cols, parts[:hi-lo], gens[:hi-lo])
+		if fz != nil {
+			cols = append(cols, fz.parts[lo:hi], fz.gens[lo:hi])
 		}
 		for i, col := range cols {
 			if err := b.Column(i).Append(col); err != nil {
