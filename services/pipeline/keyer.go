@@ -205,6 +205,10 @@ type envelopes struct {
 // partitions' pull buffers.
 const envelopeEventBytes = 512
 
+// envelopesBuffered is how many messages of its input a partition reading
+// envelopes holds between its pull buffer and its batches.
+const envelopesBuffered = 64
+
 // envelopeRoom is what an envelope leaves of the server's max_payload for its
 // headers.
 const envelopeRoom = 4 << 10

@@ -978,7 +978,12 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 // message.
 func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- []jetstream.Msg) {
 	defer close(out)
-	msgs := make(chan jetstream.Msg, r.cfg.MaxRows)
+	buffered := r.cfg.MaxRows
+	if r.in.keyed {
+		// Envelopes of many events each: the pull buffer holds the backlog.
+		buffered = envelopesBuffered
+	}
+	msgs := make(chan jetstream.Msg, buffered)
 	var reader sync.WaitGroup
 	defer reader.Wait()
 	reader.Go(func() { stage.Pump(ctx, it, msgs, r.log) })
