@@ -13,6 +13,7 @@ require (
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/sink v0.0.0
 	github.com/sluicehq/sluice/streams v0.0.0
+	golang.org/x/sync v0.24.0
 )
 
 require (

@@ -33,6 +33,7 @@ type metrics struct {
 	savedAt          *prometheus.GaugeVec
 	keys, keysBytes  *prometheus.GaugeVec
 	combined         prometheus.Counter
+	inflight         prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -56,6 +57,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		typedRows: telemetry.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",
 		}, []string{"table"})),
+		inflight: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "sluice_pipeline_events_in_flight", Help: "Events the worker's partitions hold read and not yet stored, together (at most 4 × PIPELINE_BATCH_MAX_ROWS).",
+		})),
 		combined: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_inserts_combined_total", Help: "Events inserts that held the rows of more than one partition's batch (sink.Combiner).",
 		})),

@@ -39,6 +39,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
@@ -198,6 +199,8 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	p := &pipeline{cfg: cfg, js: js, ch: deps.ClickHouse, shards: shards, events: target.LocalName("events"), store: store, kv: kv, live: live, log: log,
 		m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(), ready: deps.Ready}
 	p.inserts = sink.NewCombiner(cfg.MaxRows, p.m.combined.Inc)
+	p.inflightMax = int64(inflightBatches * cfg.MaxRows)
+	p.inflight = semaphore.NewWeighted(p.inflightMax)
 	for _, t := range cfg.Typed {
 		p.typed = append(p.typed, target.LocalName(t.Name))
 	}
@@ -314,7 +317,16 @@ type pipeline struct {
 	ready      *telemetry.Readiness
 	// inserts joins the partitions' events inserts made at the same time.
 	inserts *sink.Combiner
+	// inflight bounds the events the worker's partitions hold read and not yet
+	// stored, together (inflightMax): a worker's memory does not grow with the
+	// partitions it owns.
+	inflight    *semaphore.Weighted
+	inflightMax int64
 }
+
+// inflightBatches is how many full batches (MaxRows events) a worker holds read
+// and not yet stored, across its partitions.
+const inflightBatches = 4
 
 // startSeq is the first EVENTS sequence a stage without state reads, for StartAt
 // and the stream's last sequence.
@@ -450,6 +462,29 @@ type run struct {
 	stalled chan error
 	// keysErr, once set, ends the run: the dedup keys failed.
 	keysErr error
+	// held is what the run holds of the worker's events in flight.
+	held atomic.Int64
+}
+
+// weightOf is what msg weighs in flight: its events, at most all there is.
+func (r *run) weightOf(msg jetstream.Msg) int64 {
+	return min(int64(r.eventsIn(msg)), r.inflightMax)
+}
+
+// hold counts n more of the worker's events in flight as the run's; they were
+// acquired from r.inflight.
+func (r *run) hold(n int64) {
+	r.held.Add(n)
+	r.m.inflight.Add(float64(n))
+}
+
+// release gives back n of the worker's events in flight.
+func (r *run) release(n int64) {
+	if n > 0 {
+		r.held.Add(-n)
+		r.m.inflight.Sub(float64(n))
+		r.inflight.Release(n)
+	}
 }
 
 func (r *run) restore(ctx context.Context) error {
@@ -665,6 +700,14 @@ type batch struct {
 	// save, if set, is a state captured after the batch was decided: the writer
 	// hands it to the saver once the batch and all before it are stored.
 	save *captured
+	// weight is what the batch holds of the worker's events in flight (inflight).
+	weight int64
+}
+
+// collected is a batch of input messages and their weight in flight.
+type collected struct {
+	msgs   []jetstream.Msg
+	weight int64
 }
 
 // typedRow is one row of a typed table: its values, and its sequence and key (the
@@ -713,6 +756,9 @@ func (r *run) run(ctx context.Context) error {
 	// collect, prepare (decode, key, enrich, build the row: per message, in
 	// parallel), decide (dedup and rules, in stream order: this goroutine, which
 	// owns the state), write (insert and publish, in order).
+	// What the run still holds in flight once its steps stopped (batches read and
+	// dropped) goes back to the worker.
+	defer func() { r.release(r.held.Load()) }()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	inCtx, stopInput := context.WithCancel(ctx)
@@ -721,7 +767,7 @@ func (r *run) run(ctx context.Context) error {
 		<-inCtx.Done()
 		it.Stop()
 	})
-	collected := make(chan []jetstream.Msg, 1)
+	collected := make(chan collected, 1)
 	wg.Go(func() { r.collect(inCtx, it, collected) })
 	prepared := make(chan *batch, 1)
 	wg.Go(func() { r.prepareAll(inCtx, collected, prepared) })
@@ -976,7 +1022,7 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 // collect reads the input into batches of up to MaxRows events (an envelope counts
 // the events it holds), each handed on when full or FlushInterval after its first
 // message.
-func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- []jetstream.Msg) {
+func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- collected) {
 	defer close(out)
 	buffered := r.cfg.MaxRows
 	if r.in.keyed {
@@ -987,18 +1033,31 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 	var reader sync.WaitGroup
 	defer reader.Wait()
 	reader.Go(func() { stage.Pump(ctx, it, msgs, r.log) })
+	// next was read when the worker had no room in flight for it: it begins the
+	// next batch.
+	var next jetstream.Msg
 	for {
-		var b []jetstream.Msg
-		select {
-		case <-ctx.Done():
-			return
-		case msg, ok := <-msgs:
-			if !ok {
+		if next == nil {
+			select {
+			case <-ctx.Done():
 				return
+			case msg, ok := <-msgs:
+				if !ok {
+					return
+				}
+				next = msg
 			}
-			b = append(make([]jetstream.Msg, 0, 1024), msg)
 		}
-		n := r.eventsIn(b[0])
+		// Waits for room in flight while this partition holds no partial batch:
+		// the batches holding it are stored, or handed on at their flush interval.
+		w := r.weightOf(next)
+		if err := r.inflight.Acquire(ctx, w); err != nil {
+			return
+		}
+		r.hold(w)
+		c := collected{msgs: append(make([]jetstream.Msg, 0, 1024), next), weight: w}
+		n := r.eventsIn(next)
+		next = nil
 		flush := time.NewTimer(r.cfg.FlushInterval)
 	fill:
 		for n < r.cfg.MaxRows {
@@ -1007,7 +1066,13 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 				if !ok {
 					break fill
 				}
-				b = append(b, msg)
+				w := r.weightOf(msg)
+				if !r.inflight.TryAcquire(w) {
+					next = msg // no room: this batch goes on now
+					break fill
+				}
+				r.hold(w)
+				c.msgs, c.weight = append(c.msgs, msg), c.weight+w
 				n += r.eventsIn(msg)
 			case <-flush.C:
 				break fill
@@ -1017,9 +1082,9 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			}
 		}
 		flush.Stop()
-		r.dog.Read(len(b))
+		r.dog.Read(len(c.msgs))
 		select {
-		case out <- b:
+		case out <- c:
 		case <-ctx.Done():
 			return
 		}
@@ -1092,16 +1157,18 @@ func (p *prep) next(n int) *item {
 }
 
 // prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
-func (r *run) prepareAll(ctx context.Context, in <-chan []jetstream.Msg, out chan<- *batch) {
+func (r *run) prepareAll(ctx context.Context, in <-chan collected, out chan<- *batch) {
 	defer close(out)
 	workers := runtime.GOMAXPROCS(0)
-	for msgs := range in {
+	for c := range in {
+		msgs := c.msgs
 		var b *batch
 		select {
 		case b = <-r.spare:
 		default:
 			b = &batch{}
 		}
+		b.weight = c.weight
 		b.preps = slices.Grow(b.preps, len(msgs))[:len(msgs)]
 		ps := b.preps
 		// What enrichment and the rules read of data, decoded once for both.
@@ -1422,6 +1489,7 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 		if err != nil {
 			return err
 		}
+		w.release(b.weight)
 		w.recycle(b)
 	}
 	return nil

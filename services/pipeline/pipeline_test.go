@@ -25,12 +25,14 @@ import (
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/chconn"
+	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/kit/testnet"
@@ -610,33 +612,49 @@ ingest:
 	}
 }
 
-// The watchdog: ClickHouse hung (SIGSTOP: it takes connections and never answers)
-// while input waits. After stall_after the partition is reported stalled on
-// /readyz and in sluice_pipeline_stalled; when ClickHouse resumes (SIGCONT) both
-// clear, and every event lands once.
-func TestWatchdogStalledPartition(t *testing.T) {
+// setupOwn is setup for a test that stops or proxies its ClickHouse server: the
+// server and its database's settings are returned too.
+func setupOwn(t *testing.T) (*fixture, *chserver.Server, settings.ClickHouse) {
+	t.Helper()
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
 	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
 		t.Fatal(err)
 	}
 	srv := chtest.Start(t)
-	_, ch := chtest.Database(t, srv)
-	f := &fixture{nc: nc, js: js, ch: ch}
-	cfg := testConfig(t, "a")
-	cfg.StallAfter, cfg.InsertTimeout = time.Second, 500*time.Millisecond
-	ready, reg := &telemetry.Readiness{}, prometheus.NewRegistry()
+	s, ch := chtest.Database(t, srv)
+	return &fixture{nc: nc, js: js, ch: ch}, srv, s
+}
+
+// runOn runs a worker with cfg writing through ch until the test ends, and returns
+// its metrics' registry.
+func (f *fixture) runOn(t *testing.T, cfg Config, ch driver.Conn, ready *telemetry.Readiness) *prometheus.Registry {
+	t.Helper()
+	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(ctx, cfg, Deps{NATS: nc, ClickHouse: ch, Logger: testLog, Ready: ready, Registerer: reg})
+		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: ch, Logger: testLog, Ready: ready, Registerer: reg})
 	}()
-	defer func() {
+	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Error(err)
 		}
-	}()
+	})
+	return reg
+}
+
+// The watchdog: ClickHouse hung (SIGSTOP: it takes connections and never answers)
+// while input waits. After stall_after the partition is reported stalled on
+// /readyz and in sluice_pipeline_stalled; when ClickHouse resumes (SIGCONT) both
+// clear, and every event lands once.
+func TestWatchdogStalledPartition(t *testing.T) {
+	f, srv, _ := setupOwn(t)
+	cfg := testConfig(t, "a")
+	cfg.StallAfter, cfg.InsertTimeout = time.Second, 500*time.Millisecond
+	ready := &telemetry.Readiness{}
+	reg := f.runOn(t, cfg, f.ch, ready)
 	gauge := func(name string) float64 { return metricValue(reg, name) }
 	stalled := func() float64 { return gauge("sluice_pipeline_stalled") }
 	// savedSeq is the EVENTS sequence of the last state saved.
@@ -815,14 +833,7 @@ func streamIDs(js jetstream.JetStream, stream string) ([]string, error) {
 // connection gone silent: no bytes, no close, and no insert timeout to end it)
 // ends its run and starts again on fresh connections: every event once.
 func TestWatchdogRestartsStalledPartition(t *testing.T) {
-	ns := natstest.Run(t)
-	nc, js := ns.Connect(t)
-	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
-		t.Fatal(err)
-	}
-	srv := chtest.Start(t)
-	s, ch := chtest.Database(t, srv)
-	f := &fixture{nc: nc, js: js, ch: ch}
+	f, srv, s := setupOwn(t)
 	// The pipeline reaches ClickHouse through a proxy whose open connections the
 	// test silences.
 	proxy := testnet.NewFreezer(t, srv.Addr)
@@ -831,21 +842,10 @@ func TestWatchdogRestartsStalledPartition(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer viaProxy.Close()
+	t.Cleanup(func() { _ = viaProxy.Close() })
 	cfg := testConfig(t, "a")
 	cfg.StallAfter, cfg.StallRestart, cfg.InsertTimeout = time.Second, true, time.Hour
-	ready, reg := &telemetry.Readiness{}, prometheus.NewRegistry()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() {
-		done <- Run(ctx, cfg, Deps{NATS: nc, ClickHouse: viaProxy, Logger: testLog, Ready: ready, Registerer: reg})
-	}()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
+	reg := f.runOn(t, cfg, viaProxy, &telemetry.Readiness{})
 	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
 	u1, i1, r1 := f.input(t, 1, 200)
 	f.waitFor(t, u1, i1, r1)
@@ -861,6 +861,61 @@ func TestWatchdogRestartsStalledPartition(t *testing.T) {
 		t.Fatalf("the second input is stored with %v stall restarts: want at least one", n)
 	}
 	f.check(t, u1+u2, i1+i2, r1+r2)
+	// What the stalled run held in flight went back to the worker when it ended.
+	poll.Until(t, time.Minute, func() error {
+		if n := metricValue(reg, "sluice_pipeline_events_in_flight"); n != 0 {
+			return fmt.Errorf("%v events in flight with everything stored", n)
+		}
+		return nil
+	})
+}
+
+// A worker's partitions together hold at most four batches of events read and not
+// stored: with ClickHouse stopped (SIGSTOP) and a backlog, the four partitions of
+// one worker fill that and no more; once it runs again everything lands and
+// nothing stays counted in flight.
+func TestInflightBounded(t *testing.T) {
+	f, srv, _ := setupOwn(t)
+	cfg := testConfig(t, "a")
+	cfg.Partitions, cfg.MaxRows = 4, 50
+	reg := f.runOn(t, cfg, f.ch, &telemetry.Readiness{})
+	inflight := func() float64 { return metricValue(reg, "sluice_pipeline_events_in_flight") }
+	u1, i1, r1 := f.input(t, 1, 100)
+	f.waitFor(t, u1, i1, r1)
+	if err := syscall.Kill(srv.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = syscall.Kill(srv.Pid(), syscall.SIGCONT)
+		}
+	}
+	defer resume()
+	u2, i2, r2 := f.input(t, 101, 2000)
+	limit := float64(4 * cfg.MaxRows)
+	peak := 0.0
+	poll.Until(t, time.Minute, func() error {
+		n := inflight()
+		if n > limit {
+			t.Fatalf("%v events in flight, over the worker's %v", n, limit)
+		}
+		peak = max(peak, n)
+		if peak < limit*3/4 {
+			return fmt.Errorf("%v events in flight", n)
+		}
+		return nil
+	})
+	resume()
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	f.check(t, u1+u2, i1+i2, r1+r2)
+	poll.Until(t, time.Minute, func() error {
+		if n := inflight(); n != 0 {
+			return fmt.Errorf("%v events in flight with everything stored", n)
+		}
+		return nil
+	})
 }
 
 // metricValue is the value of reg's gauge or counter name (its first series), -1

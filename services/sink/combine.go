@@ -172,21 +172,15 @@ func (m *Combiner) insertGroup(ctx context.Context, ch driver.Conn, l *lane, run
 		fz.token = "sluice/" + run[0].f.db + "/c/" + hex.EncodeToString(token.Sum(nil)[:16])
 	}
 	id += "/c" + strconv.FormatUint(m.n.Add(1), 10)
-	// The rows are several partitions': the insert is not cut short when the run
-	// of the one leading it stops, only by its deadline (the leader's, its insert
-	// timeout).
-	gctx := context.WithoutCancel(ctx)
-	if d, ok := ctx.Deadline(); ok {
-		var cancel context.CancelFunc
-		gctx, cancel = context.WithDeadline(gctx, d)
-		defer cancel()
-	}
-	err := insertEvents(clickhouse.Context(gctx, clickhouse.WithQueryID(id)), ch, &l.cols, insertBlockRows, "", fz)
+	// The insert runs in the leader's context: when the leader's run stops (its
+	// partition lost, or stalled on a silent connection), the insert is cancelled
+	// and the others in it retry theirs.
+	err := insertEvents(clickhouse.Context(ctx, clickhouse.WithQueryID(id)), ch, &l.cols, insertBlockRows, "", fz)
 	if err != nil && isDataError(err) {
 		// Nothing was stored (the insert is kept whole): each part alone, so the
 		// bad rows fail only their own partition's insert.
 		for i, q := range run {
-			errs[i] = InsertEventsFenced(gctx, ch, q.c, q.f)
+			errs[i] = InsertEventsFenced(ctx, ch, q.c, q.f)
 		}
 		return errs
 	}
