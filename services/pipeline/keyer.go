@@ -186,7 +186,11 @@ func (k *keyer) key(m jetstream.Msg, env *envelopes, publish func(*nats.Msg) err
 				perr = publish(dedup.DeadLetter(Name, m, d, k.maxPayload))
 				return
 			}
-			perr = publish(c)
+			// After the events read before it, in the partition's envelope: the
+			// partition gets its events in the order EVENTS has them.
+			if perr = env.flush(p, publish); perr == nil {
+				perr = publish(c)
+			}
 			return
 		}
 		perr = env.add(p, &x, publish)

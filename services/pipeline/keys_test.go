@@ -8,16 +8,20 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/schemas/keyed"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // Keys on disk (dedup.store: disk) across moves and store changes: partitions
@@ -181,4 +185,59 @@ func TestKeysDiskFull(t *testing.T) {
 	i += i3
 	f.waitFor(t, u, i, 0)
 	f.check(t, u, i, 0)
+}
+
+// fakeMsg is an EVENTS message for the keying step's unit tests: what it reads of
+// a message (subject, headers, payload, metadata).
+type fakeMsg struct {
+	jetstream.Msg
+	subject string
+	data    []byte
+	seq     uint64
+}
+
+func (m *fakeMsg) Subject() string      { return m.subject }
+func (m *fakeMsg) Headers() nats.Header { return nats.Header{} }
+func (m *fakeMsg) Data() []byte         { return m.data }
+func (m *fakeMsg) Metadata() (*jetstream.MsgMetadata, error) {
+	return &jetstream.MsgMetadata{Stream: streams.Events, Sequence: jetstream.SequencePair{Stream: m.seq}, Timestamp: time.Unix(1_800_000_000, 0)}, nil
+}
+
+// The keying step publishes each partition's events in EVENTS' order: an event too
+// large for an envelope goes after the envelope of the events read before it, an
+// envelope that would pass max_payload is published and a new one begun.
+func TestKeyerKeepsOrder(t *testing.T) {
+	p := &pipeline{cfg: DefaultConfig(), m: newMetrics(nil), maxPayload: 64 << 10}
+	p.cfg.Partitions = 2 // newKeyer makes none for one partition
+	k, err := p.newKeyer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cfg.Partitions = 1 // then every event is in partition 0
+	event := func(seq uint64, pad int) *fakeMsg {
+		return &fakeMsg{subject: "events.shop.order", seq: seq,
+			data: fmt.Appendf(nil, `{"id":"e-%d","source":"shop","type":"t","data":{"pad":%q}}`, seq, strings.Repeat("x", pad))}
+	}
+	var env envelopes
+	env.reset(1, p.maxPayload)
+	var published []uint64 // EVENTS sequences, in publish order
+	publish := func(m *nats.Msg) error {
+		if m.Header.Get(keyed.HeaderEnvelope) == "" {
+			seq, _ := strconv.ParseUint(m.Header.Get(HeaderEventsSeq), 10, 64)
+			published = append(published, seq)
+			return nil
+		}
+		return keyed.Decode(m.Data, func(_ int, x keyed.Entry) bool { published = append(published, x.Seq); return true })
+	}
+	for seq, pad := range []int{10, 20_000, 20_000, 62_000, 10, 30_000, 10} {
+		if err := k.key(event(uint64(seq+1), pad), &env, publish); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := env.flushAll(publish); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(published); got != "[1 2 3 4 5 6 7]" {
+		t.Fatalf("published in the order %s", got)
+	}
 }

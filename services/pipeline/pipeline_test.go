@@ -983,6 +983,37 @@ func TestPartitionedLargeEvents(t *testing.T) {
 	if got := f.streamCount(t, streams.Partitions, "partitioned.*.events.>"); got != 1 {
 		t.Fatalf("%d events copied alone, want 1", got)
 	}
+	// With one keying step, each partition has its events in EVENTS' order, the
+	// one copied alone included.
+	pc, err := f.js.OrderedConsumer(ctx, streams.Partitions, jetstream.OrderedConsumerConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := map[int]uint64{}
+	for range f.streamCount(t, streams.Partitions, "partitioned.>") {
+		m, err := pc.Next(jetstream.FetchMaxWait(10 * time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, _, err := partition.Parse(m.Subject())
+		if err != nil {
+			t.Fatal(err)
+		}
+		next := func(seq uint64) {
+			if seq <= last[p] {
+				t.Fatalf("partition %d has EVENTS %d after %d", p, seq, last[p])
+			}
+			last[p] = seq
+		}
+		if m.Headers().Get(keyed.HeaderEnvelope) == "" {
+			seq, _ := strconv.ParseUint(m.Headers().Get(HeaderEventsSeq), 10, 64)
+			next(seq)
+			continue
+		}
+		if err := keyed.Decode(m.Data(), func(_ int, x keyed.Entry) bool { next(x.Seq); return true }); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // The dead letter of an event from an envelope is that of its EVENTS message: its
