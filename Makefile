@@ -60,9 +60,11 @@ fuzz:
 	@cd schemas && $(call FUZZ,FuzzValid,./events/)
 	@cd schemas && $(call FUZZ,FuzzDecodeDataFields,./events/)
 	@cd schemas && $(call FUZZ,FuzzIngest,./events/)
+	@cd schemas && $(call FUZZ,FuzzDecode,./keyed/)
 	@cd services/alert && $(call FUZZ,FuzzRule,.)
 	@cd services/alert && $(call FUZZ,FuzzEngine,.)
 	@cd services/alert && $(call FUZZ,FuzzPartitionedOrder,.)
+	@cd services/alert && $(call FUZZ,FuzzStateBinary,.)
 	@cd services/sluice && $(call FUZZ,FuzzConfig,./platform/)
 
 deps: clickhouse zookeeper chdb nettools docker promtool chromium

@@ -149,7 +149,10 @@ type snapshot struct {
 	// that was in the stream before the stage had any state).
 	ReplayUntil uint64    `json:"replay_until"`
 	SavedAt     time.Time `json:"saved_at"`
-	State       *State    `json:"state"`
+	// Binary is the engine's state (State.MarshalBinary); State is its JSON form,
+	// which earlier releases wrote and a restore still reads.
+	Binary []byte `json:"state_binary,omitempty"`
+	State  *State `json:"state,omitempty"`
 }
 
 type metrics struct {
@@ -260,6 +263,9 @@ func (s *stageRun) restore(ctx context.Context) error {
 	case b == nil:
 	default:
 		if err := json.Unmarshal(b, &snap); err != nil {
+			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
+		}
+		if snap.State, err = DecodeState(snap.Binary, snap.State); err != nil {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
 		}
 		if !snap.StreamCreated.Equal(s.created) {
@@ -543,7 +549,11 @@ func (s *stageRun) save(ctx context.Context) error {
 // published since then, and the snapshot written at start must not move that on
 // past what the run before it published.
 func (s *stageRun) write(ctx context.Context) error {
-	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, State: s.engine.State()})
+	st, err := s.engine.State().MarshalBinary()
+	if err != nil {
+		return fmt.Errorf("alert: encode state: %w", err)
+	}
+	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, Binary: st})
 	if err != nil {
 		return fmt.Errorf("alert: encode state: %w", err)
 	}

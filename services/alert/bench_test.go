@@ -198,10 +198,12 @@ func BenchmarkEngineGroups(b *testing.B) {
 	if held != groups {
 		b.Fatalf("%d groups held, want %d", held, groups)
 	}
-	state, err := json.Marshal(e.State())
+	encodeStart := time.Now()
+	state, err := e.State().MarshalBinary()
 	if err != nil {
 		b.Fatal(err)
 	}
+	encode := time.Since(encodeStart)
 	envs := make([]*EventEnv, 100_000)
 	for i := range envs {
 		envs[i] = env(2*groups + i)
@@ -215,5 +217,6 @@ func BenchmarkEngineGroups(b *testing.B) {
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 	b.ReportMetric(float64(after-before)/float64(groups), "heap-bytes/group")
 	b.ReportMetric(float64(len(state))/float64(groups), "state-bytes/group")
+	b.ReportMetric(float64(encode.Nanoseconds())/float64(groups), "encode-ns/group")
 	b.ReportMetric(float64(groups), "groups")
 }

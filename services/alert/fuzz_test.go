@@ -85,10 +85,14 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
 	_, first := run(envs[:half], e)
+	legacy := restartJSON(t, e, rules)
 	e = restart(t, e, rules)
 	_, rest := run(envs[half:], e)
 	if restored := append(first, rest...); !slices.Equal(restored, whole) {
 		t.Fatalf("a restart from the saved state gives other alerts:\n%q\n%q", restored, whole)
+	}
+	if _, rest := run(envs[half:], legacy); !slices.Equal(append(first, rest...), whole) {
+		t.Fatalf("a restart from the state saved as JSON (earlier releases) gives other alerts:\n%q\n%q", append(first, rest...), whole)
 	}
 	return ids, e
 }
@@ -126,9 +130,23 @@ func alertsJSON(t *testing.T, as []*alerts.Alert) []string {
 	return out
 }
 
-// restart saves e's state as JSON and returns a new engine for rules carrying on
-// from it, as a restarted stage does.
+// restart saves e's state and returns a new engine for rules carrying on from it,
+// as a restarted stage does.
 func restart(t *testing.T, e *Engine, rules []*Rule) *Engine {
+	t.Helper()
+	b, err := e.State().MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st State
+	if err := st.UnmarshalBinary(b); err != nil {
+		t.Fatal(err)
+	}
+	return NewEngine(rules, &st)
+}
+
+// restartJSON is restart through the JSON form earlier releases saved.
+func restartJSON(t *testing.T, e *Engine, rules []*Rule) *Engine {
 	t.Helper()
 	b, err := json.Marshal(e.State())
 	if err != nil {

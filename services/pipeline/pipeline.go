@@ -386,9 +386,12 @@ type snapshot struct {
 	// Clock is the dedup store's time at Seq (the latest receive time, Unix s).
 	Clock uint32 `json:"clock"`
 	// ReplayUntil: alerts caused by input up to this sequence are replays.
-	ReplayUntil uint64       `json:"replay_until"`
-	SavedAt     time.Time    `json:"saved_at"`
-	Alert       *alert.State `json:"alert"`
+	ReplayUntil uint64    `json:"replay_until"`
+	SavedAt     time.Time `json:"saved_at"`
+	// AlertBinary is the alert engine's state (alert.State.MarshalBinary); Alert is
+	// its JSON form, which earlier releases wrote and a restore still reads.
+	AlertBinary []byte       `json:"alert_binary,omitempty"`
+	Alert       *alert.State `json:"alert,omitempty"`
 }
 
 // input is where a partition's events come from.
@@ -517,7 +520,11 @@ func (r *run) restore(ctx context.Context) error {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
 	} else {
-		r.engine = alert.NewEngine(r.cfg.Alert.Rules, snap.Alert)
+		st, err := alert.DecodeState(snap.AlertBinary, snap.Alert)
+		if err != nil {
+			return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
+		}
+		r.engine = alert.NewEngine(r.cfg.Alert.Rules, st)
 		r.readRules(r.engine.Rules())
 	}
 	r.prepDedup, err = dedup.NewHandler(dedup.HandlerConfig{MaxPayload: r.maxPayload, Window: r.cfg.Window, Ingest: r.cfg.Ingest, NonStandard: r.m.nonStandard})
@@ -655,8 +662,12 @@ type captured struct {
 // looks for dead letters and alert changes published since then (less a margin),
 // so it must be no later than the first output of input after r.seq.
 func (r *run) capture(since time.Time) (*captured, error) {
+	windows, err := r.engine.State().MarshalBinary()
+	if err != nil {
+		return nil, fmt.Errorf("pipeline: encode state: %w", err)
+	}
 	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
-		SavedAt: since, Alert: r.engine.State()})
+		SavedAt: since, AlertBinary: windows})
 	if err != nil {
 		return nil, fmt.Errorf("pipeline: encode state: %w", err)
 	}

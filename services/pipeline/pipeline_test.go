@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -717,7 +718,98 @@ func TestWatchdogStalledPartition(t *testing.T) {
 // once. The rules' allowed lateness covers the disorder the keying step makes when
 // two workers copy the input at once (docs/scaling.md).
 func TestPartitionedRules(t *testing.T) {
-	const yaml = `
+	want := ruleOracle(t, ruleYAML, 1240)
+	f := setup(t)
+	start := func(name string) func() {
+		cfg, _ := configFrom(t, name, ruleYAML)
+		cfg.Alert.ConfigPath = ""
+		cfg.Partitions, cfg.LeaseTTL = 4, 2*time.Second
+		return f.start(t, cfg)
+	}
+	publish := func(from, to int) { f.publishRuleInput(t, from, to) }
+	stopA := start("a")
+	start("b")
+	publish(0, 600)
+	f.waitFor(t, 600, 0, 0)
+	stopA() // hands its partitions, and the alert runner if it held it, to b
+	start("c")
+	publish(600, 1200)
+	f.waitFor(t, 1200, 0, 0)
+	publish(1200, 1240)
+	f.waitFor(t, 1240, 0, 0)
+	f.checkAlertIDs(t, "4 partitions", want)
+}
+
+// A restart carries the alert windows on, from the state's binary form and from
+// the JSON form earlier releases saved (the second restart's state is rewritten
+// into it). After each stop the input the state covers is purged from EVENTS, so
+// only the state can hold the windows: the alert changes must be, by id, those of
+// one engine fed the whole input.
+func TestAlertWindowsAcrossRestarts(t *testing.T) {
+	want := ruleOracle(t, ruleYAML, 1240)
+	f := setup(t)
+	ctx := context.Background()
+	cfg, _ := configFrom(t, "a", ruleYAML)
+	cfg.Alert.ConfigPath = ""
+	stopAt := func(legacy bool) {
+		store, kv := f.buckets(t)
+		e, name := f.claimState(t, kv)
+		b, err := store.GetBytes(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := binary.BigEndian.Uint32(b)
+		var snap snapshot
+		if err := json.Unmarshal(b[4:4+n], &snap); err != nil {
+			t.Fatal(err)
+		}
+		if snap.AlertBinary == nil || snap.Alert != nil {
+			t.Fatalf("the state holds the windows as JSON (%d bytes of binary)", len(snap.AlertBinary))
+		}
+		s, err := f.js.Stream(ctx, streams.Events)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Purge(ctx, jetstream.WithPurgeSequence(snap.Seq+1)); err != nil {
+			t.Fatal(err)
+		}
+		if !legacy {
+			return
+		}
+		if snap.Alert, err = alert.DecodeState(snap.AlertBinary, nil); err != nil {
+			t.Fatal(err)
+		}
+		snap.AlertBinary = nil
+		head, err := json.Marshal(snap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		old := append(binary.BigEndian.AppendUint32(nil, uint32(len(head))), head...)
+		if _, err := store.PutBytes(ctx, "state.legacy", append(old, b[4+n:]...)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Update(ctx, "partition.0", []byte(`{"worker":"","state":"state.legacy"}`), e.Revision()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, phase := range []struct {
+		from, to int
+		legacy   bool
+	}{{0, 430, false}, {430, 870, true}, {870, 1240, false}} {
+		stop := f.start(t, cfg)
+		f.publishRuleInput(t, phase.from, phase.to)
+		f.waitFor(t, phase.to, 0, 0)
+		stop()
+		if phase.to < 1240 {
+			stopAt(phase.legacy)
+		}
+	}
+	f.start(t, cfg)
+	f.checkAlertIDs(t, "restarts", want)
+}
+
+// ruleYAML is a match rule and a windowed rule by user, for ruleInput.
+const ruleYAML = `
 alert:
   idle_after: 1h
 rules:
@@ -734,28 +826,35 @@ rules:
     op: ">"
     threshold: 3
 `
-	// Failed logins of seven users in bursts, refunds, other events; event time
-	// moves on 10 ms an event. Last, 40 events an hour later that no rule matches
-	// close every window (in every partition).
+
+// ruleInput is event i of a run of ruleYAML's input: failed logins of seven users
+// in bursts, refunds, other events; event time moves on 10 ms an event. From 1,200
+// on, events an hour later that no rule matches close every window (in every
+// partition).
+func ruleInput(i int) []byte {
 	at := time.Date(2026, 11, 22, 3, 0, 0, 0, time.UTC)
-	body := func(i int) []byte {
-		typ, when := "test.created", at.Add(time.Duration(i)*10*time.Millisecond)
-		switch {
-		case i >= 1200:
-			when = at.Add(time.Hour)
-		case i%7 == 0:
-			typ = "test.refunded"
-		case i%40 < 12:
-			typ = "login.failed"
-		}
-		return fmt.Appendf(nil, `{"id":"e-%d","source":"shop","type":%q,"time":%q,"data":{"user":"u%d","n":%d}}`,
-			i, typ, when.Format(time.RFC3339Nano), i%40%7, i)
+	typ, when := "test.created", at.Add(time.Duration(i)*10*time.Millisecond)
+	switch {
+	case i >= 1200:
+		when = at.Add(time.Hour)
+	case i%7 == 0:
+		typ = "test.refunded"
+	case i%40 < 12:
+		typ = "login.failed"
 	}
+	return fmt.Appendf(nil, `{"id":"e-%d","source":"shop","type":%q,"time":%q,"data":{"user":"u%d","n":%d}}`,
+		i, typ, when.Format(time.RFC3339Nano), i%40%7, i)
+}
+
+// ruleOracle is the alert message ids one engine gives for the first n of
+// ruleInput under yaml's rules.
+func ruleOracle(t *testing.T, yaml string, n int) []string {
+	t.Helper()
 	cfg, _ := configFrom(t, "oracle", yaml)
 	oracle := alert.NewEngine(cfg.Alert.Rules, nil)
 	var want []string
-	for i := range 1240 {
-		e, err := events.Unmarshal(body(i))
+	for i := range n {
+		e, err := events.Unmarshal(ruleInput(i))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -765,30 +864,22 @@ rules:
 			want = append(want, alerts.MsgID(a))
 		}
 	}
-	f := setup(t)
-	start := func(name string) func() {
-		cfg, _ := configFrom(t, name, yaml)
-		cfg.Alert.ConfigPath = ""
-		cfg.Partitions, cfg.LeaseTTL = 4, 2*time.Second
-		return f.start(t, cfg)
-	}
-	publish := func(from, to int) {
-		for i := from; i < to; i++ {
-			if _, err := f.js.Publish(context.Background(), "events.shop.order", body(i)); err != nil {
-				t.Fatal(err)
-			}
+	return want
+}
+
+func (f *fixture) publishRuleInput(t *testing.T, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		if _, err := f.js.Publish(context.Background(), "events.shop.order", ruleInput(i)); err != nil {
+			t.Fatal(err)
 		}
 	}
-	stopA := start("a")
-	start("b")
-	publish(0, 600)
-	f.waitFor(t, 600, 0, 0)
-	stopA() // hands its partitions, and the alert runner if it held it, to b
-	start("c")
-	publish(600, 1200)
-	f.waitFor(t, 1200, 0, 0)
-	publish(1200, 1240)
-	f.waitFor(t, 1240, 0, 0)
+}
+
+// checkAlertIDs waits for ALERTS to hold as many changes as want (the oracle's
+// ids; at least 20), then fails t unless their ids are want's.
+func (f *fixture) checkAlertIDs(t *testing.T, what string, want []string) {
+	t.Helper()
 	var got []string
 	poll.Until(t, time.Minute, func() error {
 		var err error
@@ -803,7 +894,7 @@ rules:
 	slices.Sort(want)
 	slices.Sort(got)
 	if len(want) < 20 || !slices.Equal(got, want) {
-		t.Fatalf("4 partitions gave %d alert changes, the oracle %d:\n got %q\nwant %q", len(got), len(want), got, want)
+		t.Fatalf("%s gave %d alert changes, the oracle %d:\n got %q\nwant %q", what, len(got), len(want), got, want)
 	}
 }
 
