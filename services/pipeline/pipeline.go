@@ -78,7 +78,8 @@ type Config struct {
 	Alert alert.Config
 	// MaxRows is the most input messages one batch (one insert) holds.
 	MaxRows int
-	// FlushInterval is how long a batch waits to fill before it is inserted.
+	// FlushInterval is the longest a batch waits to fill before it is inserted (it
+	// goes on at once when nothing before it is in flight and no input waits).
 	FlushInterval time.Duration
 	// InsertTimeout bounds one insert.
 	InsertTimeout time.Duration
@@ -353,7 +354,8 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	// The claim's states, kept across the runs of this ownership.
 	states := partition.NewStates(p.store, claim, "state", p.log)
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1)}
+		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1),
+			released: make(chan struct{}, 1)}
 		err := r.run(ctx)
 		if r.keys != nil {
 			if cerr := r.keys.Close(); cerr != nil {
@@ -467,6 +469,9 @@ type run struct {
 	keysErr error
 	// held is what the run holds of the worker's events in flight.
 	held atomic.Int64
+	// released is signalled (never blocking) when the run gives events in flight
+	// back: a batch was stored.
+	released chan struct{}
 }
 
 // weightOf is what msg weighs in flight: its events, at most all there is.
@@ -487,6 +492,10 @@ func (r *run) release(n int64) {
 		r.held.Add(-n)
 		r.m.inflight.Sub(float64(n))
 		r.inflight.Release(n)
+		select {
+		case r.released <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -1031,8 +1040,10 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 }
 
 // collect reads the input into batches of up to MaxRows events (an envelope counts
-// the events it holds), each handed on when full or FlushInterval after its first
-// message.
+// the events it holds), each handed on when full, FlushInterval after its first
+// message, or as soon as nothing else of the run's is in flight (every batch before
+// it stored) and no more input is waiting: at low load a batch does not wait for
+// rows, and while an insert runs the next batch fills (a group commit).
 func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- collected) {
 	defer close(out)
 	buffered := r.cfg.MaxRows
@@ -1072,6 +1083,9 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 		flush := time.NewTimer(r.cfg.FlushInterval)
 	fill:
 		for n < r.cfg.MaxRows {
+			if len(msgs) == 0 && r.held.Load() == c.weight {
+				break fill // the writer has nothing of this run's: hand this on now
+			}
 			select {
 			case msg, ok := <-msgs:
 				if !ok {
@@ -1085,6 +1099,8 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 				r.hold(w)
 				c.msgs, c.weight = append(c.msgs, msg), c.weight+w
 				n += r.eventsIn(msg)
+			case <-r.released:
+				// An earlier batch was stored: look again whether this one goes on.
 			case <-flush.C:
 				break fill
 			case <-ctx.Done():

@@ -278,6 +278,29 @@ func TestPipeline(t *testing.T) {
 	}
 }
 
+// At low load a batch does not wait for rows: with a flush interval of an hour and
+// batches of up to 1,000, each event published alone is stored, because a
+// partition hands its batch on once nothing of its own is in flight and no input
+// waits. Through one partition and through the keying step into four.
+func TestBatchGoesOnWhenIdle(t *testing.T) {
+	for _, partitions := range []int{1, 4} {
+		t.Run(fmt.Sprint(partitions, " partitions"), func(t *testing.T) {
+			f := setup(t)
+			cfg := testConfig(t, "a")
+			cfg.FlushInterval, cfg.MaxRows, cfg.Partitions = time.Hour, 1000, partitions
+			f.start(t, cfg)
+			for i := 1; i <= 5; i++ {
+				u, d, r := f.input(t, i, 1)
+				f.waitFor(t, i, d, r)
+				if u != 1 {
+					t.Fatalf("event %d is not a unique valid one", i)
+				}
+			}
+			f.check(t, 5, 0, 0)
+		})
+	}
+}
+
 // A restart from an older snapshot (as after a crash: output stored, state not
 // saved since) decides the input after it again and stores nothing twice: rows
 // by stream_seq and key, dead letters and alerts by Nats-Msg-Id. The DLQ and ALERTS
