@@ -3,13 +3,17 @@ package pipeline
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"sync"
 
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
@@ -35,24 +39,187 @@ type keysCapture interface {
 	saved(ctx context.Context)
 }
 
-// The keys part of a state: a window.Store snapshot (its own magic) or, for keys on
-// disk, this magic and the checkpoint's files (JSON).
-var diskMagic = []byte("sldisk01")
+// The keys part of a state: for keys in memory, memMagic and the segments that
+// hold them (JSON; releases before segments wrote one window.Store snapshot, with
+// its own magic, which a restore still reads); for keys on disk, diskMagic and the
+// checkpoint's files (JSON).
+var (
+	memMagic  = []byte("slmem001")
+	diskMagic = []byte("sldisk01")
+)
 
-// memKeys are the keys in memory; a capture is a copy of the table.
-type memKeys struct{ *window.Store }
+// maxSegments bounds the segments a state of keys in memory names: a capture that
+// would name more, or whose segments would hold more than twice the keys held (the
+// others expired), writes every key held as one segment instead of the keys
+// admitted since the last save.
+const maxSegments = 16
 
-func (m memKeys) capture(now uint32) keysCapture {
-	m.Expire(now)
-	return memCapture{m.Clone()}
+// segment is one file of the keys in memory's checkpoints: keys and their
+// expiries in the window.Store snapshot format (window.WriteKeys).
+type segment struct {
+	File partition.File `json:"file"`
+	Keys int            `json:"keys"`
+	// Expires is the latest expiry of its keys: once it is past, the segment holds
+	// nothing and the next capture leaves it out.
+	Expires uint32 `json:"expires"`
 }
 
-func (m memKeys) Close() error { return nil }
+// admitted is a key admitted since the last save, and its expiry.
+type admitted struct {
+	k   window.Key
+	exp uint32
+}
 
-type memCapture struct{ st *window.Store }
+// memKeys are the keys in memory. They are saved incrementally: a capture writes
+// the keys admitted since the last saved one as a segment, uploaded once
+// (partition.Files) and named by every later state until it expires or a capture
+// writes every key held as one segment (maxSegments). So a save writes what
+// changed, not the whole table, most of the time.
+type memKeys struct {
+	*window.Store
+	// origin is the store's (its stream's creation); nonce names this run's segments.
+	origin uint64
+	nonce  string
+	// dir holds the segments restored or being written (dir/segments) and this
+	// machine's copies of those uploaded (dir/cache); temp: a directory made for
+	// the run, removed at Close.
+	dir   string
+	temp  bool
+	files *partition.Files
 
-func (c memCapture) encode(_ context.Context, w io.Writer) error { return c.st.WriteSnapshot(w) }
-func (c memCapture) saved(context.Context)                       {}
+	mu sync.Mutex
+	// added are the keys admitted since the last save (a capture that was not saved
+	// leaves them for the next); segs are the segments of the last state saved;
+	// whole: the next capture writes every key (no segment holds them yet).
+	added  []admitted
+	segs   []segment
+	whole  bool
+	writes int
+}
+
+// Admit is window.Store's, noting a key admitted for the next segment.
+func (m *memKeys) Admit(k window.Key, exp uint32, seq uint64, now uint32) (bool, error) {
+	repeat, err := m.Store.Admit(k, exp, seq, now)
+	if err == nil && !repeat && exp > now {
+		m.mu.Lock()
+		m.added = append(m.added, admitted{k, exp})
+		m.mu.Unlock()
+	}
+	return repeat, err
+}
+
+func (m *memKeys) capture(now uint32) keysCapture {
+	m.Expire(now)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.writes++
+	c := &memCapture{m: m, n: len(m.added), name: fmt.Sprintf("seg-%s-%d.keys", m.nonce, m.writes), lastSeq: m.Stats().LastSeq}
+	inSegs := 0
+	for _, sg := range m.segs {
+		if sg.Expires > now {
+			c.keep = append(c.keep, sg)
+			inSegs += sg.Keys
+		}
+	}
+	if m.whole || len(c.keep)+1 > maxSegments || inSegs+c.n > 2*m.Stats().Keys+1024 {
+		c.all, c.keep = m.Clone(), nil
+	} else {
+		c.added = m.added[:c.n:c.n] // appends after it do not touch these
+	}
+	return c
+}
+
+func (m *memKeys) Close() error {
+	if m.temp {
+		return os.RemoveAll(m.dir)
+	}
+	return nil
+}
+
+// memCapture is one capture of the keys in memory: every key held (all) or those
+// admitted since the last save (added, the first n of memKeys.added), and the
+// segments of the last save still holding keys (keep).
+type memCapture struct {
+	m       *memKeys
+	n       int
+	name    string
+	lastSeq uint64
+	all     *window.Store
+	added   []admitted
+	keep    []segment
+	// list is the state's segments, once encoded.
+	list []segment
+}
+
+func (c *memCapture) encode(ctx context.Context, w io.Writer) error {
+	dir := filepath.Join(c.m.dir, "segments")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("dedup keys: %w", err)
+	}
+	path := filepath.Join(dir, c.name)
+	defer os.Remove(path) // uploaded (and linked into the cache) or failed
+	seg, err := c.write(path)
+	if err != nil {
+		return fmt.Errorf("dedup keys: %w", err)
+	}
+	files, err := c.m.files.Upload(ctx, dir, []string{c.name})
+	if err != nil {
+		return fmt.Errorf("dedup keys: %w", err)
+	}
+	seg.File = files[0]
+	c.list = append(slices.Clip(c.keep), seg)
+	b, err := json.Marshal(c.list)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(slices.Clip(memMagic), b...))
+	return err
+}
+
+// write writes the capture's keys to path as a segment.
+func (c *memCapture) write(path string) (segment, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return segment{}, err
+	}
+	var seg segment
+	each := func(yield func(k window.Key, exp uint32) bool) {
+		for _, a := range c.added {
+			seg.Expires = max(seg.Expires, a.exp)
+			if !yield(a.k, a.exp) {
+				return
+			}
+		}
+	}
+	seg.Keys = len(c.added)
+	if c.all != nil {
+		seg.Keys = c.all.Stats().Keys
+		each = func(yield func(k window.Key, exp uint32) bool) {
+			_ = c.all.Range(0, func(k window.Key, exp uint32) bool {
+				seg.Expires = max(seg.Expires, exp)
+				return yield(k, exp)
+			})
+		}
+	}
+	err = window.WriteKeys(f, c.m.origin, c.lastSeq, seg.Keys, each)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return seg, err
+}
+
+func (c *memCapture) saved(ctx context.Context) {
+	m := c.m
+	m.mu.Lock()
+	m.segs, m.whole = c.list, false
+	m.added = append([]admitted(nil), m.added[c.n:]...)
+	m.mu.Unlock()
+	files := make([]partition.File, len(c.list))
+	for i, sg := range c.list {
+		files[i] = sg.File
+	}
+	m.files.Keep(ctx, files)
+}
 
 // diskKeys are the keys in Pebble under dir (dir/db; dir/cache holds the
 // checkpoint files this machine has, dir/checkpoint the one being uploaded); each
@@ -113,60 +280,117 @@ func (d *diskKeys) Close() error {
 // changed since the state was saved.
 func (r *run) openKeys(ctx context.Context, saved []byte, clock uint32) (keyStore, error) {
 	var files []partition.File
-	if bytes.HasPrefix(saved, diskMagic) {
-		if err := json.Unmarshal(saved[len(diskMagic):], &files); err != nil {
-			return nil, fmt.Errorf("pipeline: the dedup keys' checkpoint in %s does not decode: %w (delete the state to start over)", Bucket, err)
-		}
+	var segs []segment
+	var err error
+	switch {
+	case bytes.HasPrefix(saved, diskMagic):
+		err = json.Unmarshal(saved[len(diskMagic):], &files)
+	case bytes.HasPrefix(saved, memMagic):
+		err = json.Unmarshal(saved[len(memMagic):], &segs)
 	}
-	mem := func() (*window.Store, error) {
-		st := window.NewStore(r.cfg.Window.MaxKeys)
-		st.SetOrigin(uint64(r.created.UnixNano()))
-		if saved != nil && files == nil {
-			if _, err := st.ReadSnapshot(bytes.NewReader(saved), clock); err != nil {
-				return nil, fmt.Errorf("pipeline: the dedup keys in %s: %w (delete the state to start over)", Bucket, err)
-			}
+	if err != nil {
+		return nil, fmt.Errorf("pipeline: the dedup keys' checkpoint in %s does not decode: %w (delete the state to start over)", Bucket, err)
+	}
+	onDisk := files != nil
+	// mem is the keys in memory as saved (none when they were saved on disk).
+	mem := func() (*memKeys, error) {
+		m, err := r.openMem(ctx, segs, clock)
+		if err != nil || segs != nil || onDisk || saved == nil {
+			return m, err
 		}
-		return st, nil
+		if _, err := m.ReadSnapshot(bytes.NewReader(saved), clock); err != nil {
+			m.Close()
+			return nil, fmt.Errorf("pipeline: the dedup keys in %s: %w (delete the state to start over)", Bucket, err)
+		}
+		return m, nil
 	}
 	if r.cfg.Window.Store != dedup.StoreDisk {
-		st, err := mem()
-		if err != nil {
-			return nil, err
-		}
-		if files == nil {
-			return memKeys{st}, nil
+		m, err := mem()
+		if err != nil || !onDisk {
+			return m, err
 		}
 		// Saved on disk, kept in memory from now on.
 		d, err := r.openDisk(ctx, files, clock)
+		if err == nil {
+			defer d.Close()
+			err = d.Range(clock, func(k window.Key, exp uint32) bool { m.Add(k, exp, r.seq, clock); return true })
+		}
 		if err != nil {
+			m.Close()
 			return nil, err
 		}
-		defer d.Close()
-		if err := d.Range(clock, func(k window.Key, exp uint32) bool { st.Add(k, exp, r.seq, clock); return true }); err != nil {
-			return nil, err
-		}
-		return memKeys{st}, nil
+		return m, nil
 	}
 	d, err := r.openDisk(ctx, files, clock)
 	if err != nil {
 		return nil, err // not d: a nil *diskKeys in a keyStore is not a nil keyStore
 	}
-	if files != nil || saved == nil {
+	if onDisk || saved == nil {
 		return d, nil
 	}
 	// Saved in memory, kept on disk from now on: the next checkpoint writes them.
-	st, err := mem()
+	m, err := mem()
 	if err == nil {
-		err = st.Range(clock, func(k window.Key, exp uint32) bool {
+		err = m.Range(clock, func(k window.Key, exp uint32) bool {
 			_, err = d.Admit(k, exp, r.seq, clock)
 			return err == nil
 		})
+		err = errors.Join(err, m.Close())
 	}
 	if err != nil {
 		d.Close()
 		return nil, err
 	}
 	return d, nil
+}
+
+// openMem makes the keys in memory, with the keys of segs (none: an empty store,
+// whose first capture writes every key).
+func (r *run) openMem(ctx context.Context, segs []segment, clock uint32) (*memKeys, error) {
+	st := window.NewStore(r.cfg.Window.MaxKeys)
+	origin := uint64(r.created.UnixNano())
+	st.SetOrigin(origin)
+	var nonce [4]byte
+	_, _ = rand.Read(nonce[:])
+	m := &memKeys{Store: st, origin: origin, nonce: hex.EncodeToString(nonce[:]), whole: segs == nil}
+	if r.cfg.Window.Disk.Dir != "" {
+		m.dir = filepath.Join(r.cfg.Window.Disk.Dir, strconv.Itoa(r.in.id), "memory")
+	} else {
+		var err error
+		if m.dir, err = os.MkdirTemp("", "sluice-keys-"); err != nil {
+			return nil, fmt.Errorf("pipeline: %w", err)
+		}
+		m.temp = true
+	}
+	m.files = partition.NewFiles(r.store, r.claim, "keys", func(string) bool { return true }, filepath.Join(m.dir, "cache"), r.log)
+	fail := func(err error) (*memKeys, error) {
+		m.Close()
+		return nil, fmt.Errorf("pipeline: partition %d's dedup keys: %w", r.in.id, err)
+	}
+	files := make([]partition.File, len(segs))
+	for i, sg := range segs {
+		files[i] = sg.File
+	}
+	dir := filepath.Join(m.dir, "segments")
+	if err := m.files.Restore(ctx, files, dir); err != nil {
+		return fail(err)
+	}
+	for _, sg := range segs {
+		f, err := os.Open(filepath.Join(dir, sg.File.Name))
+		if err != nil {
+			return fail(err)
+		}
+		_, err = m.AddSnapshot(f, clock)
+		f.Close()
+		if err != nil {
+			return fail(fmt.Errorf("segment %s: %w", sg.File.Name, err))
+		}
+	}
+	m.segs = segs
+	if err := os.RemoveAll(dir); err != nil {
+		return fail(err)
+	}
+	return m, nil
 }
 
 // openDisk restores the checkpoint files (none: an empty store) into the

@@ -139,23 +139,36 @@ var ErrOtherOrigin = errors.New("dedup snapshot is of another stream")
 func (s *Store) WriteSnapshot(w io.Writer) error {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
+	return WriteKeys(w, s.origin, s.lastSeq, s.t.Len(), s.t.Range)
+}
+
+// WriteKeys writes n keys and their expiries, as each yields them, to w in the
+// snapshot format: a snapshot of some keys (a segment of an incremental
+// checkpoint) that AddSnapshot adds to a store. origin and lastSeq are a
+// store's (SetOrigin, Stats).
+func WriteKeys(w io.Writer, origin, lastSeq uint64, n int, each func(f func(k Key, exp uint32) bool)) error {
 	crc := crc32.NewIEEE()
 	bw := bufio.NewWriterSize(io.MultiWriter(w, crc), 1<<16)
 	var buf [20]byte
 	bw.Write(magic[:])
-	binary.LittleEndian.PutUint64(buf[:8], s.origin)
+	binary.LittleEndian.PutUint64(buf[:8], origin)
 	bw.Write(buf[:8])
-	binary.LittleEndian.PutUint64(buf[:8], s.lastSeq)
+	binary.LittleEndian.PutUint64(buf[:8], lastSeq)
 	bw.Write(buf[:8])
-	binary.LittleEndian.PutUint64(buf[:8], uint64(s.t.Len()))
+	binary.LittleEndian.PutUint64(buf[:8], uint64(n))
 	bw.Write(buf[:8])
-	s.t.Range(func(k Key, exp uint32) bool {
+	written := 0
+	each(func(k Key, exp uint32) bool {
 		binary.LittleEndian.PutUint64(buf[0:8], k.Hi)
 		binary.LittleEndian.PutUint64(buf[8:16], k.Lo)
 		binary.LittleEndian.PutUint32(buf[16:20], exp)
 		bw.Write(buf[:])
+		written++
 		return true
 	})
+	if written != n {
+		return fmt.Errorf("write dedup snapshot: %d keys, %d announced", written, n)
+	}
 	if err := bw.Flush(); err != nil {
 		return fmt.Errorf("write dedup snapshot: %w", err)
 	}
@@ -170,6 +183,43 @@ func (s *Store) WriteSnapshot(w io.Writer) error {
 // ones expired at now, and returns the snapshot's last sequence. A snapshot whose
 // origin is not the store's is refused with ErrOtherOrigin.
 func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
+	var t Table
+	lastSeq, err := s.readSnapshot(r, func(count uint64) {
+		if count > 0 && count < 1<<32 {
+			t.resize(max(minSlots, int(float64(count)/rebuildLoad)+1))
+		}
+	}, func(k Key, exp uint32) {
+		if exp > now {
+			t.Put(k, exp)
+		}
+	})
+	if err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.t, s.lastSeq = t, lastSeq
+	return lastSeq, nil
+}
+
+// AddSnapshot adds the keys of a snapshot not expired at now to those held (a key
+// held already takes the snapshot's expiry: segments are added oldest first), as
+// Add does (so within the store's bound), and returns the snapshot's last
+// sequence. A snapshot whose origin is not the store's is refused with
+// ErrOtherOrigin; a corrupt one may have added some of its keys.
+func (s *Store) AddSnapshot(r io.Reader, now uint32) (uint64, error) {
+	lastSeq, err := s.readSnapshot(r, func(uint64) {}, func(k Key, exp uint32) { s.Add(k, exp, 0, now) })
+	if err != nil {
+		return 0, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastSeq = max(s.lastSeq, lastSeq)
+	return lastSeq, nil
+}
+
+// readSnapshot reads a snapshot: sized with its key count, then add with each key.
+func (s *Store) readSnapshot(r io.Reader, sized func(count uint64), add func(k Key, exp uint32)) (uint64, error) {
 	crc := crc32.NewIEEE()
 	br := bufio.NewReaderSize(r, 1<<16)
 	tr := io.TeeReader(br, crc)
@@ -188,19 +238,13 @@ func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
 	}
 	lastSeq := binary.LittleEndian.Uint64(head[16:24])
 	count := binary.LittleEndian.Uint64(head[24:32])
-	var t Table
-	if count > 0 && count < 1<<32 {
-		t.resize(max(minSlots, int(float64(count)/rebuildLoad)+1))
-	}
+	sized(count)
 	var buf [20]byte
 	for i := uint64(0); i < count; i++ {
 		if _, err := io.ReadFull(tr, buf[:]); err != nil {
 			return 0, fmt.Errorf("%w: key %d of %d: %v", ErrCorrupt, i, count, err)
 		}
-		exp := binary.LittleEndian.Uint32(buf[16:20])
-		if exp > now {
-			t.Put(Key{binary.LittleEndian.Uint64(buf[0:8]), binary.LittleEndian.Uint64(buf[8:16])}, exp)
-		}
+		add(Key{binary.LittleEndian.Uint64(buf[0:8]), binary.LittleEndian.Uint64(buf[8:16])}, binary.LittleEndian.Uint32(buf[16:20]))
 	}
 	want := crc.Sum32()
 	if _, err := io.ReadFull(br, buf[:4]); err != nil {
@@ -209,8 +253,5 @@ func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
 	if got := binary.LittleEndian.Uint32(buf[:4]); got != want {
 		return 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.t, s.lastSeq = t, lastSeq
 	return lastSeq, nil
 }

@@ -3,15 +3,14 @@ package partition_test
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"slices"
 	"testing"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
+	"github.com/sluicehq/sluice/services/kit/partition/partitiontest"
 )
 
 // claimed starts a nats-server, a KV bucket and an object store named bucket, and
@@ -28,24 +27,7 @@ func claimed(t testing.TB, bucket string) (jetstream.KeyValue, jetstream.ObjectS
 	if err != nil {
 		t.Fatal(err)
 	}
-	claims := make(chan *partition.Claim, 1)
-	gctx, cancel := context.WithCancel(ctx)
-	g := &partition.Group{KV: kv, Partitions: 1, Worker: "a", TTL: 3 * time.Second, Log: slog.New(slog.DiscardHandler)}
-	done := make(chan error, 1)
-	go func() {
-		done <- g.Run(gctx, func(ctx context.Context, c *partition.Claim) {
-			claims <- c
-			<-ctx.Done()
-		})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	select {
-	case c := <-claims:
-		return kv, store, c
-	case <-time.After(20 * time.Second):
-		t.Fatal("the partition was never claimed")
-		return nil, nil, nil
-	}
+	return kv, store, partitiontest.Claim(t, kv)
 }
 
 // objectNames lists store's objects, sorted.

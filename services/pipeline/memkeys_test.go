@@ -1,0 +1,139 @@
+package pipeline
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"maps"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/dedup/window"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/partition/partitiontest"
+)
+
+// memRun is a run of partition 0 whose claim worker "a" holds, for the keys in
+// memory alone: a nats-server with the pipeline's object store.
+func memRun(t *testing.T) (*run, jetstream.ObjectStore) {
+	t.Helper()
+	ctx := context.Background()
+	_, js := natstest.Run(t).Connect(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: Bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{Bucket: Bucket, Storage: jetstream.FileStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	r := &run{pipeline: &pipeline{cfg: cfg, store: store, log: testLog}, claim: partitiontest.Claim(t, kv),
+		created: time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)}
+	return r, store
+}
+
+// The keys in memory saved as segments: keys admitted with random windows while
+// time moves on, captures whose saves fail at random (encoded and never saved, or
+// not even encoded), restarts from the last state saved. Each restart holds
+// exactly the keys the last saved capture held (the oracle: the store's keys at
+// that capture), less those expired at the restore's clock; captures write the
+// keys admitted since the last save, and every key held at most every maxSegments.
+func TestMemKeysSegments(t *testing.T) {
+	r, store := memRun(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(5, 6))
+	var saved []byte               // the keys part of the last state saved
+	var want map[window.Key]uint32 // the keys held at its capture
+	now := uint32(1_000_000)
+	m, err := r.openKeys(ctx, nil, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := func(ks keyStore, at uint32) map[window.Key]uint32 {
+		got := map[window.Key]uint32{}
+		if err := ks.Range(at, func(k window.Key, exp uint32) bool { got[k] = exp; return true }); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	deltas, wholes := 0, 0
+	for round := range 120 {
+		admit := func(n int) {
+			for range n {
+				k := window.Key{Hi: rng.Uint64N(3000), Lo: rng.Uint64()}
+				if rng.IntN(4) == 0 && len(want) > 0 {
+					for wk := range want { // a repeat of a key held
+						k = wk
+						break
+					}
+				}
+				if _, err := m.Admit(k, now+1+uint32(rng.IntN(200)), uint64(round), now); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		admit(rng.IntN(400))
+		now += uint32(rng.IntN(8))
+		c := m.capture(now)
+		if mc, ok := c.(*memCapture); ok && mc.all == nil {
+			deltas++
+		} else {
+			wholes++
+		}
+		at := held(m, now)
+		admit(rng.IntN(50)) // while the capture is saved: the next one's
+		switch rng.IntN(5) {
+		case 0: // the save fails before it is written
+			continue
+		case 1: // written, but the state never points at it
+			if err := c.encode(ctx, &bytes.Buffer{}); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		var buf bytes.Buffer
+		if err := c.encode(ctx, &buf); err != nil {
+			t.Fatal(err)
+		}
+		var segs []segment
+		if !bytes.HasPrefix(buf.Bytes(), memMagic) || json.Unmarshal(buf.Bytes()[len(memMagic):], &segs) != nil || len(segs) > maxSegments {
+			t.Fatalf("round %d: the state's keys part names %d segments (%.40q)", round, len(segs), buf.Bytes())
+		}
+		c.saved(ctx)
+		saved, want = buf.Bytes(), at
+		if rng.IntN(6) == 0 { // a restart from it
+			if err := m.Close(); err != nil {
+				t.Fatal(err)
+			}
+			restoredAt := now + uint32(rng.IntN(5))
+			if m, err = r.openKeys(ctx, saved, restoredAt); err != nil {
+				t.Fatal(err)
+			}
+			got := held(m, restoredAt)
+			wantNow := maps.Clone(want)
+			maps.DeleteFunc(wantNow, func(_ window.Key, exp uint32) bool { return exp <= restoredAt })
+			if !maps.Equal(got, wantNow) {
+				t.Fatalf("round %d: restored %d keys, the saved capture held %d (unexpired)", round, len(got), len(wantNow))
+			}
+			now = restoredAt
+		}
+	}
+	if deltas < 40 || wholes < 3 {
+		t.Fatalf("%d captures of the keys admitted since a save, %d of every key: the test does not exercise both", deltas, wholes)
+	}
+	m.Close()
+	// What the state names is all the store keeps of the keys (the last two states'
+	// segments): no segment of a failed save stays behind.
+	infos, err := store.List(ctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoObjectsFound) {
+		t.Fatal(err)
+	}
+	if len(infos) > 2*maxSegments {
+		t.Fatalf("%d objects left in the store", len(infos))
+	}
+}
