@@ -306,8 +306,11 @@ func (r *run) openKeys(ctx context.Context, saved []byte, clock uint32) (keyStor
 	}
 	if r.cfg.Window.Store != dedup.StoreDisk {
 		m, err := mem()
-		if err != nil || !onDisk {
-			return m, err
+		if err != nil {
+			return nil, err // not m: a nil *memKeys in a keyStore is not a nil keyStore
+		}
+		if !onDisk {
+			return m, nil
 		}
 		// Saved on disk, kept in memory from now on.
 		d, err := r.openDisk(ctx, files, clock)
@@ -335,7 +338,8 @@ func (r *run) openKeys(ctx context.Context, saved []byte, clock uint32) (keyStor
 			_, err = d.Admit(k, exp, r.seq, clock)
 			return err == nil
 		})
-		err = errors.Join(err, m.Close())
+		// The keys are on disk from now on: this machine's copies of the segments go.
+		err = errors.Join(err, m.Close(), os.RemoveAll(m.dir))
 	}
 	if err != nil {
 		d.Close()
