@@ -33,7 +33,11 @@ type keyStore interface {
 }
 
 // keysCapture writes captured keys into a state (after its header); saved is
-// called once that state is the partition's.
+// called once that state is the partition's. A run's captures are encoded and
+// saved one at a time, in order, and the next capture is taken only after the
+// last one was saved or given up (the decide loop's saving flag, and the final
+// save after the saver stopped): memKeys counts on it, trimming its log of
+// admitted keys by the position the saved capture took.
 type keysCapture interface {
 	encode(ctx context.Context, w io.Writer) error
 	saved(ctx context.Context)
