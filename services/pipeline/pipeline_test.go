@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -331,6 +332,20 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// With the checkpoint files it names, as a backup of a state holds them: later
+	// saves delete the files no kept state names (the last two).
+	files := map[string][]byte{}
+	infos, err := store.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range infos {
+		if strings.HasPrefix(info.Name, "keys.") {
+			if files[info.Name], err = store.GetBytes(ctx, info.Name); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	u2, i2, r2 := f.input(t, 1001, 1000)
 	stop = f.start(t, cfg)
 	f.waitFor(t, u1+u2, i1+i2, r1+r2)
@@ -341,6 +356,18 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 	if _, err := store.PutBytes(ctx, "state.old", old); err != nil {
 		t.Fatal(err)
 	}
+	putBack := 0
+	for name, b := range files {
+		if _, err := store.GetInfo(ctx, name); errors.Is(err, jetstream.ErrObjectNotFound) {
+			if _, err := store.PutBytes(ctx, name, b); err != nil {
+				t.Fatal(err)
+			}
+			putBack++
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("%d checkpoint files were there with the older state; %d of them put back", len(files), putBack)
 	e, _ := claim()
 	if _, err := kv.Update(ctx, "partition.0", []byte(`{"worker":"","state":"state.old"}`), e.Revision()); err != nil {
 		t.Fatal(err)

@@ -17,10 +17,10 @@ import (
 
 // TestStalledWorkerIsFenced: the worker that owns the partition is paused (SIGSTOP,
 // what a long GC pause or a frozen VM does) while one of its inserts is half sent
-// over a slow link to ClickHouse. The other worker takes the partition over and
-// stores every event; then the paused one resumes and finishes its insert, rows the
-// new owner stored already. The server's fence drops it: every unique event is in
-// events once.
+// over a slow link to ClickHouse, whose bytes the network holds meanwhile. The other
+// worker takes the partition over and stores every event; then the paused one
+// resumes and finishes its insert, rows the new owner stored already. The server's
+// fence drops it: every unique event is in events once.
 func TestStalledWorkerIsFenced(t *testing.T) {
 	r := newWorkerRig(t)
 	ctx, conn, js, start := context.Background(), r.conn, r.js, r.start
@@ -65,10 +65,26 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 		in.queryID = ids[0]
 		return in, nil
 	}
+	isOpen := func(queryID string) (bool, error) {
+		var open uint64
+		err := conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id = ?", queryID).Scan(&open)
+		return open == 1, err
+	}
+	// The owner's link holds what it carries while an insert of the owner is open:
+	// the insert cannot end then (a small batch, all in the kernel's buffers, would
+	// otherwise reach the server while its worker is paused).
 	var stalled insert
 	err := oracle.WaitFor(ctx, 2*time.Minute, func() (err error) {
-		stalled, err = running()
-		return err
+		if stalled, err = running(); err != nil {
+			return err
+		}
+		l := links[stalled.worker]
+		l.hold()
+		if open, err := isOpen(stalled.queryID); err != nil || !open {
+			l.release()
+			return fmt.Errorf("insert %s ended before its link held it (%v)", stalled.queryID, err)
+		}
+		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +98,7 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	defer func() {
 		if !resumed {
 			_ = victim.cmd.Process.Signal(syscall.SIGCONT)
+			links[stalled.worker].release()
 		}
 	}()
 	for name, l := range links {
@@ -91,8 +108,7 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	}
 	// The other worker fences the partition, waits out the open insert (one lease
 	// TTL) and stores everything. The paused worker's insert is still on its way
-	// then: what its kernel had sent crosses the slow link while it is paused, and
-	// the rest waits for it.
+	// then.
 	if err := oracle.WaitFor(ctx, time.Minute, func() error {
 		var gen uint64
 		if err := conn.QueryRow(ctx, "SELECT max(gen) FROM partition_fences WHERE partition = 0").Scan(&gen); err != nil {
@@ -105,11 +121,9 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	var open uint64
-	if err := conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id = ?", stalled.queryID).Scan(&open); err != nil {
+	if open, err := isOpen(stalled.queryID); err != nil {
 		t.Fatal(err)
-	}
-	if open != 1 {
+	} else if !open {
 		t.Fatalf("insert %s had ended when the next owner fenced the partition: the test did not make the late insert it is about", stalled.queryID)
 	}
 	if err := <-published; err != nil {
@@ -132,13 +146,15 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	}
 	resumed = true
 	links[stalled.worker].unlimit()
+	links[stalled.worker].release()
 	t.Logf("resumed %s", stalled.worker)
 	// Its insert ends (sent whole, or cut off when the worker finds its claim lost).
 	if err := oracle.WaitFor(ctx, 5*time.Minute, func() error {
-		if err := conn.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id = ?", stalled.queryID).Scan(&open); err != nil {
+		open, err := isOpen(stalled.queryID)
+		if err != nil {
 			return err
 		}
-		if open != 0 {
+		if open {
 			return fmt.Errorf("insert %s still running", stalled.queryID)
 		}
 		return nil
@@ -156,13 +172,43 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 }
 
 // link forwards connections to a server, passing at most rate bytes a second
-// towards it (the answers at full speed) until unlimit; rate 0 is no limit.
+// towards it (the answers at full speed) until unlimit; rate 0 is no limit. Between
+// hold and release it passes nothing towards the server.
 type link struct {
 	addr string
 	rate atomic.Int64 // 0: unlimited
+	mu   sync.Mutex
+	gate chan struct{} // closed unless held
 }
 
 func (l *link) unlimit() { l.rate.Store(0) }
+
+func (l *link) hold() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	select {
+	case <-l.gate:
+		l.gate = make(chan struct{})
+	default: // held already
+	}
+}
+
+func (l *link) release() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	select {
+	case <-l.gate:
+	default:
+		close(l.gate)
+	}
+}
+
+// open is closed while the link passes bytes towards the server.
+func (l *link) open() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.gate
+}
 
 // newLink is a link listening on listen (host:port; port 0 picks one) to target at
 // rate bytes a second, until t ends.
@@ -172,13 +218,15 @@ func newLink(t *testing.T, listen, target string, rate int64) *link {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &link{addr: ln.Addr().String()}
+	l := &link{addr: ln.Addr().String(), gate: make(chan struct{})}
+	close(l.gate)
 	l.rate.Store(rate)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var conns []net.Conn
 	t.Cleanup(func() {
 		_ = ln.Close()
+		l.release()
 		mu.Lock()
 		for _, c := range conns {
 			_ = c.Close()
@@ -206,6 +254,7 @@ func newLink(t *testing.T, listen, target string, rate int64) *link {
 				for {
 					n, err := c.Read(buf)
 					if n > 0 {
+						<-l.open()
 						if _, werr := s.Write(buf[:n]); werr != nil {
 							return
 						}
