@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/keyed"
 	"github.com/sluicehq/sluice/services/dedup"
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -245,4 +247,107 @@ func TestKeyerKeepsOrder(t *testing.T) {
 	if got := fmt.Sprint(published); got != "[1 2 3 4 5 6 7]" {
 		t.Fatalf("published in the order %s", got)
 	}
+}
+
+// A checkpoint file the partition's state names is lost from the object store
+// (each file the newest state names and the one before it does not): the next run
+// restores the state before it, with the keys in memory and on disk (whose local
+// copies of the tables would otherwise stand in for the lost objects: each run
+// has a directory of its own); the input after that state comes again and every
+// event lands once.
+func TestLostCheckpointFileFallsBack(t *testing.T) {
+	for _, store := range []string{dedup.StoreMemory, dedup.StoreDisk} {
+		t.Run(store, func(t *testing.T) {
+			f := setup(t)
+			ctx := context.Background()
+			worker := func(interval time.Duration) Config {
+				cfg := testConfig(t, "a")
+				cfg.Window.Store, cfg.DataDir, cfg.SnapshotInterval = store, t.TempDir(), interval
+				return cfg
+			}
+			u1, i1, r1 := f.input(t, 1, 1000)
+			stop := f.start(t, worker(100*time.Millisecond))
+			f.waitFor(t, u1, i1, r1)
+			stop()
+			// With no periodic save, this run writes two states: at its start (the
+			// keys of the first 1,000) and at its stop (the next 1,000's too).
+			u2, i2, r2 := f.input(t, 1001, 1000)
+			stop = f.start(t, worker(time.Hour))
+			f.waitFor(t, u1+u2, i1+i2, r1+r2)
+			stop()
+			objects, kv := f.buckets(t)
+			_, newest := f.claimState(t, kv)
+			infos, err := objects.List(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var states []string
+			for _, info := range infos {
+				if strings.HasPrefix(info.Name, "state.0.") {
+					states = append(states, info.Name)
+				}
+			}
+			if len(states) != 2 {
+				t.Fatalf("states %v, want the newest and the one before it", states)
+			}
+			before := states[0]
+			if before == newest {
+				before = states[1]
+			}
+			kept := map[string]bool{}
+			for _, object := range stateFiles(t, objects, before) {
+				kept[object] = true
+			}
+			lost := 0
+			for _, object := range stateFiles(t, objects, newest) {
+				if !kept[object] {
+					if err := objects.Delete(ctx, object); err != nil {
+						t.Fatal(err)
+					}
+					lost++
+				}
+			}
+			if lost == 0 {
+				t.Fatalf("state %s names no file that %s does not", newest, before)
+			}
+			t.Logf("deleted %d files of %s", lost, newest)
+			u3, i3, r3 := f.input(t, 2001, 500)
+			f.start(t, worker(100*time.Millisecond))
+			f.waitFor(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
+			f.check(t, u1+u2+u3, i1+i2+i3, r1+r2+r3)
+		})
+	}
+}
+
+// stateFiles is the objects of the checkpoint files state names (its keys part:
+// a disk checkpoint's files or the memory store's segments).
+func stateFiles(t *testing.T, objects jetstream.ObjectStore, state string) []string {
+	t.Helper()
+	b, err := objects.GetBytes(context.Background(), state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := b[4+binary.BigEndian.Uint32(b):]
+	var names []string
+	switch {
+	case bytes.HasPrefix(keys, diskMagic):
+		var files []partition.File
+		if err := json.Unmarshal(keys[len(diskMagic):], &files); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			names = append(names, f.Object)
+		}
+	case bytes.HasPrefix(keys, memMagic):
+		var segs []segment
+		if err := json.Unmarshal(keys[len(memMagic):], &segs); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range segs {
+			names = append(names, s.File.Object)
+		}
+	default:
+		t.Fatalf("state %s: its keys part begins %.8q", state, keys)
+	}
+	return names
 }

@@ -506,7 +506,7 @@ func (r *run) restore(ctx context.Context) error {
 	}
 	info := stream.CachedInfo()
 	r.created = info.Created
-	snap, savedKeys, err := r.load(ctx)
+	snap, err := r.loadKeys(ctx)
 	if err != nil {
 		return err
 	}
@@ -515,16 +515,14 @@ func (r *run) restore(ctx context.Context) error {
 		snap = &snapshot{StreamCreated: r.created, Seq: from - 1, ReplayUntil: info.State.LastSeq}
 		r.log.Info("no pipeline state; reading EVENTS from the start sequence, alerts from input already there are marked replay",
 			"from_seq", from, "replay_until", snap.ReplayUntil)
+		if r.keys, err = r.openKeys(ctx, nil, 0); err != nil {
+			return err
+		}
 	}
 	if snap.Seq+1 < info.State.FirstSeq {
 		r.log.Warn("input after the state's position has aged out of its stream; dedup and windows miss it", "stream", r.in.stream, "partition", r.in.id, "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	r.seq, r.clock, r.replay = snap.Seq, snap.Clock, snap.ReplayUntil
-	// Keys are dropped as of the snapshot's own time, not now: the input after it
-	// is decided at its own (earlier) times, as it was before the restart.
-	if r.keys, err = r.openKeys(ctx, savedKeys, snap.Clock); err != nil {
-		return err
-	}
 	if r.cfg.Partitions > 1 {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
@@ -618,6 +616,12 @@ func (r *run) load(ctx context.Context) (*snapshot, []byte, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("pipeline: %w", err)
 	}
+	return r.decode(b)
+}
+
+// decode reads a state's header and the keys part that follows it; nil when b is,
+// or the state is of another stream.
+func (r *run) decode(b []byte) (*snapshot, []byte, error) {
 	if b == nil {
 		return nil, nil, nil
 	}
@@ -634,6 +638,30 @@ func (r *run) load(ctx context.Context) (*snapshot, []byte, error) {
 		return nil, nil, nil
 	}
 	return &snap, b[4+n:], nil
+}
+
+// loadKeys reads the partition's state and opens its dedup keys (r.keys); nil
+// when there is no state (r.keys not opened then). A state whose keys cannot be
+// restored because a checkpoint file it names is lost gives way to the newest
+// older state that can be (States.Older): the input after it comes again, and
+// what was stored of it is found, as after a state that cannot be read.
+func (r *run) loadKeys(ctx context.Context) (*snapshot, error) {
+	snap, savedKeys, err := r.load(ctx)
+	for snap != nil {
+		// Keys are dropped as of the snapshot's own time, not now: the input after
+		// it is decided at its own (earlier) times, as it was before the restart.
+		r.keys, err = r.openKeys(ctx, savedKeys, snap.Clock)
+		if !errors.Is(err, jetstream.ErrObjectNotFound) {
+			break
+		}
+		older, b, oerr := r.states.Older(ctx)
+		if oerr != nil || older == "" {
+			return nil, fmt.Errorf("%w (a checkpoint file the partition's state names is lost from %s, and no older state restores: see docs/dedup.md, a lost checkpoint file)", errors.Join(err, oerr), Bucket)
+		}
+		r.log.Warn("a checkpoint file of the partition's state is lost; restoring the state before it", "partition", r.in.id, "err", err, "older", older)
+		snap, savedKeys, err = r.decode(b)
+	}
+	return snap, err
 }
 
 // save writes the state as of r.seq. Every output of input up to r.seq must be

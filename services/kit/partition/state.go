@@ -17,7 +17,7 @@ import (
 // object of its own, named by the claim's generation and a count, and the claim
 // (compare-and-set) then points at it: a worker that lost the partition can write
 // an object, never the pointer. The state before the newest stays, for a restore
-// that cannot read the newest; older ones are deleted.
+// that cannot read the newest (Load) or restore it (Older); older ones are deleted.
 //
 // Saves are one at a time; Load comes before the first.
 type States struct {
@@ -34,6 +34,11 @@ type States struct {
 	pruned bool
 	older  string
 	unsure []string
+	// loaded is the state Load (or Older) returned; fellBack tells that it is not
+	// the one the claim points at and no save succeeded since: the first keeps it
+	// as the state before it, and deletes the claim's.
+	loaded   string
+	fellBack bool
 }
 
 // NewStates keeps claim's states in store as objects named prefix.<partition>.<gen>.<n>.
@@ -117,6 +122,7 @@ func (s *States) olderThan(ctx context.Context, name string) (string, []byte, er
 // warning: the input after that one comes again, and its owner finds what was
 // stored already.
 func (s *States) Load(ctx context.Context, legacy string) ([]byte, error) {
+	s.loaded, s.fellBack = "", false
 	name := s.claim.State()
 	if name == "" {
 		name = legacy
@@ -129,6 +135,7 @@ func (s *States) Load(ctx context.Context, legacy string) ([]byte, error) {
 		if older, ob, oerr := s.olderThan(ctx, name); oerr == nil && older != "" {
 			s.log.Warn("the partition's state cannot be read; restoring the one before it", "partition", s.claim.Partition, "state", name, "err", err, "older", older)
 			b, err = ob, nil
+			name, s.fellBack = older, true
 		}
 	}
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
@@ -140,7 +147,26 @@ func (s *States) Load(ctx context.Context, legacy string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read partition %d's state %s: %w", s.claim.Partition, name, err)
 	}
+	s.loaded = name
 	return b, nil
+}
+
+// Older reads the newest state older than the one Load returned that can be
+// read, for a state that reads but cannot be restored (a checkpoint file it names
+// is lost), and returns it in its place: the input after it comes again, as after
+// a state Load cannot read. It returns nil when there is none.
+func (s *States) Older(ctx context.Context) (string, []byte, error) {
+	if s.loaded == "" {
+		return "", nil, nil
+	}
+	name, b, err := s.olderThan(ctx, s.loaded)
+	if err != nil {
+		return "", nil, fmt.Errorf("partition %d's older states: %w", s.claim.Partition, err)
+	}
+	if name != "" {
+		s.loaded, s.fellBack = name, true
+	}
+	return name, b, nil
 }
 
 // Save writes state as a new object and points the claim at it (ErrLost when
@@ -151,6 +177,13 @@ func (s *States) Save(ctx context.Context, state io.Reader) error {
 		return err
 	}
 	prev := s.claim.State()
+	if s.fellBack {
+		// The claim's state could not be restored: the one restored instead stays
+		// as the state before this one, and the claim's goes once this save is in
+		// (as the states of failed saves do).
+		s.unsure = append(s.unsure, prev)
+		prev = s.loaded
+	}
 	s.saves++
 	name := s.name(s.claim.Gen, s.saves)
 	if _, err := s.store.Put(ctx, jetstream.ObjectMeta{Name: name}, state); err != nil {
@@ -170,6 +203,7 @@ func (s *States) Save(ctx context.Context, state io.Reader) error {
 		return fmt.Errorf("save state: %w", err)
 	}
 	s.prune(ctx, name, prev)
+	s.fellBack = false
 	return nil
 }
 

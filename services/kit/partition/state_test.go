@@ -80,3 +80,44 @@ func TestStates(t *testing.T) {
 func stateName(gen uint64, n int) string {
 	return "state.0." + strconv.FormatUint(gen, 10) + "." + strconv.Itoa(n)
 }
+
+// A state that loads but cannot be restored (a file it names is lost) gives way to
+// the one before it (Older); the next save keeps that one as the state before it
+// and deletes the one that could not be restored.
+func TestStatesOlder(t *testing.T) {
+	ctx := context.Background()
+	_, store, c := claimed(t, "test_states_older")
+	log := slog.New(slog.DiscardHandler)
+	s := partition.NewStates(store, c, "state", log)
+	for _, v := range []string{"one", "two", "three"} {
+		if err := s.Save(ctx, strings.NewReader(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gen := c.Gen
+	// The next run of the ownership.
+	if b, err := s.Load(ctx, ""); err != nil || string(b) != "three" {
+		t.Fatalf("load: %q, %v", b, err)
+	}
+	name, b, err := s.Older(ctx)
+	if err != nil || name != stateName(gen, 2) || string(b) != "two" {
+		t.Fatalf("older: %s %q, %v; want %s", name, b, err, stateName(gen, 2))
+	}
+	if name, b, err := s.Older(ctx); err != nil || name != "" || b != nil {
+		t.Fatalf("older than the oldest: %s %q, %v; want none", name, b, err)
+	}
+	if err := s.Save(ctx, strings.NewReader("four")); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{stateName(gen, 2), stateName(gen, 4)}
+	if got := objectNames(t, store); !slices.Equal(got, want) {
+		t.Fatalf("objects after the save: %q, want %q (the new one and the one restored)", got, want)
+	}
+	// The run after: the claim's state, and the one before it is the one restored.
+	if b, err := s.Load(ctx, ""); err != nil || string(b) != "four" {
+		t.Fatalf("load: %q, %v", b, err)
+	}
+	if name, _, err := s.Older(ctx); err != nil || name != stateName(gen, 2) {
+		t.Fatalf("older: %s, %v; want %s", name, err, stateName(gen, 2))
+	}
+}
