@@ -58,7 +58,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "sluice_pipeline_typed_rows_inserted_total", Help: "Rows inserted into typed tables, by table.",
 		}, []string{"table"})),
 		inflight: telemetry.Register(reg, prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "sluice_pipeline_events_in_flight", Help: "Events the worker's partitions hold read and not yet stored, together (at most 4 × PIPELINE_BATCH_MAX_ROWS).",
+			Name: "sluice_pipeline_events_in_flight", Help: "Events the worker's partitions hold read and not yet stored, together (at most 2 × PIPELINE_BATCH_MAX_ROWS).",
 		})),
 		combined: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_inserts_combined_total", Help: "Events inserts that held the rows of more than one partition's batch (sink.Combiner).",

@@ -326,8 +326,11 @@ type pipeline struct {
 }
 
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
-// and not yet stored, across its partitions.
-const inflightBatches = 4
+// and not yet stored, across its partitions: one inserting while the next is read,
+// prepared and decided. Most of a worker's memory under a backlog is these events
+// (four batches held about 0.8 GiB at the defaults, two under 0.5 GiB, for the
+// same throughput: docs/benchmarks.md).
+const inflightBatches = 2
 
 // startSeq is the first EVENTS sequence a stage without state reads, for StartAt
 // and the stream's last sequence.
@@ -354,7 +357,7 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 	// The claim's states, kept across the runs of this ownership.
 	states := partition.NewStates(p.store, claim, "state", p.log)
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
-		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 2), stalled: make(chan error, 1),
+		r := &run{pipeline: p, ch: p.shards.For(claim.Partition), in: in, claim: claim, states: states, spare: make(chan *batch, 1), stalled: make(chan error, 1),
 			released: make(chan struct{}, 1)}
 		err := r.run(ctx)
 		if r.keys != nil {
@@ -790,7 +793,9 @@ func (r *run) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("pipeline: read %s: %w", r.in.stream, err)
 	}
-	var pull jetstream.PullMessagesOpt = jetstream.PullMaxMessages(2 * r.cfg.MaxRows)
+	// The client's buffer holds messages beyond the worker's bound in flight: one
+	// batch's worth keeps reads ahead of the batches.
+	var pull jetstream.PullMessagesOpt = jetstream.PullMaxMessages(r.cfg.MaxRows)
 	if r.in.keyed {
 		// Envelopes hold many events each: the buffer is bounded by bytes, about
 		// two batches of events.
@@ -1074,7 +1079,7 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 // rows, and while an insert runs the next batch fills (a group commit).
 func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- collected) {
 	defer close(out)
-	buffered := r.cfg.MaxRows
+	buffered := 1024 // a hand-over from the client's buffer, not a buffer of its own
 	if r.in.keyed {
 		// Envelopes of many events each: the pull buffer holds the backlog.
 		buffered = envelopesBuffered
@@ -1386,8 +1391,13 @@ func (r *run) decide(p *prep, b *batch) {
 	items := p.all()
 	for i := range items {
 		r.decideItem(p, &items[i], b)
+		items[i].decided()
 	}
 }
+
+// decided drops what only deciding reads (the decoded event, the rules' view of
+// it): a decided batch waits for its insert holding its rows and messages alone.
+func (it *item) decided() { it.d.Event, it.env, it.envRead = nil, nil, nil }
 
 func (r *run) decideItem(p *prep, it *item, b *batch) {
 	d := it.d

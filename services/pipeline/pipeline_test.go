@@ -1011,7 +1011,7 @@ func TestWatchdogRestartsStalledPartition(t *testing.T) {
 	})
 }
 
-// A worker's partitions together hold at most four batches of events read and not
+// A worker's partitions together hold at most two batches of events read and not
 // stored: with ClickHouse stopped (SIGSTOP) and a backlog, the four partitions of
 // one worker fill that and no more; once it runs again everything lands and
 // nothing stays counted in flight.
@@ -1035,7 +1035,7 @@ func TestInflightBounded(t *testing.T) {
 	}
 	defer resume()
 	u2, i2, r2 := f.input(t, 101, 2000)
-	limit := float64(4 * cfg.MaxRows)
+	limit := float64(inflightBatches * cfg.MaxRows)
 	peak := 0.0
 	poll.Until(t, time.Minute, func() error {
 		n := inflight()

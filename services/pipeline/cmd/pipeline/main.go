@@ -33,7 +33,7 @@ func main() {
 			settings.String(fs, env, &cfg.Replica, "replica", "PIPELINE_REPLICA", cfg.Replica, "this worker's name in the group (unique; letters, digits, '-', '_' and '=')")
 			settings.String(fs, env, &cfg.StartAt, "start-at", "PIPELINE_START_AT", "first", "where a pipeline without state starts reading EVENTS: first, end, or a stream sequence")
 			return errors.Join(
-				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most events in one batch (one insert); a worker holds at most four batches' worth in flight"),
+				settings.Int(fs, env, &cfg.MaxRows, "batch-max-rows", "PIPELINE_BATCH_MAX_ROWS", cfg.MaxRows, "most events in one batch (one insert); a worker holds at most two batches' worth in flight"),
 				settings.Duration(fs, env, &cfg.FlushInterval, "flush-interval", "PIPELINE_FLUSH_INTERVAL", cfg.FlushInterval, "the longest a batch waits to fill before it is inserted (it goes on at once when the partition's earlier batches are stored and no input waits)"),
 				settings.Duration(fs, env, &cfg.InsertTimeout, "insert-timeout", "PIPELINE_INSERT_TIMEOUT", cfg.InsertTimeout, "longest an insert may take"),
 				settings.Duration(fs, env, &cfg.SnapshotInterval, "snapshot-interval", "PIPELINE_SNAPSHOT_INTERVAL", cfg.SnapshotInterval, "how often the state (dedup keys, alert windows, position) is saved"),
