@@ -163,9 +163,12 @@ func newWorkerRig(t *testing.T) *workerRig {
 		return append([]string{"NATS_URL=" + r.ns.url(), "METRICS_ADDR=", "LOG_LEVEL=info",
 			"SLUICE_APPLY_TOPOLOGY=false", "CLICKHOUSE_ADDR=" + r.chs.Addr, "CLICKHOUSE_DATABASE=" + r.chs.Database, "SLUICE_CONFIG=" + cfgPath}, env...)
 	}
-	r.start = func(name string, env ...string) *process { return startProcess(t, bin, dir, name, r.env(env)) }
+	// Each process has a data directory of its own (not ./data under the test's
+	// directory, shared by every process and left in the source tree).
+	own := func(env []string) []string { return r.env(append([]string{"SLUICE_DATA_DIR=" + t.TempDir()}, env...)) }
+	r.start = func(name string, env ...string) *process { return startProcess(t, bin, dir, name, own(env)) }
 	r.startIn = func(netns, name string, env ...string) *process {
-		return startProcessIn(t, netns, bin, dir, name, r.env(env))
+		return startProcessIn(t, netns, bin, dir, name, own(env))
 	}
 	return r
 }
