@@ -187,6 +187,11 @@ func startCommand(t *testing.T, dir, name string, env []string, argv ...string) 
 	t.Helper()
 	c := exec.Command(argv[0], argv[1:]...)
 	c.Env = append(cleanEnv(), env...)
+	if !slices.ContainsFunc(env, func(v string) bool { return strings.HasPrefix(v, "SLUICE_DATA_DIR=") }) {
+		// A data directory of its own, not ./data under test/procs (in the source
+		// tree, and shared by every process that does not name one).
+		c.Env = append(c.Env, "SLUICE_DATA_DIR="+t.TempDir())
+	}
 	logPath := filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano()))
 	logFile, err := os.Create(logPath)
 	if err != nil {
