@@ -48,11 +48,24 @@ type Settings struct {
 	SnapshotInterval time.Duration `yaml:"snapshot_interval"`
 	// ReloadInterval is how often the config file is checked for changed rules.
 	ReloadInterval time.Duration `yaml:"reload_interval"`
+	// Store is where the groups of windowed rules live: memory (StoreMemory, the
+	// default), or disk (StoreDisk: those beyond HotGroups in an LSM under
+	// SLUICE_DATA_DIR, see Spill).
+	Store string `yaml:"store"`
+	// HotGroups bounds the groups kept in memory with the disk store.
+	HotGroups int `yaml:"hot_groups"`
 }
+
+// Group stores (alert.store).
+const (
+	StoreMemory = "memory"
+	StoreDisk   = "disk"
+)
 
 // DefaultSettings are the settings of an absent alert section.
 func DefaultSettings() Settings {
-	return Settings{IdleAfter: 30 * time.Second, SnapshotInterval: 10 * time.Second, ReloadInterval: 2 * time.Second}
+	return Settings{IdleAfter: 30 * time.Second, SnapshotInterval: 10 * time.Second, ReloadInterval: 2 * time.Second,
+		Store: StoreMemory, HotGroups: DefaultHotGroups}
 }
 
 // LoadSettings decodes the alert section of f over the defaults.
@@ -63,6 +76,12 @@ func LoadSettings(f *configfile.File) (Settings, error) {
 	}
 	if s.IdleAfter <= 0 || s.SnapshotInterval <= 0 || s.ReloadInterval <= 0 {
 		return s, fmt.Errorf("config %s: alert: idle_after, snapshot_interval and reload_interval must be positive", f.Path)
+	}
+	if s.Store != StoreMemory && s.Store != StoreDisk {
+		return s, fmt.Errorf("config %s: alert.store must be %q or %q, got %q", f.Path, StoreMemory, StoreDisk, s.Store)
+	}
+	if s.HotGroups <= 0 {
+		return s, fmt.Errorf("config %s: alert.hot_groups must be positive, got %d", f.Path, s.HotGroups)
 	}
 	return s, nil
 }
@@ -82,6 +101,8 @@ type Config struct {
 	// Replicas is how many copies a NATS cluster keeps of the state bucket (0: as
 	// it is, 1 when created).
 	Replicas int
+	// GroupsDir holds the groups on disk (Store disk).
+	GroupsDir string
 }
 
 // DefaultConfig reads ENRICHED, with no rules.
@@ -241,7 +262,15 @@ func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error
 	}
 	s := &stageRun{cfg: cfg, js: js, state: state, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(),
 		pub: jspub.New(js, 1000, log)}
-	if err := s.restore(ctx); err != nil {
+	err = s.restore(ctx)
+	if s.engine != nil {
+		defer func() {
+			if err := s.engine.Close(); err != nil {
+				log.Warn("close the groups on disk", "err", err)
+			}
+		}()
+	}
+	if err != nil {
 		return err
 	}
 	return s.run(ctx, deps.Ready)
@@ -285,7 +314,9 @@ func (s *stageRun) restore(ctx context.Context) error {
 		s.log.Warn("input after the state's position has aged out of the stream; windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	s.seq, s.replay = snap.Seq, snap.ReplayUntil
-	s.engine = NewEngine(s.cfg.Rules, snap.State)
+	if s.engine, err = OpenEngine(s.cfg.Settings, s.cfg.Rules, snap.State, s.cfg.GroupsDir, s.log); err != nil {
+		return err
+	}
 	if s.cfg.Partitions > 0 {
 		s.engine.Partition(s.cfg.Partitions)
 	}
@@ -334,7 +365,8 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 	lastInput, lastTick := time.Now(), time.Now()
 	for {
 		if s.invalid != nil {
-			// Another runner took over: stop without saving.
+			// Another runner took over, or the windows are not whole: stop without
+			// saving.
 			it.Stop()
 			for range msgs {
 			}
@@ -503,6 +535,12 @@ func ChangeMsg(a *alerts.Alert) (*nats.Msg, error) {
 
 // emit publishes alert changes, leaving out those published before a restart.
 func (s *stageRun) emit(ctx context.Context, out []*alerts.Alert, replay bool) {
+	if err := s.engine.Err(); err != nil {
+		// The windows are not whole (the groups on disk failed): nothing of them is
+		// published or saved; the run starts again from the last state saved.
+		s.invalid = err
+		return
+	}
 	for _, a := range out {
 		a.Replay = replay
 		id := alerts.MsgID(a)

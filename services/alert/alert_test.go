@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -81,6 +82,7 @@ func (h *harness) start(path string) *stageHandle {
 	if err != nil {
 		h.t.Fatal(err)
 	}
+	cfg.GroupsDir = h.t.TempDir()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &stageHandle{cancel: cancel, done: make(chan struct{}), reg: prometheus.NewRegistry()}
 	ready := make(chan struct{})
@@ -159,8 +161,14 @@ func count(list []*alerts.Alert, status, label string) map[string]int {
 
 // A burst fires one alert per group; a restart from an older snapshot (as after
 // a crash) re-reads the input and publishes nothing twice, even with ALERTS's
-// duplicate window long past.
+// duplicate window long past. The same with the groups on disk (one in memory).
 func TestStageRestartFromOlderSnapshot(t *testing.T) {
+	for _, rule := range []string{loginRule, strings.Replace(loginRule, "idle_after: 1h}", "idle_after: 1h, store: disk, hot_groups: 1}", 1)} {
+		t.Run(map[bool]string{true: "memory", false: "disk"}[rule == loginRule], func(t *testing.T) { testStageRestartFromOlderSnapshot(t, rule) })
+	}
+}
+
+func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 	h := newHarness(t)
 	ctx := context.Background()
 	// Shrink ALERTS's duplicate window, so only the stage's own check can stop a
@@ -174,7 +182,7 @@ func TestStageRestartFromOlderSnapshot(t *testing.T) {
 	if _, err := h.js.UpdateStream(ctx, scfg); err != nil {
 		t.Fatal(err)
 	}
-	path := writeConfig(t, loginRule)
+	path := writeConfig(t, rule)
 	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
 	st := h.start(path)
 	for u := range 3 {

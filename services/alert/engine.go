@@ -3,6 +3,7 @@ package alert
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -44,6 +45,8 @@ type Engine struct {
 	// fullRings makes every group's ring the rule's whole ring at once, as the
 	// engine did before rings started small: the tests' oracle for them.
 	fullRings bool
+	// spill, if set, holds the groups of windowed rules beyond its bound on disk.
+	spill *Spill
 }
 
 // groupOf is an event's group for one group_by.
@@ -79,6 +82,16 @@ type RuleState struct {
 	// events of one group skip the map.
 	last    *GroupState
 	lastKey string
+	// cold are the groups on disk (nil: every group is in Groups), see Spill.
+	cold *coldGroups
+}
+
+// size is how many groups the rule has, in memory and on disk.
+func (rs *RuleState) size() int {
+	if rs.cold == nil {
+		return len(rs.Groups)
+	}
+	return len(rs.Groups) + rs.cold.n
 }
 
 // GroupState is one group's buckets (threshold, rate), last event (absence) and
@@ -103,6 +116,8 @@ type GroupState struct {
 	count float64
 	// ringed: Buckets is a ring (not as restored), of minRing slots or grown.
 	ringed bool
+	// touched is the Spill's epoch of the group's last event.
+	touched uint32
 }
 
 // Bucket aggregates the events of the step starting at Start (unix ns).
@@ -178,13 +193,28 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		if keep[name] {
 			continue
 		}
+		rs := e.st.Rules[name]
 		if r := old[name]; r != nil {
-			rs := e.st.Rules[name]
-			for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
-				if g := rs.Groups[key]; g.FiringSince != 0 {
-					out = append(out, r.resolved(key, g, e.st.MaxTime.UnixNano(), nil))
+			firing := map[string]*GroupState{}
+			for key, g := range rs.Groups {
+				if g.FiringSince != 0 {
+					firing[key] = g
 				}
 			}
+			if rs.cold != nil {
+				e.spill.fail(rs.cold.each(func(key string, rec []byte) error {
+					if g := rs.cold.decode(r, key, rec); g != nil && g.FiringSince != 0 {
+						firing[key] = g
+					}
+					return nil
+				}))
+			}
+			for _, key := range slices.Sorted(maps.Keys(firing)) {
+				out = append(out, r.resolved(key, firing[key], e.st.MaxTime.UnixNano(), nil))
+			}
+		}
+		if rs.cold != nil {
+			rs.cold.drop()
 		}
 		delete(e.st.Rules, name)
 	}
@@ -226,6 +256,7 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		}
 		rs.groupBy = r.groupLabels
 	}
+	e.attachSpill()
 	return out
 }
 
@@ -370,6 +401,9 @@ func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 		g.bucket(b, step, e.firstRing(r), rs.keepFrom(r)).add(a.value)
 		g.count++
 	}
+	if len(e.adds) > 0 && e.spill != nil {
+		e.evict()
+	}
 	clear(e.adds)
 	e.adds = e.adds[:0]
 	clear(e.groups)
@@ -445,40 +479,49 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 	if end <= rs.Evaluated {
 		return out
 	}
-	span := r.span()
 	for b := rs.Evaluated + step; b <= end; b += step {
 		from := len(out)
 		for key, g := range rs.Groups {
-			holds, value := false, 0.0
-			if g.FiringSince != 0 || !r.cannotHold(g) {
-				holds, value = r.holds(g, b)
-			}
-			switch {
-			case holds && g.FiringSince == 0:
-				g.FiringSince = b
-				out = append(out, r.firing(key, g, value))
-			case !holds && g.FiringSince != 0:
-				out = append(out, r.resolved(key, g, b, &value))
-			}
-			if g.Latest < b+step-span && g.FiringSince == 0 {
-				// No event left in the windows to come.
+			var drop bool
+			if out, drop = r.evaluate(key, g, b, out); drop {
 				delete(rs.Groups, key)
 				if rs.last == g {
 					rs.last = nil
 				}
 			}
 		}
+		if rs.cold != nil {
+			out = rs.cold.advance(r, b, out)
+		}
 		// Groups are visited in no order: the changes of one step are sorted, so a
 		// replay gives them in the same order.
 		slices.SortFunc(out[from:], func(x, y *alerts.Alert) int { return strings.Compare(x.Fingerprint, y.Fingerprint) })
 		rs.Evaluated = b
-		if len(rs.Groups) == 0 {
+		if rs.size() == 0 {
 			// Nothing left to evaluate: jump to the watermark.
 			rs.Evaluated = end
 			break
 		}
 	}
 	return out
+}
+
+// evaluate evaluates the window ending at b for g (of key), appending its alert's
+// change to out; drop tells that no event of g is left in the windows to come and
+// its alert is not firing: the group goes.
+func (r *Rule) evaluate(key string, g *GroupState, b int64, out []*alerts.Alert) ([]*alerts.Alert, bool) {
+	holds, value := false, 0.0
+	if g.FiringSince != 0 || !r.cannotHold(g) {
+		holds, value = r.holds(g, b)
+	}
+	switch {
+	case holds && g.FiringSince == 0:
+		g.FiringSince = b
+		out = append(out, r.firing(key, g, value))
+	case !holds && g.FiringSince != 0:
+		out = append(out, r.resolved(key, g, b, &value))
+	}
+	return out, g.Latest < b+int64(r.Step)-r.span() && g.FiringSince == 0
 }
 
 func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts.Alert) []*alerts.Alert {
@@ -729,6 +772,9 @@ func (g *GroupState) MarshalJSON() ([]byte, error) {
 // written one at a time: a labelled copy of each lives only while it is encoded.
 func (rs *RuleState) MarshalJSON() ([]byte, error) {
 	type plain RuleState
+	if rs.cold != nil && rs.cold.n > 0 {
+		return nil, errors.New("alert state: groups on disk are written in the binary form only (State.MarshalBinary)")
+	}
 	if len(rs.groupBy) == 0 {
 		return json.Marshal((*plain)(rs))
 	}
@@ -781,9 +827,17 @@ func (g *GroupState) UnmarshalJSON(data []byte) error {
 
 func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
 	if rs.last != nil && rs.lastKey == key {
+		if rs.cold != nil {
+			rs.last.touched = rs.cold.s.epoch
+		}
 		return rs.last
 	}
 	g := rs.Groups[key]
+	if g == nil && rs.cold != nil {
+		if g = rs.cold.take(r, key); g != nil {
+			rs.Groups[key] = g
+		}
+	}
 	if g == nil {
 		g = &GroupState{}
 		if !r.keyHoldsLabels(key) {
@@ -792,6 +846,9 @@ func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
 		rs.Groups[key] = g
 	}
 	rs.last, rs.lastKey = g, key
+	if rs.cold != nil {
+		g.touched = rs.cold.s.epoch
+	}
 	return g
 }
 

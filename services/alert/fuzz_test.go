@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
+
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/schemas/events"
 )
@@ -82,6 +84,7 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	}
 	ids, whole := run(envs, NewEngine(rules, nil))
 	checkRings(t, rules, envs)
+	checkSpill(t, rules, envs)
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
 	_, first := run(envs[:half], e)
@@ -116,6 +119,60 @@ func checkRings(t *testing.T, rules []*Rule, envs []*EventEnv) {
 	}
 }
 
+// checkSpill fails t unless an engine that keeps groups on disk (Spill) gives the
+// alerts (values and annotations too) of one that keeps them all in memory: with
+// every group written to disk after each event (a bound of one), with a few in
+// memory, and carrying on from a state saved halfway (groups on disk included)
+// by a new engine with a Spill of its own.
+func checkSpill(t *testing.T, rules []*Rule, envs []*EventEnv) {
+	t.Helper()
+	run := func(e *Engine, envs []*EventEnv, idle bool) []string {
+		var out []string
+		for _, env := range envs {
+			got, _ := e.Observe(env)
+			out = append(out, alertsJSON(t, got)...)
+		}
+		if idle {
+			out = append(out, alertsJSON(t, e.Idle(time.Hour))...)
+		}
+		if err := e.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	// One Spill, emptied for each engine (opening one takes ~10 ms).
+	s, err := OpenSpill(SpillOptions{Dir: t.TempDir(), CacheBytes: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	}()
+	spilled := func(hot int, st *State) *Engine {
+		if err := s.db.DeleteRange([]byte{0}, []byte{0xff}, pebble.NoSync); err != nil {
+			t.Fatal(err)
+		}
+		s.hot, s.epoch, s.err = hot, 0, nil
+		e := NewEngine(rules, st)
+		e.SpillTo(s)
+		return e
+	}
+	memory := run(NewEngine(rules, nil), envs, true)
+	for _, hot := range []int{1, 3} {
+		if got := run(spilled(hot, nil), envs, true); !slices.Equal(got, memory) {
+			t.Fatalf("groups on disk (%d in memory) give other alerts than groups in memory:\n%s\n%s", hot, got, memory)
+		}
+		half := len(envs) / 2
+		e := spilled(hot, nil)
+		first := run(e, envs[:half], false)
+		if got := append(first, run(spilled(hot, saved(t, e)), envs[half:], true)...); !slices.Equal(got, memory) {
+			t.Fatalf("a restart from a state with groups on disk (%d in memory) gives other alerts:\n%s\n%s", hot, got, memory)
+		}
+	}
+}
+
 // alertsJSON is each of as as JSON: labels, values and annotations.
 func alertsJSON(t *testing.T, as []*alerts.Alert) []string {
 	t.Helper()
@@ -134,6 +191,12 @@ func alertsJSON(t *testing.T, as []*alerts.Alert) []string {
 // as a restarted stage does.
 func restart(t *testing.T, e *Engine, rules []*Rule) *Engine {
 	t.Helper()
+	return NewEngine(rules, saved(t, e))
+}
+
+// saved is e's state through its binary form.
+func saved(t *testing.T, e *Engine) *State {
+	t.Helper()
 	b, err := e.State().MarshalBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +205,7 @@ func restart(t *testing.T, e *Engine, rules []*Rule) *Engine {
 	if err := st.UnmarshalBinary(b); err != nil {
 		t.Fatal(err)
 	}
-	return NewEngine(rules, &st)
+	return &st
 }
 
 // restartJSON is restart through the JSON form earlier releases saved.

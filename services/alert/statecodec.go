@@ -54,40 +54,17 @@ func (s *State) MarshalBinary() ([]byte, error) {
 		b = binary.AppendVarint(b, rs.Evaluated)
 		b = binary.AppendVarint(b, rs.First)
 		b = append(b, boolByte(rs.HasFirst))
-		b = binary.AppendUvarint(b, uint64(len(rs.Groups)))
+		b = binary.AppendUvarint(b, uint64(rs.size()))
 		for key, g := range rs.Groups {
-			b = appendString(b, key)
-			b = append(b, boolByte(g.Labels != nil))
-			if g.Labels != nil {
-				b = binary.AppendUvarint(b, uint64(len(g.Labels)))
-				for name, v := range g.Labels {
-					b = appendString(appendString(b, name), v)
-				}
-			}
-			b = binary.AppendVarint(b, g.Latest)
-			b = binary.AppendVarint(b, g.LastSeen)
-			b = binary.AppendVarint(b, g.FiringSince)
-			n := 0
-			for _, bk := range g.Buckets {
-				if bk.N > 0 {
-					n++
-				}
-			}
-			b = binary.AppendUvarint(b, uint64(n))
-			for _, bk := range g.Buckets {
-				if bk.N <= 0 {
-					continue
-				}
-				d := g.Latest - bk.Start
-				if d%int64(time.Millisecond) == 0 {
-					b = binary.AppendUvarint(b, zigzag(d/int64(time.Millisecond))<<1)
-				} else {
-					b = binary.AppendUvarint(b, zigzag(d)<<1|1)
-				}
-				b = appendNumber(b, bk.N)
-				b = appendNumber(b, bk.Sum)
-				b = appendNumber(b, bk.Min)
-				b = appendNumber(b, bk.Max)
+			b = appendGroup(appendString(b, key), g)
+		}
+		if rs.cold != nil {
+			// The groups on disk: their records are this encoding already.
+			if err := rs.cold.each(func(key string, rec []byte) error {
+				b = append(appendString(b, key), rec...)
+				return nil
+			}); err != nil {
+				return nil, fmt.Errorf("alert state: rule %s: %w", name, err)
 			}
 		}
 	}
@@ -117,29 +94,7 @@ func (s *State) UnmarshalBinary(data []byte) (err error) {
 		rs.Groups = make(map[string]*GroupState, nGroups)
 		for range nGroups {
 			key := d.string()
-			g := &GroupState{}
-			if d.byte() == 1 {
-				nl := d.count(2)
-				g.Labels = make(map[string]string, nl)
-				for range nl {
-					k := d.string()
-					g.Labels[k] = d.string()
-				}
-			}
-			g.Latest, g.LastSeen, g.FiringSince = d.varint(), d.varint(), d.varint()
-			if nb := d.count(5); nb > 0 {
-				g.Buckets = make([]Bucket, nb)
-				for i := range g.Buckets {
-					u := d.uvarint()
-					dist := unzigzag(u >> 1)
-					if u&1 == 0 {
-						dist *= int64(time.Millisecond)
-					}
-					bk := Bucket{Start: g.Latest - dist, N: d.number(), Sum: d.number(), Min: d.number(), Max: d.number()}
-					g.Buckets[i] = bk
-					g.count += bk.N
-				}
-			}
+			g := d.group()
 			if d.err != nil {
 				return d.err
 			}
@@ -158,6 +113,72 @@ func (s *State) UnmarshalBinary(data []byte) (err error) {
 	}
 	*s = st
 	return nil
+}
+
+// appendGroup appends g's encoding (without its key): its labels if it holds
+// them, its times and its buckets with events.
+func appendGroup(b []byte, g *GroupState) []byte {
+	b = append(b, boolByte(g.Labels != nil))
+	if g.Labels != nil {
+		b = binary.AppendUvarint(b, uint64(len(g.Labels)))
+		for name, v := range g.Labels {
+			b = appendString(appendString(b, name), v)
+		}
+	}
+	b = binary.AppendVarint(b, g.Latest)
+	b = binary.AppendVarint(b, g.LastSeen)
+	b = binary.AppendVarint(b, g.FiringSince)
+	n := 0
+	for _, bk := range g.Buckets {
+		if bk.N > 0 {
+			n++
+		}
+	}
+	b = binary.AppendUvarint(b, uint64(n))
+	for _, bk := range g.Buckets {
+		if bk.N <= 0 {
+			continue
+		}
+		d := g.Latest - bk.Start
+		if d%int64(time.Millisecond) == 0 {
+			b = binary.AppendUvarint(b, zigzag(d/int64(time.Millisecond))<<1)
+		} else {
+			b = binary.AppendUvarint(b, zigzag(d)<<1|1)
+		}
+		b = appendNumber(b, bk.N)
+		b = appendNumber(b, bk.Sum)
+		b = appendNumber(b, bk.Min)
+		b = appendNumber(b, bk.Max)
+	}
+	return b
+}
+
+// group reads a group appendGroup encoded.
+func (d *decoder) group() *GroupState {
+	g := &GroupState{}
+	if d.byte() == 1 {
+		nl := d.count(2)
+		g.Labels = make(map[string]string, nl)
+		for range nl {
+			k := d.string()
+			g.Labels[k] = d.string()
+		}
+	}
+	g.Latest, g.LastSeen, g.FiringSince = d.varint(), d.varint(), d.varint()
+	if nb := d.count(5); nb > 0 {
+		g.Buckets = make([]Bucket, nb)
+		for i := range g.Buckets {
+			u := d.uvarint()
+			dist := unzigzag(u >> 1)
+			if u&1 == 0 {
+				dist *= int64(time.Millisecond)
+			}
+			bk := Bucket{Start: g.Latest - dist, N: d.number(), Sum: d.number(), Min: d.number(), Max: d.number()}
+			g.Buckets[i] = bk
+			g.count += bk.N
+		}
+	}
+	return g
 }
 
 func appendTime(b []byte, t time.Time) ([]byte, error) {

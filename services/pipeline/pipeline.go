@@ -109,7 +109,8 @@ type Config struct {
 	// as they are, 1 when created).
 	Replicas int
 	// DataDir holds local state: the dedup keys on disk (dedup.store: disk), under
-	// pipeline/keys unless dedup.disk.dir says where.
+	// pipeline/keys unless dedup.disk.dir says where, and the alert groups on disk
+	// (alert.store: disk), under pipeline/alert.
 	DataDir string
 	// Crash is fault injection for the crash tests; zero in production.
 	Crash crash.Injection
@@ -164,6 +165,9 @@ func runWorker(ctx context.Context, cfg Config, deps Deps) error {
 	}
 	if cfg.Window.Store == dedup.StoreDisk && cfg.Window.Disk.Dir == "" {
 		return errNoKeysDir
+	}
+	if cfg.Alert.GroupsDir == "" && cfg.DataDir != "" {
+		cfg.Alert.GroupsDir = filepath.Join(cfg.DataDir, "pipeline", "alert")
 	}
 	if _, err := startSeq(cfg.StartAt, 0); err != nil {
 		return err
@@ -258,6 +262,9 @@ func (p *pipeline) runRules(ctx context.Context, claim *partition.Claim, deps De
 	defer p.ready.Set(check, nil)
 	cfg := p.cfg.Alert
 	cfg.Stream, cfg.Replicas, cfg.Partitions = streams.Rules, p.cfg.Replicas, p.cfg.Partitions
+	if cfg.GroupsDir != "" {
+		cfg.GroupsDir = filepath.Join(cfg.GroupsDir, "rules")
+	}
 	state := claimedState{partition.NewStates(p.store, claim, "rules", p.log), claim}
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
 		err := alert.RunWith(ctx, cfg, alert.Deps{NATS: deps.NATS, Logger: p.log, Registerer: deps.Registerer,
@@ -363,6 +370,11 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 		if r.keys != nil {
 			if cerr := r.keys.Close(); cerr != nil {
 				p.log.Warn("close the dedup keys", "partition", in.id, "err", cerr)
+			}
+		}
+		if r.engine != nil {
+			if cerr := r.engine.Close(); cerr != nil {
+				p.log.Warn("close the alert groups on disk", "partition", in.id, "err", cerr)
 			}
 		}
 		if ctx.Err() != nil {
@@ -534,7 +546,9 @@ func (r *run) restore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
 		}
-		r.engine = alert.NewEngine(r.cfg.Alert.Rules, st)
+		if r.engine, err = alert.OpenEngine(r.cfg.Alert.Settings, r.cfg.Alert.Rules, st, r.cfg.Alert.GroupsDir, r.log); err != nil {
+			return fmt.Errorf("pipeline: %w", err)
+		}
 		r.readRules(r.engine.Rules())
 	}
 	r.prepDedup, err = dedup.NewHandler(dedup.HandlerConfig{MaxPayload: r.maxPayload, Window: r.cfg.Window, Ingest: r.cfg.Ingest, NonStandard: r.m.nonStandard})
@@ -985,6 +999,11 @@ func (r *run) run(ctx context.Context) error {
 				// what is stored; the run starts again from its last state.
 				return fmt.Errorf("pipeline: partition %d: %w", r.in.id, r.keysErr)
 			}
+			if err := r.engine.Err(); err != nil {
+				// The alert windows are not whole (their groups on disk failed): as
+				// the keys' failure above.
+				return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
+			}
 			r.sendProgress(b)
 			if err := send(b, false); err != nil {
 				return stop(err)
@@ -1064,6 +1083,9 @@ func (r *run) readRules(rules []*alert.Rule) {
 // emitNow hands alert changes not caused by input (idle time, a rule reload) to
 // the writer.
 func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error {
+	if err := r.engine.Err(); err != nil {
+		return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
+	}
 	if len(out) == 0 {
 		return nil
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -795,12 +796,25 @@ func TestPartitionedRules(t *testing.T) {
 // into it). After each stop the input the state covers is purged from EVENTS, so
 // only the state can hold the windows: the alert changes must be, by id, those of
 // one engine fed the whole input.
+//
+// With alert.store disk and two groups in memory, most of the seven users' groups
+// are on disk when a window is evaluated and when the state is saved.
 func TestAlertWindowsAcrossRestarts(t *testing.T) {
 	want := ruleOracle(t, ruleYAML, 1240)
+	for _, store := range []string{"memory", "disk"} {
+		t.Run(store, func(t *testing.T) {
+			yaml := strings.Replace(ruleYAML, "alert:\n", "alert:\n  store: "+store+"\n  hot_groups: 2\n", 1)
+			testAlertWindowsAcrossRestarts(t, yaml, store == "disk", want)
+		})
+	}
+}
+
+func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want []string) {
 	f := setup(t)
 	ctx := context.Background()
-	cfg, _ := configFrom(t, "a", ruleYAML)
+	cfg, _ := configFrom(t, "a", yaml)
 	cfg.Alert.ConfigPath = ""
+	cfg.DataDir = t.TempDir()
 	stopAt := func(legacy bool) {
 		store, kv := f.buckets(t)
 		e, name := f.claimState(t, kv)
@@ -849,6 +863,9 @@ func TestAlertWindowsAcrossRestarts(t *testing.T) {
 		stop := f.start(t, cfg)
 		f.publishRuleInput(t, phase.from, phase.to)
 		f.waitFor(t, phase.to, 0, 0)
+		if dirs, _ := filepath.Glob(filepath.Join(cfg.DataDir, "pipeline", "alert", "groups-*")); onDisk != (len(dirs) == 1) {
+			t.Fatalf("alert groups on disk in %q, want them there: %v", dirs, onDisk)
+		}
 		stop()
 		if phase.to < 1240 {
 			stopAt(phase.legacy)

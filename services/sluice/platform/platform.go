@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"sync"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -39,7 +40,8 @@ type Stages struct {
 	Ready      *telemetry.Readiness
 	// Sink overrides the sink's batching (zero: sink.DefaultConfig()).
 	Sink sink.Config
-	// DataDir holds the stages' local state (the dedup snapshot); empty keeps none.
+	// DataDir holds the stages' local state (the dedup snapshot, keys and alert
+	// groups on disk); empty keeps none.
 	DataDir string
 	// Split runs dedup, enrich and alert as stages of their own, each hop a stream,
 	// and the sink for every table, instead of the pipeline stage.
@@ -73,6 +75,9 @@ func RunStages(ctx context.Context, s Stages) error {
 		return err
 	}
 	dedupCfg.DataDir = s.DataDir
+	if s.DataDir != "" {
+		alertCfg.GroupsDir = filepath.Join(s.DataDir, "alert")
+	}
 	enrichCfg := enrich.DefaultConfig()
 	if enrichCfg.Enrich, err = enrich.LoadEnrichConfig(s.Config); err != nil {
 		return err

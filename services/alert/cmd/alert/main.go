@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/kit/service"
@@ -16,6 +17,7 @@ func main() {
 		Summary:     "evaluates the rules of SLUICE_CONFIG on enriched events in event time, publishes alert changes to ALERTS",
 		MetricsAddr: "127.0.0.1:9303",
 		Config:      true,
+		DataDir:     true,
 		Run: func(ctx context.Context, env service.Env) error {
 			f, err := env.ConfigFile()
 			if err != nil {
@@ -30,6 +32,7 @@ func main() {
 				env.Log.Error("rules that did not load are left out; the rest run", "err", err)
 			}
 			cfg.Replicas = env.Service.Replicas
+			cfg.GroupsDir = filepath.Join(env.Service.DataDir, "alert")
 			return alert.Run(ctx, cfg, alert.Deps{
 				NATS: env.NATS, Logger: env.Log, Registerer: env.Registerer,
 				Ready: func() { env.Ready.Set("consumer", nil) },
