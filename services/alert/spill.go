@@ -2,6 +2,7 @@ package alert
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/services/kit/pebblelog"
 )
 
 // Spill keeps the groups of windowed rules (threshold, rate) beyond a bound on
@@ -63,7 +65,9 @@ type SpillOptions struct {
 	HotGroups int
 	// CacheBytes is Pebble's block cache (default DefaultSpillCache).
 	CacheBytes int64
-	Logger     *slog.Logger
+	// MemTableBytes is the size of Pebble's memtable (default 32 MiB).
+	MemTableBytes int64
+	Logger        *slog.Logger
 }
 
 // DefaultHotGroups is how many groups of windowed rules a Spill keeps in memory
@@ -95,7 +99,7 @@ func OpenSpill(o SpillOptions) (*Spill, error) {
 	}
 	opts := &pebble.Options{
 		CacheSize:    o.CacheBytes,
-		MemTableSize: 32 << 20,
+		MemTableSize: uint64(cmp.Or(o.MemTableBytes, 32<<20)),
 		// The files hold nothing the engine's state does not: a write-ahead log
 		// would protect nothing.
 		DisableWAL: true,
@@ -104,7 +108,12 @@ func OpenSpill(o SpillOptions) (*Spill, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	opts.Logger = spillLogger{log.With("component", "pebble")}
+	log = log.With("component", "pebble")
+	opts.Logger = pebblelog.Logger{Log: log}
+	// A flush that fails (a full disk) is retried by Pebble until it succeeds;
+	// meanwhile writes stop once the memtables are full, and so does the engine.
+	opts.EventListener = &pebble.EventListener{BackgroundError: pebblelog.BackgroundErrors(log,
+		"the alert groups on disk cannot be written (Pebble retries; the rules wait for it)")}
 	for i := range opts.Levels {
 		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 		// Most reads are of a group's one block, once: decompressing it cost more
@@ -151,13 +160,6 @@ func (s *Spill) fail(err error) {
 		s.err = fmt.Errorf("alert: groups on disk: %w", err)
 	}
 }
-
-// spillLogger is Pebble's logger on slog.
-type spillLogger struct{ log *slog.Logger }
-
-func (l spillLogger) Infof(format string, args ...any)  { l.log.Debug(fmt.Sprintf(format, args...)) }
-func (l spillLogger) Errorf(format string, args ...any) { l.log.Error(fmt.Sprintf(format, args...)) }
-func (l spillLogger) Fatalf(format string, args ...any) { panic(fmt.Sprintf(format, args...)) }
 
 // coldGroups are one rule's groups on disk.
 type coldGroups struct {

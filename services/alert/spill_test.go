@@ -1,11 +1,22 @@
 package alert
 
 import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/services/kit/poll"
 )
 
 // A group on disk that cannot fire on its own is deleted only once its last event
@@ -74,4 +85,124 @@ func TestSpillSetRulesResolvesGroupsOnDisk(t *testing.T) {
 	if n != 0 || e.Err() != nil {
 		t.Fatalf("%d keys left on disk (err %v)", n, e.Err())
 	}
+}
+
+// The groups' disk full (a 4 MiB tmpfs, filled): Pebble's flush fails and is
+// retried, the error is logged, and writes, so the engine, wait once the
+// memtables are full; nothing fails and nothing is lost. When space returns the
+// engine goes on, and its alerts are those of the engine with every group in
+// memory.
+func TestSpillDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test mounts a tmpfs: run it as root (CI does)")
+	}
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=4m"); err != nil {
+		t.Fatalf("mount a tmpfs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond})
+	const n = 40_000
+	var envs []*EventEnv
+	for i := range n {
+		// Users 0–999 come back every thousand events; the rule fires for those with
+		// three events in a window.
+		envs = append(envs, env(in{"login.failed", float64(i) / 1000, fmt.Sprintf(`{"user":"u%d"}`, i%1000+i/3000*1000)}))
+	}
+	memory := NewEngine(rules, nil)
+	var want []string
+	for _, e := range envs {
+		out, _ := memory.Observe(e)
+		want = append(want, alertsJSON(t, out)...)
+	}
+	if len(want) == 0 {
+		t.Fatal("the rule never fired; the test shows nothing")
+	}
+
+	var logged syncBuffer
+	s, err := OpenSpill(SpillOptions{Dir: dir, HotGroups: 10, MemTableBytes: 256 << 10, CacheBytes: 1 << 20,
+		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	filler := filepath.Join(dir, "filler")
+	fill(t, filler)
+	e := NewEngine(rules, nil)
+	e.SpillTo(s)
+	var observed atomic.Int64
+	var got []string
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for _, env := range envs {
+			out, _ := e.Observe(env)
+			got = append(got, alertsJSON(t, out)...)
+			observed.Add(1)
+		}
+	}()
+	poll.Until(t, time.Minute, func() error {
+		if !strings.Contains(logged.String(), "the alert groups on disk cannot be written") {
+			return fmt.Errorf("no disk error logged; %d events observed", observed.Load())
+		}
+		return nil
+	})
+	if observed.Load() == n {
+		t.Fatal("every event was observed on a full disk; the test shows nothing")
+	}
+	if err := os.Remove(filler); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 2*time.Minute, func() error {
+		select {
+		case <-done:
+			return nil
+		default:
+			return fmt.Errorf("%d of %d events observed since space returned", observed.Load(), n)
+		}
+	})
+	if err := e.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("after a full disk the alerts differ from those in memory:\n%s\n%s", got, want)
+	}
+}
+
+// fill writes path until its file system is full.
+func fill(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			return
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer a logger writes and a test reads at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

@@ -14,13 +14,14 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
 	"github.com/cockroachdb/pebble/v2/sstable"
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/sluicehq/sluice/services/kit/pebblelog"
 )
 
 // Disk holds the keys in an embedded LSM (Pebble) on local disk, for windows whose
@@ -115,10 +116,11 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 		// through the memtable (a checkpoint ingests a table): a write-ahead log
 		// would protect nothing.
 		DisableWAL: true,
-		Logger:     pebbleLogger{log.With("component", "pebble")},
+		Logger:     pebblelog.Logger{Log: log.With("component", "pebble")},
 		// A background error (a compaction on a full disk) is retried by Pebble
 		// again and again: logged once a minute, with how many there were.
-		EventListener: &pebble.EventListener{BackgroundError: backgroundErrors(log.With("component", "pebble"))},
+		EventListener: &pebble.EventListener{BackgroundError: pebblelog.BackgroundErrors(log.With("component", "pebble"),
+			"the dedup keys' background work failed (Pebble retries it)")},
 	}
 	for i := range opts.Levels {
 		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
@@ -513,36 +515,4 @@ func (d *Disk) Close() error {
 		_ = d.it.Close()
 	}
 	return d.db.Close()
-}
-
-// backgroundErrors logs Pebble's background errors, at most one a minute.
-func backgroundErrors(log *slog.Logger) func(error) {
-	var mu sync.Mutex
-	var last time.Time
-	var since int
-	return func(err error) {
-		mu.Lock()
-		defer mu.Unlock()
-		since++
-		if time.Since(last) < time.Minute {
-			return
-		}
-		log.Error("the dedup keys' background work failed (Pebble retries it)", "err", err, "errors_since_last_logged", since)
-		last, since = time.Now(), 0
-	}
-}
-
-// pebbleLogger writes Pebble's messages to slog.
-type pebbleLogger struct{ log *slog.Logger }
-
-func (l pebbleLogger) Infof(format string, args ...any) {
-	l.log.Debug(fmt.Sprintf(format, args...))
-}
-
-func (l pebbleLogger) Errorf(format string, args ...any) {
-	l.log.Error(fmt.Sprintf(format, args...))
-}
-
-func (l pebbleLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf(format, args...))
 }
