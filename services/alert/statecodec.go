@@ -60,11 +60,16 @@ func (s *State) MarshalBinary() ([]byte, error) {
 		}
 		if rs.cold != nil {
 			// The groups on disk: their records are this encoding already.
+			n := 0
 			if err := rs.cold.each(func(key string, rec []byte) error {
 				b = append(appendString(b, key), rec...)
+				n++
 				return nil
 			}); err != nil {
 				return nil, fmt.Errorf("alert state: rule %s: %w", name, err)
+			}
+			if n != rs.cold.n {
+				return nil, fmt.Errorf("alert state: rule %s: %d groups on disk, %d counted", name, n, rs.cold.n)
 			}
 		}
 	}
