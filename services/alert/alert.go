@@ -294,29 +294,34 @@ func (s *stageRun) restore(ctx context.Context) error {
 		if err := json.Unmarshal(b, &snap); err != nil {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
 		}
-		if snap.State, err = DecodeState(snap.Binary, snap.State); err != nil {
-			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
-		}
 		if !snap.StreamCreated.Equal(s.created) {
 			s.log.Warn("the state is of an earlier stream of this name; starting over", "stream", s.cfg.Stream)
 			snap = snapshot{}
 		}
 	}
-	if snap.State == nil {
+	fresh := snap.Binary == nil && snap.State == nil
+	if fresh {
 		// No state: everything already in the stream is a replay.
 		snap = snapshot{StreamCreated: s.created, ReplayUntil: info.State.LastSeq}
+	}
+	// The windows are decoded here, by the engine (with the groups on disk, those
+	// beyond the ones kept in memory go to disk as they are read).
+	if s.engine, err = OpenEngine(s.cfg.Settings, s.cfg.Rules, snap.Binary, snap.State, s.cfg.GroupsDir, s.log); err != nil {
+		if errors.Is(err, ErrCorruptState) {
+			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
+		}
+		return err
+	}
+	if fresh {
 		s.log.Info("no alert state; reading the input from its start, alerts from input already there are marked replay",
 			"replay_until", snap.ReplayUntil)
 	} else {
-		s.log.Info("alert state restored", "seq", snap.Seq, "saved_at", snap.SavedAt, "max_event_time", snap.State.MaxTime)
+		s.log.Info("alert state restored", "seq", snap.Seq, "saved_at", snap.SavedAt, "max_event_time", s.engine.State().MaxTime)
 	}
 	if snap.Seq < info.State.FirstSeq-1 && info.State.FirstSeq > 0 {
 		s.log.Warn("input after the state's position has aged out of the stream; windows miss it", "state_seq", snap.Seq, "first_seq", info.State.FirstSeq)
 	}
 	s.seq, s.replay = snap.Seq, snap.ReplayUntil
-	if s.engine, err = OpenEngine(s.cfg.Settings, s.cfg.Rules, snap.State, s.cfg.GroupsDir, s.log); err != nil {
-		return err
-	}
 	if s.cfg.Partitions > 0 {
 		s.engine.Partition(s.cfg.Partitions)
 	}

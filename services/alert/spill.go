@@ -53,6 +53,10 @@ type Spill struct {
 	// err is the first error of the disk: the engine's state is not whole after
 	// it (Engine.Err).
 	err error
+	// restoring is how many more groups a restore keeps in memory (decodeStateTo);
+	// batch holds those it writes to disk until they are committed.
+	restoring int
+	batch     *pebble.Batch
 }
 
 // SpillOptions sizes a Spill.
@@ -198,6 +202,28 @@ func (c *coldGroups) put(b *pebble.Batch, r *Rule, key string, g *GroupState) {
 	_ = b.Set(c.idxKey(g.Latest, key), nil, nil)
 	c.n++
 	c.mark(r, key, g)
+}
+
+// restore writes g (of key) to disk for a restore, committing every 4 MiB.
+func (c *coldGroups) restore(r *Rule, key string, g *GroupState) {
+	if c.s.batch == nil {
+		c.s.batch = c.s.db.NewBatch()
+	}
+	c.put(c.s.batch, r, key, g)
+	if c.s.batch.Len() >= 4<<20 {
+		c.s.fail(c.restored())
+	}
+}
+
+// restored commits what restore wrote.
+func (c *coldGroups) restored() error {
+	if c.s.batch == nil {
+		return c.s.err
+	}
+	b := c.s.batch
+	c.s.batch = nil
+	c.s.fail(b.Commit(pebble.NoSync))
+	return c.s.err
 }
 
 // mark keeps key among the candidates while a step can change its group.
@@ -436,12 +462,18 @@ func (e *Engine) Close() error {
 	return e.spill.Close()
 }
 
-// OpenEngine is NewEngine, with the groups of windowed rules beyond
-// s.HotGroups on disk under dir when s.Store is StoreDisk; Close it when done.
-func OpenEngine(s Settings, rules []*Rule, st *State, dir string, log *slog.Logger) (*Engine, error) {
-	e := NewEngine(rules, st)
+// OpenEngine is NewEngine for the state a snapshot carries (DecodeState's bin and
+// legacy; both nil: a fresh start), with the groups of windowed rules beyond
+// s.HotGroups on disk under dir when s.Store is StoreDisk: a restore then holds no
+// more of them in memory than that. Close it when done. A state that does not
+// decode is an error wrapping ErrCorruptState.
+func OpenEngine(s Settings, rules []*Rule, bin []byte, legacy *State, dir string, log *slog.Logger) (*Engine, error) {
 	if s.Store != StoreDisk {
-		return e, nil
+		st, err := DecodeState(bin, legacy)
+		if err != nil {
+			return nil, err
+		}
+		return NewEngine(rules, st), nil
 	}
 	if dir == "" {
 		return nil, errors.New("alert: alert.store disk needs a data directory (SLUICE_DATA_DIR)")
@@ -450,6 +482,11 @@ func OpenEngine(s Settings, rules []*Rule, st *State, dir string, log *slog.Logg
 	if err != nil {
 		return nil, err
 	}
+	st, err := decodeStateTo(bin, legacy, rules, sp)
+	if err != nil {
+		return nil, errors.Join(err, sp.Close())
+	}
+	e := NewEngine(rules, st)
 	e.SpillTo(sp)
 	return e, nil
 }

@@ -77,7 +77,16 @@ func (s *State) MarshalBinary() ([]byte, error) {
 }
 
 // UnmarshalBinary replaces s with the state MarshalBinary encoded in data.
-func (s *State) UnmarshalBinary(data []byte) (err error) {
+func (s *State) UnmarshalBinary(data []byte) error { return s.decode(data, nil) }
+
+// placing tells decode where a rule's groups go: cold, when not nil, takes those
+// beyond the groups kept in memory; drop: none is kept (the engine would drop the
+// rule's state: a rule that changed or went).
+type placing func(name, version string) (r *Rule, cold *coldGroups, drop bool)
+
+// decode is UnmarshalBinary, the groups placed by place (nil: every group in
+// memory).
+func (s *State) decode(data []byte, place placing) error {
 	if len(data) < len(stateMagic) || string(data[:len(stateMagic)]) != string(stateMagic) {
 		return fmt.Errorf("%w: not an alert state of this version", ErrCorruptState)
 	}
@@ -96,17 +105,43 @@ func (s *State) UnmarshalBinary(data []byte) (err error) {
 		name := d.string()
 		rs := &RuleState{Version: d.string(), Evaluated: d.varint(), First: d.varint(), HasFirst: d.byte() == 1}
 		nGroups := d.count(6)
-		rs.Groups = make(map[string]*GroupState, nGroups)
+		var (
+			r    *Rule
+			cold *coldGroups
+			drop bool
+		)
+		if place != nil {
+			r, cold, drop = place(name, rs.Version)
+		}
+		rs.Groups = make(map[string]*GroupState, min(nGroups, 1<<16))
 		for range nGroups {
 			key := d.string()
 			g := d.group()
 			if d.err != nil {
 				return d.err
 			}
-			rs.Groups[key] = g
+			switch {
+			case drop:
+			case cold != nil && cold.s.restoring <= 0:
+				if g.Labels != nil && r.keyHoldsLabels(key) {
+					g.Labels = nil
+				}
+				cold.restore(r, key, g)
+			default:
+				rs.Groups[key] = g
+				if cold != nil {
+					cold.s.restoring--
+				}
+			}
 		}
 		if d.err != nil {
 			return d.err
+		}
+		if cold != nil {
+			if err := cold.restored(); err != nil {
+				return err
+			}
+			rs.cold = cold
 		}
 		st.Rules[name] = rs
 	}
@@ -306,6 +341,35 @@ func (d *decoder) number() float64 {
 		return 0
 	}
 	return float64(unzigzag(u >> 1))
+}
+
+// decodeStateTo is DecodeState with the groups of rules' windowed rules beyond
+// sp's bound written to sp as they are read, not held in memory, and the groups of
+// rules that are not among rules (or changed) left out.
+func decodeStateTo(bin []byte, legacy *State, rules []*Rule, sp *Spill) (*State, error) {
+	if bin == nil {
+		return legacy, nil
+	}
+	byName := map[string]*Rule{}
+	for _, r := range rules {
+		byName[r.Name] = r
+	}
+	sp.restoring = sp.hot
+	var st State
+	err := st.decode(bin, func(name, version string) (*Rule, *coldGroups, bool) {
+		r := byName[name]
+		switch {
+		case r == nil || r.version != version || r.Kind == KindMatch:
+			return nil, nil, true
+		case r.Kind == KindThreshold || r.Kind == KindRate:
+			return r, sp.rule(r), false
+		}
+		return r, nil, false
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &st, nil
 }
 
 // DecodeState is the state a snapshot carries: its binary form (bin), or, when it

@@ -542,11 +542,10 @@ func (r *run) restore(ctx context.Context) error {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
 	} else {
-		st, err := alert.DecodeState(snap.AlertBinary, snap.Alert)
-		if err != nil {
-			return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
-		}
-		if r.engine, err = alert.OpenEngine(r.cfg.Alert.Settings, r.cfg.Alert.Rules, st, r.cfg.Alert.GroupsDir, r.log); err != nil {
+		if r.engine, err = alert.OpenEngine(r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
+			if errors.Is(err, alert.ErrCorruptState) {
+				return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
+			}
 			return fmt.Errorf("pipeline: %w", err)
 		}
 		r.readRules(r.engine.Rules())
