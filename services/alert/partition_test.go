@@ -21,10 +21,11 @@ import (
 // alert runner gets a partitioned pipeline's rule input and progress. Every alert
 // change must be the same, with the same id, in the same order for each
 // fingerprint, whenever the stream itself has no event later than the rules'
-// allowed lateness (docs/scaling.md).
+// allowed lateness (docs/scaling.md). The same with the groups on disk.
 func FuzzPartitionedOrder(f *testing.F) {
 	f.Add(uint8(4), []byte{0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 2, 200, 1, 3, 5}, []byte{3, 1, 4, 1, 5, 9, 2, 6})
 	f.Add(uint8(2), []byte{2, 0, 255, 2, 0, 1, 1, 1, 128, 0, 0, 0, 0, 1, 3, 0, 1, 3, 0, 1, 3}, []byte{1, 1, 1, 0, 0, 0})
+	f.Add(uint8(128+4), []byte{0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 2, 200, 1, 3, 5, 0, 3, 1, 0, 3, 1, 0, 3, 1}, []byte{3, 1, 4, 1, 5, 9, 2, 6})
 	f.Add(uint8(8), []byte{0, 1, 0, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12, 0, 1, 12,
 		0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 1, 10, 0, 1, 10}, []byte{7, 7, 0, 3, 250, 1})
 	const lateness = 3 * time.Second
@@ -107,15 +108,37 @@ func FuzzPartitionedOrder(f *testing.F) {
 			}
 			return byFingerprint, late
 		}
-		// The partitioned engine, restarted from its saved state halfway.
-		e := NewEngine(rules, nil)
-		e.Partition(p)
+		// The partitioned engine, restarted from its saved state halfway; with its
+		// groups on disk (two in memory) when parts' high bit is set.
+		partitioned := func(from *Engine) *Engine {
+			var bin []byte
+			if from != nil {
+				var err error
+				if bin, err = from.State().MarshalBinary(); err != nil {
+					t.Fatal(err)
+				}
+				if err := from.Close(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			dir := ""
+			if parts >= 128 {
+				dir = t.TempDir()
+			}
+			e, err := OpenEngine(Settings{Store: map[bool]string{true: StoreDisk, false: StoreMemory}[dir != ""], HotGroups: 2}, rules, bin, nil, dir, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.Partition(p)
+			return e
+		}
+		e := partitioned(nil)
+		defer func() { _ = e.Close() }()
 		matcher := NewMatcher(rules)
 		got := map[string][]string{}
 		for i, in := range merged {
 			if i == len(merged)/2 {
-				e = restart(t, e, rules)
-				e.Partition(p)
+				e = partitioned(e)
 			}
 			if matcher.Any(in.env) {
 				out, _ := e.ObserveIn(in.p, in.env)
