@@ -202,7 +202,7 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 				}
 			}
 			if rs.cold != nil {
-				e.spill.fail(rs.cold.each(func(key string, rec []byte) error {
+				rs.cold.s.fail(rs.cold.each(func(key string, rec []byte) error {
 					if g := rs.cold.decode(r, key, rec); g != nil && g.FiringSince != 0 {
 						firing[key] = g
 					}

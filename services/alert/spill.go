@@ -42,7 +42,10 @@ import (
 //
 // The files are a working space, not a copy of anything: the engine's state, and
 // so its snapshot (State.MarshalBinary reads the groups on disk too), holds every
-// group, and OpenSpill empties its directory.
+// group, and each OpenSpill makes a directory of its own.
+//
+// Memory: the groups in memory (about 230 bytes of heap each), the block cache and
+// up to two memtables (SpillOptions).
 type Spill struct {
 	db  *pebble.DB
 	dir string
