@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -60,6 +61,8 @@ type Spill struct {
 	// batch holds those it writes to disk until they are committed.
 	restoring int
 	batch     *pebble.Batch
+	// corrupt is the first corruption Pebble found (from any of its goroutines).
+	corrupt atomic.Pointer[pebble.DataCorruptionInfo]
 }
 
 // SpillOptions sizes a Spill.
@@ -119,8 +122,18 @@ func OpenSpill(o SpillOptions) (*Spill, error) {
 	opts.Logger = pebblelog.Logger{Log: log}
 	// A flush that fails (a full disk) is retried by Pebble until it succeeds;
 	// meanwhile writes stop once the memtables are full, and so does the engine.
-	opts.EventListener = &pebble.EventListener{BackgroundError: pebblelog.BackgroundErrors(log,
-		"the alert groups on disk cannot be written (Pebble retries; the rules wait for it)")}
+	// A corrupt file (Pebble's default: Fatalf, a panic that ends the process)
+	// fails the engine (Err): its run ends and the next restores from the saved
+	// state into a directory of its own.
+	sp := &Spill{dir: dir, hot: o.HotGroups}
+	opts.EventListener = &pebble.EventListener{
+		BackgroundError: pebblelog.BackgroundErrors(log, "the alert groups on disk cannot be written (Pebble retries; the rules wait for it)"),
+		DataCorruption: func(info pebble.DataCorruptionInfo) {
+			if sp.corrupt.CompareAndSwap(nil, &info) {
+				log.Error("a file of the alert groups on disk is corrupt; the run ends and restores from its saved state", "path", info.Path, "err", info.Details)
+			}
+		},
+	}
 	for i := range opts.Levels {
 		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 		// Most reads are of a group's one block, once: decompressing it cost more
@@ -132,7 +145,8 @@ func OpenSpill(o SpillOptions) (*Spill, error) {
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("alert: open the groups on disk in %s: %w", dir, err), os.RemoveAll(dir))
 	}
-	return &Spill{db: db, dir: dir, hot: o.HotGroups}, nil
+	sp.db = db
+	return sp, nil
 }
 
 // removeAbandoned removes the groups-* directories in dir that no Pebble has open
@@ -500,6 +514,9 @@ func OpenEngine(s Settings, rules []*Rule, bin []byte, legacy *State, dir string
 func (e *Engine) Err() error {
 	if e.spill == nil {
 		return nil
+	}
+	if info := e.spill.corrupt.Load(); info != nil {
+		e.spill.fail(fmt.Errorf("%s is corrupt: %w", info.Path, info.Details))
 	}
 	return e.spill.err
 }

@@ -206,3 +206,48 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// A corrupt file of the groups on disk (bytes of a table flipped) fails the engine
+// (Err names the file) instead of ending the process (Pebble's default).
+func TestSpillCorruptFile(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond})
+	s, err := OpenSpill(SpillOptions{Dir: t.TempDir(), HotGroups: 1, CacheBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	e := NewEngine(rules, nil)
+	e.SpillTo(s)
+	user := func(i int) *EventEnv {
+		return env(in{"login.failed", float64(i) / 1000, fmt.Sprintf(`{"user":"u%d"}`, i%500)})
+	}
+	for i := range 2000 {
+		e.Observe(user(i))
+	}
+	if err := s.db.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	tables, err := filepath.Glob(filepath.Join(s.dir, "*.sst"))
+	if err != nil || len(tables) == 0 {
+		t.Fatalf("no table to corrupt in %s (%v)", s.dir, err)
+	}
+	for _, path := range tables {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 100; i < len(b)/2; i++ {
+			b[i] ^= 0x5a
+		}
+		if err := os.WriteFile(path, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 2000; i < 4000 && e.Err() == nil; i++ {
+		e.Observe(user(i))
+	}
+	if err := e.Err(); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Fatalf("after a table was corrupted: %v, want an error naming the corruption", err)
+	}
+}
