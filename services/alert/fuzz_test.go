@@ -210,12 +210,6 @@ func alertsJSON(t *testing.T, as []*alerts.Alert) []string {
 // as a restarted stage does.
 func restart(t *testing.T, e *Engine, rules []*Rule) *Engine {
 	t.Helper()
-	return NewEngine(rules, saved(t, e))
-}
-
-// saved is e's state through its binary form.
-func saved(t *testing.T, e *Engine) *State {
-	t.Helper()
 	b, err := e.State().MarshalBinary()
 	if err != nil {
 		t.Fatal(err)
@@ -224,7 +218,7 @@ func saved(t *testing.T, e *Engine) *State {
 	if err := st.UnmarshalBinary(b); err != nil {
 		t.Fatal(err)
 	}
-	return &st
+	return NewEngine(rules, &st)
 }
 
 // restartJSON is restart through the JSON form earlier releases saved.
