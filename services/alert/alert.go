@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -28,6 +30,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/jspub"
+	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/streams"
@@ -140,10 +143,19 @@ type StateStore interface {
 	Save(ctx context.Context, snapshot []byte) error
 	// Valid is nil while the stage may write (publish and save).
 	Valid() error
+	// Files keeps the files of the state's checkpoints (see Checkpoints), this
+	// machine's copies of them in cache.
+	Files(cache string, log *slog.Logger) SegmentFiles
 }
 
-// objectState is the split stage's snapshot: the object "state" of its bucket.
+// objectState is the split stage's snapshot: the object "state" of its bucket,
+// and its checkpoints' files, objects groups.0.0.* (the stage is their only
+// writer).
 type objectState struct{ store jetstream.ObjectStore }
+
+func (o objectState) Files(cache string, log *slog.Logger) SegmentFiles {
+	return partition.NewFiles(o.store, nil, "groups", func(string) bool { return true }, cache, log)
+}
 
 func (o objectState) Load(ctx context.Context) ([]byte, error) {
 	b, err := o.store.GetBytes(ctx, "state")
@@ -170,10 +182,12 @@ type snapshot struct {
 	// that was in the stream before the stage had any state).
 	ReplayUntil uint64    `json:"replay_until"`
 	SavedAt     time.Time `json:"saved_at"`
-	// Binary is the engine's state (State.MarshalBinary); State is its JSON form,
-	// which earlier releases wrote and a restore still reads.
-	Binary []byte `json:"state_binary,omitempty"`
-	State  *State `json:"state,omitempty"`
+	// Checkpoint is the engine's state, in files (Checkpoints). Binary
+	// (State.MarshalBinary) and State (its JSON form) are the state as earlier
+	// releases wrote it, which a restore still reads.
+	Checkpoint []Segment `json:"checkpoint,omitempty"`
+	Binary     []byte    `json:"state_binary,omitempty"`
+	State      *State    `json:"state,omitempty"`
 }
 
 type metrics struct {
@@ -220,6 +234,7 @@ type stageRun struct {
 	log     *slog.Logger
 	m       *metrics
 	engine  *Engine
+	cp      *Checkpoints
 	created time.Time
 	seq     uint64
 	replay  uint64
@@ -262,6 +277,16 @@ func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error
 	}
 	s := &stageRun{cfg: cfg, js: js, state: state, log: log, m: newMetrics(deps.Registerer), maxPayload: deps.NATS.MaxPayload(),
 		pub: jspub.New(js, 1000, log)}
+	// The checkpoints' files: under the groups' directory, or in one of the run's.
+	dir := cfg.GroupsDir
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "sluice-alert-"); err != nil {
+			return fmt.Errorf("alert: %w", err)
+		}
+		defer os.RemoveAll(dir)
+	}
+	s.cp = NewCheckpoints(state.Files(filepath.Join(dir, "cache"), log), filepath.Join(dir, "segments"), log)
+	defer s.cp.Close()
 	err = s.restore(ctx)
 	if s.engine != nil {
 		defer func() {
@@ -299,14 +324,14 @@ func (s *stageRun) restore(ctx context.Context) error {
 			snap = snapshot{}
 		}
 	}
-	fresh := snap.Binary == nil && snap.State == nil
+	fresh := snap.Checkpoint == nil && snap.Binary == nil && snap.State == nil
 	if fresh {
 		// No state: everything already in the stream is a replay.
 		snap = snapshot{StreamCreated: s.created, ReplayUntil: info.State.LastSeq}
 	}
 	// The windows are decoded here, by the engine (with the groups on disk, those
 	// beyond the ones kept in memory go to disk as they are read).
-	if s.engine, err = OpenEngine(s.cfg.Settings, s.cfg.Rules, snap.Binary, snap.State, s.cfg.GroupsDir, s.log); err != nil {
+	if s.engine, err = s.cp.Open(ctx, s.cfg.Settings, s.cfg.Rules, snap.Checkpoint, snap.Binary, snap.State, s.cfg.GroupsDir, s.log); err != nil {
 		if errors.Is(err, ErrCorruptState) {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
 		}
@@ -592,16 +617,21 @@ func (s *stageRun) save(ctx context.Context) error {
 // published since then, and the snapshot written at start must not move that on
 // past what the run before it published.
 func (s *stageRun) write(ctx context.Context) error {
-	st, err := s.engine.State().MarshalBinary()
+	c, err := s.cp.Capture(s.engine)
 	if err != nil {
-		return fmt.Errorf("alert: encode state: %w", err)
+		return fmt.Errorf("alert: save state: %w", err)
 	}
-	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, Binary: st})
+	list, err := c.Upload(ctx)
+	if err != nil {
+		return fmt.Errorf("alert: save state: %w", err)
+	}
+	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, Checkpoint: list})
 	if err != nil {
 		return fmt.Errorf("alert: encode state: %w", err)
 	}
 	if err := s.state.Save(ctx, b); err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
+	c.Saved(ctx)
 	return nil
 }

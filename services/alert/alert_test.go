@@ -190,7 +190,10 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 			h.publish("login.failed", base.Add(time.Duration(i)*time.Second), fmt.Sprintf(`{"user":"u%d"}`, u))
 		}
 	}
-	st.stop(t) // a snapshot that has the burst but no alert yet
+	st.stop(t)
+	st = h.start(path)
+	// The snapshot written at start has the burst but no alert yet; it is the one
+	// before the newest when this run stops (the checkpoint files of both are kept).
 	store, err := h.js.ObjectStore(ctx, StateBucket)
 	if err != nil {
 		t.Fatal(err)
@@ -199,7 +202,6 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st = h.start(path)
 	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
 	poll.Until(t, 10*time.Second, func() error {
 		if n := len(h.alertsInStream()); n != 3 {

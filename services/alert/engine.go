@@ -47,6 +47,9 @@ type Engine struct {
 	fullRings bool
 	// spill, if set, holds the groups of windowed rules beyond its bound on disk.
 	spill *Spill
+	// tracking: each rule's state notes the groups that change (RuleState.dirty),
+	// for the checkpoints (Checkpoints).
+	tracking bool
 }
 
 // groupOf is an event's group for one group_by.
@@ -84,6 +87,24 @@ type RuleState struct {
 	lastKey string
 	// cold are the groups on disk (nil: every group is in Groups), see Spill.
 	cold *coldGroups
+	// dirty holds the keys of the groups that changed or went since the last
+	// checkpoint's segment (nil: the engine keeps no checkpoints); reset: the state
+	// was made since then (the next segment holds every group of the rule).
+	dirty map[string]struct{}
+	reset bool
+}
+
+// changed notes that the group of key changed or went since the last segment,
+// when the engine keeps checkpoints; g is the group when it is in memory (nil: on
+// disk, or gone).
+func (rs *RuleState) changed(key string, g *GroupState) {
+	if rs.dirty == nil || g != nil && g.dirty {
+		return
+	}
+	if g != nil {
+		g.dirty = true
+	}
+	rs.dirty[key] = struct{}{}
 }
 
 // size is how many groups the rule has, in memory and on disk.
@@ -118,6 +139,8 @@ type GroupState struct {
 	ringed bool
 	// touched is the Spill's epoch of the group's last event.
 	touched uint32
+	// dirty: the group is in its rule's dirty set.
+	dirty bool
 }
 
 // Bucket aggregates the events of the step starting at Start (unix ns).
@@ -220,7 +243,7 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 	}
 	for _, r := range rules {
 		if r.Kind != KindMatch && !keep[r.Name] {
-			rs := &RuleState{Version: r.version, Groups: map[string]*GroupState{}}
+			rs := &RuleState{Version: r.version, Groups: map[string]*GroupState{}, reset: true}
 			if r.Kind == KindAbsence {
 				for _, labels := range r.Groups {
 					key := r.groupKey(labels)
@@ -257,6 +280,7 @@ func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
 		rs.groupBy = r.groupLabels
 	}
 	e.attachSpill()
+	e.attachDirty()
 	return out
 }
 
@@ -365,6 +389,7 @@ func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 			if t > g.LastSeen {
 				g.LastSeen = t
 			}
+			e.states[i].changed(key, g)
 			if g.FiringSince != 0 {
 				out = append(out, r.resolved(key, g, max(t, g.FiringSince), nil))
 			}
@@ -400,6 +425,7 @@ func (e *Engine) observe(p int, env *EventEnv) ([]*alerts.Alert, []error) {
 		g := rs.group(r, a.key, a.values)
 		g.bucket(b, step, e.firstRing(r), rs.keepFrom(r)).add(a.value)
 		g.count++
+		rs.changed(a.key, g)
 	}
 	if len(e.adds) > 0 && e.spill != nil {
 		e.evict()
@@ -483,15 +509,19 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 		from := len(out)
 		for key, g := range rs.Groups {
 			var drop bool
+			firing := g.FiringSince
 			if out, drop = r.evaluate(key, g, b, out); drop {
 				delete(rs.Groups, key)
 				if rs.last == g {
 					rs.last = nil
 				}
+				rs.changed(key, nil)
+			} else if g.FiringSince != firing {
+				rs.changed(key, g)
 			}
 		}
 		if rs.cold != nil {
-			out = rs.cold.advance(r, b, out)
+			out = rs.cold.advance(r, b, out, rs.changed)
 		}
 		// Groups are visited in no order: the changes of one step are sorted, so a
 		// replay gives them in the same order.
@@ -535,9 +565,11 @@ func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts
 		if g.LastSeen == 0 {
 			// A listed group not seen yet is silent from the first event time.
 			g.LastSeen = now
+			rs.changed(key, g)
 		}
 		if g.FiringSince == 0 && watermark-g.LastSeen >= int64(r.For) {
 			g.FiringSince = g.LastSeen + int64(r.For)
+			rs.changed(key, g)
 			out = append(out, r.firing(key, g, float64(watermark-g.LastSeen)/1e9))
 		}
 	}

@@ -85,6 +85,7 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	ids, whole := run(envs, NewEngine(rules, nil))
 	checkRings(t, rules, envs)
 	checkSpill(t, rules, envs)
+	checkCheckpoints(t, rules, envs)
 	half := len(envs) / 2
 	e := NewEngine(rules, nil)
 	_, first := run(envs[:half], e)

@@ -265,6 +265,15 @@ func (c *coldGroups) remove(b *pebble.Batch, key string, g *GroupState) {
 
 // get reads the group of key from disk (nil: not there).
 func (c *coldGroups) get(r *Rule, key string) *GroupState {
+	v := c.raw(key)
+	if v == nil {
+		return nil
+	}
+	return c.decode(r, key, v)
+}
+
+// raw reads the record of the group of key from disk (nil: not there).
+func (c *coldGroups) raw(key string) []byte {
 	if c.n == 0 || c.s.err != nil {
 		return nil
 	}
@@ -277,7 +286,7 @@ func (c *coldGroups) get(r *Rule, key string) *GroupState {
 		return nil
 	}
 	defer closer.Close()
-	return c.decode(r, key, v)
+	return bytes.Clone(v)
 }
 
 func (c *coldGroups) decode(r *Rule, key string, rec []byte) *GroupState {
@@ -352,7 +361,7 @@ func prefixEnd(p []byte) []byte {
 
 // advance evaluates the window ending at b for the rule's groups on disk, as
 // advanceWindows does for those in memory.
-func (c *coldGroups) advance(r *Rule, b int64, out []*alerts.Alert) []*alerts.Alert {
+func (c *coldGroups) advance(r *Rule, b int64, out []*alerts.Alert, changed func(key string, g *GroupState)) []*alerts.Alert {
 	if c.n == 0 || c.s.err != nil {
 		return out
 	}
@@ -364,9 +373,11 @@ func (c *coldGroups) advance(r *Rule, b int64, out []*alerts.Alert) []*alerts.Al
 		switch {
 		case drop:
 			c.remove(batch, key, g)
+			changed(key, nil)
 		case g.FiringSince != firing:
 			_ = batch.Set(c.recKey(key), appendGroup(nil, g), nil)
 			c.mark(r, key, g)
+			changed(key, nil)
 		}
 	}
 	if !c.bounded {
@@ -404,6 +415,7 @@ func (c *coldGroups) advance(r *Rule, b int64, out []*alerts.Alert) []*alerts.Al
 		_ = batch.Delete(c.recKey(key), nil)
 		_ = batch.Delete(it.Key(), nil)
 		c.n--
+		changed(key, nil)
 	}
 	c.s.fail(it.Close())
 	c.s.fail(batch.Commit(pebble.NoSync))
@@ -485,8 +497,19 @@ func (e *Engine) Close() error {
 // more of them in memory than that. Close it when done. A state that does not
 // decode is an error wrapping ErrCorruptState.
 func OpenEngine(s Settings, rules []*Rule, bin []byte, legacy *State, dir string, log *slog.Logger) (*Engine, error) {
+	return openEngine(s, rules, dir, log, func(sp *Spill) (*State, error) {
+		if sp == nil {
+			return DecodeState(bin, legacy)
+		}
+		return decodeStateTo(bin, legacy, rules, sp)
+	})
+}
+
+// openEngine is OpenEngine for the state decode reads, given the Spill the groups
+// beyond its bound go to (nil: the memory store).
+func openEngine(s Settings, rules []*Rule, dir string, log *slog.Logger, decode func(sp *Spill) (*State, error)) (*Engine, error) {
 	if s.Store != StoreDisk {
-		st, err := DecodeState(bin, legacy)
+		st, err := decode(nil)
 		if err != nil {
 			return nil, err
 		}
@@ -499,7 +522,7 @@ func OpenEngine(s Settings, rules []*Rule, bin []byte, legacy *State, dir string
 	if err != nil {
 		return nil, err
 	}
-	st, err := decodeStateTo(bin, legacy, rules, sp)
+	st, err := decode(sp)
 	if err != nil {
 		return nil, errors.Join(err, sp.Close())
 	}

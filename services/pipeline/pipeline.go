@@ -265,7 +265,7 @@ func (p *pipeline) runRules(ctx context.Context, claim *partition.Claim, deps De
 	if cfg.GroupsDir != "" {
 		cfg.GroupsDir = filepath.Join(cfg.GroupsDir, "rules")
 	}
-	state := claimedState{partition.NewStates(p.store, claim, "rules", p.log), claim}
+	state := claimedState{partition.NewStates(p.store, claim, "rules", p.log), claim, p.store}
 	for attempt := uint64(1); ctx.Err() == nil; attempt++ {
 		err := alert.RunWith(ctx, cfg, alert.Deps{NATS: deps.NATS, Logger: p.log, Registerer: deps.Registerer,
 			Ready: func() { p.ready.Set(check, nil) }}, state)
@@ -286,10 +286,16 @@ func (p *pipeline) runRules(ctx context.Context, claim *partition.Claim, deps De
 	}
 }
 
-// claimedState keeps the alert runner's state under its claim.
+// claimedState keeps the alert runner's state under its claim, its checkpoints'
+// files as the claim's objects rules-groups.<partition>.*.
 type claimedState struct {
 	states *partition.States
 	claim  *partition.Claim
+	store  jetstream.ObjectStore
+}
+
+func (c claimedState) Files(cache string, log *slog.Logger) alert.SegmentFiles {
+	return partition.NewFiles(c.store, c.claim, "rules-groups", func(string) bool { return true }, cache, log)
 }
 
 func (c claimedState) Load(ctx context.Context) ([]byte, error) { return c.states.Load(ctx, "") }
@@ -377,6 +383,12 @@ func (p *pipeline) lead(ctx context.Context, claim *partition.Claim) {
 				p.log.Warn("close the alert groups on disk", "partition", in.id, "err", cerr)
 			}
 		}
+		if r.alertCP != nil {
+			_ = r.alertCP.Close()
+		}
+		if r.alertTemp != "" {
+			_ = os.RemoveAll(r.alertTemp)
+		}
 		if ctx.Err() != nil {
 			return
 		}
@@ -405,10 +417,13 @@ type snapshot struct {
 	// ReplayUntil: alerts caused by input up to this sequence are replays.
 	ReplayUntil uint64    `json:"replay_until"`
 	SavedAt     time.Time `json:"saved_at"`
-	// AlertBinary is the alert engine's state (alert.State.MarshalBinary); Alert is
-	// its JSON form, which earlier releases wrote and a restore still reads.
-	AlertBinary []byte       `json:"alert_binary,omitempty"`
-	Alert       *alert.State `json:"alert,omitempty"`
+	// AlertCheckpoint is the alert engine's state, in files (alert.Checkpoints;
+	// with one partition: with more, the alert runner keeps the windows).
+	// AlertBinary (alert.State.MarshalBinary) and Alert (its JSON form) are the
+	// state as earlier releases wrote it, which a restore still reads.
+	AlertCheckpoint []alert.Segment `json:"alert_checkpoint,omitempty"`
+	AlertBinary     []byte          `json:"alert_binary,omitempty"`
+	Alert           *alert.State    `json:"alert,omitempty"`
 }
 
 // input is where a partition's events come from.
@@ -454,6 +469,10 @@ type run struct {
 	// set before the engine gets the rules, read by the preparing goroutines.
 	rulesRead atomic.Pointer[events.DataFields]
 	engine    *alert.Engine
+	// alertCP keeps the engine's checkpoints (nil with more than one partition).
+	alertCP *alert.Checkpoints
+	// alertTemp is the checkpoints' directory made for the run (none: "").
+	alertTemp string
 	// matcher, with more than one partition, picks the rule input handed to the
 	// alert runner (RULES); the engine then has no rules.
 	matcher *alert.Matcher
@@ -542,7 +561,10 @@ func (r *run) restore(ctx context.Context) error {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
 	} else {
-		if r.engine, err = alert.OpenEngine(r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
+		if r.alertCP, err = r.alertCheckpoints(); err != nil {
+			return err
+		}
+		if r.engine, err = r.alertCP.Open(ctx, r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertCheckpoint, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
 			if errors.Is(err, alert.ErrCorruptState) {
 				return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
 			}
@@ -680,6 +702,22 @@ func (r *run) loadKeys(ctx context.Context) (*snapshot, error) {
 	return snap, err
 }
 
+// alertCheckpoints keeps the alert engine's checkpoints as the claim's objects
+// alert.<partition>.*, working under the alert groups' directory (or a temporary
+// one, removed at close).
+func (r *run) alertCheckpoints() (*alert.Checkpoints, error) {
+	dir := r.cfg.Alert.GroupsDir
+	if dir == "" {
+		var err error
+		if dir, err = os.MkdirTemp("", "sluice-alert-"); err != nil {
+			return nil, fmt.Errorf("pipeline: %w", err)
+		}
+		r.alertTemp = dir
+	}
+	files := partition.NewFiles(r.store, r.claim, "alert", func(string) bool { return true }, filepath.Join(dir, "cache"), r.log)
+	return alert.NewCheckpoints(files, filepath.Join(dir, "segments"), r.log), nil
+}
+
 // save writes the state as of r.seq. Every output of input up to r.seq must be
 // stored already.
 func (r *run) save(ctx context.Context) error {
@@ -700,13 +738,14 @@ func (r *run) write(ctx context.Context) error {
 	return r.upload(ctx, st)
 }
 
-// captured is the partition's state at one position: its header encoded, its
-// dedup keys captured (written by the saver); it is uploaded once every output of
-// input up to that position is stored.
+// captured is the partition's state at one position: its header, its alert
+// windows and dedup keys captured (uploaded by the saver); it is uploaded once
+// every output of input up to that position is stored.
 type captured struct {
-	head []byte
-	keys keysCapture
-	seq  uint64
+	head  snapshot
+	alert *alert.Capture // nil: the alert runner keeps the windows
+	keys  keysCapture
+	seq   uint64
 	// stored is when every output up to seq was known stored (for progress).
 	stored time.Time
 }
@@ -715,30 +754,43 @@ type captured struct {
 // looks for dead letters and alert changes published since then (less a margin),
 // so it must be no later than the first output of input after r.seq.
 func (r *run) capture(since time.Time) (*captured, error) {
-	windows, err := r.engine.State().MarshalBinary()
-	if err != nil {
-		return nil, fmt.Errorf("pipeline: encode state: %w", err)
+	st := &captured{head: snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay, SavedAt: since}, seq: r.seq}
+	if r.alertCP != nil {
+		var err error
+		if st.alert, err = r.alertCP.Capture(r.engine); err != nil {
+			return nil, fmt.Errorf("pipeline: %w", err)
+		}
 	}
-	head, err := json.Marshal(snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay,
-		SavedAt: since, AlertBinary: windows})
-	if err != nil {
-		return nil, fmt.Errorf("pipeline: encode state: %w", err)
-	}
-	return &captured{head: head, keys: r.keys.capture(r.clock), seq: r.seq}, nil
+	st.keys = r.keys.capture(r.clock)
+	return st, nil
 }
 
 // upload saves a captured state and points the claim at it. Every output up to
 // its position must be stored. Uploads of one run are one at a time.
 func (r *run) upload(ctx context.Context, st *captured) error {
 	start := time.Now()
+	if st.alert != nil {
+		list, err := st.alert.Upload(ctx)
+		if err != nil {
+			return fmt.Errorf("pipeline: %w", err)
+		}
+		st.head.AlertCheckpoint = list
+	}
+	head, err := json.Marshal(st.head)
+	if err != nil {
+		return fmt.Errorf("pipeline: encode state: %w", err)
+	}
 	var data bytes.Buffer
-	data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(st.head))))
-	data.Write(st.head)
+	data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
+	data.Write(head)
 	if err := st.keys.encode(ctx, &data); err != nil {
 		return fmt.Errorf("pipeline: encode state: %w", err)
 	}
 	if err := r.states.Save(ctx, &data); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
+	}
+	if st.alert != nil {
+		st.alert.Saved(ctx)
 	}
 	st.keys.saved(ctx)
 	r.reportProgress(ctx, st.seq, st.stored, time.Now().UTC())

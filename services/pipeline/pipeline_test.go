@@ -341,7 +341,7 @@ func TestRestartFromOlderSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, info := range infos {
-		if strings.HasPrefix(info.Name, "keys.") {
+		if strings.HasPrefix(info.Name, "keys.") || strings.HasPrefix(info.Name, "alert.") {
 			if files[info.Name], err = store.GetBytes(ctx, info.Name); err != nil {
 				t.Fatal(err)
 			}
@@ -791,9 +791,9 @@ func TestPartitionedRules(t *testing.T) {
 	f.checkAlertIDs(t, "4 partitions", want)
 }
 
-// A restart carries the alert windows on, from the state's binary form and from
-// the JSON form earlier releases saved (the second restart's state is rewritten
-// into it). After each stop the input the state covers is purged from EVENTS, so
+// A restart carries the alert windows on, from the state's checkpoint and from
+// the binary and JSON forms earlier releases saved (the second and third restarts'
+// states are rewritten into them). After each stop the input the state covers is purged from EVENTS, so
 // only the state can hold the windows: the alert changes must be, by id, those of
 // one engine fed the whole input.
 //
@@ -815,7 +815,7 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 	cfg, _ := configFrom(t, "a", yaml)
 	cfg.Alert.ConfigPath = ""
 	cfg.DataDir = t.TempDir()
-	stopAt := func(legacy bool) {
+	stopAt := func(legacy string) {
 		store, kv := f.buckets(t)
 		e, name := f.claimState(t, kv)
 		b, err := store.GetBytes(ctx, name)
@@ -827,8 +827,8 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 		if err := json.Unmarshal(b[4:4+n], &snap); err != nil {
 			t.Fatal(err)
 		}
-		if snap.AlertBinary == nil || snap.Alert != nil {
-			t.Fatalf("the state holds the windows as JSON (%d bytes of binary)", len(snap.AlertBinary))
+		if snap.AlertCheckpoint == nil || snap.AlertBinary != nil || snap.Alert != nil {
+			t.Fatalf("the state holds the windows in no checkpoint (%d bytes of binary)", len(snap.AlertBinary))
 		}
 		s, err := f.js.Stream(ctx, streams.Events)
 		if err != nil {
@@ -837,13 +837,24 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 		if err := s.Purge(ctx, jetstream.WithPurgeSequence(snap.Seq+1)); err != nil {
 			t.Fatal(err)
 		}
-		if !legacy {
+		if legacy == "" {
 			return
 		}
-		if snap.Alert, err = alert.DecodeState(snap.AlertBinary, nil); err != nil {
+		// The state rewritten as an earlier release saved it: the windows in the
+		// state itself, in binary or JSON.
+		log := slog.New(slog.DiscardHandler)
+		files := partition.NewFiles(store, nil, "alert", func(string) bool { return true }, t.TempDir(), log)
+		cp := alert.NewCheckpoints(files, filepath.Join(t.TempDir(), "segments"), log)
+		eng, err := cp.Open(ctx, alert.DefaultSettings(), cfg.Alert.Rules, snap.AlertCheckpoint, nil, nil, "", log)
+		if err != nil {
 			t.Fatal(err)
 		}
-		snap.AlertBinary = nil
+		snap.AlertCheckpoint = nil
+		if legacy == "json" {
+			snap.Alert = eng.State()
+		} else if snap.AlertBinary, err = eng.State().MarshalBinary(); err != nil {
+			t.Fatal(err)
+		}
 		head, err := json.Marshal(snap)
 		if err != nil {
 			t.Fatal(err)
@@ -858,8 +869,8 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 	}
 	for _, phase := range []struct {
 		from, to int
-		legacy   bool
-	}{{0, 430, false}, {430, 870, true}, {870, 1240, false}} {
+		legacy   string
+	}{{0, 300, ""}, {300, 600, "json"}, {600, 870, "binary"}, {870, 1240, ""}} {
 		stop := f.start(t, cfg)
 		f.publishRuleInput(t, phase.from, phase.to)
 		f.waitFor(t, phase.to, 0, 0)

@@ -63,21 +63,38 @@ type Files struct {
 // NewFiles keeps claim's checkpoint files in store as objects named
 // prefix.<partition>.<gen>.<nonce>.<n>.<file>; immutable tells the files that never
 // change once written, which are also kept in the directory cache (hard links, by
-// object name) for a restore on this machine.
+// object name) for a restore on this machine. A nil claim is for the only writer
+// of prefix in store, which holds no claim (the split alert stage): partition 0,
+// generation 0, always valid.
 func NewFiles(store jetstream.ObjectStore, claim *Claim, prefix string, immutable func(name string) bool, cache string, log *slog.Logger) *Files {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	return &Files{store: store, claim: claim, prefix: prefix, nonce: hex.EncodeToString(b[:]), immutable: immutable, cache: cache, log: log, uploaded: map[string]File{}}
 }
 
+// part and generation are the claim's (0 without one).
+func (f *Files) part() int {
+	if f.claim == nil {
+		return 0
+	}
+	return f.claim.Partition
+}
+
+func (f *Files) generation() uint64 {
+	if f.claim == nil {
+		return 0
+	}
+	return f.claim.Gen
+}
+
 func (f *Files) object(name string) string {
 	f.uploads++
-	return fmt.Sprintf("%s.%d.%d.%s.%d.%s", f.prefix, f.claim.Partition, f.claim.Gen, f.nonce, f.uploads, name)
+	return fmt.Sprintf("%s.%d.%d.%s.%d.%s", f.prefix, f.part(), f.generation(), f.nonce, f.uploads, name)
 }
 
 // gen returns the generation of one of the partition's objects.
 func (f *Files) gen(object string) (uint64, bool) {
-	head := fmt.Sprintf("%s.%d.", f.prefix, f.claim.Partition)
+	head := fmt.Sprintf("%s.%d.", f.prefix, f.part())
 	if !strings.HasPrefix(object, head) {
 		return 0, false
 	}
@@ -92,8 +109,10 @@ func (f *Files) gen(object string) (uint64, bool) {
 // returns the checkpoint's list. The list is not the partition's state until the
 // caller saves it.
 func (f *Files) Upload(ctx context.Context, dir string, names []string) ([]File, error) {
-	if err := f.claim.Valid(); err != nil {
-		return nil, err
+	if f.claim != nil {
+		if err := f.claim.Valid(); err != nil {
+			return nil, err
+		}
 	}
 	files := make([]File, 0, len(names))
 	for _, name := range names {
@@ -165,7 +184,7 @@ func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 		cached := filepath.Join(f.cache, file.Object)
 		if err := check(cached, file); err != nil {
 			if !errors.Is(err, os.ErrNotExist) {
-				f.log.Warn("a local copy of a checkpoint file is damaged; downloading it again", "partition", f.claim.Partition, "file", cached, "err", err)
+				f.log.Warn("a local copy of a checkpoint file is damaged; downloading it again", "partition", f.part(), "file", cached, "err", err)
 			}
 			if err := f.download(ctx, file, cached); err != nil {
 				return err
@@ -277,11 +296,11 @@ func (f *Files) Keep(ctx context.Context, files []File) {
 	if !f.pruned {
 		infos, err := f.store.List(ctx)
 		if err != nil && !errors.Is(err, jetstream.ErrNoObjectsFound) {
-			f.log.Warn("list the older checkpoint files", "partition", f.claim.Partition, "err", err)
+			f.log.Warn("list the older checkpoint files", "partition", f.part(), "err", err)
 			return
 		}
 		for _, info := range infos {
-			if gen, ok := f.gen(info.Name); ok && gen <= f.claim.Gen {
+			if gen, ok := f.gen(info.Name); ok && gen <= f.generation() {
 				drop[info.Name] = true
 			}
 		}

@@ -1,0 +1,459 @@
+package alert
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+
+	"github.com/sluicehq/sluice/services/kit/partition"
+)
+
+// SegmentFiles keeps the files of the checkpoints in an object store, each
+// uploaded once (partition.Files).
+type SegmentFiles interface {
+	Upload(ctx context.Context, dir string, names []string) ([]partition.File, error)
+	Restore(ctx context.Context, files []partition.File, dir string) error
+	Keep(ctx context.Context, files []partition.File)
+}
+
+// Segment is one file of a checkpoint (see segMagic); Base: it holds every group,
+// not the changes since the segment before it.
+type Segment struct {
+	File partition.File `json:"file"`
+	Base bool           `json:"base,omitempty"`
+}
+
+// Checkpoints saves an engine's state incrementally: each capture writes the
+// groups that changed or went since the last as a segment (the first, every
+// group), uploaded once and named by every later checkpoint until a compaction
+// merges it away. So what a save writes is proportional to what changed, not to
+// the state's size. Compactions read this machine's copies of the segments, not
+// the engine: once the deltas hold more than half the base's bytes, base and
+// deltas are merged into a new base (the groups that went left out); before that,
+// more than maxDeltas deltas are merged into one.
+//
+// The state a checkpoint holds is the engine's as of its capture, and a restore
+// (Open) gives the engine that state. A capture whose save failed stays in the
+// list: the next capture's checkpoint names it too.
+type Checkpoints struct {
+	files SegmentFiles
+	// dir holds this machine's copies of the segments the list names.
+	dir   string
+	nonce string
+	log   *slog.Logger
+
+	mu     sync.Mutex
+	writes int
+	// list is the checkpoint as of the last capture (its files uploaded or not);
+	// prev the rules of its newest segment, by name (their versions); whole: the
+	// next capture writes every group (none is saved yet, or a capture failed).
+	list  []Segment
+	prev  map[string]string
+	whole bool
+}
+
+// maxDeltas bounds the deltas a checkpoint names (see Checkpoints).
+const maxDeltas = 8
+
+// NewCheckpoints keeps checkpoints in files, working in dir (made anew by Open).
+func NewCheckpoints(files SegmentFiles, dir string, log *slog.Logger) *Checkpoints {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return &Checkpoints{files: files, dir: dir, nonce: hex.EncodeToString(b[:]), log: log, whole: true}
+}
+
+// Open makes the engine for rules from the checkpoint list (nil: from the state a
+// snapshot of an earlier release carries, bin and legacy, as OpenEngine; all nil:
+// a fresh start), with its groups on disk under groupsDir by s, and keeps its
+// checkpoints from now on. A checkpoint that does not decode is an error
+// wrapping ErrCorruptState.
+func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list []Segment, bin []byte, legacy *State, groupsDir string, log *slog.Logger) (*Engine, error) {
+	files := make([]partition.File, len(list))
+	for i, sg := range list {
+		files[i] = sg.File
+	}
+	if err := c.files.Restore(ctx, files, c.dir); err != nil {
+		return nil, fmt.Errorf("alert: restore the checkpoint: %w", err)
+	}
+	var e *Engine
+	var err error
+	if len(list) == 0 {
+		e, err = OpenEngine(s, rules, bin, legacy, groupsDir, log)
+	} else {
+		var prev map[string]string
+		e, err = openEngine(s, rules, groupsDir, log, func(sp *Spill) (*State, error) {
+			st, err := c.restore(list, rules, sp)
+			if err == nil {
+				prev = map[string]string{}
+				for name, rs := range st.Rules {
+					prev[name] = rs.Version
+				}
+			}
+			return st, err
+		})
+		c.list, c.prev, c.whole = list, prev, false
+	}
+	if err != nil {
+		return nil, err
+	}
+	e.tracking = true
+	e.attachDirty()
+	return e, nil
+}
+
+// restore reads the state the segments of list hold (in c.dir), the groups of
+// windowed rules beyond sp's bound (nil: none) placed on disk.
+func (c *Checkpoints) restore(list []Segment, rules []*Rule, sp *Spill) (*State, error) {
+	readers := make([]*segReader, len(list))
+	for i, sg := range list {
+		f, err := os.Open(filepath.Join(c.dir, sg.File.Name))
+		if err != nil {
+			return nil, fmt.Errorf("alert: the checkpoint's segment: %w", err)
+		}
+		defer f.Close()
+		if readers[i], err = openSegReader(f); err != nil {
+			return nil, fmt.Errorf("alert: the checkpoint's segment %s: %w", sg.File.Name, err)
+		}
+	}
+	h := readers[len(readers)-1].h
+	st := &State{MaxTime: h.maxTime, Partitions: h.partitions, Rules: make(map[string]*RuleState, len(h.rules))}
+	byName := map[string]*Rule{}
+	for _, r := range rules {
+		byName[r.Name] = r
+	}
+	states := make([]*RuleState, len(h.rules))
+	colds := make([]*coldGroups, len(h.rules))
+	kept := make([]*Rule, len(h.rules))
+	for i, hr := range h.rules {
+		rs := &RuleState{Version: hr.version, Evaluated: hr.evaluated, First: hr.first, HasFirst: hr.hasFirst, Groups: map[string]*GroupState{}}
+		st.Rules[hr.name] = rs
+		states[i] = rs
+		// The groups of a rule that changed or went are left out (NewEngine drops
+		// its state).
+		if r := byName[hr.name]; r != nil && r.version == hr.version && r.Kind != KindMatch {
+			kept[i] = r
+			if sp != nil && (r.Kind == KindThreshold || r.Kind == KindRate) {
+				colds[i] = sp.rule(r)
+			}
+		}
+	}
+	if sp != nil {
+		sp.restoring = sp.hot
+	}
+	err := mergeSegments(readers, func(i int, key string, rec []byte) error {
+		r := kept[i]
+		if rec == nil || r == nil {
+			return nil
+		}
+		d := &decoder{b: rec}
+		g := d.group()
+		if d.err == nil && len(d.b) > 0 {
+			d.fail("%d bytes after a group", len(d.b))
+		}
+		if d.err != nil {
+			return fmt.Errorf("group %q of rule %s: %w", key, r.Name, d.err)
+		}
+		if cold := colds[i]; cold != nil && sp.restoring <= 0 {
+			if g.Labels != nil && r.keyHoldsLabels(key) {
+				g.Labels = nil
+			}
+			cold.restore(r, key, g)
+			return sp.err
+		}
+		states[i].Groups[key] = g
+		if sp != nil {
+			sp.restoring--
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("alert: the checkpoint: %w", err)
+	}
+	for i, cold := range colds {
+		if cold != nil {
+			if err := cold.restored(); err != nil {
+				return nil, err
+			}
+			states[i].cold = cold
+		}
+	}
+	return st, nil
+}
+
+// attachDirty gives each rule's state its set of changed groups, when the engine
+// keeps checkpoints.
+func (e *Engine) attachDirty() {
+	if !e.tracking {
+		return
+	}
+	for _, rs := range e.states {
+		if rs != nil && rs.dirty == nil {
+			rs.dirty = map[string]struct{}{}
+		}
+	}
+}
+
+// Capture writes the engine's state as of now as a segment: the groups that
+// changed or went since the last capture (every group at the first, and those of
+// the rules that are new since), and returns the checkpoint it completes, to
+// upload and save. Call it where the engine runs; the next capture must wait
+// until this one is saved or given up (Capture.Saved, or an error).
+func (c *Checkpoints) Capture(e *Engine) (*Capture, error) {
+	if err := e.Err(); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.writes++
+	name := fmt.Sprintf("seg-%s-%d.alert", c.nonce, c.writes)
+	whole := c.whole
+	if err := os.MkdirAll(c.dir, 0o755); err != nil {
+		c.whole = true
+		return nil, fmt.Errorf("alert: checkpoint: %w", err)
+	}
+	rules, err := e.writeSegment(filepath.Join(c.dir, name), c.prev, whole)
+	if err != nil {
+		// Some changes may be written to this segment only: the next writes them all.
+		c.whole = true
+		_ = os.Remove(filepath.Join(c.dir, name))
+		return nil, fmt.Errorf("alert: checkpoint: %w", err)
+	}
+	sg := Segment{File: partition.File{Name: name}, Base: whole}
+	if whole {
+		c.drop(c.list, nil)
+		c.list = []Segment{sg}
+	} else {
+		c.list = append(slices.Clip(c.list), sg)
+	}
+	c.prev, c.whole = rules, false
+	return &Capture{c: c, list: c.list}, nil
+}
+
+// writeSegment writes the engine's state to path as a segment: every group
+// (whole), or those of the rules with a version other than in prev and those that
+// changed or went; it returns the rules it holds.
+func (e *Engine) writeSegment(path string, prev map[string]string, whole bool) (map[string]string, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	names := slices.Sorted(maps.Keys(e.st.Rules))
+	h := &segHeader{maxTime: e.st.MaxTime, partitions: e.st.Partitions}
+	rules := make(map[string]string, len(names))
+	for _, name := range names {
+		rs := e.st.Rules[name]
+		h.rules = append(h.rules, segRule{name: name, version: rs.Version, evaluated: rs.Evaluated, first: rs.First, hasFirst: rs.HasFirst,
+			whole: whole || rs.reset || prev[name] != rs.Version})
+		rules[name] = rs.Version
+	}
+	sw, err := newSegWriter(f, h)
+	if err != nil {
+		return nil, err
+	}
+	var buf []byte
+	hot := func(i int, key string, g *GroupState) error {
+		g.dirty = false
+		buf = appendGroup(buf[:0], g)
+		return sw.record(i, key, buf)
+	}
+	for i, name := range names {
+		rs := e.st.Rules[name]
+		if h.rules[i].whole {
+			keys := slices.Sorted(maps.Keys(rs.Groups))
+			if rs.cold != nil {
+				// The groups in memory and those on disk, in key order (a group is in
+				// one place).
+				if err := rs.cold.each(func(key string, rec []byte) error {
+					for ; len(keys) > 0 && keys[0] < key; keys = keys[1:] {
+						if err := hot(i, keys[0], rs.Groups[keys[0]]); err != nil {
+							return err
+						}
+					}
+					return sw.record(i, key, rec)
+				}); err != nil {
+					return nil, fmt.Errorf("rule %s: %w", name, err)
+				}
+			}
+			for _, key := range keys {
+				if err := hot(i, key, rs.Groups[key]); err != nil {
+					return nil, err
+				}
+			}
+		} else {
+			for _, key := range slices.Sorted(maps.Keys(rs.dirty)) {
+				var err error
+				if g := rs.Groups[key]; g != nil {
+					err = hot(i, key, g)
+				} else if rec := rs.cold.rawOf(key); rec != nil {
+					err = sw.record(i, key, rec)
+				} else {
+					err = sw.record(i, key, nil)
+				}
+				if err != nil {
+					return nil, err
+				}
+			}
+		}
+		clear(rs.dirty)
+		rs.reset = false
+	}
+	if err := sw.end(); err != nil {
+		return nil, err
+	}
+	if err := e.Err(); err != nil {
+		return nil, err
+	}
+	return rules, f.Close()
+}
+
+// rawOf is raw for a rule that may have no groups on disk (nil).
+func (c *coldGroups) rawOf(key string) []byte {
+	if c == nil {
+		return nil
+	}
+	return c.raw(key)
+}
+
+// drop removes this machine's copies of the segments of list that keep does not
+// name.
+func (c *Checkpoints) drop(list, keep []Segment) {
+	for _, sg := range list {
+		if !slices.ContainsFunc(keep, func(k Segment) bool { return k.File.Name == sg.File.Name }) {
+			_ = os.Remove(filepath.Join(c.dir, sg.File.Name))
+		}
+	}
+}
+
+// Close removes this machine's copies of the segments.
+func (c *Checkpoints) Close() error { return os.RemoveAll(c.dir) }
+
+// Capture is a checkpoint captured, to upload and save.
+type Capture struct {
+	c    *Checkpoints
+	list []Segment
+}
+
+// Upload compacts the checkpoint when due, uploads its files not uploaded yet and
+// returns it, for the state the caller saves.
+func (cp *Capture) Upload(ctx context.Context) ([]Segment, error) {
+	c := cp.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	list, err := c.compact(cp.list)
+	if err != nil {
+		return nil, fmt.Errorf("alert: compact the checkpoint: %w", err)
+	}
+	if len(list) != len(cp.list) {
+		c.drop(cp.list, list)
+		c.list, cp.list = list, list
+	}
+	names := make([]string, len(list))
+	for i, sg := range list {
+		names[i] = sg.File.Name
+	}
+	files, err := c.files.Upload(ctx, c.dir, names)
+	if err != nil {
+		return nil, fmt.Errorf("alert: upload the checkpoint: %w", err)
+	}
+	out := make([]Segment, len(list))
+	for i, sg := range list {
+		out[i] = Segment{File: files[i], Base: sg.Base}
+	}
+	cp.list = out
+	return out, nil
+}
+
+// Saved is told that the state naming the checkpoint Upload returned was saved.
+func (cp *Capture) Saved(ctx context.Context) {
+	files := make([]partition.File, len(cp.list))
+	for i, sg := range cp.list {
+		files[i] = sg.File
+	}
+	cp.c.files.Keep(ctx, files)
+}
+
+// compact merges the segments of list when due (see Checkpoints).
+func (c *Checkpoints) compact(list []Segment) ([]Segment, error) {
+	if len(list) < 2 || !list[0].Base {
+		return list, nil
+	}
+	size := func(sg Segment) int64 {
+		fi, err := os.Stat(filepath.Join(c.dir, sg.File.Name))
+		if err != nil {
+			return 0
+		}
+		return fi.Size()
+	}
+	var deltas int64
+	for _, sg := range list[1:] {
+		deltas += size(sg)
+	}
+	switch {
+	case deltas > size(list[0])/2:
+		sg, err := c.merge(list, true)
+		return []Segment{sg}, err
+	case len(list)-1 > maxDeltas:
+		sg, err := c.merge(list[1:], false)
+		return []Segment{list[0], sg}, err
+	}
+	return list, nil
+}
+
+// merge writes the segments of list as one: a base (the groups that went left
+// out) or a delta.
+func (c *Checkpoints) merge(list []Segment, base bool) (Segment, error) {
+	readers := make([]*segReader, len(list))
+	for i, sg := range list {
+		f, err := os.Open(filepath.Join(c.dir, sg.File.Name))
+		if err != nil {
+			return Segment{}, err
+		}
+		defer f.Close()
+		if readers[i], err = openSegReader(f); err != nil {
+			return Segment{}, fmt.Errorf("segment %s: %w", sg.File.Name, err)
+		}
+	}
+	c.writes++
+	name := fmt.Sprintf("seg-%s-%d.alert", c.nonce, c.writes)
+	path := filepath.Join(c.dir, name)
+	f, err := os.Create(path)
+	if err != nil {
+		return Segment{}, err
+	}
+	defer f.Close()
+	_, h := chain(readers)
+	if base {
+		for i := range h.rules {
+			h.rules[i].whole = true
+		}
+	}
+	sw, err := newSegWriter(f, h)
+	if err == nil {
+		err = mergeSegments(readers, func(i int, key string, rec []byte) error {
+			if rec == nil && base {
+				return nil
+			}
+			return sw.record(i, key, rec)
+		})
+	}
+	if err == nil {
+		err = sw.end()
+	}
+	if err == nil {
+		err = f.Close()
+	}
+	if err != nil {
+		_ = os.Remove(path)
+		return Segment{}, err
+	}
+	c.log.Debug("alert checkpoint compacted", "segments", len(list), "base", base, "records", sw.records)
+	return Segment{File: partition.File{Name: name}, Base: base}, nil
+}
