@@ -1,10 +1,13 @@
 package alert
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
 	rtmetrics "runtime/metrics"
 	"strconv"
@@ -303,4 +306,110 @@ func peakRSS(b *testing.B) float64 {
 	}
 	b.Fatal("no VmHWM in /proc/self/status")
 	return 0
+}
+
+// BenchmarkCheckpoint: what the incremental checkpoints (Checkpoints) write and
+// cost per save at 20,000 events/s saved every 10 s, with SLUICE_BENCH_GROUPS
+// users (default 1,000,000) of a per-user count threshold, their groups in memory
+// or, with SLUICE_BENCH_STORE=disk, beyond DefaultHotGroups on disk. Each
+// iteration is one save: 200,000 events of users in turn (50 µs of event time
+// apart), a capture (in the goroutine running the engine: capture-ms), then the
+// upload of its files to a local directory, compactions included (upload-ms).
+// Reports the bytes a save uploads (written-bytes/save), the whole state's
+// encoding (what a save wrote before: state-bytes), the first capture's bytes,
+// and the share of a core the saves take at one per 10 s (core-%).
+func BenchmarkCheckpoint(b *testing.B) {
+	groups := 1_000_000
+	if v := os.Getenv("SLUICE_BENCH_GROUPS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			b.Fatalf("SLUICE_BENCH_GROUPS: %v", err)
+		}
+		groups = n
+	}
+	s := Settings{Store: StoreMemory}
+	if os.Getenv("SLUICE_BENCH_STORE") == StoreDisk {
+		s = Settings{Store: StoreDisk, HotGroups: DefaultHotGroups}
+	}
+	rules, err := CompileRules([]RuleConfig{{Name: "busy-user", Kind: KindThreshold, Filter: `type == "login"`, GroupBy: []string{"data.user"},
+		Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 1000}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	start := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	at := start
+	next := 0
+	observe := func(e *Engine, n int, spacing time.Duration) {
+		for range n {
+			at = at.Add(spacing)
+			e.Observe(Env(&events.Event{ID: strconv.Itoa(next), Source: "web", Type: "login", Key: strconv.Itoa(next), Time: at,
+				Data: json.RawMessage(`{"user":"u` + strconv.Itoa(next%groups) + `"}`)}))
+			next++
+		}
+	}
+	log := slog.New(slog.DiscardHandler)
+	files := dirFiles{b.TempDir()}
+	cp := NewCheckpoints(files, filepath.Join(b.TempDir(), "segments"), log)
+	e, err := cp.Open(context.Background(), s, rules, nil, nil, nil, b.TempDir(), log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	// Every user in two steps, over 20 s of event time.
+	observe(e, 2*groups, 20*time.Second/time.Duration(2*groups))
+	uploaded := map[string]bool{}
+	var captureTime, uploadTime time.Duration
+	save := func() (written int64) {
+		ctx := context.Background()
+		t0 := time.Now()
+		c, err := cp.Capture(e)
+		if err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		list, err := c.Upload(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Saved(ctx)
+		captureTime += t1.Sub(t0)
+		uploadTime += time.Since(t1)
+		for _, sg := range list {
+			if !uploaded[sg.File.Object] {
+				uploaded[sg.File.Object] = true
+				fi, err := os.Stat(filepath.Join(files.dir, sg.File.Object))
+				if err != nil {
+					b.Fatal(err)
+				}
+				written += fi.Size()
+			}
+		}
+		return written
+	}
+	first := save()
+	captureTime, uploadTime = 0, 0
+	var written int64
+	b.ResetTimer()
+	for range b.N {
+		b.StopTimer()
+		observe(e, 200_000, 50*time.Microsecond)
+		b.StartTimer()
+		written += save()
+	}
+	b.StopTimer()
+	if err := e.Err(); err != nil {
+		b.Fatal(err)
+	}
+	state, err := e.State().MarshalBinary()
+	if err != nil {
+		b.Fatal(err)
+	}
+	perSave := (captureTime + uploadTime).Seconds() / float64(b.N)
+	b.ReportMetric(float64(written)/float64(b.N), "written-bytes/save")
+	b.ReportMetric(float64(len(state)), "state-bytes")
+	b.ReportMetric(float64(first), "first-bytes")
+	b.ReportMetric(float64(captureTime.Milliseconds())/float64(b.N), "capture-ms")
+	b.ReportMetric(float64(uploadTime.Milliseconds())/float64(b.N), "upload-ms")
+	b.ReportMetric(perSave/10*100, "core-%")
+	b.ReportMetric(float64(e.State().Rules["busy-user"].size()), "groups")
 }

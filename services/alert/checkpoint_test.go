@@ -2,6 +2,7 @@ package alert
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -183,4 +185,175 @@ func dumpState(t *testing.T, e *Engine) map[string]string {
 		}
 	}
 	return out
+}
+
+// failingFiles fails uploads while fail is set.
+type failingFiles struct {
+	dirFiles
+	fail *bool
+}
+
+func (f failingFiles) Upload(ctx context.Context, dir string, names []string) ([]partition.File, error) {
+	if *f.fail {
+		return nil, errors.New("the object store is away")
+	}
+	return f.dirFiles.Upload(ctx, dir, names)
+}
+
+// checkpointer is a test's Checkpoints over a directory of files, and a capture,
+// upload and save in one step.
+type checkpointer struct {
+	t     *testing.T
+	files SegmentFiles
+	log   *slog.Logger
+}
+
+func newCheckpointer(t *testing.T) *checkpointer {
+	return &checkpointer{t: t, files: dirFiles{t.TempDir()}, log: slog.New(slog.DiscardHandler)}
+}
+
+func (c *checkpointer) open(rules []*Rule, list []Segment) (*Checkpoints, *Engine) {
+	c.t.Helper()
+	cp := NewCheckpoints(c.files, filepath.Join(c.t.TempDir(), "segments"), c.log)
+	e, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "", c.log)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return cp, e
+}
+
+func (c *checkpointer) save(cp *Checkpoints, e *Engine) ([]Segment, error) {
+	c.t.Helper()
+	ctx := context.Background()
+	capture, err := cp.Capture(e)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	list, err := capture.Upload(ctx)
+	if err != nil {
+		return nil, err
+	}
+	capture.Saved(ctx)
+	return list, nil
+}
+
+// checkRestored fails t unless the engine restored from list has e's state.
+func (c *checkpointer) checkRestored(rules []*Rule, list []Segment, e *Engine) {
+	c.t.Helper()
+	_, restored := c.open(rules, list)
+	if got, want := dumpState(c.t, restored), dumpState(c.t, e); !maps.Equal(got, want) {
+		c.t.Fatalf("the state restored differs from the one captured:\n%v\n%v", got, want)
+	}
+}
+
+// A rule removed, then back as it was, starts with no groups: the groups of its
+// earlier state in older segments do not come back with it, also once the deltas
+// between are merged into one.
+func TestCheckpointRuleRemovedAndBack(t *testing.T) {
+	count := RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 100}
+	other := RuleConfig{Name: "other", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 50}
+	both, rest := mustRules(t, count, other), mustRules(t, other)
+	c := newCheckpointer(t)
+	cp, e := c.open(both, nil)
+	// Many groups in the base, so that the deltas stay smaller than half of it.
+	for u := range 200 {
+		feed(t, e, logins(fmt.Sprint("u", u), 0.5))
+	}
+	feed(t, e, slices.Concat(logins("a", 1, 2), logins("b", 3)))
+	list, err := c.save(cp, e) // the base: count has a, b and the us
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.SetRules(rest)
+	feed(t, e, logins("c", 4))
+	if list, err = c.save(cp, e); err != nil {
+		t.Fatal(err)
+	}
+	e.SetRules(both)
+	feed(t, e, logins("d", 5))
+	for i := range maxDeltas + 2 {
+		feed(t, e, logins("e", 5+float64(i)/10))
+		if list, err = c.save(cp, e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(list) > maxDeltas || !strings.HasSuffix(list[0].File.Name, "-1.alert") {
+		t.Fatalf("want the first base and the deltas merged, got %+v", list)
+	}
+	if groups := slices.Sorted(maps.Keys(e.State().Rules["count"].Groups)); !slices.Equal(groups, []string{"d", "e"}) || len(e.State().Rules["other"].Groups) != 205 {
+		t.Fatalf("count's groups are %q", groups)
+	}
+	c.checkRestored(both, list, e)
+	// Removed and back between two captures.
+	e.SetRules(rest)
+	e.SetRules(both)
+	feed(t, e, logins("f", 7))
+	if list, err = c.save(cp, e); err != nil {
+		t.Fatal(err)
+	}
+	if groups := slices.Sorted(maps.Keys(e.State().Rules["count"].Groups)); !slices.Equal(groups, []string{"f"}) {
+		t.Fatalf("count's groups are %q", groups)
+	}
+	c.checkRestored(both, list, e)
+}
+
+// A checkpoint whose upload failed stays in the next: the changes it captured are
+// restored from the next save.
+func TestCheckpointAfterAFailedSave(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond})
+	fail := false
+	c := newCheckpointer(t)
+	c.files = failingFiles{c.files.(dirFiles), &fail}
+	cp, e := c.open(rules, nil)
+	feed(t, e, logins("a", 1))
+	if _, err := c.save(cp, e); err != nil {
+		t.Fatal(err)
+	}
+	fail = true
+	feed(t, e, logins("b", 2, 2.5, 3, 3.5)) // fires at 4 s
+	if _, err := c.save(cp, e); err == nil {
+		t.Fatal("the upload did not fail")
+	}
+	fail = false
+	feed(t, e, logins("c", 5))
+	list, err := c.save(cp, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs := e.State().Rules["count"]; rs.Groups["b"] == nil || rs.Groups["b"].FiringSince == 0 {
+		t.Fatal("b is not firing")
+	}
+	c.checkRestored(rules, list, e)
+}
+
+// A segment that is not whole is an error naming the checkpoint, wrapping
+// ErrCorruptState.
+func TestCheckpointCorruptSegment(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Millisecond})
+	c := newCheckpointer(t)
+	cp, e := c.open(rules, nil)
+	feed(t, e, slices.Concat(logins("a", 1, 2), logins("b", 3)))
+	list, err := c.save(cp, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj := filepath.Join(c.files.(dirFiles).dir, list[0].File.Object)
+	b, err := os.ReadFile(obj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cut := range []int{len(b) - 1, len(b) - 5, len(segMagic) + 3, 3} {
+		if err := os.WriteFile(obj, b[:cut], 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cp := NewCheckpoints(c.files, filepath.Join(t.TempDir(), "segments"), c.log)
+		_, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "", c.log)
+		if !errors.Is(err, ErrCorruptState) || !strings.Contains(err.Error(), "checkpoint") {
+			t.Fatalf("a segment cut at %d of %d bytes: %v", cut, len(b), err)
+		}
+	}
 }

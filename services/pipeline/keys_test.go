@@ -253,11 +253,12 @@ func TestKeyerKeepsOrder(t *testing.T) {
 // (each file the newest state names and the one before it does not): the next run
 // restores the state before it, with the keys in memory and on disk (whose local
 // copies of the tables would otherwise stand in for the lost objects: each run
-// has a directory of its own); the input after that state comes again and every
-// event lands once.
+// has a directory of its own), and with the files of the alert windows lost; the
+// input after that state comes again and every event lands once.
 func TestLostCheckpointFileFallsBack(t *testing.T) {
-	for _, store := range []string{dedup.StoreMemory, dedup.StoreDisk} {
-		t.Run(store, func(t *testing.T) {
+	for _, c := range []struct{ store, lose string }{{dedup.StoreMemory, "keys"}, {dedup.StoreDisk, "keys"}, {dedup.StoreMemory, "alert"}} {
+		store := c.store
+		t.Run(store+"/"+c.lose, func(t *testing.T) {
 			f := setup(t)
 			ctx := context.Background()
 			worker := func(interval time.Duration) Config {
@@ -295,11 +296,11 @@ func TestLostCheckpointFileFallsBack(t *testing.T) {
 				before = states[1]
 			}
 			kept := map[string]bool{}
-			for _, object := range stateFiles(t, objects, before) {
+			for _, object := range stateFiles(t, objects, before, c.lose) {
 				kept[object] = true
 			}
 			lost := 0
-			for _, object := range stateFiles(t, objects, newest) {
+			for _, object := range stateFiles(t, objects, newest, c.lose) {
 				if !kept[object] {
 					if err := objects.Delete(ctx, object); err != nil {
 						t.Fatal(err)
@@ -319,16 +320,28 @@ func TestLostCheckpointFileFallsBack(t *testing.T) {
 	}
 }
 
-// stateFiles is the objects of the checkpoint files state names (its keys part:
-// a disk checkpoint's files or the memory store's segments).
-func stateFiles(t *testing.T, objects jetstream.ObjectStore, state string) []string {
+// stateFiles is the objects of the checkpoint files state names: of its keys part
+// (a disk checkpoint's files or the memory store's segments), or of its alert
+// windows (what: "alert").
+func stateFiles(t *testing.T, objects jetstream.ObjectStore, state, what string) []string {
 	t.Helper()
 	b, err := objects.GetBytes(context.Background(), state)
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys := b[4+binary.BigEndian.Uint32(b):]
+	n := binary.BigEndian.Uint32(b)
+	keys := b[4+n:]
 	var names []string
+	if what == "alert" {
+		var snap snapshot
+		if err := json.Unmarshal(b[4:4+n], &snap); err != nil {
+			t.Fatal(err)
+		}
+		for _, sg := range snap.AlertCheckpoint {
+			names = append(names, sg.File.Object)
+		}
+		return names
+	}
 	switch {
 	case bytes.HasPrefix(keys, diskMagic):
 		var files []partition.File

@@ -561,14 +561,10 @@ func (r *run) restore(ctx context.Context) error {
 		r.engine, r.matcher = alert.NewEngine(nil, nil), alert.NewMatcher(r.cfg.Alert.Rules)
 		r.readRules(r.matcher.Rules())
 	} else {
-		if r.alertCP, err = r.alertCheckpoints(); err != nil {
-			return err
-		}
-		if r.engine, err = r.alertCP.Open(ctx, r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertCheckpoint, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
-			if errors.Is(err, alert.ErrCorruptState) {
-				return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
+		if r.engine == nil {
+			if err := r.openAlert(ctx, snap); err != nil {
+				return err
 			}
-			return fmt.Errorf("pipeline: %w", err)
 		}
 		r.readRules(r.engine.Rules())
 	}
@@ -679,7 +675,8 @@ func (r *run) decode(b []byte) (*snapshot, []byte, error) {
 }
 
 // loadKeys reads the partition's state and opens its dedup keys (r.keys); nil
-// when there is no state (r.keys not opened then). A state whose keys cannot be
+// when there is no state (r.keys not opened then). With one partition it opens
+// the alert engine too (r.engine). A state whose keys or alert windows cannot be
 // restored because a checkpoint file it names is lost gives way to the newest
 // older state that can be (States.Older): the input after it comes again, and
 // what was stored of it is found, as after a state that cannot be read.
@@ -689,6 +686,12 @@ func (r *run) loadKeys(ctx context.Context) (*snapshot, error) {
 		// Keys are dropped as of the snapshot's own time, not now: the input after
 		// it is decided at its own (earlier) times, as it was before the restart.
 		r.keys, err = r.openKeys(ctx, savedKeys, snap.Clock)
+		if err == nil && r.cfg.Partitions == 1 {
+			if err = r.openAlert(ctx, snap); err != nil {
+				_ = r.keys.Close()
+				r.keys = nil
+			}
+		}
 		if !errors.Is(err, jetstream.ErrObjectNotFound) {
 			break
 		}
@@ -700,6 +703,24 @@ func (r *run) loadKeys(ctx context.Context) (*snapshot, error) {
 		snap, savedKeys, err = r.decode(b)
 	}
 	return snap, err
+}
+
+// openAlert makes the alert engine (one partition) from the state snap.
+func (r *run) openAlert(ctx context.Context, snap *snapshot) error {
+	if r.alertCP == nil {
+		var err error
+		if r.alertCP, err = r.alertCheckpoints(); err != nil {
+			return err
+		}
+	}
+	var err error
+	if r.engine, err = r.alertCP.Open(ctx, r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertCheckpoint, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
+		if errors.Is(err, alert.ErrCorruptState) {
+			return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
+		}
+		return fmt.Errorf("pipeline: %w", err)
+	}
+	return nil
 }
 
 // alertCheckpoints keeps the alert engine's checkpoints as the claim's objects
