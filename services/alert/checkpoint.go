@@ -1,6 +1,7 @@
 package alert
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -195,7 +196,7 @@ func (e *Engine) attachDirty() {
 	}
 	for _, rs := range e.states {
 		if rs != nil && rs.dirty == nil {
-			rs.dirty = map[string]struct{}{}
+			rs.dirty, rs.maxDirty = map[string]struct{}{}, cmp.Or(e.maxDirty, maxDirty)
 		}
 	}
 }
@@ -302,7 +303,11 @@ func (e *Engine) writeSegment(path string, prev map[string]string, whole bool) (
 				}
 			}
 		}
-		clear(rs.dirty)
+		if len(rs.dirty) > 4096 {
+			rs.dirty = map[string]struct{}{} // clear keeps a big map's memory
+		} else {
+			clear(rs.dirty)
+		}
 		rs.reset = false
 	}
 	if err := sw.end(); err != nil {

@@ -48,8 +48,9 @@ type Engine struct {
 	// spill, if set, holds the groups of windowed rules beyond its bound on disk.
 	spill *Spill
 	// tracking: each rule's state notes the groups that change (RuleState.dirty),
-	// for the checkpoints (Checkpoints).
+	// for the checkpoints (Checkpoints), at most maxDirty of them.
 	tracking bool
+	maxDirty int
 }
 
 // groupOf is an event's group for one group_by.
@@ -90,22 +91,34 @@ type RuleState struct {
 	// dirty holds the keys of the groups that changed or went since the last
 	// checkpoint's segment (nil: the engine keeps no checkpoints); reset: the state
 	// was made since then (the next segment holds every group of the rule).
-	dirty map[string]struct{}
-	reset bool
+	dirty    map[string]struct{}
+	reset    bool
+	maxDirty int
 }
 
 // changed notes that the group of key changed or went since the last segment,
 // when the engine keeps checkpoints; g is the group when it is in memory (nil: on
 // disk, or gone).
+//
+// The set is bounded (maxDirty): past it, the rule's next segment holds every
+// group instead (a rule whose groups change that much between two saves is
+// written whole at about the cost of its changes), and the set is let go.
 func (rs *RuleState) changed(key string, g *GroupState) {
-	if rs.dirty == nil || g != nil && g.dirty {
+	if rs.dirty == nil || rs.reset || g != nil && g.dirty {
 		return
 	}
 	if g != nil {
 		g.dirty = true
 	}
 	rs.dirty[key] = struct{}{}
+	if len(rs.dirty) > rs.maxDirty {
+		rs.reset, rs.dirty = true, map[string]struct{}{}
+	}
 }
+
+// maxDirty bounds the keys of changed groups a rule's state notes between two
+// checkpoints by default (about 60 MiB of them).
+const maxDirty = 1 << 20
 
 // size is how many groups the rule has, in memory and on disk.
 func (rs *RuleState) size() int {

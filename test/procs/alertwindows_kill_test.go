@@ -1,0 +1,221 @@
+package procs
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/alert"
+	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/partition"
+	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/streams"
+)
+
+// TestAlertWindowsDiskKill9: a pipeline worker (one partition) evaluates a
+// per-user count threshold with its groups on disk (alert.store: disk, three of
+// twenty groups in memory) and saves its state every 300 ms as incremental
+// checkpoints, while 20,000 events flow; it is SIGKILLed five times at random
+// moments (during evaluations, evictions to disk, captures and checkpoint
+// uploads) and started again on the same data directory. ALERTS's duplicate
+// window is cut to 100 ms, so only the worker's state and its check of what it
+// published keep a change from coming twice: the alert changes in ALERTS must be,
+// by id, those of one engine fed the input in order.
+func TestAlertWindowsDiskKill9(t *testing.T) {
+	r := newWorkerRig(t)
+	ctx, js := context.Background(), r.js
+	s, err := js.Stream(ctx, streams.Alerts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := s.CachedInfo().Config
+	scfg.Duplicates = 100 * time.Millisecond
+	if _, err := js.UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
+	cfgPath := filepath.Join(t.TempDir(), "sluice.yaml")
+	const rules = `dedup:
+  window: 1h
+alert:
+  store: disk
+  hot_groups: 3
+rules:
+  - name: failed-logins
+    kind: threshold
+    filter: type == "login.failed"
+    group_by: [data.user]
+    window: 1s
+    step: 100ms
+    allowed_lateness: 15s
+    op: ">"
+    threshold: 3
+`
+	if err := os.WriteFile(cfgPath, []byte(rules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const total = 20_000
+	// Event i: a failed login of one of twenty users in bursts (12 of every 40),
+	// 10 ms of event time apart; the last 50 an hour later, closing every window.
+	at := time.Date(2026, 11, 22, 3, 0, 0, 0, time.UTC)
+	input := func(i int) []byte {
+		typ, when := "test.created", at.Add(time.Duration(i)*10*time.Millisecond)
+		switch {
+		case i >= total-50:
+			when = at.Add(3 * time.Hour)
+		case i%40 < 12:
+			typ = "login.failed"
+		}
+		return fmt.Appendf(nil, `{"id":"w-%d","source":"shop","type":%q,"time":%q,"data":{"user":"u%d"}}`,
+			i, typ, when.Format(time.RFC3339Nano), (i/40+i%40)%20)
+	}
+	want := alertOracle(t, cfgPath, total, input)
+	dataDir := t.TempDir()
+	worker := func() *process {
+		return r.start("pipeline", "PIPELINE_REPLICA=w0", "SLUICE_PARTITIONS=1", "PIPELINE_LEASE_TTL=3s",
+			"PIPELINE_SNAPSHOT_INTERVAL=300ms", "SLUICE_CONFIG="+cfgPath, "SLUICE_DATA_DIR="+dataDir)
+	}
+	w := worker()
+	published := make(chan error, 1)
+	go func() {
+		for i := range total {
+			if _, err := js.Publish(ctx, "events.shop.login", input(i)); err != nil {
+				published <- err
+				return
+			}
+			if i%500 == 499 {
+				// About 5,000 publishes a second, so the run outlasts the faults (the
+				// pause paces the producer; it waits on no condition).
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		published <- nil
+	}()
+	rng := rand.New(rand.NewPCG(31, 32))
+	for round := range 5 {
+		// The fault's timing: a random moment of the run, not a wait for a condition.
+		time.Sleep(time.Duration(300+rng.IntN(900)) * time.Millisecond)
+		select {
+		case <-w.done:
+			t.Fatalf("the worker exited by itself (%v):\n%s", w.cmd.ProcessState, w.tail())
+		default:
+		}
+		_ = w.cmd.Process.Signal(syscall.SIGKILL)
+		<-w.done
+		w = worker()
+		t.Logf("round %d: SIGKILLed the worker", round+1)
+	}
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, pipeline.Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	objects, err := js.ObjectStore(ctx, pipeline.Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	poll.Until(t, 3*time.Minute, func() error {
+		// The state covers the whole input: everything it caused is stored.
+		o, err := partition.Owner(ctx, kv, 0)
+		if err != nil {
+			return err
+		}
+		b, err := objects.GetBytes(ctx, o.State)
+		if err != nil {
+			return err
+		}
+		var head struct {
+			Seq        uint64          `json:"seq"`
+			Checkpoint []alert.Segment `json:"alert_checkpoint"`
+		}
+		if n := binary.BigEndian.Uint32(b); json.Unmarshal(b[4:4+n], &head) != nil || head.Checkpoint == nil {
+			return fmt.Errorf("state %s holds no alert checkpoint", o.State)
+		}
+		if head.Seq < total {
+			return fmt.Errorf("the state covers %d of %d events", head.Seq, total)
+		}
+		if got, err = msgIDs(ctx, js, streams.Alerts); err != nil {
+			return err
+		}
+		if len(got) < len(want) {
+			return fmt.Errorf("%d of %d alert changes", len(got), len(want))
+		}
+		return nil
+	})
+	slices.Sort(got)
+	if len(want) < 100 || !slices.Equal(got, want) {
+		t.Fatalf("%d alert changes, the oracle %d:\n got %q\nwant %q", len(got), len(want), got, want)
+	}
+	if dirs, _ := filepath.Glob(filepath.Join(dataDir, "pipeline", "alert", "groups-*")); len(dirs) == 0 {
+		t.Fatal("the worker kept no alert groups on disk")
+	}
+	t.Logf("%d alert changes, each once", len(got))
+}
+
+// alertOracle is the sorted ids of the alert changes one engine gives, under the
+// rules of the config file at path, for the first n events of input.
+func alertOracle(t *testing.T, path string, n int, input func(i int) []byte) []string {
+	t.Helper()
+	f, err := configfile.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := alert.LoadRules(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := alert.NewEngine(rules, nil)
+	var want []string
+	for i := range n {
+		ev, err := events.Unmarshal(input(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, _ := e.Observe(alert.Env(ev))
+		for _, a := range out {
+			want = append(want, alerts.MsgID(a))
+		}
+	}
+	slices.Sort(want)
+	return want
+}
+
+// msgIDs is the Nats-Msg-Id of every message in stream.
+func msgIDs(ctx context.Context, js jetstream.JetStream, stream string) ([]string, error) {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return nil, err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var ids []string
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			if strings.Contains(err.Error(), "not found") {
+				continue
+			}
+			return nil, err
+		}
+		ids = append(ids, m.Header.Get("Nats-Msg-Id"))
+	}
+	return ids, nil
+}
