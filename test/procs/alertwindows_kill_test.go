@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -68,8 +69,9 @@ rules:
 		t.Fatal(err)
 	}
 	const total = 20_000
-	// Event i: a failed login of one of twenty users in bursts (12 of every 40),
-	// 10 ms of event time apart; the last 50 an hour later, closing every window.
+	// Event i: 10 ms of event time apart, 12 of every 40 a burst of failed logins
+	// of one of twenty users in turn; the last 50 hours later, closing every
+	// window.
 	at := time.Date(2026, 11, 22, 3, 0, 0, 0, time.UTC)
 	input := func(i int) []byte {
 		typ, when := "test.created", at.Add(time.Duration(i)*10*time.Millisecond)
@@ -80,7 +82,7 @@ rules:
 			typ = "login.failed"
 		}
 		return fmt.Appendf(nil, `{"id":"w-%d","source":"shop","type":%q,"time":%q,"data":{"user":"u%d"}}`,
-			i, typ, when.Format(time.RFC3339Nano), (i/40+i%40)%20)
+			i, typ, when.Format(time.RFC3339Nano), i/40%20)
 	}
 	want := alertOracle(t, cfgPath, total, input)
 	dataDir := t.TempDir()
@@ -89,6 +91,52 @@ rules:
 			"PIPELINE_SNAPSHOT_INTERVAL=300ms", "SLUICE_CONFIG="+cfgPath, "SLUICE_DATA_DIR="+dataDir)
 	}
 	w := worker()
+	// The worker makes its buckets.
+	var kv jetstream.KeyValue
+	var objects jetstream.ObjectStore
+	poll.Until(t, time.Minute, func() error {
+		var err error
+		if kv, err = js.KeyValue(ctx, pipeline.Bucket); err == nil {
+			objects, err = js.ObjectStore(ctx, pipeline.Bucket)
+		}
+		return err
+	})
+	// state reads the partition's saved state: its position and alert checkpoint.
+	type stateHead struct {
+		Seq        uint64          `json:"seq"`
+		Checkpoint []alert.Segment `json:"alert_checkpoint"`
+	}
+	state := func() (stateHead, error) {
+		var head stateHead
+		o, err := partition.Owner(ctx, kv, 0)
+		if err != nil {
+			return head, err
+		}
+		if o.State == "" {
+			return head, errors.New("no state saved yet")
+		}
+		b, err := objects.GetBytes(ctx, o.State)
+		if err != nil {
+			return head, err
+		}
+		n := binary.BigEndian.Uint32(b)
+		return head, json.Unmarshal(b[4:4+n], &head)
+	}
+	// saved returns a condition: the worker saved a state past seq (or of the
+	// whole input).
+	saved := func(seq uint64) func() error {
+		return func() error {
+			head, err := state()
+			if err == nil && head.Seq <= seq && head.Seq < total {
+				err = fmt.Errorf("the state is at %d, not past %d yet", head.Seq, seq)
+			}
+			return err
+		}
+	}
+	poll.Until(t, time.Minute, func() error {
+		_, err := state()
+		return err
+	})
 	published := make(chan error, 1)
 	go func() {
 		for i := range total {
@@ -105,9 +153,14 @@ rules:
 		published <- nil
 	}()
 	rng := rand.New(rand.NewPCG(31, 32))
+	var last uint64
 	for round := range 5 {
-		// The fault's timing: a random moment of the run, not a wait for a condition.
-		time.Sleep(time.Duration(300+rng.IntN(900)) * time.Millisecond)
+		// Once the worker (started again) saved a state past the last, at a random
+		// moment after that (the fault's timing, not a wait for a condition).
+		poll.Until(t, time.Minute, saved(last))
+		head, _ := state()
+		last = head.Seq
+		time.Sleep(time.Duration(rng.IntN(700)) * time.Millisecond)
 		select {
 		case <-w.done:
 			t.Fatalf("the worker exited by itself (%v):\n%s", w.cmd.ProcessState, w.tail())
@@ -121,31 +174,15 @@ rules:
 	if err := <-published; err != nil {
 		t.Fatal(err)
 	}
-	kv, err := js.KeyValue(ctx, pipeline.Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	objects, err := js.ObjectStore(ctx, pipeline.Bucket)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var got []string
 	poll.Until(t, 3*time.Minute, func() error {
 		// The state covers the whole input: everything it caused is stored.
-		o, err := partition.Owner(ctx, kv, 0)
+		head, err := state()
 		if err != nil {
 			return err
 		}
-		b, err := objects.GetBytes(ctx, o.State)
-		if err != nil {
-			return err
-		}
-		var head struct {
-			Seq        uint64          `json:"seq"`
-			Checkpoint []alert.Segment `json:"alert_checkpoint"`
-		}
-		if n := binary.BigEndian.Uint32(b); json.Unmarshal(b[4:4+n], &head) != nil || head.Checkpoint == nil {
-			return fmt.Errorf("state %s holds no alert checkpoint", o.State)
+		if head.Checkpoint == nil {
+			return errors.New("the state holds no alert checkpoint")
 		}
 		if head.Seq < total {
 			return fmt.Errorf("the state covers %d of %d events", head.Seq, total)
