@@ -331,7 +331,7 @@ func (s *stageRun) restore(ctx context.Context) error {
 	}
 	// The windows are decoded here, by the engine (with the groups on disk, those
 	// beyond the ones kept in memory go to disk as they are read).
-	if s.engine, err = s.cp.Open(ctx, s.cfg.Settings, s.cfg.Rules, snap.Checkpoint, snap.Binary, snap.State, s.cfg.GroupsDir, s.log); err != nil {
+	if s.engine, err = s.cp.Open(ctx, s.cfg.Settings, s.cfg.Rules, snap.Checkpoint, snap.Binary, snap.State, s.cfg.GroupsDir); err != nil {
 		if errors.Is(err, ErrCorruptState) {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
 		}

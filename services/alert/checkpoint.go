@@ -75,7 +75,7 @@ func NewCheckpoints(files SegmentFiles, dir string, log *slog.Logger) *Checkpoin
 // a fresh start), with its groups on disk under groupsDir by s, and keeps its
 // checkpoints from now on. A checkpoint that does not decode is an error
 // wrapping ErrCorruptState.
-func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list []Segment, bin []byte, legacy *State, groupsDir string, log *slog.Logger) (*Engine, error) {
+func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list []Segment, bin []byte, legacy *State, groupsDir string) (*Engine, error) {
 	files := make([]partition.File, len(list))
 	for i, sg := range list {
 		files[i] = sg.File
@@ -86,10 +86,10 @@ func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list 
 	var e *Engine
 	var err error
 	if len(list) == 0 {
-		e, err = OpenEngine(s, rules, bin, legacy, groupsDir, log)
+		e, err = OpenEngine(s, rules, bin, legacy, groupsDir, c.log)
 	} else {
 		var prev map[string]string
-		e, err = openEngine(s, rules, groupsDir, log, func(sp *Spill) (*State, error) {
+		e, err = openEngine(s, rules, groupsDir, c.log, func(sp *Spill) (*State, error) {
 			st, err := c.restore(list, rules, sp)
 			if err == nil {
 				prev = map[string]string{}

@@ -98,7 +98,7 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 		groups := t.TempDir()
 		open := func(list []Segment) (*Checkpoints, *Engine) {
 			cp := NewCheckpoints(store, filepath.Join(t.TempDir(), "segments"), log)
-			e, err := cp.Open(ctx, s, rules, list, nil, nil, groups, log)
+			e, err := cp.Open(ctx, s, rules, list, nil, nil, groups)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -225,7 +225,7 @@ func newCheckpointer(t *testing.T) *checkpointer {
 func (c *checkpointer) open(rules []*Rule, list []Segment) (*Checkpoints, *Engine) {
 	c.t.Helper()
 	cp := NewCheckpoints(c.files, filepath.Join(c.t.TempDir(), "segments"), c.log)
-	e, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "", c.log)
+	e, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "")
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -361,7 +361,7 @@ func TestCheckpointCorruptSegment(t *testing.T) {
 			t.Fatal(err)
 		}
 		cp := NewCheckpoints(c.files, filepath.Join(t.TempDir(), "segments"), c.log)
-		_, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "", c.log)
+		_, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "")
 		if !errors.Is(err, ErrCorruptState) || !strings.Contains(err.Error(), "checkpoint") {
 			t.Fatalf("a segment cut at %d of %d bytes: %v", cut, len(b), err)
 		}

@@ -714,7 +714,7 @@ func (r *run) openAlert(ctx context.Context, snap *snapshot) error {
 		}
 	}
 	var err error
-	if r.engine, err = r.alertCP.Open(ctx, r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertCheckpoint, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir, r.log); err != nil {
+	if r.engine, err = r.alertCP.Open(ctx, r.cfg.Alert.Settings, r.cfg.Alert.Rules, snap.AlertCheckpoint, snap.AlertBinary, snap.Alert, r.cfg.Alert.GroupsDir); err != nil {
 		if errors.Is(err, alert.ErrCorruptState) {
 			return fmt.Errorf("pipeline: the alert windows in %s: %w (delete the state to start over)", Bucket, err)
 		}

@@ -845,7 +845,7 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 		log := slog.New(slog.DiscardHandler)
 		files := partition.NewFiles(store, nil, "alert", func(string) bool { return true }, t.TempDir(), log)
 		cp := alert.NewCheckpoints(files, filepath.Join(t.TempDir(), "segments"), log)
-		eng, err := cp.Open(ctx, alert.DefaultSettings(), cfg.Alert.Rules, snap.AlertCheckpoint, nil, nil, "", log)
+		eng, err := cp.Open(ctx, alert.DefaultSettings(), cfg.Alert.Rules, snap.AlertCheckpoint, nil, nil, "")
 		if err != nil {
 			t.Fatal(err)
 		}
