@@ -318,7 +318,8 @@ func peakRSS(b *testing.B) float64 {
 // upload of its files to a local directory, compactions included (upload-ms).
 // Reports the bytes a save uploads (written-bytes/save), the whole state's
 // encoding (what a save wrote before: state-bytes), the first capture's bytes,
-// and the share of a core the saves take at one per 10 s (core-%).
+// the share of a core the saves take at one per 10 s (core-%), and the time a
+// restore of the last checkpoint takes (restore-s: files copied, then read).
 func BenchmarkCheckpoint(b *testing.B) {
 	groups := 1_000_000
 	if v := os.Getenv("SLUICE_BENCH_GROUPS"); v != "" {
@@ -361,6 +362,7 @@ func BenchmarkCheckpoint(b *testing.B) {
 	observe(e, 2*groups, 20*time.Second/time.Duration(2*groups))
 	uploaded := map[string]bool{}
 	var captureTime, uploadTime time.Duration
+	var last []Segment
 	save := func() (written int64) {
 		ctx := context.Background()
 		t0 := time.Now()
@@ -374,6 +376,7 @@ func BenchmarkCheckpoint(b *testing.B) {
 			b.Fatal(err)
 		}
 		c.Saved(ctx)
+		last = list
 		captureTime += t1.Sub(t0)
 		uploadTime += time.Since(t1)
 		for _, sg := range list {
@@ -414,4 +417,16 @@ func BenchmarkCheckpoint(b *testing.B) {
 	b.ReportMetric(float64(uploadTime.Milliseconds())/float64(b.N), "upload-ms")
 	b.ReportMetric(perSave/10*100, "core-%")
 	b.ReportMetric(float64(e.State().Rules["busy-user"].size()), "groups")
+	// A restore of the last checkpoint on another machine: its files downloaded
+	// (copied), read at once into an engine (the groups beyond the hot ones to disk).
+	restoreStart := time.Now()
+	restored, err := NewCheckpoints(files, filepath.Join(b.TempDir(), "segments"), log).Open(context.Background(), s, rules, last, nil, nil, b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer restored.Close()
+	b.ReportMetric(time.Since(restoreStart).Seconds(), "restore-s")
+	if got, want := restored.State().Rules["busy-user"].size(), e.State().Rules["busy-user"].size(); got != want {
+		b.Fatalf("restored %d groups of %d", got, want)
+	}
 }
