@@ -7,6 +7,7 @@ require (
 	github.com/nats-io/nats.go v1.55.0
 	github.com/prometheus/client_golang v1.25.0
 	github.com/sluicehq/sluice/schemas v0.0.0
+	github.com/sluicehq/sluice/services/alert v0.0.0
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/notify v0.0.0
 	github.com/sluicehq/sluice/services/pipeline v0.0.0
@@ -62,7 +63,6 @@ require (
 	github.com/santhosh-tekuri/jsonschema/v6 v6.0.3 // indirect
 	github.com/segmentio/asm v1.2.1 // indirect
 	github.com/shopspring/decimal v1.5.0 // indirect
-	github.com/sluicehq/sluice/services/alert v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/dedup v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/enrich v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/sink v0.0.0 // indirect
