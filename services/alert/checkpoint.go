@@ -80,6 +80,11 @@ func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list 
 	for i, sg := range list {
 		files[i] = sg.File
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// An Open that failed (a file lost: the caller may try an older state) leaves
+	// nothing of its list.
+	c.list, c.prev, c.whole = nil, nil, true
 	if err := c.files.Restore(ctx, files, c.dir); err != nil {
 		return nil, fmt.Errorf("alert: restore the checkpoint: %w", err)
 	}
@@ -99,7 +104,9 @@ func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list 
 			}
 			return st, err
 		})
-		c.list, c.prev, c.whole = list, prev, false
+		if err == nil {
+			c.list, c.prev, c.whole = list, prev, false
+		}
 	}
 	if err != nil {
 		return nil, err

@@ -356,14 +356,29 @@ func TestCheckpointCorruptSegment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var failed *Checkpoints
 	for _, cut := range []int{len(b) - 1, len(b) - 5, len(segMagic) + 3, 3} {
 		if err := os.WriteFile(obj, b[:cut], 0o644); err != nil {
 			t.Fatal(err)
 		}
-		cp := NewCheckpoints(c.files, filepath.Join(t.TempDir(), "segments"), c.log)
-		_, err := cp.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "")
+		failed = NewCheckpoints(c.files, filepath.Join(t.TempDir(), "segments"), c.log)
+		_, err := failed.Open(context.Background(), DefaultSettings(), rules, list, nil, nil, "")
 		if !errors.Is(err, ErrCorruptState) || !strings.Contains(err.Error(), "checkpoint") {
 			t.Fatalf("a segment cut at %d of %d bytes: %v", cut, len(b), err)
 		}
+	}
+	// Opened again from an older state without a checkpoint (as the pipeline tries
+	// when a file is lost), the Checkpoints keep nothing of the failed list: the
+	// first capture writes every group.
+	if e, err = failed.Open(context.Background(), DefaultSettings(), rules, nil, nil, nil, ""); err != nil {
+		t.Fatal(err)
+	}
+	feed(t, e, logins("c", 4))
+	list, err = c.save(failed, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || !list[0].Base {
+		t.Fatalf("the first checkpoint after a failed open is %+v, want one base", list)
 	}
 }
