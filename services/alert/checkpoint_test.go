@@ -32,14 +32,7 @@ func copyFile(from, to string) error {
 		return err
 	}
 	_, err = io.Copy(w, r)
-	return errorsJoin(err, w.Close())
-}
-
-func errorsJoin(a, b error) error {
-	if a != nil {
-		return a
-	}
-	return b
+	return errors.Join(err, w.Close())
 }
 
 func (d dirFiles) Upload(_ context.Context, dir string, names []string) ([]partition.File, error) {
@@ -157,7 +150,7 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 		}
 		got := slices.Concat(outs...)
 		got = append(got, alertsJSON(t, e.Idle(time.Hour))...)
-		if err := errorsJoin(e.Err(), e.Close()); err != nil {
+		if err := errors.Join(e.Err(), e.Close()); err != nil {
 			t.Fatal(err)
 		}
 		if !slices.Equal(got, memory) {
