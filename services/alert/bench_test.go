@@ -171,14 +171,7 @@ func BenchmarkEngineGroups(b *testing.B) { benchGroups(b, false) }
 func BenchmarkEngineGroupsOnDisk(b *testing.B) { benchGroups(b, true) }
 
 func benchGroups(b *testing.B, onDisk bool) {
-	groups := 1_000_000
-	if v := os.Getenv("SLUICE_BENCH_GROUPS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil {
-			b.Fatalf("SLUICE_BENCH_GROUPS: %v", err)
-		}
-		groups = n
-	}
+	groups := benchGroupCount(b)
 	rules, err := CompileRules([]RuleConfig{{Name: "busy-user", Kind: KindThreshold, Filter: `type == "login"`, GroupBy: []string{"data.user"},
 		Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 1000}})
 	if err != nil {
@@ -289,6 +282,19 @@ func benchGroups(b *testing.B, onDisk bool) {
 	b.ReportMetric(float64(encode.Nanoseconds())/float64(groups), "encode-ns/group")
 }
 
+// benchGroupCount is SLUICE_BENCH_GROUPS (default 1,000,000).
+func benchGroupCount(b *testing.B) int {
+	v := os.Getenv("SLUICE_BENCH_GROUPS")
+	if v == "" {
+		return 1_000_000
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		b.Fatalf("SLUICE_BENCH_GROUPS: %v", err)
+	}
+	return n
+}
+
 // peakRSS is the process's peak resident set size since the last reset (VmHWM).
 func peakRSS(b *testing.B) float64 {
 	status, err := os.ReadFile("/proc/self/status")
@@ -321,14 +327,7 @@ func peakRSS(b *testing.B) float64 {
 // the share of a core the saves take at one per 10 s (core-%), and the time a
 // restore of the last checkpoint takes (restore-s: files copied, then read).
 func BenchmarkCheckpoint(b *testing.B) {
-	groups := 1_000_000
-	if v := os.Getenv("SLUICE_BENCH_GROUPS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil {
-			b.Fatalf("SLUICE_BENCH_GROUPS: %v", err)
-		}
-		groups = n
-	}
+	groups := benchGroupCount(b)
 	s := Settings{Store: StoreMemory}
 	if os.Getenv("SLUICE_BENCH_STORE") == StoreDisk {
 		s = Settings{Store: StoreDisk, HotGroups: DefaultHotGroups}

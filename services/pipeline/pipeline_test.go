@@ -961,7 +961,7 @@ func (f *fixture) checkAlertIDs(t *testing.T, what string, want []string) {
 	var got []string
 	poll.Until(t, time.Minute, func() error {
 		var err error
-		if got, err = streamIDs(f.js, streams.Alerts); err != nil {
+		if got, err = natstest.MsgIDs(context.Background(), f.js, streams.Alerts); err != nil {
 			return err
 		}
 		if len(got) < len(want) {
@@ -974,28 +974,6 @@ func (f *fixture) checkAlertIDs(t *testing.T, what string, want []string) {
 	if len(want) < 20 || !slices.Equal(got, want) {
 		t.Fatalf("%s gave %d alert changes, the oracle %d:\n got %q\nwant %q", what, len(got), len(want), got, want)
 	}
-}
-
-// streamIDs is the Nats-Msg-Id of every message in stream.
-func streamIDs(js jetstream.JetStream, stream string) ([]string, error) {
-	ctx := context.Background()
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return nil, err
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var ids []string
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
-		if err != nil {
-			return nil, err
-		}
-		ids = append(ids, m.Header.Get(nats.MsgIdHdr))
-	}
-	return ids, nil
 }
 
 // With StallRestart, a partition whose insert never returns (its ClickHouse
@@ -1096,29 +1074,13 @@ func TestInflightBounded(t *testing.T) {
 
 // largestEnvelope is how many events the largest envelope in PARTITIONS holds.
 func largestEnvelope(js jetstream.JetStream) (float64, error) {
-	ctx := context.Background()
-	s, err := js.Stream(ctx, streams.Partitions)
-	if err != nil {
-		return 0, err
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		return 0, err
-	}
 	largest := 1
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue
-		}
-		if err != nil {
-			return 0, err
-		}
+	err := natstest.EachMsg(context.Background(), js, streams.Partitions, func(m *jetstream.RawStreamMsg) {
 		if n, err := strconv.Atoi(m.Header.Get(keyed.HeaderCount)); err == nil {
 			largest = max(largest, n)
 		}
-	}
-	return float64(largest), nil
+	})
+	return float64(largest), err
 }
 
 // metricValue is the value of reg's gauge or counter name (its first series), -1

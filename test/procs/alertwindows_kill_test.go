@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -21,6 +20,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/alert"
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/pipeline"
@@ -187,7 +187,7 @@ rules:
 		if head.Seq < total {
 			return fmt.Errorf("the state covers %d of %d events", head.Seq, total)
 		}
-		if got, err = msgIDs(ctx, js, streams.Alerts); err != nil {
+		if got, err = natstest.MsgIDs(ctx, js, streams.Alerts); err != nil {
 			return err
 		}
 		if len(got) < len(want) {
@@ -231,28 +231,4 @@ func alertOracle(t *testing.T, path string, n int, input func(i int) []byte) []s
 	}
 	slices.Sort(want)
 	return want
-}
-
-// msgIDs is the Nats-Msg-Id of every message in stream.
-func msgIDs(ctx context.Context, js jetstream.JetStream, stream string) ([]string, error) {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return nil, err
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var ids []string
-	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
-		m, err := s.GetMsg(ctx, seq)
-		if err != nil {
-			if strings.Contains(err.Error(), "not found") {
-				continue
-			}
-			return nil, err
-		}
-		ids = append(ids, m.Header.Get("Nats-Msg-Id"))
-	}
-	return ids, nil
 }

@@ -3,6 +3,7 @@ package natstest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 
@@ -113,4 +114,34 @@ func PublishAll(ctx context.Context, js jetstream.JetStream, subject string, fro
 		}
 	}
 	return nil
+}
+
+// EachMsg calls f with every message of stream, in order (deleted ones skipped).
+func EachMsg(ctx context.Context, js jetstream.JetStream, stream string, f func(m *jetstream.RawStreamMsg)) error {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return err
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		return err
+	}
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		f(m)
+	}
+	return nil
+}
+
+// MsgIDs is the Nats-Msg-Id of every message in stream.
+func MsgIDs(ctx context.Context, js jetstream.JetStream, stream string) ([]string, error) {
+	var ids []string
+	err := EachMsg(ctx, js, stream, func(m *jetstream.RawStreamMsg) { ids = append(ids, m.Header.Get(nats.MsgIdHdr)) })
+	return ids, err
 }
