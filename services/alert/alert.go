@@ -149,12 +149,22 @@ type StateStore interface {
 }
 
 // objectState is the split stage's snapshot: the object "state" of its bucket,
-// and its checkpoints' files, objects groups.0.0.* (the stage is their only
-// writer).
-type objectState struct{ store jetstream.ObjectStore }
+// which every replica saves (the last save is the state), and its checkpoints'
+// files, objects groups.0.0.<replica's nonce>.*, shared by the replicas: each
+// deletes its own, and those of a replica that wrote none for stale.
+type objectState struct {
+	store jetstream.ObjectStore
+	stale time.Duration
+}
 
 func (o objectState) Files(cache string, log *slog.Logger) SegmentFiles {
-	return partition.NewFiles(o.store, nil, "groups", func(string) bool { return true }, cache, log)
+	return partition.NewSharedFiles(o.store, "groups", func(string) bool { return true }, cache, o.stale, log)
+}
+
+// replicaEnded is how long the split stage's replicas keep the checkpoint files
+// of a replica that saved nothing since: long past any pause of a live one.
+func replicaEnded(snapshotInterval time.Duration) time.Duration {
+	return max(15*time.Minute, 30*snapshotInterval)
 }
 
 func (o objectState) Load(ctx context.Context) ([]byte, error) {
@@ -262,7 +272,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return fmt.Errorf("alert: state bucket %s: %w", StateBucket, err)
 	}
-	return RunWith(ctx, cfg, deps, objectState{store})
+	return RunWith(ctx, cfg, deps, objectState{store, replicaEnded(cfg.SnapshotInterval)})
 }
 
 // RunWith runs the rules on cfg.Stream until ctx is done or state stops being
@@ -310,32 +320,26 @@ func (s *stageRun) restore(ctx context.Context) error {
 	info := stream.CachedInfo()
 	s.created = info.Created
 	var snap snapshot
-	b, err := s.state.Load(ctx)
-	switch {
-	case err != nil:
-		return fmt.Errorf("alert: read state: %w", err)
-	case b == nil:
-	default:
-		if err := json.Unmarshal(b, &snap); err != nil {
-			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
+	var fresh bool
+	for attempt := 1; ; attempt++ {
+		if snap, fresh, err = s.load(ctx, info); err != nil {
+			return err
 		}
-		if !snap.StreamCreated.Equal(s.created) {
-			s.log.Warn("the state is of an earlier stream of this name; starting over", "stream", s.cfg.Stream)
-			snap = snapshot{}
+		// The windows are decoded here, by the engine (with the groups on disk,
+		// those beyond the ones kept in memory go to disk as they are read).
+		s.engine, err = s.cp.Open(ctx, s.cfg.Settings, s.cfg.Rules, snap.Checkpoint, snap.Binary, snap.State, s.cfg.GroupsDir)
+		if err == nil {
+			break
 		}
-	}
-	fresh := snap.Checkpoint == nil && snap.Binary == nil && snap.State == nil
-	if fresh {
-		// No state: everything already in the stream is a replay.
-		snap = snapshot{StreamCreated: s.created, ReplayUntil: info.State.LastSeq}
-	}
-	// The windows are decoded here, by the engine (with the groups on disk, those
-	// beyond the ones kept in memory go to disk as they are read).
-	if s.engine, err = s.cp.Open(ctx, s.cfg.Settings, s.cfg.Rules, snap.Checkpoint, snap.Binary, snap.State, s.cfg.GroupsDir); err != nil {
 		if errors.Is(err, ErrCorruptState) {
 			return fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
 		}
-		return err
+		// Another replica's save replaced the state and deleted a file of the one
+		// read (a slow read, or that replica ended): the state is read again.
+		if !errors.Is(err, jetstream.ErrObjectNotFound) || attempt == 5 {
+			return err
+		}
+		s.log.Warn("a file of the alert state went while it was read (another replica saved since); reading the state again", "err", err)
 	}
 	if fresh {
 		s.log.Info("no alert state; reading the input from its start, alerts from input already there are marked replay",
@@ -359,6 +363,29 @@ func (s *stageRun) restore(ctx context.Context) error {
 	}
 	s.settled = snap.SavedAt
 	return s.write(ctx)
+}
+
+// load reads the snapshot; fresh: there is none (or it is of an earlier stream),
+// so everything already in the input is a replay.
+func (s *stageRun) load(ctx context.Context, info *jetstream.StreamInfo) (snap snapshot, fresh bool, err error) {
+	b, err := s.state.Load(ctx)
+	switch {
+	case err != nil:
+		return snap, false, fmt.Errorf("alert: read state: %w", err)
+	case b == nil:
+	default:
+		if err := json.Unmarshal(b, &snap); err != nil {
+			return snap, false, fmt.Errorf("alert: state in %s does not decode (delete it to start over): %w", StateBucket, err)
+		}
+		if !snap.StreamCreated.Equal(s.created) {
+			s.log.Warn("the state is of an earlier stream of this name; starting over", "stream", s.cfg.Stream)
+			snap = snapshot{}
+		}
+	}
+	if snap.Checkpoint == nil && snap.Binary == nil && snap.State == nil {
+		return snapshot{StreamCreated: s.created, ReplayUntil: info.State.LastSeq}, true, nil
+	}
+	return snap, false, nil
 }
 
 func (s *stageRun) run(ctx context.Context, ready func()) error {

@@ -215,7 +215,105 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 	}
 	time.Sleep(200 * time.Millisecond) // past ALERTS's shortened duplicate window
 	st = h.start(path)
-	h.publish("login.failed", base.Add(200*time.Second), `{"user":"late"}`) // resolves the three
+	list := h.resolveBurst(st, base)
+	if len(list) != 6 {
+		t.Fatalf("%d alert changes in ALERTS, want 6", len(list))
+	}
+	if skipped := metricValue(t, st.reg, "sluice_alert_republish_skipped_total"); skipped != 3 {
+		t.Fatalf("skipped %v republications, want the 3 firings", skipped)
+	}
+}
+
+// Replicas of the split stage run at once and each saves the one state object:
+// whichever saved last, every file its checkpoint names is there (each replica
+// deletes only its own files), and a new replica restores from it.
+func TestStageReplicasShareTheState(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	path := writeConfig(t, loginRule)
+	var store jetstream.ObjectStore
+	// state reads the state object and checks that the files it names are there.
+	state := func() (snapshot, error) {
+		var snap snapshot
+		b, err := store.GetBytes(ctx, "state")
+		if err != nil {
+			return snap, err
+		}
+		if err := json.Unmarshal(b, &snap); err != nil {
+			return snap, err
+		}
+		for _, sg := range snap.Checkpoint {
+			if _, err := store.GetInfo(ctx, sg.File.Object); err != nil {
+				return snap, fmt.Errorf("the state names %s: %w", sg.File.Object, err)
+			}
+		}
+		return snap, nil
+	}
+	// writers returns the replicas that wrote checkpoint files (their nonces).
+	writers := func() map[string]bool {
+		infos, err := store.List(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]bool{}
+		for _, info := range infos {
+			if f := strings.Split(info.Name, "."); len(f) > 4 && f[0] == "groups" {
+				out[f[3]] = true
+			}
+		}
+		return out
+	}
+	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	for u := range 3 {
+		for i := range 5 {
+			h.publish("login.failed", base.Add(time.Duration(i)*time.Second), fmt.Sprintf(`{"user":"u%d"}`, u))
+		}
+	}
+	// Groups enough that a checkpoint's base outweighs its deltas: it stays
+	// while the replicas run (and is named by every state).
+	for u := range 2000 {
+		h.publish("login.failed", base.Add(5*time.Second), fmt.Sprintf(`{"user":"quiet%d"}`, u))
+	}
+	first := h.start(path)
+	store, err := h.js.ObjectStore(ctx, StateBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, func() error {
+		snap, err := state()
+		if err == nil && snap.Seq < 2015 {
+			err = fmt.Errorf("state at %d", snap.Seq)
+		}
+		return err
+	})
+	second := h.start(path)
+	poll.Until(t, 10*time.Second, func() error {
+		if n := len(writers()); n < 2 {
+			return fmt.Errorf("%d replicas wrote checkpoint files", n)
+		}
+		return nil
+	})
+	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`)
+	// The second stops, then the first: the state is the first's, begun before
+	// the second, and whole.
+	second.stop(t)
+	first.stop(t)
+	if _, err := state(); err != nil {
+		t.Fatal(err)
+	}
+	h.resolveBurst(h.start(path), base)
+	if _, err := state(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// resolveBurst publishes the event that resolves the alerts of a burst of users
+// u0 to u2 at base, stops st once the six changes are in ALERTS, and checks that
+// each user's alert fired and resolved once; it returns ALERTS's changes.
+func (h *harness) resolveBurst(st *stageHandle, base time.Time) []*alerts.Alert {
+	t := h.t
+	t.Helper()
+	h.publish("login.failed", base.Add(200*time.Second), `{"user":"late"}`)
 	poll.Until(t, 10*time.Second, func() error {
 		if n := len(h.alertsInStream()); n < 6 {
 			return fmt.Errorf("%d alerts", n)
@@ -231,12 +329,7 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 			t.Errorf("%s: fired %d, resolved %d times; want once each", user, firing[user], resolved[user])
 		}
 	}
-	if len(list) != 6 {
-		t.Fatalf("%d alert changes in ALERTS, want 6", len(list))
-	}
-	if skipped := metricValue(t, st.reg, "sluice_alert_republish_skipped_total"); skipped != 3 {
-		t.Fatalf("skipped %v republications, want the 3 firings", skipped)
-	}
+	return list
 }
 
 func metricValue(t *testing.T, reg *prometheus.Registry, name string) float64 {

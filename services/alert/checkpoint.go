@@ -22,6 +22,9 @@ type SegmentFiles interface {
 	Upload(ctx context.Context, dir string, names []string) ([]partition.File, error)
 	Restore(ctx context.Context, files []partition.File, dir string) error
 	Keep(ctx context.Context, files []partition.File)
+	// Continues tells whether a checkpoint after a Restore may name the restored
+	// files (false: they stay their writer's, the next capture writes every group).
+	Continues() bool
 }
 
 // Segment is one file of a checkpoint (see segMagic); Base: it holds every group,
@@ -105,7 +108,7 @@ func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list 
 			return st, err
 		})
 		if err == nil {
-			c.list, c.prev, c.whole = list, prev, false
+			c.list, c.prev, c.whole = list, prev, !c.files.Continues()
 		}
 	}
 	if err != nil {

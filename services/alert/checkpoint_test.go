@@ -65,6 +65,8 @@ func (d dirFiles) Restore(_ context.Context, files []partition.File, dir string)
 
 func (dirFiles) Keep(context.Context, []partition.File) {}
 
+func (dirFiles) Continues() bool { return true }
+
 // checkCheckpoints fails t unless an engine restarted from its checkpoints gives
 // the alerts (values and annotations too) of an uninterrupted run: about 24
 // checkpoints are captured (so compactions run: deltas merged, bases rewritten),

@@ -843,7 +843,7 @@ func testAlertWindowsAcrossRestarts(t *testing.T, yaml string, onDisk bool, want
 		// The state rewritten as an earlier release saved it: the windows in the
 		// state itself, in binary or JSON.
 		log := slog.New(slog.DiscardHandler)
-		files := partition.NewFiles(store, nil, "alert", func(string) bool { return true }, t.TempDir(), log)
+		files := partition.NewSharedFiles(store, "alert", func(string) bool { return true }, t.TempDir(), time.Hour, log)
 		cp := alert.NewCheckpoints(files, filepath.Join(t.TempDir(), "segments"), log)
 		eng, err := cp.Open(ctx, alert.DefaultSettings(), cfg.Alert.Rules, snap.AlertCheckpoint, nil, nil, "")
 		if err != nil {

@@ -38,6 +38,10 @@ type File struct {
 // two runs of one claim) or by two checkpoints (a file that changes). Files deletes only objects of generations up to its claim's that the
 // checkpoints it keeps do not name.
 //
+// Shared files (NewSharedFiles) are written by several writers at once, each
+// under its nonce; each deletes only its own objects, and those of a writer that
+// has written nothing for a while (one that ended).
+//
 // A checkpoint is a list of Files, saved by the caller in its state (States); Keep
 // says which checkpoints the saved states name, after each save.
 type Files struct {
@@ -58,18 +62,88 @@ type Files struct {
 	// tells whether the objects left by earlier owners were listed once.
 	kept   [][]File
 	pruned bool
+	// shared: several writers at once (NewSharedFiles); stale is how long a
+	// writer's objects stay after its last, and kept when this one last kept a
+	// checkpoint (or began).
+	shared   bool
+	stale    time.Duration
+	keptAt   time.Time
+	listedAt time.Time
 }
 
 // NewFiles keeps claim's checkpoint files in store as objects named
 // prefix.<partition>.<gen>.<nonce>.<n>.<file>; immutable tells the files that never
 // change once written, which are also kept in the directory cache (hard links, by
-// object name) for a restore on this machine. A nil claim is for the only writer
-// of prefix in store, which holds no claim (the split alert stage): partition 0,
-// generation 0, always valid.
+// object name) for a restore on this machine.
 func NewFiles(store jetstream.ObjectStore, claim *Claim, prefix string, immutable func(name string) bool, cache string, log *slog.Logger) *Files {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	return &Files{store: store, claim: claim, prefix: prefix, nonce: hex.EncodeToString(b[:]), immutable: immutable, cache: cache, log: log, uploaded: map[string]File{}}
+}
+
+// NewSharedFiles keeps checkpoint files, as NewFiles, for one of several writers
+// of prefix in store that write at once and hold no claim (the split alert
+// stage's replicas, which share one state object: whichever saved last, its
+// checkpoint is the state). Objects are named prefix.0.0.<nonce>.<n>.<file>.
+//
+// A writer deletes its own objects only, once the checkpoints it keeps no longer
+// name them, and all objects of another writer whose newest is older than stale
+// next to its own newest (by the server's clock: a writer that ended). A writer
+// whose checkpoints were not kept for half of stale (saves failing) uploads its
+// files again, as others may have deleted them; and a restored checkpoint stays
+// its writer's: the next checkpoint must not name its files (Continues).
+func NewSharedFiles(store jetstream.ObjectStore, prefix string, immutable func(name string) bool, cache string, stale time.Duration, log *slog.Logger) *Files {
+	f := NewFiles(store, nil, prefix, immutable, cache, log)
+	f.shared, f.stale, f.keptAt = true, stale, time.Now()
+	return f
+}
+
+// Continues tells whether checkpoints after a Restore may name the restored
+// files: a claim's files carry on its predecessor's (they are the claim's now);
+// shared files do not (they remain their writer's, who deletes them).
+func (f *Files) Continues() bool { return !f.shared }
+
+// writer returns the nonce of the writer of one of prefix's objects.
+func (f *Files) writer(object string) (string, bool) {
+	rest, ok := strings.CutPrefix(object, f.prefix+".")
+	if !ok {
+		return "", false
+	}
+	fields := strings.SplitN(rest, ".", 5)
+	if len(fields) < 5 {
+		return "", false
+	}
+	return fields[2], true
+}
+
+// ended adds to drop the objects of the other writers whose newest object is
+// older than f.stale next to this writer's newest (both stamped by the server).
+func (f *Files) ended(infos []*jetstream.ObjectInfo, drop map[string]bool) {
+	newest := map[string]time.Time{}
+	for _, info := range infos {
+		if w, ok := f.writer(info.Name); ok && info.ModTime.After(newest[w]) {
+			newest[w] = info.ModTime
+		}
+	}
+	own, ok := newest[f.nonce]
+	if !ok {
+		return // none of this writer's objects listed: no clock to go by
+	}
+	for _, info := range infos {
+		if w, ok := f.writer(info.Name); ok && w != f.nonce && own.Sub(newest[w]) > f.stale {
+			drop[info.Name] = true
+		}
+	}
+}
+
+// mine tells whether this Files may delete object when no kept checkpoint names
+// it: shared files delete only their own.
+func (f *Files) mine(object string) bool {
+	if !f.shared {
+		return true
+	}
+	w, ok := f.writer(object)
+	return ok && w == f.nonce
 }
 
 // part and generation are the claim's (0 without one).
@@ -113,6 +187,10 @@ func (f *Files) Upload(ctx context.Context, dir string, names []string) ([]File,
 		if err := f.claim.Valid(); err != nil {
 			return nil, err
 		}
+	}
+	if f.shared && time.Since(f.keptAt) > f.stale/2 {
+		// Others may take this writer for ended and delete its objects.
+		clear(f.uploaded)
 	}
 	files := make([]File, 0, len(names))
 	for _, name := range names {
@@ -161,7 +239,8 @@ func (f *Files) upload(ctx context.Context, dir, name string) (File, error) {
 // Restore writes the files of a checkpoint into dir (made anew, empty for none).
 // An immutable file this machine has (in the cache, its digest right) is linked
 // from there; the others are downloaded (and cached), their digests checked. The
-// files restored count as uploaded, and the checkpoint as kept.
+// files restored count as uploaded, and the checkpoint as kept (not shared
+// files': see Continues).
 func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("restore checkpoint: %w", err)
@@ -193,9 +272,11 @@ func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 		if err := os.Link(cached, path); err != nil {
 			return fmt.Errorf("restore checkpoint: %w", err)
 		}
-		f.uploaded[file.Name] = file
+		if !f.shared {
+			f.uploaded[file.Name] = file
+		}
 	}
-	if files != nil {
+	if files != nil && !f.shared {
 		f.kept = [][]File{files}
 	}
 	f.tidyCache(keep)
@@ -270,9 +351,11 @@ func (f *Files) download(ctx context.Context, file File, path string) error {
 // checkpoint before them, and those uploaded for a save that failed, are deleted
 // unless a kept one names them. At the first call, every object of the partition
 // of a generation up to the claim's that the kept ones do not name is deleted: an
-// owner that ended abruptly may have left some.
+// owner that ended abruptly may have left some. Shared files delete, at the first
+// call and every half of stale after, the objects of writers that ended.
 func (f *Files) Keep(ctx context.Context, files []File) {
 	var dropped []File
+	f.keptAt = time.Now()
 	f.kept = append(f.kept, files)
 	if len(f.kept) > 2 {
 		dropped = f.kept[0]
@@ -293,21 +376,27 @@ func (f *Files) Keep(ctx context.Context, files []File) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
 	drop := map[string]bool{}
-	if !f.pruned {
+	if !f.pruned || f.shared && time.Since(f.listedAt) > f.stale/2 {
 		infos, err := f.store.List(ctx)
 		if err != nil && !errors.Is(err, jetstream.ErrNoObjectsFound) {
 			f.log.Warn("list the older checkpoint files", "partition", f.part(), "err", err)
 			return
 		}
-		for _, info := range infos {
-			if gen, ok := f.gen(info.Name); ok && gen <= f.generation() {
-				drop[info.Name] = true
+		if f.shared {
+			f.ended(infos, drop)
+		} else {
+			for _, info := range infos {
+				if gen, ok := f.gen(info.Name); ok && gen <= f.generation() {
+					drop[info.Name] = true
+				}
 			}
 		}
-		f.pruned = true
+		f.pruned, f.listedAt = true, time.Now()
 	}
 	for _, file := range dropped {
-		drop[file.Object] = true
+		if f.mine(file.Object) {
+			drop[file.Object] = true
+		}
 	}
 	for _, object := range f.fresh {
 		drop[object] = true

@@ -2,12 +2,14 @@ package partition_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluicehq/sluice/services/kit/partition"
 )
@@ -116,5 +118,122 @@ func TestFiles(t *testing.T) {
 		if cp[0] != cp3[0] || cp[1] != cp3[1] || cp[2] == cp3[2] {
 			t.Fatalf("%s: after a restore, uploaded %v; the checkpoint was %v", round, cp, cp3)
 		}
+	}
+}
+
+// Shared files (the split alert stage's replicas, each saving the one state):
+// a writer deletes its own objects only, never those a live writer's checkpoints
+// name; a checkpoint restored from another writer is not continued (its files
+// are uploaded anew); the objects of a writer that wrote nothing for stale go;
+// and a writer whose checkpoints were not kept for half of stale uploads its
+// files again (the others may have taken it for ended).
+func TestSharedFiles(t *testing.T) {
+	ctx := context.Background()
+	_, store, _ := claimed(t, "test_shared_files")
+	log := slog.New(slog.DiscardHandler)
+	const stale = time.Second
+	root := t.TempDir()
+	all := func(string) bool { return true }
+	newWriter := func(name string) (*partition.Files, string) {
+		return partition.NewSharedFiles(store, "groups", all, filepath.Join(root, name+"-cache"), stale, log), filepath.Join(root, name)
+	}
+	write := func(dir, name, body string) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	save := func(f *partition.Files, dir string, names ...string) []partition.File {
+		t.Helper()
+		cp, err := f.Upload(ctx, dir, names)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.Keep(ctx, cp)
+		return cp
+	}
+	objectsOf := func(cps ...[]partition.File) []string {
+		var out []string
+		for _, cp := range cps {
+			for _, f := range cp {
+				if !slices.Contains(out, f.Object) {
+					out = append(out, f.Object)
+				}
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	a, dirA := newWriter("a")
+	b, dirB := newWriter("b")
+	write(dirA, "base", "a")
+	write(dirB, "base", "b")
+	var lastA, lastB [][]partition.File
+	for i := range 3 {
+		delta := fmt.Sprint("delta", i)
+		write(dirA, delta, "a"+delta)
+		lastA = append(lastA, save(a, dirA, "base", delta))
+		write(dirB, delta, "b"+delta)
+		lastB = append(lastB, save(b, dirB, "base", delta))
+	}
+	// Each keeps its last two checkpoints, the other's untouched.
+	want := objectsOf(lastA[1], lastA[2], lastB[1], lastB[2])
+	if got := objectNames(t, store); !slices.Equal(got, want) {
+		t.Fatalf("objects %v, want %v", got, want)
+	}
+	// A third writer restores a's checkpoint and does not continue it.
+	c, dirC := newWriter("c")
+	if c.Continues() {
+		t.Fatal("shared files continue a restored checkpoint")
+	}
+	if err := c.Restore(ctx, lastA[2], dirC); err != nil {
+		t.Fatal(err)
+	}
+	if body, err := os.ReadFile(filepath.Join(dirC, "delta2")); err != nil || string(body) != "adelta2" {
+		t.Fatalf("restored delta2: %q, %v", body, err)
+	}
+	cpC := save(c, dirC, "base")
+	if cpC[0].Object == lastA[2][0].Object {
+		t.Fatalf("the restored base was not uploaded anew: %v", cpC)
+	}
+	want = objectsOf(lastA[1], lastA[2], lastB[1], lastB[2], cpC)
+	if got := objectNames(t, store); !slices.Equal(got, want) {
+		t.Fatalf("after c's first save, objects %v, want %v", got, want)
+	}
+	// b and c write nothing more: a deletes their objects once their newest is
+	// stale older than a's, not before.
+	bLast := time.Now()
+	deadline := time.Now().Add(30 * time.Second)
+	for i := 3; ; i++ {
+		delta := fmt.Sprint("delta", i) // a new file each save, as segments are
+		write(dirA, delta, "a"+delta)
+		lastA = append(lastA, save(a, dirA, "base", delta))
+		got := objectNames(t, store)
+		if slices.Equal(got, objectsOf(lastA[len(lastA)-2:]...)) {
+			break
+		}
+		for _, o := range objectsOf(lastB[1], lastB[2]) {
+			if !slices.Contains(got, o) {
+				if since := time.Since(bLast); since < stale {
+					t.Fatalf("b's object %s deleted %v after its last save, stale is %v", o, since, stale)
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("objects %v %v after b's and c's last saves, want a's only", got, time.Since(bLast))
+		}
+	}
+	// a saves nothing for half of stale (as while its saves fail): its next
+	// upload writes its files again.
+	before := save(a, dirA, "base")
+	time.Sleep(stale/2 + 100*time.Millisecond) // the time that passes is what is tested
+	after, err := a.Upload(ctx, dirA, []string{"base"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after[0].Object == before[0].Object {
+		t.Fatalf("a's base not uploaded again after %v without a kept checkpoint: %v", stale/2, after)
 	}
 }
