@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -57,6 +58,10 @@ func TestKillEachService(t *testing.T) {
 	procs := map[string]*running{}
 	for _, name := range services {
 		procs[name] = startSvc(name)
+	}
+	// As in combinedFaults: input before the rules have a state would be replays.
+	if err := oracle.WaitFor(ctx, time.Minute, rulesRestored(ctx, js, slices.Contains(services, "pipeline"))); err != nil {
+		t.Fatal(err)
 	}
 
 	m := oracle.NewManifest(oracle.Spec{Total: 20_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 11})

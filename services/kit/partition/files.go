@@ -63,8 +63,8 @@ type Files struct {
 	kept   [][]File
 	pruned bool
 	// shared: several writers at once (NewSharedFiles); stale is how long a
-	// writer's objects stay after its last, and kept when this one last kept a
-	// checkpoint (or began).
+	// writer's objects stay after its newest; keptAt is when this writer last
+	// kept a checkpoint (or began), listedAt when it last listed the objects.
 	shared   bool
 	stale    time.Duration
 	keptAt   time.Time
