@@ -72,7 +72,9 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 	}
 	// The owner's link holds what it carries while an insert of the owner is open:
 	// the insert cannot end then (a small batch, all in the kernel's buffers, would
-	// otherwise reach the server while its worker is paused).
+	// otherwise reach the server while its worker is paused). An insert whose last
+	// bytes passed just before the hold ends by itself within moments: the one
+	// paused is one still open a second after its link held.
 	var stalled insert
 	err := oracle.WaitFor(ctx, 2*time.Minute, func() (err error) {
 		if stalled, err = running(); err != nil {
@@ -80,9 +82,14 @@ func TestStalledWorkerIsFenced(t *testing.T) {
 		}
 		l := links[stalled.worker]
 		l.hold()
-		if open, err := isOpen(stalled.queryID); err != nil || !open {
+		open, err := isOpen(stalled.queryID)
+		if err == nil && open {
+			time.Sleep(time.Second) // the time an ending insert is given
+			open, err = isOpen(stalled.queryID)
+		}
+		if err != nil || !open {
 			l.release()
-			return fmt.Errorf("insert %s ended before its link held it (%v)", stalled.queryID, err)
+			return fmt.Errorf("insert %s ended after its link held it (%v)", stalled.queryID, err)
 		}
 		return nil
 	})
@@ -179,17 +186,40 @@ type link struct {
 	rate atomic.Int64 // 0: unlimited
 	mu   sync.Mutex
 	gate chan struct{} // closed unless held
+	// passing is read-held while bytes are written on towards the server: hold
+	// waits for those writes, so none begins or goes on once it returns.
+	passing sync.RWMutex
 }
 
 func (l *link) unlimit() { l.rate.Store(0) }
 
+// hold stops the bytes towards the server; when it returns, none passes until
+// release.
 func (l *link) hold() {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	select {
 	case <-l.gate:
 		l.gate = make(chan struct{})
 	default: // held already
+	}
+	l.mu.Unlock()
+	l.passing.Lock()
+	defer l.passing.Unlock()
+}
+
+// pass writes b to s once the link is open (and not held meanwhile).
+func (l *link) pass(s net.Conn, b []byte) error {
+	for {
+		<-l.open()
+		l.passing.RLock()
+		select {
+		case <-l.open():
+			_, err := s.Write(b)
+			l.passing.RUnlock()
+			return err
+		default: // held since
+			l.passing.RUnlock()
+		}
 	}
 }
 
@@ -254,8 +284,7 @@ func newLink(t *testing.T, listen, target string, rate int64) *link {
 				for {
 					n, err := c.Read(buf)
 					if n > 0 {
-						<-l.open()
-						if _, werr := s.Write(buf[:n]); werr != nil {
+						if werr := l.pass(s, buf[:n]); werr != nil {
 							return
 						}
 						// The pace of the link: n bytes take n/rate seconds.
