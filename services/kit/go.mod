@@ -10,7 +10,10 @@ require (
 	go.yaml.in/yaml/v3 v3.0.6
 )
 
-require github.com/ebitengine/purego v0.11.3
+require (
+	github.com/dustin/go-humanize v1.1.0
+	github.com/ebitengine/purego v0.11.3
+)
 
 require github.com/kylelemons/godebug v1.1.0 // indirect
 

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/memlimit"
 	"github.com/sluicehq/sluice/services/kit/natsconn"
 	"github.com/sluicehq/sluice/services/kit/settings"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -79,7 +80,7 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	if spec.DataDir {
 		settings.BindDataDir(fs, lookup, &svcS.DataDir)
 	}
-	if err := errors.Join(settings.BindService(fs, lookup, &svcS, spec.MetricsAddr), settings.BindReplicas(fs, lookup, &svcS.Replicas)); err != nil {
+	if err := errors.Join(settings.BindService(fs, lookup, &svcS, spec.MetricsAddr), settings.BindReplicas(fs, lookup, &svcS.Replicas), settings.BindMemoryLimit(fs, lookup, &svcS.MemoryLimit)); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
 	}
@@ -115,6 +116,11 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	log = log.With("service", spec.Name)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	limitCtx, stopLimit := context.WithCancel(ctx)
+	defer stopLimit()
+	wg.Go(func() { memlimit.Run(limitCtx, svcS.MemoryLimit, lookup, log) })
 	if err := run(ctx, spec, natsS, chS, svcS, log); err != nil {
 		log.Error(spec.Name+" exited", "err", err)
 		return 1

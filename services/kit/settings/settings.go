@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/dustin/go-humanize"
 )
 
 // Lookup reads an environment variable; os.LookupEnv in mains, a map in tests.
@@ -49,6 +51,9 @@ type Service struct {
 	ShutdownTimeout time.Duration
 	// ApplyTopology creates or updates the streams and consumers at start.
 	ApplyTopology bool
+	// MemoryLimit is the floor of Go's soft memory limit (see BindMemoryLimit and
+	// kit/memlimit); 0: Go's default, no limit.
+	MemoryLimit uint64
 	// Replicas is how many copies a NATS cluster keeps of every stream and bucket
 	// the service applies or creates; 0 leaves existing ones as they are and creates
 	// new ones with one (see BindReplicas, which the services bind and `sluice up`,
@@ -150,6 +155,46 @@ func CheckReplicas(n int) error {
 	if n < 0 || n > MaxReplicas {
 		return fmt.Errorf("replicas (SLUICE_STREAM_REPLICAS) %d: want 0 (as they are) or 1 to %d", n, MaxReplicas)
 	}
+	return nil
+}
+
+// DefaultMemoryLimit is the floor of a service's soft memory limit: it holds a
+// pipeline worker under a 1,000,000-event backlog to about 400 MiB of RSS
+// (docs/benchmarks.md, seventeenth and eighteenth sessions).
+const DefaultMemoryLimit = 360 << 20
+
+// BindMemoryLimit registers --memory-limit (SLUICE_MEMORY_LIMIT) on fs.
+func BindMemoryLimit(fs *flag.FlagSet, env Lookup, n *uint64) error {
+	*n = DefaultMemoryLimit
+	if v, ok := env("SLUICE_MEMORY_LIMIT"); ok {
+		if err := (*byteSize)(n).Set(v); err != nil {
+			return fmt.Errorf("SLUICE_MEMORY_LIMIT=%q: %w", v, err)
+		}
+	}
+	fs.Var((*byteSize)(n), "memory-limit", "Go's soft memory limit for the process: the collector runs when the memory Go holds reaches it (about 35 MiB less than the RSS), raised to 1.5 times the live heap when that needs more so a large state does not make it run constantly; 0 or off: no limit, as Go's default; GOMEMLIMIT in the environment replaces it (env SLUICE_MEMORY_LIMIT)")
+	return nil
+}
+
+// byteSize is a flag.Value of a size in bytes: 360MiB, 1.5GiB, 400MB, 0 or off.
+type byteSize uint64
+
+func (b *byteSize) String() string {
+	if b == nil || *b == 0 {
+		return "off"
+	}
+	return humanize.IBytes(uint64(*b))
+}
+
+func (b *byteSize) Set(v string) error {
+	if v == "off" {
+		*b = 0
+		return nil
+	}
+	n, err := humanize.ParseBytes(v)
+	if err != nil {
+		return fmt.Errorf("want a size such as 360MiB or 1GiB, or off: %w", err)
+	}
+	*b = byteSize(n)
 	return nil
 }
 

@@ -1,0 +1,91 @@
+package memlimit
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"runtime"
+	"runtime/debug"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/services/kit/poll"
+)
+
+const mib = 1 << 20
+
+func TestPolicy(t *testing.T) {
+	if got := Policy(360*mib, 100*mib, 20*mib); got != 360*mib {
+		t.Errorf("a small live heap: limit %d MiB, want the floor", got/mib)
+	}
+	if got := Policy(360*mib, 400*mib, 20*mib); got != 620*mib {
+		t.Errorf("a live heap above the floor: limit %d MiB, want 20 + 400 × 1.5 = 620", got/mib)
+	}
+	if got := Policy(0, 0, 0); got != 0 {
+		t.Errorf("nothing: limit %d", got)
+	}
+}
+
+func limit() int64 { return debug.SetMemoryLimit(-1) }
+
+func TestRunFollowsTheLiveHeap(t *testing.T) {
+	before := limit()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		Run(ctx, 16*mib, func(string) (string, bool) { return "", false }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	})
+	poll.Until(t, 10*time.Second, func() error {
+		if l := limit(); l != 16*mib {
+			return fmt.Errorf("limit %d MiB, want the floor, 16", l/mib)
+		}
+		return nil
+	})
+	// A live heap of 64 MiB: the limit must leave room for it, at least 96 MiB.
+	held := make([][]byte, 64)
+	for i := range held {
+		held[i] = make([]byte, mib)
+		held[i][0] = 1
+	}
+	poll.Until(t, 20*time.Second, func() error {
+		runtime.GC()
+		if l := limit(); l < 96*mib {
+			return fmt.Errorf("with 64 MiB live the limit is %d MiB, want at least 96", l/mib)
+		}
+		return nil
+	})
+	runtime.KeepAlive(held)
+	held = nil
+	poll.Until(t, 20*time.Second, func() error {
+		runtime.GC()
+		if l := limit(); l != 16*mib {
+			return fmt.Errorf("after the heap shrank the limit is %d MiB, want the floor, 16", l/mib)
+		}
+		return nil
+	})
+	cancel()
+	wg.Wait()
+	if l := limit(); l != before {
+		t.Errorf("after Run the limit is %d, want the one it found, %d", l, before)
+	}
+}
+
+func TestGOMEMLIMITWins(t *testing.T) {
+	before := limit()
+	Run(context.Background(), 16*mib, func(k string) (string, bool) {
+		if k == "GOMEMLIMIT" {
+			return "1GiB", true
+		}
+		return "", false
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if l := limit(); l != before {
+		t.Errorf("with GOMEMLIMIT set Run changed the limit to %d", l)
+	}
+	Run(context.Background(), 0, nil, nil)
+	if l := limit(); l != before || before != math.MaxInt64 {
+		t.Errorf("with no floor the limit is %d, want Go's default", l)
+	}
+}
