@@ -36,11 +36,11 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		Run(ctx, 16*mib, func(string) (string, bool) { return "", false }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		Run(ctx, 32*mib, func(string) (string, bool) { return "", false }, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	})
 	poll.Until(t, 10*time.Second, func() error {
-		if l := limit(); l != 16*mib {
-			return fmt.Errorf("limit %d MiB, want the floor, 16", l/mib)
+		if l := limit(); l != 32*mib {
+			return fmt.Errorf("limit %d MiB, want the floor, 32", l/mib)
 		}
 		return nil
 	})
@@ -61,8 +61,8 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 	held = nil
 	poll.Until(t, 20*time.Second, func() error {
 		runtime.GC()
-		if l := limit(); l != 16*mib {
-			return fmt.Errorf("after the heap shrank the limit is %d MiB, want the floor, 16", l/mib)
+		if l := limit(); l != 32*mib {
+			return fmt.Errorf("after the heap shrank the limit is %d MiB, want the floor, 32", l/mib)
 		}
 		return nil
 	})
