@@ -118,7 +118,8 @@ func Main(spec Spec, args []string, lookup settings.Lookup, stderr io.Writer) in
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	limitCtx, stopLimit := context.WithCancel(ctx)
+	// The limit holds until Main returns, through the drain after a signal too.
+	limitCtx, stopLimit := context.WithCancel(context.Background())
 	defer stopLimit()
 	wg.Go(func() { memlimit.Run(limitCtx, svcS.MemoryLimit, lookup, log) })
 	if err := run(ctx, spec, natsS, chS, svcS, log); err != nil {
