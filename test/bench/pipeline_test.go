@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -176,7 +177,9 @@ func BenchmarkProductionStages(b *testing.B) {
 // 1,000 events from the services' start (sluice's processes, nats-server and
 // ClickHouse apart) and peak RSS per process. Then, the services still running, it publishes at half that rate
 // for 10 s and reports p50/p99 publish-to-row latency (polling count() every 20 ms;
-// an event is visible when the count passes it). A raw pipe (one pull consumer
+// an event is visible when the count passes it); after the services stop, the same
+// through a raw pipe (raw-half-load-*: a pull consumer inserting what each fetch of
+// at most 10 ms brings, the floor this machine sets). A raw pipe (one pull consumer
 // straight into ClickHouse) moves the same events before the services start and again
 // after they stop; the ratio is sluice's rate to the mean of the two (the machine's
 // speed drifts over a run: measuring the baseline on both sides of it keeps the drift
@@ -251,13 +254,18 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 		_, natsPeak := procstat.Usage(natsProc.cmd.Process.Pid)
 		b.ReportMetric(float64(natsPeak)/(1<<20), "nats-MiB")
 
-		p50, p99 := latencyAtRate(b, ctx, nc, conn, int(rate/2), 10*time.Second)
+		p50, p99 := latencyAtRate(b, ctx, nc, conn, "events", "lat", int(rate/2), 10*time.Second)
 		b.ReportMetric(p50, "half-load-p50-ms")
 		b.ReportMetric(p99, "half-load-p99-ms")
 		for _, p := range procs {
 			_ = p.cmd.Process.Signal(syscall.SIGTERM)
 			_ = p.cmd.Wait()
 		}
+		// The same rate through a hand-rolled consumer straight into ClickHouse: the
+		// latency this machine allows any pipeline.
+		p50, p99 = rawLatency(b, ctx, js, nc, conn, int(rate/2), 10*time.Second)
+		b.ReportMetric(p50, "raw-half-load-p50-ms")
+		b.ReportMetric(p99, "raw-half-load-p99-ms")
 
 		// The raw pipe: one pull consumer on EVENTS straight into a table, ack after insert.
 		rawAfter := rawPipe(b, ctx, js, conn, total, "raw_after")
@@ -329,11 +337,12 @@ func firstConsumed(b *testing.B, ctx context.Context, js jetstream.JetStream, be
 	return out
 }
 
-// latencyAtRate publishes new unique events at rate per second for d, as `nats pub`
-// does, and returns the p50 and p99 (ms) from each publish until count() in events
-// passed it, polling every 20 ms.
-func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver.Conn, rate int, d time.Duration) (float64, float64) {
-	base := count(ctx, conn, "events")
+// latencyAtRate publishes new unique events (ids prefix-0, prefix-1, ...: a prefix
+// of its own each call) at rate per second for d, as `nats pub` does, and returns
+// the p50 and p99 (ms) from each publish until count() in table passed it,
+// polling every 20 ms.
+func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver.Conn, table, prefix string, rate int, d time.Duration) (float64, float64) {
+	base := count(ctx, conn, table)
 	n := rate * int(d/time.Second)
 	sent := make([]time.Time, 0, n)
 	done := make(chan struct{})
@@ -345,7 +354,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 		defer close(done)
 		deadline := time.Now().Add(d + 2*time.Minute)
 		for time.Now().Before(deadline) {
-			c := count(ctx, conn, "events")
+			c := count(ctx, conn, table)
 			visible = append(visible, struct {
 				at    time.Time
 				count uint64
@@ -364,7 +373,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 			if i >= n {
 				break
 			}
-			body := fmt.Appendf(nil, `{"specversion":"1.0","id":"lat-%d","source":"web","type":"page.view","data":{"user":"u%d","path":"/p/%d","duration_ms":%d}}`, i, i%5000, i%997, i%3000)
+			body := fmt.Appendf(nil, `{"specversion":"1.0","id":"%s-%d","source":"web","type":"page.view","data":{"user":"u%d","path":"/p/%d","duration_ms":%d}}`, prefix, i, i%5000, i%997, i%3000)
 			if err := nc.Publish("events.web.pageview", body); err != nil {
 				b.Fatal(err)
 			}
@@ -387,6 +396,83 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 	}
 	slices.Sort(lat)
 	return lat[len(lat)/2], lat[len(lat)*99/100]
+}
+
+// rawLatency is latencyAtRate through a raw pipe instead of sluice: one pull
+// consumer of new events, each fetch (whatever arrived within 10 ms) inserted into a
+// table of three columns and then acked, the next fetch after the insert.
+func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *nats.Conn, conn driver.Conn, rate int, d time.Duration) (float64, float64) {
+	const name = "raw_latency"
+	if err := conn.Exec(ctx, "CREATE TABLE "+name+" (subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq"); err != nil {
+		b.Fatal(err)
+	}
+	cons, err := js.CreateOrUpdateConsumer(ctx, streams.Events, jetstream.ConsumerConfig{Durable: name, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy, MaxAckPending: 100_000})
+	if err != nil {
+		b.Fatal(err)
+	}
+	stop := make(chan struct{})
+	failed := make(chan error, 1)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := rawStep(ctx, cons, conn, name, 10*time.Millisecond); err != nil {
+				failed <- err
+				return
+			}
+		}
+	})
+	p50, p99 := latencyAtRate(b, ctx, nc, conn, name, "raw", rate, d)
+	close(stop)
+	wg.Wait()
+	select {
+	case err := <-failed:
+		b.Fatal(err)
+	default:
+	}
+	if err := js.DeleteConsumer(ctx, streams.Events, name); err != nil {
+		b.Fatal(err)
+	}
+	if err := conn.Exec(ctx, "DROP TABLE "+name); err != nil {
+		b.Fatal(err)
+	}
+	return p50, p99
+}
+
+// rawStep is one step of a raw pipe: what one fetch brings within wait, inserted into
+// table and then acked. It returns how many messages it moved.
+func rawStep(ctx context.Context, cons jetstream.Consumer, conn driver.Conn, table string, wait time.Duration) (int, error) {
+	res, err := cons.Fetch(100_000, jetstream.FetchMaxWait(wait))
+	if err != nil {
+		return 0, err
+	}
+	batch, err := conn.PrepareBatch(ctx, "INSERT INTO "+table+" (subject, payload, seq)")
+	if err != nil {
+		return 0, err
+	}
+	var msgs []jetstream.Msg
+	for m := range res.Messages() {
+		md, _ := m.Metadata()
+		if err := batch.Append(m.Subject(), string(m.Data()), md.Sequence.Stream); err != nil {
+			return 0, err
+		}
+		msgs = append(msgs, m)
+	}
+	if len(msgs) == 0 {
+		_ = batch.Abort() // nothing was sent
+		return 0, nil
+	}
+	if err := batch.Send(); err != nil {
+		return 0, err
+	}
+	for _, m := range msgs {
+		_ = m.Ack()
+	}
+	return len(msgs), nil
 }
 
 // rawPipe moves the first total events of EVENTS into a table with one pull
@@ -412,33 +498,11 @@ func rawPipe(b *testing.B, ctx context.Context, js jetstream.JetStream, conn dri
 	began := time.Now()
 	done := 0
 	for done < total {
-		res, err := cons.Fetch(100_000, jetstream.FetchMaxWait(500*time.Millisecond))
+		n, err := rawStep(ctx, cons, conn, name, 500*time.Millisecond)
 		if err != nil {
 			b.Fatal(err)
 		}
-		batch, err := conn.PrepareBatch(ctx, "INSERT INTO "+name+" (subject, payload, seq)")
-		if err != nil {
-			b.Fatal(err)
-		}
-		var msgs []jetstream.Msg
-		for m := range res.Messages() {
-			md, _ := m.Metadata()
-			if err := batch.Append(m.Subject(), string(m.Data()), md.Sequence.Stream); err != nil {
-				b.Fatal(err)
-			}
-			msgs = append(msgs, m)
-		}
-		if len(msgs) == 0 {
-			_ = batch.Abort()
-			continue
-		}
-		if err := batch.Send(); err != nil {
-			b.Fatal(err)
-		}
-		for _, m := range msgs {
-			_ = m.Ack()
-		}
-		done += len(msgs)
+		done += n
 	}
 	return float64(total) / time.Since(began).Seconds()
 }
