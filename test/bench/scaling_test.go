@@ -40,8 +40,9 @@ const cpuCgroupRoot = "/sys/fs/cgroup/cpu"
 // repeats, the users lookup) and reports events/s from the first event consumed to
 // the last row, and the workers' CPU per 1,000 events. "p1" and "p4" with one
 // worker and no quota measure the keying step's cost (P = 1 reads EVENTS directly;
-// P = 4 copies it into PARTITIONS first). BENCH_SERVICE_ENV adds settings to the
-// services' environment.
+// P = 4 copies it into PARTITIONS first). The workers=N cases use P = 4, or
+// BENCH_SCALING_PARTITIONS. BENCH_SERVICE_ENV adds settings to the services'
+// environment.
 func BenchmarkScaling(b *testing.B) {
 	for _, c := range []struct {
 		name                string
@@ -54,6 +55,9 @@ func BenchmarkScaling(b *testing.B) {
 		{"workers=2", 2, 4, true},
 		{"workers=4", 4, 4, true},
 	} {
+		if v, err := strconv.Atoi(os.Getenv("BENCH_SCALING_PARTITIONS")); err == nil && v > 1 && c.quota {
+			c.partitions = v
+		}
 		b.Run(c.name, func(b *testing.B) { benchScaling(b, c.workers, c.partitions, c.quota) })
 	}
 }

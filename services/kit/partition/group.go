@@ -294,8 +294,16 @@ func (g *Group) balance(ctx context.Context, keys map[string]*seen, mine map[int
 	live := g.live(keys, now)
 	want := Assign(g.Partitions, live)
 	// Hand-overs run together: each waits for its run to save its state, and the
-	// claims kept must be renewed in time.
-	var handing sync.WaitGroup
+	// claims kept must be renewed in time. Renewals run together too: on a worker
+	// short of CPU each round trip can take long, and one after another the last
+	// claims would be renewed too late and lost.
+	var handing, renewing sync.WaitGroup
+	type renewal struct {
+		p   int
+		o   *owned
+		err error
+	}
+	var renewals []*renewal
 	for p := range g.Partitions {
 		o := mine[p]
 		if o == nil {
@@ -314,22 +322,44 @@ func (g *Group) balance(ctx context.Context, keys map[string]*seen, mine map[int
 			handing.Go(func() { g.release(ctx, p, o) })
 			continue
 		}
-		if err := o.claim.write(ctx, func(cur claimValue) claimValue { return claimValue{Worker: g.Worker, State: cur.State} }); errors.Is(err, ErrLost) {
-			g.Log.Warn("lost the partition; stopping its run", "partition", p, "err", err)
-			o.stop()
-			delete(mine, p)
-		} else if err != nil {
-			g.Log.Warn("renew the partition's claim", "partition", p, "err", err)
+		r := &renewal{p: p, o: o}
+		renewals = append(renewals, r)
+		renewing.Go(func() {
+			r.err = o.claim.write(ctx, func(cur claimValue) claimValue { return claimValue{Worker: g.Worker, State: cur.State} })
+		})
+	}
+	renewing.Wait()
+	for _, r := range renewals {
+		if errors.Is(r.err, ErrLost) {
+			g.Log.Warn("lost the partition; stopping its run", "partition", r.p, "err", r.err)
+			r.o.stop()
+			delete(mine, r.p)
+		} else if r.err != nil {
+			g.Log.Warn("renew the partition's claim", "partition", r.p, "err", r.err)
 		}
 	}
 	handing.Wait()
+	// Claims are taken together, for the same reason.
+	type acquisition struct {
+		p   int
+		c   *Claim
+		err error
+	}
+	var acquiring sync.WaitGroup
+	var acquisitions []*acquisition
 	for p := range g.Partitions {
 		if mine[p] != nil || want[p] != g.Worker || ctx.Err() != nil {
 			continue
 		}
-		c, err := g.acquire(ctx, p, keys[claimKey(p)], now)
-		if err != nil {
-			g.Log.Warn("claim the partition", "partition", p, "err", err)
+		a, s := &acquisition{p: p}, keys[claimKey(p)]
+		acquisitions = append(acquisitions, a)
+		acquiring.Go(func() { a.c, a.err = g.acquire(ctx, p, s, now) })
+	}
+	acquiring.Wait()
+	for _, a := range acquisitions {
+		p, c := a.p, a.c
+		if a.err != nil {
+			g.Log.Warn("claim the partition", "partition", p, "err", a.err)
 			continue
 		}
 		if c == nil {

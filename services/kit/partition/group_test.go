@@ -283,3 +283,65 @@ func TestClaimWriteAnswerLost(t *testing.T) {
 		t.Fatalf("a write after another worker's: %v; want ErrLost", err)
 	}
 }
+
+// slowKV takes delay for each claim write once slow is set: a worker short of
+// CPU, whose every round trip to the server waits to be scheduled.
+type slowKV struct {
+	jetstream.KeyValue
+	delay time.Duration
+	slow  atomic.Bool
+}
+
+func (k *slowKV) Update(ctx context.Context, key string, value []byte, rev uint64) (uint64, error) {
+	if k.slow.Load() && strings.HasPrefix(key, "partition.") {
+		select {
+		case <-time.After(k.delay):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	return k.KeyValue.Update(ctx, key, value, rev)
+}
+
+// A worker whose claim writes each take a sixth of the TTL keeps all 16 of its
+// partitions: its renewals run together (one after another, the last would be
+// written after two thirds of the TTL and lost).
+func TestSlowRenewalsKeepTheClaims(t *testing.T) {
+	const n = 16
+	ttl := 1200 * time.Millisecond
+	kv := &slowKV{KeyValue: bucket(t), delay: ttl / 6}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var started, ended atomic.Int32
+	g := &partition.Group{KV: kv, Partitions: n, Worker: "a", TTL: ttl, Log: slog.New(slog.DiscardHandler)}
+	done := make(chan error, 1)
+	go func() {
+		done <- g.Run(ctx, func(ctx context.Context, c *partition.Claim) {
+			started.Add(1)
+			<-ctx.Done()
+			ended.Add(1)
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	poll.Until(t, 20*time.Second, func() error {
+		if s := started.Load(); s < n {
+			return fmt.Errorf("%d of %d partitions claimed", s, n)
+		}
+		return nil
+	})
+	kv.slow.Store(true)
+	// Five rounds of renewals, each taking the delay at least.
+	began := time.Now()
+	poll.Until(t, 20*time.Second, func() error {
+		if e := ended.Load(); e > 0 {
+			t.Fatalf("%d partitions lost with slow claim writes", e)
+		}
+		if since := time.Since(began); since < 5*ttl/4 {
+			return fmt.Errorf("%s of slow writes", since)
+		}
+		return nil
+	})
+	if s, e := started.Load(), ended.Load(); s != n || e != 0 {
+		t.Fatalf("%d runs started and %d ended; want %d and none", s, e, n)
+	}
+}
