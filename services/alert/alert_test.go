@@ -3,6 +3,7 @@ package alert
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -191,17 +192,31 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 		}
 	}
 	st.stop(t)
-	st = h.start(path)
-	// The snapshot written at start has the burst but no alert yet; it is the one
-	// before the newest when this run stops (the checkpoint files of both are kept).
 	store, err := h.js.ObjectStore(ctx, StateBucket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	older, err := store.GetBytes(ctx, "state")
+	stopped, err := store.GetInfo(ctx, "state")
 	if err != nil {
 		t.Fatal(err)
 	}
+	st = h.start(path)
+	// The snapshot written at start has the burst but no alert yet; it is the one
+	// before the newest when this run stops (the checkpoint files of both are kept).
+	// Waited for: on a slow machine the one the first run wrote at its stop is still
+	// there a while, and its files are gone by the end.
+	var older []byte
+	poll.Until(t, 30*time.Second, func() error {
+		info, err := store.GetInfo(ctx, "state")
+		if err != nil {
+			return err
+		}
+		if info.NUID == stopped.NUID {
+			return errors.New("the second run has not saved its state yet")
+		}
+		older, err = store.GetBytes(ctx, "state")
+		return err
+	})
 	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
 	poll.Until(t, 10*time.Second, func() error {
 		if n := len(h.alertsInStream()); n != 3 {

@@ -1036,6 +1036,10 @@ func TestInflightBounded(t *testing.T) {
 	f, srv, _ := setupOwn(t)
 	cfg := testConfig(t, "a")
 	cfg.Partitions, cfg.MaxRows = 4, 50
+	// One worker owns every partition throughout: a claim lost to a slow machine
+	// could not be taken again while ClickHouse is stopped (a run starts with its
+	// fence), and the bound would never be reached.
+	cfg.LeaseTTL = 10 * time.Second
 	reg := f.runOn(t, cfg, f.ch, &telemetry.Readiness{})
 	inflight := func() float64 { return metricValue(reg, "sluice_pipeline_events_in_flight") }
 	u1, i1, r1 := f.input(t, 1, 100)

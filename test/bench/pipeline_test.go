@@ -254,6 +254,7 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 		_, natsPeak := procstat.Usage(natsProc.cmd.Process.Pid)
 		b.ReportMetric(float64(natsPeak)/(1<<20), "nats-MiB")
 
+		b.Logf("%d events moved at %.0f events/s; the half load is %d events/s", total, rate, int(rate/2))
 		p50, p99 := latencyAtRate(b, ctx, nc, conn, "events", "lat", int(rate/2), 10*time.Second)
 		b.ReportMetric(p50, "half-load-p50-ms")
 		b.ReportMetric(p99, "half-load-p99-ms")
@@ -390,7 +391,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 			j++
 		}
 		if j == len(visible) {
-			b.Fatalf("event %d of the latency run never visible", i)
+			b.Fatalf("event %d of the latency run %q never visible in %s", i, prefix, table)
 		}
 		lat = append(lat, float64(visible[j].at.Sub(at).Milliseconds()))
 	}
@@ -410,29 +411,24 @@ func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *n
 	if err != nil {
 		b.Fatal(err)
 	}
-	stop := make(chan struct{})
-	failed := make(chan error, 1)
+	rctx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stop()
+	var failed error
 	wg.Go(func() {
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := rawStep(ctx, cons, conn, name, 10*time.Millisecond); err != nil {
-				failed <- err
+		for rctx.Err() == nil {
+			if _, err := rawStep(rctx, cons, conn, name, 10*time.Millisecond); err != nil && rctx.Err() == nil {
+				failed = err
 				return
 			}
 		}
 	})
 	p50, p99 := latencyAtRate(b, ctx, nc, conn, name, "raw", rate, d)
-	close(stop)
+	stop()
 	wg.Wait()
-	select {
-	case err := <-failed:
-		b.Fatal(err)
-	default:
+	if failed != nil {
+		b.Fatal(failed)
 	}
 	if err := js.DeleteConsumer(ctx, streams.Events, name); err != nil {
 		b.Fatal(err)
