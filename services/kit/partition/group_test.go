@@ -303,13 +303,14 @@ func (k *slowKV) Update(ctx context.Context, key string, value []byte, rev uint6
 	return k.KeyValue.Update(ctx, key, value, rev)
 }
 
-// A worker whose claim writes each take a sixth of the TTL keeps all 16 of its
+// A worker whose claim writes each take a twelfth of the TTL keeps all 16 of its
 // partitions: its renewals run together (one after another, the last would be
-// written after two thirds of the TTL and lost).
+// written after two thirds of the TTL and lost). A write has a third of the TTL:
+// the delay leaves a slow machine most of it.
 func TestSlowRenewalsKeepTheClaims(t *testing.T) {
 	const n = 16
-	ttl := 1200 * time.Millisecond
-	kv := &slowKV{KeyValue: bucket(t), delay: ttl / 6}
+	ttl := 4800 * time.Millisecond
+	kv := &slowKV{KeyValue: bucket(t), delay: ttl / 12}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var started, ended atomic.Int32
