@@ -404,13 +404,8 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 // table of three columns and then acked, the next fetch after the insert.
 func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *nats.Conn, conn driver.Conn, rate int, d time.Duration) (float64, float64) {
 	const name = "raw_latency"
-	if err := conn.Exec(ctx, "CREATE TABLE "+name+" (subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq"); err != nil {
-		b.Fatal(err)
-	}
-	cons, err := js.CreateOrUpdateConsumer(ctx, streams.Events, jetstream.ConsumerConfig{Durable: name, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy, MaxAckPending: 100_000})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cons, drop := rawConsumer(b, ctx, js, conn, name, jetstream.DeliverNewPolicy)
+	defer drop()
 	rctx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -430,13 +425,28 @@ func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *n
 	if failed != nil {
 		b.Fatal(failed)
 	}
-	if err := js.DeleteConsumer(ctx, streams.Events, name); err != nil {
-		b.Fatal(err)
-	}
-	if err := conn.Exec(ctx, "DROP TABLE "+name); err != nil {
-		b.Fatal(err)
-	}
 	return p50, p99
+}
+
+// rawConsumer makes a raw pipe's table and its consumer of EVENTS (both called
+// name), and returns the consumer and what removes both: nothing of it is left to
+// count as a consumer of EVENTS, or to merge, while sluice runs.
+func rawConsumer(b *testing.B, ctx context.Context, js jetstream.JetStream, conn driver.Conn, name string, deliver jetstream.DeliverPolicy) (jetstream.Consumer, func()) {
+	if err := conn.Exec(ctx, "CREATE TABLE "+name+" (subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq"); err != nil {
+		b.Fatal(err)
+	}
+	cons, err := js.CreateOrUpdateConsumer(ctx, streams.Events, jetstream.ConsumerConfig{Durable: name, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: deliver, MaxAckPending: 100_000})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return cons, func() {
+		if err := js.DeleteConsumer(ctx, streams.Events, name); err != nil {
+			b.Fatal(err)
+		}
+		if err := conn.Exec(ctx, "DROP TABLE "+name); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
 
 // rawStep is one step of a raw pipe: what one fetch brings within wait, inserted into
@@ -476,21 +486,8 @@ func rawStep(ctx context.Context, cons jetstream.Consumer, conn driver.Conn, tab
 // and the table (both called name) are removed after: nothing of it is left to
 // count as a consumer of EVENTS, or to merge, while sluice runs.
 func rawPipe(b *testing.B, ctx context.Context, js jetstream.JetStream, conn driver.Conn, total int, name string) float64 {
-	if err := conn.Exec(ctx, "CREATE TABLE "+name+" (subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq"); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		if err := js.DeleteConsumer(ctx, streams.Events, name); err != nil {
-			b.Fatal(err)
-		}
-		if err := conn.Exec(ctx, "DROP TABLE "+name); err != nil {
-			b.Fatal(err)
-		}
-	}()
-	cons, err := js.CreateOrUpdateConsumer(ctx, streams.Events, jetstream.ConsumerConfig{Durable: name, AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: 100_000})
-	if err != nil {
-		b.Fatal(err)
-	}
+	cons, drop := rawConsumer(b, ctx, js, conn, name, jetstream.DeliverAllPolicy)
+	defer drop()
 	began := time.Now()
 	done := 0
 	for done < total {
