@@ -45,6 +45,11 @@ type Engine struct {
 	// fullRings makes every group's ring the rule's whole ring at once, as the
 	// engine did before rings started small: the tests' oracle for them.
 	fullRings bool
+	// everyStep makes the windows be evaluated at every step, quiet ones too (see
+	// liveSteps): the tests' oracle for skipping them; steps counts the window ends
+	// evaluated.
+	everyStep bool
+	steps     int
 	// spill, if set, holds the groups of windowed rules beyond its bound on disk.
 	spill *Spill
 	// tracking: each rule's state notes the groups that change (RuleState.dirty),
@@ -497,7 +502,7 @@ func (e *Engine) advance() []*alerts.Alert {
 		watermark := latest - int64(r.AllowedLateness)
 		switch r.Kind {
 		case KindThreshold, KindRate:
-			out = r.advanceWindows(rs, watermark, out)
+			out = e.advanceWindows(r, rs, watermark, out)
 		case KindAbsence:
 			out = r.advanceAbsence(rs, watermark, latest, out)
 		}
@@ -505,7 +510,7 @@ func (e *Engine) advance() []*alerts.Alert {
 	return out
 }
 
-func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Alert) []*alerts.Alert {
+func (e *Engine) advanceWindows(r *Rule, rs *RuleState, watermark int64, out []*alerts.Alert) []*alerts.Alert {
 	step := int64(r.Step)
 	end := floorDiv(watermark, step) * step
 	if rs.Evaluated == 0 {
@@ -518,7 +523,26 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 	if end <= rs.Evaluated {
 		return out
 	}
+	// Past a window's span, the steps are walked only where a window can change
+	// (live): an event far older or newer than the others would otherwise have the
+	// loop visit every group at every step of the gap between them.
+	var live []ends
+	if end-rs.Evaluated > r.span()+step && !e.everyStep {
+		live = r.liveSteps(rs)
+	}
 	for b := rs.Evaluated + step; b <= end; b += step {
+		if live != nil {
+			for len(live) > 0 && live[0].to < b {
+				live = live[1:]
+			}
+			if len(live) == 0 || live[0].from > end {
+				// No window changes up to the watermark.
+				rs.Evaluated = end
+				break
+			}
+			b = max(b, live[0].from)
+		}
+		e.steps++
 		from := len(out)
 		for key, g := range rs.Groups {
 			var drop bool
@@ -547,6 +571,50 @@ func (r *Rule) advanceWindows(rs *RuleState, watermark int64, out []*alerts.Aler
 		}
 	}
 	return out
+}
+
+// ends is a range of window ends [from, to].
+type ends struct{ from, to int64 }
+
+// liveSteps returns the window ends after rs.Evaluated at which some group's
+// windows can change, as ranges in order: a window ending at b holds the steps in
+// [b-span, b), so a step s with events is in the windows ending in (s, s+span], and
+// has left them at s+span+step. Between those ranges every window of every group
+// is empty, as at the end of the range before: no alert changes, and no group goes
+// that would not go at the next end evaluated (a group goes at the last end whose
+// windows hold its latest step, which is live).
+//
+// A group on disk that cannot fire (coldGroups.bounded, not a candidate) is not
+// read: its steps change no alert, and it goes at an end evaluated later.
+func (r *Rule) liveSteps(rs *RuleState) []ends {
+	step, reach := int64(r.Step), r.span()
+	starts := map[int64]struct{}{}
+	note := func(g *GroupState) {
+		for _, b := range g.Buckets {
+			if b.N > 0 && b.Start+reach+step > rs.Evaluated {
+				starts[b.Start] = struct{}{}
+			}
+		}
+	}
+	for _, g := range rs.Groups {
+		note(g)
+	}
+	if rs.cold != nil {
+		rs.cold.groups(r, note)
+	}
+	var live []ends
+	for _, s := range slices.Sorted(maps.Keys(starts)) {
+		from, to := s+step, s+reach+step
+		if n := len(live); n > 0 && from <= live[n-1].to+step {
+			live[n-1].to = max(live[n-1].to, to)
+			continue
+		}
+		live = append(live, ends{from, to})
+	}
+	if live == nil {
+		live = []ends{}
+	}
+	return live
 }
 
 // evaluate evaluates the window ending at b for g (of key), appending its alert's

@@ -514,3 +514,40 @@ func TestGroupLabelsFromKey(t *testing.T) {
 		t.Fatalf("restored group u1/web: %+v; want it held without labels", g)
 	}
 }
+
+// TestQuietStepsSkipped: an event a day older than the others, before a rule's
+// first window closed, and one a day later than the others, evaluate only the
+// steps where a window changes, with the alerts of an engine that evaluates every
+// step (each jump was 8,640 steps over every group: with millions of steps, a
+// partition's alerting stalled for minutes). A count "<" rule keeps its groups
+// firing on empty windows, so they never go.
+func TestQuietStepsSkipped(t *testing.T) {
+	rules := mustRules(t,
+		RuleConfig{Name: "many", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+			Window: time.Minute, Step: 10 * time.Second, Op: ">", Threshold: 3, AllowedLateness: time.Second},
+		RuleConfig{Name: "few", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+			Window: time.Minute, Step: 10 * time.Second, Op: "<", Threshold: 2, AllowedLateness: time.Second},
+		RuleConfig{Name: "rising", Kind: KindRate, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+			Window: 30 * time.Second, Step: 10 * time.Second, Op: ">", Threshold: 2, AllowedLateness: time.Second})
+	day := 86400.0
+	var ins []in
+	ins = append(ins, logins("a", 0, 1, 2, 3, 4)...)
+	ins = append(ins, logins("old", -day)...)
+	ins = append(ins, logins("a", 40)...)
+	ins = append(ins, logins("b", 5, 6, 7, 8, 9, 50, 51)...)
+	ins = append(ins, logins("b", 100, 101, 102, 103, 104, 105, 106)...)
+	ins = append(ins, logins("late", day, day+1, day+2, day+3, day+4)...)
+	envs := make([]*EventEnv, len(ins))
+	for i, x := range ins {
+		envs[i] = env(x)
+	}
+	skipping, every := checkSteps(t, rules, envs)
+	if every < 4*8640 {
+		t.Fatalf("the oracle evaluated %d window ends: the input has no long quiet gap", every)
+	}
+	if skipping > 200 {
+		t.Fatalf("%d window ends evaluated (every step: %d): quiet steps are walked", skipping, every)
+	}
+	t.Logf("window ends evaluated: %d, every step: %d", skipping, every)
+	checkRestart(t, rules, envs)
+}

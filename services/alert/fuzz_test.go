@@ -84,6 +84,7 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	}
 	ids, whole := run(envs, NewEngine(rules, nil))
 	checkRings(t, rules, envs)
+	checkSteps(t, rules, envs)
 	checkSpill(t, rules, envs)
 	checkCheckpoints(t, rules, envs)
 	half := len(envs) / 2
@@ -101,23 +102,40 @@ func checkRestart(t *testing.T, rules []*Rule, envs []*EventEnv) ([]string, *Eng
 	return ids, e
 }
 
+// runIdle feeds envs to e, then an hour without input, and returns the alerts as
+// JSON (values and annotations too).
+func runIdle(t *testing.T, e *Engine, envs []*EventEnv) []string {
+	t.Helper()
+	var out []string
+	for _, env := range envs {
+		got, _ := e.Observe(env)
+		out = append(out, alertsJSON(t, got)...)
+	}
+	return append(out, alertsJSON(t, e.Idle(time.Hour))...)
+}
+
 // checkRings fails t unless an engine whose rings start small gives the alerts
 // (values and annotations too) of one whose rings are the rule's whole ring.
 func checkRings(t *testing.T, rules []*Rule, envs []*EventEnv) {
 	t.Helper()
-	run := func(e *Engine) []string {
-		var out []string
-		for _, env := range envs {
-			got, _ := e.Observe(env)
-			out = append(out, alertsJSON(t, got)...)
-		}
-		return append(out, alertsJSON(t, e.Idle(time.Hour))...)
-	}
 	full := NewEngine(rules, nil)
 	full.fullRings = true
-	if small, whole := run(NewEngine(rules, nil)), run(full); !slices.Equal(small, whole) {
+	if small, whole := runIdle(t, NewEngine(rules, nil), envs), runIdle(t, full, envs); !slices.Equal(small, whole) {
 		t.Fatalf("rings that start small give other alerts than whole rings:\n%s\n%s", small, whole)
 	}
+}
+
+// checkSteps fails t unless an engine that skips the steps in which no window can
+// change (liveSteps) gives the alerts (values and annotations too) of one that
+// evaluates every step; it returns how many window ends each evaluated.
+func checkSteps(t *testing.T, rules []*Rule, envs []*EventEnv) (skipping, every int) {
+	t.Helper()
+	skip, all := NewEngine(rules, nil), NewEngine(rules, nil)
+	all.everyStep = true
+	if got, want := runIdle(t, skip, envs), runIdle(t, all, envs); !slices.Equal(got, want) {
+		t.Fatalf("skipping quiet steps gives other alerts than evaluating every step:\n%s\n%s", got, want)
+	}
+	return skip.steps, all.steps
 }
 
 // checkSpill fails t unless an engine that keeps groups on disk (Spill) gives the

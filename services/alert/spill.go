@@ -337,6 +337,28 @@ func (c *coldGroups) each(f func(key string, rec []byte) error) error {
 	return it.Close()
 }
 
+// groups calls f with each group on disk whose windows can change an alert: every
+// group, or for a bounded rule the candidates.
+func (c *coldGroups) groups(r *Rule, f func(g *GroupState)) {
+	if c.n == 0 || c.s.err != nil {
+		return
+	}
+	if c.bounded {
+		for key := range c.cand {
+			if g := c.get(r, key); g != nil {
+				f(g)
+			}
+		}
+		return
+	}
+	c.s.fail(c.each(func(key string, rec []byte) error {
+		if g := c.decode(r, key, rec); g != nil {
+			f(g)
+		}
+		return c.s.err
+	}))
+}
+
 // drop deletes every group of the rule from disk.
 func (c *coldGroups) drop() {
 	b := c.s.db.NewBatch()
