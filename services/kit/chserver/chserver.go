@@ -59,7 +59,20 @@ func Start(ctx context.Context, dir string, port int) (*Server, error) {
 // interserver_http_port).
 func StartWith(ctx context.Context, dir string, port int, extra string) (*Server, error) {
 	if port != 0 {
-		return start(ctx, dir, port, extra)
+		// The port is given (a cluster's nodes name each other's): one another
+		// process holds (the local port of an outgoing connection is drawn from the
+		// range free ports come from) is waited for and tried again.
+		var err error
+		for range 5 {
+			var s *Server
+			if s, err = start(ctx, dir, port, extra); !errors.Is(err, errAddrInUse) {
+				return s, err
+			}
+			if werr := waitBindable(ctx, port, time.Minute); werr != nil {
+				return nil, errors.Join(err, werr)
+			}
+		}
+		return nil, err
 	}
 	// A free port can be taken by another process before the server binds it; try
 	// a few.
@@ -132,7 +145,15 @@ func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 	for time.Now().Before(deadline) {
 		select {
 		case <-s.done:
-			return fmt.Errorf("clickhouse-server exited during start-up (%v); see %s", s.err, filepath.Join(s.Dir, "log"))
+			err := fmt.Errorf("clickhouse-server exited during start-up (%v); see %s", s.err, filepath.Join(s.Dir, "log"))
+			tail := s.logTail()
+			if strings.Contains(tail, "Address already in use") {
+				err = fmt.Errorf("%w: %w", err, errAddrInUse)
+			}
+			if tail != "" {
+				err = fmt.Errorf("%w; its log ends:\n%s", err, tail)
+			}
+			return err
 		case <-ctx.Done():
 			return ctx.Err()
 		default:
@@ -143,6 +164,45 @@ func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("clickhouse-server did not answer on %s within %s; see %s", s.Addr, limit, filepath.Join(s.Dir, "log"))
+}
+
+// errAddrInUse: the server exited at start-up because a port it listens on was
+// taken.
+var errAddrInUse = errors.New("a port it listens on is taken")
+
+// logTail is the end of the server's error log (its output when there is none):
+// why a server that exited at start-up did.
+func (s *Server) logTail() string {
+	for _, name := range []string{"error.log", "stdout.log"} {
+		b, err := os.ReadFile(filepath.Join(s.Dir, "log", name))
+		if err != nil || len(b) == 0 {
+			continue
+		}
+		if len(b) > 2000 {
+			b = b[len(b)-2000:]
+		}
+		return strings.TrimSpace(string(b))
+	}
+	return ""
+}
+
+// waitBindable waits until port can be listened on at 127.0.0.1.
+func waitBindable(ctx context.Context, port int, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err == nil {
+			return l.Close()
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("port %d still taken after %s: %w", port, limit, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // Answers reports whether something accepts TCP connections at addr.
