@@ -186,7 +186,7 @@ func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
 	var t Table
 	lastSeq, err := s.readSnapshot(r, func(count uint64) {
 		if count > 0 && count < 1<<32 {
-			t.resize(max(minSlots, int(float64(count)/rebuildLoad)+1))
+			t.grow(max(minSlots, int(float64(count)/rebuildLoad)+1))
 		}
 	}, func(k Key, exp uint32) {
 		if exp > now {

@@ -4,7 +4,8 @@
 // A key is 128 bits (the stage hashes whatever identifies an event), an expiry is a
 // uint32 of Unix seconds: 20 bytes a slot. The table is a Robin Hood hash table with
 // linear probing, kept between 64% and 90% full by growing 1.4 times and by compacting
-// after expired keys are removed, so the state costs 22 to 32 bytes per key.
+// after expired keys are removed, so the state costs 22 to 32 bytes per key (and,
+// while it moves to a new size, the set it moves from).
 package window
 
 import (
@@ -17,10 +18,27 @@ type Key struct{ Hi, Lo uint64 }
 
 // Table maps keys to expiries. The zero value is an empty table. It is not safe for
 // concurrent use; Store wraps it with a lock.
+//
+// The table grows a few slots at a time: a new set of slots takes the keys added,
+// and each Put moves the next moveStep slots of the set before it, which lookups
+// read until it is emptied. Rehashing every key at
+// once held the stage for as long as a million keys take (a stall of hundreds of
+// milliseconds in the decide loop, the tail of the publish-to-row latency).
 type Table struct {
+	cur slots
+	// n is how many keys the table holds, in both sets.
+	n int
+	// old is the set the table is moving from (nil: none); its slots before moved
+	// are moved.
+	old   *slots
+	moved int
+}
+
+// slots is one Robin Hood hash table with linear probing.
+type slots struct {
 	keys []Key
 	exp  []uint32 // 0: empty slot
-	n    int
+	used int
 }
 
 const (
@@ -30,51 +48,79 @@ const (
 	rebuildLoad = 0.8
 	minSlots    = 16
 	slotBytes   = 16 + 4
+	// moveStep is how many slots of the set before each Put moves: enough that the
+	// move ends before the new set fills (0.9 S keys of S slots move to 1.4 S
+	// slots, full at 1.26 S keys: the S/4 puts of a move add fewer than the 0.36 S
+	// of room), and few, so that a Put during a move costs a few more probes.
+	moveStep = 4
 )
 
 // clone returns a copy of t.
 func (t *Table) clone() Table {
-	return Table{keys: slices.Clone(t.keys), exp: slices.Clone(t.exp), n: t.n}
+	c := Table{cur: t.cur.clone(), n: t.n, moved: t.moved}
+	if t.old != nil {
+		old := t.old.clone()
+		c.old = &old
+	}
+	return c
+}
+
+func (s *slots) clone() slots {
+	return slots{keys: slices.Clone(s.keys), exp: slices.Clone(s.exp), used: s.used}
 }
 
 // Len is the number of keys held.
 func (t *Table) Len() int { return t.n }
 
 // Bytes is the memory the slots take.
-func (t *Table) Bytes() int { return len(t.keys) * slotBytes }
+func (t *Table) Bytes() int {
+	b := len(t.cur.keys) * slotBytes
+	if t.old != nil {
+		b += len(t.old.keys) * slotBytes
+	}
+	return b
+}
 
-func (t *Table) home(k Key) int {
-	hi, _ := bits.Mul64(k.Lo, uint64(len(t.keys)))
+func (s *slots) home(k Key) int {
+	hi, _ := bits.Mul64(k.Lo, uint64(len(s.keys)))
 	return int(hi)
 }
 
-func (t *Table) dist(pos int, k Key) int {
-	d := pos - t.home(k)
+func (s *slots) dist(pos int, k Key) int {
+	d := pos - s.home(k)
 	if d < 0 {
-		d += len(t.keys)
+		d += len(s.keys)
 	}
 	return d
 }
 
 // Get returns k's expiry, or 0 when the table does not hold k.
 func (t *Table) Get(k Key) uint32 {
-	if t.n == 0 {
+	if e := t.cur.get(k); e != 0 || t.old == nil {
+		return e
+	}
+	// Not moved yet (a key moved, or put again, is in cur).
+	return t.old.get(k)
+}
+
+func (s *slots) get(k Key) uint32 {
+	if s.used == 0 {
 		return 0
 	}
-	pos, d := t.home(k), 0
+	pos, d := s.home(k), 0
 	for {
-		e := t.exp[pos]
+		e := s.exp[pos]
 		if e == 0 {
 			return 0
 		}
-		if t.keys[pos] == k {
+		if s.keys[pos] == k {
 			return e
 		}
-		if t.dist(pos, t.keys[pos]) < d {
+		if s.dist(pos, s.keys[pos]) < d {
 			return 0
 		}
 		pos++
-		if pos == len(t.keys) {
+		if pos == len(s.keys) {
 			pos = 0
 		}
 		d++
@@ -83,66 +129,119 @@ func (t *Table) Get(k Key) uint32 {
 
 // Put sets k's expiry, adding k if it is not held. exp must not be 0.
 func (t *Table) Put(k Key, exp uint32) {
-	if float64(t.n+1) > maxLoad*float64(len(t.keys)) {
-		t.resize(max(minSlots, int(float64(len(t.keys))*growth)+1))
+	t.move(moveStep)
+	if float64(t.cur.used+1) > maxLoad*float64(len(t.cur.keys)) {
+		t.grow(max(minSlots, int(float64(len(t.cur.keys))*growth)+1))
 	}
-	pos, d := t.home(k), 0
+	if t.cur.put(k, exp) && (t.old == nil || t.old.get(k) == 0) {
+		t.n++
+	}
+}
+
+// put sets k's expiry in s and reports whether k was added. s has room.
+func (s *slots) put(k Key, exp uint32) bool {
+	pos, d := s.home(k), 0
 	for {
-		e := t.exp[pos]
+		e := s.exp[pos]
 		if e == 0 {
-			t.keys[pos], t.exp[pos] = k, exp
-			t.n++
-			return
+			s.keys[pos], s.exp[pos] = k, exp
+			s.used++
+			return true
 		}
-		if t.keys[pos] == k {
-			t.exp[pos] = exp
-			return
+		if s.keys[pos] == k {
+			s.exp[pos] = exp
+			return false
 		}
-		if ed := t.dist(pos, t.keys[pos]); ed < d {
+		if ed := s.dist(pos, s.keys[pos]); ed < d {
 			// Robin Hood: the richer entry moves on.
-			t.keys[pos], k = k, t.keys[pos]
-			t.exp[pos], exp = exp, t.exp[pos]
+			s.keys[pos], k = k, s.keys[pos]
+			s.exp[pos], exp = exp, s.exp[pos]
 			d = ed
 		}
 		pos++
-		if pos == len(t.keys) {
+		if pos == len(s.keys) {
 			pos = 0
 		}
 		d++
 	}
 }
 
+// grow makes a set of size slots the one keys go to; the keys held move to it
+// moveStep slots a Put. (A move still under way, which moveStep leaves no room
+// for, is ended at once into the new set.)
+func (t *Table) grow(size int) {
+	next := slots{keys: make([]Key, size), exp: make([]uint32, size)}
+	if t.old != nil {
+		t.Range(func(k Key, e uint32) bool { next.put(k, e); return true })
+		t.cur, t.old, t.moved = next, nil, 0
+		return
+	}
+	if t.cur.used == 0 {
+		t.cur = next
+		return
+	}
+	old := t.cur
+	t.cur, t.old, t.moved = next, &old, 0
+}
+
+// move moves up to n slots of the set before (n < 0: all of them) to cur. A key
+// in cur already was put again since: its expiry there is the newer.
+func (t *Table) move(n int) {
+	if t.old == nil {
+		return
+	}
+	o := t.old
+	for ; t.moved < len(o.keys) && n != 0; t.moved++ {
+		if e := o.exp[t.moved]; e != 0 && t.cur.get(o.keys[t.moved]) == 0 {
+			t.cur.put(o.keys[t.moved], e)
+		}
+		n--
+	}
+	if t.moved == len(o.keys) {
+		t.old, t.moved = nil, 0
+	}
+}
+
 // removeAt empties pos and shifts the following entries back.
-func (t *Table) removeAt(pos int) {
+func (s *slots) removeAt(pos int) {
 	for {
 		next := pos + 1
-		if next == len(t.keys) {
+		if next == len(s.keys) {
 			next = 0
 		}
-		if t.exp[next] == 0 || t.dist(next, t.keys[next]) == 0 {
-			t.keys[pos], t.exp[pos] = Key{}, 0
+		if s.exp[next] == 0 || s.dist(next, s.keys[next]) == 0 {
+			s.keys[pos], s.exp[pos] = Key{}, 0
 			break
 		}
-		t.keys[pos], t.exp[pos] = t.keys[next], t.exp[next]
+		s.keys[pos], s.exp[pos] = s.keys[next], s.exp[next]
 		pos = next
 	}
-	t.n--
+	s.used--
 }
 
 // RemoveIf removes every key whose expiry matches drop, compacts the table when it
-// has become sparse, and returns how many keys it removed.
+// has become sparse, and returns how many keys it removed. A move under way ends
+// first.
 func (t *Table) RemoveIf(drop func(exp uint32) bool) int {
+	t.move(-1)
+	s := &t.cur
 	removed := 0
-	for i := 0; i < len(t.keys); {
-		if e := t.exp[i]; e != 0 && drop(e) {
-			t.removeAt(i)
+	for i := 0; i < len(s.keys); {
+		if e := s.exp[i]; e != 0 && drop(e) {
+			s.removeAt(i)
 			removed++
 			continue // an entry shifted into i
 		}
 		i++
 	}
-	if len(t.keys) > minSlots && float64(t.n) < compactLoad*float64(len(t.keys)) {
-		t.resize(max(minSlots, int(float64(t.n)/rebuildLoad)+1))
+	t.n -= removed
+	if len(s.keys) > minSlots && float64(t.n) < compactLoad*float64(len(s.keys)) {
+		// Rebuilt at once: the memory the removed keys took is let go now, and a
+		// sweep that leaves the table this sparse removed more keys than it keeps.
+		next := slots{keys: make([]Key, max(minSlots, int(float64(t.n)/rebuildLoad)+1))}
+		next.exp = make([]uint32, len(next.keys))
+		t.Range(func(k Key, e uint32) bool { next.put(k, e); return true })
+		t.cur = next
 	}
 	return removed
 }
@@ -154,33 +253,28 @@ func (t *Table) Expire(now uint32) int {
 
 // Range calls f for every key held, until f returns false.
 func (t *Table) Range(f func(k Key, exp uint32) bool) {
-	for i, e := range t.exp {
-		if e != 0 && !f(t.keys[i], e) {
+	for i, e := range t.cur.exp {
+		if e != 0 && !f(t.cur.keys[i], e) {
 			return
+		}
+	}
+	if o := t.old; o != nil {
+		for i := t.moved; i < len(o.keys); i++ {
+			if e := o.exp[i]; e != 0 && t.cur.get(o.keys[i]) == 0 && !f(o.keys[i], e) {
+				return
+			}
 		}
 	}
 }
 
 // ExpiryRange returns the earliest and latest expiry held (0, 0 when empty).
 func (t *Table) ExpiryRange() (lo, hi uint32) {
-	for _, e := range t.exp {
-		if e == 0 {
-			continue
-		}
+	t.Range(func(_ Key, e uint32) bool {
 		if lo == 0 || e < lo {
 			lo = e
 		}
 		hi = max(hi, e)
-	}
+		return true
+	})
 	return lo, hi
-}
-
-func (t *Table) resize(slots int) {
-	oldKeys, oldExp := t.keys, t.exp
-	t.keys, t.exp, t.n = make([]Key, slots), make([]uint32, slots), 0
-	for i, e := range oldExp {
-		if e != 0 {
-			t.Put(oldKeys[i], e)
-		}
-	}
 }

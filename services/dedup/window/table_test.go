@@ -54,6 +54,11 @@ func TestTableMatchesMap(t *testing.T) {
 		if tb.Len() != len(model) {
 			t.Fatalf("step %d: Len = %d, want %d", step, tb.Len(), len(model))
 		}
+		if step%5000 == 0 || tb.old != nil && step%97 == 0 {
+			checkRange(t, &tb, model)
+			c := tb.clone()
+			checkRange(t, &c, model)
+		}
 	}
 	for k, e := range model {
 		if got := tb.Get(k); got != e {
@@ -62,14 +67,45 @@ func TestTableMatchesMap(t *testing.T) {
 	}
 }
 
+// checkRange fails t unless tb.Range gives each key of model once, with its expiry.
+func checkRange(t *testing.T, tb *Table, model map[Key]uint32) {
+	t.Helper()
+	seen := map[Key]bool{}
+	tb.Range(func(k Key, e uint32) bool {
+		if seen[k] {
+			t.Fatalf("Range gives %v twice", k)
+		}
+		seen[k] = true
+		if model[k] != e {
+			t.Fatalf("Range gives %v with %d, want %d", k, e, model[k])
+		}
+		return true
+	})
+	if len(seen) != len(model) {
+		t.Fatalf("Range gives %d keys, want %d", len(seen), len(model))
+	}
+}
+
 func TestTableBytesPerKey(t *testing.T) {
 	r := rand.New(rand.NewPCG(3, 4))
 	var tb Table
 	for n := 1; n <= 300_000; n++ {
 		tb.Put(randKey(r), 100)
-		if n >= 1000 {
+		if n >= 1000 && tb.old == nil {
+			// While the table moves to a new size, it holds the set before too.
 			if per := float64(tb.Bytes()) / float64(n); per > 32 {
 				t.Fatalf("%d keys: %.1f bytes a key, want at most 32", n, per)
+			}
+		}
+		if tb.old != nil && tb.moved == 0 && n > 1 {
+			// A move starts: it ends within the old set's slots / moveStep puts.
+			left := (len(tb.old.keys) + moveStep - 1) / moveStep
+			for range left {
+				n++
+				tb.Put(randKey(r), 100)
+			}
+			if tb.old != nil {
+				t.Fatalf("%d keys: a move not ended after %d puts", n, left)
 			}
 		}
 	}
