@@ -21,9 +21,9 @@ type Key struct{ Hi, Lo uint64 }
 //
 // The table grows a few slots at a time: a new set of slots takes the keys added,
 // and each Put moves the next moveStep slots of the set before it, which lookups
-// read until it is emptied. Rehashing every key at
-// once held the stage for as long as a million keys take (a stall of hundreds of
-// milliseconds in the decide loop, the tail of the publish-to-row latency).
+// read until it is emptied. Rehashing every key at once held the stage for as long
+// as a million keys take (hundreds of milliseconds in the decide loop, the tail of
+// the publish-to-row latency).
 type Table struct {
 	cur slots
 	// n is how many keys the table holds, in both sets.

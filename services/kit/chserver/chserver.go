@@ -27,6 +27,8 @@ type Server struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
+	// logFrom is the size of each log file before this start (a restart appends).
+	logFrom map[string]int64
 }
 
 // Signal sends sig to the server process: SIGSTOP makes a server that takes
@@ -59,9 +61,9 @@ func Start(ctx context.Context, dir string, port int) (*Server, error) {
 // interserver_http_port).
 func StartWith(ctx context.Context, dir string, port int, extra string) (*Server, error) {
 	if port != 0 {
-		// The port is given (a cluster's nodes name each other's): one another
-		// process holds (the local port of an outgoing connection is drawn from the
-		// range free ports come from) is waited for and tried again.
+		// The port is given (a cluster's nodes name each other's): when another
+		// process holds it (the local port of an outgoing connection is drawn from
+		// the range free ports come from), the start is tried again once it is free.
 		var err error
 		for range 5 {
 			var s *Server
@@ -114,6 +116,7 @@ func start(ctx context.Context, dir string, port int, extra string) (*Server, er
 	if err := os.WriteFile(filepath.Join(dir, "users.xml"), []byte(usersXML), 0o644); err != nil {
 		return nil, err
 	}
+	logFrom := logSizes(dir)
 	logFile, err := os.OpenFile(filepath.Join(dir, "log", "stdout.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -127,7 +130,7 @@ func start(ctx context.Context, dir string, port int, extra string) (*Server, er
 		logFile.Close()
 		return nil, fmt.Errorf("start %s: %w", strings.Join(bin, " "), err)
 	}
-	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), Dir: dir, cmd: cmd, done: make(chan struct{})}
+	s := &Server{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), Dir: dir, cmd: cmd, done: make(chan struct{}), logFrom: logFrom}
 	go func() {
 		s.err = cmd.Wait()
 		logFile.Close()
@@ -170,11 +173,29 @@ func (s *Server) waitReady(ctx context.Context, limit time.Duration) error {
 // taken.
 var errAddrInUse = errors.New("a port it listens on is taken")
 
-// logTail is the end of the server's error log (its output when there is none):
-// why a server that exited at start-up did.
+// logFiles are the files a server logs to, in its dir's log directory: the
+// errors, and its output.
+var logFiles = []string{"error.log", "stdout.log"}
+
+// logSizes is the size of each log file under dir (absent: 0).
+func logSizes(dir string) map[string]int64 {
+	sizes := map[string]int64{}
+	for _, name := range logFiles {
+		if fi, err := os.Stat(filepath.Join(dir, "log", name)); err == nil {
+			sizes[name] = fi.Size()
+		}
+	}
+	return sizes
+}
+
+// logTail is the end of what this start wrote to the server's error log (to its
+// output when nothing): why a server that exited at start-up did.
 func (s *Server) logTail() string {
-	for _, name := range []string{"error.log", "stdout.log"} {
+	for _, name := range logFiles {
 		b, err := os.ReadFile(filepath.Join(s.Dir, "log", name))
+		if from := s.logFrom[name]; err == nil && from <= int64(len(b)) {
+			b = b[from:]
+		}
 		if err != nil || len(b) == 0 {
 			continue
 		}
