@@ -1,9 +1,11 @@
 package procs
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -135,14 +137,17 @@ func (c *natsCluster) urls() string {
 func (c *natsCluster) waitHealthy(t *testing.T, i int) {
 	t.Helper()
 	client := &http.Client{Timeout: 2 * time.Second}
-	poll.Until(t, 2*time.Minute, func() error {
+	// A node killed mid-run catches up on every stream's copy (the partitions' hold
+	// the run's events): on a slow day that took more than two minutes once.
+	poll.Until(t, 5*time.Minute, func() error {
 		resp, err := client.Get(c.monitors[i] + "/healthz")
 		if err != nil {
 			return err
 		}
 		defer resp.Body.Close()
 		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("node %d: /healthz: %s", i, resp.Status)
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 500))
+			return fmt.Errorf("node %d: /healthz: %s: %s", i, resp.Status, bytes.TrimSpace(body))
 		}
 		return nil
 	})

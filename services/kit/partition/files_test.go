@@ -171,11 +171,16 @@ func TestSharedFiles(t *testing.T) {
 	write(dirA, "base", "a")
 	write(dirB, "base", "b")
 	var lastA, lastB [][]partition.File
+	// bLast is taken before b's last save starts: no earlier than the objects'
+	// times, so that a deletion before stale after them shows as one before stale
+	// after bLast.
+	var bLast time.Time
 	for i := range 3 {
 		delta := fmt.Sprint("delta", i)
 		write(dirA, delta, "a"+delta)
 		lastA = append(lastA, save(a, dirA, "base", delta))
 		write(dirB, delta, "b"+delta)
+		bLast = time.Now()
 		lastB = append(lastB, save(b, dirB, "base", delta))
 	}
 	// Each keeps its last two checkpoints, the other's untouched.
@@ -204,7 +209,6 @@ func TestSharedFiles(t *testing.T) {
 	}
 	// b and c write nothing more: a deletes their objects once their newest is
 	// stale older than a's, not before.
-	bLast := time.Now()
 	deadline := time.Now().Add(30 * time.Second)
 	for i := 3; ; i++ {
 		delta := fmt.Sprint("delta", i) // a new file each save, as segments are
