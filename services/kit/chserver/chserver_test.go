@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sluicehq/sluice/services/kit/testnet"
 )
 
 // TestStartWaitsForATakenPort: a server started on a given port that another
@@ -33,7 +35,7 @@ func TestStartWaitsForATakenPort(t *testing.T) {
 		}
 		close(accepted)
 	}()
-	port := freePortT(t)
+	port := testnet.FreePort(t)
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}}
 	conn, err := d.Dial("tcp", peer.Addr().String())
 	if err != nil {
@@ -77,13 +79,4 @@ func TestStartWaitsForATakenPort(t *testing.T) {
 	if r.s.Addr != net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) || !Answers(r.s.Addr) {
 		t.Fatalf("server at %s does not answer on port %d", r.s.Addr, port)
 	}
-}
-
-func freePortT(t *testing.T) int {
-	t.Helper()
-	p, err := freePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
 }
