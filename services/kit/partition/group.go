@@ -234,6 +234,11 @@ func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) erro
 			return nil
 		case e, ok := <-w.Updates():
 			if !ok {
+				// The watch ends with ctx too (nats.go stops it then), and this
+				// select may see that first.
+				if ctx.Err() != nil {
+					return nil
+				}
 				return fmt.Errorf("partition: the watch of %s ended", g.KV.Bucket())
 			}
 			if e == nil { // the initial values are in

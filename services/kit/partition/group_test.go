@@ -346,3 +346,69 @@ func TestSlowRenewalsKeepTheClaims(t *testing.T) {
 		t.Fatalf("%d runs started and %d ended; want %d and none", s, e, n)
 	}
 }
+
+// A worker stopped while it waits for a hand-over returns no error: the KV watch
+// ends with the worker's context, and Run must not take that for a failure.
+func TestStopDuringHandOver(t *testing.T) {
+	_, js := natstest.Run(t).Connect(t)
+	kv, err := js.CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "test_group"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(context.Background(), "KV_test_group")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n, ttl = 2, 400 * time.Millisecond
+	log := slog.New(slog.DiscardHandler)
+	for i := range 20 {
+		handing, release := make(chan struct{}, n), make(chan struct{})
+		var owned atomic.Int32
+		slow := func(ctx context.Context, c *partition.Claim) {
+			owned.Add(1)
+			<-ctx.Done()
+			handing <- struct{}{}
+			<-release
+		}
+		actx, stopA := context.WithCancel(context.Background())
+		a := &partition.Group{KV: kv, Partitions: n, Worker: fmt.Sprintf("a%d", i), TTL: ttl, Log: log}
+		aDone := make(chan error, 1)
+		go func() { aDone <- a.Run(actx, slow) }()
+		poll.Until(t, 10*time.Second, func() error {
+			if got := owned.Load(); got != n {
+				return fmt.Errorf("a owns %d partitions, want %d", got, n)
+			}
+			return nil
+		})
+		bctx, stopB := context.WithCancel(context.Background())
+		b := &partition.Group{KV: kv, Partitions: n, Worker: fmt.Sprintf("b%d", i), TTL: ttl, Log: log}
+		bDone := make(chan error, 1)
+		go func() { bDone <- b.Run(bctx, func(ctx context.Context, _ *partition.Claim) { <-ctx.Done() }) }()
+		select {
+		case <-handing: // a is in its hand-over, waiting for the run
+		case <-time.After(10 * time.Second):
+			t.Fatal("a did not hand a partition over to b")
+		}
+		stopA()
+		// Let a's watch end (its consumer goes) before its hand-over does, as it
+		// does when a run takes long to save its state.
+		poll.Until(t, 10*time.Second, func() error {
+			info, err := stream.Info(context.Background())
+			if err != nil {
+				return err
+			}
+			if info.State.Consumers != 1 {
+				return fmt.Errorf("%d consumers on the bucket, want b's watch only", info.State.Consumers)
+			}
+			return nil
+		})
+		close(release)
+		if err := <-aDone; err != nil {
+			t.Fatalf("round %d: a stopped during a hand-over: %v", i, err)
+		}
+		stopB()
+		if err := <-bDone; err != nil {
+			t.Fatalf("round %d: b: %v", i, err)
+		}
+	}
+}
