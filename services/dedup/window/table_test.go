@@ -15,6 +15,7 @@ func TestTableMatchesMap(t *testing.T) {
 	var tb Table
 	model := map[Key]uint32{}
 	keys := make([]Key, 0, 5000)
+	sweptMoving := 0 // sweeps that left a move under way
 	for step := range 200_000 {
 		switch op := r.IntN(10); {
 		case op < 6:
@@ -39,7 +40,11 @@ func TestTableMatchesMap(t *testing.T) {
 			}
 		default:
 			now := uint32(r.IntN(1000))
+			moving := tb.old != nil
 			removed := tb.Expire(now)
+			if moving && tb.old != nil {
+				sweptMoving++
+			}
 			want := 0
 			for k, e := range model {
 				if e <= now {
@@ -65,6 +70,58 @@ func TestTableMatchesMap(t *testing.T) {
 			t.Fatalf("final Get = %d, want %d", got, e)
 		}
 	}
+	if sweptMoving < 100 {
+		t.Fatalf("%d sweeps during a move left it under way: the test does not cover them", sweptMoving)
+	}
+}
+
+// A sweep during a move removes the expired keys of both sets and leaves the
+// move going (ending it would rehash the keys not moved yet at once), and a table
+// just grown is not rebuilt by it.
+func TestSweepDuringMove(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	var tb Table
+	model := map[Key]uint32{}
+	for tb.old == nil || len(tb.old.keys) < 10_000 || tb.moved < len(tb.old.keys)/2 {
+		k, e := randKey(r), uint32(1+r.IntN(100))
+		tb.Put(k, e)
+		model[k] = e
+	}
+	moved, size := tb.moved, len(tb.cur.keys)
+	removed := tb.Expire(10)
+	var gone []Key
+	for k, e := range model {
+		if e <= 10 {
+			delete(model, k)
+			gone = append(gone, k)
+		}
+	}
+	want := len(gone)
+	if removed != want || tb.Len() != len(model) {
+		t.Fatalf("Expire removed %d (Len %d), want %d (Len %d)", removed, tb.Len(), want, len(model))
+	}
+	if tb.old == nil || tb.moved != moved || len(tb.cur.keys) != size {
+		t.Fatalf("the sweep ended the move or rebuilt the table (moved %d of %d before)", moved, size)
+	}
+	checkRange(t, &tb, model)
+	for k, e := range model {
+		if got := tb.Get(k); got != e {
+			t.Fatalf("Get = %d, want %d", got, e)
+		}
+	}
+	// Removed keys stay removed as the move goes on, and come back when put again.
+	for i := 0; tb.old != nil; i++ {
+		k, e := randKey(r), uint32(11+r.IntN(100))
+		if i%2 == 0 && len(gone) > 0 {
+			k, gone = gone[0], gone[1:]
+		}
+		tb.Put(k, e)
+		model[k] = e
+	}
+	if tb.Len() != len(model) {
+		t.Fatalf("Len %d, want %d", tb.Len(), len(model))
+	}
+	checkRange(t, &tb, model)
 }
 
 // checkRange fails t unless tb.Range gives each key of model once, with its expiry.
@@ -91,10 +148,27 @@ func TestTableBytesPerKey(t *testing.T) {
 	var tb Table
 	for n := 1; n <= 300_000; n++ {
 		tb.Put(randKey(r), 100)
-		if n >= 1000 && tb.old == nil {
-			// While the table moves to a new size, it holds the set before too.
-			if per := float64(tb.Bytes()) / float64(n); per > 32 {
-				t.Fatalf("%d keys: %.1f bytes a key, want at most 32", n, per)
+		if n >= 1000 {
+			// From 80% full until it moved to a new size, the table holds the next
+			// set too.
+			per, most := float64(tb.Bytes())/float64(n), 32.0
+			if tb.old != nil || tb.ready != nil {
+				most = 60
+			}
+			if per > most {
+				t.Fatalf("%d keys: %.1f bytes a key, want at most %.0f", n, per, most)
+			}
+		}
+		if tb.ready != nil && n > 100_000 && float64(tb.cur.used+1) > maxLoad*float64(len(tb.cur.keys)) {
+			// The next Put grows the table: the set it grows into is written whole.
+			if want := len(tb.ready.keys) * slotBytes; tb.touched < want {
+				t.Fatalf("%d keys: %d of the next set's %d bytes written when it is needed", n, tb.touched, want)
+			}
+			next := &tb.ready.keys[0]
+			n++
+			tb.Put(randKey(r), 100)
+			if &tb.cur.keys[0] != next {
+				t.Fatalf("%d keys: the table grew into another set than the one made ready", n)
 			}
 		}
 		if tb.old != nil && tb.moved == 0 && n > 1 {
