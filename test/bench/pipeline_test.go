@@ -419,7 +419,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 	for _, h := range slices.Sorted(maps.Keys(when)) {
 		tail = append(tail, fmt.Sprintf("%.1fs:%d", float64(h)/2, when[h]))
 	}
-	b.Logf("latency run %q: p99 %.0f ms, max %.0f ms; events at or over the p99 by when sent: %s", prefix, p99, bySlow[len(bySlow)-1], strings.Join(tail, " "))
+	b.Logf("latency run %q from %s: p99 %.0f ms, max %.0f ms; events at or over the p99 by when sent: %s", prefix, sent[0].UTC().Format("15:04:05.000"), p99, bySlow[len(bySlow)-1], strings.Join(tail, " "))
 	return bySlow[len(bySlow)/2], p99
 }
 

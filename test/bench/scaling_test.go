@@ -11,8 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/procstat"
 )
 
@@ -38,7 +41,11 @@ const cpuCgroupRoot = "/sys/fs/cgroup/cpu"
 // measure the machine, not the workers), nats-server, ClickHouse and the sink
 // outside the quotas. It pre-publishes BENCH_SCALING_EVENTS (300,000) events (5%
 // repeats, the users lookup) and reports events/s from the first event consumed to
-// the last row, and the workers' CPU per 1,000 events. "p1" and "p4" with one
+// the last row, and the workers' CPU per 1,000 events: all of it
+// (workers-cpu-ms/1k), and since the first event was consumed
+// (workers-run-cpu-ms/1k), what a worker spent before that being its start-up
+// (worker-startup-cpu-ms, the mean of the workers'); and how finely the work was
+// cut (rows/insert; events/envelope with P > 1). "p1" and "p4" with one
 // worker and no quota measure the keying step's cost (P = 1 reads EVENTS directly;
 // P = 4 copies it into PARTITIONS first). The workers=N cases use P = 4, or
 // BENCH_SCALING_PARTITIONS. BENCH_SERVICE_ENV adds settings to the services'
@@ -95,6 +102,7 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 		start(b, "sink", filepath.Join(dir, "sink"), append(env, "SINK_TABLES=dead_letters,alerts"))
 		b.ResetTimer()
 		before := usageOf(natsProc.cmd.Process.Pid, ch.Pid())
+		insertsBefore := insertQueries(b, ctx, conn)
 		began := time.Now()
 		consumed := firstConsumed(b, ctx, js, began)
 		var pids []int
@@ -105,13 +113,17 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 				limit(b, fmt.Sprintf("sluice-bench-w%d", w), cores, p.cmd.Process.Pid)
 			}
 		}
+		// The workers' CPU when the first event was consumed: their start-up
+		// (connecting, loading the lookup, claiming), a cost a worker pays once and a
+		// short run divides among few events.
+		first := <-consumed
+		atFirst := usageOf(pids...)
 		poll.Until(b, 30*time.Minute, func() error {
 			if n := count(ctx, conn, "events"); n < uint64(unique) {
 				return fmt.Errorf("%d/%d rows", n, unique)
 			}
 			return nil
 		})
-		first := <-consumed
 		elapsed := time.Since(first)
 		b.StopTimer()
 		b.ReportMetric(float64(total)/elapsed.Seconds(), "events/s")
@@ -119,8 +131,24 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 		after := usageOf(append([]int{natsProc.cmd.Process.Pid, ch.Pid()}, pids...)...)
 		perK := func(cpu float64) float64 { return cpu / float64(total) * 1e6 }
 		b.ReportMetric(perK(after.since(usage{cpu: map[int]float64{}}, pids...)), "workers-cpu-ms/1k")
+		b.ReportMetric(perK(after.since(atFirst, pids...)), "workers-run-cpu-ms/1k")
+		b.ReportMetric(atFirst.since(usage{cpu: map[int]float64{}}, pids...)*1000/float64(workers), "worker-startup-cpu-ms")
 		b.ReportMetric(perK(after.since(before, natsProc.cmd.Process.Pid)), "nats-cpu-ms/1k")
 		b.ReportMetric(perK(after.since(before, ch.Pid())), "clickhouse-cpu-ms/1k")
+		// How finely the work was cut: the rows of an events insert, and (P > 1) the
+		// events of an envelope in PARTITIONS.
+		b.ReportMetric(float64(unique)/float64(insertQueries(b, ctx, conn)-insertsBefore), "rows/insert")
+		if partitions > 1 {
+			s, err := js.Stream(ctx, streams.Partitions)
+			if err != nil {
+				b.Fatal(err)
+			}
+			info, err := s.Info(ctx)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(total)/float64(info.State.Msgs), "events/envelope")
+		}
 		var peak int64
 		for _, pid := range pids {
 			_, rss := procstat.Usage(pid)
@@ -130,6 +158,16 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 		b.ReportMetric(0, "ns/op")
 		nc.Close()
 	}
+}
+
+// insertQueries is how many INSERT queries the ClickHouse server ran (its
+// InsertQuery counter): the events inserts and a few of the benchmark's and the sink's.
+func insertQueries(b *testing.B, ctx context.Context, conn driver.Conn) uint64 {
+	var n uint64
+	if err := conn.QueryRow(ctx, "SELECT value FROM system.events WHERE event = 'InsertQuery'").Scan(&n); err != nil {
+		b.Fatal(err)
+	}
+	return n
 }
 
 // limit puts pid in a cgroup of its own allowed cores of CPU time, removed when the
