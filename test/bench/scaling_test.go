@@ -164,7 +164,7 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 // InsertQuery counter): the events inserts and a few of the benchmark's and the sink's.
 func insertQueries(b *testing.B, ctx context.Context, conn driver.Conn) uint64 {
 	var n uint64
-	if err := conn.QueryRow(ctx, "SELECT value FROM system.events WHERE event = 'InsertQuery'").Scan(&n); err != nil {
+	if err := conn.QueryRow(ctx, "SELECT toUInt64(sum(value)) FROM system.events WHERE event = 'InsertQuery'").Scan(&n); err != nil {
 		b.Fatal(err)
 	}
 	return n
