@@ -32,7 +32,7 @@ func (s *Store) SetOrigin(origin uint64) {
 }
 
 // NewStore returns an empty store holding at most maxKeys keys (0: no bound).
-func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys} }
+func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys, t: Table{max: maxKeys}} }
 
 // Clone returns a copy of the store (a copy of its table's two arrays: a few
 // milliseconds a million keys), for a snapshot written while this store goes on.
@@ -47,7 +47,7 @@ func (s *Store) Clone() *Store {
 func (s *Store) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.t, s.lastSeq, s.evicted, s.horizon = Table{}, 0, 0, 0
+	s.t, s.lastSeq, s.evicted, s.horizon = Table{max: s.maxKeys}, 0, 0, 0
 }
 
 // Seen reports whether k is held and still inside its window at now.
@@ -183,7 +183,7 @@ func WriteKeys(w io.Writer, origin, lastSeq uint64, n int, each func(f func(k Ke
 // ones expired at now, and returns the snapshot's last sequence. A snapshot whose
 // origin is not the store's is refused with ErrOtherOrigin.
 func (s *Store) ReadSnapshot(r io.Reader, now uint32) (uint64, error) {
-	var t Table
+	t := Table{max: s.maxKeys}
 	lastSeq, err := s.readSnapshot(r, func(count uint64) {
 		if count > 0 && count < 1<<32 {
 			t.grow(max(minSlots, int(float64(count)/rebuildLoad)+1))

@@ -46,6 +46,9 @@ type Table struct {
 	ready   *slots
 	touched int
 	puts    int
+	// max is the keys the table's owner holds at most (0: no bound): a table
+	// whose size holds them without growing makes no next set ready.
+	max int
 }
 
 // slots is one Robin Hood hash table with linear probing.
@@ -81,7 +84,7 @@ const (
 
 // clone returns a copy of t.
 func (t *Table) clone() Table {
-	c := Table{cur: t.cur.clone(), n: t.n, moved: t.moved, gone: slices.Clone(t.gone)}
+	c := Table{cur: t.cur.clone(), n: t.n, moved: t.moved, gone: slices.Clone(t.gone), max: t.max}
 	if t.old != nil {
 		old := t.old.clone()
 		c.old = &old
@@ -230,7 +233,8 @@ func (t *Table) nextSize() int {
 // move), and writes a page of it every touchEvery Puts until it is all written.
 func (t *Table) prepare() {
 	if t.ready == nil {
-		if t.old != nil || float64(t.cur.used) < prepLoad*float64(len(t.cur.keys)) {
+		if t.old != nil || float64(t.cur.used) < prepLoad*float64(len(t.cur.keys)) ||
+			t.max > 0 && float64(t.max) <= maxLoad*float64(len(t.cur.keys)) {
 			return
 		}
 		size := t.nextSize()

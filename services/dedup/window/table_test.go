@@ -289,3 +289,26 @@ func TestSnapshotRoundTrip(t *testing.T) {
 		t.Fatalf("flipped bit: err = %v", err)
 	}
 }
+
+// A store whose table holds its cap makes no next set ready: the table never
+// grows again.
+func TestCappedStoreMakesNoNextSet(t *testing.T) {
+	size := minSlots
+	for size < 10_000 {
+		size = int(float64(size)*growth) + 1
+	}
+	limit := int(0.85 * float64(size)) // past prepLoad, within maxLoad
+	r := rand.New(rand.NewPCG(7, 8))
+	s := NewStore(limit)
+	for i := range 100_000 {
+		s.Add(randKey(r), 1000, uint64(i), 1)
+		if s.t.ready != nil && len(s.t.cur.keys) == size {
+			t.Fatalf("%d keys added, %d held of %d: a next set of %d slots is ready beside %d", i+1, s.t.Len(), limit, len(s.t.ready.keys), size)
+		}
+	}
+	c := s.Clone()
+	c.Reset()
+	if c.t.max != limit {
+		t.Fatalf("a store's cap is lost on Clone and Reset: %d", c.t.max)
+	}
+}
