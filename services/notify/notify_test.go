@@ -366,8 +366,13 @@ func TestGoneDisablesReceiver(t *testing.T) {
 	if err := EnableReceiver(context.Background(), kv, "hook"); err != nil {
 		t.Fatal(err)
 	}
+	// Notify sees the enabling through its watch, a moment later: each try is a
+	// new alert (the same one again would be dropped by the stream as a repeat of
+	// its message id, and one sent before the watch caught up is dead-lettered).
+	try := 0
 	poll.Until(t, 10*time.Second, func() error {
-		publishAlert(t, js, alert("r", "firing", 0, "user", "c"))
+		try++
+		publishAlert(t, js, alert("r", "firing", 0, "user", fmt.Sprintf("c%d", try)))
 		if got, _ := h.delivered(); len(got) == 0 {
 			return errors.New("nothing delivered after enabling")
 		}
