@@ -7,6 +7,8 @@ import (
 	"errors"
 	"maps"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -42,7 +44,9 @@ func memRun(t *testing.T) (*run, jetstream.ObjectStore) {
 // not even encoded), restarts from the last state saved. Each restart holds
 // exactly the keys the last saved capture held (the oracle: the store's keys at
 // that capture), less those expired at the restore's clock; captures write the
-// keys admitted since the last save, and every key held at most every maxSegments.
+// keys admitted since the last save, and every key held at most every maxSegments:
+// merging the segments (this machine's copies, or downloaded when gone), or from
+// a copy of the table when no segment holds the keys yet.
 func TestMemKeysSegments(t *testing.T) {
 	r, store := memRun(t)
 	ctx := context.Background()
@@ -61,7 +65,7 @@ func TestMemKeysSegments(t *testing.T) {
 		}
 		return got
 	}
-	deltas, wholes := 0, 0
+	deltas, merges, clones := 0, 0, 0
 	for round := range 120 {
 		admit := func(n int) {
 			for range n {
@@ -80,10 +84,18 @@ func TestMemKeysSegments(t *testing.T) {
 		admit(rng.IntN(400))
 		now += uint32(rng.IntN(8))
 		c := m.capture(now)
-		if mc, ok := c.(*memCapture); ok && mc.all == nil {
+		switch mc := c.(*memCapture); {
+		case mc.all != nil:
+			clones++
+		case mc.merge != nil:
+			merges++
+		default:
 			deltas++
-		} else {
-			wholes++
+		}
+		if rng.IntN(4) == 0 { // this machine's copies of the segments gone
+			if err := os.RemoveAll(filepath.Join(m.(*memKeys).dir, "cache")); err != nil {
+				t.Fatal(err)
+			}
 		}
 		at := held(m, now)
 		admit(rng.IntN(50)) // while the capture is saved: the next one's
@@ -123,8 +135,9 @@ func TestMemKeysSegments(t *testing.T) {
 			now = restoredAt
 		}
 	}
-	if deltas < 40 || wholes < 3 {
-		t.Fatalf("%d captures of the keys admitted since a save, %d of every key: the test does not exercise both", deltas, wholes)
+	t.Logf("deltas %d merges %d clones %d", deltas, merges, clones)
+	if deltas < 40 || merges < 3 || clones < 1 {
+		t.Fatalf("%d captures of the keys admitted since a save, %d of every key merged, %d copied: the test does not exercise each", deltas, merges, clones)
 	}
 	m.Close()
 	// What the state names is all the store keeps of the keys (the last two states'

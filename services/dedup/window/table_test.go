@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -268,6 +269,21 @@ func TestSnapshotRoundTrip(t *testing.T) {
 		want := 100+i%50 > 120
 		if got := back.Seen(k, 120); got != want {
 			t.Fatalf("key %d: Seen = %v, want %v", i, got, want)
+		}
+	}
+	// ReadKeys gives every key written, with its expiry, in the order written.
+	var written, read []Key
+	var exps []uint32
+	s.t.Range(func(k Key, _ uint32) bool { written = append(written, k); return true })
+	if _, err := ReadKeys(bytes.NewReader(raw), 0, func(k Key, exp uint32) { read, exps = append(read, k), append(exps, exp) }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(read, written) {
+		t.Fatalf("ReadKeys read %d keys, %d written (or another order)", len(read), len(written))
+	}
+	for i, k := range read {
+		if exps[i] != s.t.Get(k) {
+			t.Fatalf("key %d: expiry %d read, %d written", i, exps[i], s.t.Get(k))
 		}
 	}
 	for _, bad := range [][]byte{raw[:len(raw)-1], append(append([]byte{}, raw[:30]...), raw[31:]...), []byte("nope")} {

@@ -260,14 +260,9 @@ func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 			continue
 		}
 		keep[file.Object] = true
-		cached := filepath.Join(f.cache, file.Object)
-		if err := check(cached, file); err != nil {
-			if !errors.Is(err, os.ErrNotExist) {
-				f.log.Warn("a local copy of a checkpoint file is damaged; downloading it again", "partition", f.part(), "file", cached, "err", err)
-			}
-			if err := f.download(ctx, file, cached); err != nil {
-				return err
-			}
+		cached, err := f.local(ctx, file)
+		if err != nil {
+			return err
 		}
 		if err := os.Link(cached, path); err != nil {
 			return fmt.Errorf("restore checkpoint: %w", err)
@@ -281,6 +276,39 @@ func (f *Files) Restore(ctx context.Context, files []File, dir string) error {
 	}
 	f.tidyCache(keep)
 	return nil
+}
+
+// Open opens this machine's copy of an immutable file of a checkpoint this Files
+// uploaded or restored, for reading (a segment merged into a new one); a copy
+// that is missing or damaged is downloaded again first, as Restore does.
+func (f *Files) Open(ctx context.Context, file File) (*os.File, error) {
+	if err := os.MkdirAll(f.cache, 0o755); err != nil {
+		return nil, fmt.Errorf("open checkpoint file: %w", err)
+	}
+	path, err := f.local(ctx, file)
+	if err != nil {
+		return nil, err
+	}
+	r, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open checkpoint file: %w", err)
+	}
+	return r, nil
+}
+
+// local returns the path of this machine's copy of an immutable file (in the
+// cache), downloading it when there is none or its size or digest is wrong.
+func (f *Files) local(ctx context.Context, file File) (string, error) {
+	cached := filepath.Join(f.cache, file.Object)
+	if err := check(cached, file); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			f.log.Warn("a local copy of a checkpoint file is damaged; downloading it again", "partition", f.part(), "file", cached, "err", err)
+		}
+		if err := f.download(ctx, file, cached); err != nil {
+			return "", err
+		}
+	}
+	return cached, nil
 }
 
 // check reports whether the file at path has file's size and digest.

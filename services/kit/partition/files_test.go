@@ -3,6 +3,7 @@ package partition_test
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -83,6 +84,30 @@ func TestFiles(t *testing.T) {
 	slices.Sort(want)
 	if got := objects(); !slices.Equal(got, want) {
 		t.Fatalf("objects %v, want %v", got, want)
+	}
+	// Open reads an immutable file from this machine's copy, downloading it again
+	// when the copy is gone or damaged.
+	cached := filepath.Join(root, "cache", cp3[1].Object)
+	for _, damage := range []string{"none", "gone", "damaged"} {
+		switch damage {
+		case "gone":
+			if err := os.Remove(cached); err != nil {
+				t.Fatal(err)
+			}
+		case "damaged":
+			if err := os.WriteFile(cached, []byte("THREE"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r, err := files.Open(ctx, cp3[1])
+		if err != nil {
+			t.Fatalf("open with the local copy %s: %v", damage, err)
+		}
+		b, err := io.ReadAll(r)
+		r.Close()
+		if err != nil || string(b) != "three" {
+			t.Fatalf("open with the local copy %s: read %q (%v)", damage, b, err)
+		}
 	}
 	// Restore on another machine (an empty cache: everything downloaded), then on
 	// this one, whose cache the uploads filled: immutable files linked from it, but
