@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -148,5 +149,135 @@ func TestMemKeysSegments(t *testing.T) {
 	}
 	if len(infos) > 2*maxSegments {
 		t.Fatalf("%d objects left in the store", len(infos))
+	}
+}
+
+// A capture of every key that cannot read the segments it merges (this machine's
+// copies and the objects both gone) fails, and the next copies the table instead:
+// the saves go on, and a restore holds every key.
+func TestMemKeysMergeFallsBack(t *testing.T) {
+	r, store := memRun(t)
+	ctx := context.Background()
+	now := uint32(1_000_000)
+	ks, err := r.openKeys(ctx, nil, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := ks.(*memKeys)
+	defer m.Close()
+	next := uint64(0)
+	admit := func() {
+		for range 10 {
+			next++
+			if _, err := m.Admit(window.Key{Hi: next, Lo: next}, now+1000, next, now); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	save := func() ([]byte, error) {
+		c := m.capture(now)
+		var buf bytes.Buffer
+		if err := c.encode(ctx, &buf); err != nil {
+			return nil, err
+		}
+		c.saved(ctx)
+		return buf.Bytes(), nil
+	}
+	for {
+		admit()
+		if m.whole || len(m.segs)+1 <= maxSegments {
+			if _, err := save(); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		break // the next capture merges
+	}
+	c := m.capture(now)
+	if mc := c.(*memCapture); mc.merge == nil {
+		t.Fatalf("capture after %d segments: not a merge", len(m.segs))
+	}
+	if err := os.RemoveAll(filepath.Join(m.dir, "cache")); err != nil {
+		t.Fatal(err)
+	}
+	infos, err := store.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range infos {
+		if err := store.Delete(ctx, info.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.encode(ctx, &bytes.Buffer{}); err == nil {
+		t.Fatal("a merge of segments that are nowhere succeeded")
+	}
+	admit()
+	c = m.capture(now)
+	if mc := c.(*memCapture); mc.all == nil {
+		t.Fatal("the capture after a failed merge does not copy the table")
+	}
+	var buf bytes.Buffer
+	if err := c.encode(ctx, &buf); err != nil {
+		t.Fatal(err)
+	}
+	c.saved(ctx)
+	back, err := r.openKeys(ctx, buf.Bytes(), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer back.Close()
+	if got := back.Stats().Keys; got != int(next) {
+		t.Fatalf("restored %d keys, %d admitted", got, next)
+	}
+}
+
+// The log of admitted keys against a slice: random appends, views of the first n
+// (which later appends and drops must not change before the view is done with),
+// and drops of a view's keys.
+func TestAdmittedLog(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	var l admittedLog
+	var want []admitted
+	next := uint64(0)
+	for round := range 300 {
+		for range rng.IntN(3 * addedChunk) {
+			next++
+			a := admitted{window.Key{Hi: next}, uint32(next)}
+			l.add(a)
+			want = append(want, a)
+		}
+		n := rng.IntN(l.n + 1)
+		view := l.first(n)
+		for range rng.IntN(addedChunk) { // appends while the view is encoded
+			next++
+			a := admitted{window.Key{Hi: next}, uint32(next)}
+			l.add(a)
+			want = append(want, a)
+		}
+		var got []admitted
+		for _, c := range view {
+			got = append(got, c...)
+		}
+		if !slices.Equal(got, want[:n]) {
+			t.Fatalf("round %d: a view of the first %d keys holds %d, or others", round, n, len(got))
+		}
+		if l.n != len(want) {
+			t.Fatalf("round %d: %d keys held, %d added", round, l.n, len(want))
+		}
+		if rng.IntN(4) > 0 { // the view's save succeeded
+			l.drop(n)
+			want = want[n:]
+		}
+	}
+	var got []admitted
+	for _, c := range l.first(l.n) {
+		got = append(got, c...)
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("the log holds %d keys, %d expected (or others)", len(got), len(want))
+	}
+	if len(l.spare) == 0 {
+		t.Fatal("no chunk kept for use again")
 	}
 }
