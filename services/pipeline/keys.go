@@ -128,16 +128,16 @@ func (l *admittedLog) drop(n int) {
 	l.n -= n
 	for n > 0 {
 		c := l.chunks[0]
-		if k := len(c) - l.off; n < k || len(c) < addedChunk {
+		k := len(c) - l.off
+		if n < k || len(c) < addedChunk {
 			// Within the first chunk, or the last one (not full): it stays.
 			l.off += n
 			if l.off == len(c) && len(l.chunks) == 1 {
 				l.chunks[0], l.off = c[:0], 0
 			}
 			return
-		} else {
-			n -= k
 		}
+		n -= k
 		if len(l.spare) < spareChunks {
 			l.spare = append(l.spare, c[:0])
 		}
@@ -280,12 +280,26 @@ func (c *memCapture) write(ctx context.Context, path string) (segment, error) {
 			})
 		}
 	case c.merge != nil:
-		// Read twice: once to count the keys (a segment's header), once to write them.
-		if err := c.merged(ctx, func(window.Key, uint32) { seg.Keys++ }); err != nil {
+		// Opened (and their digests checked) once; read twice: once to count the
+		// keys (a segment's header), once to write them.
+		segs := make([]*os.File, 0, len(c.merge))
+		defer func() {
+			for _, r := range segs {
+				r.Close()
+			}
+		}()
+		for _, sg := range c.merge {
+			r, err := c.m.files.Open(ctx, sg.File)
+			if err != nil {
+				return segment{}, err
+			}
+			segs = append(segs, r)
+		}
+		if err := c.merged(segs, func(window.Key, uint32) { seg.Keys++ }); err != nil {
 			return segment{}, err
 		}
 		each = func(yield func(k window.Key, exp uint32) bool) {
-			reread = c.merged(ctx, func(k window.Key, exp uint32) {
+			reread = c.merged(segs, func(k window.Key, exp uint32) {
 				seg.Expires = max(seg.Expires, exp)
 				yield(k, exp)
 			})
@@ -317,24 +331,22 @@ func (c *memCapture) write(ctx context.Context, path string) (segment, error) {
 	return seg, err
 }
 
-// merged calls f with the keys of the segments to merge and those admitted since,
-// in that order (a key in two holds the later expiry, as a restore reads them),
-// but those expired at the capture's now.
-func (c *memCapture) merged(ctx context.Context, f func(k window.Key, exp uint32)) error {
+// merged calls f with the keys of the segments to merge (segs, opened in the
+// order of c.merge) and those admitted since, in that order (a key in two holds
+// the later expiry, as a restore reads them), but those expired at the capture's
+// now.
+func (c *memCapture) merged(segs []*os.File, f func(k window.Key, exp uint32)) error {
 	live := func(k window.Key, exp uint32) {
 		if exp > c.now {
 			f(k, exp)
 		}
 	}
-	for _, sg := range c.merge {
-		r, err := c.m.files.Open(ctx, sg.File)
-		if err != nil {
+	for i, r := range segs {
+		if _, err := r.Seek(0, io.SeekStart); err != nil {
 			return err
 		}
-		_, err = window.ReadKeys(r, c.m.origin, live)
-		r.Close()
-		if err != nil {
-			return fmt.Errorf("segment %s: %w", sg.File.Name, err)
+		if _, err := window.ReadKeys(r, c.m.origin, live); err != nil {
+			return fmt.Errorf("segment %s: %w", c.merge[i].File.Name, err)
 		}
 	}
 	for _, chunk := range c.added {
