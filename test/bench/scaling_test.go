@@ -39,13 +39,16 @@ const cpuCgroupRoot = "/sys/fs/cgroup/cpu"
 // 0.1 by default: at 0.4 four workers would need more than a 2-core machine has
 // left once nats-server and ClickHouse take their share, and the figure would
 // measure the machine, not the workers), nats-server, ClickHouse and the sink
-// outside the quotas. It pre-publishes BENCH_SCALING_EVENTS (300,000) events (5%
+// outside the quotas. It pre-publishes BENCH_SCALING_EVENTS (1,000,000) events (5%
 // repeats, the users lookup) and reports events/s from the first event consumed to
 // the last row, and the workers' CPU per 1,000 events: all of it
 // (workers-cpu-ms/1k), and since the first event was consumed
 // (workers-run-cpu-ms/1k), what a worker spent before that being its start-up
-// (worker-startup-cpu-ms, the mean of the workers'); and how finely the work was
-// cut (rows/insert; events/envelope with P > 1). "p1" and "p4" with one
+// (worker-startup-cpu-ms, the mean of the workers'); the memory a worker was given
+// fresh by the kernel, page by page (worker-faulted-MiB, the mean of the workers':
+// its heap growing to its working size, each page a fault costing CPU, a one-off a
+// short run divides among few events, which is why the run is this long); and how
+// finely the work was cut (rows/insert; events/envelope with P > 1). "p1" and "p4" with one
 // worker and no quota measure the keying step's cost (P = 1 reads EVENTS directly;
 // P = 4 copies it into PARTITIONS first). The workers=N cases use P = 4, or
 // BENCH_SCALING_PARTITIONS. BENCH_SERVICE_ENV adds settings to the services'
@@ -70,7 +73,7 @@ func BenchmarkScaling(b *testing.B) {
 }
 
 func benchScaling(b *testing.B, workers, partitions int, quota bool) {
-	total := 300_000
+	total := 1_000_000
 	if v, err := strconv.Atoi(os.Getenv("BENCH_SCALING_EVENTS")); err == nil && v > 0 {
 		total = v
 	}
@@ -149,12 +152,14 @@ func benchScaling(b *testing.B, workers, partitions int, quota bool) {
 			}
 			b.ReportMetric(float64(total)/float64(info.State.Msgs), "events/envelope")
 		}
-		var peak int64
+		var peak, faults int64
 		for _, pid := range pids {
 			_, rss := procstat.Usage(pid)
 			peak = max(peak, rss)
+			faults += procstat.MinorFaults(pid)
 		}
 		b.ReportMetric(float64(peak)/(1<<20), "worker-peak-MiB")
+		b.ReportMetric(float64(faults*int64(os.Getpagesize()))/float64(workers)/(1<<20), "worker-faulted-MiB")
 		b.ReportMetric(0, "ns/op")
 		nc.Close()
 	}

@@ -1,4 +1,5 @@
-// Package procstat reads a running process's CPU time and peak memory from /proc.
+// Package procstat reads a running process's CPU time, page faults and peak memory
+// from /proc.
 package procstat
 
 import (
@@ -11,16 +12,10 @@ import (
 // Usage returns the CPU seconds (user and system) and the peak resident set size
 // (bytes) of the process pid, zero where /proc does not tell.
 func Usage(pid int) (cpuSeconds float64, peakRSS int64) {
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-		s := string(b)
-		if i := strings.LastIndexByte(s, ')'); i > 0 && i+2 < len(s) {
-			f := strings.Fields(s[i+2:])
-			if len(f) > 12 {
-				ut, _ := strconv.ParseFloat(f[11], 64)
-				st, _ := strconv.ParseFloat(f[12], 64)
-				cpuSeconds = (ut + st) / 100 // clock ticks (USER_HZ)
-			}
-		}
+	if f := stat(pid); len(f) > 12 {
+		ut, _ := strconv.ParseFloat(f[11], 64)
+		st, _ := strconv.ParseFloat(f[12], 64)
+		cpuSeconds = (ut + st) / 100 // clock ticks (USER_HZ)
 	}
 	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
 		for line := range strings.SplitSeq(string(b), "\n") {
@@ -31,4 +26,31 @@ func Usage(pid int) (cpuSeconds float64, peakRSS int64) {
 		}
 	}
 	return cpuSeconds, peakRSS
+}
+
+// MinorFaults returns how many minor page faults the process pid has taken (each the
+// kernel giving it a page of memory it had not touched before), zero where /proc does
+// not tell.
+func MinorFaults(pid int) int64 {
+	f := stat(pid)
+	if len(f) <= 7 {
+		return 0
+	}
+	n, _ := strconv.ParseInt(f[7], 10, 64)
+	return n
+}
+
+// stat returns the fields of /proc/<pid>/stat after the command's name (the third
+// field, the state, first), nil where it cannot be read.
+func stat(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return nil
+	}
+	return strings.Fields(s[i+2:])
 }
