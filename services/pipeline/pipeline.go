@@ -884,8 +884,9 @@ func (r *run) run(ctx context.Context) error {
 	var pull jetstream.PullMessagesOpt = jetstream.PullMaxMessages(r.cfg.MaxRows)
 	if r.in.keyed {
 		// Envelopes hold many events each: the buffer is bounded by bytes, about
-		// two batches of events.
-		pull = jetstream.PullMaxBytes(max(2*r.cfg.MaxRows*envelopeEventBytes, 2*int(r.maxPayload)))
+		// two batches of events across the P partitions (a worker owning all of them
+		// holds two batches, as with one), and at least two envelopes.
+		pull = jetstream.PullMaxBytes(max(2*r.cfg.MaxRows*envelopeEventBytes/r.cfg.Partitions, 2*int(r.maxPayload)))
 	}
 	it, err := cons.Messages(pull)
 	if err != nil {
