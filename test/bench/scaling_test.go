@@ -48,9 +48,9 @@ const cpuCgroupRoot = "/sys/fs/cgroup/cpu"
 // fresh by the kernel, page by page (worker-faulted-MiB, the mean of the workers':
 // its heap growing to its working size, each page a fault costing CPU, a one-off a
 // short run divides among few events, which is why the run is this long); and how
-// finely the work was cut (rows/insert; events/envelope with P > 1). "p1" and "p4" with one
-// worker and no quota measure the keying step's cost (P = 1 reads EVENTS directly;
-// P = 4 copies it into PARTITIONS first). The workers=N cases use P = 4, or
+// finely the work was cut (rows/insert; events/envelope with P > 1). "p1" and "p4"
+// with one worker and no quota measure the keying step's cost (P = 1 reads EVENTS
+// directly; P = 4 copies it into PARTITIONS first). The workers=N cases use P = 4, or
 // BENCH_SCALING_PARTITIONS. BENCH_SERVICE_ENV adds settings to the services'
 // environment.
 func BenchmarkScaling(b *testing.B) {
