@@ -89,8 +89,12 @@ const fenceFilter = "(partition, gen) IN (SELECT partition, max(gen) FROM " + Fe
 var fenceTable = &Table{Name: FenceTable, Columns: []Column{{"partition", "UInt32"}, {"gen", "UInt64"}, {"worker", "String"}}}
 
 // NewFence records gen as partition's newest generation, then waits, up to settle,
-// until no insert of an older generation of the partition is running in the server,
-// and returns how many still are.
+// until no insert of the partition is running in the server, and returns how many
+// still are. Those of an older generation, and those of gen itself: a run of the
+// same claim started again (a stall restart) has none of its own yet, and an
+// insert of the run before it, cancelled by the client while the server was held
+// up, may still be stored; the filter does not drop it (same generation), so the
+// caller's high-water mark must wait for it.
 //
 // An insert's rows pass the filter, or not, when the server has all of them (the
 // blocks of one insert are squashed into one), and are stored just after. So an
@@ -153,38 +157,47 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 			waitOn = append(waitOn, rc)
 		}
 	}
-	like, own := runningLike(db, partition, gen)
+	if running, err = f.WaitInserts(ctx, waitOn, settle); err != nil {
+		return nil, 0, 0, err
+	}
+	f.tokens = unreached == 0 && takeTokens(waitOn)
+	return f, running, unreached, nil
+}
+
+// WaitInserts waits, up to settle, until no insert of f's partition (any
+// generation, combined ones too) runs in any of servers, and returns how many
+// still do. A writer whose insert failed without an answer (a timeout: the server
+// may have all its rows and store them yet) waits with it before it looks for the
+// rows that insert stored, or it could miss them and store them twice.
+func (f *Fence) WaitInserts(ctx context.Context, servers []driver.Conn, settle time.Duration) (running uint64, err error) {
+	like := runningLike(f.db, f.Partition)
 	deadline := time.Now().Add(settle)
 	for {
 		running = 0
-		for _, c := range waitOn {
+		for _, c := range servers {
 			var n uint64
-			err := c.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ? AND query_id NOT LIKE ?", like, own).Scan(&n)
-			if err != nil {
-				return nil, 0, 0, fmt.Errorf("fence partition %d: running inserts: %w", partition, err)
+			if err := c.QueryRow(ctx, "SELECT count() FROM system.processes WHERE query_id LIKE ?", like).Scan(&n); err != nil {
+				return 0, fmt.Errorf("partition %d: running inserts: %w", f.Partition, err)
 			}
 			running += n
 		}
 		if running == 0 || !time.Now().Before(deadline) {
-			f.tokens = unreached == 0 && takeTokens(waitOn)
-			return f, running, unreached, nil
+			return running, nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, 0, 0, fmt.Errorf("fence partition %d: %d inserts of an earlier owner still running: %w", partition, running, ctx.Err())
+			return 0, fmt.Errorf("partition %d: %d inserts still running: %w", f.Partition, running, ctx.Err())
 		case <-time.After(min(100*time.Millisecond, settle/10)):
 		}
 	}
 }
 
-// runningLike is the query ids of inserts of older generations of partition in db,
-// as a LIKE pattern and its exception (generation gen's own): the ids of inserts
-// through a Fence (sluice/<db>/p<partition>/g<gen>/<n>) and of combined inserts
+// runningLike is the query ids of inserts of partition in db, any generation, as a
+// LIKE pattern: the ids of inserts through a Fence
+// (sluice/<db>/p<partition>/g<gen>/<n>) and of combined inserts
 // (sluice/<db>/p<a>/g<gen a>/p<b>/g<gen b>/.../c<n>, Combiner).
-func runningLike(db string, partition uint32, gen uint64) (like, own string) {
-	p := "p" + strconv.FormatUint(uint64(partition), 10) + "/g"
-	base := escapeLike("sluice/"+db) + "/%"
-	return base + p + "%", base + p + strconv.FormatUint(gen, 10) + "/%"
+func runningLike(db string, partition uint32) string {
+	return escapeLike("sluice/"+db) + "/%p" + strconv.FormatUint(uint64(partition), 10) + "/g%"
 }
 
 // escapeLike quotes LIKE's wildcards in s.
