@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -208,4 +209,36 @@ func peakRSS() int64 {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return ru.Maxrss << 10
+}
+
+// BenchmarkLongestPut adds 2M random keys to a table, one Put at a time, 200,000
+// a second (10,000 every 50 ms: about three times what a pipeline worker decides
+// at most), in a heap that has held 256 MB before (as a worker's has: memory used
+// again must be zeroed when allocated), and reports the longest single Put: what
+// adding a key can hold the pipeline's decide loop for while the table grows.
+func BenchmarkLongestPut(b *testing.B) {
+	for range b.N {
+		used := make([]byte, 256<<20)
+		for i := 0; i < len(used); i += pageBytes {
+			used[i] = 1
+		}
+		used = nil
+		runtime.GC()
+		var tb Table
+		r := rand.New(rand.NewPCG(5, 6))
+		var longest time.Duration
+		tick := time.NewTicker(50 * time.Millisecond)
+		for range 200 {
+			<-tick.C
+			for range 10_000 {
+				k := Key{r.Uint64(), r.Uint64()}
+				t0 := time.Now()
+				tb.Put(k, 100)
+				longest = max(longest, time.Since(t0))
+			}
+		}
+		tick.Stop()
+		b.ReportMetric(float64(longest.Microseconds())/1000, "longest-put-ms")
+	}
+	b.ReportMetric(0, "ns/op")
 }
