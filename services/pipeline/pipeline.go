@@ -1067,6 +1067,14 @@ func (r *run) run(ctx context.Context) error {
 			for i := range b.preps {
 				r.decide(&b.preps[i], b)
 			}
+			// The batch's metrics, once: per event they were a tenth of the loop.
+			for i := len(b.preps) - 1; i >= 0; i-- {
+				if b.preps[i].seq != 0 {
+					r.m.lag.WithLabelValues(r.in.label).Set(float64(b.preps[i].pending))
+					break
+				}
+			}
+			r.engine.DrainLate(func(rule string, n int) { r.m.late.WithLabelValues(rule).Add(float64(n)) })
 			if r.keysErr != nil {
 				// As a crash: nothing of this batch is written and no state saved past
 				// what is stored; the run starts again from its last state.
@@ -1482,7 +1490,6 @@ func (r *run) decide(p *prep, b *batch) {
 		return
 	}
 	r.seq = p.seq
-	r.m.lag.WithLabelValues(r.in.label).Set(float64(p.pending))
 	items := p.all()
 	for i := range items {
 		r.decideItem(p, &items[i], b)
@@ -1547,7 +1554,6 @@ func (r *run) decideItem(p *prep, it *item, b *batch) {
 	for range errs {
 		r.m.exprErrors.Inc()
 	}
-	r.engine.DrainLate(func(rule string, n int) { r.m.late.WithLabelValues(rule).Add(float64(n)) })
 	r.emit(out, p.seq <= r.replay, b)
 }
 

@@ -189,8 +189,8 @@ func BenchmarkProductionStages(b *testing.B) {
 // (as the issue defines it; the services' start-up before that is startup-ms), CPU per
 // 1,000 events from the services' start (sluice's processes, nats-server and
 // ClickHouse apart) and peak RSS per process. Then, the services still running, it publishes at half that rate
-// for 10 s and reports p50/p99 publish-to-row latency (polling count() every 20 ms;
-// an event is visible when the count passes it), and again once ClickHouse has
+// for 10 s and reports p50/p99 publish-to-row latency (polling the rows of the
+// table's active parts every 20 ms, storedRows; an event is visible when they pass it), and again once ClickHouse has
 // merged the backlog's parts (settled-half-load-*); after the services stop, the same
 // through a raw pipe (raw-half-load-*: a pull consumer inserting what each fetch of
 // at most 10 ms brings, the floor this machine sets). A raw pipe (one pull consumer
@@ -361,8 +361,8 @@ func firstConsumed(b *testing.B, ctx context.Context, js jetstream.JetStream, be
 
 // latencyAtRate publishes new unique events (ids prefix-0, prefix-1, ...: a prefix
 // of its own each call) at rate per second for d, as `nats pub` does, and returns
-// the p50 and p99 (ms) from each publish until count() in table passed it,
-// polling every 20 ms.
+// the p50 and p99 (ms) from each publish until the table's rows passed it,
+// polling every 20 ms (storedRows; BENCH_LATENCY_POLL=count: count()).
 func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver.Conn, table, prefix string, rate int, d time.Duration) (float64, float64) {
 	rows, how := storedRows, "the parts' rows"
 	if os.Getenv("BENCH_LATENCY_POLL") == "count" {
