@@ -1067,7 +1067,8 @@ func (r *run) run(ctx context.Context) error {
 			for i := range b.preps {
 				r.decide(&b.preps[i], b)
 			}
-			// The batch's metrics, once: per event they were a tenth of the loop.
+			// The batch's metrics, once: per event they took a fifth of the loop at
+			// half load (docs/benchmarks.md).
 			for i := len(b.preps) - 1; i >= 0; i-- {
 				if b.preps[i].seq != 0 {
 					r.m.lag.WithLabelValues(r.in.label).Set(float64(b.preps[i].pending))
