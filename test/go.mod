@@ -11,6 +11,7 @@ require (
 	github.com/sluicehq/sluice/services/kit v0.0.0
 	github.com/sluicehq/sluice/services/notify v0.0.0
 	github.com/sluicehq/sluice/services/pipeline v0.0.0
+	github.com/sluicehq/sluice/services/sink v0.0.0
 	github.com/sluicehq/sluice/services/sluice v0.0.0-00010101000000-000000000000
 	github.com/sluicehq/sluice/streams v0.0.0
 )
@@ -66,7 +67,6 @@ require (
 	github.com/shopspring/decimal v1.5.0 // indirect
 	github.com/sluicehq/sluice/services/dedup v0.0.0 // indirect
 	github.com/sluicehq/sluice/services/enrich v0.0.0 // indirect
-	github.com/sluicehq/sluice/services/sink v0.0.0 // indirect
 	github.com/ua-parser/uap-go v0.0.0-20260529044130-17c35e68e58c // indirect
 	go.opentelemetry.io/otel v1.47.0 // indirect
 	go.opentelemetry.io/otel/trace v1.47.0 // indirect

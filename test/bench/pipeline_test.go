@@ -22,10 +22,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/testnet"
+	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/streams"
 	"github.com/sluicehq/sluice/test/procstat"
 )
@@ -194,7 +196,9 @@ func BenchmarkProductionStages(b *testing.B) {
 // table's active parts every 20 ms, storedRows; an event is visible when they pass it), and again once ClickHouse has
 // merged the backlog's parts (settled-half-load-*); after the services stop, the same
 // through a raw pipe (raw-half-load-*: a pull consumer inserting what each fetch of
-// at most 10 ms brings, the floor this machine sets). A raw pipe (one pull consumer
+// at most 10 ms brings, the floor this machine sets), and through a raw pipe of
+// sluice's rows (raw-rows-half-load-*: the same, each event decoded and made a row of
+// a table like events, rawRowsLatency). A raw pipe (one pull consumer
 // straight into ClickHouse) moves the same events before the services start and again
 // after they stop; the ratio is sluice's rate to the mean of the two (the machine's
 // speed drifts over a run: measuring the baseline on both sides of it keeps the drift
@@ -289,6 +293,9 @@ func benchProduction(b *testing.B, services []string, extraEnv ...string) {
 		p50, p99 = rawLatency(b, ctx, js, nc, conn, int(rate/2), 10*time.Second)
 		b.ReportMetric(p50, "raw-half-load-p50-ms")
 		b.ReportMetric(p99, "raw-half-load-p99-ms")
+		p50, p99 = rawRowsLatency(b, ctx, js, nc, conn, int(rate/2), 10*time.Second)
+		b.ReportMetric(p50, "raw-rows-half-load-p50-ms")
+		b.ReportMetric(p99, "raw-rows-half-load-p99-ms")
 
 		// The raw pipe: one pull consumer on EVENTS straight into a table, ack after insert.
 		rawAfter := rawPipe(b, ctx, js, conn, total, "raw_after")
@@ -475,6 +482,59 @@ func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *n
 	const name = "raw_latency"
 	cons, drop := rawConsumer(b, ctx, js, conn, name, jetstream.DeliverNewPolicy)
 	defer drop()
+	return pipeLatency(b, ctx, nc, conn, name, "raw", rate, d, func(ctx context.Context) error {
+		_, err := rawStep(ctx, cons, conn, name, 10*time.Millisecond)
+		return err
+	})
+}
+
+// rawRowsLatency is rawLatency inserting sluice's rows: each fetch's events decoded
+// and made rows of the events table (sluice's own code for both, no dedup, enrichment
+// or rules) and inserted into a table made as events is (its 24 columns, its order),
+// straight, not through the fence's view. What the row and the table cost at that
+// rate, apart from the pipeline's steps.
+func rawRowsLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *nats.Conn, conn driver.Conn, rate int, d time.Duration) (float64, float64) {
+	const name = "raw_rows"
+	cons, drop := rawConsumerOf(b, ctx, js, conn, name, jetstream.DeliverNewPolicy, "AS events")
+	defer drop()
+	dec := events.NewDecoder(nil, nil)
+	var cols sink.EventColumns
+	return pipeLatency(b, ctx, nc, conn, name, "rawrows", rate, d, func(ctx context.Context) error {
+		res, err := cons.Fetch(100_000, jetstream.FetchMaxWait(10*time.Millisecond))
+		if err != nil {
+			return err
+		}
+		cols.Reset()
+		var msgs []jetstream.Msg
+		for m := range res.Messages() {
+			md, _ := m.Metadata()
+			e, err := dec.Decode(events.Message{Subject: m.Subject(), Header: m.Headers(), Data: m.Data(), Received: md.Timestamp})
+			if err != nil {
+				return err
+			}
+			rec, err := sink.EventRecordOf(e, md.Sequence.Stream)
+			if err != nil {
+				return err
+			}
+			cols.Append(&rec)
+			msgs = append(msgs, m)
+		}
+		if len(msgs) == 0 {
+			return nil
+		}
+		if err := sink.InsertEventsInto(ctx, conn, name, &cols); err != nil {
+			return err
+		}
+		for _, m := range msgs {
+			_ = m.Ack()
+		}
+		return nil
+	})
+}
+
+// pipeLatency is latencyAtRate (prefix, into table) while step runs again and again
+// in a goroutine of its own, until the run is measured or step fails.
+func pipeLatency(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver.Conn, table, prefix string, rate int, d time.Duration, step func(context.Context) error) (float64, float64) {
 	rctx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -482,13 +542,13 @@ func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *n
 	var failed error
 	wg.Go(func() {
 		for rctx.Err() == nil {
-			if _, err := rawStep(rctx, cons, conn, name, 10*time.Millisecond); err != nil && rctx.Err() == nil {
+			if err := step(rctx); err != nil && rctx.Err() == nil {
 				failed = err
 				return
 			}
 		}
 	})
-	p50, p99 := latencyAtRate(b, ctx, nc, conn, name, "raw", rate, d)
+	p50, p99 := latencyAtRate(b, ctx, nc, conn, table, prefix, rate, d)
 	stop()
 	wg.Wait()
 	if failed != nil {
@@ -501,7 +561,12 @@ func rawLatency(b *testing.B, ctx context.Context, js jetstream.JetStream, nc *n
 // name), and returns the consumer and what removes both: nothing of it is left to
 // count as a consumer of EVENTS, or to merge, while sluice runs.
 func rawConsumer(b *testing.B, ctx context.Context, js jetstream.JetStream, conn driver.Conn, name string, deliver jetstream.DeliverPolicy) (jetstream.Consumer, func()) {
-	if err := conn.Exec(ctx, "CREATE TABLE "+name+" (subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq"); err != nil {
+	return rawConsumerOf(b, ctx, js, conn, name, deliver, "(subject String, payload String, seq UInt64) ENGINE = MergeTree() ORDER BY seq")
+}
+
+// rawConsumerOf is rawConsumer with the table made as def says (CREATE TABLE name def).
+func rawConsumerOf(b *testing.B, ctx context.Context, js jetstream.JetStream, conn driver.Conn, name string, deliver jetstream.DeliverPolicy, def string) (jetstream.Consumer, func()) {
+	if err := conn.Exec(ctx, "CREATE TABLE "+name+" "+def); err != nil {
 		b.Fatal(err)
 	}
 	cons, err := js.CreateOrUpdateConsumer(ctx, streams.Events, jetstream.ConsumerConfig{Durable: name, AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: deliver, MaxAckPending: 100_000})
