@@ -1720,12 +1720,8 @@ func (w *writer) store(ctx context.Context, b *batch) error {
 				// The failed insert may still be running in the server (its answer
 				// lost, its rows all sent): stored after the check, its rows would
 				// be stored twice. Wait for it, or fail this try and wait again.
-				servers := w.shards.Replicas(w.in.id)
-				if servers == nil {
-					servers = []driver.Conn{w.ch}
-				}
 				wctx, cancel := context.WithTimeout(ctx, 2*w.cfg.InsertTimeout)
-				running, err := w.fence.WaitInserts(wctx, servers, w.cfg.InsertTimeout)
+				running, err := w.fence.WaitInserts(wctx, w.cfg.InsertTimeout)
 				cancel()
 				if err == nil && running > 0 {
 					err = fmt.Errorf("pipeline: an insert that failed is still running in ClickHouse (%d of the partition's)", running)

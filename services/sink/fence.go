@@ -36,6 +36,9 @@ type Fence struct {
 	db     string
 	prefix string
 	n      atomic.Uint64
+	// servers are the shard's servers, every replica (or the one server) whether
+	// it answered at the fence or not: where the fence's inserts may run.
+	servers []driver.Conn
 	// tokens: every server of the shard takes insert_deduplication_token
 	// (ClickHouse 22.2+), so each events insert through the fence carries one,
 	// made from its rows (token).
@@ -140,6 +143,10 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 		return nil, 0, 0, fmt.Errorf("fence partition %d: %s records generation %d, newer than this claim's %d: another worker owns the partition now, or the pipeline's KV bucket was made anew and its revisions began again (then, with every worker stopped, run `ALTER TABLE %s DELETE WHERE partition = %d`; docs/exactly-once.md)",
 			partition, FenceTable, newest, gen, FenceTable, partition)
 	}
+	f.servers = []driver.Conn{ch}
+	if replicas != nil {
+		f.servers = replicas
+	}
 	waitOn := []driver.Conn{ch}
 	if replicas != nil {
 		waitOn = nil
@@ -157,7 +164,7 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 			waitOn = append(waitOn, rc)
 		}
 	}
-	if running, err = f.WaitInserts(ctx, waitOn, settle); err != nil {
+	if running, err = f.waitInserts(ctx, waitOn, settle); err != nil {
 		return nil, 0, 0, err
 	}
 	f.tokens = unreached == 0 && takeTokens(waitOn)
@@ -165,11 +172,16 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 }
 
 // WaitInserts waits, up to settle, until no insert of f's partition (any
-// generation, combined ones too) runs in any of servers, and returns how many
-// still do. A writer whose insert failed without an answer (a timeout: the server
-// may have all its rows and store them yet) waits with it before it looks for the
-// rows that insert stored, or it could miss them and store them twice.
-func (f *Fence) WaitInserts(ctx context.Context, servers []driver.Conn, settle time.Duration) (running uint64, err error) {
+// generation, combined ones too) runs in any server of its shard, and returns how
+// many still do. A writer whose insert failed without an answer (a timeout: the
+// server may have all its rows and store them yet) waits with it before it looks
+// for the rows that insert stored, or it could miss them and store them twice.
+func (f *Fence) WaitInserts(ctx context.Context, settle time.Duration) (running uint64, err error) {
+	return f.waitInserts(ctx, f.servers, settle)
+}
+
+// waitInserts is WaitInserts on servers.
+func (f *Fence) waitInserts(ctx context.Context, servers []driver.Conn, settle time.Duration) (running uint64, err error) {
 	like := runningLike(f.db, f.Partition)
 	deadline := time.Now().Add(settle)
 	for {
