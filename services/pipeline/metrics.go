@@ -33,6 +33,7 @@ type metrics struct {
 	savedAt          *prometheus.GaugeVec
 	keys, keysBytes  *prometheus.GaugeVec
 	combined         prometheus.Counter
+	parts            prometheus.Counter
 	inflight         prometheus.Gauge
 }
 
@@ -62,6 +63,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		})),
 		combined: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_inserts_combined_total", Help: "Events inserts that held the rows of more than one partition's batch (sink.Combiner).",
+		})),
+		parts: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_pipeline_batch_parts_total", Help: "Parts of batches prepared and decided while the batch still filled (an insert before it running), before it was cut.",
 		})),
 		rows: telemetry.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_pipeline_rows_inserted_total", Help: "Rows inserted into the events table.",

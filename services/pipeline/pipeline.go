@@ -837,14 +837,32 @@ type batch struct {
 	// save, if set, is a state captured after the batch was decided: the writer
 	// hands it to the saver once the batch and all before it are stored.
 	save *captured
-	// weight is what the batch holds of the worker's events in flight (inflight).
+	// weight is what the batch holds of the worker's events in flight (inflight),
+	// its parts' included.
 	weight int64
+	// more: the batch is a part of one, more of whose input is coming (collected.more).
+	more bool
+	// parts are the batch's later parts, decided into it: their memory (the
+	// prepared input its rows point into) is the batch's until it is stored.
+	parts []*batch
 }
 
-// collected is a batch of input messages and their weight in flight.
+// inputs is how many input messages the batch holds, its parts' included.
+func (b *batch) inputs() int {
+	n := len(b.preps)
+	for _, p := range b.parts {
+		n += len(p.preps)
+	}
+	return n
+}
+
+// collected is a batch of input messages and their weight in flight, or a part of
+// one (more).
 type collected struct {
 	msgs   []jetstream.Msg
 	weight int64
+	// more: the batch goes on with the next collected; it is one insert with it.
+	more bool
 }
 
 // typedRow is one row of a typed table: its values, and its sequence and key (the
@@ -895,7 +913,9 @@ func (r *run) run(ctx context.Context) error {
 	// Four steps overlap, each a goroutine handing the next a batch: read and
 	// collect, prepare (decode, key, enrich, build the row: per message, in
 	// parallel), decide (dedup and rules, in stream order: this goroutine, which
-	// owns the state), write (insert and publish, in order).
+	// owns the state), write (insert and publish, in order). While a batch fills
+	// during an insert, its parts go through prepare and decide as they come, so
+	// that when it is cut only its insert is left.
 	// What the run still holds in flight once its steps stopped (batches read and
 	// dropped) goes back to the worker.
 	defer func() { r.release(r.held.Load()) }()
@@ -1013,13 +1033,31 @@ func (r *run) run(ctx context.Context) error {
 			return writerFailed()
 		}
 	}
+	// open is a batch decided in part, the rest of its input to come (collect):
+	// handed on whole once that is decided, or as it is before any other.
+	var open *batch
+	sendOpen := func() error {
+		if open == nil {
+			return nil
+		}
+		b := open
+		open = nil
+		r.sendProgress(b)
+		return send(b, false)
+	}
 	// stop stores what was decided and saves the state, within a third of the lease.
 	stop := func(cause error) error {
 		stopInput()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.LeaseTTL/3)
 		defer cancel()
 		stored := make(chan error, 1)
-		go func() { stored <- send(&batch{}, true) }()
+		go func() {
+			if err := sendOpen(); err != nil {
+				stored <- err
+				return
+			}
+			stored <- send(&batch{}, true)
+		}()
 		var err error
 		select {
 		case err = <-stored:
@@ -1058,20 +1096,27 @@ func (r *run) run(ctx context.Context) error {
 			return stop(r.stallRestart(err))
 		case err := <-keysFailed:
 			return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
-		case b, ok := <-prepared:
+		case part, ok := <-prepared:
 			if !ok {
 				return stop(errors.New("pipeline: the input ended"))
 			}
 			lastInput = time.Now()
-			b.rows = slices.Grow(b.rows, max(len(b.preps), int(b.weight))) // weight: its events
-			for i := range b.preps {
-				r.decide(&b.preps[i], b)
+			// A part of a batch is decided into its batch (open), which keeps it.
+			b := part
+			if open != nil {
+				b = open
+				b.parts = append(b.parts, part)
+				b.weight += part.weight
+			}
+			b.rows = slices.Grow(b.rows, max(len(part.preps), int(part.weight))) // weight: its events
+			for i := range part.preps {
+				r.decide(&part.preps[i], b)
 			}
 			// The batch's metrics, once: per event they took a fifth of the loop at
 			// half load (docs/benchmarks.md).
-			for i := len(b.preps) - 1; i >= 0; i-- {
-				if b.preps[i].seq != 0 {
-					r.m.lag.WithLabelValues(r.in.label).Set(float64(b.preps[i].pending))
+			for i := len(part.preps) - 1; i >= 0; i-- {
+				if part.preps[i].seq != 0 {
+					r.m.lag.WithLabelValues(r.in.label).Set(float64(part.preps[i].pending))
 					break
 				}
 			}
@@ -1086,8 +1131,12 @@ func (r *run) run(ctx context.Context) error {
 				// the keys' failure above.
 				return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
 			}
-			r.sendProgress(b)
-			if err := send(b, false); err != nil {
+			open = b
+			if part.more {
+				r.m.parts.Inc()
+				continue
+			}
+			if err := sendOpen(); err != nil {
 				return stop(err)
 			}
 		case now := <-idleTick.C:
@@ -1095,6 +1144,9 @@ func (r *run) run(ctx context.Context) error {
 				since := lastIdle
 				if lastInput.After(since) {
 					since = lastInput
+				}
+				if err := sendOpen(); err != nil {
+					return stop(err)
 				}
 				if r.matcher != nil {
 					// The partition's progress moves on with idle time, as one engine's
@@ -1116,6 +1168,9 @@ func (r *run) run(ctx context.Context) error {
 			}
 			lastIdle = now
 		case rules := <-reloads:
+			if err := sendOpen(); err != nil {
+				return stop(err)
+			}
 			r.readRules(rules)
 			if r.matcher != nil {
 				r.matcher = alert.NewMatcher(rules)
@@ -1130,6 +1185,9 @@ func (r *run) run(ctx context.Context) error {
 			// skips this one).
 			if !saving.CompareAndSwap(false, true) {
 				continue
+			}
+			if err := sendOpen(); err != nil {
+				return stop(err)
 			}
 			st, err := r.capture(time.Now().UTC())
 			if err != nil {
@@ -1180,7 +1238,11 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 // the events it holds), each handed on when full, FlushInterval after its first
 // message, or as soon as nothing else of the run's is in flight (every batch before
 // it stored) and no more input is waiting: at low load a batch does not wait for
-// rows, and while an insert runs the next batch fills (a group commit).
+// rows, and while an insert runs the next batch fills (a group commit). While it
+// fills, what it holds is handed on in parts (collected.more) whenever no input
+// waits and prepare takes it: the batch is prepared and decided as it comes, and
+// once cut, only its insert is left (a serial cycle of prepare, decide and insert
+// made the half-load tail: docs/benchmarks.md).
 func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out chan<- collected) {
 	defer close(out)
 	buffered := 1024 // a hand-over from the client's buffer, not a buffer of its own
@@ -1214,14 +1276,30 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			return
 		}
 		r.hold(w)
+		// c is the part of the batch not yet handed on; weight is the whole batch's.
 		c := collected{msgs: append(make([]jetstream.Msg, 0, 1024), next), weight: w}
+		weight := w
 		n := r.eventsIn(next)
 		next = nil
 		flush := time.NewTimer(r.cfg.FlushInterval)
 	fill:
 		for n < r.cfg.MaxRows {
-			if len(msgs) == 0 && r.held.Load() == c.weight {
-				break fill // the writer has nothing of this run's: hand this on now
+			if len(msgs) == 0 && r.held.Load() <= weight {
+				break fill // the writer has nothing of this run's but this batch's: hand it on now
+			}
+			if len(msgs) == 0 && len(c.msgs) > 0 {
+				// The batch fills while an insert before it runs, and no input
+				// waits: what it holds so far is prepared and decided now, if those
+				// steps are free, rather than after the insert (the batch is
+				// still inserted whole, at the same point).
+				c.more = true
+				select {
+				case out <- c:
+					r.dog.Read(len(c.msgs))
+					c = collected{msgs: make([]jetstream.Msg, 0, 256)}
+				default:
+					c.more = false
+				}
 			}
 			select {
 			case msg, ok := <-msgs:
@@ -1234,7 +1312,7 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 					break fill
 				}
 				r.hold(w)
-				c.msgs, c.weight = append(c.msgs, msg), c.weight+w
+				c.msgs, c.weight, weight = append(c.msgs, msg), c.weight+w, weight+w
 				n += r.eventsIn(msg)
 			case <-r.released:
 				// An earlier batch was stored: look again whether this one goes on.
@@ -1320,7 +1398,8 @@ func (p *prep) next(n int) *item {
 	return &p.items[n]
 }
 
-// prepareAll prepares each batch, its messages split among GOMAXPROCS goroutines.
+// prepareAll prepares each batch (or part of one), its messages split among
+// GOMAXPROCS goroutines.
 func (r *run) prepareAll(ctx context.Context, in <-chan collected, out chan<- *batch) {
 	defer close(out)
 	workers := runtime.GOMAXPROCS(0)
@@ -1332,7 +1411,7 @@ func (r *run) prepareAll(ctx context.Context, in <-chan collected, out chan<- *b
 		default:
 			b = &batch{}
 		}
-		b.weight = c.weight
+		b.weight, b.more = c.weight, c.more
 		b.preps = slices.Grow(b.preps, len(msgs))[:len(msgs)]
 		ps := b.preps
 		// What enrichment and the rules read of data, decoded once for both.
@@ -1341,7 +1420,8 @@ func (r *run) prepareAll(ctx context.Context, in <-chan collected, out chan<- *b
 			read = read.Union(*rules)
 		}
 		var wg sync.WaitGroup
-		chunk := (len(msgs) + workers - 1) / workers
+		// A part of a batch may be a few messages: no goroutine for fewer than 16.
+		chunk := max((len(msgs)+workers-1)/workers, 16)
 		for lo := 0; lo < len(msgs); lo += chunk {
 			hi := min(lo+chunk, len(msgs))
 			wg.Go(func() {
@@ -1647,7 +1727,7 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 	for b := range batches {
 		err := w.store(ctx, b)
 		if err == nil {
-			w.dog.Done(len(b.preps), time.Now())
+			w.dog.Done(b.inputs(), time.Now())
 		}
 		if err == nil && (b.done != nil || b.save != nil) {
 			err = w.pub.Settle(ctx)
@@ -1672,6 +1752,9 @@ func (w *writer) write(ctx context.Context, batches <-chan *batch) error {
 // kept already): a batch of prepared input is large, and allocating it anew each
 // time made much of the stage's garbage.
 func (r *run) recycle(b *batch) {
+	for _, p := range b.parts {
+		r.recycle(p)
+	}
 	if b.preps == nil {
 		return
 	}

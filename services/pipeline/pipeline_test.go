@@ -767,6 +767,74 @@ func TestWatchdogStalledPartition(t *testing.T) {
 	f.check(t, u1+u2, i1+i2, r1+r2)
 }
 
+// A batch decided in parts while it fills is stored when the worker stops before it
+// is cut. ClickHouse is stopped (SIGSTOP) while one insert runs; the input after it
+// is prepared and decided in parts into the next batch, which is not cut (no flush
+// interval, idle time or state save comes in the test's time); the worker is
+// stopped and ClickHouse resumes. The stop hands the open batch to the writer before
+// it saves the state, so the next worker finds every event stored once (a state
+// saved past an open batch dropped at the stop would lose its events).
+func TestStopWhileBatchFills(t *testing.T) {
+	f, srv, _ := setupOwn(t)
+	cfg := testConfig(t, "a")
+	cfg.FlushInterval, cfg.SnapshotInterval, cfg.Alert.IdleAfter = time.Hour, time.Hour, time.Hour
+	cfg.LeaseTTL = 6 * time.Second // the stop stores within a third of it
+	reg := prometheus.NewRegistry()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, cfg, Deps{NATS: f.nc, ClickHouse: f.ch, Logger: testLog, Ready: &telemetry.Readiness{}, Registerer: reg})
+	}()
+	stopped := false
+	defer func() {
+		if !stopped {
+			cancel()
+			<-done
+		}
+	}()
+	u1, i1, r1 := f.input(t, 1, 50)
+	f.waitFor(t, u1, i1, r1)
+	repeats := metricValue(reg, "sluice_pipeline_duplicates_total")
+	if err := srv.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			_ = srv.Signal(syscall.SIGCONT)
+		}
+	}()
+	// 51..140 ends with a repeat (140 repeats 139): once every repeat is counted,
+	// all of the input is decided.
+	u2, i2, r2 := f.input(t, 51, 90)
+	for i := 51; i <= 140; i++ {
+		if i%10 == 0 && i%25 != 0 {
+			repeats++
+		}
+	}
+	poll.Until(t, time.Minute, func() error {
+		if got := metricValue(reg, "sluice_pipeline_duplicates_total"); got != repeats {
+			return fmt.Errorf("%v repeats decided, want %v", got, repeats)
+		}
+		if parts := metricValue(reg, "sluice_pipeline_batch_parts_total"); parts < 1 {
+			return fmt.Errorf("%v batch parts decided, want some", parts)
+		}
+		return nil
+	})
+	cancel()
+	stopped = true
+	if err := srv.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	resumed = true
+	if err := <-done; err != nil {
+		t.Fatalf("the worker's stop: %v", err)
+	}
+	f.runOn(t, testConfig(t, "b"), f.ch, &telemetry.Readiness{})
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	f.check(t, u1+u2, i1+i2, r1+r2)
+}
+
 // Alert rules across partitions: workers sharing four partitions hand the events
 // their rules match, and their progress, to RULES, and the one alert runner
 // (claimed by one worker, handed over when it stops) evaluates them. The alert
