@@ -703,6 +703,28 @@ func (f *fixture) runOn(t *testing.T, cfg Config, ch driver.Conn, ready *telemet
 	return reg
 }
 
+// pause stops srv (SIGSTOP: it takes connections and never answers) and returns
+// what resumes it (SIGCONT); the test's end resumes it if the test did not.
+func pause(t *testing.T, srv *chserver.Server) (resume func()) {
+	t.Helper()
+	if err := srv.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			_ = srv.Signal(syscall.SIGCONT)
+		}
+	})
+	return func() {
+		t.Helper()
+		resumed = true
+		if err := srv.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // The watchdog: ClickHouse hung (SIGSTOP: it takes connections and never answers)
 // while input waits. After stall_after the partition is reported stalled on
 // /readyz and in sluice_pipeline_stalled; when ClickHouse resumes (SIGCONT) both
@@ -728,15 +750,7 @@ func TestWatchdogStalledPartition(t *testing.T) {
 		}
 		return nil
 	})
-	if err := srv.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	resumed := false
-	defer func() {
-		if !resumed {
-			_ = srv.Signal(syscall.SIGCONT)
-		}
-	}()
+	resume := pause(t, srv)
 	u2, i2, r2 := f.input(t, 201, 200)
 	poll.Until(t, time.Minute, func() error {
 		err := ready.Check()
@@ -750,10 +764,7 @@ func TestWatchdogStalledPartition(t *testing.T) {
 	if s := savedSeq(); s != 200 {
 		t.Fatalf("while ClickHouse is stopped a state was saved at sequence %v, past the last stored (200)", s)
 	}
-	if err := srv.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	resumed = true
+	resume()
 	f.waitFor(t, u1+u2, i1+i2, r1+r2)
 	poll.Until(t, time.Minute, func() error {
 		if err := ready.Check(); stalled() != 0 || err != nil {
@@ -795,15 +806,7 @@ func TestStopWhileBatchFills(t *testing.T) {
 	u1, i1, r1 := f.input(t, 1, 50)
 	f.waitFor(t, u1, i1, r1)
 	repeats := metricValue(reg, "sluice_pipeline_duplicates_total")
-	if err := srv.Signal(syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
-	resumed := false
-	defer func() {
-		if !resumed {
-			_ = srv.Signal(syscall.SIGCONT)
-		}
-	}()
+	resume := pause(t, srv)
 	// 51..140 ends with a repeat (140 repeats 139): once every repeat is counted,
 	// all of the input is decided.
 	u2, i2, r2 := f.input(t, 51, 90)
@@ -823,10 +826,7 @@ func TestStopWhileBatchFills(t *testing.T) {
 	})
 	cancel()
 	stopped = true
-	if err := srv.Signal(syscall.SIGCONT); err != nil {
-		t.Fatal(err)
-	}
-	resumed = true
+	resume()
 	if err := <-done; err != nil {
 		t.Fatalf("the worker's stop: %v", err)
 	}
