@@ -338,6 +338,11 @@ type pipeline struct {
 	inflightMax int64
 }
 
+// savePace is how fast (bytes a second) a periodic save uploads its files at
+// least; faster when that would take more than half the snapshot interval. At 8
+// MiB/s the dedup keys admitted in 10 s at full speed (about 14 MB) take under 2 s.
+const savePace = 8 << 20
+
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
 // and not yet stored, across its partitions: one inserting while the next is read,
 // prepared and decided. Most of a worker's memory under a backlog is these events
@@ -960,7 +965,8 @@ func (r *run) run(ctx context.Context) error {
 			case <-saverCtx.Done():
 				return
 			case st := <-saves:
-				err := r.upload(saverCtx, st)
+				// Paced (the stop's final save is not, and hurries this one).
+				err := r.upload(partition.WithUploadPace(saverCtx, savePace, r.cfg.SnapshotInterval/2, saverQuit), st)
 				if err != nil && saverCtx.Err() == nil {
 					r.log.Warn("save state", "partition", r.in.id, "err", err)
 				}

@@ -2,6 +2,7 @@ package sink
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -147,47 +148,49 @@ func quantile(b *testing.B, h prometheus.Histogram, q float64) float64 {
 	return lowerBound
 }
 
-// BenchmarkInsertFenced inserts batches of 2,000 event rows (a half-load batch of
-// the pipeline) into events directly and through a partition's fence
-// (events_fenced and its view); ms/insert is what the fence adds to each insert.
+// BenchmarkInsertFenced inserts batches of 500, 2,000 and 5,000 event rows (the
+// pipeline's batches at half load) into events directly and through a
+// partition's fence (events_fenced and its view); ms/insert is what each costs,
+// and the difference what the fence adds.
 func BenchmarkInsertFenced(b *testing.B) {
-	const rowsPerBatch = 2_000
 	srv := chtest.Start(b)
 	_, conn := chtest.Database(b, srv)
 	ctx := context.Background()
 	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
 		b.Fatal(err)
 	}
-	var cols EventColumns
-	for i := range rowsPerBatch {
-		e, err := events.Unmarshal(enrichedEvent(i))
-		if err != nil {
-			b.Fatal(err)
-		}
-		rec, err := EventRecordOf(e, uint64(i+1))
-		if err != nil {
-			b.Fatal(err)
-		}
-		cols.Append(&rec)
-	}
 	f, _, err := NewFence(ctx, conn, 0, 1, "bench", time.Second)
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, bc := range []struct {
-		name   string
-		insert func() error
-	}{
-		{"direct", func() error { return InsertEvents(ctx, conn, &cols) }},
-		{"fenced", func() error { return InsertEventsFenced(ctx, conn, &cols, f) }},
-	} {
-		b.Run(bc.name, func(b *testing.B) {
-			for b.Loop() {
-				if err := bc.insert(); err != nil {
-					b.Fatal(err)
-				}
+	for _, rows := range []int{500, 2_000, 5_000} {
+		var cols EventColumns
+		for i := range rows {
+			e, err := events.Unmarshal(enrichedEvent(i))
+			if err != nil {
+				b.Fatal(err)
 			}
-			b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/insert")
-		})
+			rec, err := EventRecordOf(e, uint64(i+1))
+			if err != nil {
+				b.Fatal(err)
+			}
+			cols.Append(&rec)
+		}
+		for _, bc := range []struct {
+			name   string
+			insert func() error
+		}{
+			{"direct", func() error { return InsertEvents(ctx, conn, &cols) }},
+			{"fenced", func() error { return InsertEventsFenced(ctx, conn, &cols, f) }},
+		} {
+			b.Run(fmt.Sprint(bc.name, "-", rows), func(b *testing.B) {
+				for b.Loop() {
+					if err := bc.insert(); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Microseconds())/1e3/float64(b.N), "ms/insert")
+			})
+		}
 	}
 }

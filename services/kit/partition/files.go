@@ -223,7 +223,7 @@ func (f *Files) upload(ctx context.Context, dir, name string) (File, error) {
 	}
 	object := f.object(name)
 	h := sha256.New()
-	if _, err := f.store.Put(ctx, jetstream.ObjectMeta{Name: object}, io.TeeReader(r, h)); err != nil {
+	if _, err := f.store.Put(ctx, jetstream.ObjectMeta{Name: object}, io.TeeReader(paced(ctx, r, info.Size()), h)); err != nil {
 		return File{}, fmt.Errorf("upload checkpoint file %s: %w", name, err)
 	}
 	if f.immutable(name) {
