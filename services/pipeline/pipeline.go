@@ -1039,6 +1039,24 @@ func (r *run) run(ctx context.Context) error {
 			return writerFailed()
 		}
 	}
+	// unsent are batches decided (the state covers them) and not handed to the
+	// writer yet: a send the watchdog's report ended leaves its batch here, and the
+	// stop hands them on before it saves the state (dropped, their events were lost:
+	// TestWatchdogRestartsStalledPartition).
+	var unsent []*batch
+	flush := func() error {
+		for len(unsent) > 0 {
+			if err := send(unsent[0], false); err != nil {
+				return err
+			}
+			unsent[0], unsent = nil, unsent[1:]
+		}
+		return nil
+	}
+	hand := func(b *batch) error {
+		unsent = append(unsent, b)
+		return flush()
+	}
 	// open is a batch decided in part, the rest of its input to come (collect):
 	// handed on whole once that is decided, or as it is before any other.
 	var open *batch
@@ -1049,7 +1067,7 @@ func (r *run) run(ctx context.Context) error {
 		b := open
 		open = nil
 		r.sendProgress(b)
-		return send(b, false)
+		return hand(b)
 	}
 	// stop stores what was decided and saves the state, within a third of the lease.
 	stop := func(cause error) error {
@@ -1058,11 +1076,14 @@ func (r *run) run(ctx context.Context) error {
 		defer cancel()
 		stored := make(chan error, 1)
 		go func() {
-			if err := sendOpen(); err != nil {
-				stored <- err
-				return
+			err := flush()
+			if err == nil {
+				err = sendOpen()
 			}
-			stored <- send(&batch{}, true)
+			if err == nil {
+				err = send(&batch{}, true)
+			}
+			stored <- err
 		}()
 		var err error
 		select {
@@ -1164,11 +1185,11 @@ func (r *run) run(ctx context.Context) error {
 					}
 					b := &batch{}
 					if r.sendProgress(b) {
-						if err := send(b, false); err != nil {
+						if err := hand(b); err != nil {
 							return stop(err)
 						}
 					}
-				} else if err := r.emitNow(r.engine.Idle(now.Sub(since)), send); err != nil {
+				} else if err := r.emitNow(r.engine.Idle(now.Sub(since)), hand); err != nil {
 					return stop(err)
 				}
 			}
@@ -1180,7 +1201,7 @@ func (r *run) run(ctx context.Context) error {
 			r.readRules(rules)
 			if r.matcher != nil {
 				r.matcher = alert.NewMatcher(rules)
-			} else if err := r.emitNow(r.engine.SetRules(rules), send); err != nil {
+			} else if err := r.emitNow(r.engine.SetRules(rules), hand); err != nil {
 				return stop(err)
 			}
 			r.log.Info("alert rules reloaded", "rules", len(rules))
@@ -1228,7 +1249,7 @@ func (r *run) readRules(rules []*alert.Rule) {
 
 // emitNow hands alert changes not caused by input (idle time, a rule reload) to
 // the writer.
-func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error {
+func (r *run) emitNow(out []*alerts.Alert, hand func(*batch) error) error {
 	if err := r.engine.Err(); err != nil {
 		return fmt.Errorf("pipeline: partition %d: %w", r.in.id, err)
 	}
@@ -1237,7 +1258,7 @@ func (r *run) emitNow(out []*alerts.Alert, send func(*batch, bool) error) error 
 	}
 	b := &batch{}
 	r.emit(out, false, b)
-	return send(b, false)
+	return hand(b)
 }
 
 // collect reads the input into batches of up to MaxRows events (an envelope counts
@@ -1293,21 +1314,20 @@ func (r *run) collect(ctx context.Context, it jetstream.MessagesContext, out cha
 			if len(msgs) == 0 && r.held.Load() <= weight {
 				break fill // the writer has nothing of this run's but this batch's: hand it on now
 			}
+			// The batch fills while an insert before it runs: while no input
+			// waits, what it holds so far goes on as a part whenever prepare takes
+			// it, to be prepared and decided now rather than after the insert (the
+			// batch is still inserted whole, at the same point).
+			var parts chan<- collected
 			if len(msgs) == 0 && len(c.msgs) > 0 {
-				// The batch fills while an insert before it runs, and no input
-				// waits: what it holds so far is prepared and decided now, if those
-				// steps are free, rather than after the insert (the batch is
-				// still inserted whole, at the same point).
-				c.more = true
-				select {
-				case out <- c:
-					r.dog.Read(len(c.msgs))
-					c = collected{msgs: make([]jetstream.Msg, 0, 256)}
-				default:
-					c.more = false
-				}
+				parts = out
 			}
+			part := c
+			part.more = true
 			select {
+			case parts <- part:
+				r.dog.Read(len(c.msgs))
+				c = collected{msgs: make([]jetstream.Msg, 0, 256)}
 			case msg, ok := <-msgs:
 				if !ok {
 					break fill

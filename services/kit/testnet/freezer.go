@@ -9,12 +9,20 @@ import (
 
 // Freezer is a TCP proxy to a target that can go silent: connections open when
 // FreezeOpen is called pass no more bytes either way and are closed by nothing, as
-// over a dead host or a cut network; connections made later pass as before.
+// over a dead host or a cut network, until CloseFrozen; connections made later pass
+// as before.
 type Freezer struct {
 	ln   net.Listener
 	mu   sync.Mutex
-	open []*atomic.Bool // each connection's frozen flag
+	open []*proxied
 	wg   sync.WaitGroup
+}
+
+// proxied is one connection through the proxy: the client's, the one to the
+// target, and whether it is frozen.
+type proxied struct {
+	c, up  net.Conn
+	frozen atomic.Bool
 }
 
 // NewFreezer listens on a loopback port and forwards each connection to target
@@ -26,7 +34,6 @@ func NewFreezer(t testing.TB, target string) *Freezer {
 		t.Fatal(err)
 	}
 	f := &Freezer{ln: ln}
-	var conns []net.Conn
 	f.wg.Go(func() {
 		for {
 			c, err := ln.Accept()
@@ -38,10 +45,10 @@ func NewFreezer(t testing.TB, target string) *Freezer {
 				c.Close()
 				continue
 			}
-			frozen := &atomic.Bool{}
+			p := &proxied{c: c, up: up}
+			frozen := &p.frozen
 			f.mu.Lock()
-			f.open = append(f.open, frozen)
-			conns = append(conns, c, up)
+			f.open = append(f.open, p)
 			f.mu.Unlock()
 			for _, pair := range [][2]net.Conn{{c, up}, {up, c}} {
 				f.wg.Go(func() {
@@ -66,8 +73,9 @@ func NewFreezer(t testing.TB, target string) *Freezer {
 	t.Cleanup(func() {
 		ln.Close()
 		f.mu.Lock()
-		for _, c := range conns {
-			c.Close()
+		for _, p := range f.open {
+			p.c.Close()
+			p.up.Close()
 		}
 		f.mu.Unlock()
 		f.wg.Wait()
@@ -82,7 +90,21 @@ func (f *Freezer) Addr() string { return f.ln.Addr().String() }
 func (f *Freezer) FreezeOpen() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	for _, frozen := range f.open {
-		frozen.Store(true)
+	for _, p := range f.open {
+		p.frozen.Store(true)
+	}
+}
+
+// CloseFrozen closes the frozen connections at both ends, as a dead peer's
+// connection is reset in the end (a keepalive, a host back up): their users get an
+// error at once instead of waiting for their read timeouts.
+func (f *Freezer) CloseFrozen() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, p := range f.open {
+		if p.frozen.Load() {
+			p.c.Close()
+			p.up.Close()
+		}
 	}
 }
