@@ -1446,7 +1446,7 @@ func (r *run) prepareAll(ctx context.Context, in <-chan collected, out chan<- *b
 			read = read.Union(*rules)
 		}
 		var wg sync.WaitGroup
-		// A part of a batch may be a few messages: no goroutine for fewer than 16.
+		// A part of a batch may be a few messages: at least 16 to a goroutine.
 		chunk := max((len(msgs)+workers-1)/workers, 16)
 		for lo := 0; lo < len(msgs); lo += chunk {
 			hi := min(lo+chunk, len(msgs))

@@ -232,13 +232,7 @@ func (f *fixture) partitioned(t *testing.T) []keyedEntry {
 // dead letters and alerts expected.
 func (f *fixture) waitFor(t *testing.T, rows, dead, alerts int) {
 	t.Helper()
-	f.waitWithin(t, time.Minute, rows, dead, alerts)
-}
-
-// waitWithin is waitFor, waiting up to d.
-func (f *fixture) waitWithin(t *testing.T, d time.Duration, rows, dead, alerts int) {
-	t.Helper()
-	poll.Until(t, d, func() error {
+	poll.Until(t, time.Minute, func() error {
 		r, _, err := f.counts()
 		if err != nil {
 			return err
