@@ -338,9 +338,9 @@ type pipeline struct {
 	inflightMax int64
 }
 
-// savePace is how fast (bytes a second) a periodic save uploads its files at
-// least; faster when that would take more than half the snapshot interval. At 8
-// MiB/s the dedup keys admitted in 10 s at full speed (about 14 MB) take under 2 s.
+// savePace is how fast (bytes a second) a periodic save uploads each of its files
+// at least; faster when that would take more than half the snapshot interval. At
+// 8 MiB/s the dedup keys admitted in 10 s at full speed (about 14 MB) take under 2 s.
 const savePace = 8 << 20
 
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
