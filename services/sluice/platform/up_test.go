@@ -86,9 +86,18 @@ func TestUpStartsEverything(t *testing.T) {
 		}
 		return nil
 	})
-	if _, body, err := get("/metrics"); err != nil || !strings.Contains(body, "sluice_pipeline_rows_inserted_total 1") {
-		t.Fatalf("/metrics: %v\n%s", err, body)
-	}
+	// The row is visible once the server stored it, a moment before the pipeline
+	// has the insert's answer and counts it.
+	poll.Until(t, time.Minute, func() error {
+		_, body, err := get("/metrics")
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(body, "sluice_pipeline_rows_inserted_total 1") {
+			return fmt.Errorf("/metrics without sluice_pipeline_rows_inserted_total 1:\n%s", body)
+		}
+		return nil
+	})
 	conn.Close()
 	cancel()
 	select {
