@@ -1108,6 +1108,12 @@ func TestInflightBounded(t *testing.T) {
 	// could not be taken again while ClickHouse is stopped (a run starts with its
 	// fence), and the bound would never be reached.
 	cfg.LeaseTTL = 10 * time.Second
+	// Batches are cut at MaxRows or when the room in flight runs out, not at the
+	// flush interval: a slow machine's keying step keeps up with the publisher in
+	// envelopes of a few events, and batches cut every 20 ms fill the hand-offs
+	// between the stages (up to seven batches a partition) before the room in flight
+	// (it failed so in CI: 53 of 100 events in flight after a minute).
+	cfg.FlushInterval = time.Hour
 	reg := f.runOn(t, cfg, f.ch, &telemetry.Readiness{})
 	inflight := func() float64 { return metricValue(reg, "sluice_pipeline_events_in_flight") }
 	u1, i1, r1 := f.input(t, 1, 100)
