@@ -602,14 +602,20 @@ func (r *run) restore(ctx context.Context) error {
 	// Fenced first: an earlier owner's insert that reaches the server from now on
 	// stores nothing, and those that passed already are stored when NewFence
 	// returns, so the high-water marks read next are final for every earlier owner.
+	// The run's own generation: a run started again with the claim kept (a stall
+	// restart) fences out the run before it too.
+	gen, err := r.claim.NextGeneration(qctx)
+	if err != nil {
+		return fmt.Errorf("pipeline: %w", err)
+	}
 	var running uint64
 	var unreached int
 	replicas := r.shards.Replicas(r.in.id)
-	if r.fence, running, unreached, err = sink.NewFenceOn(qctx, r.ch, replicas, uint32(r.in.id), r.claim.Gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
+	if r.fence, running, unreached, err = sink.NewFenceOn(qctx, r.ch, replicas, uint32(r.in.id), gen, r.cfg.Replica, r.cfg.LeaseTTL); err != nil {
 		return fmt.Errorf("pipeline: %w", err)
 	}
 	if running > 0 {
-		r.log.Warn("an earlier owner of the partition is still sending inserts (a paused process or a cut network); they will store nothing",
+		r.log.Warn("an earlier owner or run of the partition is still sending inserts (a paused process, a cut network, a stalled run); they will store nothing",
 			"partition", r.in.id, "inserts", running, "waited", r.cfg.LeaseTTL)
 	}
 	if unreached > 0 {

@@ -1048,19 +1048,7 @@ func (f *fixture) checkAlertIDs(t *testing.T, what string, want []string) {
 // connection gone silent: no bytes, no close, and no insert timeout to end it)
 // ends its run and starts again on fresh connections: every event once.
 func TestWatchdogRestartsStalledPartition(t *testing.T) {
-	f, srv, s := setupOwn(t)
-	// The pipeline reaches ClickHouse through a proxy whose open connections the
-	// test silences.
-	proxy := testnet.NewFreezer(t, srv.Addr)
-	s.Addr = proxy.Addr()
-	viaProxy, err := chconn.Open(context.Background(), s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = viaProxy.Close() })
-	cfg := testConfig(t, "a")
-	cfg.StallAfter, cfg.StallRestart, cfg.InsertTimeout = time.Second, true, time.Hour
-	reg := f.runOn(t, cfg, viaProxy, &telemetry.Readiness{})
+	f, proxy, reg := stallRestarting(t)
 	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
 	u1, i1, r1 := f.input(t, 1, 200)
 	f.waitFor(t, u1, i1, r1)
@@ -1091,6 +1079,62 @@ func TestWatchdogRestartsStalledPartition(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// stallRestarting runs a worker with StallRestart and a 1 s StallAfter (no insert
+// timeout) that reaches ClickHouse through a proxy whose connections the test can
+// silence or hold.
+func stallRestarting(t *testing.T) (*fixture, *testnet.Freezer, *prometheus.Registry) {
+	t.Helper()
+	f, srv, s := setupOwn(t)
+	proxy := testnet.NewFreezer(t, srv.Addr)
+	s.Addr = proxy.Addr()
+	viaProxy, err := chconn.Open(context.Background(), s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = viaProxy.Close() })
+	cfg := testConfig(t, "a")
+	cfg.StallAfter, cfg.StallRestart, cfg.InsertTimeout = time.Second, true, time.Hour
+	return f, proxy, f.runOn(t, cfg, viaProxy, &telemetry.Readiness{})
+}
+
+// A run started again by the watchdog fences out the run before it: an insert of
+// the stalled run that reaches ClickHouse only after the new run stored the same
+// input (a cut network whose retransmissions arrive once it heals) stores nothing.
+// The claim is kept across the restart, so the run's generation is its own
+// (Claim.NextGeneration); with the claim's (before), the late insert passed the
+// fence and its events were stored twice.
+func TestStallRestartFencesTheRunBefore(t *testing.T) {
+	f, proxy, reg := stallRestarting(t)
+	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
+	u1, i1, r1 := f.input(t, 1, 200)
+	f.waitFor(t, u1, i1, r1)
+	// The next insert's query reaches the server, which asks for its data; the
+	// data is held on the way. The server runs the insert, waiting for it.
+	proxy.HoldAfterAnswer()
+	u2, i2, r2 := f.input(t, 201, 200)
+	poll.Until(t, time.Minute, func() error {
+		if n := restarts(); n < 1 {
+			return fmt.Errorf("%v stall restarts with an insert held: want at least one", n)
+		}
+		return nil
+	})
+	// The new run waited for the insert to end (a lease TTL), then stored the same
+	// input itself.
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	if proxy.Held() == 0 {
+		t.Fatal("no insert's data is held")
+	}
+	// The stalled run's insert reaches the server now, and is answered.
+	proxy.Release()
+	poll.Until(t, time.Minute, func() error {
+		if proxy.Answered() == 0 {
+			return errors.New("the late insert is not answered yet")
+		}
+		return nil
+	})
+	f.check(t, u1+u2, i1+i2, r1+r2)
 }
 
 // A worker's partitions together hold at most two batches of events read and not

@@ -93,11 +93,12 @@ var fenceTable = &Table{Name: FenceTable, Columns: []Column{{"partition", "UInt3
 
 // NewFence records gen as partition's newest generation, then waits, up to settle,
 // until no insert of the partition is running in the server, and returns how many
-// still are. Those of an older generation, and those of gen itself: a run of the
-// same claim started again (a stall restart) has none of its own yet, and an
-// insert of the run before it, cancelled by the client while the server was held
-// up, may still be stored; the filter does not drop it (same generation), so the
-// caller's high-water mark must wait for it.
+// still are, of any generation: an insert that passed the filter before gen was
+// recorded may still be writing its rows, so the caller's high-water mark must
+// wait for it. gen must be higher than every generation of the partition's earlier
+// writers, earlier runs of the same owner too (Claim.NextGeneration: a run started
+// again after a stall whose insert reaches the server late, had it the same
+// generation, would pass the filter beside the new run's rows).
 //
 // An insert's rows pass the filter, or not, when the server has all of them (the
 // blocks of one insert are squashed into one), and are stored just after. So an

@@ -77,6 +77,8 @@ type Claim struct {
 	value   claimValue
 	written time.Time // last successful compare-and-set, on this host's clock
 	lost    bool
+	// runs counts the generations NextGeneration gave.
+	runs int
 	// unsure is the last write that failed without an answer (a timeout): the
 	// server may have applied it, and then the claim's revision is its.
 	unsure *unsureWrite
@@ -110,6 +112,29 @@ func (c *Claim) validLocked() error {
 		return fmt.Errorf("partition %d: not renewed for %s: %w", c.Partition, age.Round(time.Millisecond), ErrLost)
 	}
 	return nil
+}
+
+// NextGeneration is the generation of a run of the claim's partition that starts
+// now: higher than every earlier run's, of this claim and of every earlier owner.
+// The first run's is Gen; each later one's is the revision of the claim written
+// again (compare-and-set, its value unchanged): a run started again while the
+// claim is kept (a stall restart) fences out an insert of the run before it that
+// reaches ClickHouse late, as a new owner fences out the earlier owner's. ErrLost
+// when another worker took the partition over.
+func (c *Claim) NextGeneration(ctx context.Context) (uint64, error) {
+	c.mu.Lock()
+	c.runs++
+	first := c.runs == 1
+	c.mu.Unlock()
+	if first {
+		return c.Gen, nil
+	}
+	if err := c.write(ctx, func(cur claimValue) claimValue { return cur }); err != nil {
+		return 0, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rev, nil
 }
 
 // SetState points the claim at a newly saved state, compare-and-set: ErrLost when

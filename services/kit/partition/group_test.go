@@ -136,6 +136,19 @@ func TestClaimFencing(t *testing.T) {
 	if err := ca.SetState(context.Background(), "state-of-a"); err != nil {
 		t.Fatal(err)
 	}
+	// Each run of the claim has a generation of its own, higher than the run's
+	// before; the first's is the claim's, and writing a later one keeps the state.
+	ga1, err := ca.NextGeneration(context.Background())
+	if err != nil || ga1 != ca.Gen {
+		t.Fatalf("a's first run: generation %d (%v), want the claim's %d", ga1, err, ca.Gen)
+	}
+	ga2, err := ca.NextGeneration(context.Background())
+	if err != nil || ga2 <= ga1 {
+		t.Fatalf("a's second run: generation %d (%v), want above %d", ga2, err, ga1)
+	}
+	if ca.State() != "state-of-a" {
+		t.Fatalf("a's claim points at %q after a new generation, want state-of-a", ca.State())
+	}
 	freeze(t, kv, actx, acancel, adone)
 	bctx, bcancel := context.WithCancel(context.Background())
 	defer bcancel()
@@ -157,6 +170,12 @@ func TestClaimFencing(t *testing.T) {
 	}
 	if err := ca.SetState(context.Background(), "late-state-of-a"); !errors.Is(err, partition.ErrLost) {
 		t.Fatalf("a's late write: %v, want ErrLost", err)
+	}
+	if _, err := ca.NextGeneration(context.Background()); !errors.Is(err, partition.ErrLost) {
+		t.Fatalf("a's run after b took over: %v, want ErrLost", err)
+	}
+	if gb, err := cb.NextGeneration(context.Background()); err != nil || gb != cb.Gen || gb <= ga2 {
+		t.Fatalf("b's first run: generation %d (%v), want the claim's %d, above a's %d", gb, err, cb.Gen, ga2)
 	}
 	if err := cb.SetState(context.Background(), "state-of-b"); err != nil {
 		t.Fatal(err)
