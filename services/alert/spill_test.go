@@ -1,7 +1,6 @@
 package alert
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,7 +8,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/testlog"
 )
 
 // A group on disk that cannot fire on its own is deleted only once its last event
@@ -120,7 +119,7 @@ func TestSpillDiskFull(t *testing.T) {
 		t.Fatal("the rule never fired; the test shows nothing")
 	}
 
-	var logged syncBuffer
+	var logged testlog.Buffer
 	s, err := OpenSpill(SpillOptions{Dir: dir, HotGroups: 10, MemTableBytes: 256 << 10, CacheBytes: 1 << 20,
 		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
 	if err != nil {
@@ -187,24 +186,6 @@ func fill(t *testing.T, path string) {
 			return
 		}
 	}
-}
-
-// syncBuffer is a bytes.Buffer a logger writes and a test reads at once.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // A corrupt file of the groups on disk (bytes of a table flipped) fails the engine

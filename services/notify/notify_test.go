@@ -26,6 +26,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/stage"
+	"github.com/sluicehq/sluice/services/kit/testlog"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -577,24 +578,6 @@ func TestRetryAfter(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log destination tests read while the stage writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // A router that cannot start (its ALERTS consumer is missing, as while a cluster
 // elects its leader) is started again, and routes once it can; it neither ends
 // notify nor waits for ever.
@@ -613,7 +596,7 @@ func TestRouterStartsAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testlog.Buffer
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {

@@ -9,7 +9,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
-	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/chtest"
 	"github.com/sluicehq/sluice/services/kit/natstest"
@@ -23,12 +22,7 @@ import (
 // into a real ClickHouse; rows/s is the sink's insert ceiling on this machine.
 func BenchmarkInsertEvents(b *testing.B) {
 	const rowsPerBatch = 100_000
-	srv := chtest.Start(b)
-	_, conn := chtest.Database(b, srv)
-	ctx := context.Background()
-	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
-		b.Fatal(err)
-	}
+	ctx, conn := migrated(b)
 	tbl := EventsTable()
 	w := &writer{cfg: DefaultConfig(), table: tbl, into: tbl, ch: conn, m: newMetrics(prometheus.NewRegistry()), ready: &telemetry.Readiness{}, log: testLog}
 	rows := make([][]any, rowsPerBatch)
@@ -153,12 +147,7 @@ func quantile(b *testing.B, h prometheus.Histogram, q float64) float64 {
 // partition's fence (events_fenced and its view); ms/insert is what each costs,
 // and the difference what the fence adds.
 func BenchmarkInsertFenced(b *testing.B) {
-	srv := chtest.Start(b)
-	_, conn := chtest.Database(b, srv)
-	ctx := context.Background()
-	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
-		b.Fatal(err)
-	}
+	ctx, conn := migrated(b)
 	f, _, err := NewFence(ctx, conn, 0, 1, "bench", time.Second)
 	if err != nil {
 		b.Fatal(err)

@@ -19,7 +19,7 @@ import (
 
 // migrated is a new database on a ClickHouse server of the test's own, with every
 // migration applied.
-func migrated(t *testing.T) (context.Context, driver.Conn) {
+func migrated(t testing.TB) (context.Context, driver.Conn) {
 	t.Helper()
 	_, conn := chtest.Database(t, chtest.Start(t))
 	ctx := context.Background()

@@ -102,12 +102,7 @@ func TestTablesOnClickHouse18(t *testing.T) {
 // A record inserted column by column (the pipeline's way) lands as the same row as
 // inserted row by row (the sink's): every field in its own column.
 func TestEventColumnsAsRows(t *testing.T) {
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	ctx := context.Background()
-	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
-		t.Fatal(err)
-	}
+	ctx, conn := migrated(t)
 	at := time.Unix(1_800_000_000, 0).UTC()
 	rec := EventRecord{Key: "k", ID: "i", Source: "src", Type: "ty", Subject: "sub", SpecVersion: "1.0",
 		DataContentType: "application/json", DataSchema: "schema", EventTime: at, EventTimeMs: 7, ReceivedAt: at.Add(time.Hour),
@@ -142,12 +137,7 @@ func TestEventColumnsAsRows(t *testing.T) {
 // blocks into one part: the table sees one insert, not one per block, whatever the
 // server's own squashing thresholds (here the query's, at one row: a part a block).
 func TestInsertEventsInBlocks(t *testing.T) {
-	srv := chtest.Start(t)
-	_, conn := chtest.Database(t, srv)
-	ctx := context.Background()
-	if err := chmigrate.Migrate(ctx, conn, testLog); err != nil {
-		t.Fatal(err)
-	}
+	ctx, conn := migrated(t)
 	var cols EventColumns
 	for i := range 10 {
 		cols.Append(&EventRecord{Key: fmt.Sprint("k", i), ID: fmt.Sprint(i), Data: "{}", StreamSeq: uint64(i + 1),

@@ -4,12 +4,11 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/testlog"
 )
 
 // svc is a service binary running as its own process, its output kept.
@@ -17,22 +16,11 @@ type svc struct {
 	name    string
 	cmd     *exec.Cmd
 	done    chan struct{}
-	mu      sync.Mutex
-	out     strings.Builder
+	out     testlog.Buffer
 	metrics string
 }
 
-func (s *svc) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.out.Write(p)
-}
-
-func (s *svc) output() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.out.String()
-}
+func (s *svc) output() string { return s.out.String() }
 
 // startService runs bin/name with env; it serves /readyz on a port it picks and
 // logs (METRICS_ADDR=127.0.0.1:0, LOG_LEVEL=info), and is killed when t ends.
@@ -41,7 +29,7 @@ func startService(t *testing.T, bin, name string, env []string) *svc {
 	s := &svc{name: name, done: make(chan struct{})}
 	s.cmd = exec.Command(filepath.Join(bin, name))
 	s.cmd.Env = append(append(cleanEnv(), env...), "METRICS_ADDR=127.0.0.1:0", "LOG_LEVEL=info")
-	s.cmd.Stdout, s.cmd.Stderr = s, s
+	s.cmd.Stdout, s.cmd.Stderr = &s.out, &s.out
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
