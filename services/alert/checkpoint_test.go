@@ -75,9 +75,7 @@ func (dirFiles) Continues() bool { return true }
 // the groups in memory and with all but two on disk. Each checkpoint is uploaded
 // after the next event changed the engine (a saver uploads while the engine runs
 // on), and every fifth is given up without an upload (the next one's names its
-// segment too). Captures are made in steps (Begin, Step, End) across up to two
-// more events, which change the groups the capture holds before they are encoded:
-// what is restored is the state at Begin.
+// segment too).
 func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 	t.Helper()
 	ctx := context.Background()
@@ -126,11 +124,6 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 		var pending *Capture
 		var pendingAt, captures int
 		var pendingState map[string]string
-		// begun is a capture begun after envs[:begunAt] and not ended, its state
-		// then begunState; it ends lag events later.
-		var begun *Pending
-		var begunAt, lag int
-		var begunState map[string]string
 		for i := 0; i < len(envs); i++ {
 			if stops[i] {
 				delete(stops, i)
@@ -141,7 +134,7 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 					t.Fatal(err)
 				}
 				cp, e = open(saved[from])
-				outs, i, pending, begun = outs[:from], from, nil, nil
+				outs, i, pending = outs[:from], from, nil
 			}
 			got, _ := e.Observe(envs[i])
 			outs = append(outs, alertsJSON(t, got))
@@ -161,35 +154,17 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 				}
 				pending = nil
 			}
-			// end ends the capture begun; every fifth is given up.
-			end := func() {
-				c, err := begun.End()
+			if i%every == every-1 {
+				c, err := cp.Capture(e)
 				if err != nil {
 					t.Fatal(err)
 				}
-				begun = nil
-				if captures++; captures%5 != 2 {
-					pending, pendingAt, pendingState = c, begunAt, begunState
+				if captures++; captures%5 == 2 {
+					continue // given up
 				}
-			}
-			if begun != nil {
-				if i < begunAt-1+lag {
-					begun.Step(1)
-				} else {
-					end()
-				}
-			}
-			if i%every == every-1 && begun == nil && pending == nil {
-				var err error
-				if begun, err = cp.Begin(e); err != nil {
-					t.Fatal(err)
-				}
-				begunAt, lag = i+1, captures%3
+				pending, pendingAt = c, i+1
 				if s.Store == StoreMemory {
-					begunState = dumpState(t, e)
-				}
-				if lag == 0 {
-					end()
+					pendingState = dumpState(t, e)
 				}
 			}
 		}
