@@ -41,7 +41,7 @@ listen: build
 
 ## test: the whole suite, as CI runs it.
 test: deps vet modules
-	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 40m $(MODULES)
+	CHDB_LIB=$(CURDIR)/$(CHDB_LIB) $(GO) test -race -count=1 -timeout 60m $(MODULES)
 	$(MAKE) fuzz
 
 ## test-compose: the compose suite alone.

@@ -96,9 +96,9 @@ var fenceTable = &Table{Name: FenceTable, Columns: []Column{{"partition", "UInt3
 // still are, of any generation: an insert that passed the filter before gen was
 // recorded may still be writing its rows, so the caller's high-water mark must
 // wait for it. gen must be higher than every generation of the partition's earlier
-// writers, earlier runs of the same owner too (Claim.NextGeneration: a run started
-// again after a stall whose insert reaches the server late, had it the same
-// generation, would pass the filter beside the new run's rows).
+// writers, earlier runs of the same owner too (partition.Claim.NextGeneration):
+// with the same generation, an insert of the run before a stall restart that
+// reaches the server late would pass the filter beside the new run's rows.
 //
 // An insert's rows pass the filter, or not, when the server has all of them (the
 // blocks of one insert are squashed into one), and are stored just after. So an
