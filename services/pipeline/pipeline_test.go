@@ -1049,22 +1049,16 @@ func (f *fixture) checkAlertIDs(t *testing.T, what string, want []string) {
 // ends its run and starts again on fresh connections: every event once.
 func TestWatchdogRestartsStalledPartition(t *testing.T) {
 	f, proxy, reg := stallRestarting(t)
-	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
 	u1, i1, r1 := f.input(t, 1, 200)
 	f.waitFor(t, u1, i1, r1)
-	if n := restarts(); n != 0 {
+	if n := stallRestarts(reg); n != 0 {
 		t.Fatalf("%v stall restarts before any fault", n)
 	}
 	proxy.FreezeOpen()
 	u2, i2, r2 := f.input(t, 201, 200)
 	// The insert of the second input hangs on a silenced connection; only the
 	// restart ends it.
-	poll.Until(t, time.Minute, func() error {
-		if n := restarts(); n < 1 {
-			return fmt.Errorf("%v stall restarts with an insert hung: want at least one", n)
-		}
-		return nil
-	})
+	waitStallRestart(t, reg)
 	// The silenced connections die (as a dead peer's are reset in the end): a run
 	// after the restart that takes one idle in the pool fails at once and retries,
 	// rather than after the client's 60 s read timeout (each of the pool's four idle
@@ -1099,6 +1093,22 @@ func stallRestarting(t *testing.T) (*fixture, *testnet.Freezer, *prometheus.Regi
 	return f, proxy, f.runOn(t, cfg, viaProxy, &telemetry.Readiness{})
 }
 
+// stallRestarts is how many stall restarts the worker of reg made.
+func stallRestarts(reg prometheus.Gatherer) float64 {
+	return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0)
+}
+
+// waitStallRestart waits until the worker of reg has made a stall restart.
+func waitStallRestart(t *testing.T, reg prometheus.Gatherer) {
+	t.Helper()
+	poll.Until(t, time.Minute, func() error {
+		if n := stallRestarts(reg); n < 1 {
+			return fmt.Errorf("%v stall restarts with an insert hung: want at least one", n)
+		}
+		return nil
+	})
+}
+
 // A run started again by the watchdog fences out the run before it: an insert of
 // the stalled run that reaches ClickHouse only after the new run stored the same
 // input (a cut network whose retransmissions arrive once it heals) stores nothing.
@@ -1107,19 +1117,13 @@ func stallRestarting(t *testing.T) (*fixture, *testnet.Freezer, *prometheus.Regi
 // fence and its events were stored twice.
 func TestStallRestartFencesTheRunBefore(t *testing.T) {
 	f, proxy, reg := stallRestarting(t)
-	restarts := func() float64 { return max(metricValue(reg, "sluice_pipeline_stall_restarts_total"), 0) }
 	u1, i1, r1 := f.input(t, 1, 200)
 	f.waitFor(t, u1, i1, r1)
 	// The next insert's query reaches the server, which asks for its data; the
 	// data is held on the way. The server runs the insert, waiting for it.
 	proxy.HoldAfterAnswer()
 	u2, i2, r2 := f.input(t, 201, 200)
-	poll.Until(t, time.Minute, func() error {
-		if n := restarts(); n < 1 {
-			return fmt.Errorf("%v stall restarts with an insert held: want at least one", n)
-		}
-		return nil
-	})
+	waitStallRestart(t, reg)
 	// The new run waited for the insert to end (a lease TTL), then stored the same
 	// input itself.
 	f.waitFor(t, u1+u2, i1+i2, r1+r2)
