@@ -31,8 +31,15 @@ func TestPolicy(t *testing.T) {
 
 func limit() int64 { return debug.SetMemoryLimit(-1) }
 
+// gcPercent is Go's GOGC now.
+func gcPercent() int {
+	p := debug.SetGCPercent(100)
+	debug.SetGCPercent(p)
+	return p
+}
+
 func TestRunFollowsTheLiveHeap(t *testing.T) {
-	before := limit()
+	before, gcBefore := limit(), gcPercent()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -44,6 +51,10 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 		}
 		return nil
 	})
+	// Set before the limit: the collector runs at four times the live heap below it.
+	if p := gcPercent(); p != GCPercent {
+		t.Errorf("while Run keeps the limit GOGC is %d, want %d", p, GCPercent)
+	}
 	// A live heap of 64 MiB: the limit must leave room for it, at least 96 MiB.
 	held := make([][]byte, 64)
 	for i := range held {
@@ -71,6 +82,34 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 	if l := limit(); l != before {
 		t.Errorf("after Run the limit is %d, want the one it found, %d", l, before)
 	}
+	if p := gcPercent(); p != gcBefore {
+		t.Errorf("after Run GOGC is %d, want the one it found, %d", p, gcBefore)
+	}
+}
+
+func TestGOGCWins(t *testing.T) {
+	before := gcPercent()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		Run(ctx, 32*mib, func(k string) (string, bool) {
+			if k == "GOGC" {
+				return "150", true
+			}
+			return "", false
+		}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	})
+	poll.Until(t, 10*time.Second, func() error {
+		if l := limit(); l != 32*mib {
+			return fmt.Errorf("limit %d MiB, want the floor, 32", l/mib)
+		}
+		return nil
+	})
+	if p := gcPercent(); p != before {
+		t.Errorf("with GOGC set Run changed it to %d (was %d)", p, before)
+	}
+	cancel()
+	wg.Wait()
 }
 
 func TestGOMEMLIMITWins(t *testing.T) {
