@@ -5,9 +5,9 @@
 // Go's collector runs when the heap reaches twice what the last collection found
 // live (GOGC=100). A pipeline worker's live heap under a backlog is mostly events
 // in flight, so its peak is about twice that; a soft limit makes the collector run
-// at the limit instead. A fixed limit is wrong for a
-// worker that holds more state than it (the collector would run all the time, Go
-// caps it at about half the CPU), so the limit here is
+// at the limit instead. A fixed limit is wrong for a worker that holds more state
+// than it (the collector would run all the time, Go caps it at about half the
+// CPU), so the limit here is
 //
 //	max(floor, memory outside the heap + live heap × (1 + Headroom))
 //

@@ -171,7 +171,7 @@ func BindMemoryLimit(fs *flag.FlagSet, env Lookup, n *uint64) error {
 			return fmt.Errorf("SLUICE_MEMORY_LIMIT=%q: %w", v, err)
 		}
 	}
-	fs.Var((*byteSize)(n), "memory-limit", "Go's soft memory limit for the process: the collector runs when the memory Go holds reaches it (about 35 MiB less than the RSS), and below it at four times the live heap (GOGC=300, unless GOGC is set), raised to 1.5 times the live heap when that needs more so a large state does not make it run constantly; 0 or off: no limit, as Go's default; GOMEMLIMIT in the environment replaces it (env SLUICE_MEMORY_LIMIT)")
+	fs.Var((*byteSize)(n), "memory-limit", "Go's soft memory limit for the process: the collector runs when the memory Go holds reaches it (about 35 MiB less than the RSS), and below it at four times the live heap (GOGC=300 unless GOGC is set); the limit rises to 1.5 times the live heap when that needs more, so a large state does not make the collector run constantly; 0 or off: no limit, as Go's default; GOMEMLIMIT in the environment replaces it (env SLUICE_MEMORY_LIMIT)")
 	return nil
 }
 
