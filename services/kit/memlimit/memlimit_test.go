@@ -40,17 +40,7 @@ func gcPercent() int {
 
 func TestRunFollowsTheLiveHeap(t *testing.T) {
 	before, gcBefore := limit(), gcPercent()
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		Run(ctx, 32*mib, func(string) (string, bool) { return "", false }, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	})
-	poll.Until(t, 10*time.Second, func() error {
-		if l := limit(); l != 32*mib {
-			return fmt.Errorf("limit %d MiB, want the floor, 32", l/mib)
-		}
-		return nil
-	})
+	stop := runAtFloor(t, func(string) (string, bool) { return "", false })
 	// Set before the limit: the collector runs at four times the live heap below it.
 	if p := gcPercent(); p != GCPercent {
 		t.Errorf("while Run keeps the limit GOGC is %d, want %d", p, GCPercent)
@@ -77,8 +67,7 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 		}
 		return nil
 	})
-	cancel()
-	wg.Wait()
+	stop()
 	if l := limit(); l != before {
 		t.Errorf("after Run the limit is %d, want the one it found, %d", l, before)
 	}
@@ -89,15 +78,26 @@ func TestRunFollowsTheLiveHeap(t *testing.T) {
 
 func TestGOGCWins(t *testing.T) {
 	before := gcPercent()
+	stop := runAtFloor(t, func(k string) (string, bool) {
+		if k == "GOGC" {
+			return "150", true
+		}
+		return "", false
+	})
+	defer stop()
+	if p := gcPercent(); p != before {
+		t.Errorf("with GOGC set Run changed it to %d (was %d)", p, before)
+	}
+}
+
+// runAtFloor starts Run with a floor of 32 MiB and lookup, waits until it has set
+// the limit, and returns what stops it (and waits for it to return).
+func runAtFloor(t *testing.T, lookup func(string) (string, bool)) func() {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		Run(ctx, 32*mib, func(k string) (string, bool) {
-			if k == "GOGC" {
-				return "150", true
-			}
-			return "", false
-		}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		Run(ctx, 32*mib, lookup, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	})
 	poll.Until(t, 10*time.Second, func() error {
 		if l := limit(); l != 32*mib {
@@ -105,11 +105,10 @@ func TestGOGCWins(t *testing.T) {
 		}
 		return nil
 	})
-	if p := gcPercent(); p != before {
-		t.Errorf("with GOGC set Run changed it to %d (was %d)", p, before)
+	return func() {
+		cancel()
+		wg.Wait()
 	}
-	cancel()
-	wg.Wait()
 }
 
 func TestGOMEMLIMITWins(t *testing.T) {
