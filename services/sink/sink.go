@@ -640,8 +640,11 @@ func Insert(ctx context.Context, ch driver.Conn, t *Table, rows [][]any) error {
 // insertBlockRows is how many rows InsertEvents sends as one block. An insert of
 // more sends several blocks, and the server squashes them into one part, so the
 // table sees one insert while the driver reuses one block's column buffers instead
-// of growing them to the whole batch (most of the pipeline's garbage, before).
-const insertBlockRows = 2048
+// of growing them to the whole batch (most of the pipeline's garbage, before). The
+// driver's buffers are new for each insert and grow to one block: at 512 rows (not
+// 2,048) an insert at half load, about 1,400 rows, allocates about half as much
+// (docs/benchmarks.md, twenty-eighth session).
+const insertBlockRows = 512
 
 // keepInsertWhole makes the server squash all of an insert's blocks into one part
 // (its thresholds, min_insert_block_size_rows and _bytes, a million rows and 256
