@@ -14,7 +14,6 @@ import (
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
-
 	"github.com/sluicehq/sluice/services/kit/chcluster"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/crash"
