@@ -326,6 +326,9 @@ func peakRSS(b *testing.B) float64 {
 // encoding (what a save wrote before: state-bytes), the first capture's bytes,
 // the share of a core the saves take at one per 10 s (core-%), and the time a
 // restore of the last checkpoint takes (restore-s: files copied, then read).
+// SLUICE_BENCH_CAPTURE=steps captures as the pipeline does (Begin, steps of 1,000
+// groups, End) and reports the longest of those calls (longest-call-ms), the
+// longest the engine's goroutine is held by the capture at once.
 func BenchmarkCheckpoint(b *testing.B) {
 	groups := benchGroupCount(b)
 	s := Settings{Store: StoreMemory}
@@ -360,12 +363,37 @@ func BenchmarkCheckpoint(b *testing.B) {
 	// Every user in two steps, over 20 s of event time.
 	observe(e, 2*groups, 20*time.Second/time.Duration(2*groups))
 	uploaded := map[string]bool{}
-	var captureTime, uploadTime time.Duration
+	var captureTime, uploadTime, longest time.Duration
 	var last []Segment
+	// stepped: captures in steps of 1,000 groups (Begin, Step, End), as the
+	// pipeline's decide loop makes them; longest is the longest of those calls.
+	stepped := os.Getenv("SLUICE_BENCH_CAPTURE") == "steps"
+	capture := func() (*Capture, error) {
+		if !stepped {
+			return cp.Capture(e)
+		}
+		timed := func(f func()) {
+			t := time.Now()
+			f()
+			longest = max(longest, time.Since(t))
+		}
+		var p *Pending
+		var err error
+		timed(func() { p, err = cp.Begin(e) })
+		if err != nil {
+			return nil, err
+		}
+		for more := true; more; {
+			timed(func() { more = p.Step(1000) })
+		}
+		var c *Capture
+		timed(func() { c, err = p.End() })
+		return c, err
+	}
 	save := func() (written int64) {
 		ctx := context.Background()
 		t0 := time.Now()
-		c, err := cp.Capture(e)
+		c, err := capture()
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -391,7 +419,7 @@ func BenchmarkCheckpoint(b *testing.B) {
 		return written
 	}
 	first := save()
-	captureTime, uploadTime = 0, 0
+	captureTime, uploadTime, longest = 0, 0, 0
 	var written int64
 	b.ResetTimer()
 	for range b.N {
@@ -414,6 +442,9 @@ func BenchmarkCheckpoint(b *testing.B) {
 	b.ReportMetric(float64(first), "first-bytes")
 	b.ReportMetric(float64(captureTime.Milliseconds())/float64(b.N), "capture-ms")
 	b.ReportMetric(float64(uploadTime.Milliseconds())/float64(b.N), "upload-ms")
+	if stepped {
+		b.ReportMetric(float64(longest.Microseconds())/1000, "longest-call-ms")
+	}
 	b.ReportMetric(perSave/10*100, "core-%")
 	b.ReportMetric(float64(e.State().Rules["busy-user"].size()), "groups")
 	// A restore of the last checkpoint on another machine: its files downloaded

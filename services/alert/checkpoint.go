@@ -1,16 +1,20 @@
 package alert
 
 import (
+	"bufio"
 	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/sluicehq/sluice/services/kit/partition"
@@ -61,6 +65,10 @@ type Checkpoints struct {
 	list  []Segment
 	prev  map[string]string
 	whole bool
+	// pending is the capture begun and not ended (Begin); unwritten the segments
+	// of those ended whose files the next Upload writes, by name.
+	pending   *Pending
+	unwritten map[string]*Pending
 }
 
 // maxDeltas bounds the deltas a checkpoint names (see Checkpoints).
@@ -87,6 +95,7 @@ func (c *Checkpoints) Open(ctx context.Context, s Settings, rules []*Rule, list 
 	defer c.mu.Unlock()
 	// An Open that failed (a file lost: the caller may try an older state) leaves
 	// nothing of its list.
+	c.discardPending() // of an engine given up
 	c.list, c.prev, c.whole = nil, nil, true
 	if err := c.files.Restore(ctx, files, c.dir); err != nil {
 		return nil, fmt.Errorf("alert: restore the checkpoint: %w", err)
@@ -211,17 +220,354 @@ func (e *Engine) attachDirty() {
 	}
 }
 
-// Capture writes the engine's state as of now as a segment: the groups that
+// Capture takes the engine's state as of now as a segment: the groups that
 // changed or went since the last capture (every group at the first, and those of
 // the rules that are new since), and returns the checkpoint it completes, to
-// upload and save. Call it where the engine runs; the next capture must wait
+// upload and save (the segment's file is written then, off the engine's
+// goroutine, unless the capture wrote a rule whole). Call it where the engine runs; the next capture must wait
 // until this one is saved or given up (Capture.Saved, or an error).
 func (c *Checkpoints) Capture(e *Engine) (*Capture, error) {
+	p, err := c.Begin(e)
+	if err != nil {
+		return nil, err
+	}
+	return p.End()
+}
+
+// Begin is Capture in steps, for an engine that must not stop for it: it takes the
+// state's header and the sets of groups changed since the last capture, and the
+// engine runs on. Each changed group is encoded as it was at Begin when something
+// is about to change it (copy on write, RuleState.keep), or when Step gets to it;
+// End encodes what is left, and the segment's file is written by the checkpoint's
+// Upload (or a later one's). Call Begin, Step and End where the engine runs. A capture that writes a rule whole (the first, a rule new since,
+// one whose changes overflowed) is written at Begin. A Begin before the last one's
+// End ends that one, given up.
+func (c *Checkpoints) Begin(e *Engine) (*Pending, error) {
 	if err := e.Err(); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.pending != nil {
+		_, _ = c.pending.endLocked()
+	}
+	names := slices.Sorted(maps.Keys(e.st.Rules))
+	whole := c.whole
+	for _, name := range names {
+		if rs := e.st.Rules[name]; rs.reset || c.prev[name] != rs.Version || rs.dirty == nil {
+			whole = true
+		}
+	}
+	if whole {
+		cp, err := c.captureLocked(e)
+		return &Pending{c: c, done: cp, err: err}, nil
+	}
+	sp, err := newSpool(c.dir)
+	if err != nil {
+		// Written at once, as without steps.
+		cp, err := c.captureLocked(e)
+		return &Pending{c: c, done: cp, err: err}, nil
+	}
+	p := &Pending{c: c, e: e, rules: make(map[string]string, len(names)), spool: sp,
+		h: &segHeader{maxTime: e.st.MaxTime, partitions: slices.Clone(e.st.Partitions)}}
+	for _, name := range names {
+		rs := e.st.Rules[name]
+		p.h.rules = append(p.h.rules, segRule{name: name, version: rs.Version, evaluated: rs.Evaluated, first: rs.First, hasFirst: rs.HasFirst})
+		p.rules[name] = rs.Version
+		p.states = append(p.states, rs)
+		rs.cow = &cowSet{pending: rs.dirty, spool: sp, recs: make([]cowRec, 0, len(rs.dirty))}
+		rs.dirty = map[string]struct{}{}
+		p.sets = append(p.sets, rs.cow)
+	}
+	c.pending = p
+	return p, nil
+}
+
+// Pending is a capture begun (Checkpoints.Begin) and not ended.
+type Pending struct {
+	c      *Checkpoints
+	e      *Engine
+	h      *segHeader
+	rules  map[string]string // by name, their versions
+	states []*RuleState      // in the header's order
+	sets   []*cowSet         // their groups kept, as states[i].cow was
+	spool  *spool            // the groups kept, encoded
+	// done: the capture was written at Begin (its error err).
+	done *Capture
+	err  error
+}
+
+// Step encodes up to n of the groups the capture still holds as they were, and
+// tells whether any are left for End.
+func (p *Pending) Step(n int) bool {
+	left := 0
+	for _, rs := range p.states {
+		cow := rs.cow
+		if cow == nil {
+			continue
+		}
+		if cow.next == nil {
+			// One walk of the set across the steps (a range per step would pass
+			// over the slots of the keys kept before it again).
+			cow.next, cow.stop = iter.Pull(maps.Keys(cow.pending))
+		}
+		for ; n > 0 && len(cow.pending) > 0; n-- {
+			key, ok := cow.next()
+			if !ok {
+				break
+			}
+			rs.keep(key)
+		}
+		left += len(cow.pending)
+	}
+	return left > 0
+}
+
+// End encodes what the capture holds still and returns the checkpoint it
+// completes, as Capture does; the segment's file is written by Upload.
+func (p *Pending) End() (*Capture, error) {
+	p.c.mu.Lock()
+	defer p.c.mu.Unlock()
+	return p.endLocked()
+}
+
+func (p *Pending) endLocked() (*Capture, error) {
+	c := p.c
+	if p.done != nil || p.err != nil {
+		return p.done, p.err
+	}
+	if c.pending != p {
+		return nil, errors.New("alert: checkpoint: a capture ended twice, or after a later one began")
+	}
+	c.pending = nil
+	for _, rs := range p.states {
+		rs.keepAll()
+		rs.cow = nil
+	}
+	p.stopWalks()
+	for _, cow := range p.sets {
+		cow.pending = nil // all kept: its memory can go
+	}
+	if err := errors.Join(p.e.Err(), p.spool.flush()); err != nil {
+		// The changes taken at Begin are in no segment: the next writes them all.
+		c.whole = true
+		p.spool.close()
+		p.err = fmt.Errorf("alert: checkpoint: %w", err)
+		return nil, p.err
+	}
+	c.writes++
+	name := fmt.Sprintf("seg-%s-%d.alert", c.nonce, c.writes)
+	if c.unwritten == nil {
+		c.unwritten = map[string]*Pending{}
+	}
+	c.unwritten[name] = p
+	c.list = append(slices.Clip(c.list), Segment{File: partition.File{Name: name}})
+	c.prev = p.rules
+	p.done = &Capture{c: c, list: c.list}
+	return p.done, nil
+}
+
+// writeUnwritten writes the files of list's segments ended and not written yet
+// (Pending.End), before they are compacted or uploaded. One that fails is in no
+// file: the next capture writes every group.
+func (c *Checkpoints) writeUnwritten(list []Segment) error {
+	for _, sg := range list {
+		p := c.unwritten[sg.File.Name]
+		if p == nil {
+			continue
+		}
+		delete(c.unwritten, sg.File.Name)
+		path := filepath.Join(c.dir, sg.File.Name)
+		err := os.MkdirAll(c.dir, 0o755)
+		if err == nil {
+			err = p.write(path)
+		}
+		p.spool.close()
+		if err != nil {
+			c.whole = true
+			_ = os.Remove(path)
+			return fmt.Errorf("alert: checkpoint: %w", err)
+		}
+	}
+	return nil
+}
+
+// write writes the segment of the groups kept, in key order.
+func (p *Pending) write(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sw, err := newSegWriter(f, p.h)
+	if err != nil {
+		return err
+	}
+	var buf []byte
+	for i, cow := range p.sets {
+		slices.SortFunc(cow.recs, func(a, b cowRec) int { return strings.Compare(a.key, b.key) })
+		for _, r := range cow.recs {
+			var rec []byte // nil: a tombstone
+			if r.n >= 0 {
+				buf = slices.Grow(buf[:0], int(r.n))[:r.n]
+				if _, err := p.spool.f.ReadAt(buf, r.off); err != nil {
+					return fmt.Errorf("read the spooled groups: %w", err)
+				}
+				rec = buf
+			}
+			if err := sw.record(i, r.key, rec); err != nil {
+				return err
+			}
+		}
+		cow.recs = nil
+	}
+	if err := sw.end(); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// stopWalks ends the steps' walks of the sets.
+func (p *Pending) stopWalks() {
+	for _, cow := range p.sets {
+		if cow.stop != nil {
+			cow.stop()
+			cow.next, cow.stop = nil, nil
+		}
+	}
+}
+
+// discardPending gives up the capture begun and those ended and not written:
+// their segments are in no list any more (c.mu held).
+func (c *Checkpoints) discardPending() {
+	if c.pending != nil {
+		c.pending.stopWalks()
+		c.pending.spool.close()
+	}
+	for _, p := range c.unwritten {
+		p.spool.close()
+	}
+	c.pending, c.unwritten = nil, nil
+}
+
+// cowSet is a rule's part of a capture in flight: the groups changed before it
+// not encoded yet (pending), and those encoded, as they were then (recs, their
+// encodings in spool); next walks pending for Step (stop ends the walk).
+type cowSet struct {
+	pending map[string]struct{}
+	recs    []cowRec
+	spool   *spool
+	next    func() (string, bool)
+	stop    func()
+}
+
+// cowRec is where a group's record is in the spool; n < 0: it had gone.
+type cowRec struct {
+	key string
+	off int64
+	n   int
+}
+
+// spool holds the groups a capture in flight encoded, in the order they were
+// kept, until its upload writes them sorted as the segment's file: in a file, not
+// in memory, since a save's changed groups are many under a backlog (the
+// production benchmark's peak RSS went past 400 MiB with them in memory). The
+// file is unlinked at once: nothing is left of it if the process dies.
+type spool struct {
+	f   *os.File
+	w   *bufio.Writer
+	off int64
+	buf []byte // a group's encoding, before it is spooled
+	err error
+}
+
+func newSpool(dir string) (*spool, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(dir, "spool-*")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Remove(f.Name()); err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return &spool{f: f, w: bufio.NewWriterSize(f, 1<<16)}, nil
+}
+
+// add spools rec and returns where it is (a write's error is kept for flush).
+func (s *spool) add(rec []byte) cowRec {
+	r := cowRec{off: s.off, n: len(rec)}
+	if s.err == nil {
+		_, s.err = s.w.Write(rec)
+	}
+	s.off += int64(len(rec))
+	return r
+}
+
+// flush writes what the spool buffers, and tells whether any write failed.
+func (s *spool) flush() error {
+	if s.err == nil {
+		s.err = s.w.Flush()
+	}
+	if s.err != nil {
+		return fmt.Errorf("spool the changed groups: %w", s.err)
+	}
+	return nil
+}
+
+// close closes the spool's file (nil: none), freeing its space.
+func (s *spool) close() {
+	if s != nil && s.f != nil {
+		_ = s.f.Close()
+		s.f = nil
+	}
+}
+
+// keep encodes the group of key into the capture in flight as it is now, if the
+// capture holds it and has not encoded it yet: call it before anything changes
+// the group (or its place: made, gone, taken from disk).
+func (rs *RuleState) keep(key string) {
+	if _, ok := rs.cow.pending[key]; !ok {
+		return
+	}
+	delete(rs.cow.pending, key)
+	sp := rs.cow.spool
+	var r cowRec
+	if g := rs.Groups[key]; g != nil {
+		// Its next change is noted for the next capture.
+		g.dirty = false
+		sp.buf = appendGroup(sp.buf[:0], g)
+		r = sp.add(sp.buf)
+	} else if rec := rs.cold.rawOf(key); rec != nil {
+		r = sp.add(rec)
+	} else {
+		r.n = -1
+	}
+	r.key = key
+	rs.cow.recs = append(rs.cow.recs, r)
+}
+
+// keepAll keeps every group the capture in flight holds still (none: no capture).
+func (rs *RuleState) keepAll() {
+	if rs == nil || rs.cow == nil {
+		return
+	}
+	for key := range rs.cow.pending {
+		rs.keep(key)
+	}
+}
+
+// keepAll is RuleState.keepAll for every rule, before a change to the rules.
+func (e *Engine) keepAll() {
+	for _, rs := range e.st.Rules {
+		rs.keepAll()
+	}
+}
+
+// captureLocked is Capture written at once, with c.mu held.
+func (c *Checkpoints) captureLocked(e *Engine) (*Capture, error) {
 	c.writes++
 	name := fmt.Sprintf("seg-%s-%d.alert", c.nonce, c.writes)
 	whole := c.whole
@@ -342,13 +688,22 @@ func (c *coldGroups) rawOf(key string) []byte {
 func (c *Checkpoints) drop(list, keep []Segment) {
 	for _, sg := range list {
 		if !slices.ContainsFunc(keep, func(k Segment) bool { return k.File.Name == sg.File.Name }) {
+			if p := c.unwritten[sg.File.Name]; p != nil {
+				p.spool.close()
+				delete(c.unwritten, sg.File.Name)
+			}
 			_ = os.Remove(filepath.Join(c.dir, sg.File.Name))
 		}
 	}
 }
 
 // Close removes this machine's copies of the segments.
-func (c *Checkpoints) Close() error { return os.RemoveAll(c.dir) }
+func (c *Checkpoints) Close() error {
+	c.mu.Lock()
+	c.discardPending()
+	c.mu.Unlock()
+	return os.RemoveAll(c.dir)
+}
 
 // Capture is a checkpoint captured, to upload and save.
 type Capture struct {
@@ -362,6 +717,9 @@ func (cp *Capture) Upload(ctx context.Context) ([]Segment, error) {
 	c := cp.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.writeUnwritten(cp.list); err != nil {
+		return nil, err
+	}
 	list, err := c.compact(cp.list)
 	if err != nil {
 		return nil, fmt.Errorf("alert: compact the checkpoint: %w", err)

@@ -75,7 +75,9 @@ func (dirFiles) Continues() bool { return true }
 // the groups in memory and with all but two on disk. Each checkpoint is uploaded
 // after the next event changed the engine (a saver uploads while the engine runs
 // on), and every fifth is given up without an upload (the next one's names its
-// segment too).
+// segment too). Captures are made in steps (Begin, Step, End) across up to two
+// more events, which change the groups the capture holds before they are encoded:
+// what is restored is the state at Begin.
 func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 	t.Helper()
 	ctx := context.Background()
@@ -124,6 +126,11 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 		var pending *Capture
 		var pendingAt, captures int
 		var pendingState map[string]string
+		// begun is a capture begun after envs[:begunAt] and not ended, its state
+		// then begunState; it ends lag events later.
+		var begun *Pending
+		var begunAt, lag int
+		var begunState map[string]string
 		for i := 0; i < len(envs); i++ {
 			if stops[i] {
 				delete(stops, i)
@@ -134,7 +141,7 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 					t.Fatal(err)
 				}
 				cp, e = open(saved[from])
-				outs, i, pending = outs[:from], from, nil
+				outs, i, pending, begun = outs[:from], from, nil, nil
 			}
 			got, _ := e.Observe(envs[i])
 			outs = append(outs, alertsJSON(t, got))
@@ -154,17 +161,35 @@ func checkCheckpoints(t *testing.T, rules []*Rule, envs []*EventEnv) {
 				}
 				pending = nil
 			}
-			if i%every == every-1 {
-				c, err := cp.Capture(e)
+			// end ends the capture begun; every fifth is given up.
+			end := func() {
+				c, err := begun.End()
 				if err != nil {
 					t.Fatal(err)
 				}
-				if captures++; captures%5 == 2 {
-					continue // given up
+				begun = nil
+				if captures++; captures%5 != 2 {
+					pending, pendingAt, pendingState = c, begunAt, begunState
 				}
-				pending, pendingAt = c, i+1
+			}
+			if begun != nil {
+				if i < begunAt-1+lag {
+					begun.Step(1)
+				} else {
+					end()
+				}
+			}
+			if i%every == every-1 && begun == nil && pending == nil {
+				var err error
+				if begun, err = cp.Begin(e); err != nil {
+					t.Fatal(err)
+				}
+				begunAt, lag = i+1, captures%3
 				if s.Store == StoreMemory {
-					pendingState = dumpState(t, e)
+					begunState = dumpState(t, e)
+				}
+				if lag == 0 {
+					end()
 				}
 			}
 		}
@@ -393,5 +418,96 @@ func TestCheckpointCorruptSegment(t *testing.T) {
 	}
 	if len(list) != 1 || !list[0].Base {
 		t.Fatalf("the first checkpoint after a failed open is %+v, want one base", list)
+	}
+}
+
+// A capture in steps keeps the groups it encodes in a spool file, unlinked at
+// once, and closes it when its segment is written, when a later Begin ends it and
+// its segment is given up by a restore, and at Close: no spool stays open.
+func TestCheckpointSpoolClosed(t *testing.T) {
+	rules := mustRules(t, RuleConfig{Name: "count", Kind: KindThreshold, Filter: `type == "login.failed"`, GroupBy: []string{"data.user"},
+		Window: 10 * time.Second, Step: time.Second, Op: ">", Threshold: 100})
+	c := newCheckpointer(t)
+	cp, e := c.open(rules, nil)
+	for u := range 50 {
+		feed(t, e, logins(fmt.Sprint("u", u), 0.5))
+	}
+	if _, err := c.save(cp, e); err != nil { // the base, written at once
+		t.Fatal(err)
+	}
+	// spools counts the spool files open, checking they are unlinked.
+	spools := func() int {
+		t.Helper()
+		fds, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for _, fd := range fds {
+			target, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name()))
+			if err != nil || !strings.Contains(filepath.Base(target), "spool-") {
+				continue
+			}
+			if !strings.HasSuffix(target, " (deleted)") {
+				t.Fatalf("the spool %s is not unlinked", target)
+			}
+			n++
+		}
+		return n
+	}
+	ctx := context.Background()
+	feed(t, e, slices.Concat(logins("u1", 1), logins("u2", 1.1)))
+	p, err := cp.Begin(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	feed(t, e, logins("u1", 1.2)) // u1 is kept as it was at Begin
+	if got := spools(); got != 1 {
+		t.Fatalf("%d spools open during a capture, want 1", got)
+	}
+	p.Step(1)
+	capture, err := p.End()
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, err := capture.Upload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	capture.Saved(ctx)
+	if got := spools(); got != 0 {
+		t.Fatalf("%d spools open after the upload, want 0", got)
+	}
+	// A capture ended by a later Begin, and both given up by a restore.
+	feed(t, e, logins("u3", 2))
+	if _, err := cp.Begin(e); err != nil {
+		t.Fatal(err)
+	}
+	feed(t, e, logins("u4", 2.1))
+	if _, err := cp.Begin(e); err != nil {
+		t.Fatal(err)
+	}
+	if got := spools(); got != 2 {
+		t.Fatalf("%d spools open, want 2 (one ended, not written; one begun)", got)
+	}
+	if _, err := cp.Open(ctx, DefaultSettings(), rules, list, nil, nil, ""); err != nil {
+		t.Fatal(err)
+	}
+	if got := spools(); got != 0 {
+		t.Fatalf("%d spools open after a restore, want 0", got)
+	}
+	e2, err := cp.Open(ctx, DefaultSettings(), rules, list, nil, nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	feed(t, e2, logins("u5", 3))
+	if _, err := cp.Begin(e2); err != nil {
+		t.Fatal(err)
+	}
+	if err := cp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := spools(); got != 0 {
+		t.Fatalf("%d spools open after Close, want 0", got)
 	}
 }

@@ -99,6 +99,9 @@ type RuleState struct {
 	dirty    map[string]struct{}
 	reset    bool
 	maxDirty int
+	// cow is the rule's part of a checkpoint's capture in flight (nil: none): a
+	// group it holds is encoded before it changes (keep).
+	cow *cowSet
 }
 
 // changed notes that the group of key changed or went since the last segment,
@@ -216,6 +219,7 @@ func (e *Engine) Rules() []*Rule { return e.rules }
 // alerts firing for a rule that was removed or changed are resolved, at the
 // latest event time.
 func (e *Engine) SetRules(rules []*Rule) []*alerts.Alert {
+	e.keepAll()
 	var out []*alerts.Alert
 	keep := map[string]bool{}
 	for _, r := range rules {
@@ -523,6 +527,8 @@ func (e *Engine) advanceWindows(r *Rule, rs *RuleState, watermark int64, out []*
 	if end <= rs.Evaluated {
 		return out
 	}
+	// The steps below change groups anywhere, in memory and on disk.
+	rs.keepAll()
 	// Past a window's span, the steps are walked only where a window can change
 	// (live): an event far older or newer than the others would otherwise have the
 	// loop visit every group at every step of the gap between them.
@@ -641,6 +647,7 @@ func (r *Rule) advanceAbsence(rs *RuleState, watermark, now int64, out []*alerts
 	if rs.Evaluated != 0 && watermark < rs.Evaluated+max(int64(r.For)/10, int64(time.Second)) {
 		return out
 	}
+	rs.keepAll()
 	for _, key := range slices.Sorted(maps.Keys(rs.Groups)) {
 		g := rs.Groups[key]
 		if g.LastSeen == 0 {
@@ -939,6 +946,9 @@ func (g *GroupState) UnmarshalJSON(data []byte) error {
 }
 
 func (rs *RuleState) group(r *Rule, key string, values []string) *GroupState {
+	if rs.cow != nil {
+		rs.keep(key) // the caller changes it
+	}
 	if rs.last != nil && rs.lastKey == key {
 		if rs.cold != nil {
 			rs.last.touched = rs.cold.s.epoch

@@ -344,6 +344,12 @@ type pipeline struct {
 // 8 MiB/s the dedup keys admitted in 10 s at full speed (about 14 MB) take under 2 s.
 const savePace = 8 << 20
 
+// captureStep is how many of the alert windows' changed groups a step of a
+// periodic save's capture encodes (about a millisecond's work) between the decide
+// loop's other work: a capture at once held the loop up to 117 ms at half load
+// (docs/benchmarks.md).
+const captureStep = 1000
+
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
 // and not yet stored, across its partitions: one inserting while the next is read,
 // prepared and decided. Most of a worker's memory under a backlog is these events
@@ -787,15 +793,36 @@ type captured struct {
 // looks for dead letters and alert changes published since then (less a margin),
 // so it must be no later than the first output of input after r.seq.
 func (r *run) capture(since time.Time) (*captured, error) {
-	st := &captured{head: snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay, SavedAt: since}, seq: r.seq}
+	st, p, err := r.begin(since)
+	if err != nil {
+		return nil, err
+	}
+	return st, r.end(st, p)
+}
+
+// begin is capture in steps: the alert windows' part (p; nil: none) is ended by
+// end, the decide loop going on meanwhile (alert.Checkpoints.Begin).
+func (r *run) begin(since time.Time) (st *captured, p *alert.Pending, err error) {
+	st = &captured{head: snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay, SavedAt: since}, seq: r.seq}
 	if r.alertCP != nil {
-		var err error
-		if st.alert, err = r.alertCP.Capture(r.engine); err != nil {
-			return nil, fmt.Errorf("pipeline: %w", err)
+		if p, err = r.alertCP.Begin(r.engine); err != nil {
+			return nil, nil, fmt.Errorf("pipeline: %w", err)
 		}
 	}
 	st.keys = r.keys.capture(r.clock)
-	return st, nil
+	return st, p, nil
+}
+
+// end ends the alert part p of st, begun by begin.
+func (r *run) end(st *captured, p *alert.Pending) error {
+	if p == nil {
+		return nil
+	}
+	var err error
+	if st.alert, err = p.End(); err != nil {
+		return fmt.Errorf("pipeline: %w", err)
+	}
+	return nil
 }
 
 // upload saves a captured state and points the claim at it. Every output up to
@@ -1117,11 +1144,41 @@ func (r *run) run(ctx context.Context) error {
 
 	snapTick := time.NewTicker(r.cfg.SnapshotInterval)
 	defer snapTick.Stop()
+	// capturing is a save's state begun at a tick, its alert windows' part
+	// (capturePart) encoded in steps while no input waits (or at once a second
+	// after the tick) and as input changes them; stepping is the always-ready
+	// channel that runs the steps.
+	var capturing *captured
+	var capturePart *alert.Pending
+	var captureBegun time.Time
+	always := make(chan struct{})
+	close(always)
+	endCapture := func() error {
+		st, p := capturing, capturePart
+		capturing, capturePart = nil, nil
+		if err := r.end(st, p); err != nil {
+			saving.Store(false)
+			r.log.Warn("save state", "partition", r.in.id, "err", err)
+			return nil
+		}
+		return send(&batch{save: st}, false)
+	}
 	idleTick := time.NewTicker(time.Second)
 	defer idleTick.Stop()
 	lastInput, lastIdle := time.Now(), time.Now()
 	for {
+		var stepping chan struct{}
+		if capturePart != nil && (len(prepared) == 0 || time.Since(captureBegun) > time.Second) {
+			stepping = always
+		}
 		select {
+		case <-stepping:
+			if capturePart.Step(captureStep) {
+				continue
+			}
+			if err := endCapture(); err != nil {
+				return stop(err)
+			}
 		case <-ctx.Done():
 			return stop(nil)
 		case <-writerDone:
@@ -1223,14 +1280,17 @@ func (r *run) run(ctx context.Context) error {
 			if err := sendOpen(); err != nil {
 				return stop(err)
 			}
-			st, err := r.capture(time.Now().UTC())
+			st, p, err := r.begin(time.Now().UTC())
 			if err != nil {
 				saving.Store(false)
 				r.log.Warn("save state", "partition", r.in.id, "err", err)
 				continue
 			}
-			if err := send(&batch{save: st}, false); err != nil {
-				return stop(err)
+			capturing, capturePart, captureBegun = st, p, time.Now()
+			if p == nil {
+				if err := endCapture(); err != nil {
+					return stop(err)
+				}
 			}
 		}
 	}
