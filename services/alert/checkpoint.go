@@ -403,17 +403,17 @@ func (p *Pending) write(path string) error {
 	if err != nil {
 		return err
 	}
-	var buf []byte
+	data, unmap, err := mapFile(p.spool.f, p.spool.off)
+	if err != nil {
+		return fmt.Errorf("read the spooled groups: %w", err)
+	}
+	defer unmap()
 	for i, cow := range p.sets {
 		slices.SortFunc(cow.recs, func(a, b cowRec) int { return strings.Compare(a.key, b.key) })
 		for _, r := range cow.recs {
 			var rec []byte // nil: a tombstone
 			if r.n >= 0 {
-				buf = slices.Grow(buf[:0], int(r.n))[:r.n]
-				if _, err := p.spool.f.ReadAt(buf, r.off); err != nil {
-					return fmt.Errorf("read the spooled groups: %w", err)
-				}
-				rec = buf
+				rec = data[r.off : r.off+int64(r.n) : r.off+int64(r.n)]
 			}
 			if err := sw.record(i, r.key, rec); err != nil {
 				return err
