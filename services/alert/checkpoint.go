@@ -220,18 +220,24 @@ func (e *Engine) attachDirty() {
 	}
 }
 
-// Capture takes the engine's state as of now as a segment: the groups that
+// Capture writes the engine's state as of now as a segment: the groups that
 // changed or went since the last capture (every group at the first, and those of
 // the rules that are new since), and returns the checkpoint it completes, to
-// upload and save (the segment's file is written then, off the engine's
-// goroutine, unless the capture wrote a rule whole). Call it where the engine runs; the next capture must wait
-// until this one is saved or given up (Capture.Saved, or an error).
+// upload and save. Call it where the engine runs (it holds it for the whole
+// capture: Begin does not); a capture begun and not ended is ended first. The next
+// capture must wait until this one is saved or given up (Capture.Saved, or an
+// error).
 func (c *Checkpoints) Capture(e *Engine) (*Capture, error) {
-	p, err := c.Begin(e)
-	if err != nil {
+	if err := e.Err(); err != nil {
 		return nil, err
 	}
-	return p.End()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending != nil {
+		_, _ = c.pending.endLocked()
+	}
+	// Written at once: through the spool (Begin, End) it costs more in all.
+	return c.captureLocked(e)
 }
 
 // Begin is Capture in steps, for an engine that must not stop for it: it takes the
@@ -316,7 +322,9 @@ func (p *Pending) Step(n int) bool {
 			if !ok {
 				break
 			}
-			rs.keep(key)
+			// Still pending: a walk does not give the keys deleted before it gets to
+			// them.
+			rs.kept(key)
 		}
 		left += len(cow.pending)
 	}
@@ -529,9 +537,13 @@ func (s *spool) close() {
 // capture holds it and has not encoded it yet: call it before anything changes
 // the group (or its place: made, gone, taken from disk).
 func (rs *RuleState) keep(key string) {
-	if _, ok := rs.cow.pending[key]; !ok {
-		return
+	if _, ok := rs.cow.pending[key]; ok {
+		rs.kept(key)
 	}
+}
+
+// kept is keep for a key the capture holds and has not encoded yet.
+func (rs *RuleState) kept(key string) {
 	delete(rs.cow.pending, key)
 	sp := rs.cow.spool
 	var r cowRec
@@ -555,7 +567,7 @@ func (rs *RuleState) keepAll() {
 		return
 	}
 	for key := range rs.cow.pending {
-		rs.keep(key)
+		rs.kept(key) // still pending, as in Step
 	}
 }
 
