@@ -792,18 +792,28 @@ type captured struct {
 // capture encodes the state as of r.seq, with since as its SavedAt: a restore
 // looks for dead letters and alert changes published since then (less a margin),
 // so it must be no later than the first output of input after r.seq.
+// The alert windows are captured at once (alert.Checkpoints.Capture).
 func (r *run) capture(since time.Time) (*captured, error) {
-	st, p, err := r.begin(since)
-	if err != nil {
-		return nil, err
+	st := r.newCaptured(since)
+	if r.alertCP != nil {
+		var err error
+		if st.alert, err = r.alertCP.Capture(r.engine); err != nil {
+			return nil, fmt.Errorf("pipeline: %w", err)
+		}
 	}
-	return st, r.end(st, p)
+	st.keys = r.keys.capture(r.clock)
+	return st, nil
+}
+
+// newCaptured is the state's header as of r.seq, with since as its SavedAt.
+func (r *run) newCaptured(since time.Time) *captured {
+	return &captured{head: snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay, SavedAt: since}, seq: r.seq}
 }
 
 // begin is capture in steps: the alert windows' part (p; nil: none) is ended by
 // end, the decide loop going on meanwhile (alert.Checkpoints.Begin).
 func (r *run) begin(since time.Time) (st *captured, p *alert.Pending, err error) {
-	st = &captured{head: snapshot{StreamCreated: r.created, Seq: r.seq, Clock: r.clock, ReplayUntil: r.replay, SavedAt: since}, seq: r.seq}
+	st = r.newCaptured(since)
 	if r.alertCP != nil {
 		if p, err = r.alertCP.Begin(r.engine); err != nil {
 			return nil, nil, fmt.Errorf("pipeline: %w", err)
