@@ -228,16 +228,12 @@ func (e *Engine) attachDirty() {
 // capture must wait until this one is saved or given up (Capture.Saved, or an
 // error).
 func (c *Checkpoints) Capture(e *Engine) (*Capture, error) {
-	if err := e.Err(); err != nil {
+	// Written at once: through the spool (Begin, End) it costs more in all.
+	p, err := c.begin(e, true)
+	if err != nil {
 		return nil, err
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.pending != nil {
-		_, _ = c.pending.endLocked()
-	}
-	// Written at once: through the spool (Begin, End) it costs more in all.
-	return c.captureLocked(e)
+	return p.done, p.err
 }
 
 // Begin is Capture in steps, for an engine that must not stop for it: it takes the
@@ -245,32 +241,38 @@ func (c *Checkpoints) Capture(e *Engine) (*Capture, error) {
 // engine runs on. Each changed group is encoded as it was at Begin when something
 // is about to change it (copy on write, RuleState.keep), or when Step gets to it;
 // End encodes what is left, and the segment's file is written by the checkpoint's
-// Upload (or a later one's). Call Begin, Step and End where the engine runs. A capture that writes a rule whole (the first, a rule new since,
-// one whose changes overflowed) is written at Begin. A Begin before the last one's
-// End ends that one, given up.
-func (c *Checkpoints) Begin(e *Engine) (*Pending, error) {
+// Upload (or a later one's). Call Begin, Step and End where the engine runs. A
+// capture that writes a rule whole (the first, a rule new since, one whose changes
+// overflowed) is written at Begin. A Begin before the last one's End ends that one
+// first (its segment is written by the next upload).
+func (c *Checkpoints) Begin(e *Engine) (*Pending, error) { return c.begin(e, false) }
+
+// begin is Begin, or with atOnce Capture: the capture written at once (done).
+func (c *Checkpoints) begin(e *Engine, atOnce bool) (*Pending, error) {
 	if err := e.Err(); err != nil {
 		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.pending != nil {
-		_, _ = c.pending.endLocked()
+		_, _ = c.pending.endLocked() // an error makes the next capture whole
 	}
 	names := slices.Sorted(maps.Keys(e.st.Rules))
-	whole := c.whole
+	// A capture that writes a rule whole is written at once.
+	atOnce = atOnce || c.whole
 	for _, name := range names {
 		if rs := e.st.Rules[name]; rs.reset || c.prev[name] != rs.Version || rs.dirty == nil {
-			whole = true
+			atOnce = true
 		}
 	}
-	if whole {
-		cp, err := c.captureLocked(e)
-		return &Pending{c: c, done: cp, err: err}, nil
+	var sp *spool
+	if !atOnce {
+		var err error
+		// No spool: written at once, as without steps.
+		sp, err = newSpool(c.dir)
+		atOnce = err != nil
 	}
-	sp, err := newSpool(c.dir)
-	if err != nil {
-		// Written at once, as without steps.
+	if atOnce {
 		cp, err := c.captureLocked(e)
 		return &Pending{c: c, done: cp, err: err}, nil
 	}
