@@ -26,9 +26,13 @@ type keyStore interface {
 	dedup.Keys
 	Stats() window.Stats
 	Range(now uint32, f func(k window.Key, exp uint32) bool) error
-	// capture removes the keys whose window ended by now and takes the others as
-	// they are, for a state the saver writes later.
+	// capture takes the keys as they are, for a state the saver writes later
+	// (keys whose window ended by now may be left out).
 	capture(now uint32) keysCapture
+	// sweep removes the keys whose window ended by now among the next n of a
+	// sweep through them, and reports whether the sweep has keys left: the
+	// decide loop runs it in steps, between its other work.
+	sweep(now uint32, n int) bool
 	Close() error
 }
 
@@ -183,8 +187,9 @@ func (m *memKeys) Admit(k window.Key, exp uint32, seq uint64, now uint32) (bool,
 	return repeat, err
 }
 
+func (m *memKeys) sweep(now uint32, n int) bool { return m.ExpireStep(now, n) }
+
 func (m *memKeys) capture(now uint32) keysCapture {
-	m.Expire(now)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.writes++
@@ -383,6 +388,10 @@ type diskKeys struct {
 	// pending is the checkpoint of the capture being saved.
 	pending []partition.File
 }
+
+// sweep has nothing to do: each checkpoint removes the keys on disk that expired
+// by its capture (window.Disk.Checkpoint), in the saver.
+func (d *diskKeys) sweep(uint32, int) bool { return false }
 
 func (d *diskKeys) capture(now uint32) keysCapture {
 	d.Freeze(now)

@@ -99,7 +99,12 @@ func TestMemKeysSegments(t *testing.T) {
 			}
 		}
 		at := held(m, now)
-		admit(rng.IntN(50)) // while the capture is saved: the next one's
+		// While the capture is saved: the decide loop's sweep, in steps between
+		// admissions, and the next capture's keys.
+		for m.sweep(now, 1+rng.IntN(1<<12)) {
+			admit(rng.IntN(3))
+		}
+		admit(rng.IntN(50))
 		switch rng.IntN(5) {
 		case 0: // the save fails before it is written
 			continue

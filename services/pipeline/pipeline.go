@@ -344,11 +344,18 @@ type pipeline struct {
 // 8 MiB/s the dedup keys admitted in 10 s at full speed (about 14 MB) take under 2 s.
 const savePace = 8 << 20
 
-// captureStep is how many of the alert windows' changed groups a step of a
-// periodic save's capture encodes (about a millisecond's work) between the decide
-// loop's other work: a capture at once held the loop up to 117 ms at half load
-// (docs/benchmarks.md).
-const captureStep = 1000
+// The decide loop's steps: at each save tick it encodes the alert windows'
+// changed groups (a capture at once held the loop up to 117 ms at half load) and
+// sweeps the dedup keys for those whose window ended (at once: 30 ms at a million
+// keys on the benchmark's busy machine), a little at a time between its other work
+// (docs/benchmarks.md). A step takes captureStep groups, then sweepStep slots of
+// the keys, again and again until stepTime has passed (1,000 groups at a time
+// took 10–40 ms on that machine).
+const (
+	captureStep = 100
+	sweepStep   = 16 << 10
+	stepTime    = 2 * time.Millisecond
+)
 
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
 // and not yet stored, across its partitions: one inserting while the next is read,
@@ -1155,12 +1162,14 @@ func (r *run) run(ctx context.Context) error {
 	snapTick := time.NewTicker(r.cfg.SnapshotInterval)
 	defer snapTick.Stop()
 	// capturing is a save's state begun at a tick, its alert windows' part
-	// (capturePart) encoded in steps while no input waits (or at once a second
-	// after the tick) and as input changes them; stepping is the always-ready
-	// channel that runs the steps.
+	// (capturePart) encoded in steps while no input waits (or a step between
+	// batches from a second after the tick: stepsBegun) and as input changes them;
+	// sweeping, the dedup keys' sweep begun at the tick, likewise. stepping is the
+	// always-ready channel that runs the steps.
 	var capturing *captured
 	var capturePart *alert.Pending
-	var captureBegun time.Time
+	var sweeping bool
+	var stepsBegun time.Time
 	always := make(chan struct{})
 	close(always)
 	endCapture := func() error {
@@ -1178,16 +1187,23 @@ func (r *run) run(ctx context.Context) error {
 	lastInput, lastIdle := time.Now(), time.Now()
 	for {
 		var stepping chan struct{}
-		if capturePart != nil && (len(prepared) == 0 || time.Since(captureBegun) > time.Second) {
+		if (capturePart != nil || sweeping) && (len(prepared) == 0 || time.Since(stepsBegun) > time.Second) {
 			stepping = always
 		}
 		select {
 		case <-stepping:
-			if capturePart.Step(captureStep) {
-				continue
-			}
-			if err := endCapture(); err != nil {
-				return stop(err)
+			for began := time.Now(); time.Since(began) < stepTime; {
+				if capturePart != nil {
+					if !capturePart.Step(captureStep) {
+						if err := endCapture(); err != nil {
+							return stop(err)
+						}
+					}
+				} else if sweeping {
+					sweeping = r.keys.sweep(r.clock, sweepStep)
+				} else {
+					break
+				}
 			}
 		case <-ctx.Done():
 			return stop(nil)
@@ -1296,7 +1312,7 @@ func (r *run) run(ctx context.Context) error {
 				r.log.Warn("save state", "partition", r.in.id, "err", err)
 				continue
 			}
-			capturing, capturePart, captureBegun = st, p, time.Now()
+			capturing, capturePart, sweeping, stepsBegun = st, p, true, time.Now()
 			if p == nil {
 				if err := endCapture(); err != nil {
 					return stop(err)

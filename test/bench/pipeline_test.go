@@ -118,6 +118,21 @@ func storedRows(ctx context.Context, conn driver.Conn, table string) uint64 {
 	return n
 }
 
+// insertDelays is how many inserts the server has delayed since it started, and
+// by how many milliseconds in all (a partition of a table with more active parts
+// than parts_to_delay_insert slows each insert down).
+func insertDelays(ctx context.Context, conn driver.Conn) (n, ms uint64) {
+	_ = conn.QueryRow(ctx, "SELECT sumIf(value, event = 'DelayedInserts'), sumIf(value, event = 'DelayedInsertsMilliseconds') FROM system.events").Scan(&n, &ms)
+	return n, ms
+}
+
+// activeParts is the number of active parts of table's partition that has most.
+func activeParts(ctx context.Context, conn driver.Conn, table string) uint64 {
+	var n uint64
+	_ = conn.QueryRow(ctx, "SELECT max(c) FROM (SELECT count() AS c FROM system.parts WHERE active AND database = currentDatabase() AND table = '"+table+"' GROUP BY partition)").Scan(&n)
+	return n
+}
+
 // benchConfig is the SLUICE_CONFIG of the production benchmark: the users lookup
 // (loaded with all but 1% of the users the events name), a derived day, and 20 alert
 // rules of every kind that see every event and rarely fire.
@@ -377,6 +392,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 		rows, how = count, "count()"
 	}
 	base := rows(ctx, conn, table)
+	delayed, delayedMS := insertDelays(ctx, conn)
 	n := rate * int(d/time.Second)
 	sent := make([]time.Time, 0, n)
 	done := make(chan struct{})
@@ -384,10 +400,16 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 		at, asked time.Time
 		count     uint64
 	}
+	// The most active parts a partition of table had, asked every tenth poll: past
+	// the server's parts_to_delay_insert (150) it slows every insert down.
+	var mostParts uint64
 	go func() {
 		defer close(done)
 		deadline := time.Now().Add(d + 2*time.Minute)
-		for time.Now().Before(deadline) {
+		for i := 0; time.Now().Before(deadline); i++ {
+			if i%10 == 0 {
+				mostParts = max(mostParts, activeParts(ctx, conn, table))
+			}
 			asked := time.Now()
 			c := rows(ctx, conn, table)
 			visible = append(visible, struct {
@@ -451,8 +473,9 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 		took = append(took, float64(v.at.Sub(v.asked).Milliseconds()))
 	}
 	slices.Sort(took)
-	b.Logf("latency run %q from %s: p99 %.0f ms, max %.0f ms; events at or over the p99 by when sent: %s; the poll's query (%s) p50 %.0f, p99 %.0f, max %.0f ms", prefix, sent[0].UTC().Format("15:04:05.000"), p99, bySlow[len(bySlow)-1], strings.Join(tail, " "),
-		how, took[len(took)/2], took[len(took)*99/100], took[len(took)-1])
+	delayedAfter, delayedMSAfter := insertDelays(ctx, conn)
+	b.Logf("latency run %q from %s: p99 %.0f ms, max %.0f ms; events at or over the p99 by when sent: %s; the poll's query (%s) p50 %.0f, p99 %.0f, max %.0f ms; ClickHouse delayed %d inserts by %d ms in all (at most %d active parts in a partition of %s)", prefix, sent[0].UTC().Format("15:04:05.000"), p99, bySlow[len(bySlow)-1], strings.Join(tail, " "),
+		how, took[len(took)/2], took[len(took)*99/100], took[len(took)-1], delayedAfter-delayed, delayedMSAfter-delayedMS, mostParts, table)
 	return bySlow[len(bySlow)/2], p99
 }
 

@@ -105,6 +105,15 @@ func (s *Store) Expire(now uint32) int {
 	return s.t.Expire(now)
 }
 
+// ExpireStep removes the keys whose window ended at or before now among the next
+// n slots of a sweep through the store, and reports whether the sweep has slots
+// left (Table.ExpireStep): the lock is held for n slots, not the whole table.
+func (s *Store) ExpireStep(now uint32, n int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.t.ExpireStep(now, n)
+}
+
 // Stats describes the store.
 type Stats struct {
 	Keys  int

@@ -49,6 +49,10 @@ type Table struct {
 	// max is the keys the table's owner holds at most (0: no bound): a table
 	// whose size holds them without growing makes no next set ready.
 	max int
+	// sweepAt is the next slot of cur that a sweep in steps (ExpireStep) looks
+	// at; sweepSize is cur's size when it began (a set of another size begins
+	// it again).
+	sweepAt, sweepSize int
 }
 
 // slots is one Robin Hood hash table with linear probing.
@@ -345,15 +349,56 @@ func (t *Table) RemoveIf(drop func(exp uint32) bool) int {
 		}
 	}
 	t.n -= removed
-	if len(s.keys) > minSlots && float64(t.n) < compactLoad*float64(len(s.keys)) {
-		// Rebuilt at once: the memory the removed keys took is let go now, and a
-		// table this sparse holds few keys for its size.
-		next := slots{keys: make([]Key, max(minSlots, int(float64(t.n)/rebuildLoad)+1))}
-		next.exp = make([]uint32, len(next.keys))
-		t.Range(func(k Key, e uint32) bool { next.put(k, e); return true })
-		t.cur, t.old, t.moved, t.gone, t.ready = next, nil, 0, nil, nil
-	}
+	t.compact()
 	return removed
+}
+
+// compact rebuilds the table at once when removals have left it sparse: the
+// memory the removed keys took is let go now, and a table this sparse holds few
+// keys for its size.
+func (t *Table) compact() {
+	if len(t.cur.keys) <= minSlots || float64(t.n) >= compactLoad*float64(len(t.cur.keys)) {
+		return
+	}
+	next := slots{keys: make([]Key, max(minSlots, int(float64(t.n)/rebuildLoad)+1))}
+	next.exp = make([]uint32, len(next.keys))
+	t.Range(func(k Key, e uint32) bool { next.put(k, e); return true })
+	t.cur, t.old, t.moved, t.gone, t.ready = next, nil, 0, nil, nil
+}
+
+// ExpireStep is Expire in steps, for a caller that must not be held for as long
+// as a whole table takes (about 30 ms a million keys on a busy machine): each
+// call looks at the next n slots of a sweep through the table and removes the
+// keys expired at now among them, and it reports whether the sweep has slots
+// left. A sweep that reaches the end compacts the table as Expire does and the
+// next call begins another. While a move to a new set is under way, a step moves
+// n slots instead (the sweep goes through one set). A key that Puts move across
+// the sweep's position may be passed over until the next sweep: an expired key
+// still held is not a key seen (Get's callers compare its expiry with their time).
+func (t *Table) ExpireStep(now uint32, n int) bool {
+	if t.old != nil {
+		t.move(n)
+		return true
+	}
+	s := &t.cur
+	if len(s.keys) != t.sweepSize {
+		t.sweepAt, t.sweepSize = 0, len(s.keys)
+	}
+	end := min(t.sweepAt+n, len(s.keys))
+	for i := t.sweepAt; i < end; {
+		if e := s.exp[i]; e != 0 && e <= now {
+			s.removeAt(i)
+			t.n--
+			continue // an entry shifted into i
+		}
+		i++
+	}
+	if t.sweepAt = end; end < len(s.keys) {
+		return true
+	}
+	t.sweepAt = 0
+	t.compact()
+	return false
 }
 
 // Expire removes the keys whose expiry is at or before now.

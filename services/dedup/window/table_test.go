@@ -76,6 +76,78 @@ func TestTableMatchesMap(t *testing.T) {
 	}
 }
 
+// A sweep in steps (ExpireStep), with puts, grows and moves between its steps and
+// time going on, never loses or changes a key still inside its window, keeps Len
+// true, and, once a sweep with no put between its steps ends, holds no key
+// expired at the time it used.
+func TestExpireStepMatchesMap(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	var tb Table
+	model := map[Key]uint32{} // every key put and not seen removed
+	now := uint32(1)
+	sweeps, quiet := 0, 0
+	check := func(step int) {
+		held := 0
+		tb.Range(func(k Key, e uint32) bool {
+			if model[k] != e {
+				t.Fatalf("step %d: the table holds %v until %d, the model until %d", step, k, e, model[k])
+			}
+			held++
+			return true
+		})
+		if tb.Len() != held {
+			t.Fatalf("step %d: Len = %d, %d keys held", step, tb.Len(), held)
+		}
+		for k, e := range model {
+			switch got := tb.Get(k); {
+			case got == e:
+			case got == 0 && e <= now:
+				delete(model, k) // expired and removed
+			default:
+				t.Fatalf("step %d: Get = %d, want %d (now %d)", step, got, e, now)
+			}
+		}
+	}
+	for step := range 100_000 {
+		switch op := r.IntN(20); {
+		case op < 12:
+			exp := now + uint32(1+r.IntN(300))
+			k := randKey(r)
+			tb.Put(k, exp)
+			model[k] = exp
+		case op < 19:
+			n := 1 + r.IntN(200)
+			if !tb.ExpireStep(now, n) {
+				sweeps++
+			}
+		default:
+			now += uint32(r.IntN(20))
+			if r.IntN(10) == 0 {
+				// A sweep with nothing put between its steps (after the end of
+				// the one under way, begun before now moved on).
+				for tb.ExpireStep(now, 1+r.IntN(500)) {
+				}
+				for tb.ExpireStep(now, 1+r.IntN(500)) {
+				}
+				check(step)
+				for k, e := range model {
+					if e <= now {
+						t.Fatalf("step %d: a whole sweep at %d left %v, expired at %d", step, now, k, e)
+					}
+				}
+				quiet++
+			}
+		}
+		if step%1000 == 0 {
+			check(step)
+		}
+	}
+	check(-1)
+	if sweeps < 100 || quiet < 100 {
+		t.Fatalf("%d sweeps ended between puts, %d without: the test does not cover them", sweeps, quiet)
+	}
+}
+
 // A sweep during a move removes the expired keys of both sets and leaves the
 // move going (ending it would rehash the keys not moved yet at once), and a table
 // just grown is not rebuilt by it.
