@@ -475,7 +475,13 @@ func TestSnapshotOfAnotherStreamIsIgnored(t *testing.T) {
 		publishAt(t, nc, "x1", time.Now())
 		waitStored(t, js, 1)
 		stop := runWith(t, nc, cfg, prometheus.NewRegistry())
-		waitIdle(t, js)
+		// The key is in UNIQUE, and so in the snapshot the stop writes.
+		poll.Until(t, 30*time.Second, func() error {
+			if got := streamMsgs(t, js, streams.Unique); got != 1 {
+				return fmt.Errorf("UNIQUE holds %d, want 1", got)
+			}
+			return nil
+		})
 		stop()
 	}
 	// A new server and new streams, the same data dir. The new UNIQUE holds a

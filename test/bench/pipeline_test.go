@@ -400,16 +400,28 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 		at, asked time.Time
 		count     uint64
 	}
-	// The most active parts a partition of table had, asked every tenth poll: past
-	// the server's parts_to_delay_insert (150) it slows every insert down.
-	var mostParts uint64
+	// The most active parts a partition of table had, asked every 200 ms beside
+	// the polls (not between them: that would delay some): past the server's
+	// parts_to_delay_insert (150) it slows every insert down.
+	mostParts := make(chan uint64, 1)
+	go func() {
+		var most uint64
+		defer func() { mostParts <- most }()
+		t := time.NewTicker(200 * time.Millisecond)
+		defer t.Stop()
+		for {
+			most = max(most, activeParts(ctx, conn, table))
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+		}
+	}()
 	go func() {
 		defer close(done)
 		deadline := time.Now().Add(d + 2*time.Minute)
-		for i := 0; time.Now().Before(deadline); i++ {
-			if i%10 == 0 {
-				mostParts = max(mostParts, activeParts(ctx, conn, table))
-			}
+		for time.Now().Before(deadline) {
 			asked := time.Now()
 			c := rows(ctx, conn, table)
 			visible = append(visible, struct {
@@ -475,7 +487,7 @@ func latencyAtRate(b *testing.B, ctx context.Context, nc *nats.Conn, conn driver
 	slices.Sort(took)
 	delayedAfter, delayedMSAfter := insertDelays(ctx, conn)
 	b.Logf("latency run %q from %s: p99 %.0f ms, max %.0f ms; events at or over the p99 by when sent: %s; the poll's query (%s) p50 %.0f, p99 %.0f, max %.0f ms; ClickHouse delayed %d inserts by %d ms in all (at most %d active parts in a partition of %s)", prefix, sent[0].UTC().Format("15:04:05.000"), p99, bySlow[len(bySlow)-1], strings.Join(tail, " "),
-		how, took[len(took)/2], took[len(took)*99/100], took[len(took)-1], delayedAfter-delayed, delayedMSAfter-delayedMS, mostParts, table)
+		how, took[len(took)/2], took[len(took)*99/100], took[len(took)-1], delayedAfter-delayed, delayedMSAfter-delayedMS, <-mostParts, table)
 	return bySlow[len(bySlow)/2], p99
 }
 
