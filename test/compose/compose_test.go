@@ -22,6 +22,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
@@ -233,6 +234,15 @@ func TestComposeStack(t *testing.T) {
 	s.up()
 	ctx := context.Background()
 	ch := openClickHouse(t, s.addr("clickhouse", 9000), password)
+	// The migrate step applied the migrations before the pipeline and the sink
+	// started: each is recorded once (both applying them at once recorded some twice).
+	var rows, versions uint64
+	if err := ch.QueryRow(ctx, "SELECT count(), uniqExact(version) FROM schema_migrations").Scan(&rows, &versions); err != nil {
+		t.Fatal(err)
+	}
+	if ms, _ := chmigrate.Migrations(); rows != versions || versions != uint64(len(ms)) {
+		t.Fatalf("schema_migrations holds %d rows of %d versions, want one row of each of %d migrations", rows, versions, len(ms))
+	}
 	const parts = 6
 	r := newOracleRun(t, s, h, oracle.Spec{Total: 24_000, RepeatRatio: 0.05, InvalidRate: 0.01, Seed: 41}, parts)
 	if err := r.publish(r.part(0)); err != nil {

@@ -96,6 +96,15 @@ func RunStages(ctx context.Context, s Stages) error {
 	ready := func(name string) func() { return func() { s.Ready.Set("stage "+name, nil) } }
 	var runs []stageRun
 	if !s.Split {
+		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))
+		// The pipeline and the sink stage each apply the migrations at start. At
+		// once, both would apply the same ones (each recording them), and on a
+		// ClickHouse cluster their two ALTER ... ON CLUSTER of one table can stall
+		// past the read timeout (18.16): apply them here first, once; the stages
+		// then find them applied.
+		if _, _, err := sink.Prepare(ctx, s.ClickHouse, s.Shards, typed, s.Log); err != nil {
+			return fmt.Errorf("prepare ClickHouse: %w", err)
+		}
 		pipeCfg := pipeline.DefaultConfig()
 		pipeCfg.Window, pipeCfg.Ingest, pipeCfg.Enrich, pipeCfg.Alert = dedupCfg.Window, dedupCfg.Ingest, enrichCfg, alertCfg
 		pipeCfg.Typed, pipeCfg.DataDir = typed, s.DataDir
@@ -104,7 +113,6 @@ func RunStages(ctx context.Context, s Stages) error {
 			pipeCfg.Partitions = s.Partitions
 		}
 		sinkCfg.Tables = []string{"dead_letters", "alerts"}
-		s.Ready.Set("stage "+notify.Name, errors.New("not consuming yet"))
 		runs = []stageRun{
 			{pipeline.Name, func(ctx context.Context) error {
 				return pipeline.Run(ctx, pipeCfg, pipeline.Deps{NATS: s.NATS, ClickHouse: s.ClickHouse, Shards: s.Shards, Logger: s.Log, Registerer: s.Registerer, Ready: s.Ready})

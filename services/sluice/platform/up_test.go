@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/chserver"
 	"github.com/sluicehq/sluice/services/kit/poll"
@@ -98,6 +99,16 @@ func TestUpStartsEverything(t *testing.T) {
 		}
 		return nil
 	})
+	// The stages found the migrations applied: each is recorded once (the pipeline
+	// and the sink applying them at once recorded some twice, and on a ClickHouse
+	// cluster their concurrent ALTERs could stall past the read timeout).
+	var rows, versions uint64
+	if err := conn.QueryRow(ctx, "SELECT count(), uniqExact(version) FROM schema_migrations").Scan(&rows, &versions); err != nil {
+		t.Fatal(err)
+	}
+	if ms, _ := chmigrate.Migrations(); rows != versions || versions != uint64(len(ms)) {
+		t.Fatalf("schema_migrations holds %d rows of %d versions, want one row of each of %d migrations", rows, versions, len(ms))
+	}
 	conn.Close()
 	cancel()
 	select {
