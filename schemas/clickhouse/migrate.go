@@ -122,9 +122,12 @@ func columnExists(ex *clickhouse.Exception, stmt string) bool {
 
 // Migrate applies every embedded migration that schema_migrations does not list, in
 // order, on conn (whose default database is the target). It is meant to run from one
-// process at a time (the sink, or `sluice migrate`), but replicas starting together
-// are safe: CREATE statements use IF NOT EXISTS, and an ADD COLUMN (18.16 has no IF
-// NOT EXISTS there) that finds its column added is taken as done.
+// process at a time (`sluice migrate`, or `sluice up` before its stages). Services
+// starting together each apply it and end with the schema wanted (CREATE statements
+// use IF NOT EXISTS, and an ADD COLUMN, which has no IF NOT EXISTS on 18.16, that
+// finds its column added is taken as done), but each records the migrations it
+// applied, and on a cluster their concurrent ALTER ... ON CLUSTER of one table can
+// stall past the read timeout (seen on 18.16).
 func Migrate(ctx context.Context, conn driver.Conn, log *slog.Logger) error {
 	return MigrateTo(ctx, conn, Target{}, log)
 }
