@@ -235,7 +235,8 @@ func TestComposeStack(t *testing.T) {
 	ctx := context.Background()
 	ch := openClickHouse(t, s.addr("clickhouse", 9000), password)
 	// The migrate step applied the migrations before the pipeline and the sink
-	// started: each is recorded once (both applying them at once recorded some twice).
+	// started: each is recorded once (the two applying them at start, at once, could
+	// each record them, as they did in sluice up).
 	var rows, versions uint64
 	if err := ch.QueryRow(ctx, "SELECT count(), uniqExact(version) FROM schema_migrations").Scan(&rows, &versions); err != nil {
 		t.Fatal(err)
