@@ -241,7 +241,11 @@ func TestComposeStack(t *testing.T) {
 	if err := ch.QueryRow(ctx, "SELECT count(), uniqExact(version) FROM schema_migrations").Scan(&rows, &versions); err != nil {
 		t.Fatal(err)
 	}
-	if ms, _ := chmigrate.Migrations(); rows != versions || versions != uint64(len(ms)) {
+	ms, err := chmigrate.Migrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows != versions || versions != uint64(len(ms)) {
 		t.Fatalf("schema_migrations holds %d rows of %d versions, want one row of each of %d migrations", rows, versions, len(ms))
 	}
 	const parts = 6
