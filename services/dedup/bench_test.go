@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -159,3 +160,48 @@ func BenchmarkRestart(b *testing.B) {
 }
 
 var benchLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// BenchmarkAdmitDuringSave is how long the stage's Admit waits while the state
+// expires its keys and writes its snapshot, a million keys held: the worst wait
+// of the admits made during each expiry and save (worst-admit-ms, the worst of
+// b.N rounds). Each admitted key's window has ended, so the store does not grow
+// and each admit is the lock's wait and a lookup.
+func BenchmarkAdmitDuringSave(b *testing.B) {
+	const n = 1_000_000
+	const now = 1_000_000
+	store := window.NewStore(0)
+	for i := range n {
+		exp := uint32(now + 1_000_000)
+		if i%10 == 0 {
+			exp = now + 100 // a tenth of the keys end before the first expiry
+		}
+		store.Add(testKey(i), exp, uint64(i+1), now)
+	}
+	s := &state{store: store, path: filepath.Join(b.TempDir(), "snapshot"), log: slog.New(slog.DiscardHandler)}
+	var worst time.Duration
+	next := 10 * n
+	b.ResetTimer()
+	for round := range b.N {
+		done := make(chan error, 1)
+		go func() {
+			s.expire(uint32(now + 200 + round))
+			done <- s.save()
+		}()
+	admits:
+		for {
+			select {
+			case err := <-done:
+				if err != nil {
+					b.Fatal(err)
+				}
+				break admits
+			default:
+			}
+			began := time.Now()
+			store.Admit(testKey(next), now, uint64(next+1), now+200)
+			worst = max(worst, time.Since(began))
+			next++
+		}
+	}
+	b.ReportMetric(float64(worst.Microseconds())/1000, "worst-admit-ms")
+}

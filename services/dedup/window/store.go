@@ -34,13 +34,25 @@ func (s *Store) SetOrigin(origin uint64) {
 // NewStore returns an empty store holding at most maxKeys keys (0: no bound).
 func NewStore(maxKeys int) *Store { return &Store{maxKeys: maxKeys, t: Table{max: maxKeys}} }
 
-// Clone returns a copy of the store (a copy of its table's two arrays: a few
-// milliseconds a million keys), for a snapshot written while this store goes on.
+// Clone returns a copy of the store, for a snapshot written while this store goes
+// on. The copy's memory is made, and its pages faulted in, before the lock is
+// taken (at a million keys that took up to 50 ms here, the copy itself about 2):
+// Add waits for the copy alone.
 func (s *Store) Clone() *Store {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	c := &Store{t: s.t.clone(), maxKeys: s.maxKeys, lastSeq: s.lastSeq, evicted: s.evicted, horizon: s.horizon, origin: s.origin}
-	return c
+	for {
+		s.mu.RLock()
+		sh := s.t.shape()
+		s.mu.RUnlock()
+		cur, old := touchedSlots(sh.cur), touchedSlots(sh.old)
+		s.mu.RLock()
+		if s.t.shape() == sh {
+			c := &Store{t: s.t.cloneInto(cur, old), maxKeys: s.maxKeys, lastSeq: s.lastSeq, evicted: s.evicted, horizon: s.horizon, origin: s.origin}
+			s.mu.RUnlock()
+			return c
+		}
+		// The table grew, or ended a move, meanwhile: made again for its new shape.
+		s.mu.RUnlock()
+	}
 }
 
 // Reset empties the store, keeping its cap and origin.

@@ -88,16 +88,52 @@ const (
 
 // clone returns a copy of t.
 func (t *Table) clone() Table {
-	c := Table{cur: t.cur.clone(), n: t.n, moved: t.moved, gone: slices.Clone(t.gone), max: t.max}
+	sh := t.shape()
+	return t.cloneInto(touchedSlots(sh.cur), touchedSlots(sh.old))
+}
+
+// shape is the sizes of a table's sets (cur, and old during a move: 0 when
+// none): the sets a copy of it is made in.
+type shape struct{ cur, old int }
+
+func (t *Table) shape() shape {
+	sh := shape{cur: len(t.cur.keys)}
 	if t.old != nil {
-		old := t.old.clone()
+		sh.old = len(t.old.keys)
+	}
+	return sh
+}
+
+// cloneInto returns a copy of t in cur and old, sets of t's shape.
+func (t *Table) cloneInto(cur, old slots) Table {
+	t.cur.copyTo(&cur)
+	c := Table{cur: cur, n: t.n, moved: t.moved, gone: slices.Clone(t.gone), max: t.max}
+	if t.old != nil {
+		t.old.copyTo(&old)
 		c.old = &old
 	}
 	return c
 }
 
-func (s *slots) clone() slots {
-	return slots{keys: slices.Clone(s.keys), exp: slices.Clone(s.exp), used: s.used}
+// copyTo copies s into d, a set of s's size.
+func (s *slots) copyTo(d *slots) {
+	copy(d.keys, s.keys)
+	copy(d.exp, s.exp)
+	d.used = s.used
+}
+
+// touchedSlots returns an empty set of size slots, each page of its memory
+// written once already: the first write to a page of new memory is a page fault
+// (about 10 µs here), which a copy into it later then does not meet.
+func touchedSlots(size int) slots {
+	s := slots{keys: make([]Key, size), exp: make([]uint32, size)}
+	for i := 0; i < len(s.keys); i += pageBytes / 16 {
+		s.keys[i] = Key{}
+	}
+	for i := 0; i < len(s.exp); i += pageBytes / 4 {
+		s.exp[i] = 0
+	}
+	return s
 }
 
 // Len is the number of keys held.
