@@ -415,6 +415,39 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 		ready()
 	}
 	s.log.Info("alert rules loaded", "rules", len(s.engine.Rules()), "from_seq", s.seq+1)
+	// The saver uploads and saves each state the loop captured, while input goes
+	// on; one at a time (a tick while one is in flight is skipped). The loop waits
+	// for the one in flight before its final save.
+	saves := make(chan captured)
+	saved := make(chan error, 1)
+	saving := false
+	wg.Go(func() {
+		for c := range saves {
+			saved <- s.store(context.WithoutCancel(ctx), c)
+		}
+	})
+	defer close(saves)
+	savedWith := func(err error) {
+		saving = false
+		if err == nil {
+			return
+		}
+		if verr := s.state.Valid(); verr != nil {
+			s.invalid = fmt.Errorf("alert: %w", verr)
+			return
+		}
+		s.log.Warn("save state", "err", err)
+	}
+	// final waits for the save in flight, then saves the state as the run ends.
+	final := func() error {
+		if saving {
+			savedWith(<-saved)
+		}
+		if s.invalid != nil {
+			return s.invalid
+		}
+		return s.save(context.WithoutCancel(ctx))
+	}
 	snap := time.NewTicker(s.cfg.SnapshotInterval)
 	defer snap.Stop()
 	tick := time.NewTicker(time.Second)
@@ -434,10 +467,12 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			it.Stop()
 			for range msgs {
 			}
-			return s.save(context.WithoutCancel(ctx))
+			return final()
+		case err := <-saved:
+			savedWith(err)
 		case msg, ok := <-msgs:
 			if !ok {
-				return s.save(context.WithoutCancel(ctx))
+				return final()
 			}
 			lastInput = time.Now()
 			s.handle(ctx, msg)
@@ -454,13 +489,16 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			s.emit(ctx, s.engine.SetRules(rules), false)
 			s.log.Info("alert rules reloaded", "rules", len(rules))
 		case <-snap.C:
-			if err := s.save(ctx); err != nil {
-				if err := s.state.Valid(); err != nil {
-					s.invalid = fmt.Errorf("alert: %w", err)
-					continue
-				}
-				s.log.Warn("save state", "err", err)
+			if saving {
+				continue
 			}
+			c, err := s.settleAndCapture(ctx)
+			if err != nil {
+				savedWith(err)
+				continue
+			}
+			saving = true
+			saves <- c // the saver is idle: it takes it at once
 		}
 	}
 }
@@ -630,13 +668,23 @@ func (s *stageRun) publish(ctx context.Context, m *nats.Msg) {
 
 // save publishes what is pending, then writes the snapshot.
 func (s *stageRun) save(ctx context.Context) error {
+	c, err := s.settleAndCapture(ctx)
+	if err != nil {
+		return err
+	}
+	return s.store(ctx, c)
+}
+
+// settleAndCapture publishes what is pending, then captures the state (on the
+// loop, which owns the engine), for store.
+func (s *stageRun) settleAndCapture(ctx context.Context) (captured, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if err := s.pub.Settle(ctx); err != nil {
-		return fmt.Errorf("alert: save state: %w", err)
+		return captured{}, fmt.Errorf("alert: save state: %w", err)
 	}
 	s.settled = time.Now().UTC()
-	return s.write(ctx)
+	return s.capture()
 }
 
 // write writes the snapshot. Its SavedAt is when every change up to its position
@@ -644,21 +692,47 @@ func (s *stageRun) save(ctx context.Context) error {
 // published since then, and the snapshot written at start must not move that on
 // past what the run before it published.
 func (s *stageRun) write(ctx context.Context) error {
+	c, err := s.capture()
+	if err != nil {
+		return err
+	}
+	return s.store(ctx, c)
+}
+
+// captured is a state captured and not yet saved: its checkpoint, and the
+// snapshot that will name it.
+type captured struct {
+	cp   *Capture
+	snap snapshot
+}
+
+// capture takes the engine's state as of now, and the position it is at.
+func (s *stageRun) capture() (captured, error) {
 	c, err := s.cp.Capture(s.engine)
 	if err != nil {
-		return fmt.Errorf("alert: save state: %w", err)
+		return captured{}, fmt.Errorf("alert: save state: %w", err)
 	}
-	list, err := c.Upload(ctx)
+	return captured{cp: c, snap: snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled}}, nil
+}
+
+// store uploads a captured state's checkpoint and saves the snapshot naming it
+// (within a minute). It reads nothing the loop changes: the saver runs it while
+// input goes on.
+func (s *stageRun) store(ctx context.Context, c captured) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	list, err := c.cp.Upload(ctx)
 	if err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
-	b, err := json.Marshal(snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled, Checkpoint: list})
+	c.snap.Checkpoint = list
+	b, err := json.Marshal(c.snap)
 	if err != nil {
 		return fmt.Errorf("alert: encode state: %w", err)
 	}
 	if err := s.state.Save(ctx, b); err != nil {
 		return fmt.Errorf("alert: save state: %w", err)
 	}
-	c.Saved(ctx)
+	c.cp.Saved(ctx)
 	return nil
 }

@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -205,18 +207,11 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 	// before the newest when this run stops (the checkpoint files of both are kept).
 	// Waited for: on a slow machine the one the first run wrote at its stop is still
 	// there a while, and its files are gone by the end.
-	var older []byte
-	poll.Until(t, 30*time.Second, func() error {
-		info, err := store.GetInfo(ctx, "state")
-		if err != nil {
-			return err
-		}
-		if info.NUID == stopped.NUID {
-			return errors.New("the second run has not saved its state yet")
-		}
-		older, err = store.GetBytes(ctx, "state")
-		return err
-	})
+	savedSince(t, store, stopped.NUID, "the second run has not saved its state yet")
+	older, err := store.GetBytes(ctx, "state")
+	if err != nil {
+		t.Fatal(err)
+	}
 	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
 	poll.Until(t, 10*time.Second, func() error {
 		if n := len(h.alertsInStream()); n != 3 {
@@ -441,4 +436,110 @@ func TestRulesReload(t *testing.T) {
 		}
 		return fmt.Errorf("rule b not loaded yet")
 	})
+}
+
+// savedSince waits until the state object is another than the one of NUID nuid
+// (a save since); why is the failure's message.
+func savedSince(t *testing.T, store jetstream.ObjectStore, nuid, why string) {
+	t.Helper()
+	poll.Until(t, 30*time.Second, func() error {
+		info, err := store.GetInfo(context.Background(), "state")
+		if err != nil {
+			return err
+		}
+		if info.NUID == nuid {
+			return errors.New(why)
+		}
+		return nil
+	})
+}
+
+// heldState is a StateStore whose saves wait, once hold is set, until released:
+// a slow object store.
+type heldState struct {
+	StateStore
+	hold    atomic.Bool
+	held    chan struct{} // a save is waiting
+	release chan struct{}
+}
+
+func (h *heldState) Save(ctx context.Context, b []byte) error {
+	if h.hold.Load() {
+		select {
+		case h.held <- struct{}{}:
+		default:
+		}
+		select {
+		case <-h.release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return h.StateStore.Save(ctx, b)
+}
+
+// The stage goes on reading its input and publishing alert changes while a save
+// of its state waits for the store: the save runs beside the loop, not in it. Once
+// the store answers, the state is saved, and the stop's final save follows it.
+func TestAlertsGoOnWhileASaveWaits(t *testing.T) {
+	h := newHarness(t)
+	ctx := context.Background()
+	f, err := configfile.Load(writeConfig(t, loginRule))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.GroupsDir = t.TempDir()
+	store, err := streams.ObjectStore(ctx, h.js, jetstream.ObjectStoreConfig{Bucket: StateBucket, Storage: jetstream.FileStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := &heldState{StateStore: objectState{store, replicaEnded(cfg.SnapshotInterval)}, held: make(chan struct{}, 1), release: make(chan struct{})}
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(state.release) }) }
+	defer release()
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ready, done := make(chan struct{}), make(chan error, 1)
+	go func() {
+		done <- RunWith(runCtx, cfg, Deps{NATS: h.nc, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: prometheus.NewRegistry(), Ready: func() { close(ready) }}, state)
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("the stage stopped: %v", err)
+	}
+	state.hold.Store(true)
+	select {
+	case <-state.held:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no save began within 30 s of snapshot_interval 100ms")
+	}
+
+	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	for i := range 5 {
+		h.publish("login.failed", base.Add(time.Duration(i)*time.Second), `{"user":"u"}`)
+	}
+	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
+	poll.Until(t, 30*time.Second, func() error {
+		if n := count(h.alertsInStream(), alerts.Firing, "user")["u"]; n != 1 {
+			return fmt.Errorf("%d firing alerts for u while the save waits; want 1", n)
+		}
+		return nil
+	})
+
+	state.hold.Store(false)
+	before, err := store.GetInfo(ctx, "state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	release()
+	savedSince(t, store, before.NUID, "the state is not saved again after the store answered")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
 }
