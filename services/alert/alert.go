@@ -415,12 +415,20 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 		ready()
 	}
 	s.log.Info("alert rules loaded", "rules", len(s.engine.Rules()), "from_seq", s.seq+1)
-	// The saver uploads and saves each state the loop captured, while input goes
-	// on; one at a time (a tick while one is in flight is skipped). The loop waits
-	// for the one in flight before its final save.
+	// At a tick the loop begins a capture of the state (Checkpoints.Begin) and
+	// ends it in steps (CaptureStep groups at a time, for StepTime) while no input
+	// waits, or between inputs from a second after the tick; the saver then uploads
+	// and saves it while input goes on. One save at a time: a tick while one is
+	// captured or saved is skipped. The final save waits for the one being saved;
+	// one being captured is ended by the final capture and saved with it.
 	saves := make(chan captured)
 	saved := make(chan error, 1)
 	saving := false
+	var capturing *Pending
+	var capturingSnap snapshot
+	var stepsBegun time.Time
+	always := make(chan struct{})
+	close(always)
 	wg.Go(func() {
 		for c := range saves {
 			saved <- s.store(context.WithoutCancel(ctx), c)
@@ -437,6 +445,16 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			return
 		}
 		s.log.Warn("save state", "err", err)
+	}
+	endCapture := func() {
+		c, err := capturing.End()
+		capturing = nil
+		if err != nil {
+			savedWith(err)
+			return
+		}
+		saving = true
+		saves <- captured{cp: c, snap: capturingSnap} // the saver is idle: it takes it at once
 	}
 	// final waits for the save in flight, then saves the state as the run ends.
 	final := func() error {
@@ -462,7 +480,17 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			}
 			return s.invalid
 		}
+		var stepping chan struct{}
+		if capturing != nil && (len(msgs) == 0 || time.Since(stepsBegun) > time.Second) {
+			stepping = always
+		}
 		select {
+		case <-stepping:
+			for began := time.Now(); capturing != nil && time.Since(began) < StepTime; {
+				if !capturing.Step(CaptureStep) {
+					endCapture()
+				}
+			}
 		case <-ctx.Done():
 			it.Stop()
 			for range msgs {
@@ -489,16 +517,19 @@ func (s *stageRun) run(ctx context.Context, ready func()) error {
 			s.emit(ctx, s.engine.SetRules(rules), false)
 			s.log.Info("alert rules reloaded", "rules", len(rules))
 		case <-snap.C:
-			if saving {
+			if saving || capturing != nil {
 				continue
 			}
-			c, err := s.settleAndCapture(ctx)
-			if err != nil {
+			if err := s.settle(ctx); err != nil {
 				savedWith(err)
 				continue
 			}
-			saving = true
-			saves <- c // the saver is idle: it takes it at once
+			p, err := s.cp.Begin(s.engine)
+			if err != nil {
+				savedWith(fmt.Errorf("alert: save state: %w", err))
+				continue
+			}
+			capturing, capturingSnap, stepsBegun = p, s.head(), time.Now()
 		}
 	}
 }
@@ -675,16 +706,25 @@ func (s *stageRun) save(ctx context.Context) error {
 	return s.store(ctx, c)
 }
 
-// settleAndCapture publishes what is pending, then captures the state (on the
-// loop, which owns the engine), for store.
+// settleAndCapture publishes what is pending, then captures the state at once
+// (on the loop, which owns the engine), for store.
 func (s *stageRun) settleAndCapture(ctx context.Context) (captured, error) {
+	if err := s.settle(ctx); err != nil {
+		return captured{}, err
+	}
+	return s.capture()
+}
+
+// settle waits (a minute at most) until every change published is stored, and
+// notes when.
+func (s *stageRun) settle(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if err := s.pub.Settle(ctx); err != nil {
-		return captured{}, fmt.Errorf("alert: save state: %w", err)
+		return fmt.Errorf("alert: save state: %w", err)
 	}
 	s.settled = time.Now().UTC()
-	return s.capture()
+	return nil
 }
 
 // write writes the snapshot. Its SavedAt is when every change up to its position
@@ -712,7 +752,12 @@ func (s *stageRun) capture() (captured, error) {
 	if err != nil {
 		return captured{}, fmt.Errorf("alert: save state: %w", err)
 	}
-	return captured{cp: c, snap: snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled}}, nil
+	return captured{cp: c, snap: s.head()}, nil
+}
+
+// head is the snapshot of the state as of now, its checkpoint to come.
+func (s *stageRun) head() snapshot {
+	return snapshot{StreamCreated: s.created, Seq: s.seq, ReplayUntil: s.replay, SavedAt: s.settled}
 }
 
 // store uploads a captured state's checkpoint and saves the snapshot naming it

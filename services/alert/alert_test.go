@@ -29,13 +29,13 @@ import (
 )
 
 type harness struct {
-	t  *testing.T
+	t  testing.TB
 	nc *nats.Conn
 	js jetstream.JetStream
 	n  int
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t testing.TB) *harness {
 	ns := natstest.Run(t)
 	nc, js := ns.Connect(t)
 	if err := service.ApplyTopology(context.Background(), nc, 1); err != nil {
@@ -65,7 +65,7 @@ type stageHandle struct {
 	reg    *prometheus.Registry
 }
 
-func (s *stageHandle) stop(t *testing.T) {
+func (s *stageHandle) stop(t testing.TB) {
 	t.Helper()
 	s.cancel()
 	<-s.done
@@ -128,7 +128,7 @@ func (h *harness) alertsInStream() []*alerts.Alert {
 	return out
 }
 
-func writeConfig(t *testing.T, text string) string {
+func writeConfig(t testing.TB, text string) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "sluice.yaml")
 	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {

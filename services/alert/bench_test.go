@@ -10,10 +10,13 @@ import (
 	"path/filepath"
 	"runtime"
 	rtmetrics "runtime/metrics"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/sluicehq/sluice/schemas/events"
 )
@@ -458,5 +461,79 @@ func BenchmarkCheckpoint(b *testing.B) {
 	b.ReportMetric(time.Since(restoreStart).Seconds(), "restore-s")
 	if got, want := restored.State().Rules["busy-user"].size(), e.State().Rules["busy-user"].size(); got != want {
 		b.Fatalf("restored %d groups of %d", got, want)
+	}
+}
+
+// BenchmarkStageSaveHold is how long the alert stage's loop stops for a save of
+// many changed groups: 300,000 groups of a threshold rule changed (one event each),
+// then an instant rule's event ("ping") published every 20 ms for 15 s, each waited
+// for in ALERTS; a save every 10 s falls among them. It reports the pings' p50,
+// p99 and max time from publish to the alert (the max: the longest the loop stopped
+// for a save, within a ping's spacing).
+func BenchmarkStageSaveHold(b *testing.B) {
+	const groups, pings = 300_000, 700
+	for range b.N {
+		h := newHarness(b)
+		st := h.start(writeConfig(b, `
+alert: {snapshot_interval: 10s, idle_after: 1h}
+rules:
+  - name: ping
+    filter: type == "ping"
+  - name: busy
+    kind: threshold
+    filter: type == "view"
+    group_by: [data.user]
+    window: 1h
+    op: ">"
+    threshold: 1000000
+`))
+		ctx := context.Background()
+		at := time.Now().UTC()
+		publish := func(id, typ, data string, async bool) {
+			e := &events.Event{ID: id, Source: "bench", Type: typ, Time: at, Key: "bench/" + id, Data: json.RawMessage(data)}
+			body, err := e.Marshal()
+			if err == nil && async {
+				_, err = h.js.PublishAsync("enriched.bench", body)
+			} else if err == nil {
+				_, err = h.js.Publish(ctx, "enriched.bench", body)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+		for i := range groups {
+			publish(fmt.Sprint("v", i), "view", fmt.Sprintf(`{"user":"u%d"}`, i), true)
+		}
+		<-h.js.PublishAsyncComplete()
+		alerted := make(chan struct{}, pings+1)
+		sub, err := h.nc.Subscribe("alerts.ping.>", func(*nats.Msg) { alerted <- struct{}{} })
+		if err != nil {
+			b.Fatal(err)
+		}
+		// The first ping's alert comes once the groups' events are read.
+		publish("p-first", "ping", `{}`, false)
+		select {
+		case <-alerted:
+		case <-time.After(5 * time.Minute):
+			b.Fatal("the stage did not read the groups' events in 5 minutes")
+		}
+		lat := make([]float64, 0, pings)
+		for i := range pings {
+			sent := time.Now()
+			publish(fmt.Sprint("p", i), "ping", `{}`, false)
+			select {
+			case <-alerted:
+			case <-time.After(time.Minute):
+				b.Fatalf("ping %d: no alert in a minute", i)
+			}
+			lat = append(lat, float64(time.Since(sent).Microseconds())/1000)
+			time.Sleep(20 * time.Millisecond) // the pings' spacing, not a wait for a condition
+		}
+		_ = sub.Unsubscribe()
+		st.stop(b)
+		slices.Sort(lat)
+		b.ReportMetric(lat[len(lat)/2], "ping-p50-ms")
+		b.ReportMetric(lat[len(lat)*99/100], "ping-p99-ms")
+		b.ReportMetric(lat[len(lat)-1], "ping-max-ms")
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/sluicehq/sluice/services/kit/partition"
 )
@@ -290,6 +291,15 @@ func (c *Checkpoints) begin(e *Engine, atOnce bool) (*Pending, error) {
 	c.pending = p
 	return p, nil
 }
+
+// How a loop that runs an engine ends a capture begun (Begin) in steps between
+// its other work: CaptureStep groups a step (Pending.Step), again and again until
+// StepTime has passed (1,000 groups a step took 10–40 ms each at half load on the
+// benchmark's machine: docs/benchmarks.md).
+const (
+	CaptureStep = 100
+	StepTime    = 2 * time.Millisecond
+)
 
 // Pending is a capture begun (Checkpoints.Begin) and not ended.
 type Pending struct {

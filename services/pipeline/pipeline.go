@@ -348,14 +348,9 @@ const savePace = 8 << 20
 // changed groups (a capture at once held the loop up to 117 ms at half load) and
 // sweeps the dedup keys for those whose window ended (at once: 30 ms at a million
 // keys on the benchmark's busy machine), a little at a time between its other work
-// (docs/benchmarks.md). A step takes captureStep groups, then sweepStep slots of
-// the keys, again and again until stepTime has passed (1,000 groups at a time
-// took 10–40 ms on that machine).
-const (
-	captureStep = 100
-	sweepStep   = 16 << 10
-	stepTime    = 2 * time.Millisecond
-)
+// (docs/benchmarks.md). A step takes alert.CaptureStep groups, then sweepStep slots
+// of the keys, again and again until alert.StepTime has passed.
+const sweepStep = 16 << 10
 
 // inflightBatches is how many full batches (MaxRows events) a worker holds read
 // and not yet stored, across its partitions: one inserting while the next is read,
@@ -1192,9 +1187,9 @@ func (r *run) run(ctx context.Context) error {
 		}
 		select {
 		case <-stepping:
-			for began := time.Now(); time.Since(began) < stepTime; {
+			for began := time.Now(); time.Since(began) < alert.StepTime; {
 				if capturePart != nil {
-					if !capturePart.Step(captureStep) {
+					if !capturePart.Step(alert.CaptureStep) {
 						if err := endCapture(); err != nil {
 							return stop(err)
 						}
