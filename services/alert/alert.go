@@ -697,22 +697,12 @@ func (s *stageRun) publish(ctx context.Context, m *nats.Msg) {
 	}
 }
 
-// save publishes what is pending, then writes the snapshot.
+// save publishes what is pending, then writes the snapshot (captured at once).
 func (s *stageRun) save(ctx context.Context) error {
-	c, err := s.settleAndCapture(ctx)
-	if err != nil {
+	if err := s.settle(ctx); err != nil {
 		return err
 	}
-	return s.store(ctx, c)
-}
-
-// settleAndCapture publishes what is pending, then captures the state at once
-// (on the loop, which owns the engine), for store.
-func (s *stageRun) settleAndCapture(ctx context.Context) (captured, error) {
-	if err := s.settle(ctx); err != nil {
-		return captured{}, err
-	}
-	return s.capture()
+	return s.write(ctx)
 }
 
 // settle waits (a minute at most) until every change published is stored, and
