@@ -236,3 +236,51 @@ func (h *harness) waitCounter(name, result string, n float64) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A lookup table's bucket deleted and made again (`nats kv rm users`, `nats kv add
+// users`, new puts) while the stage runs: nats.go ends the watch when it cannot make
+// its consumer again, and the stage must follow the new bucket, not keep the old
+// values for good.
+func TestKVBucketRemadeIsFollowed(t *testing.T) {
+	h := newHarness(t)
+	cfg := DefaultConfig()
+	cfg.Enrich.Tables = []TableConfig{{Name: "users", KV: "users", Default: map[string]any{"plan": "unknown"}}}
+	cfg.Enrich.Rules = []RuleConfig{{Lookups: []LookupConfig{{Table: "users", From: "data.user", To: "user"}}}}
+	ctx := context.Background()
+	kv, err := h.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "users"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"u1", "u2", "u3"} {
+		if _, err := kv.Put(ctx, k, []byte(`{"plan":"free"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.run(cfg)
+	if e := h.send(`{"user":"u1"}`); e.Enrichment["user_plan"] != "free" {
+		t.Fatalf("before: %v", e.Enrichment)
+	}
+	if err := h.js.DeleteKeyValue(ctx, "users"); err != nil {
+		t.Fatal(err)
+	}
+	kv, err = h.js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "users"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "u1", []byte(`{"plan":"pro"}`)); err != nil {
+		t.Fatal(err)
+	}
+	e := h.sendUntil(`{"user":"u1"}`, func(e *events.Event) bool { return e.Enrichment["user_plan"] == "pro" })
+	if v := e.Enrichment[VersionsField].(map[string]any)["users"]; v != "kv:users@1" {
+		t.Fatalf("version after the bucket was made again = %v, want kv:users@1", v)
+	}
+	// u2 is not in the new bucket: the default, not the old bucket's value.
+	if e := h.send(`{"user":"u2"}`); e.Enrichment["user_plan"] != "unknown" {
+		t.Fatalf("a key of the old bucket only: %v", e.Enrichment)
+	}
+	// And the new bucket's changes go on being followed.
+	if _, err := kv.Put(ctx, "u3", []byte(`{"plan":"team"}`)); err != nil {
+		t.Fatal(err)
+	}
+	h.sendUntil(`{"user":"u3"}`, func(e *events.Event) bool { return e.Enrichment["user_plan"] == "team" })
+}

@@ -20,6 +20,7 @@ import (
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/services/kit/kvfollow"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -200,7 +201,9 @@ func (t *kvTable) setRev(rev uint64) {
 func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if e.Revision() > t.rev {
+	// Entries come in revision order, but a bucket made again starts its revisions
+	// anew: the table's version is the last entry's.
+	if e.Revision() != t.rev {
 		t.setRev(e.Revision())
 	}
 	switch e.Operation() {
@@ -217,37 +220,20 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 }
 
 // watchKV opens (creating if needed, in replicas copies) bucket and keeps t in step with it until ctx
-// is done. It returns once the bucket's current values are loaded; the watch goes on
-// in a goroutine that done waits for.
-func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, log *slog.Logger) (t *kvTable, done func(), err error) {
+// is done or stop is called (kvfollow: also when the bucket is deleted and made
+// again). It returns once the bucket's current values are loaded.
+func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, replicas int, log *slog.Logger) (t *kvTable, stop func(), err error) {
 	kv, err := streams.OpenKeyValue(ctx, js, jetstream.KeyValueConfig{Bucket: bucket, Description: "sluice lookup table", Replicas: replicas})
 	if err != nil {
 		return nil, nil, fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}
-	w, err := kv.WatchAll(ctx)
-	if err != nil {
-		return nil, nil, fmt.Errorf("watch KV bucket %s: %w", bucket, err)
-	}
 	t = &kvTable{bucket: bucket}
 	t.setRev(0)
-	for e := range w.Updates() {
-		if e == nil { // the current values are all in
-			break
-		}
-		t.apply(e, log)
+	stop, err = kvfollow.Follow(ctx, kvfollow.Config{KV: kv, Log: log}, func(e jetstream.KeyValueEntry) { t.apply(e, log) })
+	if err != nil {
+		return nil, nil, err
 	}
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for e := range w.Updates() {
-			if e != nil {
-				t.apply(e, log)
-			}
-		}
-	})
-	return t, func() {
-		_ = w.Stop()
-		wg.Wait()
-	}, nil
+	return t, stop, nil
 }
 
 // LoadFile reads a .csv (header row) or .jsonl table file keyed by the key column,

@@ -33,6 +33,7 @@ import (
 
 	"github.com/sluicehq/sluice/schemas/alerts"
 	"github.com/sluicehq/sluice/services/kit/configfile"
+	"github.com/sluicehq/sluice/services/kit/kvfollow"
 	"github.com/sluicehq/sluice/services/kit/lease"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
@@ -151,14 +152,16 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	defer cancel()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	silences, err := WatchSilences(ctx, silenceKV, log, &wg)
+	silences, stopSilences, err := WatchSilences(ctx, silenceKV, log)
 	if err != nil {
 		return err
 	}
-	disabled, err := watchDisabled(ctx, state, log, &wg)
+	defer stopSilences()
+	disabled, stopDisabled, err := watchDisabled(ctx, state, log)
 	if err != nil {
 		return err
 	}
+	defer stopDisabled()
 	m := newMetrics(deps.Registerer)
 	s := &stageRun{js: js, state: state, log: log, m: m, silences: silences, wake: make(chan struct{}, 1), maxPayload: deps.NATS.MaxPayload()}
 	log.Info("notify loaded", "receivers", len(cfg.Receivers), "routes", len(cfg.Routes), "replica", cfg.Replica)
@@ -469,48 +472,26 @@ func (d *disabledSet) get(name string) (string, bool) {
 	return why, ok
 }
 
-func watchDisabled(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, wg *sync.WaitGroup) (*disabledSet, error) {
-	w, err := kv.Watch(ctx, "disabled.*")
-	if err != nil {
-		return nil, fmt.Errorf("notify: watch disabled receivers: %w", err)
-	}
-	d := &disabledSet{why: map[string]string{}}
-	loaded := make(chan struct{})
-	wg.Go(func() {
-		defer w.Stop()
-		once := sync.OnceFunc(func() { close(loaded) })
-		defer once()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				if e == nil {
-					once()
-					continue
-				}
-				name := strings.TrimPrefix(e.Key(), "disabled.")
-				d.mu.Lock()
-				if e.Operation() == jetstream.KeyValuePut {
-					d.why[name] = string(e.Value())
-					log.Warn("receiver disabled", "receiver", name, "why", string(e.Value()))
-				} else {
-					delete(d.why, name)
-					log.Info("receiver enabled", "receiver", name)
-				}
-				d.mu.Unlock()
-			}
+// watchDisabled keeps the returned set current with the bucket's disabled.* keys
+// until ctx is done or stop is called; it returns once they are loaded.
+func watchDisabled(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger) (d *disabledSet, stop func(), err error) {
+	d = &disabledSet{why: map[string]string{}}
+	stop, err = kvfollow.Follow(ctx, kvfollow.Config{KV: kv, Keys: []string{"disabled.*"}, Log: log}, func(e jetstream.KeyValueEntry) {
+		name := strings.TrimPrefix(e.Key(), "disabled.")
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if e.Operation() == jetstream.KeyValuePut {
+			d.why[name] = string(e.Value())
+			log.Warn("receiver disabled", "receiver", name, "why", string(e.Value()))
+		} else {
+			delete(d.why, name)
+			log.Info("receiver enabled", "receiver", name)
 		}
 	})
-	select {
-	case <-loaded:
-		return d, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if err != nil {
+		return nil, nil, fmt.Errorf("notify: disabled receivers: %w", err)
 	}
+	return d, stop, nil
 }
 
 // DisableReceiver and EnableReceiver change whether a receiver is sent anything.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/services/kit/kvfollow"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -94,46 +95,16 @@ func SilenceStore(ctx context.Context, js jetstream.JetStream, replicas int) (je
 }
 
 // WatchSilences keeps the returned Silences current with the bucket until ctx is
-// done; it returns once the bucket's current content is loaded. A silence that does
-// not parse is logged and ignored.
-func WatchSilences(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger, wg *sync.WaitGroup) (*Silences, error) {
-	w, err := kv.WatchAll(ctx)
+// done or stop is called (kvfollow: also when the bucket is deleted and made again);
+// it returns once the bucket's current content is loaded. A silence that does not
+// parse is logged and ignored.
+func WatchSilences(ctx context.Context, kv jetstream.KeyValue, log *slog.Logger) (s *Silences, stop func(), err error) {
+	s = &Silences{byID: map[string]Silence{}}
+	stop, err = kvfollow.Follow(ctx, kvfollow.Config{KV: kv, Log: log}, func(e jetstream.KeyValueEntry) { s.apply(e, log) })
 	if err != nil {
-		return nil, fmt.Errorf("silences: watch: %w", err)
+		return nil, nil, fmt.Errorf("silences: %w", err)
 	}
-	s := &Silences{byID: map[string]Silence{}}
-	loaded := make(chan struct{})
-	wg.Go(func() {
-		defer w.Stop()
-		initial := true
-		for {
-			select {
-			case <-ctx.Done():
-				if initial {
-					close(loaded)
-				}
-				return
-			case e, ok := <-w.Updates():
-				if !ok {
-					return
-				}
-				if e == nil {
-					if initial {
-						initial = false
-						close(loaded)
-					}
-					continue
-				}
-				s.apply(e, log)
-			}
-		}
-	})
-	select {
-	case <-loaded:
-		return s, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return s, stop, nil
 }
 
 func (s *Silences) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
