@@ -1103,7 +1103,7 @@ func waitStallRestart(t *testing.T, reg prometheus.Gatherer) {
 	t.Helper()
 	poll.Until(t, time.Minute, func() error {
 		if n := stallRestarts(reg); n < 1 {
-			return fmt.Errorf("%v stall restarts with an insert hung: want at least one", n)
+			return fmt.Errorf("%v stall restarts while an insert waits on the network: want at least one", n)
 		}
 		return nil
 	})
