@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sluicehq/sluice/schemas/alerts"
+	"github.com/sluicehq/sluice/services/kit/pebblelog/pebbletest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/testlog"
 )
@@ -209,22 +210,7 @@ func TestSpillCorruptFile(t *testing.T) {
 	if err := s.db.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	tables, err := filepath.Glob(filepath.Join(s.dir, "*.sst"))
-	if err != nil || len(tables) == 0 {
-		t.Fatalf("no table to corrupt in %s (%v)", s.dir, err)
-	}
-	for _, path := range tables {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i := 100; i < len(b)/2; i++ {
-			b[i] ^= 0x5a
-		}
-		if err := os.WriteFile(path, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	pebbletest.CorruptTables(t, s.dir)
 	for i := 2000; i < 4000 && e.Err() == nil; i++ {
 		e.Observe(user(i))
 	}

@@ -107,6 +107,7 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	var corruptLogged atomic.Bool
 	opts := &pebble.Options{
 		Comparer:  &comparer,
 		CacheSize: o.CacheBytes,
@@ -120,7 +121,15 @@ func OpenDisk(dir string, horizon uint32, o DiskOptions) (*Disk, error) {
 		// A background error (a compaction on a full disk) is retried by Pebble
 		// again and again: logged once a minute, with how many there were.
 		EventListener: &pebble.EventListener{BackgroundError: pebblelog.BackgroundErrors(log.With("component", "pebble"),
-			"the dedup keys' background work failed (Pebble retries it)")},
+			"the dedup keys' background work failed (Pebble retries it)"),
+			// A corrupt file fails the reads that meet it (Admit's error ends the
+			// run, and the next restores the checkpoint, whose files' digests are
+			// checked) rather than the process (Pebble's default: Fatalf).
+			DataCorruption: func(info pebble.DataCorruptionInfo) {
+				if corruptLogged.CompareAndSwap(false, true) {
+					log.Error("a file of the dedup keys on disk is corrupt; its reads fail", "path", info.Path, "err", info.Details)
+				}
+			}},
 	}
 	for i := range opts.Levels {
 		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
@@ -257,6 +266,9 @@ func (d *Disk) held(k Key, now uint32) (held, known bool, err error) {
 // by one goroutine, in input order.
 func (d *Disk) Admit(k Key, exp uint32, seq uint64, now uint32) (bool, error) {
 	held, known, err := d.held(k, now)
+	if pebble.IsCorruptionError(err) {
+		return false, fmt.Errorf("dedup keys: a file on disk is corrupt: %w", err)
+	}
 	if err != nil {
 		return false, fmt.Errorf("dedup keys: %w", err)
 	}

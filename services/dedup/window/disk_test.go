@@ -6,7 +6,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/sluicehq/sluice/services/kit/pebblelog/pebbletest"
 )
 
 // checkpointed is a Disk checkpoint copied away (the object store's copy) with the
@@ -205,5 +210,43 @@ func TestDiskExpiry(t *testing.T) {
 	}
 	if len(held) != 2 {
 		t.Fatalf("the files hold %v, want keys 1 and 4", held)
+	}
+}
+
+// A corrupt table of the keys on disk (bytes flipped) fails the store's reads with
+// an error naming the corruption (the run ends, and the next restores the
+// checkpoint, its files' digests checked) instead of ending the process, which is
+// Pebble's default.
+func TestDiskCorruptFile(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	d, err := OpenDisk(dir, 0, DiskOptions{CacheBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 20000
+	for i := range uint64(n) {
+		if _, err := d.Admit(Key{Hi: i * 7919, Lo: i}, 10_000, i+1, 10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d.Freeze(10)
+	if _, err := d.Checkpoint(filepath.Join(t.TempDir(), "cp")); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	pebbletest.CorruptTables(t, dir)
+	d, err = OpenDisk(dir, 10, DiskOptions{CacheBytes: 1})
+	if err == nil {
+		defer d.Close()
+		for i := range uint64(n) {
+			if _, err = d.Admit(Key{Hi: i * 7919, Lo: i}, 10_000, n+i+1, 20); err != nil {
+				break
+			}
+		}
+	}
+	if !pebble.IsCorruptionError(err) || !strings.Contains(err.Error(), "dedup keys: a file on disk is corrupt") {
+		t.Fatalf("with a table corrupted: %v, want an error naming the corruption", err)
 	}
 }
