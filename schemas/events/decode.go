@@ -68,9 +68,10 @@ type Element struct {
 // Decoder turns NATS messages into validated events.
 // It is safe for concurrent use.
 type Decoder struct {
-	types   *TypeSchemas
-	ingest  *Ingest
-	members string
+	types     *TypeSchemas
+	ingest    *Ingest
+	members   string
+	maxFuture time.Duration
 }
 
 // NewDecoder returns a decoder that validates the data of each event whose type has
@@ -79,9 +80,12 @@ type Decoder struct {
 // members that are not valid extension attributes. ingest must be valid
 // (Ingest.Validate).
 func NewDecoder(types *TypeSchemas, ingest *Ingest) *Decoder {
-	d := &Decoder{types: types, ingest: ingest, members: MembersReject}
+	d := &Decoder{types: types, ingest: ingest, members: MembersReject, maxFuture: DefaultMaxFuture}
 	if ingest != nil && ingest.InvalidMembers != "" {
 		d.members = ingest.InvalidMembers
+	}
+	if ingest != nil && ingest.MaxFuture > 0 {
+		d.maxFuture = ingest.MaxFuture
 	}
 	return d
 }
@@ -243,6 +247,12 @@ func (d *Decoder) complete(e *Event, m Message) error {
 	if e.Time.Before(MinTime) || e.Time.After(MaxTime) {
 		return invalid("time %s is outside the range sluice stores (%s to %s)",
 			e.Time.Format(time.RFC3339Nano), MinTime.Format(time.RFC3339), MaxTime.Format(time.RFC3339))
+	}
+	// Judged against when the stream stored the event, not the clock: the same
+	// input is judged alike whenever it is read.
+	if ahead := e.Time.Sub(received); ahead > d.maxFuture {
+		return invalid("time %s is %s ahead of when the event was received (%s); more than ingest.max_future (%s) ahead is refused: is the producer's clock right?",
+			e.Time.Format(time.RFC3339Nano), ahead.Round(time.Second), received.Format(time.RFC3339Nano), d.maxFuture)
 	}
 	if d.types != nil && len(e.Data) > 0 {
 		if err := d.types.Validate(e.Type, e.Data); err != nil {

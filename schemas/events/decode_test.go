@@ -57,6 +57,12 @@ func TestDecode(t *testing.T) {
 		{name: "bad time", subject: "events.a.b", data: `{"id":"1","time":"yesterday"}`, wantReason: `"time" "yesterday" is not an RFC 3339 timestamp`},
 		{name: "time before 1970", subject: "events.a.b", data: `{"id":"1","time":"1969-12-31T23:59:59Z"}`, wantReason: "outside the range"},
 		{name: "time after 2106", subject: "events.a.b", data: `{"id":"1","time":"2106-02-08T00:00:00Z"}`, wantReason: "outside the range"},
+		// recv is 10:00:00.123: up to ingest.max_future (10 min by default) ahead passes.
+		{name: "time ahead within max_future", subject: "events.a.b", data: `{"id":"1","time":"2026-11-21T10:10:00Z"}`,
+			want: Event{ID: "1", Time: time.Date(2026, 11, 21, 10, 10, 0, 0, time.UTC)}},
+		{name: "time too far ahead", subject: "events.a.b", data: `{"id":"1","time":"2026-11-21T10:10:01Z"}`,
+			wantReason: "time 2026-11-21T10:10:01Z is 10m1s ahead of when the event was received (2026-11-21T10:00:00.123Z); more than ingest.max_future (10m0s) ahead is refused"},
+		{name: "time years ahead", subject: "events.a.b", data: `{"id":"1","time":"2099-01-01T00:00:00Z"}`, wantReason: "ahead of when the event was received"},
 		{name: "no source anywhere", subject: "other", data: `{"id":"1"}`, wantReason: "source is missing"},
 		{name: "schema violation", subject: "events.shop.x", data: `{"id":"1","type":"order.created","data":{"order_id":"o","amount":"lots"}}`, wantReason: `schema of type "order.created": at /amount`},
 		{name: "both data forms", subject: "events.a.b", data: `{"id":"1","data":1,"data_base64":"AA=="}`, wantReason: "both"},

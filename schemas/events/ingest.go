@@ -82,7 +82,15 @@ type Ingest struct {
 	// directory replaces the embedded schema of its type). They validate data and
 	// define typed tables.
 	Schemas string `yaml:"schemas"`
+	// MaxFuture is how far an event's time may be ahead of when JetStream stored it
+	// (DefaultMaxFuture when zero): an event further ahead is invalid. Its time
+	// would move the alert rules' event time there, and every event after it would
+	// count as late until the clock caught up.
+	MaxFuture time.Duration `yaml:"max_future"`
 }
+
+// DefaultMaxFuture is Ingest.MaxFuture's default: clocks a few minutes off pass.
+const DefaultMaxFuture = 10 * time.Minute
 
 // TypeSchemas compiles the schemas of event types: the embedded ones and those of
 // the directory Schemas.
@@ -146,6 +154,9 @@ func (in Ingest) Validate() error {
 	case "", MembersReject, MembersExtensions, MembersData:
 	default:
 		errs = append(errs, fmt.Errorf("ingest.invalid_members must be %q, %q or %q, got %q", MembersReject, MembersExtensions, MembersData, in.InvalidMembers))
+	}
+	if in.MaxFuture < 0 {
+		errs = append(errs, fmt.Errorf("ingest.max_future must not be negative, got %s", in.MaxFuture))
 	}
 	for i, m := range in.Mappings {
 		if err := m.validate(); err != nil {

@@ -283,6 +283,7 @@ func TestIngestConfig(t *testing.T) {
 	var in Ingest
 	doc := `
 invalid_members: data
+max_future: 2h
 mappings:
   - name: github
     subjects: events.github.>
@@ -302,15 +303,26 @@ mappings:
 	if m := in.mappingFor("events.github.raw"); m == nil || m.Time.Field != "created_at" || *m.Time.Default != DefaultReceived || m.Batch != BatchNDJSON {
 		t.Fatalf("decoded %+v", in)
 	}
-	bad := Ingest{InvalidMembers: "drop", Mappings: []Mapping{
+	// max_future: an event 90 minutes ahead of its arrival passes under 2h, and a
+	// raw mapping's time is judged alike.
+	recv := time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
+	line := `{"id":"1","type":"push","created_at":"2026-11-21T11:30:00Z"}`
+	if _, err := NewDecoder(nil, &in).Decode(Message{Subject: "events.github.raw", Data: []byte(line), Received: recv}); err != nil {
+		t.Fatalf("90 minutes ahead under max_future 2h: %v", err)
+	}
+	_, err := NewDecoder(nil, &Ingest{Mappings: in.Mappings}).Decode(Message{Subject: "events.github.raw", Data: []byte(line), Received: recv})
+	if !IsInvalid(err) || !strings.Contains(err.Error(), "1h30m0s ahead of when the event was received") {
+		t.Fatalf("90 minutes ahead under the default max_future: %v", err)
+	}
+	bad := Ingest{InvalidMembers: "drop", MaxFuture: -time.Second, Mappings: []Mapping{
 		{Subjects: "events..x", Envelope: "avro", Batch: "csv"},
 		{Subjects: "events.a", ID: &Attr{Field: "id"}},
 		{Subjects: "events.b", Envelope: EnvelopeRaw, ID: &Attr{Field: "id", Value: "x"}, Type: &Attr{}, Subject: &Attr{Field: "a..b"},
 			Time: &TimeAttr{Attr: Attr{Field: "t", Default: ptr("soon")}, Format: "unix_days"}},
 	}}
-	err := bad.Validate()
+	err = bad.Validate()
 	for _, want := range []string{
-		`ingest.invalid_members must be`, `mappings[0]: subjects "events..x" is not a subject pattern`, `envelope must be "cloudevents" or "raw", got "avro"`,
+		`ingest.invalid_members must be`, `ingest.max_future must not be negative, got -1s`, `mappings[0]: subjects "events..x" is not a subject pattern`, `envelope must be "cloudevents" or "raw", got "avro"`,
 		`batch must be`, `mappings[1]: id: attributes are mapped for envelope "raw" only`, `mappings[2]: id: set exactly one of`,
 		`type: set exactly one of`, `subject: field "a..b" has an empty step`, `time: format must be`, `time: default must be "received" or an ISO 8601 time`,
 	} {

@@ -859,6 +859,37 @@ func TestPartitionedRules(t *testing.T) {
 	f.checkAlertIDs(t, "4 partitions", want)
 }
 
+// An event dated years ahead of its arrival (a producer's clock gone wrong) is
+// dead-lettered, saying why, and does not move the rules' event time: the input
+// after it gives the alerts one engine gives without it. Before, it moved the
+// watermark to 2099 and every later event was late: no alert fired.
+func TestEventAheadOfItsArrival(t *testing.T) {
+	want := ruleOracle(t, ruleYAML, 1240)
+	f := setup(t)
+	cfg, _ := configFrom(t, "a", ruleYAML)
+	cfg.Alert.ConfigPath = ""
+	f.start(t, cfg)
+	ahead := `{"id":"ahead","source":"shop","type":"login.failed","time":"2099-01-01T00:00:00Z","data":{"user":"u1","n":-1}}`
+	if _, err := f.js.Publish(context.Background(), "events.shop.order", []byte(ahead)); err != nil {
+		t.Fatal(err)
+	}
+	f.publishRuleInput(t, 0, 1240)
+	f.waitFor(t, 1240, 0, 0)
+	f.checkAlertIDs(t, "after an event years ahead", want)
+	f.check(t, 1240, 1, len(want))
+	s, err := f.js.Stream(context.Background(), streams.DLQ)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := s.GetLastMsgForSubject(context.Background(), "dlq.pipeline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reason := m.Header.Get("Sluice-Reason"); !strings.Contains(reason, "time 2099-01-01T00:00:00Z is") || !strings.Contains(reason, "ahead of when the event was received") {
+		t.Fatalf("dead letter's reason %q", reason)
+	}
+}
+
 // A restart carries the alert windows on, from the state's checkpoint and from
 // the binary and JSON forms earlier releases saved (the second and third restarts'
 // states are rewritten into them). After each stop the input the state covers is purged from EVENTS, so

@@ -68,6 +68,11 @@ func start(t testing.TB, name, bin string, env []string, args ...string) *proc {
 	return &proc{name: name, cmd: c}
 }
 
+// eventBase is the backlog's first event time: in the past (an event more than
+// ingest.max_future ahead of its arrival is dead-lettered), and before the latency
+// runs' events (their time is their arrival), which so come in order after it.
+var eventBase = time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+
 func event(i int) []byte {
 	n := i
 	if i%20 == 19 {
@@ -75,7 +80,7 @@ func event(i int) []byte {
 	}
 	e := map[string]any{
 		"specversion": "1.0", "id": "pv-" + strconv.Itoa(n), "source": "web", "type": "page.view",
-		"time": time.Unix(1_800_000_000+int64(n/1000), int64(n%1000)*1e6).UTC().Format(time.RFC3339Nano),
+		"time": eventBase.Add(time.Duration(n) * time.Millisecond).Format(time.RFC3339Nano),
 		"data": map[string]any{
 			"user": "u" + strconv.Itoa(n%5000), "session": "s-" + strconv.Itoa(n%20000),
 			"path": "/products/" + strconv.Itoa(n%997), "referrer": "https://search.example.com/?q=item+" + strconv.Itoa(n%101),

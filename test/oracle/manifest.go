@@ -79,6 +79,7 @@ var invalidCases = []struct {
 	{"id is a number", nil, `{"id":42,"source":"a","type":"b"}`},
 	{"bad time", nil, `{"id":"t1","time":"last tuesday"}`},
 	{"time before 1970", nil, `{"id":"t2","time":"1969-07-20T20:17:40Z"}`},
+	{"time far ahead of its arrival", nil, `{"id":"t3","time":"2099-01-01T00:00:00Z"}`},
 	{"bad specversion", nil, `{"id":"s1","specversion":"0.3"}`},
 	{"invalid UTF-8", nil, "{\"id\":\"\xff\xfe\"}"},
 	{"schema violation", nil, `{"id":"o1","type":"order.created","data":{"order_id":"o1","amount":-5}}`},
