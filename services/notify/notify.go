@@ -148,10 +148,12 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	// The goroutines started below end with ctx: cancelled (deferred last, so run
+	// first) on every return, an error while starting them included.
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	silences, stopSilences, err := WatchSilences(ctx, silenceKV, log)
 	if err != nil {
 		return err

@@ -802,3 +802,40 @@ func TestCutFlushSavesNothing(t *testing.T) {
 		t.Fatalf("the bucket holds %d groups, the first sent %d times (%v): want one, not sent", len(groups), groups[0].Flushes, groups[0].Sent)
 	}
 }
+
+// A receiver whose consumer cannot be made (here: one of its name exists with a
+// deliver policy that cannot be changed) ends Run with the error, after the
+// receivers started before it stopped. Before, Run waited for those receivers,
+// which only the end of its caller's context stopped: it never returned.
+func TestReceiverConsumerFailureEndsRun(t *testing.T) {
+	nc, js := setup(t)
+	h := newHook(t, nil)
+	yaml := fmt.Sprintf("receivers:\n  - name: a\n    url: %s\n    secret_env: [S]\n    allow_private: true\n  - name: b\n    url: %s\n    secret_env: [S]\n    allow_private: true\n", h.srv.URL, h.srv.URL)
+	if _, err := js.CreateOrUpdateConsumer(context.Background(), streams.Notify, jetstream.ConsumerConfig{
+		Durable: DelivererConsumer("b"), FilterSubject: "notify.b", AckPolicy: jetstream.AckExplicitPolicy, DeliverPolicy: jetstream.DeliverNewPolicy,
+	}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := configfile.Parse("test.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, cfg, Deps{NATS: nc, Logger: slog.New(slog.DiscardHandler), Registerer: prometheus.NewRegistry()})
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), DelivererConsumer("b")) {
+			t.Fatalf("Run: %v, want the error of receiver b's consumer", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return 30 s after receiver b's consumer failed")
+	}
+}
