@@ -117,9 +117,8 @@ func (r *notifyRun) stop(t *testing.T) {
 	}
 }
 
-// startNotify runs the stage with the config in yaml until stopped (or the test
-// ends); opts change the loaded config.
-func startNotify(t *testing.T, nc *nats.Conn, yaml string, opts ...func(*Config)) *notifyRun {
+// testConfig is the stage's config loaded from yaml, every secret testSecret.
+func testConfig(t *testing.T, yaml string) Config {
 	t.Helper()
 	f, err := configfile.Parse("test.yaml", []byte(yaml))
 	if err != nil {
@@ -129,6 +128,14 @@ func startNotify(t *testing.T, nc *nats.Conn, yaml string, opts ...func(*Config)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cfg
+}
+
+// startNotify runs the stage with the config in yaml until stopped (or the test
+// ends); opts change the loaded config.
+func startNotify(t *testing.T, nc *nats.Conn, yaml string, opts ...func(*Config)) *notifyRun {
+	t.Helper()
+	cfg := testConfig(t, yaml)
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -816,14 +823,7 @@ func TestReceiverConsumerFailureEndsRun(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	f, err := configfile.Parse("test.yaml", []byte(yaml))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := LoadConfig(f, func(string) (string, bool) { return testSecret, true })
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := testConfig(t, yaml)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
