@@ -238,9 +238,9 @@ func (h *harness) waitCounter(name, result string, n float64) {
 }
 
 // A lookup table's bucket deleted and made again (`nats kv rm users`, `nats kv add
-// users`, new puts) while the stage runs: nats.go ends the watch when it cannot make
-// its consumer again, and the stage must follow the new bucket, not keep the old
-// values for good.
+// users`, new puts) while the stage runs: nats.go's watch alone goes on from the old
+// bucket's next revision (missing the new one's first values) or ends; the stage
+// must follow the new bucket, not keep the old values for good.
 func TestKVBucketRemadeIsFollowed(t *testing.T) {
 	h := newHarness(t)
 	cfg := DefaultConfig()
