@@ -50,6 +50,13 @@ func UnplacedID(stage, subject string, element int) string {
 	return withElement("dlq:"+stage+":"+subject, element)
 }
 
+// ImportID is the Nats-Msg-Id of the dead letter of line (counted from 1) of a file
+// `sluice import` could not publish; file is the file's checkpoint key (its
+// content's digest), so an import run again does not add a second dead letter.
+func ImportID(file string, line int64) string {
+	return "dlq:import:" + file + ":" + strconv.FormatInt(line, 10)
+}
+
 func withElement(id string, element int) string {
 	if element >= 0 {
 		id += ":" + strconv.Itoa(element)

@@ -12,6 +12,7 @@ func TestIDs(t *testing.T) {
 		UnplacedID("dedup", "events.a.b", -1): "dlq:dedup:events.a.b",
 		UnplacedID("dedup", "events.a.b", 2):  "dlq:dedup:events.a.b:2",
 		Subject("pipeline"):                   "dlq.pipeline",
+		ImportID("3f2a", 12):                  "dlq:import:3f2a:12",
 	} {
 		if got != want {
 			t.Errorf("got %q, want %q", got, want)

@@ -447,6 +447,24 @@ func deadLetter(stage string, msg jetstream.Msg, element int, data []byte, reaso
 	out.Header.Set(HeaderStage, stage)
 	out.Header.Set(HeaderSubject, msg.Subject())
 	out.Header.Set(nats.MsgIdHdr, id)
+	return withReason(out, data, reason, maxPayload)
+}
+
+// UnstoredDeadLetter is the dead letter of input that never reached a stream (a
+// line `sluice import` could not publish): data published to dlq.<stage> with the
+// subject it was meant for and id as its Nats-Msg-Id (a contract of
+// schemas/deadletters), truncated as DeadLetter's.
+func UnstoredDeadLetter(stage, subject, id string, data []byte, reason string, maxPayload int64) *nats.Msg {
+	out := nats.NewMsg(deadletters.Subject(stage))
+	out.Header.Set(HeaderStage, stage)
+	out.Header.Set(HeaderSubject, subject)
+	out.Header.Set(nats.MsgIdHdr, id)
+	return withReason(out, data, reason, maxPayload)
+}
+
+// withReason sets out's reason and payload, truncating data (and saying so) when
+// it would not fit maxPayload with out's headers.
+func withReason(out *nats.Msg, data []byte, reason string, maxPayload int64) *nats.Msg {
 	headerBytes := 0
 	for k, vs := range out.Header {
 		for _, v := range vs {

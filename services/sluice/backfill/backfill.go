@@ -19,10 +19,16 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/time/rate"
+
+	"github.com/sluicehq/sluice/schemas/deadletters"
+	"github.com/sluicehq/sluice/services/kit/stage"
 )
 
 // Bucket holds each file's checkpoint: the lines of it JetStream acknowledged.
 const Bucket = "sluice_imports"
+
+// DLQStage is the stage named by the dead letter of a line too large to publish.
+const DLQStage = "import"
 
 // Options is how files are imported.
 type Options struct {
@@ -58,6 +64,8 @@ type checkpoint struct {
 // Import publishes every non-blank line of each file (gzip is recognised by its
 // magic bytes) to opts.Subject, reporting to progress, and records in kv after each
 // acknowledged batch how many lines of the file are done; a second run skips those.
+// A line larger than the server's max_payload is published as a dead letter
+// (dlq.import, truncated) instead.
 // Lines after the last checkpoint (in flight at an interruption) are published
 // again: each event's key (its id, or its content) makes dedup drop them.
 func Import(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, files []string, opts Options, progress func(Progress)) error {
@@ -157,6 +165,14 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 		msg := nats.NewMsg(opts.Subject)
 		msg.Data = bytes.Clone(sc.Bytes())
 		f, err := js.PublishMsgAsync(msg)
+		if errors.Is(err, nats.ErrMaxPayload) {
+			// Never publishable: a dead letter, so that the import goes on and the
+			// line is not lost.
+			maxPayload := js.Conn().MaxPayload()
+			reason := fmt.Sprintf("line %d of %s is %d bytes, over the NATS server's max_payload (%d bytes): not published to %s",
+				line, file, len(msg.Data), maxPayload, opts.Subject)
+			f, err = js.PublishMsgAsync(stage.UnstoredDeadLetter(DLQStage, opts.Subject, deadletters.ImportID(id, line), msg.Data, reason, maxPayload))
+		}
 		if err != nil {
 			return fmt.Errorf("import: %s line %d: %w", file, line, err)
 		}

@@ -13,6 +13,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/schemas/deadletters"
+	"github.com/sluicehq/sluice/services/kit/natsserver"
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/sluice/backfill"
@@ -185,4 +187,62 @@ func natsStream(t *testing.T) natsFixture {
 		t.Fatal(err)
 	}
 	return natsFixture{js: js, kv: kv, st: st}
+}
+
+// A line larger than the server's max_payload can never be published: it becomes a
+// dead letter (dlq.import, truncated, with the reason), and the import goes on to
+// the lines after it. Run again, it adds no second dead letter.
+func TestImportLineTooLarge(t *testing.T) {
+	const maxPayload = 4096
+	_, js := natstest.RunWith(t, natsserver.Config{MaxPayload: maxPayload}).Connect(t)
+	ctx := context.Background()
+	in, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"events.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dlq, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "DLQ", Subjects: []string{"dlq.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: backfill.Bucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := `{"id":"big","pad":"` + strings.Repeat("x", 3*maxPayload) + `"}`
+	file := filepath.Join(t.TempDir(), "some.jsonl")
+	if err := os.WriteFile(file, []byte(`{"id":"1"}`+"\n"+big+"\n"+`{"id":"3"}`+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var last backfill.Progress
+	for _, restart := range []bool{false, true} {
+		if err := backfill.Import(ctx, js, kv, []string{file}, backfill.Options{Subject: "events.a.b", Restart: restart}, func(p backfill.Progress) { last = p }); err != nil {
+			t.Fatalf("restart %v: %v", restart, err)
+		}
+		if !last.Done || last.Lines != 3 {
+			t.Fatalf("restart %v: progress %+v; want 3 lines done", restart, last)
+		}
+	}
+	if info, err := in.Info(ctx); err != nil || info.State.Msgs != 4 {
+		t.Fatalf("%v: %d events stored; want lines 1 and 3 twice", err, info.State.Msgs)
+	}
+	info, err := dlq.Info(ctx)
+	if err != nil || info.State.Msgs != 1 {
+		t.Fatalf("%v: %d dead letters; want 1 (the second run's is a duplicate)", err, info.State.Msgs)
+	}
+	m, err := dlq.GetMsg(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reason := m.Header.Get(deadletters.HeaderReason)
+	for _, want := range []string{fmt.Sprintf("line 2 of %s is %d bytes", file, len(big)), "max_payload (4096 bytes)", "not published to events.a.b", "payload truncated"} {
+		if !strings.Contains(reason, want) {
+			t.Errorf("reason %q lacks %q", reason, want)
+		}
+	}
+	if m.Subject != "dlq.import" || m.Header.Get(deadletters.HeaderStage) != "import" || m.Header.Get(deadletters.HeaderSubject) != "events.a.b" {
+		t.Errorf("dead letter on %s with headers %v", m.Subject, m.Header)
+	}
+	if len(m.Data) == 0 || len(m.Data) >= len(big) || !strings.HasPrefix(big, string(m.Data)) {
+		t.Errorf("dead letter's payload is %d bytes, not the line's start", len(m.Data))
+	}
 }
