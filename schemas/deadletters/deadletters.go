@@ -32,6 +32,10 @@ const (
 	// the dead letter of a whole message: a replay publishes with it again, so the
 	// event keeps its key.
 	HeaderMsgID = "Sluice-Msg-Id"
+	// HeaderTruncated is on a dead letter whose payload is only the start of its
+	// input's (which did not fit the server's max_payload): the input's size in
+	// bytes. Such a dead letter cannot be replayed.
+	HeaderTruncated = "Sluice-Truncated"
 )
 
 // Subject is the subject of stage's dead letters.

@@ -363,8 +363,8 @@ func deadLetterRow(msg jetstream.Msg, seq uint64) (Row, error) {
 	others := map[string][]string{}
 	for k, v := range h {
 		// The dead letter's own headers are columns; the input's id stays, for a
-		// replay (sluice dlq replay).
-		if !strings.HasPrefix(k, "Sluice-") || k == deadletters.HeaderMsgID {
+		// replay (sluice dlq replay), and the truncation's mark, which refuses one.
+		if !strings.HasPrefix(k, "Sluice-") || k == deadletters.HeaderMsgID || k == deadletters.HeaderTruncated {
 			others[k] = v
 		}
 	}

@@ -471,10 +471,12 @@ func withReason(out *nats.Msg, data []byte, reason string, maxPayload int64) *na
 			headerBytes += len(k) + len(v) + 4
 		}
 	}
-	// Leave room for the reason (capped below) and the header framing.
-	room := maxPayload - int64(headerBytes) - 1024 - 64
+	// Leave room for the reason (capped below), the truncation's header and the
+	// header framing.
+	room := maxPayload - int64(headerBytes) - 1024 - 64 - 64
 	if maxPayload > 0 && int64(len(data)) > room {
 		reason += fmt.Sprintf(" (payload truncated from %d bytes to fit the server's max_payload)", len(data))
+		out.Header.Set(deadletters.HeaderTruncated, strconv.Itoa(len(data)))
 		data = data[:max(room, 0)]
 	}
 	out.Header.Set(HeaderReason, headerSafe(reason, 1024))

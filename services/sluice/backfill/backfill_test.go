@@ -239,7 +239,8 @@ func TestImportLineTooLarge(t *testing.T) {
 			t.Errorf("reason %q lacks %q", reason, want)
 		}
 	}
-	if m.Subject != "dlq.import" || m.Header.Get(deadletters.HeaderStage) != "import" || m.Header.Get(deadletters.HeaderSubject) != "events.a.b" {
+	if m.Subject != "dlq.import" || m.Header.Get(deadletters.HeaderStage) != "import" || m.Header.Get(deadletters.HeaderSubject) != "events.a.b" ||
+		m.Header.Get(deadletters.HeaderTruncated) != fmt.Sprint(len(big)) {
 		t.Errorf("dead letter on %s with headers %v", m.Subject, m.Header)
 	}
 	if len(m.Data) == 0 || len(m.Data) >= len(big) || !strings.HasPrefix(big, string(m.Data)) {

@@ -231,7 +231,7 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	// interrupted replay leaves every dead letter in place, and running it again
 	// publishes each with the same id and key (dropped where it already landed).
 	var record []dlq.RecordRow
-	published, duplicates := 0, 0
+	published, duplicates, truncated := 0, 0, 0
 	flush := func() error {
 		err := dlq.Record(context.WithoutCancel(ctx), ch, record)
 		record = record[:0]
@@ -240,6 +240,11 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	err = dlq.Each(ctx, ch, f, replayPage, func(letters []dlq.Letter) error {
 		for _, l := range letters {
 			msg, err := dlq.Message(ctx, js, l)
+			if errors.Is(err, dlq.ErrTruncated) {
+				truncated++
+				fmt.Fprintf(io.Stdout, "not replayed: %v\n", err)
+				continue
+			}
 			if err != nil {
 				return err
 			}
@@ -269,6 +274,9 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 	if duplicates > 0 {
 		fmt.Fprintf(io.Stdout, ", %d dropped by their stream's duplicate window (replayed, or published with that id, within it; try again after it)", duplicates)
 	}
+	if truncated > 0 {
+		fmt.Fprintf(io.Stdout, "; %d not replayed (their payload was truncated)", truncated)
+	}
 	fmt.Fprintln(io.Stdout, "; `sluice dlq list --seq ...` shows what became of them")
 	return nil
 }
@@ -281,6 +289,10 @@ const replayPage = 500
 func dlqDryRun(ctx context.Context, js jetstream.JetStream, h *dedup.Handler, letters []dlq.Letter, io IO) error {
 	for _, l := range letters {
 		msg, err := dlq.Message(ctx, js, l)
+		if errors.Is(err, dlq.ErrTruncated) {
+			fmt.Fprintf(io.Stdout, "would not replay: %v\n", err)
+			continue
+		}
 		if err != nil {
 			return err
 		}

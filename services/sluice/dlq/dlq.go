@@ -276,7 +276,13 @@ WHERE dlq_seq IN (`+uintList(seqs)+`) ORDER BY replayed_at`)
 // duplicate window is dropped as one) and the input's own id, when it had one, in
 // deadletters.HeaderMsgID. The input's key comes from that id or from its payload,
 // as it did, so an event that meanwhile landed is dropped as a repeat.
+//
+// A dead letter whose payload was truncated is not replayed: Message returns an
+// error that is ErrTruncated.
 func Message(ctx context.Context, js jetstream.JetStream, l Letter) (*nats.Msg, error) {
+	if size, ok := l.truncated(); ok {
+		return nil, fmt.Errorf("dead letter %d holds only the start of its input (%d of %s bytes: truncated to fit the server's max_payload): %w", l.Seq, len(l.Payload), size, ErrTruncated)
+	}
 	msg := nats.NewMsg(l.Subject)
 	header := nats.Header(l.Headers)
 	data := []byte(l.Payload)
@@ -309,11 +315,32 @@ func Message(ctx context.Context, js jetstream.JetStream, l Letter) (*nats.Msg, 
 	return msg, nil
 }
 
+// ErrTruncated is why a dead letter whose payload was truncated is not replayed:
+// published again, only the start of its input would be.
+var ErrTruncated = errors.New("it cannot be replayed")
+
+// truncated reports whether l's payload is only the start of its input's, and the
+// input's size. Dead letters stored before deadletters.HeaderTruncated existed say
+// so only in their reason.
+func (l Letter) truncated() (string, bool) {
+	if v := l.Headers[deadletters.HeaderTruncated]; len(v) > 0 {
+		return v[0], true
+	}
+	var size int
+	if i := strings.Index(l.Reason, "(payload truncated from "); i >= 0 {
+		if _, err := fmt.Sscanf(l.Reason[i:], "(payload truncated from %d bytes", &size); err == nil {
+			return strconv.Itoa(size), true
+		}
+	}
+	return "", false
+}
+
 // own tells the dead letter's own headers (and NATS's) from its input's.
 func own(h string) bool {
 	switch h {
 	case deadletters.HeaderReason, deadletters.HeaderStage, deadletters.HeaderSubject, deadletters.HeaderStream,
-		deadletters.HeaderStreamSeq, deadletters.HeaderReceivedAt, deadletters.HeaderElement, deadletters.HeaderReplayOf:
+		deadletters.HeaderStreamSeq, deadletters.HeaderReceivedAt, deadletters.HeaderElement, deadletters.HeaderReplayOf,
+		deadletters.HeaderTruncated:
 		return true
 	}
 	return strings.HasPrefix(h, "Nats-")

@@ -3,6 +3,7 @@ package dlq_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -286,5 +287,77 @@ func TestMessage(t *testing.T) {
 	}
 	if msg.Subject != "events.shop.order" || string(msg.Data) != l.Payload || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("%s %q %v; want events.shop.order, the payload, %v", msg.Subject, msg.Data, got, want)
+	}
+}
+
+// A dead letter whose payload was truncated (its input did not fit max_payload) is
+// not replayed: only the start of its input would be. Dead letters stored before
+// the Sluice-Truncated header say so in their reason alone.
+func TestTruncatedIsNotReplayed(t *testing.T) {
+	_, js := natstest.Run(t).Connect(t)
+	for _, l := range []dlq.Letter{
+		{Seq: 7, Subject: "events.a.b", Payload: `{"id":"x","pad":"xx`, Headers: map[string][]string{"Sluice-Truncated": {"2000000"}}},
+		{Seq: 7, Subject: "events.a.b", Payload: `{"id":"x","pad":"xx`, Reason: "invalid event: not valid JSON (payload truncated from 2000000 bytes to fit the server's max_payload)"},
+	} {
+		_, err := dlq.Message(context.Background(), js, l)
+		if !errors.Is(err, dlq.ErrTruncated) || !strings.Contains(err.Error(), "dead letter 7 holds only the start of its input (19 of 2000000 bytes") {
+			t.Errorf("%+v: %v; want ErrTruncated", l, err)
+		}
+	}
+}
+
+// `sluice import` makes a line larger than max_payload a dead letter; `dlq list`
+// shows it with its stage and reason; `dlq replay` (dry or not) refuses it and
+// says why, and publishes nothing.
+func TestImportedLineTooLargeIsNotReplayed(t *testing.T) {
+	p := platformtest.Start(t, "", nil)
+	db := p.DB(t)
+	file := filepath.Join(t.TempDir(), "big.jsonl")
+	big := `{"specversion":"1.0","id":"big","source":"s","type":"t","data":{"pad":"` + strings.Repeat("x", 1<<21) + `"}}`
+	if err := os.WriteFile(file, []byte(`{"specversion":"1.0","id":"small","source":"s","type":"t"}`+"\n"+big+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{"NATS_URL": p.NATSURL, "CLICKHOUSE_ADDR": p.ClickHouse.Addr}
+	run := func(args ...string) (int, string, string) {
+		var out, errOut bytes.Buffer
+		code := cli.Main(args, cli.IO{Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok }, Stdout: &out, Stderr: &errOut})
+		return code, out.String(), errOut.String()
+	}
+	if code, out, errOut := run("import", file, "--subject", "events.s.t"); code != 0 {
+		t.Fatalf("import: exit %d\n%s%s", code, out, errOut)
+	}
+	var headers string
+	poll.Until(t, 2*time.Minute, func() error {
+		var events uint64
+		if err := db.QueryRow(context.Background(), "SELECT (SELECT count() FROM events), (SELECT any(headers) FROM dead_letters WHERE stage = 'import')").Scan(&events, &headers); err != nil || events != 1 || headers == "" {
+			return fmt.Errorf("%d events (%v), the import's dead letter's headers %q", events, err, headers)
+		}
+		return nil
+	})
+	if !strings.Contains(headers, fmt.Sprintf(`"Sluice-Truncated":["%d"]`, len(big))) {
+		t.Fatalf("the dead letter's headers: %s", headers)
+	}
+	code, out, errOut := run("dlq", "list", "--stage", "import", "--json")
+	if code != 0 || !strings.Contains(out, "line 2 of "+file+fmt.Sprintf(" is %d bytes, over the NATS server's max_payload", len(big))) {
+		t.Fatalf("dlq list: exit %d\n%s%s", code, out, errOut)
+	}
+	_, js := p.Connect(t)
+	st, err := js.Stream(context.Background(), "EVENTS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := st.CachedInfo().State.LastSeq
+	for _, args := range [][]string{{"--dry-run"}, {}} {
+		code, out, errOut := run(append([]string{"dlq", "replay", "--stage", "import"}, args...)...)
+		if code != 0 || !strings.Contains(out, "holds only the start of its input") {
+			t.Fatalf("dlq replay %v: exit %d\n%s%s", args, code, out, errOut)
+		}
+		if len(args) == 0 && !strings.Contains(out, "replayed 0 dead letter(s); 1 not replayed (their payload was truncated)") {
+			t.Fatalf("dlq replay: %s", out)
+		}
+	}
+	info, err := st.Info(context.Background())
+	if err != nil || info.State.LastSeq != before {
+		t.Fatalf("%v: the replays published %d messages to EVENTS", err, info.State.LastSeq-before)
 	}
 }
