@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"regexp"
 	"strconv"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/services/kit/kvfollow"
 )
 
 // ErrLost is returned by a Claim that another worker took over, or that this worker
@@ -239,15 +242,17 @@ func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) erro
 		}
 		return err
 	}
-	w, err := g.KV.WatchAll(ctx)
+	// Every write of the bucket, from its current values on; watched again when
+	// nats.go ends the watch or the bucket was made again.
+	v := &view{keys: map[string]*seen{}}
+	stopFollow, err := kvfollow.Follow(ctx, kvfollow.Config{KV: g.KV, Log: g.Log}, v.apply)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
 		}
 		return fmt.Errorf("partition: watch %s: %w", g.KV.Bucket(), err)
 	}
-	defer func() { _ = w.Stop() }()
-	keys := map[string]*seen{}
+	defer stopFollow()
 	mine := map[int]*owned{}
 	defer g.handOverAll(context.WithoutCancel(ctx), mine)
 	tick := time.NewTicker(g.TTL / 4)
@@ -257,25 +262,54 @@ func (g *Group) Run(ctx context.Context, own func(context.Context, *Claim)) erro
 		select {
 		case <-ctx.Done():
 			return nil
-		case e, ok := <-w.Updates():
-			if !ok {
-				// The watch ends with ctx too (nats.go stops it then), and this
-				// select may see that first.
-				if ctx.Err() != nil {
-					return nil
-				}
-				return fmt.Errorf("partition: the watch of %s ended", g.KV.Bucket())
-			}
-			if e == nil { // the initial values are in
-				continue
-			}
-			keys[e.Key()] = &seen{rev: e.Revision(), value: e.Value(), deleted: e.Operation() != jetstream.KeyValuePut, at: time.Now()}
-			continue
 		case <-tick.C:
+		}
+		keys := v.copy()
+		if keys[countKey] == nil || keys[countKey].deleted {
+			// The bucket was made again (its keys gone): the count is recorded again,
+			// so that a worker of another count cannot join.
+			var other *otherCountError
+			if err := g.checkCount(ctx); errors.As(err, &other) {
+				return err
+			} else if err != nil && ctx.Err() == nil {
+				g.Log.Warn("record the partition count again", "bucket", g.KV.Bucket(), "err", err)
+			}
 		}
 		g.heartbeat(ctx)
 		g.balance(ctx, keys, mine, own)
 	}
+}
+
+// view is the bucket's keys as this worker saw them written.
+type view struct {
+	mu   sync.Mutex
+	keys map[string]*seen
+}
+
+// apply records e. A write seen again (the bucket watched again) keeps when it was
+// first seen: it is no newer than that.
+func (v *view) apply(e jetstream.KeyValueEntry) {
+	deleted := e.Operation() != jetstream.KeyValuePut
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if s := v.keys[e.Key()]; s != nil && s.rev == e.Revision() && s.deleted == deleted {
+		return
+	}
+	v.keys[e.Key()] = &seen{rev: e.Revision(), value: e.Value(), deleted: deleted, at: time.Now()}
+}
+
+// copy is the keys now (each seen is never changed once recorded).
+func (v *view) copy() map[string]*seen {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return maps.Clone(v.keys)
+}
+
+// otherCountError is a group recorded with another partition count.
+type otherCountError struct{ want, got, bucket string }
+
+func (e *otherCountError) Error() string {
+	return fmt.Sprintf("partition: this worker is configured for %s partitions, but the group in KV bucket %s has %s (see docs/scaling.md to change it)", e.want, e.bucket, e.got)
 }
 
 // checkCount records the partition count, or refuses a count other than the one
@@ -293,7 +327,7 @@ func (g *Group) checkCount(ctx context.Context) error {
 		return fmt.Errorf("partition: read the partition count: %w", err)
 	}
 	if got := string(e.Value()); got != want {
-		return fmt.Errorf("partition: this worker is configured for %s partitions, but the group in KV bucket %s has %s (see docs/scaling.md to change it)", want, g.KV.Bucket(), got)
+		return &otherCountError{want: want, got: got, bucket: g.KV.Bucket()}
 	}
 	return nil
 }
@@ -418,13 +452,11 @@ func (g *Group) acquire(ctx context.Context, p int, s *seen, now time.Time) (*Cl
 		err error
 	)
 	if s == nil || s.deleted {
+		// Create takes a key that has no value, or whose last write is a deletion
+		// (a compare-and-set on it): absent from a bucket made again, too.
 		c.value = claimValue{Worker: g.Worker}
 		b, _ := json.Marshal(c.value)
-		if s == nil {
-			rev, err = g.KV.Create(actx, claimKey(p), b)
-		} else {
-			rev, err = g.KV.Update(actx, claimKey(p), b, s.rev)
-		}
+		rev, err = g.KV.Create(actx, claimKey(p), b)
 	} else {
 		var cur claimValue
 		if err := json.Unmarshal(s.value, &cur); err != nil {

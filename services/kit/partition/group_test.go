@@ -16,6 +16,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/kit/testlog"
 )
 
 // owners records which worker runs which partition, and fails the test if two run
@@ -429,5 +430,73 @@ func TestStopDuringHandOver(t *testing.T) {
 		if err := <-bDone; err != nil {
 			t.Fatalf("round %d: b: %v", i, err)
 		}
+	}
+}
+
+// The group's bucket deleted (its watch ends: nats.go cannot make its consumer
+// again) and made again: the worker goes on, loses its claims (the bucket's keys are
+// gone), claims the partitions again in the new bucket and records the count there.
+// It ended with "the watch of test_group ended" before.
+func TestGroupBucketMadeAgain(t *testing.T) {
+	_, js := natstest.Run(t).Connect(t)
+	ctx := context.Background()
+	cfg := jetstream.KeyValueConfig{Bucket: "test_group"}
+	kv, err := js.CreateKeyValue(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 2
+	var runs atomic.Int32
+	o := &owners{t: t, by: map[int]string{}}
+	run := o.run("a")
+	var logs testlog.Buffer
+	g := &partition.Group{KV: kv, Partitions: n, Worker: "a", TTL: 2 * time.Second, Log: slog.New(slog.NewTextHandler(&logs, nil))}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		done <- g.Run(rctx, func(ctx context.Context, c *partition.Claim) { runs.Add(1); run(ctx, c) })
+	}()
+	defer func() { cancel(); <-done }()
+	alive := func() {
+		select {
+		case err := <-done:
+			done <- err
+			t.Fatalf("the worker ended: %v", err)
+		default:
+		}
+	}
+	owned := func(want int32) func() error {
+		return func() error {
+			alive()
+			if got := o.counts(); got["a"] != n || runs.Load() != want {
+				return fmt.Errorf("owners %v after %d runs; want a owning %d after %d", got, runs.Load(), n, want)
+			}
+			return nil
+		}
+	}
+	poll.Until(t, 10*time.Second, owned(n))
+	if err := js.DeleteKeyValue(ctx, cfg.Bucket); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 60*time.Second, func() error {
+		alive()
+		if s := logs.String(); !strings.Contains(s, "KV bucket is gone") && !strings.Contains(s, "the watch of a KV bucket ended") {
+			return errors.New("the worker has not noticed the bucket is gone")
+		}
+		return nil
+	})
+	kv2, err := js.CreateKeyValue(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 60*time.Second, owned(2*n))
+	for p := range n {
+		e, err := kv2.Get(ctx, fmt.Sprintf("partition.%d", p))
+		if err != nil || !strings.Contains(string(e.Value()), `"worker":"a"`) {
+			t.Fatalf("partition %d's claim in the new bucket: %v", p, err)
+		}
+	}
+	if e, err := kv2.Get(ctx, "partitions"); err != nil || string(e.Value()) != fmt.Sprint(n) {
+		t.Fatalf("the new bucket's partition count: %v", err)
 	}
 }
