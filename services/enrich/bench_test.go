@@ -32,8 +32,8 @@ var userAgents = []string{
 func benchSetup(b *testing.B) (EnrichConfig, map[string]Table, map[string]*geoHolder) {
 	dir := sharedData(b, "ip")
 	files := []string{filepath.Join(dir, "geo-whois-asn-country-ipv4.csv.gz"), filepath.Join(dir, "geo-whois-asn-country-ipv6.csv.gz")}
-	gh := &geoHolder{files: files, columns: []string{"country"}}
-	if _, err := gh.reload(); err != nil {
+	gh, err := loadGeoHolder(files, []string{"country"})
+	if err != nil {
 		b.Fatal(err)
 	}
 	users, plans, regions := staticTable{}, staticTable{}, staticTable{}

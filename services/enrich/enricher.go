@@ -21,6 +21,7 @@ import (
 	"github.com/ua-parser/uap-go/uaparser"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/filechange"
 )
 
 // VersionsField is the enrichment field that records which table versions an event
@@ -117,29 +118,30 @@ type geoHolder struct {
 	t       atomic.Pointer[GeoTable]
 	files   []string
 	columns []string
-	stamps  []fileStamp
+	changes *filechange.Files
 }
 
-// reload reads the files again if any changed; a failure keeps the current table.
-func (g *geoHolder) reload() (bool, error) {
-	stamps := make([]fileStamp, len(g.files))
-	for i, f := range g.files {
-		st, err := stampOf(f)
-		if err != nil {
-			return false, fmt.Errorf("geo table: %w", err)
-		}
-		stamps[i] = st
-	}
-	if slices.Equal(stamps, g.stamps) && g.t.Load() != nil {
-		return false, nil
-	}
-	t, err := LoadGeo(g.files, g.columns)
+// loadGeoHolder loads the geo table of files.
+func loadGeoHolder(files, columns []string) (*geoHolder, error) {
+	g := &geoHolder{files: files, columns: columns, changes: filechange.New(files...)}
+	t, err := LoadGeo(files, columns)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	g.t.Store(t)
-	g.stamps = stamps
-	return true, nil
+	return g, nil
+}
+
+// reload reads the files again if any changed and all settled; a failure keeps the
+// current table, and is reported once for the same contents.
+func (g *geoHolder) reload() (bool, error) {
+	return g.changes.Reload(func() (func(), error) {
+		t, err := LoadGeo(g.files, g.columns)
+		if err != nil {
+			return nil, err
+		}
+		return func() { g.t.Store(t) }, nil
+	})
 }
 
 // NewEnricher compiles cfg's rules over the given tables. secrets reads the HMAC

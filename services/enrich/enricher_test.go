@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -40,8 +41,8 @@ func event(typ, data string) *events.Event {
 
 func TestEnrich(t *testing.T) {
 	geoFile := writeFile(t, "geo.csv", "203.0.113.0/24,ZZ,64500\n2001:db8::/32,YY,64501\n")
-	gh := &geoHolder{files: []string{geoFile}, columns: []string{"country", "asn"}}
-	if _, err := gh.reload(); err != nil {
+	gh, err := loadGeoHolder([]string{geoFile}, []string{"country", "asn"})
+	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := DefaultEnrichConfig()
@@ -189,6 +190,47 @@ func TestFileTable(t *testing.T) {
 	for name, body := range map[string]string{"bad.jsonl": "{oops\n", "nokey.csv": "a,b\n1,2\n"} {
 		if _, err := loadFileTable(writeFile(t, name, body), "id"); err == nil {
 			t.Errorf("%s loaded", name)
+		}
+	}
+}
+
+// A table file written in place, a part at a time (a copy, a script writing lines),
+// is not loaded half-way: a CSV cut at a line's end parses, and loaded then it would
+// be a smaller table for a reload interval, every event meanwhile enriched from it
+// missing its rows. A reload reads a change only once the file is as it was at the
+// check before. The first reload after the first half was written loaded it before.
+func TestFileTableWrittenInPlace(t *testing.T) {
+	p := writeFile(t, "plans.csv", "id,plan\nu1,free\n")
+	at := time.Now().Add(-time.Hour)
+	set := func(body string) {
+		t.Helper()
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		at = at.Add(time.Second) // a modification time of its own
+		if err := os.Chtimes(p, at, at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ft, err := loadFileTable(p, "id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	whole := "id,plan\nu1,pro\nu2,pro\nu3,pro\n"
+	set(whole[:len("id,plan\nu1,pro\n")]) // the first part, up to a line's end
+	if swapped, err := ft.reload(); swapped || err != nil {
+		t.Fatalf("a file being written was loaded (%v): u2 and u3 missing from the table", err)
+	}
+	set(whole) // the rest, before the next check
+	if swapped, err := ft.reload(); swapped || err != nil {
+		t.Fatalf("a file changed since the last check was loaded (%v)", err)
+	}
+	if swapped, err := ft.reload(); !swapped || err != nil {
+		t.Fatalf("the whole file, unchanged since the last check, not loaded: %v", err)
+	}
+	for _, k := range []string{"u1", "u2", "u3"} {
+		if row, ok := ft.Get(k); !ok || row["plan"] != "pro" {
+			t.Fatalf("%s = %v", k, row)
 		}
 	}
 }

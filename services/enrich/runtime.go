@@ -57,8 +57,8 @@ func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream,
 	}
 	geo := map[string]*geoHolder{}
 	for _, gc := range cfg.Geo {
-		h := &geoHolder{files: gc.Files, columns: gc.Columns}
-		if _, err := h.reload(); err != nil {
+		h, err := loadGeoHolder(gc.Files, gc.Columns)
+		if err != nil {
 			rt.close()
 			return nil, fmt.Errorf("enrich: geo table %s: %w", gc.Name, err)
 		}

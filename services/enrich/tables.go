@@ -15,11 +15,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/services/kit/filechange"
 	"github.com/sluicehq/sluice/services/kit/kvfollow"
 	"github.com/sluicehq/sluice/streams"
 )
@@ -38,32 +38,22 @@ type Rows struct {
 	version string
 }
 
-// fileTable is a CSV or JSON-lines file, reloaded when it changes. A reload swaps
-// the whole table at once; a broken file keeps the previous table.
+// fileTable is a CSV or JSON-lines file, reloaded when it changed and is whole
+// again (filechange). A reload swaps the whole table at once; a broken file keeps
+// the previous table.
 type fileTable struct {
 	path, key string
 	rows      atomic.Pointer[Rows]
-	stamp     fileStamp
-}
-
-type fileStamp struct {
-	mod  time.Time
-	size int64
-}
-
-func stampOf(path string) (fileStamp, error) {
-	info, err := os.Stat(path)
-	if err != nil {
-		return fileStamp{}, err
-	}
-	return fileStamp{info.ModTime(), info.Size()}, nil
+	files     *filechange.Files
 }
 
 func loadFileTable(path, key string) (*fileTable, error) {
-	t := &fileTable{path: path, key: key}
-	if _, err := t.reload(); err != nil {
+	t := &fileTable{path: path, key: key, files: filechange.New(path)}
+	rows, err := readRows(path, key)
+	if err != nil {
 		return nil, err
 	}
+	t.rows.Store(rows)
 	return t, nil
 }
 
@@ -74,22 +64,16 @@ func (t *fileTable) Get(key string) (map[string]any, bool) {
 
 func (t *fileTable) Version() string { return t.rows.Load().version }
 
-// reload reads the file if it changed; it reports whether it swapped the table.
+// reload reads the file if it changed and settled; it reports whether it swapped
+// the table. Its error is reported once for the same contents.
 func (t *fileTable) reload() (bool, error) {
-	stamp, err := stampOf(t.path)
-	if err != nil {
-		return false, fmt.Errorf("table %s: %w", t.path, err)
-	}
-	if stamp == t.stamp && t.rows.Load() != nil {
-		return false, nil
-	}
-	rows, err := readRows(t.path, t.key)
-	if err != nil {
-		return false, err
-	}
-	t.rows.Store(rows)
-	t.stamp = stamp
-	return true, nil
+	return t.files.Reload(func() (func(), error) {
+		rows, err := readRows(t.path, t.key)
+		if err != nil {
+			return nil, err
+		}
+		return func() { t.rows.Store(rows) }, nil
+	})
 }
 
 // readRows reads a .csv file (header row, one column named key) or a .jsonl file

@@ -2,24 +2,26 @@ package configfile
 
 import (
 	"context"
-	"os"
 	"time"
+
+	"github.com/sluicehq/sluice/services/kit/filechange"
 )
 
 // Watcher watches one file for changes made after NewWatcher: Run calls changed
-// with the newly parsed file each time it changes (by modification time or size),
-// checking every period, until ctx is done; a file that does not parse is passed
-// to failed and the watch goes on. NewWatcher, called before the goroutine that
-// runs it starts, fixes from when changes count.
+// with the newly parsed file each time it changed (by modification time or size)
+// and is whole again (as it was at the check before, and unchanged while read:
+// filechange), checking every period, until ctx is done; a file that does not
+// parse (or is gone) is passed to failed, once for the same contents, and the
+// watch goes on. NewWatcher, called before the goroutine that runs it starts, fixes
+// from when changes count.
 type Watcher struct {
-	path string
-	last os.FileInfo
+	path  string
+	files *filechange.Files
 }
 
 // NewWatcher notes the file at path as it is now: Run reports changes after this.
 func NewWatcher(path string) *Watcher {
-	last, _ := os.Stat(path)
-	return &Watcher{path: path, last: last}
+	return &Watcher{path: path, files: filechange.New(path)}
 }
 
 // Path is the file watched.
@@ -35,16 +37,15 @@ func (w *Watcher) Run(ctx context.Context, every time.Duration, changed func(*Fi
 			return
 		case <-t.C:
 		}
-		info, err := os.Stat(w.path)
-		if err != nil || (w.last != nil && info.ModTime().Equal(w.last.ModTime()) && info.Size() == w.last.Size()) {
-			continue
-		}
-		w.last = info
-		f, err := Load(w.path)
+		_, err := w.files.Reload(func() (func(), error) {
+			f, err := Load(w.path)
+			if err != nil {
+				return nil, err
+			}
+			return func() { changed(f) }, nil
+		})
 		if err != nil {
 			failed(err)
-			continue
 		}
-		changed(f)
 	}
 }
