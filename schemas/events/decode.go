@@ -99,6 +99,7 @@ func (d *Decoder) Split(m Message) ([]Message, error) {
 	if m.Element != nil {
 		return nil, nil
 	}
+	m.Data = TrimBOM(m.Data)
 	mode := BatchNone
 	mp := d.ingest.mappingFor(m.Subject)
 	if mp != nil && mp.Batch != "" {
@@ -142,6 +143,16 @@ func (d *Decoder) Split(m Message) ([]Message, error) {
 	}
 	return out, nil
 }
+
+// bom is the UTF-8 byte order mark.
+var bom = []byte{0xEF, 0xBB, 0xBF}
+
+// TrimBOM is b without a UTF-8 byte order mark at its start. JSON text must not
+// begin with one (RFC 8259), but a parser may ignore it, and some producers'
+// libraries write one (.NET's Encoding.UTF8, PowerShell, files saved by editors):
+// JSON payloads (not binary-mode data of another content type) are read without
+// it. The content key is over the payload as sent.
+func TrimBOM(b []byte) []byte { return bytes.TrimPrefix(b, bom) }
 
 func isBatchContentType(ct string) bool {
 	if ct == "" {
@@ -199,7 +210,7 @@ func (d *Decoder) decodeCloudEvent(m Message) (*Event, error) {
 	if len(ce) > 0 && !isStructuredContentType(ct) {
 		e, err = decodeBinary(ce, ct, m.Data)
 	} else {
-		e, err = decodeStructured(m.Data)
+		e, err = decodeStructured(TrimBOM(m.Data))
 		if err == nil {
 			err = checkHeadersAgree(ce, e)
 		}
@@ -703,6 +714,7 @@ func decodeBinary(ce map[string]string, ct string, payload []byte) (*Event, erro
 		return e, nil
 	}
 	if isJSONContentType(e.DataContentType) {
+		payload = TrimBOM(payload)
 		if !utf8.Valid(payload) {
 			return nil, invalid("binary-mode data is not valid UTF-8 at byte %d", invalidUTF8Offset(payload))
 		}

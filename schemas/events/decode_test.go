@@ -43,6 +43,8 @@ func TestDecode(t *testing.T) {
 			header: map[string][]string{"Ce-Id": {"b2"}, "Content-Type": {"application/octet-stream"}},
 			data:   "\x00\x01\xff",
 			want:   Event{ID: "b2", Source: "iot", Type: "blob", DataBase64: "AAH/"}},
+		{name: "a byte order mark first is ignored", subject: "events.a.b", data: "\xEF\xBB\xBF{\"id\":\"1\"}",
+			want: Event{ID: "1", Source: "a", Type: "b", SpecVersion: "1.0", Time: recv}},
 		{name: "empty payload", subject: "events.a.b", data: "", wantReason: "payload is empty"},
 		{name: "truncated JSON", subject: "events.a.b", data: `{"id":"1",`, wantReason: "not valid JSON"},
 		{name: "not an object", subject: "events.a.b", data: `[1,2]`, wantReason: "an array, not a JSON object"},

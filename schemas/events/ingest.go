@@ -566,7 +566,7 @@ func parseUnix(s string, perUnit int64) (time.Time, error) {
 // decodeRaw reads a raw event: the payload is its data, the mapping says where its
 // attributes come from.
 func decodeRaw(mp *Mapping, m Message) (*Event, error) {
-	payload := bytes.TrimSpace(m.Data)
+	payload := bytes.TrimSpace(TrimBOM(m.Data))
 	if len(payload) == 0 {
 		return nil, invalid("mapping %q: payload is empty (want JSON)", mp.name())
 	}

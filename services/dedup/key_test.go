@@ -1,6 +1,7 @@
 package dedup
 
 import (
+	"bytes"
 	"strings"
 
 	"github.com/sluicehq/sluice/services/dedup/window"
@@ -193,5 +194,64 @@ func TestRawKeys(t *testing.T) {
 	// Key fields of the data: the same meter and time is a repeat whatever else differs.
 	if f, r, b := decide("events.meters.x", `[{"meter":"m1","at":1,"kwh":3},{"meter":"m1","at":2,"kwh":4},{"meter":"m1","at":1,"kwh":5},{"at":3}]`); f != 2 || r != 1 || b != 1 {
 		t.Fatalf("meters: %d new, %d repeats, %d invalid", f, r, b)
+	}
+}
+
+// A payload that starts with a UTF-8 byte order mark (.NET's Encoding.UTF8,
+// PowerShell, a file saved by an editor) is read without it: a CloudEvent, a raw
+// event whose payload is its data, a batch, binary-mode JSON data; keyed by id, an
+// event has the key of the same payload without one. Binary-mode data of another
+// content type keeps its bytes. It was a dead letter before ("payload is not JSON:
+// invalid character 'ï'").
+func TestByteOrderMark(t *testing.T) {
+	in := events.Ingest{Mappings: []events.Mapping{
+		{Subjects: "events.raw.>", Envelope: events.EnvelopeRaw},
+		{Subjects: "events.lines.>", Envelope: events.EnvelopeRaw, Batch: events.BatchNDJSON},
+		{Subjects: "events.array.>", Envelope: events.EnvelopeRaw, Batch: events.BatchArray},
+	}}
+	if err := in.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	h, err := NewHandler(HandlerConfig{MaxPayload: 1 << 20, Window: DefaultWindowConfig(), Ingest: in})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const bom = "\xEF\xBB\xBF"
+	binary := map[string][]string{"ce-id": {"b-1"}, "ce-source": {"s"}, "ce-type": {"t"}, "Content-Type": {"application/json"}}
+	decide := func(subject string, h2 map[string][]string, payload string) []Decision {
+		var out []Decision
+		h.DecideAll(events.Message{Subject: subject, Header: h2, Data: []byte(payload), Received: time.Now()}, func(d Decision) { out = append(out, d) })
+		return out
+	}
+	for _, tc := range []struct {
+		subject string
+		header  map[string][]string
+		payload string
+	}{
+		{"events.shop.order", nil, `{"specversion":"1.0","id":"o-1","source":"shop","type":"order.placed","data":{"amount":1}}`},
+		{"events.shop.order", binary, `{"amount":1}`},
+		{"events.raw.x", nil, `{"id":"r-1","amount":1}`},
+		{"events.lines.x", nil, "{\"amount\":1}\n{\"amount\":2}"},
+		{"events.array.x", nil, `[{"amount":1},{"amount":2}]`},
+	} {
+		plain, marked := decide(tc.subject, tc.header, tc.payload), decide(tc.subject, tc.header, bom+tc.payload)
+		if len(plain) != len(marked) {
+			t.Fatalf("%s %s: %d events without the mark, %d with it", tc.subject, tc.payload, len(plain), len(marked))
+		}
+		for i := range plain {
+			if marked[i].Invalid != nil || plain[i].Invalid != nil {
+				t.Fatalf("%s %s: event %d invalid: %v (without the mark: %v)", tc.subject, tc.payload, i, marked[i].Invalid, plain[i].Invalid)
+			}
+			// A batch's elements are keyed by the batch's content and their place.
+			keyed := marked[i].Key == plain[i].Key || tc.subject != "events.shop.order"
+			if !keyed || !bytes.Equal(marked[i].Event.Data, plain[i].Event.Data) {
+				t.Errorf("%s %s: event %d: key %s data %s with the mark, %s %s without", tc.subject, tc.payload, i,
+					marked[i].Event.Key, marked[i].Event.Data, plain[i].Event.Key, plain[i].Event.Data)
+			}
+		}
+	}
+	octets := map[string][]string{"ce-id": {"b-2"}, "Content-Type": {"application/octet-stream"}}
+	if d := decide("events.iot.blob", octets, bom+"\x01"); len(d) != 1 || d[0].Invalid != nil || d[0].Event.DataBase64 != "77u/AQ==" {
+		t.Fatalf("binary data starting with the mark's bytes: %+v", d)
 	}
 }

@@ -194,6 +194,29 @@ func TestFileTable(t *testing.T) {
 	}
 }
 
+// Table and geo files saved as a spreadsheet's "CSV UTF-8" start with a byte order
+// mark: the first column is still found by its name ("no column \"id\" in the
+// header [id plan]" before), and the first network still parses.
+func TestFilesWithByteOrderMark(t *testing.T) {
+	const bom = "\xEF\xBB\xBF"
+	for name, body := range map[string]string{"plans.csv": bom + "id,plan\nu1,pro\n", "plans.jsonl": bom + `{"id":"u1","plan":"pro"}` + "\n"} {
+		ft, err := loadFileTable(writeFile(t, name, body), "id")
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if row, ok := ft.Get("u1"); !ok || row["plan"] != "pro" {
+			t.Fatalf("%s: u1 = %v", name, row)
+		}
+	}
+	g, err := LoadGeo([]string{writeFile(t, "geo.csv", bom+"203.0.113.0/24,ZZ\n")}, []string{"country"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row, ok := g.Lookup("203.0.113.9"); !ok || len(row) != 1 || row[0] != "ZZ" {
+		t.Fatalf("203.0.113.9 = %v", row)
+	}
+}
+
 // A table file written in place, a part at a time (a copy, a script writing lines),
 // is not loaded half-way: a CSV cut at a line's end parses, and loaded then it would
 // be a smaller table for a reload interval, every event meanwhile enriched from it

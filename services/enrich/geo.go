@@ -1,6 +1,8 @@
 package enrich
 
 import (
+	"bufio"
+	"bytes"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/csv"
@@ -56,7 +58,12 @@ func (g *GeoTable) loadFile(name string, columns []string, h io.Writer) error {
 		defer zr.Close()
 		r = zr
 	}
-	cr := csv.NewReader(r)
+	// Without a byte order mark at the start, as a spreadsheet's "CSV UTF-8" has.
+	br := bufio.NewReader(r)
+	if start, _ := br.Peek(3); bytes.Equal(start, []byte{0xEF, 0xBB, 0xBF}) {
+		_, _ = br.Discard(3)
+	}
+	cr := csv.NewReader(br)
 	cr.FieldsPerRecord = -1
 	cr.ReuseRecord = true
 	line := 0

@@ -19,6 +19,7 @@ import (
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/kit/filechange"
 	"github.com/sluicehq/sluice/services/kit/kvfollow"
 	"github.com/sluicehq/sluice/streams"
@@ -85,6 +86,9 @@ func readRows(path, key string) (*Rows, error) {
 	}
 	sum := sha256.Sum256(b)
 	rows := &Rows{m: map[string]map[string]any{}, version: "sha256:" + hex.EncodeToString(sum[:8])}
+	// A spreadsheet's "CSV UTF-8" starts with a byte order mark, which would be
+	// part of the first column's name.
+	b = events.TrimBOM(b)
 	if strings.HasSuffix(path, ".jsonl") {
 		sc := bufio.NewScanner(strings.NewReader(string(b)))
 		sc.Buffer(make([]byte, 1<<16), 1<<24)
