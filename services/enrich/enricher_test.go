@@ -1,17 +1,23 @@
 package enrich
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	json "github.com/goccy/go-json"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/schemas/events"
+	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/kit/poll"
 )
 
 type staticTable map[string]map[string]any
@@ -329,4 +335,52 @@ func TestEnricherReadsWhatItNeeds(t *testing.T) {
 	if got := testEnricher(t, cfg, map[string]Table{"users": staticTable{}}, nil).data.String(); got != "all" {
 		t.Fatalf("with a mask reads %s of data, want all", got)
 	}
+}
+
+// A lookup key a KV key cannot hold (an e-mail address, a space, ':') is kept
+// under "b64." and its base64url; a KV table finds the row by the key itself, and
+// a key that can be a KV key is kept as it is.
+func TestKVKeys(t *testing.T) {
+	for _, k := range []string{"u7", "a.b", "x-y_z=/1"} {
+		if got := KVKey(k); got != k {
+			t.Errorf("KVKey(%q) = %q, want it unchanged", k, got)
+		}
+	}
+	for _, k := range []string{"alice@example.com", "user 1", "user:1", ".x", "x.", "a..b", "ü", "b64.abc", "*", ">"} {
+		got := KVKey(k)
+		if !strings.HasPrefix(got, "b64.") || lookupKey(got) != k || !kvKeyChars.MatchString(got) {
+			t.Errorf("KVKey(%q) = %q, read back as %q", k, got, lookupKey(got))
+		}
+	}
+	_, js := natstest.Run(t).Connect(t)
+	ctx := context.Background()
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "users"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]string{KVKey("alice@example.com"): `{"plan":"pro"}`, "u7": `{"plan":"free"}`} {
+		if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	table, stop, err := watchKV(ctx, js, "users", 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	if row, ok := table.Get("alice@example.com"); !ok || row["plan"] != "pro" {
+		t.Fatalf("alice@example.com = %v", row)
+	}
+	if row, ok := table.Get("u7"); !ok || row["plan"] != "free" {
+		t.Fatalf("u7 = %v", row)
+	}
+	if err := kv.Delete(ctx, KVKey("alice@example.com")); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, 10*time.Second, func() error {
+		if _, ok := table.Get("alice@example.com"); ok {
+			return errors.New("alice@example.com still in the table after its deletion")
+		}
+		return nil
+	})
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/csv"
 	"encoding/hex"
 	"errors"
@@ -11,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -186,6 +188,34 @@ func (t *kvTable) setRev(rev uint64) {
 	t.version.Store(&v)
 }
 
+// kvKeyPrefix, then base64url of a lookup key, is the KV key of a lookup key that
+// cannot be a KV key itself.
+const kvKeyPrefix = "b64."
+
+// kvKeyChars are what a KV key may hold (nats.go's check, with no empty token).
+var kvKeyChars = regexp.MustCompile(`^[-/_=.a-zA-Z0-9]+$`)
+
+// KVKey is the KV key a lookup table keeps key's row under: key itself when it can
+// be one, else "b64." and its base64url (no padding): an e-mail address, a key with
+// a space or ':', for instance, which a KV key cannot hold. `sluice kv load` writes
+// rows so; a KV table reads both.
+func KVKey(key string) string {
+	if kvKeyChars.MatchString(key) && key[0] != '.' && key[len(key)-1] != '.' && !strings.Contains(key, "..") && !strings.HasPrefix(key, kvKeyPrefix) {
+		return key
+	}
+	return kvKeyPrefix + base64.RawURLEncoding.EncodeToString([]byte(key))
+}
+
+// lookupKey is the lookup key a KV key holds the row of (KVKey's inverse).
+func lookupKey(kvKey string) string {
+	if enc, ok := strings.CutPrefix(kvKey, kvKeyPrefix); ok {
+		if b, err := base64.RawURLEncoding.DecodeString(enc); err == nil {
+			return string(b)
+		}
+	}
+	return kvKey
+}
+
 func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -196,7 +226,7 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 	}
 	switch e.Operation() {
 	case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
-		t.rows.Delete(e.Key())
+		t.rows.Delete(lookupKey(e.Key()))
 		return
 	}
 	var row map[string]any
@@ -204,7 +234,7 @@ func (t *kvTable) apply(e jetstream.KeyValueEntry, log *slog.Logger) {
 		log.Error("KV value is not a JSON object; keeping the previous value", "bucket", t.bucket, "key", e.Key(), "revision", e.Revision(), "err", err)
 		return
 	}
-	t.rows.Store(e.Key(), row)
+	t.rows.Store(lookupKey(e.Key()), row)
 }
 
 // watchKV opens (creating if needed, in replicas copies) bucket and keeps t in step with it until ctx

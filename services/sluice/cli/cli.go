@@ -358,16 +358,26 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}
+	loaded, empty := 0, 0
 	for k, row := range rows {
+		if k == "" {
+			empty++ // no event's lookup has an empty key
+			continue
+		}
 		b, err := json.Marshal(row)
 		if err != nil {
 			return err
 		}
-		if _, err := kv.Put(ctx, k, b); err != nil {
+		// A key a KV key cannot hold (an e-mail address) goes in encoded.
+		if _, err := kv.Put(ctx, enrich.KVKey(k), b); err != nil {
 			return fmt.Errorf("put %q: %w", k, err)
 		}
+		loaded++
 	}
-	fmt.Fprintf(io.Stdout, "loaded %d rows from %s into KV bucket %s\n", len(rows), file, bucket)
+	fmt.Fprintf(io.Stdout, "loaded %d rows from %s into KV bucket %s\n", loaded, file, bucket)
+	if empty > 0 {
+		fmt.Fprintf(io.Stdout, "left out the row whose %s is empty\n", *key)
+	}
 	return nil
 }
 
