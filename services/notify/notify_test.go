@@ -27,6 +27,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/service"
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/testlog"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -837,5 +838,39 @@ func TestReceiverConsumerFailureEndsRun(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("Run did not return 30 s after receiver b's consumer failed")
+	}
+}
+
+// A receiver's URL may be a secret (Slack's incoming webhooks: the path is the
+// token): url_env reads it from the environment, and a delivery's error shows the
+// scheme and host only (Go's error named the whole URL, and it reached the log and
+// the dead letter's reason).
+func TestReceiverURLKeptSecret(t *testing.T) {
+	addr := testnet.FreeAddr(t) // nothing listens there
+	secretURL := "http://" + addr + "/services/T000/B000/XXXXTOKEN?key=QQQQ"
+	env := func(k string) (string, bool) {
+		v, ok := map[string]string{"SLACK_URL": secretURL, "BAD_URL": "hooks/XXXXTOKEN"}[k]
+		return v, ok
+	}
+	r, err := NewReceiver(ReceiverConfig{Name: "chat", URLEnv: "SLACK_URL", Format: FormatSlack, AllowPrivate: true}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = r.Deliver(context.Background(), "msg_1", []byte(`{}`))
+	if err == nil || strings.Contains(err.Error(), "XXXXTOKEN") || strings.Contains(err.Error(), "QQQQ") || !strings.Contains(err.Error(), "http://"+addr+"/…") {
+		t.Fatalf("err = %v; want the scheme and host only", err)
+	}
+	for _, c := range []struct {
+		cfg  ReceiverConfig
+		want string
+	}{
+		{ReceiverConfig{Name: "a", URLEnv: "NOPE", Format: FormatSlack}, "environment variable NOPE (url_env) is not set"},
+		{ReceiverConfig{Name: "a", URLEnv: "BAD_URL", Format: FormatSlack}, "environment variable BAD_URL (url_env) does not hold an http(s) URL"},
+		{ReceiverConfig{Name: "a", URL: "https://x.example", URLEnv: "SLACK_URL", Format: FormatSlack}, "set url or url_env, not both"},
+	} {
+		_, err := NewReceiver(c.cfg, env)
+		if err == nil || err.Error() != c.want || strings.Contains(err.Error(), "XXXXTOKEN") {
+			t.Errorf("%+v: %v; want %q", c.cfg, err, c.want)
+		}
 	}
 }

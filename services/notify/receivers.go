@@ -24,6 +24,9 @@ type ReceiverConfig struct {
 	// Name is the receiver's name: letters, digits, - and _.
 	Name string `yaml:"name"`
 	URL  string `yaml:"url"`
+	// URLEnv names an environment variable holding the URL instead, for a URL that
+	// is itself a secret (Slack's incoming webhooks: its path is the token).
+	URLEnv string `yaml:"url_env"`
 	// Format of the body: sluice (default), alertmanager (Alertmanager's webhook
 	// JSON, version 4) or slack (an incoming-webhook message).
 	Format string `yaml:"format"`
@@ -57,6 +60,18 @@ type Receiver struct {
 	MaxAlerts    int
 	secrets      []Secret
 	client       *http.Client
+	// shownURL is the URL as errors show it: scheme and host (its path and query
+	// may hold a token).
+	shownURL string
+}
+
+// shownURL is u without what may hold a token: user info, path and query.
+func shownURL(u *url.URL) string {
+	s := u.Scheme + "://" + u.Host
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+		s += "/…"
+	}
+	return s
 }
 
 var receiverName = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
@@ -92,8 +107,21 @@ func NewReceiver(c ReceiverConfig, env func(string) (string, bool)) (*Receiver, 
 	if !receiverName.MatchString(c.Name) {
 		return nil, errors.New("name is required: letters, digits, - and _")
 	}
+	if c.URLEnv != "" {
+		if c.URL != "" {
+			return nil, errors.New("set url or url_env, not both")
+		}
+		v, ok := env(c.URLEnv)
+		if !ok || v == "" {
+			return nil, fmt.Errorf("environment variable %s (url_env) is not set", c.URLEnv)
+		}
+		c.URL = v
+	}
 	u, err := url.Parse(c.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		if c.URLEnv != "" { // not shown: it may hold a token
+			return nil, fmt.Errorf("environment variable %s (url_env) does not hold an http(s) URL", c.URLEnv)
+		}
 		return nil, fmt.Errorf("url %q is not an http(s) URL", c.URL)
 	}
 	switch c.Format {
@@ -132,6 +160,7 @@ func NewReceiver(c ReceiverConfig, env func(string) (string, bool)) (*Receiver, 
 	return &Receiver{
 		Name:         c.Name,
 		URL:          c.URL,
+		shownURL:     shownURL(u),
 		Format:       c.Format,
 		SendResolved: c.SendResolved == nil || *c.SendResolved,
 		SendReplayed: c.SendReplayed,
@@ -180,7 +209,8 @@ var ErrGone = errors.New("410 Gone: the endpoint is disabled")
 // Deliver POSTs body to r, signed, with the given webhook-id. An error is a
 // *PermanentError when retrying cannot help (wrapping ErrGone for 410), a
 // *stage.RetryAfterError when the receiver said when to retry, or else an error
-// worth retrying. Errors name the receiver but never its secrets.
+// worth retrying. Errors name the receiver but never its secrets, nor its URL's
+// path or query.
 func (r *Receiver) Deliver(ctx context.Context, id string, body []byte) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, r.URL, bytes.NewReader(body))
 	if err != nil {
@@ -195,6 +225,12 @@ func (r *Receiver) Deliver(ctx context.Context, id string, body []byte) error {
 	}
 	resp, err := r.client.Do(req)
 	if err != nil {
+		// Go's error names the whole URL; the receiver's path or query may be a
+		// token (Slack's is).
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = r.shownURL
+		}
 		if errors.Is(err, ErrForbiddenAddress) {
 			return &PermanentError{fmt.Errorf("receiver %s: %w", r.Name, err)}
 		}

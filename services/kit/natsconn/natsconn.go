@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -25,13 +27,25 @@ func ConnectWait(ctx context.Context, s settings.NATS, name string, log *slog.Lo
 		if err == nil || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || time.Now().After(deadline) {
 			return nc, err
 		}
-		log.Warn("waiting for NATS", "url", s.URL, "err", err)
+		log.Warn("waiting for NATS", "url", redacted(s.URL), "err", err)
 		select {
 		case <-ctx.Done():
 			return nil, err
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+// redacted is a list of server URLs (NATS_URL) without the passwords some carry
+// (nats://user:password@host).
+func redacted(urls string) string {
+	parts := strings.Split(urls, ",")
+	for i, p := range parts {
+		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
+			parts[i] = u.Redacted()
+		}
+	}
+	return strings.Join(parts, ",")
 }
 
 // PingInterval and MaxPingsOutstanding bound how long a connection to a server
