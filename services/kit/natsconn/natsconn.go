@@ -27,7 +27,7 @@ func ConnectWait(ctx context.Context, s settings.NATS, name string, log *slog.Lo
 		if err == nil || errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || time.Now().After(deadline) {
 			return nc, err
 		}
-		log.Warn("waiting for NATS", "url", redacted(s.URL), "err", err)
+		log.Warn("waiting for NATS", "url", Redacted(s.URL), "err", err)
 		select {
 		case <-ctx.Done():
 			return nil, err
@@ -36,9 +36,9 @@ func ConnectWait(ctx context.Context, s settings.NATS, name string, log *slog.Lo
 	}
 }
 
-// redacted is a list of server URLs (NATS_URL) without the passwords some carry
+// Redacted is a list of server URLs (NATS_URL) without the passwords some carry
 // (nats://user:password@host).
-func redacted(urls string) string {
+func Redacted(urls string) string {
 	parts := strings.Split(urls, ",")
 	for i, p := range parts {
 		if u, err := url.Parse(strings.TrimSpace(p)); err == nil && u.User != nil {
@@ -106,7 +106,7 @@ func connect(s settings.NATS, name string, log *slog.Logger, ping time.Duration)
 	}
 	nc, err := nats.Connect(s.URL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", s.URL, err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w", Redacted(s.URL), err)
 	}
 	return nc, nil
 }

@@ -50,7 +50,7 @@ func (w writerFunc) Write(p []byte) (int, error) { w(p); return len(p), nil }
 
 // The URLs a service logs while it waits for NATS show no password.
 func TestRedacted(t *testing.T) {
-	got := redacted("nats://sluice:hunter2@n1:4222, nats://n2:4222,tls://a:b@n3:4222")
+	got := Redacted("nats://sluice:hunter2@n1:4222, nats://n2:4222,tls://a:b@n3:4222")
 	if strings.Contains(got, "hunter2") || strings.Contains(got, ":b@") || !strings.Contains(got, "nats://sluice:xxxxx@n1:4222") || !strings.Contains(got, "nats://n2:4222") {
 		t.Fatalf("redacted: %s", got)
 	}

@@ -269,7 +269,7 @@ func streamsApply(ctx context.Context, args []string, io IO) error {
 	if replicas > 0 {
 		copies = fmt.Sprintf("%d replicas", replicas)
 	}
-	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%s)\n", n.URL, copies)
+	fmt.Fprintf(io.Stdout, "streams and consumers applied on %s (%s)\n", natsconn.Redacted(n.URL), copies)
 	return nil
 }
 
