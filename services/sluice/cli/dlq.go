@@ -6,6 +6,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -175,10 +177,14 @@ func dlqShow(ctx context.Context, args []string, io IO) error {
 		return fmt.Errorf("dlq show: %d of %d not in dead_letters", len(f.Seqs)-len(letters), len(f.Seqs))
 	}
 	for _, l := range letters {
-		fmt.Fprintf(io.Stdout, "dead letter %d\n  stage:    %s\n  reason:   %s\n  subject:  %s\n  received: %s\n  input:    %s sequence %d\n",
-			l.Seq, l.Stage, l.Reason, l.Subject, l.ReceivedAt.Format(time.RFC3339Nano), l.SourceStream, l.SourceSeq)
-		for k, v := range l.Headers {
-			fmt.Fprintf(io.Stdout, "  header:   %s: %s\n", k, strings.Join(v, ", "))
+		input := fmt.Sprintf("%s sequence %d", l.SourceStream, l.SourceSeq)
+		if l.SourceStream == "" {
+			input = "not stored in a stream (refused before it reached one)"
+		}
+		fmt.Fprintf(io.Stdout, "dead letter %d\n  stage:    %s\n  reason:   %s\n  subject:  %s\n  received: %s\n  input:    %s\n",
+			l.Seq, l.Stage, l.Reason, l.Subject, l.ReceivedAt.Format(time.RFC3339Nano), input)
+		for _, k := range slices.Sorted(maps.Keys(l.Headers)) {
+			fmt.Fprintf(io.Stdout, "  header:   %s: %s\n", k, strings.Join(l.Headers[k], ", "))
 		}
 		fmt.Fprintf(io.Stdout, "  payload:  %s\n", l.Payload)
 		for _, r := range l.Replays {

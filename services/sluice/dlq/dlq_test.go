@@ -341,6 +341,14 @@ func TestImportedLineTooLargeIsNotReplayed(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "line 2 of "+file+fmt.Sprintf(" is %d bytes, over the NATS server's max_payload", len(big))) {
 		t.Fatalf("dlq list: exit %d\n%s%s", code, out, errOut)
 	}
+	imported, err := dlq.Select(context.Background(), db, dlq.Filter{Stage: "import"})
+	if err != nil || len(imported) != 1 {
+		t.Fatalf("%v: %d dead letters of the import", err, len(imported))
+	}
+	if code, out, errOut := run("dlq", "show", fmt.Sprint(imported[0].Seq)); code != 0 || !strings.Contains(out, "input:    not stored in a stream") ||
+		!strings.Contains(out, fmt.Sprintf("header:   Sluice-Truncated: %d", len(big))) {
+		t.Fatalf("dlq show: exit %d\n%.2000s%s", code, out, errOut)
+	}
 	_, js := p.Connect(t)
 	st, err := js.Stream(context.Background(), "EVENTS")
 	if err != nil {
