@@ -134,6 +134,9 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 			select {
 			case <-f.Ok():
 			case err := <-f.Err():
+				if errors.Is(err, jetstream.ErrNoStreamResponse) {
+					return fmt.Errorf("import: %s line %d: no stream stores subject %s (EVENTS takes events.>): %w", file, pendingLines[i], opts.Subject, err)
+				}
 				return fmt.Errorf("import: %s line %d: %w", file, pendingLines[i], err)
 			case <-ctx.Done():
 				return ctx.Err()

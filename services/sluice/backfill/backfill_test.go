@@ -164,6 +164,11 @@ func TestImportRate(t *testing.T) {
 	if err != nil || info.State.Msgs != 300 {
 		t.Fatalf("%v: %+v", err, info)
 	}
+	// A subject no stream stores: the error says so.
+	err = backfill.Import(context.Background(), srv.js, srv.kv, []string{file}, backfill.Options{Subject: "orders.a", Restart: true}, func(backfill.Progress) {})
+	if err == nil || !strings.Contains(err.Error(), "line 1: no stream stores subject orders.a (EVENTS takes events.>)") {
+		t.Fatalf("import to orders.a: %v", err)
+	}
 }
 
 type natsFixture struct {
