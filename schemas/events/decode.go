@@ -144,15 +144,15 @@ func (d *Decoder) Split(m Message) ([]Message, error) {
 	return out, nil
 }
 
-// bom is the UTF-8 byte order mark.
-var bom = []byte{0xEF, 0xBB, 0xBF}
+// BOM is the UTF-8 byte order mark.
+var BOM = []byte{0xEF, 0xBB, 0xBF}
 
 // TrimBOM is b without a UTF-8 byte order mark at its start. JSON text must not
 // begin with one (RFC 8259), but a parser may ignore it, and some producers'
 // libraries write one (.NET's Encoding.UTF8, PowerShell, files saved by editors):
 // JSON payloads (not binary-mode data of another content type) are read without
 // it. The content key is over the payload as sent.
-func TrimBOM(b []byte) []byte { return bytes.TrimPrefix(b, bom) }
+func TrimBOM(b []byte) []byte { return bytes.TrimPrefix(b, BOM) }
 
 func isBatchContentType(ct string) bool {
 	if ct == "" {

@@ -16,6 +16,8 @@ import (
 
 	"github.com/gaissmai/bart"
 	"go4.org/netipx"
+
+	"github.com/sluicehq/sluice/schemas/events"
 )
 
 // GeoTable answers longest-prefix-match lookups of IPv4 and IPv6 addresses.
@@ -60,8 +62,8 @@ func (g *GeoTable) loadFile(name string, columns []string, h io.Writer) error {
 	}
 	// Without a byte order mark at the start, as a spreadsheet's "CSV UTF-8" has.
 	br := bufio.NewReader(r)
-	if start, _ := br.Peek(3); bytes.Equal(start, []byte{0xEF, 0xBB, 0xBF}) {
-		_, _ = br.Discard(3)
+	if start, _ := br.Peek(len(events.BOM)); bytes.Equal(start, events.BOM) {
+		_, _ = br.Discard(len(events.BOM))
 	}
 	cr := csv.NewReader(br)
 	cr.FieldsPerRecord = -1
