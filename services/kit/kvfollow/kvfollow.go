@@ -130,7 +130,11 @@ func (f *follower) streamCreated(ctx context.Context) (time.Time, error) {
 }
 
 func (f *follower) follow(ctx context.Context, w jetstream.KeyWatcher) {
-	defer func() { stopWatch(w) }()
+	defer func() {
+		if w != nil { // nil when ctx ended while watching again
+			stopWatch(w)
+		}
+	}()
 	tick := time.NewTicker(f.c.Check)
 	defer tick.Stop()
 	bucket := f.c.KV.Bucket()

@@ -175,3 +175,41 @@ func TestBucketMadeAgainUnnoticed(t *testing.T) {
 		t.Fatalf("the last entry's revision %d, want the new bucket's 1", last)
 	}
 }
+
+// Stopped while the bucket is gone (watching again, in the retry's wait or in a
+// watch that fails): stop returns, and the follower ends without a watch to stop.
+func TestStopWhileBucketGone(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		check time.Duration
+	}{
+		{"check", 100 * time.Millisecond},
+		{"watch ended", time.Hour},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			js, kv := bucket(t, "k1", "old")
+			var logs testlog.Buffer
+			stop, err := Follow(ctx, Config{KV: kv, Check: tc.check, Retry: 20 * time.Millisecond, Log: slog.New(slog.NewTextHandler(&logs, nil))}, (&view{m: map[string]string{}}).apply)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := js.DeleteKeyValue(ctx, "b"); err != nil {
+				t.Fatal(err)
+			}
+			poll.Until(t, 30*time.Second, func() error {
+				if !strings.Contains(logs.String(), "KV bucket not watched") {
+					return fmt.Errorf("no failed watch in the log: %s", logs.String())
+				}
+				return nil
+			})
+			stopped := make(chan struct{})
+			go func() { stop(); close(stopped) }()
+			select {
+			case <-stopped:
+			case <-time.After(30 * time.Second):
+				t.Fatal("stop did not return")
+			}
+		})
+	}
+}
