@@ -48,15 +48,19 @@ func ParseSilence(id string, b []byte) (Silence, error) {
 }
 
 func (s *Silence) check() error {
+	name := "silence"
+	if s.ID != "" { // empty for one being added
+		name += " " + s.ID
+	}
 	if len(s.Matchers) == 0 {
-		return fmt.Errorf("silence %s: matchers is required (a silence of everything is a mistake)", s.ID)
+		return fmt.Errorf("%s: matchers is required (a silence of everything is a mistake)", name)
 	}
 	ms, err := ParseMatchers(s.Matchers)
 	if err != nil {
-		return fmt.Errorf("silence %s: %w", s.ID, err)
+		return fmt.Errorf("%s: %w", name, err)
 	}
 	if s.EndsAt.IsZero() {
-		return fmt.Errorf("silence %s: ends_at is required", s.ID)
+		return fmt.Errorf("%s: ends_at is required", name)
 	}
 	s.matchers = ms
 	return nil

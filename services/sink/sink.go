@@ -856,7 +856,11 @@ func (w *writer) refreshHighWater(ctx context.Context) error {
 		return nil
 	}
 	if settle := w.ackWait / 2; settle > 0 {
-		w.log.Info("waiting for inserts other replicas may have begun before a NATS restart", "table", w.table.Name, "wait", settle)
+		why := "at start"
+		if w.hwmRead {
+			why = "after reconnecting to NATS"
+		}
+		w.log.Info("waiting for inserts another replica may still be making before reading the table's high-water mark", "when", why, "wait", settle)
 		pause(ctx, settle)
 		if err := ctx.Err(); err != nil {
 			return err

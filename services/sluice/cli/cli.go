@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -481,6 +482,12 @@ func silenceAdd(ctx context.Context, args []string, io IO) error {
 	if err := parse(fs, args, io, 0); err != nil {
 		return err
 	}
+	switch {
+	case len(matchers) == 0:
+		fmt.Fprintln(io.Stderr, "sluice silence add: at least one -m MATCHER is required (a silence of everything is a mistake)")
+	case *dur <= 0:
+		fmt.Fprintf(io.Stderr, "sluice silence add: --for must be a duration above zero (2h, 30m), not %s\n", *dur)
+	}
 	if len(matchers) == 0 || *dur <= 0 {
 		fmt.Fprintln(io.Stderr, "usage: sluice silence add -m MATCHER [-m MATCHER...] --for DURATION [--comment TEXT]")
 		return errUsage
@@ -543,9 +550,16 @@ func silenceRemove(ctx context.Context, args []string, io IO) error {
 		return err
 	}
 	if _, err := kv.Get(ctx, arg); err != nil {
+		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrInvalidKey) {
+			return fmt.Errorf("no silence %q (`sluice silence list --all` shows them)", arg)
+		}
 		return fmt.Errorf("silence %s: %w", arg, err)
 	}
-	return kv.Delete(ctx, arg)
+	if err := kv.Delete(ctx, arg); err != nil {
+		return fmt.Errorf("silence %s: %w", arg, err)
+	}
+	fmt.Fprintf(io.Stdout, "silence %s ended\n", arg)
+	return nil
 }
 
 func receiverEnable(ctx context.Context, args []string, io IO) error {
@@ -558,5 +572,26 @@ func receiverEnable(ctx context.Context, args []string, io IO) error {
 	if err != nil {
 		return fmt.Errorf("bucket %s: %w (has the notify stage run?)", notify.StateBucket, err)
 	}
-	return notify.EnableReceiver(ctx, kv, arg)
+	health, err := notify.ReadReceivers(ctx, kv)
+	if err != nil {
+		return err
+	}
+	if health[arg].Disabled == "" {
+		var names []string
+		for name, h := range health {
+			if h.Disabled != "" {
+				names = append(names, name)
+			}
+		}
+		slices.Sort(names)
+		if len(names) == 0 {
+			names = []string{"none"}
+		}
+		return fmt.Errorf("receiver %q is not disabled (disabled: %s)", arg, strings.Join(names, ", "))
+	}
+	if err := notify.EnableReceiver(ctx, kv, arg); err != nil {
+		return err
+	}
+	fmt.Fprintf(io.Stdout, "receiver %s enabled: notify delivers to it again\n", arg)
+	return nil
 }

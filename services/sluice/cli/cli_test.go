@@ -4,14 +4,18 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/sluicehq/sluice/services/enrich"
 	"github.com/sluicehq/sluice/services/kit/natstest"
+	"github.com/sluicehq/sluice/services/notify"
 )
 
 func runCLI(args ...string) (int, string, string) {
@@ -93,17 +97,61 @@ func TestSilences(t *testing.T) {
 	if code, _, errOut := runCLI("silence", "add", "-m", "team", "--for", "1h", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, `matcher "team"`) {
 		t.Fatalf("bad matcher: exit %d %s", code, errOut)
 	}
-	if code, _, errOut := runCLI("silence", "add", "-m", "team=x"); code != 2 || !strings.Contains(errOut, "usage: sluice silence add") {
+	if code, _, errOut := runCLI("silence", "add", "-m", "team=x"); code != 2 || !strings.Contains(errOut, "usage: sluice silence add") || !strings.Contains(errOut, "--for must be a duration above zero") {
 		t.Fatalf("no duration: exit %d %s", code, errOut)
 	}
-	if code, _, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 0 {
-		t.Fatalf("rm: exit %d %s", code, errOut)
+	if code, _, errOut := runCLI("silence", "add", "-m", "team=x", "--for", "-1h"); code != 2 || !strings.Contains(errOut, "--for must be a duration above zero (2h, 30m), not -1h0m0s") {
+		t.Fatalf("a duration below zero: exit %d %s", code, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "add", "--for", "1h"); code != 2 || !strings.Contains(errOut, "at least one -m MATCHER is required") {
+		t.Fatalf("no matcher: exit %d %s", code, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "add", "-m", `team=~"["`, "--for", "1h", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "sluice: silence: matcher") {
+		t.Fatalf("a matcher that does not parse: exit %d %s", code, errOut)
+	}
+	if code, out, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 0 || out != "silence "+id+" ended\n" {
+		t.Fatalf("rm: exit %d %q %s", code, out, errOut)
 	}
 	if code, out, _ := runCLI("silence", "list", "--all", "--nats-url", ns.URL); code != 0 || strings.Contains(out, id) {
 		t.Fatalf("after rm: exit %d %q", code, out)
 	}
-	if code, _, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "key not found") {
+	if code, _, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "no silence \""+id+"\" (`sluice silence list --all` shows them)") {
 		t.Fatalf("rm twice: exit %d %s", code, errOut)
+	}
+	if code, _, errOut := runCLI("silence", "rm", "not a key", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "no silence \"not a key\"") {
+		t.Fatalf("rm of an id no key can be: exit %d %s", code, errOut)
+	}
+}
+
+// receiver enable ends a receiver's 410 stop; a name that is not disabled (a typo)
+// is an error that lists the disabled ones, not a silent success.
+func TestReceiverEnable(t *testing.T) {
+	ctx := context.Background()
+	ns := natstest.Run(t)
+	if code, _, errOut := runCLI("receiver", "enable", "ops", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "has the notify stage run?") {
+		t.Fatalf("no bucket: exit %d %s", code, errOut)
+	}
+	_, js := ns.Connect(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: notify.StateBucket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"ops", "billing"} {
+		if err := notify.DisableReceiver(ctx, kv, name, "410 Gone"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if code, _, errOut := runCLI("receiver", "enable", "opps", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, `receiver "opps" is not disabled (disabled: billing, ops)`) {
+		t.Fatalf("a typo: exit %d %s", code, errOut)
+	}
+	if code, out, errOut := runCLI("receiver", "enable", "ops", "--nats-url", ns.URL); code != 0 || !strings.Contains(out, "receiver ops enabled") {
+		t.Fatalf("enable: exit %d %q %s", code, out, errOut)
+	}
+	if _, err := kv.Get(ctx, "disabled.ops"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("disabled.ops after enable: %v", err)
+	}
+	if code, _, errOut := runCLI("receiver", "enable", "ops", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, `receiver "ops" is not disabled (disabled: billing)`) {
+		t.Fatalf("enable twice: exit %d %s", code, errOut)
 	}
 }
 
@@ -222,5 +270,33 @@ func TestStatusUnhealthy(t *testing.T) {
 	}
 	if code, _, errOut := runCLI("status", "--nats-url", ns.URL, "--max-lag", "0s"); code != 1 || !strings.Contains(errOut, "must be positive") {
 		t.Fatalf("--max-lag 0s: exit %d: %s", code, errOut)
+	}
+}
+
+// Ranges that select nothing by mistake are refused before anything is read: a
+// duration ago below zero, an end before its start; and a replay without the
+// config file, which would rebuild rows without their enrichment.
+func TestRangeMistakes(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "sluice.yaml")
+	if err := os.WriteFile(cfg, []byte("enrich: {}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"dlq", "list", "--since", "-5h"}, `--since: "-5h": a duration is how long ago, so not below zero (5h0m0s)`},
+		{[]string{"dlq", "list", "--since", "1h", "--until", "2h"}, "--until 2h is not after --since 1h"},
+		{[]string{"dlq", "replay", "--since", "2026-11-30T10:00:00Z", "--until", "2026-11-30T09:00:00Z"}, "--until 2026-11-30T09:00:00Z is not after --since 2026-11-30T10:00:00Z"},
+		{[]string{"replay", "--from", "1"}, "replay: no config file (set SLUICE_CONFIG or --config"},
+		{[]string{"replay", "--from", "5", "--to", "2", "--config", cfg}, "replay: --to 2 is before --from 5"},
+		{[]string{"replay", "--from", "1h", "--to", "2h", "--config", cfg}, "replay: --to 2h is before --from 1h"},
+		{[]string{"replay", "--from", "-2h", "--config", cfg}, `replay: --from: "-2h": a duration is how long ago, so not below zero`},
+		{[]string{"replay", "--from", "yesterday", "--config", cfg}, `"yesterday" is neither a stream sequence, an RFC 3339 time nor a duration`},
+	} {
+		code, _, errOut := runCLI(tc.args...)
+		if code != 1 || !strings.Contains(errOut, tc.want) {
+			t.Errorf("%q: exit %d %s, want 1 and %q", tc.args, code, errOut, tc.want)
+		}
 	}
 }

@@ -64,6 +64,9 @@ func (d *dlqFlags) filter(now time.Time) (dlq.Filter, error) {
 	if f.Until, err = when(d.until, now); err != nil {
 		return f, fmt.Errorf("--until: %w", err)
 	}
+	if !f.Since.IsZero() && !f.Until.IsZero() && !f.Until.After(f.Since) {
+		return f, fmt.Errorf("--until %s is not after --since %s: no dead letter is in between", d.until, d.since)
+	}
 	for s := range strings.SplitSeq(d.seqs, ",") {
 		if s = strings.TrimSpace(s); s == "" {
 			continue
@@ -91,6 +94,9 @@ func when(s string, now time.Time) (time.Time, error) {
 		return time.Time{}, nil
 	}
 	if d, err := time.ParseDuration(s); err == nil {
+		if d < 0 {
+			return time.Time{}, fmt.Errorf("%q: a duration is how long ago, so not below zero (%s)", s, -d)
+		}
 		return now.Add(-d), nil
 	}
 	t, err := time.Parse(time.RFC3339, s)

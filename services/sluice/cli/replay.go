@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"strconv"
@@ -41,6 +42,11 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 		fs.Usage()
 		return errUsage
 	}
+	if configPath == "" {
+		// Without a file the enrichment is none, and every changed row would lose
+		// what the pipeline added to it.
+		return errors.New("replay: no config file (set SLUICE_CONFIG or --config to the one the pipeline runs with): replay rebuilds rows with its enrichment and ingest mappings")
+	}
 	now := time.Now()
 	var r reprocess.Range
 	var err error
@@ -49,6 +55,9 @@ func replayCmd(ctx context.Context, args []string, io IO) error {
 	}
 	if r.ToSeq, r.ToTime, err = position(*to, now); err != nil {
 		return fmt.Errorf("replay: --to: %w", err)
+	}
+	if r.ToSeq > 0 && r.ToSeq < r.FromSeq || !r.ToTime.IsZero() && r.ToTime.Before(r.FromTime) {
+		return fmt.Errorf("replay: --to %s is before --from %s", *to, *from)
 	}
 	f, err := configfile.Load(configPath)
 	if err != nil {
@@ -127,6 +136,9 @@ func position(s string, now time.Time) (uint64, time.Time, error) {
 		return seq, time.Time{}, nil
 	}
 	t, err := when(s, now)
+	if _, derr := time.ParseDuration(s); err != nil && derr == nil {
+		return 0, time.Time{}, err // a duration below zero
+	}
 	if err != nil {
 		return 0, time.Time{}, fmt.Errorf("%q is neither a stream sequence, an RFC 3339 time nor a duration", s)
 	}
