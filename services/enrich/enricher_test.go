@@ -193,10 +193,32 @@ func TestFileTable(t *testing.T) {
 	if row, ok := jt.Get("7"); !ok || row["plan"] != "free" {
 		t.Fatalf("7 = %v", row)
 	}
-	for name, body := range map[string]string{"bad.jsonl": "{oops\n", "nokey.csv": "a,b\n1,2\n"} {
-		if _, err := loadFileTable(writeFile(t, name, body), "id"); err == nil {
-			t.Errorf("%s loaded", name)
+	for name, tc := range map[string]struct{ body, want string }{
+		"bad.jsonl":     {"{oops\n", "line 1: not a JSON object"},
+		"nokey.csv":     {"a,b\n1,2\n", `no column "id" in the header [a b]`},
+		"empty.csv":     {"", "the file is empty: a CSV table starts with a header row"},
+		"twice.csv":     {"id,plan,plan\nu1,pro,free\n", `column "plan" appears twice in the header [id plan plan]`},
+		"ragged.csv":    {"id,plan\nu1,pro\nu2\n", "wrong number of fields"},
+		"nofield.jsonl": {`{"plan":"pro"}` + "\n", `line 1: no key field "id"`},
+	} {
+		_, err := loadFileTable(writeFile(t, name, tc.body), "id")
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", name, err, tc.want)
 		}
+	}
+	// Rows of a key seen before: the last is kept, and they are counted.
+	rt, err := loadFileTable(writeFile(t, "repeated.csv", "id,plan\nu1,pro\nu2,free\nu1,team\nu2,pro\nu1,free\n"), "id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row, _ := rt.Get("u1"); row["plan"] != "free" {
+		t.Fatalf("u1 = %v, want the last row", row)
+	}
+	if n, first := rt.rows.Load().Repeated(); n != 3 || first != "u1" {
+		t.Fatalf("repeated %d (first %q), want 3 (u1)", n, first)
+	}
+	if n, _ := jt.rows.Load().Repeated(); n != 0 {
+		t.Fatalf("repeated %d in a table without repeats", n)
 	}
 }
 

@@ -39,6 +39,7 @@ func startRuntime(ctx context.Context, cfg EnrichConfig, js jetstream.JetStream,
 				rt.close()
 				return nil, fmt.Errorf("enrich: table %s: %w", tc.Name, err)
 			}
+			logRepeated(log, tc.File, ft.rows.Load())
 			rt.files = append(rt.files, ft)
 			tables[tc.Name] = ft
 			continue
@@ -93,6 +94,7 @@ func (rt *runtime) reloadFiles(ctx context.Context, every time.Duration, log *sl
 				reloaded(f.path, "failed")
 			} else if swapped {
 				log.Info("table file reloaded", "file", f.path, "version", f.Version())
+				logRepeated(log, f.path, f.rows.Load())
 				reloaded(f.path, "ok")
 			}
 		}

@@ -10,9 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
+	"maps"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +42,35 @@ type Table interface {
 type Rows struct {
 	m       map[string]map[string]any
 	version string
+	// repeated counts rows whose key a row before them had (the later is kept);
+	// firstRepeated is the first such key.
+	repeated      int
+	firstRepeated string
+}
+
+// All yields each key and its row.
+func (r *Rows) All() iter.Seq2[string, map[string]any] { return maps.All(r.m) }
+
+// Repeated says how many rows had the key of a row before them (lookups get the
+// last row of a key), and the first such key.
+func (r *Rows) Repeated() (int, string) { return r.repeated, r.firstRepeated }
+
+// add keeps row under k, counting a key seen before.
+func (r *Rows) add(k string, row map[string]any) {
+	if _, ok := r.m[k]; ok {
+		if r.repeated == 0 {
+			r.firstRepeated = k
+		}
+		r.repeated++
+	}
+	r.m[k] = row
+}
+
+// logRepeated warns of rows a later row of the same key hides.
+func logRepeated(log *slog.Logger, file string, r *Rows) {
+	if n, k := r.Repeated(); n > 0 {
+		log.Warn("table file has rows whose key a row before them had; lookups get the last row of each key", "file", file, "rows", n, "first_key", k)
+	}
 }
 
 // fileTable is a CSV or JSON-lines file, reloaded when it changed and is whole
@@ -108,7 +140,7 @@ func readRows(path, key string) (*Rows, error) {
 			if !ok {
 				return nil, fmt.Errorf("table %s: line %d: no key field %q", path, line, key)
 			}
-			rows.m[keyString(k)] = row
+			rows.add(keyString(k), row)
 		}
 		if err := sc.Err(); err != nil {
 			return nil, fmt.Errorf("table %s: %w", path, err)
@@ -117,11 +149,17 @@ func readRows(path, key string) (*Rows, error) {
 	}
 	cr := csv.NewReader(strings.NewReader(string(b)))
 	header, err := cr.Read()
+	if errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("table %s: the file is empty: a CSV table starts with a header row naming its columns", path)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("table %s: header: %w", path, err)
 	}
 	col := -1
 	for i, h := range header {
+		if slices.Contains(header[:i], h) {
+			return nil, fmt.Errorf("table %s: column %q appears twice in the header %v", path, h, header)
+		}
 		if h == key {
 			col = i
 		}
@@ -141,7 +179,7 @@ func readRows(path, key string) (*Rows, error) {
 		for i, h := range header {
 			row[h] = rec[i]
 		}
-		rows.m[rec[col]] = row
+		rows.add(rec[col], row)
 	}
 }
 
@@ -256,10 +294,6 @@ func watchKV(ctx context.Context, js jetstream.JetStream, bucket string, replica
 
 // LoadFile reads a .csv (header row) or .jsonl table file keyed by the key column,
 // for bulk loads into a KV bucket.
-func LoadFile(path, key string) (map[string]map[string]any, error) {
-	rows, err := readRows(path, key)
-	if err != nil {
-		return nil, err
-	}
-	return rows.m, nil
+func LoadFile(path, key string) (*Rows, error) {
+	return readRows(path, key)
 }

@@ -360,7 +360,7 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 		return fmt.Errorf("KV bucket %s: %w", bucket, err)
 	}
 	loaded, empty := 0, 0
-	for k, row := range rows {
+	for k, row := range rows.All() {
 		if k == "" {
 			empty++ // no event's lookup has an empty key
 			continue
@@ -378,6 +378,9 @@ func kvLoad(ctx context.Context, args []string, io IO) error {
 	fmt.Fprintf(io.Stdout, "loaded %d rows from %s into KV bucket %s\n", loaded, file, bucket)
 	if empty > 0 {
 		fmt.Fprintf(io.Stdout, "left out the row whose %s is empty\n", *key)
+	}
+	if n, first := rows.Repeated(); n > 0 {
+		fmt.Fprintf(io.Stdout, "%d row(s) had the %s of a row before them (the first: %q): the last row of each %s is loaded\n", n, *key, first, *key)
 	}
 	return nil
 }

@@ -56,13 +56,14 @@ func TestKVLoad(t *testing.T) {
 	file := filepath.Join(dir, "users.csv")
 	// An e-mail address cannot be a KV key: it goes in encoded (it failed the load
 	// before, "nats: invalid key"); a row with no key is left out.
-	if err := os.WriteFile(file, []byte("id,plan\nu1,pro\nu2,free\nalice@example.com,team\n,none\n"), 0o644); err != nil {
+	if err := os.WriteFile(file, []byte("id,plan\nu1,basic\nu2,free\nalice@example.com,team\n,none\nu1,pro\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	var out, errOut bytes.Buffer
 	code := Main([]string{"kv", "load", "users", file, "--key", "id", "--nats-url", ns.URL},
 		IO{Env: func(string) (string, bool) { return "", false }, Stdout: &out, Stderr: &errOut})
-	if code != 0 || !strings.Contains(out.String(), "loaded 3 rows") || !strings.Contains(out.String(), "left out the row whose id is empty") {
+	if code != 0 || !strings.Contains(out.String(), "loaded 3 rows") || !strings.Contains(out.String(), "left out the row whose id is empty") ||
+		!strings.Contains(out.String(), `1 row(s) had the id of a row before them (the first: "u1"): the last row of each id is loaded`) {
 		t.Fatalf("exit %d: %s %s", code, out.String(), errOut.String())
 	}
 	_, js := ns.Connect(t)
