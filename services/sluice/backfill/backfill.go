@@ -16,6 +16,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"golang.org/x/time/rate"
@@ -54,11 +55,41 @@ type Progress struct {
 	Done       bool
 }
 
-// checkpoint is a file's record in Bucket.
+// checkpoint is a file's record in Bucket, for one subject.
 type checkpoint struct {
-	File  string    `json:"file"`
-	Lines int64     `json:"lines"`
-	At    time.Time `json:"at"`
+	File string `json:"file"`
+	// Subject is what the lines were published to (empty in checkpoints written
+	// before it was recorded, which were kept under the file's id alone).
+	Subject string    `json:"subject,omitempty"`
+	Lines   int64     `json:"lines"`
+	At      time.Time `json:"at"`
+}
+
+// checkpointKey keys the checkpoint of file id published to subject: an import of
+// the same file to another subject is another import.
+func checkpointKey(id, subject string) string {
+	h := sha256.Sum256([]byte(subject))
+	return id + "." + hex.EncodeToString(h[:8])
+}
+
+// readCheckpoint returns how many lines of file id were published to subject: its
+// checkpoint, or one of the file alone written before subjects were recorded.
+func readCheckpoint(ctx context.Context, kv jetstream.KeyValue, id, subject string) (int64, error) {
+	for _, key := range []string{checkpointKey(id, subject), id} {
+		e, err := kv.Get(ctx, key)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		var c checkpoint
+		if err := json.Unmarshal(e.Value(), &c); err != nil {
+			return 0, err
+		}
+		return c.Lines, nil
+	}
+	return 0, nil
 }
 
 // Import publishes every non-blank line of each file (gzip is recognised by its
@@ -71,6 +102,11 @@ type checkpoint struct {
 func Import(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyValue, files []string, opts Options, progress func(Progress)) error {
 	if opts.Subject == "" {
 		return errors.New("import: a subject is needed (--subject; an ingest mapping may match it)")
+	}
+	if !server.IsValidPublishSubject(opts.Subject) {
+		// NATS would store a message under "events.a.*" as it is, a subject no
+		// consumer's filter or partition mapping expects.
+		return fmt.Errorf("import: subject %q is not one a message can be published to: no wildcard tokens (* or >), no empty tokens or spaces", opts.Subject)
 	}
 	if opts.InFlight <= 0 {
 		opts.InFlight = 256
@@ -94,13 +130,7 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 	}
 	var done int64
 	if !opts.Restart {
-		if e, err := kv.Get(ctx, id); err == nil {
-			var c checkpoint
-			if err := json.Unmarshal(e.Value(), &c); err != nil {
-				return fmt.Errorf("import: checkpoint of %s: %w", file, err)
-			}
-			done = c.Lines
-		} else if !errors.Is(err, jetstream.ErrKeyNotFound) {
+		if done, err = readCheckpoint(ctx, kv, id, opts.Subject); err != nil {
 			return fmt.Errorf("import: checkpoint of %s: %w", file, err)
 		}
 	}
@@ -147,8 +177,8 @@ func importFile(ctx context.Context, js jetstream.JetStream, kv jetstream.KeyVal
 		}
 		pending, pendingLines = pending[:0], pendingLines[:0]
 		if acked > recorded {
-			b, _ := json.Marshal(checkpoint{File: file, Lines: acked, At: time.Now().UTC()})
-			if _, err := kv.Put(ctx, id, b); err != nil {
+			b, _ := json.Marshal(checkpoint{File: file, Subject: opts.Subject, Lines: acked, At: time.Now().UTC()})
+			if _, err := kv.Put(ctx, checkpointKey(id, opts.Subject), b); err != nil {
 				return fmt.Errorf("import: checkpoint of %s: %w", file, err)
 			}
 			recorded = acked

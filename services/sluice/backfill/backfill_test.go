@@ -171,6 +171,74 @@ func TestImportRate(t *testing.T) {
 	}
 }
 
+// A checkpoint is of a file published to a subject: the same file to another
+// subject is imported (it was skipped as done before, "3 by an earlier run"), a
+// checkpoint written before subjects were recorded still counts, and a subject
+// with wildcards is refused (NATS stored "events.a.*" as it was).
+func TestImportSubjects(t *testing.T) {
+	ctx := context.Background()
+	srv := natsStream(t)
+	file := filepath.Join(t.TempDir(), "few.jsonl")
+	if err := os.WriteFile(file, []byte("{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":\"3\"}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stored := func() uint64 {
+		t.Helper()
+		info, err := srv.st.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.State.Msgs
+	}
+	imp := func(subject string) (backfill.Progress, error) {
+		var last backfill.Progress
+		err := backfill.Import(ctx, srv.js, srv.kv, []string{file}, backfill.Options{Subject: subject}, func(p backfill.Progress) { last = p })
+		return last, err
+	}
+	for _, step := range []struct {
+		subject         string
+		skipped, stored int
+	}{
+		{"events.a.b", 0, 3},
+		{"events.a.b", 3, 3},
+		{"events.c.d", 0, 6},
+		{"events.c.d", 3, 6},
+	} {
+		p, err := imp(step.subject)
+		if err != nil {
+			t.Fatalf("%s: %v", step.subject, err)
+		}
+		if p.Skipped != int64(step.skipped) || stored() != uint64(step.stored) {
+			t.Fatalf("to %s: %d skipped and %d stored, want %d and %d", step.subject, p.Skipped, stored(), step.skipped, step.stored)
+		}
+	}
+
+	// A checkpoint of the file alone (as written before subjects were recorded).
+	keys, err := srv.kv.ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var id string
+	for k := range keys.Keys() {
+		id, _, _ = strings.Cut(k, ".")
+	}
+	if _, err := srv.kv.Put(ctx, id, []byte(`{"file":"few.jsonl","lines":3,"at":"2026-11-01T00:00:00Z"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := imp("events.e.f"); err != nil || p.Skipped != 3 || stored() != 6 {
+		t.Fatalf("with a checkpoint of the file alone: %v, %d skipped, %d stored", err, p.Skipped, stored())
+	}
+
+	for _, subject := range []string{"events.a.*", "events.>", "events..a", "events.a b"} {
+		if _, err := imp(subject); err == nil || !strings.Contains(err.Error(), "is not one a message can be published to") {
+			t.Errorf("%q: %v", subject, err)
+		}
+	}
+	if n := stored(); n != 6 {
+		t.Fatalf("%d stored after the refused subjects, want 6", n)
+	}
+}
+
 type natsFixture struct {
 	js jetstream.JetStream
 	kv jetstream.KeyValue

@@ -315,12 +315,19 @@ func rulesCheck(args []string, io IO) error {
 	if err != nil {
 		return err
 	}
+	// The alert section sets how the rules run; the stage refuses what it refuses.
+	if _, err := alert.LoadSettings(f); err != nil {
+		return err
+	}
 	rules, err := alert.LoadRules(f)
 	for _, r := range rules {
 		fmt.Fprintf(io.Stdout, "ok  %s (%s, severity %s)\n", r.Name, r.Kind, r.Severity)
 	}
 	if err != nil {
 		return fmt.Errorf("%s:\n%w", fs.Arg(0), err)
+	}
+	if len(rules) == 0 {
+		fmt.Fprintf(io.Stdout, "no rules in %s (rules go in the top-level rules: section)\n", fs.Arg(0))
 	}
 	return nil
 }

@@ -36,6 +36,23 @@ func TestRulesCheck(t *testing.T) {
 	if code, _, errOut := runCLI("rules", "check"); code != 2 || !strings.Contains(errOut, "want 1 argument") {
 		t.Fatalf("no file: exit %d %s", code, errOut)
 	}
+	// Rules under the alert section (its settings) are refused as the stage refuses
+	// them; a file without rules says so rather than nothing.
+	dir := t.TempDir()
+	misplaced := filepath.Join(dir, "misplaced.yaml")
+	if err := os.WriteFile(misplaced, []byte("alert:\n  rules:\n    - name: x\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errOut := runCLI("rules", "check", misplaced); code != 1 || !strings.Contains(errOut, "field rules not found in type alert.Settings") {
+		t.Fatalf("rules in the alert section: exit %d %s", code, errOut)
+	}
+	none := filepath.Join(dir, "none.yaml")
+	if err := os.WriteFile(none, []byte("alert:\n  idle_after: 1m\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errOut := runCLI("rules", "check", none); code != 0 || !strings.Contains(out, "no rules in "+none+" (rules go in the top-level rules: section)") {
+		t.Fatalf("no rules: exit %d %q %s", code, out, errOut)
+	}
 }
 
 func TestUsage(t *testing.T) {
@@ -225,6 +242,21 @@ ingest:
 	}
 	if code, _, errOut := runCLI("ingest", "check", sample); code != 2 || !strings.Contains(errOut, "usage: sluice ingest check") {
 		t.Fatalf("no subject: exit %d %s", code, errOut)
+	}
+	// Subjects a producer's event would not reach EVENTS by, and a file of blank lines.
+	blank := filepath.Join(dir, "blank.json")
+	if err := os.WriteFile(blank, []byte("\n  \n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ file, subject, want string }{
+		{sample, "orders.plant7", "subject orders.plant7 is not one EVENTS takes (events.>): a message published to it is kept by no stream"},
+		{sample, "events.sensors.*", `subject "events.sensors.*" is not one a message can be published to`},
+		{sample, "events..x", `subject "events..x" is not one a message can be published to`},
+		{blank, "events.a.b", blank + " has no line that is not blank"},
+	} {
+		if code, _, errOut := runCLI("ingest", "check", tc.file, "--each-line", "--subject", tc.subject, "--config", cfg); code != 1 || !strings.Contains(errOut, tc.want) {
+			t.Errorf("%s to %s: exit %d %s, want %q", tc.file, tc.subject, code, errOut, tc.want)
+		}
 	}
 }
 

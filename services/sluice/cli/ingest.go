@@ -10,11 +10,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+
 	"github.com/sluicehq/sluice/schemas/events"
 	"github.com/sluicehq/sluice/services/dedup"
 	"github.com/sluicehq/sluice/services/dedup/window"
 	"github.com/sluicehq/sluice/services/kit/configfile"
 	"github.com/sluicehq/sluice/services/kit/settings"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // headerFlags collects repeated --header Name:value flags.
@@ -89,6 +92,9 @@ func ingestCheck(args []string, io IO) error {
 		fmt.Fprintln(io.Stderr, "usage: sluice ingest check FILE --subject SUBJECT [--each-line] [--header Name:value]... [--config SLUICE_CONFIG]  (FILE - reads stdin)")
 		return errUsage
 	}
+	if err := eventsSubject(*subject); err != nil {
+		return fmt.Errorf("ingest check: %w", err)
+	}
 	data, err := readSample(positional[0], io.Stdin)
 	if err != nil {
 		return err
@@ -109,6 +115,9 @@ func ingestCheck(args []string, io IO) error {
 				msgs = append(msgs, sample{fmt.Sprintf("line %d", i+1), line})
 			}
 		}
+	}
+	if len(msgs) == 0 {
+		return fmt.Errorf("ingest check: %s has no line that is not blank", positional[0])
 	}
 	now := time.Now().UTC()
 	first := map[window.Key]string{}
@@ -145,4 +154,28 @@ func ingestCheck(args []string, io IO) error {
 		return fmt.Errorf("%d of %d would go to the DLQ", dead, n)
 	}
 	return nil
+}
+
+// eventsSubject says why subject is not one a producer's event reaches EVENTS by:
+// a wildcard or empty token (NATS would store the message under it as it is), or
+// a subject EVENTS does not take (a plain publish to it is kept by no stream and
+// gets no error).
+func eventsSubject(subject string) error {
+	if !server.IsValidPublishSubject(subject) {
+		return fmt.Errorf("subject %q is not one a message can be published to: no wildcard tokens (* or >), no empty tokens or spaces", subject)
+	}
+	t, err := streams.Load()
+	if err != nil {
+		return err
+	}
+	cfg, ok := t.Stream(streams.Events)
+	if !ok {
+		return fmt.Errorf("no stream %s in streams/", streams.Events)
+	}
+	for _, filter := range cfg.Subjects {
+		if server.SubjectMatchesFilter(subject, filter) {
+			return nil
+		}
+	}
+	return fmt.Errorf("subject %s is not one %s takes (%s): a message published to it is kept by no stream", subject, streams.Events, strings.Join(cfg.Subjects, ", "))
 }
