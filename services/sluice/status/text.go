@@ -81,13 +81,18 @@ func (r *Report) Text(w io.Writer) error {
 		}
 	}
 	fmt.Fprintf(&b, "\nClickHouse %s: %s\n", r.ClickHouse.Addr, ch)
-	fmt.Fprintf(&b, "\nDead letters in the last hour: %d\n", r.DeadLettersHour)
+	// Dead letters and firing alerts are read from ClickHouse: none read is not none
+	// there.
+	dead, firing := "unknown (ClickHouse not read)", "unknown (ClickHouse not read)"
+	if r.ClickHouse.Reachable {
+		dead, firing = fmt.Sprint(r.DeadLettersHour), "none"
+	}
+	fmt.Fprintf(&b, "\nDead letters in the last hour: %s\n", dead)
 	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	for _, d := range r.DeadLetters {
 		fmt.Fprintf(tw, "  %d\t%s\t%s\n", d.Count, d.Stage, OneLine(d.Reason, 100))
 	}
 	tw.Flush()
-	firing := "none"
 	if len(r.Firing) > 0 {
 		var parts []string
 		for _, f := range r.Firing {
@@ -96,8 +101,15 @@ func (r *Report) Text(w io.Writer) error {
 		firing = strings.Join(parts, ", ")
 	}
 	fmt.Fprintf(&b, "\nAlerts firing: %s\n", firing)
+	writeReceivers(&b, r)
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+// writeReceivers writes the receivers' table, if any.
+func writeReceivers(b *strings.Builder, r *Report) {
 	if len(r.Receivers) > 0 {
-		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		tw := tabwriter.NewWriter(b, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "\nRECEIVER\tSTATE\tPENDING\tSINCE\tLAST ERROR")
 		for _, rc := range r.Receivers {
 			last := rc.LastError
@@ -112,8 +124,6 @@ func (r *Report) Text(w io.Writer) error {
 		}
 		tw.Flush()
 	}
-	_, err := io.WriteString(w, b.String())
-	return err
 }
 
 func lag(s float64) string {
