@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
 	"github.com/nats-io/nats.go"
@@ -128,6 +130,10 @@ func dlqList(ctx context.Context, args []string, io IO) error {
 	if *asJSON {
 		enc := json.NewEncoder(io.Stdout)
 		for _, l := range letters {
+			if !utf8.ValidString(l.Payload) {
+				// JSON strings hold text: the bytes that are not become U+FFFD.
+				l.PayloadBase64 = base64.StdEncoding.EncodeToString([]byte(l.Payload))
+			}
 			if err := enc.Encode(l); err != nil {
 				return err
 			}
@@ -141,7 +147,7 @@ func dlqList(ctx context.Context, args []string, io IO) error {
 		if n := len(l.Replays); n > 0 {
 			replayed = fmt.Sprintf("%d× (%s)", n, l.Replays[n-1].Outcome)
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", l.Seq, l.ReceivedAt.Format(time.RFC3339), l.Stage, l.Subject, status.OneLine(replayed, 60), status.OneLine(l.Reason, 120))
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", l.Seq, l.ReceivedAt.Format(time.RFC3339), l.Stage, status.Printable(l.Subject), status.OneLine(replayed, 60), status.OneLine(l.Reason, 120))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -187,12 +193,21 @@ func dlqShow(ctx context.Context, args []string, io IO) error {
 		if l.SourceStream == "" {
 			input = "not stored in a stream (refused before it reached one)"
 		}
+		// What a producer sent is shown with its control characters escaped.
+		p := status.Printable
 		fmt.Fprintf(io.Stdout, "dead letter %d\n  stage:    %s\n  reason:   %s\n  subject:  %s\n  received: %s\n  input:    %s\n",
-			l.Seq, l.Stage, l.Reason, l.Subject, l.ReceivedAt.Format(time.RFC3339Nano), input)
+			l.Seq, p(l.Stage), p(l.Reason), p(l.Subject), l.ReceivedAt.Format(time.RFC3339Nano), input)
 		for _, k := range slices.Sorted(maps.Keys(l.Headers)) {
-			fmt.Fprintf(io.Stdout, "  header:   %s: %s\n", k, strings.Join(l.Headers[k], ", "))
+			fmt.Fprintf(io.Stdout, "  header:   %s: %s\n", p(k), p(strings.Join(l.Headers[k], ", ")))
 		}
-		fmt.Fprintf(io.Stdout, "  payload:  %s\n", l.Payload)
+		lines := strings.Split(l.Payload, "\n")
+		for i := range lines {
+			lines[i] = p(lines[i])
+		}
+		fmt.Fprintf(io.Stdout, "  payload:  %s\n", strings.Join(lines, "\n"))
+		if !utf8.ValidString(l.Payload) {
+			fmt.Fprintf(io.Stdout, "  (the payload is not UTF-8: bytes that are not are shown as \\xNN; `dlq list --seq %d --json` has it in base64)\n", l.Seq)
+		}
 		for _, r := range l.Replays {
 			dup := ""
 			if r.Duplicate {

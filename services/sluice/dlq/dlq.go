@@ -48,7 +48,10 @@ type Letter struct {
 	SourceSeq    uint64              `json:"source_seq"`
 	Headers      map[string][]string `json:"headers,omitempty"`
 	Payload      string              `json:"payload"`
-	Replays      []Replay            `json:"replays,omitempty"`
+	// PayloadBase64 is the payload's bytes when they are not UTF-8 (which Payload,
+	// as JSON text, cannot hold exactly); set by the JSON output.
+	PayloadBase64 string   `json:"payload_base64,omitempty"`
+	Replays       []Replay `json:"replays,omitempty"`
 }
 
 // Replay is one replay of a dead letter and what became of it.

@@ -3,6 +3,8 @@ package dlq_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -367,5 +369,48 @@ func TestImportedLineTooLargeIsNotReplayed(t *testing.T) {
 	info, err := st.Info(context.Background())
 	if err != nil || info.State.LastSeq != before {
 		t.Fatalf("%v: the replays published %d messages to EVENTS", err, info.State.LastSeq-before)
+	}
+}
+
+// What a producer sent reaches the operator's terminal with its control characters
+// escaped (an escape sequence in a payload drove the terminal before), and the JSON
+// output carries a payload that is not UTF-8 exactly, in base64.
+func TestPayloadShownEscaped(t *testing.T) {
+	p := platformtest.Start(t, "", nil)
+	db := p.DB(t)
+	_, js := p.Connect(t)
+	payload := []byte("\xff\xfe\x00bin\x1b[2J\x1b]0;owned\x07")
+	if _, err := js.Publish(context.Background(), "events.bin.x", payload); err != nil {
+		t.Fatal(err)
+	}
+	var seq uint64
+	poll.Until(t, 2*time.Minute, func() error {
+		if err := db.QueryRow(context.Background(), "SELECT stream_seq FROM dead_letters WHERE nats_subject = 'events.bin.x'").Scan(&seq); err != nil {
+			return fmt.Errorf("no dead letter yet: %w", err)
+		}
+		return nil
+	})
+	env := map[string]string{"CLICKHOUSE_ADDR": p.ClickHouse.Addr}
+	run := func(args ...string) (int, string, string) {
+		var out, errOut bytes.Buffer
+		code := cli.Main(args, cli.IO{Env: func(k string) (string, bool) { v, ok := env[k]; return v, ok }, Stdout: &out, Stderr: &errOut})
+		return code, out.String(), errOut.String()
+	}
+	code, out, errOut := run("dlq", "show", fmt.Sprint(seq))
+	if code != 0 || strings.ContainsAny(out, "\x1b\x07\x00") || !strings.Contains(out, `payload:  \xff\xfe\x00bin\x1b[2J\x1b]0;owned\a`) ||
+		!strings.Contains(out, "the payload is not UTF-8") {
+		t.Fatalf("dlq show: exit %d\n%q%s", code, out, errOut)
+	}
+	code, out, errOut = run("dlq", "list")
+	if code != 0 || strings.ContainsAny(out, "\x1b\x07\x00") {
+		t.Fatalf("dlq list: exit %d\n%q%s", code, out, errOut)
+	}
+	code, out, errOut = run("dlq", "list", "--seq", fmt.Sprint(seq), "--json")
+	var l dlq.Letter
+	if err := json.Unmarshal([]byte(out), &l); code != 0 || err != nil {
+		t.Fatalf("dlq list --json: exit %d, %v\n%s%s", code, err, out, errOut)
+	}
+	if got, err := base64.StdEncoding.DecodeString(l.PayloadBase64); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("payload_base64 %q (%v), want the payload's bytes %q", got, err, payload)
 	}
 }

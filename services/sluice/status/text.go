@@ -3,9 +3,11 @@ package status
 import (
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -143,7 +145,7 @@ func ago(now, t time.Time) string {
 // OneLine makes s one line of at most n bytes for a table cell, cut at a
 // character's start and marked with "…" where it was cut.
 func OneLine(s string, n int) string {
-	s = strings.Join(strings.Fields(s), " ")
+	s = Printable(strings.Join(strings.Fields(s), " "))
 	if len(s) <= n {
 		return s
 	}
@@ -152,4 +154,28 @@ func OneLine(s string, n int) string {
 		cut--
 	}
 	return s[:max(cut, 0)] + "…"
+}
+
+// Printable returns s with its control characters and the bytes that are not UTF-8
+// written as Go escapes (\x1b, \n), so that text a producer sent cannot drive the
+// terminal it is shown on (colours, the title, the screen cleared).
+func Printable(s string) string {
+	if !strings.ContainsFunc(s, func(r rune) bool { return r == utf8.RuneError || unicode.IsControl(r) }) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case unicode.IsControl(r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	return b.String()
 }
