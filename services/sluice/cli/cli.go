@@ -32,6 +32,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/notify"
 	"github.com/sluicehq/sluice/services/sluice/platform"
+	"github.com/sluicehq/sluice/services/sluice/status"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -418,7 +419,10 @@ func webhookListen(ctx context.Context, args []string, io IO) error {
 			verdict = "REJECTED: " + err.Error()
 			http.Error(w, verdict, http.StatusUnauthorized)
 		}
-		fmt.Fprintf(io.Stdout, "%s %s webhook-id=%s %s\n%s\n", time.Now().Format(time.TimeOnly), r.URL.Path, r.Header.Get(notify.HeaderID), verdict, body)
+		// Anything that reaches the port is printed: escaped, so that it cannot
+		// drive the terminal.
+		fmt.Fprintf(io.Stdout, "%s %s webhook-id=%s %s\n%s\n", time.Now().Format(time.TimeOnly), status.Printable(r.URL.Path),
+			status.Printable(r.Header.Get(notify.HeaderID)), status.Printable(verdict), status.PrintableLines(string(body)))
 	})
 	srv := &http.Server{Addr: *addr, Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	errc := make(chan error, 1)

@@ -200,11 +200,7 @@ func dlqShow(ctx context.Context, args []string, io IO) error {
 		for _, k := range slices.Sorted(maps.Keys(l.Headers)) {
 			fmt.Fprintf(io.Stdout, "  header:   %s: %s\n", p(k), p(strings.Join(l.Headers[k], ", ")))
 		}
-		lines := strings.Split(l.Payload, "\n")
-		for i := range lines {
-			lines[i] = p(lines[i])
-		}
-		fmt.Fprintf(io.Stdout, "  payload:  %s\n", strings.Join(lines, "\n"))
+		fmt.Fprintf(io.Stdout, "  payload:  %s\n", status.PrintableLines(l.Payload))
 		if !utf8.ValidString(l.Payload) {
 			fmt.Fprintf(io.Stdout, "  (the payload is not UTF-8: bytes that are not are shown as \\xNN; `dlq list --seq %d --json` has it in base64)\n", l.Seq)
 		}

@@ -179,3 +179,12 @@ func Printable(s string) string {
 	}
 	return b.String()
 }
+
+// PrintableLines is Printable for each line of s, the line breaks kept.
+func PrintableLines(s string) string {
+	lines := strings.Split(s, "\n")
+	for i := range lines {
+		lines[i] = Printable(lines[i])
+	}
+	return strings.Join(lines, "\n")
+}
