@@ -865,7 +865,11 @@ func TestReceiverURLKeptSecret(t *testing.T) {
 		want string
 	}{
 		{ReceiverConfig{Name: "a", URLEnv: "NOPE", Format: FormatSlack}, "environment variable NOPE (url_env) is not set"},
-		{ReceiverConfig{Name: "a", URLEnv: "BAD_URL", Format: FormatSlack}, "environment variable BAD_URL (url_env) does not hold an http(s) URL"},
+		{ReceiverConfig{Name: "a", URLEnv: "BAD_URL", Format: FormatSlack}, `environment variable BAD_URL (url_env): scheme "", want http or https`},
+		// A URL in the file is not shown either: a typo in its scheme, a space.
+		{ReceiverConfig{Name: "a", URL: "htps://hooks.example/XXXXTOKEN", Format: FormatSlack}, `url: scheme "htps", want http or https`},
+		{ReceiverConfig{Name: "a", URL: "https://hooks.example/XXXXTOKEN\x7f", Format: FormatSlack}, "url does not parse as a URL"},
+		{ReceiverConfig{Name: "a", URL: "https:///XXXXTOKEN", Format: FormatSlack}, "url has no host (want https://host/path)"},
 		{ReceiverConfig{Name: "a", URL: "https://x.example", URLEnv: "SLACK_URL", Format: FormatSlack}, "set url or url_env, not both"},
 	} {
 		_, err := NewReceiver(c.cfg, env)

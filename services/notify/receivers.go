@@ -119,10 +119,20 @@ func NewReceiver(c ReceiverConfig, env func(string) (string, bool)) (*Receiver, 
 	}
 	u, err := url.Parse(c.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		if c.URLEnv != "" { // not shown: it may hold a token
-			return nil, fmt.Errorf("environment variable %s (url_env) does not hold an http(s) URL", c.URLEnv)
+		// The URL is not shown (nor url.Parse's error, which holds it): its path
+		// may be a token (a Slack incoming webhook's is).
+		what := "url"
+		if c.URLEnv != "" {
+			what = fmt.Sprintf("environment variable %s (url_env)", c.URLEnv)
 		}
-		return nil, fmt.Errorf("url %q is not an http(s) URL", c.URL)
+		switch {
+		case err != nil:
+			return nil, fmt.Errorf("%s does not parse as a URL", what)
+		case u.Scheme != "http" && u.Scheme != "https":
+			return nil, fmt.Errorf("%s: scheme %q, want http or https", what, u.Scheme)
+		default:
+			return nil, fmt.Errorf("%s has no host (want https://host/path)", what)
+		}
 	}
 	switch c.Format {
 	case "":
