@@ -1,7 +1,7 @@
 // Package filechange tells when files that are read again on a change (lookup
 // tables, geo tables, the config file) have changed and are whole again: a file is
-// read only once it is as it was at the check before (its modification time and
-// size), and what was read is kept only if the file did not change while it was
+// read only once it is as it was at the check before (its modification time, size
+// and inode), and what was read is kept only if the file did not change while it was
 // read. So a file being copied or written in place is not read half-way: a CSV cut
 // at a line's end would load as a smaller table without an error.
 package filechange
@@ -14,11 +14,13 @@ import (
 	"time"
 )
 
-// stamp is what a change is told by: modification time and size, or that the file
-// is missing.
+// stamp is what a change is told by: modification time, size and inode (a file
+// renamed over another is told even with the same time and size, as on a file
+// system with coarse times), or that the file is missing.
 type stamp struct {
 	mod     time.Time
 	size    int64
+	inode   uint64
 	missing bool
 	// err is a failed stat other than a missing file.
 	err string
@@ -32,7 +34,7 @@ func stampOf(path string) stamp {
 	case err != nil:
 		return stamp{err: err.Error()}
 	}
-	return stamp{mod: info.ModTime(), size: info.Size()}
+	return stamp{mod: info.ModTime(), size: info.Size(), inode: inode(info)}
 }
 
 // Files are files read together (one table from several files counts as one).

@@ -111,3 +111,25 @@ func TestChangedWhileRead(t *testing.T) {
 		t.Fatalf("after it settled: reloaded %v (%v), committed %v", ok, err, committed)
 	}
 }
+
+// A file renamed over the one read, with the same size and modification time (a
+// file system with coarse times, a copy that keeps times), is a change: it was not
+// seen before the inode was compared.
+func TestRenamedOverSameTimeAndSize(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "t.csv")
+	at := time.Unix(1_800_000_000, 0)
+	write(t, path, "a\n1\n", at)
+	l := &loader{f: New(path), path: path}
+	next := filepath.Join(dir, "t.csv.new")
+	write(t, next, "a\n2\n", at)
+	if err := os.Rename(next, path); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := l.reload(); ok || err != nil {
+		t.Fatalf("first check after the rename: %v %v", ok, err)
+	}
+	if ok, err := l.reload(); !ok || err != nil || l.loaded != "a\n2\n" {
+		t.Fatalf("settled: reloaded %v, %v, loaded %q; want the renamed file", ok, err, l.loaded)
+	}
+}
