@@ -5,6 +5,8 @@ package natsserver
 import (
 	"errors"
 	"fmt"
+	"net"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -28,6 +30,16 @@ type Config struct {
 func Start(cfg Config) (*server.Server, error) {
 	if cfg.StoreDir == "" {
 		return nil, errors.New("natsserver: StoreDir is required")
+	}
+	if cfg.Port > 0 {
+		// The server reports a port in use only to its log: say so now rather
+		// than after the wait below.
+		addr := net.JoinHostPort(cfg.Host, strconv.Itoa(cfg.Port))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("natsserver: cannot listen on %s (another NATS server or sluice up?): %w", addr, err)
+		}
+		_ = l.Close()
 	}
 	opts := &server.Options{
 		ServerName: "sluice",

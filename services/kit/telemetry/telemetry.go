@@ -108,7 +108,7 @@ func Serve(ctx context.Context, addr string, g prometheus.Gatherer, ready *Readi
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("metrics listener: %w", err)
+		return fmt.Errorf("metrics listener (METRICS_ADDR, --metrics-addr; empty turns it off): %w", err)
 	}
 	srv := &http.Server{Handler: Handler(g, ready), ReadHeaderTimeout: 5 * time.Second}
 	log.Info("serving /metrics, /healthz, /readyz and the status page /", "addr", ln.Addr().String())
