@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2"
@@ -29,6 +30,10 @@ func Open(ctx context.Context, s settings.ClickHouse) (driver.Conn, error) {
 	conn.Close()
 	var ex *clickhouse.Exception
 	if !errors.As(err, &ex) || ex.Code != 81 { // UNKNOWN_DATABASE
+		if strings.Contains(err.Error(), "handshake") {
+			// Something answered, and not in ClickHouse's native protocol.
+			return nil, fmt.Errorf("clickhouse at %s: %w (is it ClickHouse's native protocol port, 9000 by default? Its HTTP port, 8123, is not)", s.Addr, err)
+		}
 		return nil, fmt.Errorf("clickhouse at %s: %w", s.Addr, err)
 	}
 	boot, err := dial(s, "default")

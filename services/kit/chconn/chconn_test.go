@@ -4,6 +4,8 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -60,5 +62,18 @@ func TestWait(t *testing.T) {
 	defer mu.Unlock()
 	if len(reports) != 1 || reports[0] != nil {
 		t.Fatalf("reports: %v, want one nil once connected", reports)
+	}
+}
+
+// An address that answers in another protocol (ClickHouse's HTTP port, given for
+// its native one) is said to be the wrong port.
+func TestNotNativeProtocol(t *testing.T) {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	defer srv.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err := chconn.Open(ctx, settings.ClickHouse{Addr: srv.Listener.Addr().String(), Database: "x", User: "default"})
+	if err == nil || !strings.Contains(err.Error(), "is it ClickHouse's native protocol port, 9000 by default? Its HTTP port, 8123, is not") {
+		t.Fatalf("Open of an HTTP server: %v", err)
 	}
 }
