@@ -248,6 +248,9 @@ func dlqReplay(ctx context.Context, args []string, io IO) error {
 		if err != nil {
 			return err
 		}
+		if configPath == "" {
+			fmt.Fprintln(io.Stdout, "no config file: each is judged by CloudEvents alone, without ingest mappings (set SLUICE_CONFIG or --config to the pipeline's)")
+		}
 		return dlq.Each(ctx, ch, f, replayPage, func(letters []dlq.Letter) error { return dlqDryRun(ctx, js, h, letters, io) })
 	}
 	// Each is published and acknowledged, then recorded (a batch at a time): an

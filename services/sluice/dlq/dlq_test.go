@@ -155,7 +155,7 @@ func TestReplayAfterFix(t *testing.T) {
 		t.Fatalf("replay without a filter: exit %d: %s", code, errOut)
 	}
 	// A dry run under the config that refused them, and under the fix.
-	if code, out, errOut := run("dlq", "replay", "--subject", "events.iot.>", "--dry-run"); code != 0 || strings.Count(out, "dead letter again") != 6 {
+	if code, out, errOut := run("dlq", "replay", "--subject", "events.iot.>", "--dry-run"); code != 0 || strings.Count(out, "dead letter again") != 6 || strings.Contains(out, "no config file") {
 		t.Fatalf("dry run, old config: exit %d\n%s%s", code, out, errOut)
 	}
 	write(mapping("iso8601"))
@@ -361,6 +361,10 @@ func TestImportedLineTooLargeIsNotReplayed(t *testing.T) {
 		code, out, errOut := run(append([]string{"dlq", "replay", "--stage", "import"}, args...)...)
 		if code != 0 || !strings.Contains(out, "holds only the start of its input") {
 			t.Fatalf("dlq replay %v: exit %d\n%s%s", args, code, out, errOut)
+		}
+		// Judged without the pipeline's config (none set here): said.
+		if judged := strings.Contains(out, "no config file: each is judged by CloudEvents alone"); judged != (len(args) > 0) {
+			t.Fatalf("dlq replay %v: the note on the missing config %v:\n%s", args, judged, out)
 		}
 		if len(args) == 0 && !strings.Contains(out, "replayed 0 dead letter(s); 1 not replayed (their payload was truncated)") {
 			t.Fatalf("dlq replay: %s", out)
