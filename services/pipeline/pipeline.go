@@ -852,6 +852,15 @@ func (r *run) upload(ctx context.Context, st *captured) error {
 	if err != nil {
 		return fmt.Errorf("pipeline: encode state: %w", err)
 	}
+	// The rows up to st.seq are stored only if no newer generation fenced them out
+	// (another platform on this database): the position is not moved past them
+	// then, and the run starts again from the last one saved.
+	if err := r.fence.Check(ctx); err != nil {
+		if lost := r.claim.Valid(); lost != nil {
+			return lost // another worker took it over: the usual hand-over
+		}
+		return err
+	}
 	var data bytes.Buffer
 	data.Write(binary.BigEndian.AppendUint32(nil, uint32(len(head))))
 	data.Write(head)
@@ -1017,10 +1026,11 @@ func (r *run) run(ctx context.Context) error {
 					r.log.Warn("save state", "partition", r.in.id, "err", err)
 				}
 				saving.Store(false)
-				if errors.Is(err, errKeysDisk) {
-					// The keys' disk failed (full, or an I/O error): the run ends as
-					// after a crash, holding nothing more in memory; it starts again
-					// from its last state, not ready meanwhile.
+				if errors.Is(err, errKeysDisk) || errors.Is(err, sink.ErrFenced) {
+					// The keys' disk failed (full, or an I/O error), or a newer
+					// generation fenced this run's inserts out (they store nothing):
+					// the run ends as after a crash, holding nothing more in memory;
+					// it starts again from its last state, not ready meanwhile.
 					select {
 					case keysFailed <- err:
 					default:

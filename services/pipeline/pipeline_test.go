@@ -39,6 +39,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/stage"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/kit/testnet"
+	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -1367,4 +1368,37 @@ func TestEnvelopeEntryDeadLetter(t *testing.T) {
 	if el := stage.ElementDeadLetter(Name, &entryMsg{x: x}, 3, x.Data, "bad", 1<<20); el.Header.Get(nats.MsgIdHdr) != "dlq:EVENTS:42:3" {
 		t.Errorf("element's dead letter id %q", el.Header.Get(nats.MsgIdHdr))
 	}
+}
+
+// Another platform (a NATS of its own: a second `sluice up` that found the same
+// ClickHouse) records a newer generation of partition 0 in the same database: the
+// inserts of this run store nothing from then on, though the server answers them.
+// The run must not record its position past them: its next save finds the fence,
+// it starts again from its last state under a generation of its own claim above
+// that one, and every event lands once. Before, the events after the other fence
+// were lost: the run saved its position over them.
+func TestFencedByAnotherPlatform(t *testing.T) {
+	f := setup(t)
+	f.start(t, testConfig(t, "w1"))
+	u1, i1, r1 := f.input(t, 1, 100)
+	f.waitFor(t, u1, i1, r1)
+
+	ctx := context.Background()
+	kv, err := f.js.KeyValue(ctx, Bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The next revision of this NATS's bucket: the run's generation once it starts
+	// again is at least that.
+	other := st.(*jetstream.KeyValueBucketStatus).StreamInfo().State.LastSeq + 1
+	if _, _, err := sink.NewFence(ctx, f.ch, 0, other, "another-platform", time.Second); err != nil {
+		t.Fatal(err)
+	}
+	u2, i2, r2 := f.input(t, 101, 100)
+	f.waitFor(t, u1+u2, i1+i2, r1+r2)
+	f.check(t, u1+u2, i1+i2, r1+r2)
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -170,6 +171,42 @@ func NewFenceOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, par
 	}
 	f.tokens = unreached == 0 && takeTokens(waitOn)
 	return f, running, unreached, nil
+}
+
+// ErrFenced is Check's error: a newer generation of the partition is recorded, so
+// this run's inserts store nothing.
+var ErrFenced = errors.New("a newer generation of the partition is recorded")
+
+// Check returns ErrFenced (wrapped) when a server of the shard records a newer
+// generation of f's partition than f's: since it did, this run's inserts are
+// dropped by the filter and stored by nobody, though the server answered them.
+// Within one NATS the claim says so first; a newer generation the claim does not
+// know of is another platform writing to this database (a second NATS, a second
+// `sluice up` finding the same ClickHouse). A caller checks before it records its
+// position as stored. A server that does not answer is left out; none answering
+// is an error.
+func (f *Fence) Check(ctx context.Context) error {
+	var newest uint64
+	var answered int
+	var last error
+	for _, c := range f.servers {
+		var n uint64
+		if err := c.QueryRow(ctx, "SELECT max(gen) FROM "+FenceTable+" WHERE partition = ?", f.Partition).Scan(&n); err != nil {
+			last = err
+			continue
+		}
+		answered++
+		newest = max(newest, n)
+	}
+	if answered == 0 {
+		return fmt.Errorf("partition %d: check its fence: %w", f.Partition, last)
+	}
+	if newest > f.Gen {
+		return fmt.Errorf("%s records generation %d of partition %d, newer than this run's %d, and the inserts since store nothing: %w "+
+			"(within one NATS another worker took the partition over; otherwise another platform, with a NATS of its own, writes to this ClickHouse database: give each platform a database of its own, CLICKHOUSE_DATABASE)",
+			FenceTable, newest, f.Partition, f.Gen, ErrFenced)
+	}
+	return nil
 }
 
 // WaitInserts waits, up to settle, until no insert of f's partition (any
