@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"iter"
 	"unicode/utf8"
+
+	gojson "github.com/goccy/go-json"
 )
 
 // objectMembers yields the members of the JSON object b (valid JSON, b[0] its
@@ -104,4 +106,88 @@ func skipSpace(b []byte, i int) int {
 		i++
 	}
 	return i
+}
+
+// EditPath returns the JSON object b (valid JSON) with the member at path (names
+// read with their escapes undone; every member of a repeated name) replaced by what
+// edit makes of its value, or removed where edit says not to keep it. Only the
+// objects along path are written again, their members' separators made compact;
+// every other byte is kept, numbers of any size and precision too. ok is false
+// where b has no member at path.
+func EditPath(b []byte, path []string, edit func(value []byte) (replacement []byte, keep bool)) (out []byte, ok bool) {
+	i := skipSpace(b, 0)
+	if len(path) == 0 || i >= len(b) || b[i] != '{' {
+		return nil, false
+	}
+	out = make([]byte, 0, len(b)+64)
+	out = append(out, '{')
+	wrote := false
+	for rawName, value := range objectMembers(b[i:]) {
+		if nameIs(rawName, path[0]) {
+			var keep bool
+			if len(path) > 1 {
+				var edited []byte
+				if edited, keep = EditPath(value, path[1:], edit); keep {
+					value, ok = edited, true
+				}
+				keep = true // a member that does not hold the path stays as it is
+			} else {
+				value, keep = edit(value)
+				ok = true
+			}
+			if !keep {
+				continue
+			}
+		}
+		if wrote {
+			out = append(out, ',')
+		}
+		out = append(out, '"')
+		out = append(out, rawName...)
+		out = append(out, '"', ':')
+		out = append(out, value...)
+		wrote = true
+	}
+	if !ok {
+		return nil, false
+	}
+	return append(out, '}'), true
+}
+
+// nameIs reports whether the member name written as raw (between its quotes,
+// escapes not undone) is name.
+func nameIs(raw []byte, name string) bool {
+	if plainName(raw) {
+		return string(raw) == name
+	}
+	var s string
+	q := make([]byte, 0, len(raw)+2)
+	q = append(append(append(q, '"'), raw...), '"')
+	return gojson.Unmarshal(q, &s) == nil && s == name
+}
+
+// ValueAt returns the value of the member at path of the JSON object b (valid
+// JSON; of a repeated name the last, as decoders take it).
+func ValueAt(b []byte, path []string) (value []byte, ok bool) {
+	if len(path) == 0 {
+		return nil, false
+	}
+	for _, step := range path {
+		i := skipSpace(b, 0)
+		if i >= len(b) || b[i] != '{' {
+			return nil, false
+		}
+		var found []byte
+		ok = false
+		for rawName, v := range objectMembers(b[i:]) {
+			if nameIs(rawName, step) {
+				found, ok = v, true
+			}
+		}
+		if !ok {
+			return nil, false
+		}
+		b = found
+	}
+	return b, true
 }

@@ -35,7 +35,7 @@ type Enricher struct {
 	tables map[string]Table
 	geo    map[string]*geoHolder
 	ua     *UserAgents
-	// data is what the rules read of data (all of it where a mask rewrites it).
+	// data is what the rules read of data (and mask).
 	data events.DataFields
 	// Miss, if set, is called for each lookup whose key a table lacks.
 	Miss func(table string)
@@ -192,7 +192,8 @@ func NewEnricher(cfg EnrichConfig, tables map[string]Table, geo map[string]*geoH
 				mk.secret = []byte(v)
 			}
 			r.masks = append(r.masks, mk)
-			en.data = events.AllData() // a mask writes data back whole
+			// Masked in the bytes; decoded too, so that later rules read it masked.
+			en.data = en.data.Union(events.DataFieldsOfPath(m.Field))
 		}
 		en.rules = append(en.rules, r)
 	}
@@ -221,7 +222,18 @@ type eventData struct {
 	fields  events.DataFields
 	v       any
 	decoded bool
+	// changed: masks changed data; masked is the data's bytes with their changes
+	// made in place (every other member as it was sent).
 	changed bool
+	masked  []byte
+}
+
+// raw is the data's bytes, with the masks applied so far.
+func (d *eventData) raw() []byte {
+	if d.changed {
+		return d.masked
+	}
+	return d.e.Data
 }
 
 func (d *eventData) get() any {
@@ -258,6 +270,12 @@ func (d *eventData) field(path string) (string, bool) {
 	}
 	if v == nil {
 		return "", false
+	}
+	if f, ok := v.(float64); ok && !exactFloat(f) {
+		// A number float64 may not hold exactly (a 19-digit id): its digits as sent.
+		if raw, ok := events.ValueAt(d.raw(), strings.Split(strings.TrimPrefix(path, "data."), ".")); ok {
+			return keyText(raw), true
+		}
 	}
 	return keyString(v), true
 }
@@ -345,9 +363,7 @@ func (en *Enricher) Enrich(e *events.Event) {
 			}
 		}
 		for _, m := range r.masks {
-			if applyMask(d, m) {
-				d.changed = true
-			}
+			applyMask(d, m)
 		}
 	}
 	if len(versions) > 0 {
@@ -355,9 +371,7 @@ func (en *Enricher) Enrich(e *events.Event) {
 	}
 	e.Enrichment = out
 	if d.changed {
-		if b, err := json.Marshal(d.v); err == nil {
-			e.Data = b
-		}
+		e.Data = d.masked
 	}
 }
 
@@ -448,36 +462,51 @@ func deviceClass(c *uaparser.Client) string {
 	}
 }
 
-// applyMask masks one data field; it reports whether data changed.
+// applyMask masks one data field: in the data's bytes (what is written back: every
+// other member keeps its bytes, numbers beyond float64's range or precision too,
+// and data that does not decode whole is masked all the same), then in the decoded
+// data later rules read. It reports whether data changed.
 func applyMask(d *eventData, m mask) bool {
-	obj, ok := d.get().(map[string]any)
+	var value any // the leaf's new value; nil: removed
+	raw, ok := events.EditPath(d.raw(), m.path, func(v []byte) ([]byte, bool) {
+		switch m.how {
+		case MaskHMAC:
+			mac := hmac.New(sha256.New, m.secret)
+			mac.Write([]byte(keyText(v)))
+			value = hex.EncodeToString(mac.Sum(nil))
+		case MaskTruncate:
+			var s string
+			if json.Unmarshal(v, &s) == nil {
+				if t, ok := truncateIP(s); ok {
+					value = t
+				}
+			} // not an address: removed, nothing of it may leak
+		}
+		if value == nil {
+			return nil, false
+		}
+		b, err := json.Marshal(value)
+		return b, err == nil
+	})
 	if !ok {
 		return false
 	}
+	d.masked, d.changed = raw, true
+	obj, ok := d.get().(map[string]any)
 	for _, step := range m.path[:len(m.path)-1] {
-		if obj, ok = obj[step].(map[string]any); !ok {
-			return false
+		if !ok {
+			return true
 		}
+		obj, ok = obj[step].(map[string]any)
+	}
+	if !ok {
+		return true
 	}
 	leaf := m.path[len(m.path)-1]
-	v, ok := obj[leaf]
-	if !ok {
-		return false
-	}
-	switch m.how {
-	case MaskRemove:
+	if value == nil {
 		delete(obj, leaf)
-	case MaskHMAC:
-		mac := hmac.New(sha256.New, m.secret)
-		mac.Write([]byte(keyString(v)))
-		obj[leaf] = hex.EncodeToString(mac.Sum(nil))
-	case MaskTruncate:
-		s, _ := v.(string)
-		if t, ok := truncateIP(s); ok {
-			obj[leaf] = t
-		} else {
-			delete(obj, leaf) // not an address: nothing of it may leak
-		}
+	} else {
+		obj[leaf] = value
 	}
 	return true
 }

@@ -2,6 +2,7 @@ package enrich
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -13,6 +14,7 @@ import (
 	"iter"
 	"log/slog"
 	"maps"
+	"math"
 	"os"
 	"regexp"
 	"slices"
@@ -20,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"unicode/utf8"
 
 	json "github.com/goccy/go-json"
 	"github.com/nats-io/nats.go/jetstream"
@@ -140,7 +143,13 @@ func readRows(path, key string) (*Rows, error) {
 			if !ok {
 				return nil, fmt.Errorf("table %s: line %d: no key field %q", path, line, key)
 			}
-			rows.add(keyString(k), row)
+			ks := keyString(k)
+			if f, ok := k.(float64); ok && !exactFloat(f) {
+				if raw, ok := events.ValueAt(sc.Bytes(), []string{key}); ok {
+					ks = keyText(raw) // a 19-digit id as written
+				}
+			}
+			rows.add(ks, row)
 		}
 		if err := sc.Err(); err != nil {
 			return nil, fmt.Errorf("table %s: %w", path, err)
@@ -181,6 +190,35 @@ func readRows(path, key string) (*Rows, error) {
 		}
 		rows.add(rec[col], row)
 	}
+}
+
+// exactFloat reports whether f is a number float64 holds exactly whatever its
+// spelling: not an integer beyond 2^53, where neighbouring integers share one value.
+func exactFloat(f float64) bool { return math.Abs(f) < 1<<53 }
+
+// keyText is keyString of the JSON value raw, but an integer that float64 cannot
+// hold exactly (a 19-digit id) is its digits as sent: two such ids do not become
+// one key (nor one pseudonym).
+func keyText(raw []byte) string {
+	if len(raw) >= 2 && raw[0] == '"' && raw[len(raw)-1] == '"' && bytes.IndexByte(raw, '\\') < 0 && utf8.Valid(raw) {
+		return string(raw[1 : len(raw)-1]) // a string without escapes: as it reads
+	}
+	var v any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return string(raw)
+	}
+	if f, ok := v.(float64); ok && !exactFloat(f) {
+		if lit := strings.TrimSpace(string(raw)); integerLiteral(lit) {
+			return lit
+		}
+	}
+	return keyString(v)
+}
+
+// integerLiteral reports whether s is a JSON integer: an optional minus and digits.
+func integerLiteral(s string) bool {
+	s = strings.TrimPrefix(s, "-")
+	return s != "" && strings.Trim(s, "0123456789") == ""
 }
 
 // keyString renders a lookup key as the tables hold it: strings as they are, other
