@@ -469,6 +469,7 @@ func deviceClass(c *uaparser.Client) string {
 func applyMask(d *eventData, m mask) bool {
 	var value any // the leaf's new value; nil: removed
 	raw, ok := events.EditPath(d.raw(), m.path, func(v []byte) ([]byte, bool) {
+		value = nil // each repeat of the name on its own (the last is the decoded one)
 		switch m.how {
 		case MaskHMAC:
 			mac := hmac.New(sha256.New, m.secret)

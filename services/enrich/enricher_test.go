@@ -181,6 +181,13 @@ func TestMasksKeepOtherMembers(t *testing.T) {
 	if want := `{"account":"` + hex.EncodeToString(mac.Sum(nil)) + `"}`; string(e.Data) != want {
 		t.Errorf("data %s, want %s", e.Data, want)
 	}
+	// A repeated name: each repeat masked on its own (an address truncated, anything
+	// else removed), the decoded data holding the last's.
+	e = event("order.created", `{"buyer":{"ip":"203.0.113.9","ip":"not an address"}}`)
+	en.Enrich(e)
+	if want := `{"buyer":{"ip":"203.0.113.0"}}`; string(e.Data) != want {
+		t.Errorf("repeated name: data %s, want %s", e.Data, want)
+	}
 }
 
 // A JSON-lines table keyed by a number float64 cannot hold keeps its digits as
