@@ -103,15 +103,8 @@ func (r *Report) Text(w io.Writer) error {
 		firing = strings.Join(parts, ", ")
 	}
 	fmt.Fprintf(&b, "\nAlerts firing: %s\n", firing)
-	writeReceivers(&b, r)
-	_, err := io.WriteString(w, b.String())
-	return err
-}
-
-// writeReceivers writes the receivers' table, if any.
-func writeReceivers(b *strings.Builder, r *Report) {
 	if len(r.Receivers) > 0 {
-		tw := tabwriter.NewWriter(b, 0, 0, 2, ' ', 0)
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 		fmt.Fprintln(tw, "\nRECEIVER\tSTATE\tPENDING\tSINCE\tLAST ERROR")
 		for _, rc := range r.Receivers {
 			last := rc.LastError
@@ -126,6 +119,8 @@ func writeReceivers(b *strings.Builder, r *Report) {
 		}
 		tw.Flush()
 	}
+	_, err := io.WriteString(w, b.String())
+	return err
 }
 
 func lag(s float64) string {
