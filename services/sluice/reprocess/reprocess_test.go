@@ -382,7 +382,13 @@ func TestSwapOnCurrentClickHouse(t *testing.T) {
 		q("CREATE TABLE " + x + "shadow AS events " + engine)
 		q("INSERT INTO " + x + "shadow SELECT * FROM events WHERE toYYYYMM(event_time) = 202611 AND key NOT IN (SELECT key FROM " + x + "keys)")
 		q("INSERT INTO " + x + "shadow (key, enrichment, event_time, stream_seq) VALUES ('" + key + "', '" + value + "', toDateTime('2026-11-21 10:00:00'), 1)")
+		// replacePartition's statements.
+		q("SYSTEM STOP MERGES events")
+		if n := q("SELECT count() FROM system.merges WHERE database = currentDatabase() AND table = 'events'"); n != "0" {
+			t.Fatalf("%s merges of events running after SYSTEM STOP MERGES", n)
+		}
 		q("ALTER TABLE events REPLACE PARTITION 202611 FROM " + x + "shadow")
+		q("SYSTEM START MERGES events")
 	}
 	if got := q("SELECT groupArray(concat(key, ':', enrichment)) FROM (SELECT key, enrichment FROM events ORDER BY key)"); got != "['a:old','b:new','c:newer']" {
 		t.Fatalf("events after the swaps: %s", got)

@@ -1,0 +1,82 @@
+package reprocess
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/poll"
+)
+
+// A merge of the month's parts running when the swap comes (the pipeline's inserts
+// make parts, and the server merges them all the time): replacePartition stops it
+// before the swap, so the month holds the shadow's rows and nothing else. Without
+// the stop, 18.16 adds the merge's result after the swap and every row it merged
+// is back (seen in CI: a month's rows twice after a replay under live ingestion).
+func TestSwapStopsRunningMerges(t *testing.T) {
+	srv := chtest.Start(t)
+	_, ch := chtest.Database(t, srv)
+	ctx := context.Background()
+	exec := func(q string) {
+		t.Helper()
+		if err := ch.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	count := func(q string) (n uint64) {
+		t.Helper()
+		if err := ch.QueryRow(ctx, q).Scan(&n); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+		return n
+	}
+	exec("CREATE TABLE t (k UInt64, s String) ENGINE = MergeTree() PARTITION BY intDiv(k, 100000000) ORDER BY k")
+	// Six parts in partition 0, big enough that merging them takes a while.
+	const parts, rows = 6, 1_000_000
+	for range parts {
+		exec(fmt.Sprintf("INSERT INTO t (k, s) SELECT number, concat(toString(number), '-', toString(rand()), '-', toString(rand64())) FROM numbers(%d)", rows))
+	}
+	exec("CREATE TABLE shadow AS t")
+	exec("INSERT INTO shadow (k, s) SELECT number, 'new' FROM numbers(10)")
+
+	merged := make(chan error, 1)
+	go func() { merged <- ch.Exec(ctx, "OPTIMIZE TABLE t PARTITION 0 FINAL") }()
+	poll.Until(t, time.Minute, func() error {
+		var n uint64
+		var progress float64
+		if err := ch.QueryRow(ctx, "SELECT count(), max(progress) FROM system.merges WHERE database = currentDatabase() AND table = 't'").Scan(&n, &progress); err != nil {
+			return err
+		}
+		if n == 0 || progress < 0.1 {
+			return errors.New("no merge under way yet")
+		}
+		return nil
+	})
+	if err := replacePartition(ctx, ch, "t", "0", "shadow", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the merge: %v", <-merged) // cancelled (an error), or nil where 18.16 returns early
+	poll.Until(t, time.Minute, func() error {
+		if n := count("SELECT count() FROM system.merges WHERE database = currentDatabase() AND table = 't'"); n > 0 {
+			return fmt.Errorf("%d merges running", n)
+		}
+		return nil
+	})
+	if n := count("SELECT count() FROM t"); n != 10 {
+		t.Fatalf("%d rows after the swap; want the shadow's 10", n)
+	}
+	// The merge was under way at the swap and never ended: no merged part.
+	if n := count("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 't' AND level > 0"); n != 0 {
+		t.Fatalf("%d merged part(s): the merge ended before or after the swap", n)
+	}
+	// Merges run again: two more parts are merged.
+	exec("INSERT INTO t (k, s) SELECT 20, 'a'")
+	exec("INSERT INTO t (k, s) SELECT 21, 'b'")
+	exec("OPTIMIZE TABLE t PARTITION 0 FINAL")
+	if n := count("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 't' AND active"); n != 1 {
+		t.Fatalf("%d active parts after OPTIMIZE; merges were not started again", n)
+	}
+}
