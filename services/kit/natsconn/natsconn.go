@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"time"
@@ -106,7 +107,21 @@ func connect(s settings.NATS, name string, log *slog.Logger, ping time.Duration)
 	}
 	nc, err := nats.Connect(s.URL, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect to NATS at %s: %w", Redacted(s.URL), err)
+		return nil, fmt.Errorf("connect to NATS at %s: %w%s", Redacted(s.URL), err, hint(err))
 	}
 	return nc, nil
+}
+
+// hint is what a connection error that names no cause suggests: something at the
+// address that is no NATS server (an HTTP port such as NATS's monitoring 8222 waits
+// for a request and sends nothing), or none reachable.
+func hint(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, nats.ErrNoInfoReceived):
+		return " (what answered there is not a NATS server: is the port a NATS client port, 4222 by default?)"
+	case errors.As(err, &ne) && ne.Timeout():
+		return " (no NATS greeting in time: is the port a NATS client port, 4222 by default, not the monitoring port 8222 or another service's, and the host reachable?)"
+	}
+	return ""
 }
