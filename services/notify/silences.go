@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -58,6 +59,12 @@ func (s *Silence) check() error {
 	ms, err := ParseMatchers(s.Matchers)
 	if err != nil {
 		return fmt.Errorf("%s: %w", name, err)
+	}
+	// As Alertmanager: one matcher at least must need a label to be there
+	// (team= alone, a shell variable left empty, would mute every alert without a
+	// team label; team=~".*" every alert).
+	if matchAll(ms, nil) {
+		return fmt.Errorf("%s: %s: every matcher matches an alert without the label; at least one must name a value (a silence of everything is a mistake)", name, strings.Join(s.Matchers, ", "))
 	}
 	if s.EndsAt.IsZero() {
 		return fmt.Errorf("%s: ends_at is required", name)

@@ -127,6 +127,17 @@ func TestSilences(t *testing.T) {
 	if code, _, errOut := runCLI("silence", "add", "-m", `team=~"["`, "--for", "1h", "--nats-url", ns.URL); code != 1 || !strings.Contains(errOut, "sluice: silence: matcher") {
 		t.Fatalf("a matcher that does not parse: exit %d %s", code, errOut)
 	}
+	// A value left empty (-m team=$TEAM with TEAM unset) matches every alert without
+	// the label: refused, as Alertmanager does, unless another matcher names a value.
+	for _, ms := range [][]string{{"-m", "team="}, {"-m", "team=", "-m", `severity=~".*"`}, {"-m", "team!=shop"}} {
+		args := append(append([]string{"silence", "add"}, ms...), "--for", "1h", "--nats-url", ns.URL)
+		if code, _, errOut := runCLI(args...); code != 1 || !strings.Contains(errOut, "every matcher matches an alert without the label") {
+			t.Fatalf("silence add %v: exit %d %s", ms, code, errOut)
+		}
+	}
+	if code, _, errOut := runCLI("silence", "add", "-m", "team=", "-m", "alertname=disk", "--for", "1h", "--nats-url", ns.URL); code != 0 {
+		t.Fatalf("an empty value beside a named one: exit %d %s", code, errOut)
+	}
 	if code, out, errOut := runCLI("silence", "rm", id, "--nats-url", ns.URL); code != 0 || out != "silence "+id+" ended\n" {
 		t.Fatalf("rm: exit %d %q %s", code, out, errOut)
 	}
