@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -144,14 +145,16 @@ func run(ctx context.Context, spec Spec, natsS settings.NATS, chS settings.Click
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	env := Env{Log: log, Registerer: reg, NATS: nc, Service: svcS, ClickHouse: chS, Ready: &telemetry.Readiness{}}
-	return RunWithTelemetry(ctx, svcS, reg, env.Ready, log, func(ctx context.Context) error {
+	return RunWithTelemetry(ctx, svcS, reg, env.Ready, nc, log, func(ctx context.Context) error {
 		return spec.Run(ctx, env)
 	})
 }
 
 // RunWithTelemetry serves the metrics endpoint while body runs, and bounds the
-// drain after ctx is done by s.ShutdownTimeout.
-func RunWithTelemetry(ctx context.Context, s settings.Service, g prometheus.Gatherer, ready *telemetry.Readiness, log *slog.Logger, body func(context.Context) error) error {
+// drain after ctx is done by s.ShutdownTimeout; a drain that does not finish says
+// what may have held it: nc (the service's NATS connection) not connected, and
+// ready's checks that fail.
+func RunWithTelemetry(ctx context.Context, s settings.Service, g prometheus.Gatherer, ready *telemetry.Readiness, nc *nats.Conn, log *slog.Logger, body func(context.Context) error) error {
 	httpCtx, stopHTTP := context.WithCancel(context.Background())
 	defer stopHTTP()
 	var wg sync.WaitGroup
@@ -175,8 +178,24 @@ func RunWithTelemetry(ctx context.Context, s settings.Service, g prometheus.Gath
 		return err
 	case <-time.After(s.ShutdownTimeout):
 		stopHTTP()
-		return fmt.Errorf("drain did not finish within %s; unacked work will be redelivered", s.ShutdownTimeout)
+		return fmt.Errorf("drain did not finish within %s%s; unacked work will be redelivered", s.ShutdownTimeout, drainHeld(nc, ready))
 	}
+}
+
+// drainHeld is what may have held a drain, in parentheses (or ""): NATS not
+// connected (acks and the last saves wait for it), and ready's failing checks.
+func drainHeld(nc *nats.Conn, ready *telemetry.Readiness) string {
+	var why []string
+	if st := nc.Status(); st != nats.CONNECTED {
+		why = append(why, "NATS not connected: "+strings.ToLower(st.String()))
+	}
+	if err := ready.Check(); err != nil {
+		why = append(why, "not ready: "+err.Error())
+	}
+	if len(why) == 0 {
+		return ""
+	}
+	return " (" + strings.Join(why, "; ") + ")"
 }
 
 // ApplyTopology creates or updates every stream and consumer in streams/, every

@@ -96,7 +96,7 @@ func Up(ctx context.Context, cfg UpConfig, log *slog.Logger, reg Registry) error
 		}
 	}
 	ready := &telemetry.Readiness{}
-	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, log, func(ctx context.Context) error {
+	return service.RunWithTelemetry(ctx, cfg.Service, reg, ready, nc, log, func(ctx context.Context) error {
 		return RunStages(ctx, Stages{
 			NATS: nc, ClickHouse: conn, Shards: shards, Config: file, Env: cfg.Env, DataDir: cfg.DataDir, Split: cfg.Split, Partitions: cfg.Partitions,
 			Log: log, Registerer: reg, Ready: ready,
