@@ -447,8 +447,10 @@ GROUP BY stage, reason ORDER BY n DESC, stage, reason`
 // clickhouse reads the tables' last inserts, the last hour's dead letters and the
 // alerts firing.
 func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
+	// A read that fails part way leaves no part of its counts: they are unknown.
 	fail := func(err error) {
 		r.ClickHouse.Reachable, r.ClickHouse.Error = false, err.Error()
+		r.DeadLettersHour, r.DeadLetters, r.Firing = 0, nil, nil
 		r.problem("ClickHouse at %s: %v", r.ClickHouse.Addr, err)
 	}
 	if ch == nil {
@@ -495,6 +497,10 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 		}
 	}
 	rows.Close()
+	if err := rows.Err(); err != nil {
+		fail(fmt.Errorf("dead letters: %w", err))
+		return
+	}
 	rows, err = ch.Query(ctx, firingQuery)
 	if err != nil {
 		fail(fmt.Errorf("alerts: %w", err))
@@ -508,6 +514,9 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 			return
 		}
 		r.Firing = append(r.Firing, f)
+	}
+	if err := rows.Err(); err != nil {
+		fail(fmt.Errorf("alerts: %w", err))
 	}
 }
 
