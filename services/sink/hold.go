@@ -97,6 +97,18 @@ func HoldMonthOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, mo
 	}
 }
 
+// HeldMonthsQuery is the months (YYYYMM) held now, sorted, as one array.
+const HeldMonthsQuery = "SELECT arraySort(groupUniqArray(month)) FROM (SELECT month FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now())"
+
+// HeldMonths returns the months held now on ch's server.
+func HeldMonths(ctx context.Context, ch driver.Conn) ([]uint32, error) {
+	var months []uint32
+	if err := ch.QueryRow(ctx, HeldMonthsQuery).Scan(&months); err != nil {
+		return nil, fmt.Errorf("held months: %w", err)
+	}
+	return months, nil
+}
+
 // Renew makes the hold last ttl from now (server time).
 func (h *Hold) Renew(ctx context.Context) error { return h.set(ctx, h.ttl) }
 

@@ -128,6 +128,9 @@ func Run(ctx context.Context, js jetstream.JetStream, shards *chconn.Shards, cfg
 		return rep, err
 	}
 	defer run.dropTables(context.WithoutCancel(ctx))
+	if !cfg.DryRun {
+		run.startMerges(ctx)
+	}
 	chunk := map[string]sink.EventRecord{}
 	// The keys of the run so far, by a 64-bit hash (a few tens of bytes each in the
 	// map, not the key itself): a repeat in a later chunk is no first occurrence
@@ -521,7 +524,8 @@ const mergesStopWait = time.Minute
 // "Unexpected number of parts removed when adding"; seen in CI as a month's rows
 // stored twice after a replay). Current ClickHouse stops them itself. Merges start
 // again after the swap, whatever its outcome; a run killed in between leaves them
-// stopped until `SYSTEM START MERGES` or the server's restart.
+// stopped until the next run (startMerges), `SYSTEM START MERGES` or the server's
+// restart.
 func replacePartition(ctx context.Context, ch driver.Conn, table, partition, shadow string, wait time.Duration) (err error) {
 	if err := ch.Exec(ctx, "SYSTEM STOP MERGES "+table); err != nil {
 		return fmt.Errorf("stop merges of %s: %w", table, err)
@@ -550,6 +554,31 @@ func replacePartition(ctx context.Context, ch driver.Conn, table, partition, sha
 		}
 	}
 	return ch.Exec(ctx, "ALTER TABLE "+table+" REPLACE PARTITION "+partition+" FROM "+shadow)
+}
+
+// startMerges starts the events table's merges again on each server of the run's
+// shards that holds no month: a run killed during a swap (SIGKILL) left them
+// stopped there (replacePartition), and with no hold no run is swapping. A server
+// that does not answer is left to the run's holds, which need it (logged).
+func (r *run) startMerges(ctx context.Context) {
+	for _, sh := range r.shards {
+		servers := sh.replicas
+		if servers == nil {
+			servers = []driver.Conn{sh.conn}
+		}
+		for i, c := range servers {
+			held, err := sink.HeldMonths(ctx, c)
+			if err == nil && len(held) > 0 {
+				continue
+			}
+			if err == nil {
+				err = c.Exec(ctx, "SYSTEM START MERGES "+r.events)
+			}
+			if err != nil {
+				r.cfg.Log.Warn("start the merges a killed run may have left stopped", "shard", sh.n, "server", i+1, "err", err)
+			}
+		}
+	}
 }
 
 // dropTables drops the run's tables wherever it made them.

@@ -4,11 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
+	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
+	"github.com/sluicehq/sluice/services/kit/chconn"
 	"github.com/sluicehq/sluice/services/kit/chtest"
+	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
+	"github.com/sluicehq/sluice/services/sink"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // A merge of the month's parts running when the swap comes (the pipeline's inserts
@@ -78,5 +85,73 @@ func TestSwapStopsRunningMerges(t *testing.T) {
 	exec("OPTIMIZE TABLE t PARTITION 0 FINAL")
 	if n := count("SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 't' AND active"); n != 1 {
 		t.Fatalf("%d active parts after OPTIMIZE; merges were not started again", n)
+	}
+}
+
+// A run killed during its swap leaves the table's merges stopped; the next run
+// starts them again where no month is held (a held month: another run may be
+// swapping, and keeps them stopped).
+func TestRunStartsMergesLeftStopped(t *testing.T) {
+	srv := chtest.Start(t)
+	_, ch := chtest.Database(t, srv)
+	ctx := context.Background()
+	log := slog.New(slog.DiscardHandler)
+	if err := chmigrate.Migrate(ctx, ch, log); err != nil {
+		t.Fatal(err)
+	}
+	ns := natstest.Run(t)
+	_, js := ns.Connect(t)
+	topology, err := streams.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := topology.Apply(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	exec := func(q string) {
+		t.Helper()
+		if err := ch.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	// parts is how many active parts events has after an OPTIMIZE (which fails,
+	// merging nothing, while merges are stopped).
+	parts := func() (n uint64) {
+		t.Helper()
+		if err := ch.Exec(ctx, "OPTIMIZE TABLE events FINAL"); err != nil && !strings.Contains(err.Error(), "Cancelled merging parts") {
+			t.Fatal(err)
+		}
+		if err := ch.QueryRow(ctx, "SELECT count() FROM system.parts WHERE database = currentDatabase() AND table = 'events' AND active").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	exec("SYSTEM STOP MERGES events") // as a run killed during its swap leaves them
+	for _, k := range []string{"a", "b"} {
+		exec("INSERT INTO events (key, event_time, stream_seq) SELECT '" + k + "', toDateTime('2026-11-21 10:00:00'), 1")
+	}
+	if n := parts(); n != 2 {
+		t.Fatalf("%d parts with merges stopped; want 2", n)
+	}
+	run := func() {
+		t.Helper()
+		if _, err := Run(ctx, js, chconn.OneServer(ch), Config{HoldTTL: time.Minute, Chunk: 10, Log: log}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hold, err := sink.HoldMonth(ctx, ch, 202611, "another-run", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run()
+	if n := parts(); n != 2 {
+		t.Fatalf("a run while another holds a month: %d parts; want merges still stopped (2)", n)
+	}
+	if err := hold.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	run()
+	if n := parts(); n != 1 {
+		t.Fatalf("a run with no month held: %d parts; want them merged (1)", n)
 	}
 }

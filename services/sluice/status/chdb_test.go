@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/sluicehq/sluice/services/kit/chdb/chdbtest"
+	"github.com/sluicehq/sluice/services/sink"
 )
 
 // The queries status runs, on current ClickHouse (26.5, in-process through chDB),
@@ -27,7 +28,7 @@ func TestQueriesOnCurrentClickHouse(t *testing.T) {
 	// Two holds of one month and one released: one month held.
 	q(`INSERT INTO events_holds (month, hold, until, seq) VALUES
  (202611, 'a', now() + 60, 1), (202611, 'b', now() + 60, 1), (202610, 'c', now() + 60, 1), (202610, 'c', toDateTime(0), 2)`)
-	if got := q(heldQuery); got != "[202611]" {
+	if got := q(sink.HeldMonthsQuery); got != "[202611]" {
 		t.Fatalf("held: %s, want [202611]", got)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/partition"
 	"github.com/sluicehq/sluice/services/notify"
 	"github.com/sluicehq/sluice/services/pipeline"
+	"github.com/sluicehq/sluice/services/sink"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -432,8 +433,6 @@ func (r *Report) receivers(ctx context.Context, js jetstream.JetStream, opts Opt
 
 // The queries status runs, on ClickHouse 18.16 and current releases alike.
 const (
-	// heldQuery is the months sluice replay holds now.
-	heldQuery = "SELECT arraySort(groupUniqArray(month)) FROM (SELECT month FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now())"
 	// lastInsertQuery, then a table's name.
 	lastInsertQuery  = "SELECT count(), max(inserted_at) FROM "
 	deadLettersQuery = `SELECT stage, reason, count() AS n FROM dead_letters WHERE received_at >= now() - 3600
@@ -475,10 +474,12 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 		}
 	}
 	// Before migration 0004 there are no holds (and no table of them).
-	if err := ch.QueryRow(ctx, heldQuery).Scan(&r.ClickHouse.Held); err != nil && !isUnknownTable(err) {
-		fail(fmt.Errorf("holds: %w", err))
+	held, err := sink.HeldMonths(ctx, ch)
+	if err != nil && !isUnknownTable(err) {
+		fail(err)
 		return
 	}
+	r.ClickHouse.Held = held
 	rows, err := ch.Query(ctx, deadLettersQuery)
 	if err != nil {
 		fail(fmt.Errorf("dead letters: %w", err))
