@@ -6,8 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
+	"github.com/nats-io/nats.go/jetstream"
 
 	chmigrate "github.com/sluicehq/sluice/schemas/clickhouse"
 	"github.com/sluicehq/sluice/services/kit/chconn"
@@ -92,22 +96,9 @@ func TestSwapStopsRunningMerges(t *testing.T) {
 // starts them again where no month is held (a held month: another run may be
 // swapping, and keeps them stopped).
 func TestRunStartsMergesLeftStopped(t *testing.T) {
-	srv := chtest.Start(t)
-	_, ch := chtest.Database(t, srv)
+	ch, js := platformParts(t)
 	ctx := context.Background()
 	log := slog.New(slog.DiscardHandler)
-	if err := chmigrate.Migrate(ctx, ch, log); err != nil {
-		t.Fatal(err)
-	}
-	ns := natstest.Run(t)
-	_, js := ns.Connect(t)
-	topology, err := streams.Load()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := topology.Apply(ctx, js); err != nil {
-		t.Fatal(err)
-	}
 	exec := func(q string) {
 		t.Helper()
 		if err := ch.Exec(ctx, q); err != nil {
@@ -154,4 +145,87 @@ func TestRunStartsMergesLeftStopped(t *testing.T) {
 	if n := parts(); n != 1 {
 		t.Fatalf("a run with no month held: %d parts; want them merged (1)", n)
 	}
+}
+
+// platformParts is a ClickHouse database with the migrations applied and a NATS
+// server with the topology, as a run finds them.
+func platformParts(t *testing.T) (driver.Conn, jetstream.JetStream) {
+	t.Helper()
+	srv := chtest.Start(t)
+	_, ch := chtest.Database(t, srv)
+	ctx := context.Background()
+	if err := chmigrate.Migrate(ctx, ch, slog.New(slog.DiscardHandler)); err != nil {
+		t.Fatal(err)
+	}
+	ns := natstest.Run(t)
+	_, js := ns.Connect(t)
+	topology, err := streams.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := topology.Apply(ctx, js); err != nil {
+		t.Fatal(err)
+	}
+	return ch, js
+}
+
+// While the split stages' sink reads ENRICHED, whose inserts a hold does not hold
+// off, a run is refused before it holds anything (a dry run is not); once the sink
+// stopped and its pull expired, it runs.
+func TestRunRefusedWhileSplitSinkReads(t *testing.T) {
+	ch, js := platformParts(t)
+	ctx := context.Background()
+	cfg := Config{HoldTTL: time.Minute, Chunk: 10, Log: slog.New(slog.DiscardHandler)}
+	cons, err := js.Consumer(ctx, streams.Enriched, "sink")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fetches one after the other, as the split sink pulls.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if res, err := cons.Fetch(100, jetstream.FetchMaxWait(500*time.Millisecond)); err == nil {
+				for range res.Messages() {
+				}
+			}
+		}
+	})
+	stopped := false
+	defer func() {
+		if !stopped {
+			close(stop)
+		}
+		wg.Wait()
+	}()
+	poll.Until(t, 10*time.Second, func() error {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return err
+		}
+		if info.NumWaiting == 0 {
+			return errors.New("no pull waiting yet")
+		}
+		return nil
+	})
+	_, err = Run(ctx, js, chconn.OneServer(ch), cfg)
+	if err == nil || !strings.Contains(err.Error(), "the split stages' sink is reading ENRICHED") || !strings.Contains(err.Error(), "stop the sink service while replaying") {
+		t.Fatalf("a run while the split sink reads: %v", err)
+	}
+	dry := cfg
+	dry.DryRun = true
+	if _, err := Run(ctx, js, chconn.OneServer(ch), dry); err != nil {
+		t.Fatalf("a dry run while the split sink reads: %v", err)
+	}
+	close(stop)
+	stopped = true
+	poll.Until(t, 30*time.Second, func() error {
+		_, err := Run(ctx, js, chconn.OneServer(ch), cfg)
+		return err
+	})
 }
