@@ -415,6 +415,36 @@ func TestHoldMonth(t *testing.T) {
 	}
 }
 
+// One replay at a time: a hold is refused, and leaves nothing held, while another
+// run's is in force (of any month); once that one ends, it is taken.
+func TestOneHoldAtATime(t *testing.T) {
+	ctx, conn := migrated(t)
+	a, err := HoldMonth(ctx, conn, 202611, "run-a", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := HoldMonth(ctx, conn, 202612, "run-b", time.Minute); err == nil || !strings.Contains(err.Error(), "another sluice replay holds month 202611 (hold run-a)") {
+		t.Fatalf("a hold while another run holds a month: %v", err)
+	}
+	held, err := HeldMonths(ctx, conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(held) != "[202611]" {
+		t.Fatalf("held after the refused hold: %v; want only run-a's 202611", held)
+	}
+	if err := a.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b, err := HoldMonth(ctx, conn, 202612, "run-b", time.Minute)
+	if err != nil {
+		t.Fatalf("a hold once the other ended: %v", err)
+	}
+	if err := b.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A held month's refusal is retried whole, not taken for rows at fault.
 func TestHeldMonthIsNoDataError(t *testing.T) {
 	ctx, conn := migrated(t)

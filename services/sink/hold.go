@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ClickHouse/clickhouse-go/v2/lib/driver"
@@ -68,6 +69,18 @@ func HoldMonthOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, mo
 			}
 		}
 	}
+	// One replay at a time: two swapping at once would each swap in a shadow made
+	// before the other's swap (undoing it), and one's restart of the table's merges
+	// could come in the middle of the other's swap. Each run records its hold before
+	// it looks (after every replica fetched it, on a cluster), so of two that start
+	// together one sees the other at least.
+	others, err := otherHolds(ctx, ch, id)
+	if err != nil {
+		return fail(fmt.Errorf("hold %d: %w", month, err))
+	}
+	if len(others) > 0 {
+		return fail(fmt.Errorf("hold %d: another sluice replay holds %s (one at a time; the hold of a run that died ends by itself within its --hold-ttl)", month, strings.Join(others, ", ")))
+	}
 	held := time.Now()
 	var db string
 	if err := ch.QueryRow(ctx, "SELECT currentDatabase()").Scan(&db); err != nil {
@@ -95,6 +108,27 @@ func HoldMonthOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, mo
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// otherHolds are the holds in force other than id's: "month M (hold H)".
+func otherHolds(ctx context.Context, ch driver.Conn, id string) ([]string, error) {
+	rows, err := ch.Query(ctx, "SELECT month, hold FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now() AND hold != ? ORDER BY month, hold", id)
+	if err != nil {
+		return nil, fmt.Errorf("holds in force: %w", err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var (
+			month uint32
+			hold  string
+		)
+		if err := rows.Scan(&month, &hold); err != nil {
+			return nil, fmt.Errorf("holds in force: %w", err)
+		}
+		out = append(out, fmt.Sprintf("month %d (hold %s)", month, hold))
+	}
+	return out, rows.Err()
 }
 
 // HeldMonthsQuery is the months (YYYYMM) held now, sorted, as one array.
