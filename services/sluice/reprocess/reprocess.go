@@ -540,27 +540,41 @@ func (r *run) swapMonth(ctx context.Context, sh *shard, month uint32, keys strin
 	if err := sink.InsertEventsInto(ctx, sh.rd, shadow, &cols); err != nil {
 		return fmt.Errorf("reprocess: month %d, shard %d: %w", month, sh.n, err)
 	}
-	// The month cannot change under the hold; if it did (an insert not through the
-	// pipeline's fence, such as the split stages' sink), the swap would lose rows.
-	var have, want uint64
-	if err := sh.rd.QueryRow(ctx, "SELECT (SELECT count() FROM "+shadow+"), (SELECT count() FROM "+r.events+" WHERE toYYYYMM(event_time) = "+p+")").Scan(&have, &want); err != nil {
+	check := func() error { return r.readyToSwap(ctx, sh, month, shadow) }
+	if err := replacePartition(ctx, sh.rd, r.events, p, shadow, mergesStopWait, check); err != nil {
 		return fmt.Errorf("reprocess: month %d, shard %d: %w", month, sh.n, err)
 	}
-	if have != want {
-		return fmt.Errorf("reprocess: month %d, shard %d: the shadow has %d rows and %s %d: the month changed under the hold (rows inserted other than through the pipeline's fence, such as by the split stages' sink?); nothing replaced", month, sh.n, have, r.events, want)
-	}
-	if err := replacePartition(ctx, sh.rd, r.events, p, shadow, mergesStopWait); err != nil {
-		return fmt.Errorf("reprocess: month %d, shard %d: swap: %w", month, sh.n, err)
-	}
 	return sh.rd.Exec(ctx, "DROP TABLE IF EXISTS "+shadow)
+}
+
+// readyToSwap is the last check before month's swap (the merges stopped): the
+// run's hold is in force for a while yet (its renewals may have failed), and the
+// month did not change under it; if it did (an insert not through the pipeline's
+// fence, such as the split stages' sink's), the swap would lose rows.
+func (r *run) readyToSwap(ctx context.Context, sh *shard, month uint32, shadow string) error {
+	var have, want uint64
+	var left int64
+	p := fmt.Sprint(month)
+	q := "SELECT (SELECT count() FROM " + shadow + "), (SELECT count() FROM " + r.events + " WHERE toYYYYMM(event_time) = " + p + "), " +
+		"(SELECT toInt64(argMax(until, seq)) - toInt64(now()) FROM events_holds WHERE month = " + p + " AND hold = '" + r.id + "')"
+	if err := sh.rd.QueryRow(ctx, q).Scan(&have, &want, &left); err != nil {
+		return err
+	}
+	if time.Duration(left)*time.Second < r.cfg.HoldTTL/4 {
+		return fmt.Errorf("the month's hold ends in %ds (its renewals failed?), too soon to swap; nothing replaced", left)
+	}
+	if have != want {
+		return fmt.Errorf("the shadow has %d rows and %s %d: the month changed under the hold (rows inserted other than through the pipeline's fence, such as by the split stages' sink?); nothing replaced", have, r.events, want)
+	}
+	return nil
 }
 
 // mergesStopWait bounds the wait for table's running merges to stop before a swap.
 const mergesStopWait = time.Minute
 
 // replacePartition swaps partition of table for shadow's (ALTER TABLE ... REPLACE
-// PARTITION) with the table's merges stopped on ch's server, and waits (up to
-// wait) for the merges running there to end first. A merge running when the swap
+// PARTITION) with the table's merges stopped on ch's server, once the merges
+// running there ended (waited for up to wait) and check passed. A merge running when the swap
 // removes its parts adds its result when it ends, on ClickHouse 18.16: the rows it
 // merged come back beside their replacements, each then twice (its log says
 // "Unexpected number of parts removed when adding"; seen in CI as a month's rows
@@ -568,7 +582,7 @@ const mergesStopWait = time.Minute
 // again after the swap, whatever its outcome; a run killed in between leaves them
 // stopped until the next run (startMerges), `SYSTEM START MERGES` or the server's
 // restart.
-func replacePartition(ctx context.Context, ch driver.Conn, table, partition, shadow string, wait time.Duration) (err error) {
+func replacePartition(ctx context.Context, ch driver.Conn, table, partition, shadow string, wait time.Duration, check func() error) (err error) {
 	if err := ch.Exec(ctx, "SYSTEM STOP MERGES "+table); err != nil {
 		return fmt.Errorf("stop merges of %s: %w", table, err)
 	}
@@ -595,7 +609,13 @@ func replacePartition(ctx context.Context, ch driver.Conn, table, partition, sha
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	return ch.Exec(ctx, "ALTER TABLE "+table+" REPLACE PARTITION "+partition+" FROM "+shadow)
+	if err := check(); err != nil {
+		return err
+	}
+	if err := ch.Exec(ctx, "ALTER TABLE "+table+" REPLACE PARTITION "+partition+" FROM "+shadow); err != nil {
+		return fmt.Errorf("swap: %w", err)
+	}
+	return nil
 }
 
 // startMerges starts the events table's merges again on each server of the run's

@@ -66,7 +66,7 @@ func TestSwapStopsRunningMerges(t *testing.T) {
 		}
 		return nil
 	})
-	if err := replacePartition(ctx, ch, "t", "0", "shadow", time.Minute); err != nil {
+	if err := replacePartition(ctx, ch, "t", "0", "shadow", time.Minute, func() error { return nil }); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("the merge: %v", <-merged) // cancelled (an error), or nil where 18.16 returns early
@@ -228,4 +228,51 @@ func TestRunRefusedWhileSplitSinkReads(t *testing.T) {
 		_, err := Run(ctx, js, chconn.OneServer(ch), cfg)
 		return err
 	})
+}
+
+// The last check before a swap: it passes with the run's hold in force and the
+// month as the shadow has it; it fails when the hold ends too soon (renewals that
+// failed, or a hold ended from outside) or the month gained a row under it.
+func TestReadyToSwap(t *testing.T) {
+	ch, _ := platformParts(t)
+	ctx := context.Background()
+	r, err := newRun(chconn.OneServer(ch), Config{HoldTTL: time.Minute, Chunk: 10, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh := r.shards[0]
+	sh.rd = ch
+	exec := func(q string) {
+		t.Helper()
+		if err := ch.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	row := func(table, key string) {
+		exec("INSERT INTO " + table + " (key, event_time, stream_seq) SELECT '" + key + "', toDateTime('2026-11-21 10:00:00'), 1")
+	}
+	row("events", "a")
+	exec("CREATE TABLE shadow AS events")
+	row("shadow", "a")
+	if err := r.readyToSwap(ctx, sh, 202611, "shadow"); err == nil || !strings.Contains(err.Error(), "the month's hold ends in") {
+		t.Fatalf("with no hold: %v", err)
+	}
+	hold, err := sink.HoldMonth(ctx, ch, 202611, r.id, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.readyToSwap(ctx, sh, 202611, "shadow"); err != nil {
+		t.Fatalf("the hold in force, the month as the shadow has it: %v", err)
+	}
+	row("events", "b") // an insert that did not wait for the hold
+	if err := r.readyToSwap(ctx, sh, 202611, "shadow"); err == nil || !strings.Contains(err.Error(), "the shadow has 1 rows and events 2: the month changed under the hold") {
+		t.Fatalf("a row added under the hold: %v", err)
+	}
+	row("shadow", "b")
+	if err := hold.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.readyToSwap(ctx, sh, 202611, "shadow"); err == nil || !strings.Contains(err.Error(), "the month's hold ends in") {
+		t.Fatalf("the hold ended from outside: %v", err)
+	}
 }
