@@ -284,6 +284,8 @@ func TestFileTable(t *testing.T) {
 		"twice.csv":     {"id,plan,plan\nu1,pro,free\n", `column "plan" appears twice in the header [id plan plan]`},
 		"ragged.csv":    {"id,plan\nu1,pro\nu2\n", "wrong number of fields"},
 		"nofield.jsonl": {`{"plan":"pro"}` + "\n", `line 1: no key field "id"`},
+		"nullkey.jsonl": {`{"id":"u1","plan":"pro"}` + "\n" + `{"id":null,"plan":"free"}` + "\n", `line 2: key field "id" is null; want a string, a number or a boolean`},
+		"objkey.jsonl":  {`{"id":{"a":1},"plan":"pro"}` + "\n", `line 1: key field "id" is an object`},
 	} {
 		_, err := loadFileTable(writeFile(t, name, tc.body), "id")
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -143,6 +143,19 @@ func readRows(path, key string) (*Rows, error) {
 			if !ok {
 				return nil, fmt.Errorf("table %s: line %d: no key field %q", path, line, key)
 			}
+			// No event value looks such a key up ("null" would be a key of its own).
+			kind := ""
+			switch k.(type) {
+			case nil:
+				kind = "null"
+			case map[string]any:
+				kind = "an object"
+			case []any:
+				kind = "an array"
+			}
+			if kind != "" {
+				return nil, fmt.Errorf("table %s: line %d: key field %q is %s; want a string, a number or a boolean", path, line, key, kind)
+			}
 			ks := keyString(k)
 			if f, ok := k.(float64); ok && !exactFloat(f) {
 				if raw, ok := events.ValueAt(sc.Bytes(), []string{key}); ok {
