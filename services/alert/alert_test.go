@@ -203,14 +203,30 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 		t.Fatal(err)
 	}
 	st = h.start(path)
-	// The snapshot written at start has the burst but no alert yet; it is the one
-	// before the newest when this run stops (the checkpoint files of both are kept).
-	// Waited for: on a slow machine the one the first run wrote at its stop is still
-	// there a while, and its files are gone by the end.
+	// The snapshot written at start has the burst but no alert yet. Waited for: on a
+	// slow machine the one the first run wrote at its stop is still there a while.
 	savedSince(t, store, stopped.NUID, "the second run has not saved its state yet")
 	older, err := store.GetBytes(ctx, "state")
 	if err != nil {
 		t.Fatal(err)
+	}
+	// Its checkpoint files, as they are now: the run keeps the files of its last two
+	// saves only, and on a slow machine it saves more than once (every 100 ms while
+	// the state changes) before it stops, so they may be gone by then. A snapshot
+	// whose files are gone is no state to restart from; one whose files are there is
+	// what this test restarts from.
+	files := map[string][]byte{}
+	infos, err := store.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range infos {
+		if info.Name == "state" {
+			continue
+		}
+		if files[info.Name], err = store.GetBytes(ctx, info.Name); err != nil {
+			t.Fatal(err)
+		}
 	}
 	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows ending at 10 and 20 s
 	poll.Until(t, 10*time.Second, func() error {
@@ -220,6 +236,13 @@ func testStageRestartFromOlderSnapshot(t *testing.T, rule string) {
 		return nil
 	})
 	st.stop(t)
+	for name, b := range files {
+		if _, err := store.GetInfo(ctx, name); errors.Is(err, jetstream.ErrObjectNotFound) {
+			if _, err := store.PutBytes(ctx, name, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	if _, err := store.PutBytes(ctx, "state", older); err != nil {
 		t.Fatal(err)
 	}
