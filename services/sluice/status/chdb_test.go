@@ -31,4 +31,12 @@ func TestQueriesOnCurrentClickHouse(t *testing.T) {
 	if got := q(sink.HeldMonthsQuery); got != "[202611]" {
 		t.Fatalf("held: %s, want [202611]", got)
 	}
+	// One part per insert and partition (merges stopped, so that none joins them):
+	// three inserts of alerts, the most for one partition.
+	q("SYSTEM STOP MERGES alerts")
+	q(`INSERT INTO alerts (fingerprint, rule, status, starts_at, stream_seq) VALUES ('d', 'r2', 'firing', now(), 5)`)
+	q(`INSERT INTO alerts (fingerprint, rule, status, starts_at, stream_seq) VALUES ('e', 'r2', 'firing', now(), 6)`)
+	if got := strings.Split(q(mostPartsQuery), "\t"); len(got) != 3 || got[0] != "alerts" || got[2] != "3" {
+		t.Fatalf("most parts: %q, want alerts' partition with 3", got)
+	}
 }

@@ -6,6 +6,7 @@ package status
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"maps"
@@ -117,7 +118,23 @@ type ClickHouse struct {
 	// Held are the months (YYYYMM) `sluice replay` holds: the pipeline's inserts of
 	// their rows wait meanwhile (not a problem: it ends by itself).
 	Held []uint32 `json:"held_months,omitempty"`
+	// MostParts is the partition of a table of the database with the most active
+	// parts: at PartsProblem or more, merges are behind or stopped.
+	MostParts *Parts `json:"most_parts,omitempty"`
 }
+
+// Parts counts the active parts of one partition of a table.
+type Parts struct {
+	Table     string `json:"table"`
+	Partition string `json:"partition"`
+	Active    uint64 `json:"active"`
+}
+
+// PartsProblem is as many active parts in one partition as make a problem: two
+// thirds of where ClickHouse starts delaying inserts (parts_to_delay_insert, 150 by
+// default; it refuses them at 300). The pipeline's tables hold a few tens at most
+// while merges keep up.
+const PartsProblem = 100
 
 // DeadLetters counts one stage's dead letters of one reason.
 type DeadLetters struct {
@@ -433,6 +450,9 @@ func (r *Report) receivers(ctx context.Context, js jetstream.JetStream, opts Opt
 
 // The queries status runs, on ClickHouse 18.16 and current releases alike.
 const (
+	// mostPartsQuery is the partition with the most active parts of the database's
+	// tables.
+	mostPartsQuery = "SELECT table, partition, count() AS n FROM system.parts WHERE database = currentDatabase() AND active GROUP BY table, partition ORDER BY n DESC, table, partition LIMIT 1"
 	// lastInsertQuery, then a table's name.
 	lastInsertQuery  = "SELECT count(), max(inserted_at) FROM "
 	deadLettersQuery = `SELECT stage, reason, count() AS n FROM dead_letters WHERE received_at >= now() - 3600
@@ -480,6 +500,20 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 		return
 	}
 	r.ClickHouse.Held = held
+	var most Parts
+	err = ch.QueryRow(ctx, mostPartsQuery).Scan(&most.Table, &most.Partition, &most.Active)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+	case err != nil:
+		fail(fmt.Errorf("parts: %w", err))
+		return
+	default:
+		r.ClickHouse.MostParts = &most
+		if most.Active >= PartsProblem {
+			r.problem("ClickHouse at %s: table %s, partition %s has %d active parts (inserts are delayed at 150 and refused at 300 by default): merges are behind, or stopped (a `sluice replay` killed during its swap leaves them stopped; the next run, `SYSTEM START MERGES %s` or a restart of the server starts them)",
+				r.ClickHouse.Addr, most.Table, most.Partition, most.Active, most.Table)
+		}
+	}
 	rows, err := ch.Query(ctx, deadLettersQuery)
 	if err != nil {
 		fail(fmt.Errorf("dead letters: %w", err))

@@ -198,6 +198,46 @@ receivers:
 		strings.Contains(strings.Join(tight.Problems, "\n"), "deliver_ops of NOTIFY: stalled") {
 		t.Fatalf("tight limits: healthy %v, problems %v", tight.Healthy, tight.Problems)
 	}
+	// Merges stopped (as a replay killed during its swap leaves them) while inserts
+	// go on: a partition's parts pile up, a problem before ClickHouse delays inserts.
+	exec := func(q string) {
+		t.Helper()
+		if err := db.Exec(context.Background(), q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	partsProblem := func(r *Report) string {
+		for _, p := range r.Problems {
+			if strings.Contains(p, "active parts") {
+				return p
+			}
+		}
+		return ""
+	}
+	if p := partsProblem(r); p != "" || r.ClickHouse.MostParts == nil || r.ClickHouse.MostParts.Active >= PartsProblem {
+		t.Fatalf("parts before: %+v, %q", r.ClickHouse.MostParts, p)
+	}
+	exec("SYSTEM STOP MERGES events")
+	for i := range PartsProblem {
+		exec(fmt.Sprintf("INSERT INTO events (key, event_time, stream_seq) SELECT 'parts-%d', toDateTime('2026-01-15 10:00:00'), 1", i))
+	}
+	piled, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := partsProblem(piled); piled.Healthy || !strings.Contains(p, "table events, partition 202601 has 100 active parts") || !strings.Contains(p, "SYSTEM START MERGES events") {
+		t.Fatalf("parts piled up: healthy %v, %+v, problems %v", piled.Healthy, piled.ClickHouse.MostParts, piled.Problems)
+	}
+	exec("SYSTEM START MERGES events")
+	exec("OPTIMIZE TABLE events PARTITION 202601 FINAL")
+	merged, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := partsProblem(merged); p != "" {
+		t.Fatalf("merged again: %s", p)
+	}
+
 	// A read that fails after the dead letters were read (the alerts table changed
 	// under it): nothing of it is shown as counted.
 	if err := db.Exec(context.Background(), "ALTER TABLE alerts DROP COLUMN status"); err != nil {
