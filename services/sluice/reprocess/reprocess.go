@@ -574,14 +574,14 @@ const mergesStopWait = time.Minute
 
 // replacePartition swaps partition of table for shadow's (ALTER TABLE ... REPLACE
 // PARTITION) with the table's merges stopped on ch's server, once the merges
-// running there ended (waited for up to wait) and check passed. A merge running when the swap
-// removes its parts adds its result when it ends, on ClickHouse 18.16: the rows it
-// merged come back beside their replacements, each then twice (its log says
-// "Unexpected number of parts removed when adding"; seen in CI as a month's rows
-// stored twice after a replay). Current ClickHouse stops them itself. Merges start
-// again after the swap, whatever its outcome; a run killed in between leaves them
-// stopped until the next run (startMerges), `SYSTEM START MERGES` or the server's
-// restart.
+// running there ended (waited for up to wait) and check passed. A merge running
+// when the swap removes its parts adds its result when it ends, on ClickHouse
+// 18.16: the rows it merged come back beside their replacements, each then twice
+// (its log says "Unexpected number of parts removed when adding"; seen in CI as a
+// month's rows stored twice after a replay). Current ClickHouse stops them itself.
+// Merges start again after the swap, whatever its outcome; a run killed in between
+// leaves them stopped until the next run (startMerges), `SYSTEM START MERGES` or
+// the server's restart.
 func replacePartition(ctx context.Context, ch driver.Conn, table, partition, shadow string, wait time.Duration, check func() error) (err error) {
 	if err := ch.Exec(ctx, "SYSTEM STOP MERGES "+table); err != nil {
 		return fmt.Errorf("stop merges of %s: %w", table, err)
