@@ -54,7 +54,9 @@ func TestSwapStopsRunningMerges(t *testing.T) {
 	exec("INSERT INTO shadow (k, s) SELECT number, 'new' FROM numbers(10)")
 
 	merged := make(chan error, 1)
-	go func() { merged <- ch.Exec(ctx, "OPTIMIZE TABLE t PARTITION 0 FINAL") }()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { merged <- ch.Exec(ctx, "OPTIMIZE TABLE t PARTITION 0 FINAL") })
 	poll.Until(t, time.Minute, func() error {
 		var n uint64
 		var progress float64
