@@ -45,13 +45,16 @@ func TestSwapStopsRunningMerges(t *testing.T) {
 		return n
 	}
 	exec("CREATE TABLE t (k UInt64, s String) ENGINE = MergeTree() PARTITION BY intDiv(k, 100000000) ORDER BY k")
-	// Six parts in partition 0, big enough that merging them takes a while.
+	// Six parts in partition 0, big enough that merging them takes a while; none
+	// merged before the OPTIMIZE below (the server would merge some as they come).
+	exec("SYSTEM STOP MERGES t")
 	const parts, rows = 6, 1_000_000
 	for range parts {
 		exec(fmt.Sprintf("INSERT INTO t (k, s) SELECT number, concat(toString(number), '-', toString(rand()), '-', toString(rand64())) FROM numbers(%d)", rows))
 	}
 	exec("CREATE TABLE shadow AS t")
 	exec("INSERT INTO shadow (k, s) SELECT number, 'new' FROM numbers(10)")
+	exec("SYSTEM START MERGES t")
 
 	merged := make(chan error, 1)
 	var wg sync.WaitGroup
