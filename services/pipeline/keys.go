@@ -174,6 +174,11 @@ type memKeys struct {
 	segs   []segment
 	whole  bool
 	writes int
+	// logs counts the logs of added keys begun: Admit begins a new one (and makes
+	// the next capture whole) when saves failed so long that the log holds more keys
+	// than the table, most of them expired; a capture taken from an earlier log
+	// does not trim the new one when it is saved.
+	logs int
 }
 
 // Admit is window.Store's, noting a key admitted for the next segment.
@@ -182,6 +187,12 @@ func (m *memKeys) Admit(k window.Key, exp uint32, seq uint64, now uint32) (bool,
 	if err == nil && !repeat && exp > now {
 		m.mu.Lock()
 		m.added.add(admitted{k, exp})
+		if m.added.n%addedChunk == 0 && m.added.n > m.Stats().Keys {
+			// Looked at once a chunk: the log would grow for as long as the saves
+			// fail. A capture in flight keeps its view of the old log.
+			m.added, m.whole = admittedLog{}, true
+			m.logs++
+		}
 		m.mu.Unlock()
 	}
 	return repeat, err
@@ -193,7 +204,7 @@ func (m *memKeys) capture(now uint32) keysCapture {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.writes++
-	c := &memCapture{m: m, n: m.added.n, name: fmt.Sprintf("seg-%s-%d.keys", m.nonce, m.writes), lastSeq: m.Stats().LastSeq}
+	c := &memCapture{m: m, n: m.added.n, log: m.logs, name: fmt.Sprintf("seg-%s-%d.keys", m.nonce, m.writes), lastSeq: m.Stats().LastSeq}
 	inSegs := 0
 	for _, sg := range m.segs {
 		if sg.Expires > now {
@@ -227,6 +238,7 @@ func (m *memKeys) Close() error {
 type memCapture struct {
 	m       *memKeys
 	n       int
+	log     int // memKeys.logs when taken
 	name    string
 	lastSeq uint64
 	all     *window.Store
@@ -365,8 +377,11 @@ func (c *memCapture) merged(segs []*os.File, f func(k window.Key, exp uint32)) e
 func (c *memCapture) saved(ctx context.Context) {
 	m := c.m
 	m.mu.Lock()
-	m.segs, m.whole = c.list, false
-	m.added.drop(c.n)
+	m.segs = c.list
+	if c.log == m.logs {
+		m.whole = false
+		m.added.drop(c.n)
+	}
 	m.mu.Unlock()
 	files := make([]partition.File, len(c.list))
 	for i, sg := range c.list {

@@ -164,11 +164,7 @@ func TestMemKeysMergeFallsBack(t *testing.T) {
 	r, store := memRun(t)
 	ctx := context.Background()
 	now := uint32(1_000_000)
-	ks, err := r.openKeys(ctx, nil, now)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := ks.(*memKeys)
+	m := openMem(t, r, nil, now)
 	defer m.Close()
 	next := uint64(0)
 	admit := func() {
@@ -285,4 +281,94 @@ func TestAdmittedLog(t *testing.T) {
 	if len(l.spare) == 0 {
 		t.Fatal("no chunk kept for use again")
 	}
+}
+
+// Saves that fail for long: the log of keys admitted since the last save would grow
+// for as long, with keys long expired. It is bounded by the table's size (plus a
+// chunk): past it the log starts again and the next capture writes the table whole.
+// A capture taken before that and saved after it does not trim the new log, and the
+// state saved next holds every key the table held.
+func TestMemKeysLogBounded(t *testing.T) {
+	r, _ := memRun(t)
+	ctx := context.Background()
+	now := uint32(1_000_000)
+	m := openMem(t, r, nil, now)
+	defer func() { m.Close() }()
+	rng := rand.New(rand.NewPCG(7, 8))
+	key := func() window.Key { return window.Key{Hi: rng.Uint64(), Lo: rng.Uint64()} } // as hashes spread
+	next := uint64(0)
+	var early keysCapture
+	for round := range 30 {
+		for range 10_000 {
+			next++
+			if _, err := m.Admit(key(), now+10, next, now); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if round == 2 {
+			early = m.capture(now) // a save under way while the others fail
+		}
+		m.mu.Lock()
+		logged, keys := m.added.n, m.Stats().Keys
+		m.mu.Unlock()
+		if logged > keys+addedChunk {
+			t.Fatalf("round %d: %d keys logged since the last save, the table holds %d", round, logged, keys)
+		}
+		now += 20 // every key admitted so far expired
+		for m.sweep(now, 1<<16) {
+		}
+	}
+	if m.logs == 0 {
+		t.Fatal("the log never started again")
+	}
+	var buf bytes.Buffer
+	if err := early.encode(ctx, &buf); err != nil {
+		t.Fatal(err)
+	}
+	early.saved(ctx)
+	if !m.whole {
+		t.Fatal("a capture from before the log started again made the next capture a delta")
+	}
+	// Keys admitted after the last sweep, held now; the next capture writes them all.
+	for range 100 {
+		next++
+		if _, err := m.Admit(window.Key{Hi: next, Lo: next}, now+10, next, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := m.capture(now)
+	if c.(*memCapture).all == nil {
+		t.Fatal("the capture after the log started again is not of every key")
+	}
+	buf.Reset()
+	if err := c.encode(ctx, &buf); err != nil {
+		t.Fatal(err)
+	}
+	c.saved(ctx)
+	want := map[window.Key]uint32{}
+	if err := m.Range(now, func(k window.Key, exp uint32) bool { want[k] = exp; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m = openMem(t, r, buf.Bytes(), now)
+	got := map[window.Key]uint32{}
+	if err := m.Range(now, func(k window.Key, exp uint32) bool { got[k] = exp; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if len(want) == 0 || !maps.Equal(got, want) {
+		t.Fatalf("restored %d keys; the table held %d", len(got), len(want))
+	}
+}
+
+// openMem opens partition 0's keys in memory from the keys part of a state (nil:
+// none) at now.
+func openMem(t *testing.T, r *run, state []byte, now uint32) *memKeys {
+	t.Helper()
+	ks, err := r.openKeys(context.Background(), state, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ks.(*memKeys)
 }
