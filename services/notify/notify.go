@@ -532,11 +532,15 @@ func DelivererConsumer(receiver string) string { return "deliver_" + receiver }
 // runner is the deliverer's stage runner; watch holds its watchdog's settings.
 func (d *deliverer) runner(ctx context.Context, nc *nats.Conn, reg prometheus.Registerer, watch stage.Config) (*stage.Runner, error) {
 	name := DelivererConsumer(d.rc.Name)
-	_, err := d.js.CreateOrUpdateConsumer(ctx, streams.Notify, jetstream.ConsumerConfig{
-		Durable: name, Description: "Delivers notifications to receiver " + d.rc.Name + ".",
-		FilterSubject: "notify." + d.rc.Name, AckPolicy: jetstream.AckExplicitPolicy, AckWait: 30 * time.Second,
-		// One notification in flight per receiver, across every replica.
-		MaxDeliver: -1, MaxAckPending: 1, DeliverPolicy: jetstream.DeliverAllPolicy,
+	// Asked again while JetStream does not answer in time (a server just restarted).
+	err := streams.Retry(ctx, func(ctx context.Context) error {
+		_, err := d.js.CreateOrUpdateConsumer(ctx, streams.Notify, jetstream.ConsumerConfig{
+			Durable: name, Description: "Delivers notifications to receiver " + d.rc.Name + ".",
+			FilterSubject: "notify." + d.rc.Name, AckPolicy: jetstream.AckExplicitPolicy, AckWait: 30 * time.Second,
+			// One notification in flight per receiver, across every replica.
+			MaxDeliver: -1, MaxAckPending: 1, DeliverPolicy: jetstream.DeliverAllPolicy,
+		})
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("notify: consumer %s: %w", name, err)

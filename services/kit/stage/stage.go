@@ -23,6 +23,7 @@ import (
 	"github.com/sluicehq/sluice/schemas/deadletters"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
 	"github.com/sluicehq/sluice/services/kit/watchdog"
+	"github.com/sluicehq/sluice/streams"
 )
 
 // Handler processes one input and returns the messages to publish before the input
@@ -149,7 +150,10 @@ type inflight struct {
 // lives (its subscription closed under it) is started again after a pause: only
 // ctx ends a stage.
 func (r *Runner) Run(ctx context.Context, ready func()) error {
-	cons, err := r.js.Consumer(ctx, r.cfg.Stream, r.cfg.Consumer)
+	// Asked again while JetStream does not answer in time (a server just restarted).
+	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
+		return r.js.Consumer(ctx, r.cfg.Stream, r.cfg.Consumer)
+	})
 	if err != nil {
 		return fmt.Errorf("stage %s: consumer %s on %s: %w", r.cfg.Name, r.cfg.Consumer, r.cfg.Stream, err)
 	}

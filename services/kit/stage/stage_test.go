@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/telemetry"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 )
 
 // A handler slower than the ack wait on some messages: the runner keeps those
@@ -187,5 +189,60 @@ func TestStallReported(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A stage started while JetStream does not answer (the connection to the server
+// silent for longer than one request's timeout, as while a restarted server
+// recovers its streams) asks for its consumer again, and runs once it answers:
+// the CI run of the combined fault test had notify exit with "context deadline
+// exceeded" after a NATS restart.
+func TestStartWhileJetStreamSilent(t *testing.T) {
+	ns := natstest.Run(t)
+	_, js := ns.Connect(t)
+	ctx := context.Background()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "IN", Subjects: []string{"in.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateOrUpdateConsumer(ctx, "IN", jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy}); err != nil {
+		t.Fatal(err)
+	}
+	f := testnet.NewFreezer(t, strings.TrimPrefix(ns.URL, "nats://"))
+	nc, err := nats.Connect("nats://"+f.Addr(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	handled := make(chan struct{}, 1)
+	r, err := New(nc, Config{Name: "late", Stream: "IN", Consumer: "c"}, func(jetstream.Msg) ([]*nats.Msg, error) {
+		handled <- struct{}{}
+		return nil, nil
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.FreezeOpen()
+	runCtx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	done := make(chan error, 1)
+	wg.Go(func() { done <- r.Run(runCtx, nil) })
+	// Longer than a request's timeout (5 s): the first ask goes unanswered.
+	select {
+	case err := <-done:
+		t.Fatalf("Run returned while JetStream was silent: %v", err)
+	case <-time.After(6 * time.Second):
+	}
+	f.CloseFrozen() // the client connects again, through the proxy
+	if _, err := js.Publish(ctx, "in.x", nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-handled:
+	case err := <-done:
+		t.Fatalf("Run returned: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("nothing handled within a minute of JetStream answering again")
 	}
 }
