@@ -313,7 +313,8 @@ func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error
 
 // restore loads the snapshot (or starts fresh) and the ids published since it.
 func (s *stageRun) restore(ctx context.Context) error {
-	stream, err := s.js.Stream(ctx, s.cfg.Stream)
+	// Asked again while JetStream does not answer in time (a server just restarted).
+	stream, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return s.js.Stream(ctx, s.cfg.Stream) })
 	if err != nil {
 		return fmt.Errorf("alert: stream %s: %w", s.cfg.Stream, err)
 	}

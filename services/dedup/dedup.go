@@ -325,7 +325,8 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 	if err != nil {
 		return err
 	}
-	unique, err := js.Stream(ctx, streams.Unique)
+	// Asked again while JetStream does not answer in time (a server just restarted).
+	unique, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, streams.Unique) })
 	if err != nil {
 		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
 	}

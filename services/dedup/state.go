@@ -152,7 +152,7 @@ func (s *state) expire(now uint32) {
 // ctx is done. caughtUp is closed once the store has applied every message UNIQUE
 // held when tail started.
 func (s *state) tail(ctx context.Context, caughtUp chan<- struct{}) error {
-	stream, err := s.js.Stream(ctx, streams.Unique)
+	stream, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return s.js.Stream(ctx, streams.Unique) })
 	if err != nil {
 		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
 	}
