@@ -40,7 +40,7 @@ func TestDrainHeldByNATS(t *testing.T) {
 			return nil
 		})
 	}()
-	defer func() { close(released); <-ended }()
+	defer func() { cancel(); close(released); <-ended }()
 	ns.Shutdown()
 	poll.Until(t, 10*time.Second, func() error {
 		if nc.IsConnected() {
