@@ -112,7 +112,7 @@ func HoldMonthOn(ctx context.Context, ch driver.Conn, replicas []driver.Conn, mo
 
 // otherHolds are the holds in force other than id's: "month M (hold H)".
 func otherHolds(ctx context.Context, ch driver.Conn, id string) ([]string, error) {
-	rows, err := ch.Query(ctx, "SELECT month, hold FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now() AND hold != ? ORDER BY month, hold", id)
+	rows, err := ch.Query(ctx, "SELECT month, hold FROM ("+holdsInForce+") WHERE hold != ? ORDER BY month, hold", id)
 	if err != nil {
 		return nil, fmt.Errorf("holds in force: %w", err)
 	}
@@ -131,8 +131,11 @@ func otherHolds(ctx context.Context, ch driver.Conn, id string) ([]string, error
 	return out, rows.Err()
 }
 
+// holdsInForce is each hold in force (month, hold): its newest row's until is ahead.
+const holdsInForce = "SELECT month, hold FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now()"
+
 // HeldMonthsQuery is the months (YYYYMM) held now, sorted, as one array.
-const HeldMonthsQuery = "SELECT arraySort(groupUniqArray(month)) FROM (SELECT month FROM events_holds GROUP BY month, hold HAVING argMax(until, seq) > now())"
+const HeldMonthsQuery = "SELECT arraySort(groupUniqArray(month)) FROM (" + holdsInForce + ")"
 
 // HeldMonths returns the months held now on ch's server.
 func HeldMonths(ctx context.Context, ch driver.Conn) ([]uint32, error) {

@@ -210,17 +210,19 @@ func splitSinkIdle(ctx context.Context, js jetstream.JetStream) error {
 	// A sink between two fetches has no pull waiting for a moment: looked at
 	// several times over a second.
 	var info *jetstream.ConsumerInfo
-	for range 5 {
+	for look := range 5 {
+		if look > 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(200 * time.Millisecond):
+			}
+		}
 		if info, err = cons.Info(ctx); err != nil {
 			return fmt.Errorf("reprocess: consumer %s of %s: %w", t.Consumer, t.Stream, err)
 		}
 		if info.NumWaiting > 0 || info.NumAckPending > 0 {
 			break
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
 		}
 	}
 	if info.NumWaiting > 0 || info.NumAckPending > 0 {
