@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -39,13 +40,24 @@ func peerOffline(err error) bool {
 // applying the topology or creating a bucket) can all go unanswered although the
 // stream is created (nats-server 2.15.2); asked again, they find it and succeed.
 // A placement refused for an offline peer (a cluster just started, or a node
-// restarting) is asked again after a pause as well.
+// restarting) is asked again after a pause as well. Each attempt has
+// attemptTimeout.
 func Retry(ctx context.Context, request func(ctx context.Context) error) error {
+	return Again(ctx, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, attemptTimeout)
+		defer cancel()
+		return request(ctx)
+	})
+}
+
+// Again is Retry without a time limit on an attempt: for a request whose context
+// must outlive it (a KV watch ends with the context it was made with), or that
+// reads for longer than one request's timeout; each JetStream request in it is
+// bounded by the client's own timeout.
+func Again(ctx context.Context, request func(ctx context.Context) error) error {
 	var err error
 	for range attempts {
-		actx, cancel := context.WithTimeout(ctx, attemptTimeout)
-		err = request(actx)
-		cancel()
+		err = request(ctx)
 		if err == nil || ctx.Err() != nil {
 			return err
 		}
@@ -57,11 +69,18 @@ func Retry(ctx context.Context, request func(ctx context.Context) error) error {
 			}
 			continue
 		}
-		if !errors.Is(err, context.DeadlineExceeded) {
+		if !TimedOut(err) {
 			return err
 		}
 	}
 	return fmt.Errorf("no success in %d attempts: %w", attempts, err)
+}
+
+// TimedOut reports whether err is a request to NATS that went unanswered in time:
+// asked again once the server answers (it restarted, or a cluster elects its
+// leaders), it may succeed.
+func TimedOut(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)
 }
 
 // Ensure is Retry for a request that returns a value, such as opening a bucket.

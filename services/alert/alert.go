@@ -297,7 +297,22 @@ func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error
 	}
 	s.cp = NewCheckpoints(state.Files(filepath.Join(dir, "cache"), log), filepath.Join(dir, "segments"), log)
 	defer s.cp.Close()
-	err = s.restore(ctx)
+	// Restored again while JetStream does not answer in time (a server just
+	// restarted): the state's reads, the changes published since, the first save.
+	again := false
+	err = streams.Again(ctx, func(ctx context.Context) error {
+		if again {
+			log.Warn("JetStream did not answer in time while the state was restored; restoring it again")
+		}
+		again = true
+		if s.engine != nil {
+			if err := s.engine.Close(); err != nil {
+				log.Warn("close the groups on disk", "err", err)
+			}
+			s.engine = nil
+		}
+		return s.restore(ctx)
+	})
 	if s.engine != nil {
 		defer func() {
 			if err := s.engine.Close(); err != nil {
@@ -390,8 +405,10 @@ func (s *stageRun) load(ctx context.Context, info *jetstream.StreamInfo) (snap s
 }
 
 func (s *stageRun) run(ctx context.Context, ready func()) error {
-	cons, err := s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
-		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: s.seq + 1,
+	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
+		return s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
+			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: s.seq + 1,
+		})
 	})
 	if err != nil {
 		return fmt.Errorf("alert: read %s: %w", s.cfg.Stream, err)

@@ -25,6 +25,7 @@ import (
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/service"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 	"github.com/sluicehq/sluice/streams"
 )
 
@@ -477,6 +478,21 @@ func savedSince(t *testing.T, store jetstream.ObjectStore, nuid, why string) {
 	})
 }
 
+// loginConfig is the stage's config of loginRule, its groups on disk.
+func loginConfig(t *testing.T) Config {
+	t.Helper()
+	f, err := configfile.Load(writeConfig(t, loginRule))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := LoadConfig(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.GroupsDir = t.TempDir()
+	return cfg
+}
+
 // heldState is a StateStore whose saves wait, once hold is set, until released:
 // a slow object store.
 type heldState struct {
@@ -507,15 +523,7 @@ func (h *heldState) Save(ctx context.Context, b []byte) error {
 func TestAlertsGoOnWhileASaveWaits(t *testing.T) {
 	h := newHarness(t)
 	ctx := context.Background()
-	f, err := configfile.Load(writeConfig(t, loginRule))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := LoadConfig(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.GroupsDir = t.TempDir()
+	cfg := loginConfig(t)
 	store, err := streams.ObjectStore(ctx, h.js, jetstream.ObjectStoreConfig{Bucket: StateBucket, Storage: jetstream.FileStorage})
 	if err != nil {
 		t.Fatal(err)
@@ -561,6 +569,101 @@ func TestAlertsGoOnWhileASaveWaits(t *testing.T) {
 	}
 	release()
 	savedSince(t, store, before.NUID, "the state is not saved again after the store answered")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// armedState is a StateStore that arms f at the stage's first read of its state:
+// the read's first answer passes, what the stage sends after it is held.
+type armedState struct {
+	StateStore
+	f    *testnet.Freezer
+	once sync.Once
+}
+
+func (a *armedState) Load(ctx context.Context) ([]byte, error) {
+	a.once.Do(a.f.HoldAfterAnswer)
+	return a.StateStore.Load(ctx)
+}
+
+// A stage whose restore goes unanswered for longer than a request's timeout (a
+// NATS server just restarted) restores again rather than stopping, and runs once
+// JetStream answers: its saved state read, its rules firing.
+func TestRestoreWhileJetStreamSilent(t *testing.T) {
+	ctx := context.Background()
+	ns := natstest.Run(t)
+	nc, js := ns.Connect(t)
+	if err := service.ApplyTopology(ctx, nc, 1); err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, nc: nc, js: js}
+	cfg := loginConfig(t)
+	deps := func(nc *nats.Conn, ready func()) Deps {
+		return Deps{NATS: nc, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Registerer: prometheus.NewRegistry(), Ready: ready}
+	}
+	storeOf := func(js jetstream.JetStream) StateStore {
+		store, err := streams.ObjectStore(ctx, js, jetstream.ObjectStoreConfig{Bucket: StateBucket, Storage: jetstream.FileStorage})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return objectState{store, replicaEnded(cfg.SnapshotInterval)}
+	}
+	// A first run saves a state, for the second to read.
+	base := time.Date(2026, 11, 21, 12, 0, 0, 0, time.UTC)
+	h.publish("login.failed", base, `{"user":"u"}`)
+	runCtx, cancel := context.WithCancel(ctx)
+	if err := RunWith(runCtx, cfg, deps(nc, cancel), storeOf(js)); err != nil {
+		t.Fatal(err)
+	}
+
+	fr := testnet.NewFreezer(t, strings.TrimPrefix(ns.URL, "nats://"))
+	pnc, err := nats.Connect("nats://"+fr.Addr(), nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pnc.Close()
+	pjs, err := jetstream.New(pnc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := &armedState{StateStore: storeOf(pjs), f: fr}
+	runCtx, cancel = context.WithCancel(ctx)
+	defer cancel()
+	ready, done := make(chan struct{}), make(chan error, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { done <- RunWith(runCtx, cfg, deps(pnc, func() { close(ready) }), state) })
+	// Longer than a request's timeout (5 s): the state's read goes unanswered.
+	select {
+	case err := <-done:
+		t.Fatalf("the stage stopped while JetStream was silent: %v", err)
+	case <-time.After(6 * time.Second):
+	}
+	if fr.Held() == 0 {
+		t.Fatal("nothing the stage sent was held: the fault did not happen")
+	}
+	fr.Release()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("the stage stopped: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("the stage was not ready within a minute of JetStream answering again")
+	}
+	// The first run's event counts: four more fire the rule (five in a window).
+	for i := 1; i < 5; i++ {
+		h.publish("login.failed", base.Add(time.Duration(i)*time.Second), `{"user":"u"}`)
+	}
+	h.publish("login.failed", base.Add(30*time.Second), `{"user":"late"}`) // closes the windows
+	poll.Until(t, 30*time.Second, func() error {
+		if n := count(h.alertsInStream(), alerts.Firing, "user")["u"]; n != 1 {
+			return fmt.Errorf("%d firing alerts for u; want 1", n)
+		}
+		return nil
+	})
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -159,7 +159,9 @@ func (s *state) tail(ctx context.Context, caughtUp chan<- struct{}) error {
 	target := stream.CachedInfo().State.LastSeq
 	start := s.store.Stats().LastSeq + 1
 	cfg := jetstream.OrderedConsumerConfig{HeadersOnly: true, DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start}
-	cons, err := s.js.OrderedConsumer(ctx, streams.Unique, cfg)
+	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
+		return s.js.OrderedConsumer(ctx, streams.Unique, cfg)
+	})
 	if err != nil {
 		return fmt.Errorf("dedup: tail %s: %w", streams.Unique, err)
 	}

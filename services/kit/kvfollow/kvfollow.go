@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sluicehq/sluice/streams"
 )
 
 // Config says what to follow.
@@ -47,8 +49,12 @@ func Follow(ctx context.Context, c Config, apply func(jetstream.KeyValueEntry)) 
 		c.Retry = time.Second
 	}
 	f := &follower{c: c, apply: apply, keys: map[string]bool{}}
-	w, err := f.watch(ctx)
-	if err != nil {
+	// Asked again while JetStream does not answer in time (a server just restarted).
+	var w jetstream.KeyWatcher
+	if err := streams.Again(ctx, func(ctx context.Context) (err error) {
+		w, err = f.watch(ctx)
+		return err
+	}); err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)

@@ -10,11 +10,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sluicehq/sluice/services/kit/natstest"
 	"github.com/sluicehq/sluice/services/kit/poll"
 	"github.com/sluicehq/sluice/services/kit/testlog"
+	"github.com/sluicehq/sluice/services/kit/testnet"
 )
 
 // view is what apply made of the entries: key to value.
@@ -212,4 +214,68 @@ func TestStopWhileBucketGone(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A follow begun while JetStream does not answer in time (the watch's requests
+// unanswered for longer than their timeout, as from a server just restarted) asks
+// again rather than failing, and follows once the server answers.
+func TestFollowWhileJetStreamSilent(t *testing.T) {
+	ctx := context.Background()
+	ns := natstest.Run(t)
+	_, js := ns.Connect(t)
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	put(t, kv, "a", "x")
+	f := testnet.NewFreezer(t, strings.TrimPrefix(ns.URL, "nats://"))
+	nc, err := nats.Connect("nats://" + f.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	pjs, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkv, err := pjs.KeyValue(ctx, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The bucket's status is answered; what the client sends after it is held.
+	f.HoldAfterAnswer()
+	v := &view{m: map[string]string{}}
+	var stop func()
+	done := make(chan error, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		var err error
+		stop, err = Follow(ctx, Config{KV: pkv, Log: slog.New(slog.DiscardHandler)}, v.apply)
+		done <- err
+	})
+	// Longer than a request's timeout (5 s): the watch's first ask goes unanswered.
+	select {
+	case err := <-done:
+		t.Fatalf("Follow returned while JetStream was silent: %v", err)
+	case <-time.After(6 * time.Second):
+	}
+	if f.Held() == 0 {
+		t.Fatal("nothing the client sent was held: the fault did not happen")
+	}
+	f.Release()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Follow: %v", err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Follow did not return within a minute of JetStream answering again")
+	}
+	defer stop()
+	if err := v.is(map[string]string{"a": "x"}); err != nil {
+		t.Fatal(err)
+	}
+	put(t, kv, "a", "y")
+	poll.Until(t, time.Minute, func() error { return v.is(map[string]string{"a": "y"}) })
 }

@@ -6,6 +6,7 @@ package status
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"maps"
@@ -120,6 +121,8 @@ type ClickHouse struct {
 	// MostParts is the partition of a table of the database with the most active
 	// parts: at PartsProblem or more, merges are behind or stopped.
 	MostParts *Parts `json:"most_parts,omitempty"`
+	// PartsError is why the parts were not read (and not judged).
+	PartsError string `json:"parts_error,omitempty"`
 }
 
 // Parts counts the active parts of one partition of a table.
@@ -499,10 +502,14 @@ func (r *Report) clickhouse(ctx context.Context, ch driver.Conn, chErr error) {
 		return
 	}
 	r.ClickHouse.Held = held
-	// The parts, one more sign of trouble: not read (no rows: no parts; a user
-	// without access to system.parts), they are not judged.
+	// The parts, one more sign of trouble: not read (a user without access to
+	// system.parts), they are not judged, and the report says why.
 	var most Parts
-	if err := ch.QueryRow(ctx, mostPartsQuery).Scan(&most.Table, &most.Partition, &most.Active); err == nil {
+	switch err := ch.QueryRow(ctx, mostPartsQuery).Scan(&most.Table, &most.Partition, &most.Active); {
+	case errors.Is(err, sql.ErrNoRows): // no parts, nothing to judge
+	case err != nil:
+		r.ClickHouse.PartsError = err.Error()
+	default:
 		r.ClickHouse.MostParts = &most
 		if most.Active >= PartsProblem {
 			r.problem("ClickHouse at %s: table %s, partition %s has %d active parts (inserts are delayed at 150 and refused at 300 by default): merges are behind, or stopped (a `sluice replay` killed during its swap leaves them stopped; the next run, `SYSTEM START MERGES %s` or a restart of the server starts them)",

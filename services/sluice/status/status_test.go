@@ -238,6 +238,23 @@ receivers:
 		t.Fatalf("merged again: %s", p)
 	}
 
+	// system.parts not read (as for a user without access to it): the parts are
+	// not judged, and the report says why. (The server is this test's: 18.16 does
+	// not attach the table again.)
+	exec("DETACH TABLE system.parts")
+	unread, err := Collect(context.Background(), js, db, chs.Addr, nil, Options{MaxLag: time.Hour, MaxStateAge: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	text.Reset()
+	if err := unread.Text(&text); err != nil {
+		t.Fatal(err)
+	}
+	if !unread.ClickHouse.Reachable || unread.ClickHouse.MostParts != nil || !strings.Contains(unread.ClickHouse.PartsError, "parts") ||
+		!strings.Contains(text.String(), "parts not judged (system.parts not read: ") {
+		t.Fatalf("system.parts not read: %+v:\n%s", unread.ClickHouse, text.String())
+	}
+
 	// A read that fails after the dead letters were read (the alerts table changed
 	// under it): nothing of it is shown as counted.
 	if err := db.Exec(context.Background(), "ALTER TABLE alerts DROP COLUMN status"); err != nil {

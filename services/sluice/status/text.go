@@ -81,6 +81,9 @@ func (r *Report) Text(w io.Writer) error {
 			}
 			ch += "; held by sluice replay (the pipeline's inserts of these months wait): " + strings.Join(months, ", ")
 		}
+		if r.ClickHouse.PartsError != "" {
+			ch += "; parts not judged (system.parts not read: " + OneLine(r.ClickHouse.PartsError, 100) + ")"
+		}
 	}
 	fmt.Fprintf(&b, "\nClickHouse %s: %s\n", r.ClickHouse.Addr, ch)
 	// Dead letters and firing alerts are read from ClickHouse: none read is not none
