@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -169,11 +170,19 @@ func (s *state) tail(ctx context.Context, caughtUp chan<- struct{}) error {
 	if err != nil {
 		return fmt.Errorf("dedup: tail %s: %w", streams.Unique, err)
 	}
+	// The iterator stops at ctx's end, or when tail returns.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	stopped := make(chan struct{})
+	defer close(stopped)
 	defer it.Stop()
-	go func() {
-		<-ctx.Done()
-		it.Stop()
-	}()
+	wg.Go(func() {
+		select {
+		case <-ctx.Done():
+			it.Stop()
+		case <-stopped:
+		}
+	})
 	began := time.Now()
 	signal := func() {
 		if caughtUp != nil {
