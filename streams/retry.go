@@ -94,6 +94,23 @@ func Ensure[T any](ctx context.Context, request func(ctx context.Context) (T, er
 	return v, err
 }
 
+// OpenStream looks stream name up, asked again while JetStream does not answer in
+// time (Retry).
+func OpenStream(ctx context.Context, js jetstream.JetStream, name string) (jetstream.Stream, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, name) })
+}
+
+// OpenConsumer looks the durable consumer name of stream up, likewise.
+func OpenConsumer(ctx context.Context, js jetstream.JetStream, stream, name string) (jetstream.Consumer, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) { return js.Consumer(ctx, stream, name) })
+}
+
+// OrderedConsumer makes an ordered consumer of stream, likewise (the request's
+// context is not kept by the consumer).
+func OrderedConsumer(ctx context.Context, js jetstream.JetStream, stream string, cfg jetstream.OrderedConsumerConfig) (jetstream.Consumer, error) {
+	return Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) { return js.OrderedConsumer(ctx, stream, cfg) })
+}
+
 // KeyValue opens the bucket of cfg, creating it when missing. With cfg.Replicas 0
 // an existing bucket is left as it is (a cluster's operator may have given it more
 // copies); with 1 or more the bucket is created or updated to that many.

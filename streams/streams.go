@@ -173,7 +173,7 @@ func (t *Topology) Apply(ctx context.Context, js jetstream.JetStream) error {
 // allow to change on an existing stream, and returns the existing stream's replicas
 // (0 when there is none).
 func checkImmutable(ctx context.Context, js jetstream.JetStream, s Stream) (int, error) {
-	st, err := Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, s.Config.Name) })
+	st, err := OpenStream(ctx, js, s.Config.Name)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return 0, nil
 	}

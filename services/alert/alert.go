@@ -329,7 +329,7 @@ func RunWith(ctx context.Context, cfg Config, deps Deps, state StateStore) error
 // restore loads the snapshot (or starts fresh) and the ids published since it.
 func (s *stageRun) restore(ctx context.Context) error {
 	// Asked again while JetStream does not answer in time (a server just restarted).
-	stream, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return s.js.Stream(ctx, s.cfg.Stream) })
+	stream, err := streams.OpenStream(ctx, s.js, s.cfg.Stream)
 	if err != nil {
 		return fmt.Errorf("alert: stream %s: %w", s.cfg.Stream, err)
 	}
@@ -405,10 +405,8 @@ func (s *stageRun) load(ctx context.Context, info *jetstream.StreamInfo) (snap s
 }
 
 func (s *stageRun) run(ctx context.Context, ready func()) error {
-	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
-		return s.js.OrderedConsumer(ctx, s.cfg.Stream, jetstream.OrderedConsumerConfig{
-			DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: s.seq + 1,
-		})
+	cons, err := streams.OrderedConsumer(ctx, s.js, s.cfg.Stream, jetstream.OrderedConsumerConfig{
+		DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: s.seq + 1,
 	})
 	if err != nil {
 		return fmt.Errorf("alert: read %s: %w", s.cfg.Stream, err)

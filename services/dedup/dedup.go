@@ -326,7 +326,7 @@ func Run(ctx context.Context, cfg Config, deps Deps) error {
 		return err
 	}
 	// Asked again while JetStream does not answer in time (a server just restarted).
-	unique, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return js.Stream(ctx, streams.Unique) })
+	unique, err := streams.OpenStream(ctx, js, streams.Unique)
 	if err != nil {
 		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
 	}

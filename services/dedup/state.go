@@ -153,16 +153,14 @@ func (s *state) expire(now uint32) {
 // ctx is done. caughtUp is closed once the store has applied every message UNIQUE
 // held when tail started.
 func (s *state) tail(ctx context.Context, caughtUp chan<- struct{}) error {
-	stream, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Stream, error) { return s.js.Stream(ctx, streams.Unique) })
+	stream, err := streams.OpenStream(ctx, s.js, streams.Unique)
 	if err != nil {
 		return fmt.Errorf("dedup: stream %s: %w", streams.Unique, err)
 	}
 	target := stream.CachedInfo().State.LastSeq
 	start := s.store.Stats().LastSeq + 1
 	cfg := jetstream.OrderedConsumerConfig{HeadersOnly: true, DeliverPolicy: jetstream.DeliverByStartSequencePolicy, OptStartSeq: start}
-	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
-		return s.js.OrderedConsumer(ctx, streams.Unique, cfg)
-	})
+	cons, err := streams.OrderedConsumer(ctx, s.js, streams.Unique, cfg)
 	if err != nil {
 		return fmt.Errorf("dedup: tail %s: %w", streams.Unique, err)
 	}

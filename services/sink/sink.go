@@ -298,9 +298,7 @@ type writer struct {
 
 func (w *writer) run(ctx context.Context) error {
 	// Asked again while JetStream does not answer in time (a server just restarted).
-	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
-		return w.js.Consumer(ctx, w.table.Stream, w.table.Consumer)
-	})
+	cons, err := streams.OpenConsumer(ctx, w.js, w.table.Stream, w.table.Consumer)
 	if err != nil {
 		return fmt.Errorf("sink %s: consumer %s on %s: %w", w.table.Name, w.table.Consumer, w.table.Stream, err)
 	}

@@ -151,9 +151,7 @@ type inflight struct {
 // ctx ends a stage.
 func (r *Runner) Run(ctx context.Context, ready func()) error {
 	// Asked again while JetStream does not answer in time (a server just restarted).
-	cons, err := streams.Ensure(ctx, func(ctx context.Context) (jetstream.Consumer, error) {
-		return r.js.Consumer(ctx, r.cfg.Stream, r.cfg.Consumer)
-	})
+	cons, err := streams.OpenConsumer(ctx, r.js, r.cfg.Stream, r.cfg.Consumer)
 	if err != nil {
 		return fmt.Errorf("stage %s: consumer %s on %s: %w", r.cfg.Name, r.cfg.Consumer, r.cfg.Stream, err)
 	}
